@@ -1,0 +1,1409 @@
+"""MetaMix: Meta-state Precision Searcher for Mixed-precision Activation Quantization.
+
+Kim, Lee, Yoo, Kim, AAAI 2024, arXiv:2311.06798. A reference implementation in one file.
+
+MetaMix picks one activation bit-width per layer (weights share one bit-width) under a
+budget in BOPs. Bit selection (2 epochs) alternates *bit-meta* training, which trains the
+full-precision weights and every branch's LSQ step at each candidate bit-width in turn
+(Eq. 1), with *bit-search* training, which freezes that "meta-state" and learns only the
+per-layer architecture logits alpha through a softmax-weighted multi-branch quantizer
+(Eq. 2) and an L1 BOPs regularizer with a straight-through softmax (Eq. 3-5). Weight
+training then fine-tunes the quantized network at argmax(alpha) bits, starting from the
+meta-state.
+
+Run it:
+    python metamix.py                                   # built-in synthetic data, 1 process, ~3 min on 2 CPUs
+    python metamix.py --arch mobilenet_v2 --dry-run     # per-layer MACs and the feasible GBOPs range
+    torchrun --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
+    torchrun --nnodes=2 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \\
+        --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
+
+Symbols (paper -> code):
+    alpha_l      per-layer logits, one per candidate     MultiBranchQuantizer.alpha   (N,)
+    s_{l,b}      LSQ step of branch b of layer l         MultiBranchQuantizer.step    (N,)
+    B, b         candidate activation bit-widths         --bits, e.g. 8,4,2
+    w_bits       the one weight bit-width                --w-bits
+    OPs_l        MACs of layer l at 224x224 (deployment) QuantLayer.macs
+    t_bops       target, in GBOPs (1e9 bit operations)   --target-gbops
+    lambda       weight of the BOPs regularizer          --lam
+
+Left out: mixed weight bits (the supplement's (A, W) pairs), PROFIT-style BN re-estimation,
+export to integer kernels. Choices the paper does not make are marked "Our choice" below
+and listed in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =====================================================================================
+# 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020)
+# =====================================================================================
+
+
+def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range [Qn, Qp] of a b-bit quantizer: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1]."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int):
+    """v = x/s, vc = clamp(v, Qn, Qp), q = round(vc). Three passes, two buffers."""
+    v = x / step
+    vc = v.clamp(qn, qp)
+    return v, vc, torch.round(vc)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) reduced to step's shape; one fused pass (a dot product) for a per-tensor step."""
+    if step.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(step.shape)
+    return (a * b).sum_to_size(step.shape)
+
+
+def _lsq_backward(g, x, step, qn, qp, need_x: bool, need_s: bool, grad_scale: float, inplace: bool = False):
+    """LSQ backward for out = round(clamp(x/s, Qn, Qp)) * s, recomputed from x alone.
+
+    d out / d x = 1 inside [Qn, Qp], else 0 (straight-through round).
+    d out / d s = round(v) - v inside, Qn below, Qp above; that is q - vc * inside, so
+    sum(g * d out/d s) = <g, q> - <g * inside, vc>: two dot products, no extra temporary.
+    Returns (grad x or None, grad s or None, <g, q>); `inplace` lets grad x reuse g's memory.
+    """
+    v, vc, q = _lsq_codes(x, step, qn, qp)
+    inside = vc == v
+    del v
+    gq = _dot(g, q, step)
+    gx = g.mul_(inside) if inplace else g * inside
+    gs = (gq - _dot(gx, vc, step)) * grad_scale if need_s else None
+    return (gx if need_x else None), gs, gq
+
+
+class _LSQFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, step, qn, qp, grad_scale):
+        ctx.save_for_backward(x, step)  # only the input: codes and masks are recomputed
+        ctx.qrange, ctx.grad_scale = (qn, qp), grad_scale
+        return (x / step).clamp_(qn, qp).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, step = ctx.saved_tensors
+        gx, gs, _ = _lsq_backward(g, x, step, *ctx.qrange, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.grad_scale)
+        return gx, gs, None, None, None
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float = 1.0) -> torch.Tensor:
+    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s.
+
+    `step` is a scalar (per-tensor) or broadcastable to x (per-channel, e.g. (C, 1, 1, 1)); it
+    must be positive. Gradients: straight-through in x (masked outside the range), the LSQ
+    gradient in s summed to s's shape and multiplied by `grad_scale` (LSQ uses 1/sqrt(N*Qp)).
+    """
+    qn, qp = lsq_range(bits, signed)
+    return _LSQFunction.apply(x, step, qn, qp, grad_scale)
+
+
+def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The step actually used: |s|, at least eps. Keeps s > 0 whatever the optimizer does."""
+    return step.abs().clamp_min(eps)
+
+
+class LSQQuantizer(nn.Module):
+    """A learnable LSQ quantizer with a per-tensor step, used for weights.
+
+    Init on first use: s = 2 * mean|v| / sqrt(Qp). Gradient scale 1/sqrt(N * Qp), N = numel
+    (weights). `enabled=False` is the identity (full precision).
+    """
+
+    def __init__(self, bits: int, signed: bool = True):
+        super().__init__()
+        self.bits, self.signed = bits, signed
+        self.step = nn.Parameter(torch.ones(()))
+        self.enabled = True
+        self.initialized = False
+
+    def init_step(self, v: torch.Tensor) -> None:
+        qp = lsq_range(self.bits, self.signed)[1]
+        with torch.no_grad():
+            self.step.copy_(2 * v.detach().abs().mean() / math.sqrt(qp))
+        self.initialized = True
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return v
+        if not self.initialized:
+            self.init_step(v)
+        qp = lsq_range(self.bits, self.signed)[1]
+        return lsq_quantize(v, positive(self.step), self.bits, self.signed, 1.0 / math.sqrt(v.numel() * qp))
+
+    def get_extra_state(self):
+        return {"initialized": self.initialized}
+
+    def set_extra_state(self, state):
+        self.initialized = bool(state["initialized"])
+
+    def extra_repr(self):
+        return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
+
+
+# =====================================================================================
+# 2. Multi-branch block (paper Fig. 4, Eq. 2)
+# =====================================================================================
+# Each quantized layer has one activation quantizer branch per candidate bit-width b (own
+# LSQ step s_b) and one logit per branch (alpha); the weight tensor is shared. Modes:
+#   "fp"     identity (full-precision reference, and a pretrained model's accuracy check)
+#   "branch" one fixed branch: bit-meta training (all layers at the same b, Eq. 1) and,
+#            after selection, each layer at its own argmax branch
+#   "search" Eq. 2: x_hat = sum_b softmax(alpha)_b * Q_b(x; s_b)
+# Because a convolution is linear, conv(x_hat) = sum_b p_b conv(Q_b(x)): we mix the
+# activations and run ONE convolution. The fused autograd function below also avoids
+# saving the quantized activation: it keeps only x (usually already saved by the ReLU
+# before it) and recomputes the codes in backward.
+
+
+class _MixedQuantOp(torch.autograd.Function):
+    """out = op(sum_i p_i * Q_{b_i}(x; s_i), W) + bias, with op a conv2d or a linear layer.
+
+    x: input activation (B, C, H, W) or (B, ..., F). steps: positive steps (K,), one per
+    branch used. probs: (K,) mixture weights or None (a single branch, p = 1). qranges: K
+    pairs (Qn, Qp). grad_scales: K floats. conv: (stride, padding, dilation, groups), or None
+    for a linear layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, steps, probs, weight, bias, qranges, grad_scales, conv):
+        xf = x.float()  # quantizer math in fp32, also under autocast
+        xm = _mix(xf, steps, probs, qranges)
+        out = _op_forward(xm, weight, bias, conv)
+        ctx.save_for_backward(x, steps, probs, weight)
+        ctx.qranges, ctx.grad_scales, ctx.conv, ctx.has_bias = qranges, grad_scales, conv, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, steps, probs, weight = ctx.saved_tensors
+        need_x, need_s, need_p, need_w, need_b = ctx.needs_input_grad[:5]
+        xf = x.float()
+        # Gradient with respect to the mixed activation, weight and bias, in one call.
+        xm = _mix(xf, steps, probs, ctx.qranges) if need_w else None
+        g_in, g_w, g_b = _op_backward(g, xm if need_w else xf, weight, ctx.conv, need_x or need_s or need_p, need_w, need_b and ctx.has_bias)
+        gx = gs = gp = None
+        if g_in is not None:
+            g_in = g_in.float()
+            gs = torch.zeros_like(steps) if need_s else None
+            gp = torch.zeros_like(probs) if (need_p and probs is not None) else None
+            for i, (qn, qp) in enumerate(ctx.qranges):
+                # Branch i contributes p_i * Q_i(x; s_i): d/dp_i = s_i <g, q_i>, d/ds_i = p_i dQ_i/ds_i.
+                gx_i, gs_i, gq_i = _lsq_backward(g_in, xf, steps[i], qn, qp, need_x, need_s, ctx.grad_scales[i],
+                                                 inplace=probs is None)
+                p_i = 1.0 if probs is None else probs[i]
+                if gp is not None:
+                    gp[i] = steps[i] * gq_i
+                if need_s:
+                    gs[i] = p_i * gs_i
+                if need_x:
+                    if probs is None:
+                        gx = gx_i
+                    elif gx is None:
+                        gx = gx_i.mul_(p_i)
+                    else:
+                        gx.addcmul_(gx_i, p_i)
+            if gx is not None:
+                gx = gx.to(x.dtype)
+        return gx, gs, gp, g_w, g_b, None, None, None
+
+
+def _mix(x, steps, probs, qranges):
+    """sum_i p_i * s_i * round(clamp(x / s_i)) (one branch: p = 1). 4 passes per branch."""
+    out = None
+    for i, (qn, qp) in enumerate(qranges):
+        q = (x / steps[i]).clamp_(qn, qp).round_()
+        scale = steps[i] if probs is None else steps[i] * probs[i]
+        out = q.mul_(scale) if out is None else out.addcmul_(q, scale)
+    return out
+
+
+def _op_forward(xm, weight, bias, conv):
+    """The layer's own op; under autocast, F.conv2d/F.linear cast xm and the weight themselves."""
+    if conv is None:
+        return F.linear(xm, weight, bias)
+    stride, padding, dilation, groups = conv
+    return F.conv2d(xm, weight, bias, stride, padding, dilation, groups)
+
+
+def _op_backward(g, inp, weight, conv, need_in, need_w, need_b):
+    dt = g.dtype  # under autocast the forward ran in g's dtype
+    inp, w = inp.to(dt), weight.to(dt)
+    if conv is None:  # linear: out = inp @ W^T + b over the last dim
+        g2 = g.reshape(-1, g.shape[-1])
+        g_in = (g @ w) if need_in else None
+        g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype) if need_w else None
+        g_b = g2.sum(0).to(weight.dtype) if need_b else None
+        return g_in, g_w, g_b
+    stride, padding, dilation, groups = conv
+    g_in, g_w, g_b = torch.ops.aten.convolution_backward(
+        g, inp, w, [w.shape[0]] if need_b else None, stride, padding, dilation, False, [0, 0], groups, [need_in, need_w, need_b])
+    return g_in, (g_w.to(weight.dtype) if g_w is not None else None), (g_b.to(weight.dtype) if g_b is not None else None)
+
+
+class MultiBranchQuantizer(nn.Module):
+    """Activation quantizer with one LSQ branch per candidate bit-width and logits alpha (Fig. 4).
+
+    Signedness is detected from the data at init (min < 0 -> signed); ReLU outputs are
+    unsigned, the image and residual sums are signed. Our choice: signed range rather than an
+    offset. Steps are initialised per branch on first use with 2*mean|x|/sqrt(Qp_b); the
+    gradient scale is 1/sqrt(N * Qp_b), N = features per sample.
+    """
+
+    def __init__(self, bits: Sequence[int]):
+        super().__init__()
+        self.bits = tuple(int(b) for b in bits)
+        n = len(self.bits)
+        self.step = nn.Parameter(torch.ones(n))
+        self.alpha = nn.Parameter(torch.zeros(n))
+        self.signed: bool | None = None  # unknown until the first batch
+        self.initialized = [False] * n
+        self.mode, self.branch = "fp", 0
+
+    # --- state that must survive a checkpoint but is not a tensor
+    def get_extra_state(self):
+        return {"signed": self.signed, "initialized": list(self.initialized)}
+
+    def set_extra_state(self, state):
+        self.signed, self.initialized = state["signed"], [bool(v) for v in state["initialized"]]
+
+    def active_branches(self) -> list[int]:
+        return [self.branch] if self.mode == "branch" else list(range(len(self.bits)))
+
+    def init_steps(self, x: torch.Tensor, branches: Sequence[int]) -> None:
+        """LSQ init from the data: s_b = 2 * mean|x| / sqrt(Qp_b)."""
+        with torch.no_grad():
+            if self.signed is None:
+                self.signed = bool(x.min() < 0)
+            m = x.detach().float().abs().mean()
+            for b in branches:
+                if not self.initialized[b]:
+                    self.step[b] = 2 * m / math.sqrt(lsq_range(self.bits[b], self.signed)[1])
+                    self.initialized[b] = True
+
+    def params_for(self, x: torch.Tensor):
+        """(branch indices, positive steps, probs or None, qranges, grad scales) for this mode."""
+        br = self.active_branches()
+        if not all(self.initialized[b] for b in br):
+            self.init_steps(x, br)
+        per_sample = x.numel() // max(x.shape[0], 1)
+        qr = [lsq_range(self.bits[b], self.signed) for b in br]
+        gsc = [1.0 / math.sqrt(per_sample * qp) for _, qp in qr]
+        if self.mode == "branch":
+            return br, positive(self.step[self.branch : self.branch + 1]), None, qr, gsc
+        return br, positive(self.step), F.softmax(self.alpha, dim=0), qr, gsc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (mixed) fake-quantized activation itself; QuantLayer fuses it with its op instead."""
+        if self.mode == "fp":
+            return x
+        br, steps, probs, qr, gsc = self.params_for(x)
+        out = 0
+        for i, b in enumerate(br):
+            y = lsq_quantize(x, steps[i], self.bits[b], self.signed, gsc[i])
+            out = out + (y if probs is None else probs[i] * y)
+        return out
+
+    def extra_repr(self):
+        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}"
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear whose input activation and weight are quantized (shares the original tensors).
+
+    `act` is the multi-branch activation quantizer, `wq` the weight quantizer (signed LSQ,
+    off during bit selection). A layer with `fixed_bits` (first conv, last Linear) has one
+    branch at that width for both its input and its weight. `macs` is its OPs_l at the
+    BOPs resolution; `name` its path in the model.
+    """
+
+    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0, fixed: bool = False):
+        super().__init__()
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
+            self.conv = (tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+        elif isinstance(layer, nn.Linear):
+            self.conv = None
+        else:
+            raise TypeError(f"{name}: cannot quantize {type(layer).__name__}")
+        self.kind = type(layer).__name__
+        self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
+        self.act = MultiBranchQuantizer(bits)
+        self.wq = LSQQuantizer(w_bits, signed=True)
+        self.wq.enabled = False
+        self.name, self.macs, self.fixed = name, int(macs), fixed
+        self.order = 0  # position in forward order, set by patch_model
+        self.selected = 0  # branch index chosen by bit selection
+
+    def get_extra_state(self):
+        return {"selected": self.selected}
+
+    def set_extra_state(self, state):
+        self.selected = int(state["selected"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.wq(self.weight)
+        if self.act.mode == "fp":
+            return _op_forward(x, w, self.bias, self.conv)
+        _, steps, probs, qr, gsc = self.act.params_for(x)
+        return _MixedQuantOp.apply(x, steps, probs, w, self.bias, qr, gsc, self.conv)
+
+    def extra_repr(self):
+        return f"{self.kind}, macs={self.macs}, fixed={self.fixed}, w={self.wq.bits}b"
+
+
+# =====================================================================================
+# 3. Straight-through softmax (Eq. 5)
+# =====================================================================================
+
+
+def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """hs(alpha): one-hot of argmax softmax(alpha) forward, softmax's gradient backward (Eq. 5)."""
+    y_soft = F.softmax(logits, dim=dim)
+    y_hard = torch.zeros_like(y_soft).scatter_(dim, y_soft.argmax(dim, keepdim=True), 1.0)
+    return y_hard - y_soft.detach() + y_soft
+
+
+# =====================================================================================
+# 4. BOPs (Eq. 6) and the L1 BOPs regularizer (Eq. 4)
+# =====================================================================================
+# OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout,
+# linear in*out. BOPs = sum_l a_bits_l * w_bits_l * OPs_l; GBOPs = BOPs / 1e9. The first conv
+# and the last Linear are fixed at --first-last-bits for both activations and weights.
+
+
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
+    """Quantized layers in forward order (the order patch_model recorded)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    return sorted(layers, key=lambda m: m.order)
+
+
+def searched_layers(model: nn.Module) -> list[QuantLayer]:
+    return [m for m in quant_layers(model) if not m.fixed]
+
+
+def fixed_gbops(model: nn.Module) -> float:
+    """C_fixed: BOPs of the first and last layers (activation and weight at first-last bits), in GBOPs."""
+    return sum(m.macs * m.act.bits[0] * m.wq.bits for m in quant_layers(model) if m.fixed) / 1e9
+
+
+def config_gbops(macs: Sequence[int], a_bits: Sequence[int], w_bits: int, fixed: float) -> float:
+    """Eq. 6 for the searched layers plus C_fixed: sum_l a_l * w_bits * OPs_l / 1e9 + C_fixed."""
+    return sum(m * a for m, a in zip(macs, a_bits)) * w_bits / 1e9 + fixed
+
+
+def gbops_range(model: nn.Module, w_bits: int) -> tuple[float, float]:
+    """Feasible budgets: every searched layer at the smallest candidate, and at the largest."""
+    layers = searched_layers(model)
+    macs, fixed = [m.macs for m in layers], fixed_gbops(model)
+    lo = config_gbops(macs, [min(m.act.bits) for m in layers], w_bits, fixed)
+    hi = config_gbops(macs, [max(m.act.bits) for m in layers], w_bits, fixed)
+    return lo, hi
+
+
+def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[int], w_bits: int,
+                     fixed_gbops_: float, target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4: L_reg = | sum_l sum_b hs(alpha_l)_b * b * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
+
+    alphas: (L, N) logits of the searched layers; bits: (N,) candidates; macs: (L,).
+    Returns (L_reg, GBOPs of the argmax configuration), both differentiable in alphas.
+    """
+    hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
+    b = torch.as_tensor(bits, dtype=hs.dtype, device=hs.device)
+    m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
+    gbops = (hs @ b * m).sum() * (w_bits / 1e9) + fixed_gbops_
+    return (gbops - target_gbops).abs(), gbops
+
+
+def repair_to_budget(probs: Sequence[Sequence[float]], chosen: list[int], bits: Sequence[int], macs: Sequence[int],
+                     w_bits: int, fixed: float, target_gbops: float) -> list[int]:
+    """Lower bits until the configuration fits the target. Our choice, the paper has no repair step.
+
+    Each move lowers one layer to its next smaller candidate; we take the move that gives up
+    the least softmax probability per BOP saved, until GBOPs <= target.
+    """
+    chosen = list(chosen)
+    order = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices by bit-width
+
+    def gb():
+        return config_gbops(macs, [bits[c] for c in chosen], w_bits, fixed)
+
+    while gb() > target_gbops + 1e-9:
+        best = None
+        for l, c in enumerate(chosen):
+            k = order.index(c)
+            if k == 0:
+                continue
+            lower = order[k - 1]
+            saved = (bits[c] - bits[lower]) * w_bits * macs[l]
+            cost = (probs[l][c] - probs[l][lower]) / saved
+            if best is None or cost < best[0]:
+                best = (cost, l, lower)
+        if best is None:
+            break
+        chosen[best[1]] = best[2]
+    return chosen
+
+
+# =====================================================================================
+# 5. Model patching
+# =====================================================================================
+
+
+def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, MACs) of every Conv2d/Linear in forward order, from one forward pass."""
+    seen: list[tuple[str, nn.Module, int]] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Conv2d):
+            kh, kw = mod.kernel_size
+            macs = out.shape[1] * (mod.in_channels // mod.groups) * kh * kw * out.shape[2] * out.shape[3]
+        else:
+            macs = mod.in_features * mod.out_features * (out.numel() // out.shape[-1] // out.shape[0])
+        if all(m is not mod for _, m, _ in seen):  # a layer called twice counts once (its first call)
+            seen.append((names[mod], mod, int(macs)))
+
+    targets = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer))]
+    if any(isinstance(m, QuantLayer) for m in targets):
+        raise ValueError("model is already patched")
+    handles = [m.register_forward_hook(hook) for m in targets]
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
+def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int = 4, first_last_bits: int = 8,
+                bops_image_size: int = 224) -> nn.Module:
+    """Replace every Conv2d and Linear by a QuantLayer that keeps the original weight tensors.
+
+    The first and last layers *in forward order* get a single fixed branch at first_last_bits
+    (activation and weight). Returns the model (patched in place), in "fp" mode.
+    """
+    traced = trace_layers(model, bops_image_size)
+    if len(traced) < 2:
+        raise ValueError("need at least two Conv2d/Linear layers (a first and a last)")
+    for i, (name, mod, macs) in enumerate(traced):
+        fixed = i in (0, len(traced) - 1)
+        q = QuantLayer(mod, [first_last_bits] if fixed else bits, first_last_bits if fixed else w_bits, name, macs, fixed)
+        q.order = i
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    return model
+
+
+def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
+    """Set every quantized layer's mode.
+
+    mode "fp": no quantization. "meta": every searched layer at candidate index `branch`
+    (Eq. 1). "search": softmax mixture (Eq. 2). "selected": each layer at its own
+    `selected` index. Fixed (first/last) layers are always at their single branch, except in "fp".
+    """
+    for m in quant_layers(model):
+        if mode == "fp":
+            m.act.mode = "fp"
+        elif m.fixed:
+            m.act.mode, m.act.branch = "branch", 0
+        elif mode == "meta":
+            m.act.mode, m.act.branch = "branch", branch
+        elif mode == "search":
+            m.act.mode = "search"
+        elif mode == "selected":
+            m.act.mode, m.act.branch = "branch", m.selected
+        else:
+            raise ValueError(mode)
+        if quant_weights is not None:
+            m.wq.enabled = quant_weights and mode != "fp"
+
+
+def alphas_of(model: nn.Module) -> list[nn.Parameter]:
+    return [m.act.alpha for m in searched_layers(model)]
+
+
+def argmax_bits(model: nn.Module) -> list[int]:
+    """Per searched layer, the branch index with the largest alpha (ties: the first candidate)."""
+    return [int(m.act.alpha.detach().argmax()) for m in searched_layers(model)]
+
+
+def apply_selection(model: nn.Module, chosen: Sequence[int]) -> None:
+    for m, c in zip(searched_layers(model), chosen):
+        m.selected = int(c)
+
+
+# =====================================================================================
+# 6. The two phases (paper Table 1)
+# =====================================================================================
+# Bit selection: epochs 1..S-1 bit-meta only; epoch S alternates bit-meta and bit-search,
+# one iteration each (S = --search-epochs, 2 in the paper). Then bits = argmax alpha, and
+# weight training fine-tunes weights (now quantized) and steps at those bits.
+
+
+def bit_meta_step(model: nn.Module, images, targets, n_branches: int, autocast) -> torch.Tensor:
+    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b).
+
+    One forward/backward per candidate; gradients accumulate in .grad (FP weights and each
+    branch's step); the caller all-reduces them once and takes one optimizer step.
+    """
+    total = torch.zeros((), device=images.device)
+    for b in range(n_branches):
+        set_mode(model, "meta", b)
+        with autocast():
+            loss = F.cross_entropy(model(images), targets) / n_branches
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, target_gbops: float, autocast):
+    """Eq. 3: L = L_task + lambda * L_reg on the frozen meta-state; only the alphas get gradients.
+
+    Weights, steps and BN statistics are fixed (BN in eval mode); requires_grad is switched off
+    for everything but the alphas so that no weight or step gradient is even computed.
+    """
+    layers = searched_layers(model)
+    alphas = [m.act.alpha for m in layers]
+    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not a for a in alphas)]
+    was_training = model.training
+    set_mode(model, "search")
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with autocast():
+            task = F.cross_entropy(model(images), targets)
+        reg, gbops = bops_regularizer(torch.stack(alphas), layers[0].act.bits, [m.macs for m in layers], w_bits,
+                                      fixed_gbops(model), target_gbops)
+        loss = task.float() + lam * reg
+        loss.backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return loss.detach(), gbops.detach()
+
+
+def select_bits(model: nn.Module, w_bits: int, target_gbops: float, repair: bool = True):
+    """bits = argmax alpha per layer; if that is over the target and `repair`, lower bits to fit.
+
+    Returns (chosen branch indices, GBOPs, whether repair changed anything).
+    """
+    layers = searched_layers(model)
+    probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
+    chosen = argmax_bits(model)
+    bits, macs, fixed = layers[0].act.bits, [m.macs for m in layers], fixed_gbops(model)
+    repaired = chosen
+    if repair:
+        repaired = repair_to_budget(probs, chosen, bits, macs, w_bits, fixed, target_gbops)
+    apply_selection(model, repaired)
+    gb = config_gbops(macs, [bits[c] for c in repaired], w_bits, fixed)
+    return repaired, gb, repaired != chosen
+
+
+# =====================================================================================
+# 7. Plumbing: errors, distributed, data, checkpoints, logging, the command line
+# =====================================================================================
+
+
+class BadInput(Exception):
+    """A problem the user can fix; printed as one line, no traceback."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {where}")
+        self.signum = signum
+
+
+_STOP = {"signum": 0}
+
+
+def _on_signal(signum, frame):  # first signal: stop at the next step boundary; second: default action
+    _STOP["signum"] = signum
+    signal.signal(signum, signal.SIG_DFL)
+
+
+class Dist:
+    """Process-group facts from torchrun's environment; a single process when there is none."""
+
+    def __init__(self, timeout_min: float = 30.0):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if self.cuda else "cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
+    """ONE all-reduce per step: every gradient, the loss and the stop flag in one flat buffer.
+
+    Gradients are averaged over ranks. Returns (mean loss, whether any rank was signalled to
+    stop), identical on every rank, so all ranks stop at the same step boundary.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    head = torch.stack([loss.float().reshape(()), torch.tensor(float(_STOP["signum"] > 0), device=loss.device)])
+    if dist.world == 1:
+        loss_v, stop = head.tolist()
+        return loss_v, stop > 0
+    flat = torch.cat([head] + [g.reshape(-1).float() for g in grads])
+    dist.all_reduce_(flat)
+    flat /= dist.world
+    offset = 2
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    loss_v, stop = flat[:2].tolist()
+    return loss_v, stop > 0
+
+
+def sync_bn_stats(dist: Dist, model: nn.Module) -> None:
+    """Average BN running statistics over ranks at epoch end. Our choice (timm's distribute_bn)."""
+    if dist.world == 1:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce_(t)
+                t /= dist.world
+
+
+def replicas_in_sync(dist: Dist, model: nn.Module) -> bool:
+    """Compare a checksum of every parameter, buffer, step and alpha across ranks."""
+    sums = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
+            for t in model.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
+    mine = torch.cat(sums)
+    if dist.world == 1:
+        return True
+    gathered = [torch.empty_like(mine) for _ in range(dist.world)]
+    torch.distributed.all_gather(gathered, mine)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def broadcast_model(dist: Dist, model: nn.Module) -> None:
+    """Make rank 0's parameters and buffers everybody's (after data-dependent init)."""
+    if dist.world > 1:
+        for t in model.state_dict().values():
+            if torch.is_tensor(t):
+                torch.distributed.broadcast(t, 0)
+
+
+# ---- data ------------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
+    """A learnable synthetic classification set, generated in memory from the seed.
+
+    Each class has a smooth random colour pattern (4x4 upsampled); an image is its class
+    pattern, randomly shifted, scaled in contrast and brightness, plus Gaussian noise.
+    Templates depend on the seed only; train and val draw different samples.
+    """
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
+                              align_corners=False)
+    g.manual_seed(seed * 1000 + (1 if split == "train" else 2))
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    x = templates[labels]
+    shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n, 2), generator=g)
+    x = torch.stack([torch.roll(xi, (int(s[0]), int(s[1])), (1, 2)) for xi, s in zip(x, shifts)])
+    x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 1, 1, 1, generator=g)
+    x = x + 0.7 * torch.randn(x.shape, generator=g)
+    return torch.utils.data.TensorDataset(x.contiguous(), labels)
+
+
+def _load_rgb(path: str):
+    from PIL import Image  # a torchvision dependency
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # the worker's exception carries the file name back to the main process
+        raise BadInput(f"cannot read image {path}: {e}") from None
+
+
+def check_image_folder(root: str) -> list[str]:
+    """Validate the ImageNet-style layout before any loader starts; returns the class names."""
+    if not os.path.isdir(root):
+        raise BadInput(f"--data {root}: no such directory (expected {root}/train and {root}/val, or 'synthetic')")
+    classes = {}
+    for split in ("train", "val"):
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+            raise BadInput(f"--data {root}: missing {split}/ folder (expected one sub-folder per class in {d})")
+        names = sorted(e.name for e in os.scandir(d) if e.is_dir())
+        if not names:
+            raise BadInput(f"--data {root}: {d} has no class sub-folders")
+        for name in names:
+            if not any(e.is_file() for e in os.scandir(os.path.join(d, name))):
+                raise BadInput(f"--data {root}: class folder {os.path.join(d, name)} is empty")
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        diff = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise BadInput(f"--data {root}: train/ and val/ have different classes (e.g. {', '.join(diff[:5])})")
+    return classes["train"]
+
+
+def build_datasets(args):
+    """(train set, val set, number of classes)."""
+    if args.data == "synthetic":
+        return (synthetic_dataset(args.synthetic_train, args.synthetic_classes, args.image_size, args.seed, "train"),
+                synthetic_dataset(args.synthetic_val, args.synthetic_classes, args.image_size, args.seed, "val"),
+                args.synthetic_classes)
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    classes = check_image_folder(args.data)
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(int(round(args.image_size / 0.875))), T.CenterCrop(args.image_size), T.ToTensor(), norm])
+    train = ImageFolder(os.path.join(args.data, "train"), train_tf, loader=_load_rgb)
+    val = ImageFolder(os.path.join(args.data, "val"), val_tf, loader=_load_rgb)
+    return train, val, len(classes)
+
+
+def build_loaders(args, dist: Dist, train_set, val_set):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    per_rank = len(train_set) // dist.world
+    if args.batch_size > per_rank:
+        raise BadInput(f"--batch-size {args.batch_size} is larger than this rank's share of the training set "
+                       f"({per_rank} images); lower it")
+    sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
+    workers = 0 if args.data == "synthetic" else args.workers
+    common = dict(num_workers=workers, pin_memory=dist.cuda, persistent_workers=workers > 0)
+    train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
+    # Every validation image exactly once across ranks: rank r takes r, r+W, r+2W, ... (no padding).
+    val = DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **common)
+    calib = next(iter(DataLoader(train_set, args.batch_size, shuffle=False, num_workers=0)))[0]
+    return train, val, calib
+
+
+# ---- model -----------------------------------------------------------------------------
+
+ARCH_DEFAULTS = {  # paper: candidates, lambda, total epochs (2 bit selection + the rest weight training)
+    "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90),
+    "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140),
+    "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140),
+    "mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
+}
+
+
+def classification_archs() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(args, num_classes: int) -> nn.Module:
+    import torchvision
+
+    if args.pretrained:
+        if num_classes != 1000:
+            raise BadInput(f"--pretrained needs 1000 classes, the data has {num_classes}")
+        try:
+            model = torchvision.models.get_model(args.arch, weights="DEFAULT")
+        except Exception as e:
+            raise BadInput(f"could not load pretrained {args.arch} weights ({type(e).__name__}: {e}); "
+                           "place them in the torch hub cache or use --init PATH") from None
+    else:
+        model = torchvision.models.get_model(args.arch, weights=None, num_classes=num_classes)
+    if args.init:
+        sd = load_file(args.init, "--init")
+        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+        try:
+            model.load_state_dict(sd)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise BadInput(f"--init {args.init}: not a {args.arch} state dict ({str(e).splitlines()[0]})") from None
+    return patch_model(model, args.bits, args.w_bits, args.first_last_bits, args.bops_image_size)
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+def atomic_write(path: str, write) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file whole."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_file(path: str, what: str):
+    if not os.path.isfile(path):
+        raise BadInput(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            msg = "it holds pickled Python objects, refused (weights_only=True)"
+        raise BadInput(f"{what} {path}: cannot load ({msg[:200]})") from None
+
+
+def rng_state(dist: Dist) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    if dist.cuda:
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, dist: Dist) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if dist.cuda and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+
+class Run:
+    """Everything a run carries from epoch to epoch; `state_dict()` is the checkpoint."""
+
+    def __init__(self, args, dist: Dist, model: nn.Module):
+        self.args, self.dist, self.model = args, dist, model
+        self.epoch = 0  # epochs finished
+        self.history: list[dict] = []
+        self.summary: dict = {"fp_top1": None, "seconds": {"bit_selection": 0.0, "weight_training": 0.0}}
+        self.selected: list[int] | None = None
+        self.build_optimizers()
+
+    @property
+    def phase(self) -> str:
+        return "bit_selection" if self.epoch < self.args.search_epochs else "weight_training"
+
+    def build_optimizers(self):
+        """SGD (momentum 0.9) for weights and steps, Adam for the alphas. Our choice; the paper is silent.
+
+        Weight decay applies to conv/linear weights only. Bit selection keeps the LR constant;
+        weight training starts a fresh SGD with a cosine schedule over its epochs.
+        """
+        a = self.args
+        alphas = alphas_of(self.model)
+        decay = [m.weight for m in quant_layers(self.model)]
+        rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
+        self.params = decay + rest
+        self.opt = torch.optim.SGD([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}],
+                                   lr=a.lr, momentum=0.9)
+        self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999))
+        self.sched = None
+        if self.phase == "weight_training":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
+
+    def state_dict(self) -> dict:
+        return {"format": "metamix-checkpoint-1", "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
+                "sched": self.sched.state_dict() if self.sched else None, "selected": self.selected,
+                "history": self.history, "summary": self.summary, "rng": rng_state(self.dist)}
+
+    def load_state_dict(self, ck: dict, path: str) -> None:
+        if not isinstance(ck, dict) or ck.get("format") != "metamix-checkpoint-1":
+            raise BadInput(f"--resume {path}: not a metamix checkpoint")
+        old, a = ck["args"], self.args
+        for key in ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "epochs"):
+            mine, theirs = getattr(a, key), old[key]
+            if isinstance(mine, (list, tuple)):
+                mine, theirs = list(mine), list(theirs)
+            if mine != theirs:
+                raise BadInput(f"--resume {path}: checkpoint has {key.replace('_', '-')}={theirs}, this run {mine}")
+        try:
+            self.model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise BadInput(f"--resume {path}: model does not match ({str(e).splitlines()[0][:200]})") from None
+        self.epoch, self.selected = ck["epoch"], ck["selected"]
+        self.history, self.summary = ck["history"], ck["summary"]
+        if self.phase == "weight_training":
+            set_mode(self.model, "selected", quant_weights=True)
+        self.build_optimizers()
+        self.opt.load_state_dict(ck["opt"])
+        self.opt_alpha.load_state_dict(ck["opt_alpha"])
+        if self.sched is not None and ck["sched"] is not None:
+            self.sched.load_state_dict(ck["sched"])
+        set_rng_state(ck["rng"], self.dist)
+
+    def save(self):
+        if not self.dist.main:
+            return
+        out = self.args.output_dir
+        atomic_write(os.path.join(out, "checkpoint.pth"), lambda f: torch.save(self.state_dict(), f))
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write(os.path.join(out, "log.jsonl"), lambda f: f.write(lines.encode()))
+
+
+def log(dist: Dist, *msg) -> None:
+    if dist.main:
+        print(*msg, flush=True)
+
+
+def _fmt_time(sec: float) -> str:
+    return str(datetime.timedelta(seconds=int(sec)))
+
+
+def _check_step(loss_v: float, stop: bool, run: Run, epoch: int, step: int, steps: int) -> None:
+    if not math.isfinite(loss_v):
+        last = f"epoch {run.epoch}" if run.epoch else "none yet"
+        raise BadInput(f"loss is {loss_v} at epoch {epoch} step {step}/{steps} ({run.phase}); nothing was updated; "
+                       f"last good checkpoint: {run.args.output_dir}/checkpoint.pth ({last}); try a lower --lr")
+    if stop:
+        raise Interrupted(_STOP["signum"] or signal.SIGTERM, f"at epoch {epoch} step {step}/{steps}")
+
+
+def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
+    """One epoch of the current phase; returns the mean training loss."""
+    a, model, dist = run.args, run.model, run.dist
+    selecting = run.phase == "bit_selection"
+    alternating = selecting and epoch == a.search_epochs  # Table 1: epoch 2 alternates meta and search
+    kind = ("meta+search" if alternating else "meta") if selecting else "train"
+    alphas = alphas_of(model)
+    model.train()
+    loader.sampler.set_epoch(epoch)
+    if not selecting:
+        set_mode(model, "selected", quant_weights=True)
+    steps, t0, total, gbops = len(loader), time.time(), 0.0, float("nan")
+    for step, (images, targets) in enumerate(loader, 1):
+        images = images.to(dist.device, non_blocking=True)
+        targets = targets.to(dist.device, non_blocking=True)
+        run.opt.zero_grad(set_to_none=True)
+        if selecting:  # bit-meta step (Eq. 1)
+            loss = bit_meta_step(model, images, targets, len(a.bits), autocast)
+        else:  # weight training at the selected bits
+            with autocast():
+                loss = F.cross_entropy(model(images), targets)
+            loss.backward()
+        loss_v, stop = sync_step(dist, run.params, loss)
+        _check_step(loss_v, stop, run, epoch, step, steps)
+        run.opt.step()
+        if alternating:  # bit-search step (Eq. 3-5) on the meta-state just updated
+            run.opt_alpha.zero_grad(set_to_none=True)
+            s_loss, gb = bit_search_step(model, images, targets, a.lam, a.w_bits, a.target_gbops, autocast)
+            s_v, stop = sync_step(dist, alphas, s_loss)
+            _check_step(s_v, stop, run, epoch, step, steps)
+            run.opt_alpha.step()
+            gbops = float(gb)
+        total += loss_v
+        if dist.main and (step % a.print_freq == 0 or step == steps):
+            dt = time.time() - t0
+            ips = step * images.shape[0] * dist.world / max(dt, 1e-9)
+            extra = f" search-gbops {gbops:.2f}" if alternating else ""
+            print(f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}{extra} "
+                  f"lr {run.opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {_fmt_time(dt / step * (steps - step))}",
+                  flush=True)
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
+    """Top-1/top-5 over the whole validation set, each image counted once, totals all-reduced."""
+    model.eval()
+    tot = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss sum, top1, top5, count
+    for images, targets in loader:
+        images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == targets[:, None]
+        tot += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum").double(),
+                            hit[:, 0].sum().double(), hit.any(1).sum().double(), torch.tensor(float(len(targets)), device=dist.device, dtype=torch.float64)])
+    dist.all_reduce_(tot)
+    n = max(tot[3].item(), 1.0)
+    return {"val_loss": tot[0].item() / n, "top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "n": int(tot[3].item())}
+
+
+def current_gbops(model: nn.Module, w_bits: int) -> float:
+    layers = searched_layers(model)
+    return config_gbops([m.macs for m in layers], [m.act.bits[m.selected] for m in layers], w_bits, fixed_gbops(model))
+
+
+def bits_report(model: nn.Module, args) -> dict:
+    """The content of bits.json: the searched configuration, layer by layer."""
+    layers, out = quant_layers(model), []
+    for m in layers:
+        probs = None if m.fixed else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]
+        out.append({"name": m.name, "type": m.kind, "macs": m.macs, "fixed": m.fixed,
+                    "a_bits": m.act.bits[0] if m.fixed else m.act.bits[m.selected], "w_bits": m.wq.bits,
+                    "signed": m.act.signed, "probs": probs})
+    searched = [r for r in out if not r["fixed"]]
+    macs = sum(r["macs"] for r in searched)
+    return {"arch": args.arch, "candidates": list(args.bits), "w_bits": args.w_bits, "first_last_bits": args.first_last_bits,
+            "target_gbops": args.target_gbops, "gbops": current_gbops(model, args.w_bits),
+            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),
+            "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
+            "layers": out}
+
+
+def layer_table(report: dict) -> str:
+    """Paper Fig. 7 in text: one row per layer, a bar of its activation bits, its MOPs."""
+    rows = [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"]
+    for r in report["layers"]:
+        tag = " (fixed)" if r["fixed"] else ""
+        rows.append(f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}{tag}")
+    return "\n".join(rows)
+
+
+def plot_bits(report: dict, path: str) -> bool:
+    """bits.png (bits and MOPs per layer) if matplotlib is installed; otherwise nothing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    layers = report["layers"]
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
+    ax.bar(range(len(layers)), [r["a_bits"] for r in layers], color="tab:blue")
+    ax.set_ylabel("activation bits")
+    ax2 = ax.twinx()
+    ax2.plot(range(len(layers)), [r["macs"] / 1e6 for r in layers], "o-", color="tab:orange", ms=3)
+    ax2.set_ylabel("MOPs")
+    ax.set_xlabel("layer (forward order)")
+    ax.set_title(f"{report['arch']}: {report['gbops']:.2f} GBOPs (target {report['target_gbops']:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def finish_bit_selection(run: Run) -> None:
+    """After the last search epoch: bits = argmax alpha (repaired to the budget), weight quantizers on."""
+    a, model = run.args, run.model
+    chosen, gb, repaired = select_bits(model, a.w_bits, a.target_gbops, repair=not a.no_budget_repair)
+    run.selected = chosen
+    set_mode(model, "selected", quant_weights=True)
+    for m in quant_layers(model):  # LSQ weight steps from the meta-state weights
+        m.wq.init_step(m.weight)
+    run.build_optimizers()
+    report = bits_report(model, a)
+    if run.dist.main:
+        print(layer_table(report))
+        note = " (argmax was over the target: lowered by budget repair)" if repaired else ""
+        flag = "" if gb <= a.target_gbops + 1e-9 else "  OVER TARGET"
+        print(f"selected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{flag}{note}; "
+              f"average activation bits {report['avg_a_bits']:.2f} (MAC-weighted {report['avg_a_bits_mac_weighted']:.2f})",
+              flush=True)
+        atomic_write(os.path.join(a.output_dir, "bits.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+        plot_bits(report, os.path.join(a.output_dir, "bits.png"))
+
+
+def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
+    """Both phases, from wherever the run stands (fresh or resumed)."""
+    a, model, dist = run.args, run.model, run.dist
+    if run.epoch == 0:
+        # Data-dependent init on every rank from the same batch, then rank 0's values for all.
+        model.eval()
+        with torch.no_grad():
+            for b in range(len(a.bits)):
+                set_mode(model, "meta", b)
+                model(calib.to(dist.device))
+        broadcast_model(dist, model)
+        set_mode(model, "fp")
+        run.summary["fp_top1"] = evaluate(model, val_loader, dist, autocast)["top1"]
+        log(dist, f"full-precision top-1 before quantization: {run.summary['fp_top1']:.2f}%")
+    for epoch in range(run.epoch + 1, a.epochs + 1):
+        phase, t0 = run.phase, time.time()
+        loss = train_one_epoch(run, train_loader, epoch, autocast)
+        if phase == "bit_selection" and epoch == a.search_epochs:
+            finish_bit_selection(run)
+        elif phase == "bit_selection":
+            apply_selection(model, argmax_bits(model))
+            set_mode(model, "selected", quant_weights=False)
+        if run.sched is not None and phase == "weight_training":
+            run.sched.step()
+        sync_bn_stats(dist, model)
+        in_sync = replicas_in_sync(dist, model)
+        if not in_sync:
+            raise RuntimeError(f"replicas out of sync after epoch {epoch}: parameters differ between ranks")
+        metrics = evaluate(model, val_loader, dist, autocast)
+        run.summary["seconds"][phase] += time.time() - t0
+        rec = {"epoch": epoch, "phase": phase, "loss": loss, **metrics, "gbops": current_gbops(model, a.w_bits),
+               "lr": run.opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
+        if dist.world > 1:
+            rec["replicas_in_sync"] = in_sync
+        run.history.append(rec)
+        run.epoch = epoch
+        run.save()
+        log(dist, f"epoch {epoch}/{a.epochs} {phase}: loss {loss:.4f} top-1 {metrics['top1']:.2f}% top-5 "
+                  f"{metrics['top5']:.2f}% {rec['gbops']:.3f} GBOPs ({rec['seconds']:.1f}s)")
+        if a.stop_after_epoch and epoch >= a.stop_after_epoch and epoch < a.epochs:
+            log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
+            return
+    if dist.main and run.history:
+        s, last = run.summary, run.history[-1]
+        print(f"summary: full-precision top-1 {s['fp_top1']:.2f}% -> final top-1 {last['top1']:.2f}% "
+              f"(top-5 {last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
+              f"average activation bits {bits_report(model, a)['avg_a_bits']:.2f} with W{a.w_bits}; "
+              f"bit selection {_fmt_time(s['seconds']['bit_selection'])}, "
+              f"weight training {_fmt_time(s['seconds']['weight_training'])}", flush=True)
+
+
+# ---- command line ----------------------------------------------------------------------
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="MetaMix mixed-precision activation quantization (AAAI 2024)",
+                                add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="resnet18", help="torchvision classification model")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (built in) or an ImageNet-style folder with train/ and val/")
+    p.add_argument("--target-gbops", type=float, default=None, help="BOPs budget in GBOPs (default: every searched layer at A4)")
+    p.add_argument("--bits", default=None, help="candidate activation bit-widths (default per arch: resnet18 8,4,2; MobileNets 8,4,3)")
+    p.add_argument("--w-bits", type=int, default=4, help="weight bit-width of every searched layer")
+    p.add_argument("--first-last-bits", type=int, default=8, help="weight and input bits of the first conv and the last Linear")
+    p.add_argument("--lam", type=float, default=None, help="lambda of the BOPs regularizer (default per arch: 0.4 / 1 / 4)")
+    p.add_argument("--search-epochs", type=int, default=2, help="bit-selection epochs; the last alternates meta and search")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 ImageNet fine-tuning, 0.05 synthetic)")
+    p.add_argument("--wd", type=float, default=1e-4, help="weight decay of conv/linear weights")
+    p.add_argument("--alpha-lr", type=float, default=0.01, help="Adam learning rate of the alphas")
+    p.add_argument("--workers", type=int, default=8, help="data loader workers per process (ImageFolder)")
+    p.add_argument("--image-size", type=int, default=None, help="training crop (default: 224 ImageNet, 32 synthetic)")
+    p.add_argument("--bops-image-size", type=int, default=224, help="resolution at which MACs/BOPs are counted")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: from the data; 1000 for --dry-run)")
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision's DEFAULT weights")
+    p.add_argument("--init", default=None, metavar="PATH", help="start from a local full-precision state dict")
+    p.add_argument("--output-dir", default="runs/metamix", help="checkpoint.pth, bits.json, log.jsonl, args.json")
+    p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue a run ('auto': output-dir/checkpoint.pth if present)")
+    p.add_argument("--stop-after-epoch", type=int, default=0, help="end this run cleanly after this epoch (time-limited slots)")
+    p.add_argument("--no-budget-repair", action="store_true", help="keep argmax bits even if over the target")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate (the --resume checkpoint, or the FP model)")
+    p.add_argument("--dry-run", action="store_true", help="print layers, MACs and the feasible GBOPs range; no data, no training")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (data order, synthetic data, init)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (quantizer math stays fp32)")
+    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--synthetic-train", type=int, default=2560, help="synthetic training images")
+    p.add_argument("--synthetic-val", type=int, default=1000, help="synthetic validation images")
+    p.add_argument("--synthetic-classes", type=int, default=10, help="synthetic classes")
+    p.add_argument("--dist-timeout", type=float, default=30.0, help="minutes a collective may wait for a peer")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def _parse_bits(text: str, flag: str) -> list[int]:
+    try:
+        bits = [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: expected comma-separated integers such as 8,4,2") from None
+    if not bits:
+        raise BadInput(f"{flag} {text!r}: no bit-width given")
+    for b in bits:
+        _check_bits(b, flag)
+    if len(set(bits)) != len(bits):
+        raise BadInput(f"{flag} {text!r}: duplicate bit-widths")
+    return bits
+
+
+def _check_bits(b: int, flag: str) -> None:
+    if not 2 <= b <= 16:
+        raise BadInput(f"{flag} {b}: bit-widths must be between 2 and 16")
+
+
+def resolve_args(args) -> argparse.Namespace:
+    """Fill per-arch and per-data defaults and reject bad values before anything heavy happens."""
+    archs = classification_archs()
+    if args.arch not in archs:
+        raise BadInput(f"--arch {args.arch!r} is not a torchvision classification model; choose one of: {', '.join(archs)}")
+    d = ARCH_DEFAULTS.get(args.arch, dict(bits="8,4,2", lam=1.0, epochs=90))
+    synthetic = args.data == "synthetic"
+    args.bits = _parse_bits(args.bits if args.bits is not None else d["bits"], "--bits")
+    _check_bits(args.w_bits, "--w-bits")
+    _check_bits(args.first_last_bits, "--first-last-bits")
+    args.lam = d["lam"] if args.lam is None else args.lam
+    args.epochs = (8 if synthetic else d["epochs"]) if args.epochs is None else args.epochs
+    args.lr = (0.05 if synthetic else 0.01) if args.lr is None else args.lr
+    args.image_size = (32 if synthetic else 224) if args.image_size is None else args.image_size
+    for flag, v, lo in (("--search-epochs", args.search_epochs, 1), ("--batch-size", args.batch_size, 1),
+                        ("--image-size", args.image_size, 16), ("--bops-image-size", args.bops_image_size, 16)):
+        if v < lo:
+            raise BadInput(f"{flag} {v}: must be at least {lo}")
+    if args.epochs < args.search_epochs:
+        raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
+    if args.lam < 0 or not math.isfinite(args.lam):
+        raise BadInput(f"--lam {args.lam}: must be a non-negative number")
+    if args.amp and not torch.cuda.is_available():
+        raise BadInput("--amp needs a CUDA device and none is available; run without --amp")
+    if args.resume and args.dry_run:
+        raise BadInput("--resume and --dry-run do not go together")
+    return args
+
+
+def check_budget(model: nn.Module, args) -> tuple[float, float]:
+    lo, hi = gbops_range(model, args.w_bits)
+    if args.target_gbops is None:  # uniform A4 on every searched layer
+        layers = searched_layers(model)
+        args.target_gbops = config_gbops([m.macs for m in layers], [4] * len(layers), args.w_bits, fixed_gbops(model))
+    if not (lo - 1e-6 <= args.target_gbops <= hi + 1e-6) or not math.isfinite(args.target_gbops):
+        raise BadInput(f"--target-gbops {args.target_gbops:g} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs "
+                       f"for {args.arch} with bits {','.join(map(str, args.bits))}, w-bits {args.w_bits}, "
+                       f"first/last at {args.first_last_bits} bits")
+    return lo, hi
+
+
+def prepare_output_dir(args) -> str | None:
+    """Create and probe the output folder; return the checkpoint to resume, if any."""
+    out = args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise BadInput(f"--output-dir {out}: not writable ({e.strerror or e})") from None
+    ck = os.path.join(out, "checkpoint.pth")
+    if args.resume == "auto":
+        return ck if os.path.exists(ck) else None
+    if args.resume:
+        return args.resume
+    if os.path.exists(ck) and not args.evaluate:
+        raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto, "
+                       "or choose another --output-dir")
+    return None
+
+
+def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
+    layers = quant_layers(model)
+    print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  {'bits':<12} input")
+    for i, m in enumerate(layers):
+        bits = f"A{m.act.bits[0]}/W{m.wq.bits} fixed" if m.fixed else f"A{{{','.join(map(str, m.act.bits))}}}/W{m.wq.bits}"
+        sign = "unknown until the first batch" if m.act.signed is None else ("signed" if m.act.signed else "unsigned")
+        if i == 0:
+            sign = "signed (normalised image)"
+        print(f"{i:>3} {m.name:<34} {m.kind:<7} {m.macs:>12,}  {bits:<12} {sign}")
+    macs = sum(m.macs for m in layers)
+    print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at {args.bops_image_size}px; "
+          f"feasible range {lo:.3f} .. {hi:.3f} GBOPs (first/last at {args.first_last_bits} bits); "
+          f"target {args.target_gbops:.3f}")
+    print(json.dumps({"arch": args.arch, "bits": args.bits, "w_bits": args.w_bits, "first_last_bits": args.first_last_bits,
+                      "layers": len(layers), "macs": macs, "gbops_min": lo, "gbops_max": hi,
+                      "target_gbops": args.target_gbops, "fixed_gbops": fixed_gbops(model)}))
+
+
+def run_main(args) -> int:
+    args = resolve_args(args)
+    if args.dry_run:
+        torch.manual_seed(args.seed)
+        model = build_model(args, args.num_classes or 1000)
+        lo, hi = check_budget(model, args)
+        dry_run(model, args, lo, hi)
+        return 0
+    resume = prepare_output_dir(args)
+    dist = Dist(args.dist_timeout)
+    try:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _on_signal)
+        random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        train_set, val_set, n_classes = build_datasets(args)
+        model = build_model(args, args.num_classes or n_classes).to(dist.device)
+        lo, hi = check_budget(model, args)
+        train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
+        run = Run(args, dist, model)
+        if resume:
+            run.load_state_dict(load_file(resume, "--resume"), resume)
+            log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+        if args.evaluate:
+            if not resume:
+                set_mode(model, "fp")
+            m = evaluate(model, val_loader, dist, autocast)
+            log(dist, json.dumps({**m, "gbops": current_gbops(model, args.w_bits) if resume else None}))
+            return 0
+        if dist.main:
+            atomic_write(os.path.join(args.output_dir, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+            log(dist, f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, lambda {args.lam}, target "
+                      f"{args.target_gbops:.3f} GBOPs (feasible {lo:.3f} .. {hi:.3f}), {args.epochs} epochs "
+                      f"({args.search_epochs} bit selection), world size {dist.world} on {dist.device.type}")
+        train(run, train_loader, val_loader, calib, autocast)
+        return 0
+    finally:
+        dist.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if "Original Traceback" in text:  # an error raised in a DataLoader worker: keep its last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def main(args) -> int:
+    """Run, and turn every failure into one line on stderr and an exit status."""
+    try:
+        return run_main(args)
+    except BadInput as e:
+        if args.debug:
+            raise
+        print(f"metamix: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"metamix: {e}; the last checkpoint is in {args.output_dir}; continue with --resume auto", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"metamix: interrupted; the last checkpoint is in {args.output_dir}; continue with --resume auto", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if "Original Traceback" in str(e) and "BadInput" in str(e):
+            print(f"metamix: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"metamix: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
