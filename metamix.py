@@ -187,7 +187,7 @@ class _MixedQuantOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, steps, probs, weight, bias, qranges, grad_scales, conv):
-        xf = x.float()  # quantizer math in fp32, also under autocast
+        xf = _upcast(x)  # quantizer math in fp32, also under autocast
         xm = _mix(xf, steps, probs, qranges)
         out = _op_forward(xm, weight, bias, conv)
         ctx.save_for_backward(x, steps, probs, weight)
@@ -198,13 +198,13 @@ class _MixedQuantOp(torch.autograd.Function):
     def backward(ctx, g):
         x, steps, probs, weight = ctx.saved_tensors
         need_x, need_s, need_p, need_w, need_b = ctx.needs_input_grad[:5]
-        xf = x.float()
+        xf = _upcast(x)
         # Gradient with respect to the mixed activation, weight and bias, in one call.
         xm = _mix(xf, steps, probs, ctx.qranges) if need_w else None
         g_in, g_w, g_b = _op_backward(g, xm if need_w else xf, weight, ctx.conv, need_x or need_s or need_p, need_w, need_b and ctx.has_bias)
         gx = gs = gp = None
         if g_in is not None:
-            g_in = g_in.float()
+            g_in = _upcast(g_in)
             gs = torch.zeros_like(steps) if need_s else None
             gp = torch.zeros_like(probs) if (need_p and probs is not None) else None
             for i, (qn, qp) in enumerate(ctx.qranges):
@@ -226,6 +226,10 @@ class _MixedQuantOp(torch.autograd.Function):
             if gx is not None:
                 gx = gx.to(x.dtype)
         return gx, gs, gp, g_w, g_b, None, None, None
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _mix(x, steps, probs, qranges):
@@ -808,6 +812,18 @@ def build_datasets(args):
     return train, val, len(classes)
 
 
+def num_classes_hint(args, dry: bool = False) -> int:
+    """Classes of the model, known before the data is read: --num-classes, the synthetic set's,
+    the number of class folders in train/ (if it exists), else ImageNet's 1000 (also for --dry-run)."""
+    if args.num_classes:
+        return args.num_classes
+    if args.data == "synthetic":
+        return 1000 if dry else args.synthetic_classes
+    train = os.path.join(args.data, "train")
+    n = sum(e.is_dir() for e in os.scandir(train)) if os.path.isdir(train) else 0
+    return n or 1000
+
+
 def build_loaders(args, dist: Dist, train_set, val_set):
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
@@ -926,7 +942,7 @@ class Run:
     def phase(self) -> str:
         return "bit_selection" if self.epoch < self.args.search_epochs else "weight_training"
 
-    def build_optimizers(self):
+    def build_optimizers(self, phase: str | None = None):
         """SGD (momentum 0.9) for weights and steps, Adam for the alphas. Our choice; the paper is silent.
 
         Weight decay applies to conv/linear weights only. Bit selection keeps the LR constant;
@@ -941,7 +957,7 @@ class Run:
                                    lr=a.lr, momentum=0.9)
         self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999))
         self.sched = None
-        if self.phase == "weight_training":
+        if (phase or self.phase) == "weight_training":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
 
     def state_dict(self) -> dict:
@@ -1126,7 +1142,7 @@ def finish_bit_selection(run: Run) -> None:
     set_mode(model, "selected", quant_weights=True)
     for m in quant_layers(model):  # LSQ weight steps from the meta-state weights
         m.wq.init_step(m.weight)
-    run.build_optimizers()
+    run.build_optimizers("weight_training")
     report = bits_report(model, a)
     if run.dist.main:
         print(layer_table(report))
@@ -1336,7 +1352,7 @@ def run_main(args) -> int:
     args = resolve_args(args)
     if args.dry_run:
         torch.manual_seed(args.seed)
-        model = build_model(args, args.num_classes or 1000)
+        model = build_model(args, num_classes_hint(args, dry=True))
         lo, hi = check_budget(model, args)
         dry_run(model, args, lo, hi)
         return 0
@@ -1347,9 +1363,11 @@ def run_main(args) -> int:
             signal.signal(s, _on_signal)
         random.seed(args.seed)
         torch.manual_seed(args.seed)
+        model = build_model(args, num_classes_hint(args)).to(dist.device)
+        lo, hi = check_budget(model, args)  # before any data is read
         train_set, val_set, n_classes = build_datasets(args)
-        model = build_model(args, args.num_classes or n_classes).to(dist.device)
-        lo, hi = check_budget(model, args)
+        if n_classes != quant_layers(model)[-1].weight.shape[0]:
+            raise BadInput(f"the model has {quant_layers(model)[-1].weight.shape[0]} classes, the data {n_classes}")
         train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
         run = Run(args, dist, model)
         if resume:

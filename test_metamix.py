@@ -1,0 +1,440 @@
+"""Tests for metamix.py. Run: python -m pytest -q test_metamix.py
+
+Tier 1: every piece against values computed by hand or by an independent formula.
+Tier 2: the real script in a subprocess on tiny synthetic data (one process, torchrun x2).
+Tier 3: save, resume, compare; bad input and faults.
+"""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import metamix as mm
+
+torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------------------------
+# Tier 1: LSQ (Esser et al. 2020)
+# ---------------------------------------------------------------------------------------
+
+
+def slow_lsq(x, s, bits, signed):
+    """LSQ forward and d/dx, d/ds element by element in plain Python floats (independent of torch ops)."""
+    qn, qp = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    out, dx, ds = [], [], []
+    for v, sv in zip(x, s):
+        r = v / sv
+        if r < qn:
+            out.append(qn * sv), dx.append(0.0), ds.append(float(qn))
+        elif r > qp:
+            out.append(qp * sv), dx.append(0.0), ds.append(float(qp))
+        else:
+            q = float(torch.round(torch.tensor(r, dtype=torch.float64)))  # round half to even, like torch
+            out.append(q * sv), dx.append(1.0), ds.append(q - r)
+    return out, dx, ds
+
+
+def test_lsq_by_hand_unsigned_2bit():
+    # bits 2 unsigned: Qn 0, Qp 3, s = 0.5: v/s = [-2, 0.6, 2.2, 7]
+    x = torch.tensor([-1.0, 0.3, 1.1, 3.5], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    y = mm.lsq_quantize(x, s, 2, signed=False, grad_scale=0.25)
+    assert y.tolist() == [0.0, 0.5, 1.0, 1.5]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+    # ds: below -> Qn = 0; inside -> round(v/s) - v/s = 1 - 0.6 = 0.4 and 2 - 2.2 = -0.2; above -> Qp = 3
+    assert s.grad.item() == pytest.approx((0 + 0.4 - 0.2 + 3) * 0.25, abs=1e-6)
+
+
+def test_lsq_by_hand_signed_3bit():
+    # bits 3 signed: Qn -4, Qp 3, s = 1: v = [-5.2, -1.4, 2.6, 3.2]
+    x = torch.tensor([-5.2, -1.4, 2.6, 3.2], requires_grad=True)
+    s = torch.tensor(1.0, requires_grad=True)
+    y = mm.lsq_quantize(x, s, 3, signed=True)
+    assert y.tolist() == [-4.0, -1.0, 3.0, 3.0]
+    y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 0.0]
+    assert s.grad.item() == pytest.approx(1 * -4 + 2 * (-1 + 1.4) + 3 * (3 - 2.6) + 4 * 3, abs=1e-5)
+
+
+@pytest.mark.parametrize("bits,signed,per_channel", list(itertools.product(range(2, 9), [False, True], [False, True])))
+def test_lsq_matches_slow_formula(bits, signed, per_channel):
+    g = torch.Generator().manual_seed(bits * 10 + signed * 2 + per_channel)
+    C = 3
+    qn, qp = mm.lsq_range(bits, signed)
+    step = (torch.rand(C, 1, 1, generator=g, dtype=torch.float64) + 0.2) if per_channel else torch.tensor(0.7, dtype=torch.float64)
+    # codes spread over [Qn - 2, Qp + 2] plus one value surely below, inside and above the range
+    v = torch.cat([torch.rand(27, generator=g, dtype=torch.float64) * (qp - qn + 4) + qn - 2,
+                   torch.tensor([qn - 1.5, (qn + qp) / 2 + 0.3, qp + 1.5], dtype=torch.float64)])
+    x = (v.reshape(C, 2, 5) * step).requires_grad_()
+    step.requires_grad_()
+    up = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    gs = 0.37
+    y = mm.lsq_quantize(x, step, bits, signed, gs)
+    y.backward(up)
+    s_full = step.detach().expand_as(x).reshape(-1).tolist()
+    out, dx, ds = slow_lsq(x.detach().reshape(-1).tolist(), s_full, bits, signed)
+    assert torch.allclose(y.detach().reshape(-1), torch.tensor(out, dtype=torch.float64))
+    assert torch.allclose(x.grad.reshape(-1), up.reshape(-1) * torch.tensor(dx, dtype=torch.float64))
+    expect_s = (up.reshape(-1) * torch.tensor(ds, dtype=torch.float64)).reshape(x.shape)
+    expect_s = expect_s.sum(dim=(1, 2), keepdim=True) if per_channel else expect_s.sum()
+    assert step.grad.shape == step.shape
+    assert torch.allclose(step.grad, expect_s * gs)
+    # the range holds values inside, below and above
+    v = x.detach() / step.detach()
+    assert (v < qn).any() and (v > qp).any() and ((v > qn) & (v < qp)).any()
+
+
+def test_lsq_saves_only_its_input():
+    x = torch.randn(4, 8, requires_grad=True)
+    s = torch.tensor(0.3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mm.lsq_quantize(x, s, 4, False)
+    assert len(saved) == 2 and saved[0] is x  # x and the scalar step, nothing the size of x besides x
+
+
+def test_lsq_quantizer_module_init_and_grad_scale():
+    w = torch.randn(16, 8, 3, 3)
+    q = mm.LSQQuantizer(4, signed=True)
+    y = q(w.requires_grad_())
+    qp = 7  # signed 4-bit
+    assert q.step.item() == pytest.approx(2 * w.abs().mean().item() / math.sqrt(qp), rel=1e-6)
+    y.sum().backward()
+    # d/ds of the sum, times 1/sqrt(N * Qp) with N = numel of the weight
+    _, _, ds = slow_lsq(w.detach().reshape(-1).tolist(), [q.step.item()] * w.numel(), 4, True)
+    assert q.step.grad.item() == pytest.approx(sum(ds) / math.sqrt(w.numel() * qp), rel=1e-4, abs=1e-6)
+    q.enabled = False
+    assert q(w) is w
+
+
+def test_step_stays_positive():
+    s = torch.tensor(-0.5, requires_grad=True)
+    assert mm.positive(s).item() == 0.5
+    assert mm.positive(torch.tensor(0.0)).item() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Tier 1: multi-branch block (Fig. 4, Eq. 2)
+# ---------------------------------------------------------------------------------------
+
+
+def test_multibranch_init_signedness_and_grad_scale():
+    q = mm.MultiBranchQuantizer([8, 4, 2])
+    x = torch.relu(torch.randn(4, 3, 5, 5))
+    q.mode, q.branch = "branch", 1
+    q(x)
+    assert q.signed is False and q.initialized == [False, True, False]
+    assert q.step[1].item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-6)
+    q2 = mm.MultiBranchQuantizer([8, 4, 2])
+    q2.mode = "search"
+    xs = torch.randn(4, 3, 5, 5)
+    q2(xs)
+    assert q2.signed is True and all(q2.initialized)
+    for b, bits in enumerate([8, 4, 2]):
+        assert q2.step[b].item() == pytest.approx(2 * xs.abs().mean().item() / math.sqrt(2 ** (bits - 1) - 1), rel=1e-6)
+    # gradient scale 1/sqrt(N * Qp), N = features per sample (3*5*5)
+    _, _, _, qr, gsc = q2.params_for(xs)
+    assert gsc == [1 / math.sqrt(75 * qp) for _, qp in qr]
+
+
+def _fixed_outputs(q, x):
+    outs = []
+    for b in range(len(q.bits)):
+        q.mode, q.branch = "branch", b
+        outs.append(q(x))
+    return outs
+
+
+def test_fixed_mode_is_lsq_and_search_is_softmax_weighted_sum():
+    torch.manual_seed(0)
+    q = mm.MultiBranchQuantizer([8, 4, 3])
+    x = torch.randn(2, 4, 6, 6)
+    q.mode = "search"
+    q(x)  # init
+    with torch.no_grad():
+        q.alpha.copy_(torch.tensor([0.2, 1.0, -0.5]))
+    for b, out in enumerate(_fixed_outputs(q, x)):
+        assert torch.equal(out, mm.lsq_quantize(x, q.step[b].detach(), q.bits[b], True))
+    outs = _fixed_outputs(q, x)
+    q.mode = "search"
+    p = F.softmax(q.alpha.detach(), 0)
+    assert torch.allclose(q(x), sum(p[b] * outs[b] for b in range(3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
+@pytest.mark.parametrize("mode", ["branch", "search"])
+def test_fused_layer_equals_op_of_quantized_input(kind, mode):
+    """QuantLayer's fused op == conv(MultiBranchQuantizer(x)) in value and in every gradient."""
+    torch.manual_seed(1)
+    if kind == "linear":
+        layer, x = nn.Linear(12, 5), torch.randn(3, 12, dtype=torch.float64)
+    else:
+        layer = nn.Conv2d(4, 6 if kind == "conv" else 4, 3, stride=2, padding=1, groups=1 if kind == "conv" else 4, bias=kind == "conv")
+        x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    layer = layer.double()
+    q = mm.QuantLayer(layer, [8, 4, 2], 4, "l")
+    q.act.mode, q.act.branch = mode, 2
+    q.wq.enabled = True
+    with torch.no_grad():
+        q.act.alpha.copy_(torch.tensor([0.3, -0.2, 0.5]))
+    q(x)  # init steps
+    params = [q.act.step, q.act.alpha, q.weight, q.wq.step] + ([q.bias] if q.bias is not None else [])
+    x1 = x.clone().requires_grad_()
+    y1 = q(x1)
+    up = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x1] + params, up, allow_unused=True)
+    x2 = x.clone().requires_grad_()
+    w = q.wq(q.weight)
+    xa = q.act(x2)
+    y2 = F.linear(xa, w, q.bias) if kind == "linear" else F.conv2d(xa, w, q.bias, 2, 1, 1, layer.groups)
+    g2 = torch.autograd.grad(y2, [x2] + params, up, allow_unused=True)
+    assert torch.allclose(y1, y2, atol=1e-10)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-9), (a, b)
+
+
+def test_search_mode_runs_one_convolution(monkeypatch):
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = mm.QuantLayer(nn.Conv2d(3, 4, 3), [8, 6, 5, 4, 3, 2], 4, "c")
+    q.act.mode = "search"
+    q(torch.randn(1, 3, 8, 8))
+    assert len(calls) == 1
+
+
+def test_fused_layer_saves_only_input_and_weight():
+    q = mm.QuantLayer(nn.Conv2d(8, 8, 3, padding=1, bias=False), [8, 4, 2], 4, "c")
+    q.act.mode = "search"
+    x = torch.relu(torch.randn(2, 8, 16, 16)).requires_grad_()
+    q(x)
+    big = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: big.append(t) if t.numel() >= x.numel() else None or t, lambda t: t):
+        q(x)
+    assert len(big) == 1 and big[0] is x  # the quantized activation is recomputed, not stored
+
+
+def test_fused_layer_under_cpu_bf16_autocast():
+    torch.manual_seed(0)
+    q = mm.QuantLayer(nn.Conv2d(4, 8, 3, padding=1), [8, 4, 2], 4, "c")
+    q.act.mode = "search"
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    ref = q(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert q.act.alpha.grad is not None and torch.isfinite(q.act.alpha.grad).all()
+    assert torch.allclose(y.float(), ref, atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------
+# Tier 1: straight-through softmax (Eq. 5)
+# ---------------------------------------------------------------------------------------
+
+
+def test_straight_through_softmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]], requires_grad=True)
+    y = mm.straight_through_softmax(logits)
+    assert y.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    up = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]])
+    (y * up).sum().backward()
+    ref = logits.detach().clone().requires_grad_()
+    (F.softmax(ref, -1) * up).sum().backward()
+    assert torch.allclose(logits.grad, ref.grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Tier 1: BOPs (Eq. 6) and the regularizer (Eq. 4)
+# ---------------------------------------------------------------------------------------
+
+ARCH_ENDS = {"resnet18": ("conv1", "fc"), "mobilenet_v2": ("features.0.0", "classifier.1"),
+             "mobilenet_v3_large": ("features.0.0", "classifier.3"), "mobilenet_v3_small": ("features.0.0", "classifier.3")}
+
+
+def independent_macs(model):
+    """Per-module MACs from PyTorch's own FLOP counter (FLOPs / 2) at 224x224."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    counts = fc.get_flop_counts()
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            key = f"{type(model).__name__}.{name}"
+            out[name] = sum(counts[key].values()) // 2
+    return out
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_large"])
+def test_bops_against_independent_count(arch):
+    model = torchvision.models.get_model(arch)
+    macs = independent_macs(model)
+    mm.patch_model(model, [8, 4, 2] if arch == "resnet18" else [8, 4, 3], 4)
+    layers = mm.quant_layers(model)
+    assert {m.name: m.macs for m in layers} == macs
+    first, last = layers[0], layers[-1]
+    fixed = (macs[first.name] + macs[last.name]) * 8 * 8 / 1e9
+    searched = [n for n in macs if n not in (first.name, last.name)]
+    # uniform W4A4
+    uniform = sum(macs[n] for n in searched) * 4 * 4 / 1e9 + fixed
+    lo, hi = mm.gbops_range(model, 4)
+    assert mm.config_gbops([macs[n] for n in searched], [4] * len(searched), 4, mm.fixed_gbops(model)) == pytest.approx(uniform)
+    assert hi == pytest.approx(sum(macs[n] for n in searched) * 8 * 4 / 1e9 + fixed)
+    assert lo == pytest.approx(sum(macs[n] for n in searched) * min(layers[1].act.bits) * 4 / 1e9 + fixed)
+    # a mixed configuration: cycle through the candidates, through the regularizer's one-hot forward
+    cands = layers[1].act.bits
+    idx = [i % 3 for i in range(len(searched))]
+    mixed = sum(macs[n] * cands[i] for n, i in zip(searched, idx)) * 4 / 1e9 + fixed
+    alphas = F.one_hot(torch.tensor(idx), 3).float() * 5
+    reg, gb = mm.bops_regularizer(alphas, cands, [m.macs for m in layers[1:-1]], 4, mm.fixed_gbops(model), 0.0)
+    assert gb.item() == pytest.approx(mixed, rel=1e-5)
+    if arch == "resnet18":  # by hand: conv1 = 64 * 3 * 7 * 7 * 112 * 112, fc = 512 * 1000
+        assert first.macs == 64 * 3 * 49 * 112 * 112 and last.macs == 512 * 1000
+
+
+def test_depthwise_conv_counts_groups():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 224, 224))
+    mm.patch_model(model, [8, 4], 4)
+    assert model[1].macs == 8 * 1 * 9 * 224 * 224
+
+
+def test_regularizer_value_and_gradient_by_hand():
+    bits, macs, w_bits, fixed, target = [8, 4, 2], [1e8, 2e8], 4, 0.5, 3.0
+    a = torch.tensor([[0.0, 1.0, 0.5], [0.2, -0.3, 0.9]], requires_grad=True)
+    reg, gb = mm.bops_regularizer(a, bits, macs, w_bits, fixed, target)
+    # argmax: layer 0 -> 4 bits, layer 1 -> 2 bits: (4*1e8 + 2*2e8) * 4 / 1e9 + 0.5 = 3.7
+    assert gb.item() == pytest.approx(3.7) and reg.item() == pytest.approx(0.7)
+    reg.backward()
+    for l in range(2):
+        e = [math.exp(v) for v in a[l].tolist()]
+        p = [v / sum(e) for v in e]
+        mean_b = sum(pi * b for pi, b in zip(p, bits))
+        for j in range(3):  # d|.|/d alpha_lj = sign * w * macs_l / 1e9 * p_j * (b_j - sum_b p_b b)
+            assert a.grad[l, j].item() == pytest.approx(+1 * w_bits * macs[l] / 1e9 * p[j] * (bits[j] - mean_b), rel=1e-5)
+
+
+def test_budget_repair_lowers_least_probable_per_bop():
+    bits, macs, w_bits, fixed = [8, 4, 2], [100, 100, 400], 1, 0.0
+    probs = [[0.5, 0.4, 0.1], [0.9, 0.05, 0.05], [0.6, 0.3, 0.1]]
+    chosen = [0, 0, 0]  # 8 * 600 = 4800 bit-ops
+    target = 4400 / 1e9
+    out = mm.repair_to_budget(probs, chosen, bits, macs, w_bits, fixed, target)
+    # candidate moves (8 -> 4): layer 0 costs 0.1/400, layer 1 0.85/400, layer 2 0.3/1600: layer 2 is cheapest
+    assert out == [0, 0, 1]
+    assert mm.config_gbops(macs, [bits[c] for c in out], w_bits, fixed) <= target
+    out = mm.repair_to_budget(probs, chosen, bits, macs, w_bits, fixed, 1200 / 1e9)
+    assert mm.config_gbops(macs, [bits[c] for c in out], w_bits, fixed) <= 1200 / 1e9
+
+
+# ---------------------------------------------------------------------------------------
+# Tier 1: model patching
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(ARCH_ENDS) + ["shufflenet_v2_x0_5"])
+def test_patching(arch):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    weights = {n: p for n, p in model.named_parameters()}
+    mm.patch_model(model, [8, 4, 3], 4, bops_image_size=64)
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
+    layers = mm.quant_layers(model)
+    assert len(layers) == n_layers
+    assert all(p is weights[n] for n, p in model.named_parameters() if n in weights)  # same tensors
+    if arch in ARCH_ENDS:
+        assert (layers[0].name, layers[-1].name) == ARCH_ENDS[arch]
+    assert layers[0].fixed and layers[-1].fixed and not any(m.fixed for m in layers[1:-1])
+    assert torch.equal(model(x), ref)  # identity ("fp") mode leaves outputs unchanged
+    mm.set_mode(model, "search")
+    assert model(x).shape == ref.shape
+
+
+def test_state_dict_round_trip(tmp_path):
+    torch.manual_seed(0)
+    a = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4, bops_image_size=32)
+    mm.set_mode(a, "search", quant_weights=True)
+    x = torch.randn(2, 3, 32, 32)
+    a(x)
+    with torch.no_grad():
+        for al in mm.alphas_of(a):
+            al.normal_()
+    mm.apply_selection(a, [1] * len(mm.searched_layers(a)))
+    torch.save(a.state_dict(), tmp_path / "m.pth")
+    b = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4, bops_image_size=32)
+    b.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
+    mm.set_mode(b, "search", quant_weights=True)
+    a.eval(), b.eval()
+    assert torch.equal(a(x), b(x))
+    assert [m.act.signed for m in mm.quant_layers(a)] == [m.act.signed for m in mm.quant_layers(b)]
+    assert [m.selected for m in mm.quant_layers(b)[1:-1]] == [1] * len(mm.searched_layers(b))
+    # a full-precision checkpoint of the unpatched model loads into the patched one
+    plain = torchvision.models.resnet18(num_classes=10).state_dict()
+    missing, unexpected = b.load_state_dict(plain, strict=False)
+    assert not unexpected and all(".act." in k or ".wq." in k or k.endswith("_extra_state") for k in missing)
+
+
+# ---------------------------------------------------------------------------------------
+# Tier 1: the two kinds of bit-selection step
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny_patched():
+    torch.manual_seed(0)
+    model = mm.patch_model(torchvision.models.resnet18(num_classes=4), [8, 4, 2], 4, bops_image_size=32)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    with torch.no_grad():
+        for b in range(3):
+            mm.set_mode(model, "meta", b)
+            model(x)
+    return model, x, y
+
+
+def test_bit_meta_step_trains_weights_and_steps_not_alphas():
+    import contextlib
+
+    model, x, y = _tiny_patched()
+    model.train()
+    loss = mm.bit_meta_step(model, x, y, 3, contextlib.nullcontext)
+    # Eq. 1 by hand: the mean of the three single-precision losses (BN in train mode, same batch)
+    ref = []
+    m2 = copy.deepcopy(model)
+    for b in range(3):
+        mm.set_mode(m2, "meta", b)
+        ref.append(F.cross_entropy(m2(x), y).item())
+    assert loss.item() == pytest.approx(sum(ref) / 3, rel=1e-4)
+    layers = mm.searched_layers(model)
+    assert all(m.act.alpha.grad is None for m in layers)
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in layers)
+    assert all((m.act.step.grad != 0).all() for m in layers)  # every branch's step learns
+
+
+def test_bit_search_step_trains_only_alphas():
+    import contextlib
+
+    model, x, y = _tiny_patched()
+    bn_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    loss, gb = mm.bit_search_step(model, x, y, 0.4, 4, 30.0, contextlib.nullcontext)
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        if name.endswith("act.alpha") and not any(name.startswith(f) for f in ("conv1.", "fc.")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+        assert p.requires_grad  # restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn_before.items())  # BN statistics frozen
