@@ -438,3 +438,33 @@ def test_bit_search_step_trains_only_alphas():
             assert p.grad is None, name
         assert p.requires_grad  # restored
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn_before.items())  # BN statistics frozen
+
+
+# ---------------------------------------------------------------------------------------
+# run_imagenet.sh
+# ---------------------------------------------------------------------------------------
+
+
+def test_run_imagenet_dry_run_prints_valid_commands():
+    import os
+    import shlex
+    import subprocess
+
+    env = dict(os.environ, DRY_RUN="1", DATA="/data/in1k", GPUS="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
+    p = subprocess.run(["bash", "run_imagenet.sh", "all"], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.abspath(__file__)), timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 3
+    expect = {"resnet18": (33.0, [8, 4, 2], 0.4, 90), "mobilenet_v2": (5.12, [8, 4, 3], 1.0, 140),
+              "mobilenet_v3_large": (3.29, [8, 4, 3], 4.0, 140)}
+    for line in lines:
+        words = shlex.split(line)
+        assert words[0] == "torchrun" and "--nnodes=2" in words and "--node_rank=1" in words
+        assert "--master_addr=10.0.0.1" in words and "--nproc_per_node=4" in words
+        ns = mm.get_args_parser().parse_args(words[words.index("metamix.py") + 1:])
+        assert ns.amp and ns.resume == "auto"
+        ns.amp = False  # this machine has no CUDA; --amp is refused without it
+        args = mm.resolve_args(ns)
+        assert (args.target_gbops, args.bits, args.lam, args.epochs) == expect[args.arch]
+        assert args.data == "/data/in1k" and args.batch_size == 32 and args.w_bits == 4
