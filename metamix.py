@@ -982,8 +982,8 @@ class Run:
             raise BadInput(f"--resume {path}: model does not match ({str(e).splitlines()[0][:200]})") from None
         self.epoch, self.selected = ck["epoch"], ck["selected"]
         self.history, self.summary = ck["history"], ck["summary"]
-        if self.phase == "weight_training":
-            set_mode(self.model, "selected", quant_weights=True)
+        # the configuration evaluated at the end of the last epoch: argmax bits (FP weights) or the selection
+        set_mode(self.model, "selected", quant_weights=self.phase == "weight_training")
         self.build_optimizers()
         self.opt.load_state_dict(ck["opt"])
         self.opt_alpha.load_state_dict(ck["opt_alpha"])
@@ -1416,6 +1416,10 @@ def main(args) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if _STOP["signum"]:  # e.g. Ctrl-C reached the DataLoader workers first
+            print(f"metamix: interrupted by {signal.Signals(_STOP['signum']).name}; the last checkpoint is in "
+                  f"{args.output_dir}; continue with --resume auto", file=sys.stderr)
+            return 128 + _STOP["signum"]
         if "Original Traceback" in str(e) and "BadInput" in str(e):
             print(f"metamix: error: {_one_line(e)}", file=sys.stderr)
             return 2
