@@ -590,17 +590,23 @@ def bit_meta_step(model: nn.Module, images, targets, n_branches: int, autocast) 
 def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, target_gbops: float, autocast):
     """Eq. 3: L = L_task + lambda * L_reg on the frozen meta-state; only the alphas get gradients.
 
-    Weights, steps and BN statistics are fixed (BN in eval mode); requires_grad is switched off
-    for everything but the alphas so that no weight or step gradient is even computed.
+    Weights and steps are fixed: requires_grad is switched off for everything but the alphas,
+    so no weight or step gradient is even computed. BN statistics are frozen too: our choice is
+    to normalise with the batch's statistics (those of the mixed activation being searched)
+    without updating the running buffers, and to switch dropout off.
     """
     layers = searched_layers(model)
     alphas = [m.act.alpha for m in layers]
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not a for a in alphas)]
-    was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     set_mode(model, "search")
-    model.eval()
     for p in frozen:
         p.requires_grad_(False)
+    for m in bns:
+        m.track_running_stats = False  # train-mode BN then uses batch statistics and leaves the buffers alone
+    for m in drops:
+        m.eval()
     try:
         with autocast():
             task = F.cross_entropy(model(images), targets)
@@ -611,7 +617,10 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, 
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        model.train(was_training)
+        for m in bns:
+            m.track_running_stats = True
+        for m in drops:
+            m.train()
     return loss.detach(), gbops.detach()
 
 

@@ -428,7 +428,8 @@ def test_bit_search_step_trains_only_alphas():
     import contextlib
 
     model, x, y = _tiny_patched()
-    bn_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    bn_before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and ("running" in k or "batches" in k)}
     loss, gb = mm.bit_search_step(model, x, y, 0.4, 4, 30.0, contextlib.nullcontext)
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
@@ -437,7 +438,8 @@ def test_bit_search_step_trains_only_alphas():
         else:
             assert p.grad is None, name
         assert p.requires_grad  # restored
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn_before.items())  # BN statistics frozen
+    assert len(bn_before) == 3 * 20 and all(torch.equal(v, model.state_dict()[k]) for k, v in bn_before.items())  # BN frozen
+    assert model.training and all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 # ---------------------------------------------------------------------------------------
