@@ -998,6 +998,16 @@ class Run:
         self.opt_alpha.load_state_dict(ck["opt_alpha"])
         if self.sched is not None and ck["sched"] is not None:
             self.sched.load_state_dict(ck["sched"])
+        if a.lr != old["lr"]:  # a new --lr wins; the schedule keeps its shape (same lr: untouched, exact resume)
+            scale = a.lr / old["lr"]
+            for g in self.opt.param_groups:
+                g["lr"] *= scale
+                if "initial_lr" in g:
+                    g["initial_lr"] *= scale
+            if self.sched is not None:
+                self.sched.base_lrs = [b * scale for b in self.sched.base_lrs]
+        for g in self.opt_alpha.param_groups:
+            g["lr"] = a.alpha_lr
         set_rng_state(ck["rng"], self.dist)
 
     def save(self):
@@ -1181,6 +1191,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     for epoch in range(run.epoch + 1, a.epochs + 1):
         phase, t0 = run.phase, time.time()
         loss = train_one_epoch(run, train_loader, epoch, autocast)
+        lr = run.opt.param_groups[0]["lr"]  # the rate this epoch trained with
         if phase == "bit_selection" and epoch == a.search_epochs:
             finish_bit_selection(run)
         elif phase == "bit_selection":
@@ -1195,7 +1206,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         metrics = evaluate(model, val_loader, dist, autocast)
         run.summary["seconds"][phase] += time.time() - t0
         rec = {"epoch": epoch, "phase": phase, "loss": loss, **metrics, "gbops": current_gbops(model, a.w_bits),
-               "lr": run.opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 3)}
+               "lr": lr, "seconds": round(time.time() - t0, 3)}
         if dist.world > 1:
             rec["replicas_in_sync"] = in_sync
         run.history.append(rec)
@@ -1296,6 +1307,9 @@ def resolve_args(args) -> argparse.Namespace:
             raise BadInput(f"{flag} {v}: must be at least {lo}")
     if args.epochs < args.search_epochs:
         raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
+    for flag, v in (("--lr", args.lr), ("--alpha-lr", args.alpha_lr)):
+        if not (v > 0 and math.isfinite(v)):
+            raise BadInput(f"{flag} {v}: must be a positive number")
     if args.lam < 0 or not math.isfinite(args.lam):
         raise BadInput(f"--lam {args.lam}: must be a non-negative number")
     if args.amp and not torch.cuda.is_available():
@@ -1317,6 +1331,16 @@ def check_budget(model: nn.Module, args) -> tuple[float, float]:
     return lo, hi
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        pass
+    return True
+
+
 def prepare_output_dir(args) -> str | None:
     """Create and probe the output folder; return the checkpoint to resume, if any."""
     out = args.output_dir
@@ -1328,6 +1352,10 @@ def prepare_output_dir(args) -> str | None:
         os.remove(probe)
     except OSError as e:
         raise BadInput(f"--output-dir {out}: not writable ({e.strerror or e})") from None
+    for name in os.listdir(out):  # temporary files of writers killed mid-write (atomic_write)
+        pid = name.rsplit(".tmp.", 1)[-1] if ".tmp." in name else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            os.remove(os.path.join(out, name))
     ck = os.path.join(out, "checkpoint.pth")
     if args.resume == "auto":
         return ck if os.path.exists(ck) else None
@@ -1365,15 +1393,16 @@ def run_main(args) -> int:
         lo, hi = check_budget(model, args)
         dry_run(model, args, lo, hi)
         return 0
+    torch.manual_seed(args.seed)
+    model = build_model(args, num_classes_hint(args))
+    lo, hi = check_budget(model, args)  # before any folder is made or data is read
     resume = prepare_output_dir(args)
     dist = Dist(args.dist_timeout)
     try:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        model = build_model(args, num_classes_hint(args)).to(dist.device)
-        lo, hi = check_budget(model, args)  # before any data is read
+        model.to(dist.device)
         train_set, val_set, n_classes = build_datasets(args)
         if n_classes != quant_layers(model)[-1].weight.shape[0]:
             raise BadInput(f"the model has {quant_layers(model)[-1].weight.shape[0]} classes, the data {n_classes}")

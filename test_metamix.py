@@ -4,9 +4,23 @@ Tier 1: every piece against values computed by hand or by an independent formula
 Tier 2: the real script in a subprocess on tiny synthetic data (one process, torchrun x2).
 Tier 3: save, resume, compare; bad input and faults.
 """
+from __future__ import annotations
+
 import copy
+import hashlib
 import itertools
+import json
 import math
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -470,3 +484,574 @@ def test_run_imagenet_dry_run_prints_valid_commands():
         args = mm.resolve_args(ns)
         assert (args.target_gbops, args.bits, args.lam, args.epochs) == expect[args.arch]
         assert args.data == "/data/in1k" and args.batch_size == 32 and args.w_bits == 4
+
+
+# =======================================================================================
+# Tier 2 and 3: the real script in a subprocess (one process, torchrun x2), resume, faults.
+# Every run is tiny (resnet18 at 32 px, 64 synthetic images, batch 16); reference runs that
+# several tests compare against are module-scoped fixtures, copied with shutil.copytree.
+# =======================================================================================
+
+REPO = Path(__file__).resolve().parent
+SCRIPT = "metamix.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV.pop("WORLD_SIZE", None), ENV.pop("RANK", None), ENV.pop("LOCAL_RANK", None)
+
+# 64 images / batch 16 = 4 steps per epoch; 2 bit-selection epochs, the rest weight training.
+TINY = ["--arch", "resnet18", "--image-size", "32", "--synthetic-train", "64", "--synthetic-val", "32",
+        "--batch-size", "16", "--search-epochs", "2", "--print-freq", "1000"]
+REF = TINY + ["--epochs", "4"]  # the reference run: 2 bit selection + 2 weight training
+METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def run_cli(*args, check: bool = True, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python metamix.py ARGS` in the repository; with check, fail on a non-zero exit."""
+    p = subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, env=env or ENV,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"metamix.py {' '.join(map(str, args))} exited {p.returncode}\n"
+                             f"--- stdout (tail)\n{p.stdout[-3000:]}\n--- stderr (tail)\n{p.stderr[-3000:]}")
+    return p
+
+
+def popen_cli(*args, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=REPO, env=env or ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def torchrun_cmd(*args, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", SCRIPT, *map(str, args)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_line(p: subprocess.CompletedProcess, *needles: str) -> str:
+    """The one-line contract: non-zero exit, exactly one non-blank stderr line, no traceback."""
+    assert p.returncode != 0, f"expected a failure, got exit 0\nstdout:\n{p.stdout[-2000:]}"
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    assert len(lines) == 1, f"expected one stderr line, got {len(lines)}:\n{p.stderr[-4000:]}"
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in the error line: {lines[0]!r}"
+    return lines[0]
+
+
+def fingerprint(d: Path) -> dict:
+    """name -> (sha256, size, mtime_ns) of every file in d (recursively)."""
+    out = {}
+    for f in sorted(Path(d).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            out[str(f.relative_to(d))] = (hashlib.sha256(f.read_bytes()).hexdigest(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def load_ck(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    ma, mb = load_ck(a)["model"], load_ck(b)["model"]
+    assert ma.keys() == mb.keys()
+    diff = [k for k in ma if not (torch.is_tensor(ma[k]) and torch.equal(ma[k], mb[k])) and ma[k] != mb[k]]
+    assert not diff, f"{len(diff)} model tensors differ, e.g. {diff[:5]}"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two output dirs hold the same result: model tensors, per-epoch metrics, selected bits."""
+    assert_same_model(a / "checkpoint.pth", b / "checkpoint.pth")
+    la, lb = read_log(a), read_log(b)
+    assert [{k: r[k] for k in METRICS} for r in la] == [{k: r[k] for k in METRICS} for r in lb]
+    ba, bb = json.loads((a / "bits.json").read_text()), json.loads((b / "bits.json").read_text())
+    assert [(r["name"], r["a_bits"]) for r in ba["layers"]] == [(r["name"], r["a_bits"]) for r in bb["layers"]]
+    assert ba["gbops"] == bb["gbops"]
+
+
+def wait_for(cond, proc: subprocess.Popen | None, timeout: float, what: str, poll: float = 0.05):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process exited {proc.returncode} before {what}\n{out[-2000:]}\n{err[-2000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def make_image_folder(root: Path, classes: int = 3, n_train: int = 8, n_val: int = 4, size: int = 40) -> Path:
+    from PIL import Image
+
+    rng = random.Random(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for k in range(classes):
+            d = root / split / f"class_{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            base = [(255 if c == k % 3 else 40) for c in range(3)]
+            for i in range(n):
+                colour = tuple(min(255, max(0, v + rng.randint(-30, 30))) for v in base)
+                Image.new("RGB", (size, size), colour).save(d / f"img_{i}.png")
+    return root
+
+
+# ---- shared reference runs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory) -> Path:
+    """REF uninterrupted: 4 epochs (2 bit selection)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    p = run_cli(*REF, "--output-dir", out)
+    assert "summary:" in p.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """REF stopped cleanly after epoch 1 (inside bit selection). Copy it before changing it."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    p = run_cli(*REF, "--output-dir", out, "--stop-after-epoch", "1")
+    assert "--stop-after-epoch" in p.stdout
+    assert load_ck(out / "checkpoint.pth")["epoch"] == 1
+    return out
+
+
+def copy_run(src: Path, tmp_path: Path, name: str = "out") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+# =============================================================================================
+# Issue 3: the driver
+# =============================================================================================
+
+
+def test_single_process_outputs(ref_run):
+    out = ref_run
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["args.json", "bits.json", "checkpoint.pth", "log.jsonl"]
+    assert not list(out.glob("*.tmp.*")), "temporary files left behind"
+
+    bits = json.loads((out / "bits.json").read_text())
+    assert bits["arch"] == "resnet18" and bits["candidates"] == [8, 4, 2] and bits["w_bits"] == 4
+    assert bits["gbops"] <= bits["target_gbops"] + 1e-6
+    assert len(bits["layers"]) == 21
+    searched = [r for r in bits["layers"] if not r["fixed"]]
+    assert searched and len(searched) == 19
+    for r in bits["layers"]:
+        assert {"name", "macs", "a_bits", "w_bits", "probs"} <= r.keys()
+        assert isinstance(r["name"], str) and r["macs"] > 0
+    for r in searched:
+        assert r["a_bits"] in (8, 4, 2) and r["w_bits"] == 4
+        assert len(r["probs"]) == 3 and abs(sum(r["probs"]) - 1) < 1e-4
+    for r in (bits["layers"][0], bits["layers"][-1]):
+        assert r["fixed"] and r["a_bits"] == 8 and r["w_bits"] == 8
+
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert [r["phase"] for r in log] == ["bit_selection", "bit_selection", "weight_training", "weight_training"]
+    for r in log:
+        for k in ("loss", "top1", "top5", "val_loss", "gbops"):
+            assert isinstance(r[k], float) and r[k] == r[k], (k, r)
+        assert r["n"] == 32
+    assert log[-1]["gbops"] == pytest.approx(bits["gbops"])
+
+    args = json.loads((out / "args.json").read_text())
+    assert args["arch"] == "resnet18" and args["epochs"] == 4 and args["bits"] == [8, 4, 2]
+    assert args["target_gbops"] == pytest.approx(bits["target_gbops"])
+
+    ck = load_ck(out / "checkpoint.pth")
+    assert ck["format"] == "metamix-checkpoint-1" and ck["epoch"] == 4 and ck["phase"] == "weight_training"
+    assert len(ck["history"]) == 4
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    out = tmp_path / "out"
+    cmd = torchrun_cmd(*TINY, "--epochs", "3", "--output-dir", out)
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert "world size 2" in p.stdout
+    bits = json.loads((out / "bits.json").read_text())
+    assert bits["gbops"] <= bits["target_gbops"] + 1e-6
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert all(r.get("replicas_in_sync") is True for r in log), log
+    assert all(r["n"] == 32 for r in log), "every validation image counted exactly once"
+    assert load_ck(out / "checkpoint.pth")["epoch"] == 3
+
+
+def test_resume_inside_bit_selection_is_exact(ref_run, stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    assert [r["epoch"] for r in read_log(out)] == [1]
+    p = run_cli(*REF, "--output-dir", out, "--resume", "auto")
+    assert "resumed" in p.stdout and "after epoch 1" in p.stdout
+    assert_same_run(ref_run, out)
+
+
+def test_resume_inside_weight_training_is_exact(ref_run, tmp_path):
+    out = tmp_path / "out"
+    run_cli(*REF, "--output-dir", out, "--stop-after-epoch", "3")
+    ck = load_ck(out / "checkpoint.pth")
+    assert ck["epoch"] == 3 and ck["phase"] == "weight_training"
+    p = run_cli(*REF, "--output-dir", out, "--resume", "auto")
+    assert "after epoch 3" in p.stdout
+    assert_same_run(ref_run, out)
+
+
+def test_image_folder_end_to_end(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    p = run_cli("--arch", "resnet18", "--data", data, "--image-size", "32", "--batch-size", "4", "--workers", "0",
+                "--epochs", "3", "--search-epochs", "2", "--print-freq", "1000", "--output-dir", out)
+    assert "summary:" in p.stdout
+    bits = json.loads((out / "bits.json").read_text())
+    assert bits["gbops"] <= bits["target_gbops"] + 1e-6
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all(r["n"] == 12 for r in log)
+    assert load_ck(out / "checkpoint.pth")["model"]["fc.weight"].shape[0] == 3
+
+
+def test_dry_run_json():
+    p = run_cli("--dry-run")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert {"arch", "layers", "macs", "gbops_min", "gbops_max"} <= info.keys()
+    assert info["arch"] == "resnet18" and info["layers"] == 21 and info["macs"] > 1e9
+    assert 0 < info["gbops_min"] < info["target_gbops"] < info["gbops_max"]
+
+    p = run_cli("--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4", "--dry-run")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["arch"] == "mobilenet_v2" and info["layers"] > 0
+    assert info["gbops_min"] == info["gbops_max"]
+
+
+# =============================================================================================
+# Issue 4: bad input and faults
+# =============================================================================================
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--arch", "resnet999"], ["resnet999", "resnet18", "mobilenet_v2"]),
+    (["--bits", "8,x"], ["--bits", "8,x"]),
+    (["--bits", "1,4"], ["--bits", "1"]),
+    (["--bits", "4,4"], ["--bits", "4,4"]),
+    (["--bits", ""], ["--bits"]),
+    (["--w-bits", "1"], ["--w-bits", "1"]),
+    (["--first-last-bits", "17"], ["--first-last-bits", "17"]),
+], ids=["arch", "bits-8x", "bits-1-4", "bits-4-4", "bits-empty", "w-bits-1", "first-last-17"])
+def test_bad_arguments(tmp_path, flags, needles):
+    out = tmp_path / "out"
+    p = run_cli(*TINY, "--epochs", "3", *flags, "--output-dir", out, check=False, timeout=120)
+    error_line(p, *needles)
+    assert not out.exists(), "a bad argument must be refused before the output dir is touched"
+
+
+def test_infeasible_budget_before_data(tmp_path):
+    p = run_cli("--target-gbops", "1", "--dry-run", check=False, timeout=120)
+    error_line(p, "--target-gbops 1", "feasible range")
+    out = tmp_path / "out"
+    p = run_cli(*TINY, "--epochs", "3", "--target-gbops", "1", "--data", tmp_path / "nonexistent",
+                "--output-dir", out, check=False, timeout=120)
+    line = error_line(p, "feasible range")
+    assert "nonexistent" not in line, "the budget must be checked before any data is touched"
+    assert not (out / "checkpoint.pth").exists() and not (out / "args.json").exists()
+
+
+def _data_error(tmp_path, data, *needles, workers: int = 0) -> str:
+    out = tmp_path / "out"
+    p = run_cli("--arch", "resnet18", "--data", data, "--image-size", "32", "--batch-size", "4",
+                "--workers", workers, "--epochs", "3", "--search-epochs", "2", "--print-freq", "1000",
+                "--output-dir", out, check=False, timeout=180)
+    line = error_line(p, *needles)
+    assert not (out / "checkpoint.pth").exists() and not (out / "bits.json").exists()
+    return line
+
+
+def test_data_missing_path(tmp_path):
+    _data_error(tmp_path, tmp_path / "nope", str(tmp_path / "nope"))
+
+
+def test_data_without_train(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    shutil.rmtree(data / "train")
+    _data_error(tmp_path, data, "train")
+
+
+def test_data_empty_class_folder(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    (data / "train" / "class_3").mkdir()
+    _data_error(tmp_path, data, str(data / "train" / "class_3"), "empty")
+
+
+def test_data_class_lists_differ(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    shutil.rmtree(data / "val" / "class_2")
+    _data_error(tmp_path, data, "class_2")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_corrupt_image(tmp_path, workers):
+    data = make_image_folder(tmp_path / "data")
+    bad = data / "train" / "class_2" / "img_5.png"
+    bad.write_bytes(b"this is not a PNG file \x00\x01\x02" * 10)
+    line = _data_error(tmp_path, data, str(bad), workers=workers)
+    assert "worker" not in line.lower(), line
+
+
+def test_output_dir_not_writable(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    out = blocker / "sub"
+    # --data that does not exist: the output dir is refused first, at start
+    p = run_cli(*TINY, "--epochs", "3", "--output-dir", out, "--data", tmp_path / "nodata", check=False, timeout=120)
+    error_line(p, "--output-dir", str(out))
+    assert blocker.read_text() == "not a directory"
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            p = run_cli(*TINY, "--epochs", "3", "--output-dir", ro, check=False, timeout=120)
+            error_line(p, "--output-dir", str(ro))
+            assert list(ro.iterdir()) == []
+        finally:
+            ro.chmod(0o700)
+
+
+class Evil:
+    """Unpickling this runs a shell command: a loader with weights_only=True must refuse it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_bad_checkpoints(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    real = out / "checkpoint.pth"
+    before = fingerprint(out)
+
+    truncated = tmp_path / "truncated.pth"
+    data = real.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, I am not a checkpoint\n")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, foreign)
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": Evil(str(marker))}, evil)
+
+    cases = [
+        (["--resume", tmp_path / "missing.pth"], [str(tmp_path / "missing.pth")]),
+        (["--resume", truncated], [str(truncated)]),
+        (["--resume", text], [str(text)]),
+        (["--resume", foreign], [str(foreign), "not a metamix checkpoint"]),
+        (["--resume", evil], [str(evil), "weights_only"]),
+        (["--resume", "auto", "--bits", "8,4"], [str(real), "bits"]),
+        (["--resume", "auto", "--arch", "mobilenet_v3_small"], [str(real), "arch"]),
+        ([], ["already holds checkpoint.pth", "--resume auto"]),  # no --resume: refuse to overwrite
+    ]
+    for extra, needles in cases:
+        args = list(REF)
+        if "--arch" in extra:  # replace resnet18
+            i = args.index("--arch")
+            del args[i: i + 2]
+        p = run_cli(*args, "--output-dir", out, *extra, check=False, timeout=180)
+        error_line(p, *needles)
+        assert fingerprint(out) == before, f"{extra}: the output dir changed"
+        assert load_ck(real)["epoch"] == 1
+    assert not marker.exists(), "a pickled object was executed on load"
+
+
+def test_nan_loss_fresh_run(tmp_path):
+    out = tmp_path / "out"
+    p = run_cli(*REF, "--output-dir", out, "--lr", "1e30", check=False, timeout=180)
+    line = error_line(p, "epoch 1 step", "nan")
+    assert "none yet" in line, line
+    assert not (out / "checkpoint.pth").exists()
+
+
+@pytest.fixture(scope="module")
+def nan_resume(stopped_run, tmp_path_factory):
+    """The epoch-1 run resumed with an absurd --lr; (output dir, process, fingerprint before minus args.json)."""
+    out = copy_run(stopped_run, tmp_path_factory.mktemp("nan_resume"))
+    kept = {k: v for k, v in fingerprint(out).items() if k != "args.json"}
+    p = run_cli(*REF, "--output-dir", out, "--resume", "auto", "--lr", "1e30", check=False, timeout=180)
+    return out, p, kept
+
+
+def test_nan_loss_after_resume_keeps_last_good_checkpoint(nan_resume):
+    """Whenever the loss goes non-finite, the checkpoint named in the message is the last good one."""
+    out, p, _ = nan_resume
+    line = error_line(p, "step", "nan", str(out / "checkpoint.pth"))
+    m = re.search(r"at epoch (\d+) step .*checkpoint\.pth \(epoch (\d+)\)", line)
+    assert m, line
+    failed, good = int(m.group(1)), int(m.group(2))
+    assert good == failed - 1
+    state = load_ck(out / "checkpoint.pth")
+    assert state["epoch"] == good and len(state["history"]) == good
+    assert [r["epoch"] for r in read_log(out)] == list(range(1, good + 1))
+    assert not list(out.glob("*.tmp.*"))
+
+
+def test_resume_with_new_lr_applies_it_or_refuses_it(nan_resume):
+    """--resume auto --lr X: X must be used from the first resumed step (or be refused in one line).
+
+    Here X is absurd, so the first resumed epoch (2) must fail, and the epoch-1 checkpoint,
+    log and bits must stay byte-for-byte as they were. The NaN message itself advises "try a
+    lower --lr", which only helps if a resumed run honours --lr.
+    """
+    out, p, kept = nan_resume
+    line = error_line(p)
+    refused = "loss is" not in line and "lr" in line
+    assert refused or "at epoch 2 step" in line, f"--lr 1e30 was not used in the first resumed epoch: {line}"
+    assert {k: v for k, v in fingerprint(out).items() if k != "args.json"} == kept
+    assert load_ck(out / "checkpoint.pth")["epoch"] == 1
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly_and_resumes_exactly(ref_run, tmp_path, sig, code):
+    out = tmp_path / "out"
+    ck = out / "checkpoint.pth"
+    proc = popen_cli(*REF, "--output-dir", out, "--print-freq", "1")
+    try:
+        wait_for(ck.exists, proc, 180, "the first checkpoint")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == code, f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    assert "interrupted" in lines[0] and "--resume auto" in lines[0], lines[0]
+    assert load_ck(ck)["epoch"] >= 1
+    assert not list(out.glob("*.tmp.*")), "temporary files left behind"
+    if sig == signal.SIGTERM:  # resuming after one signal is enough to show the run goes on exactly
+        run_cli(*REF, "--output-dir", out, "--resume", "auto")
+        assert_same_run(ref_run, out)
+
+
+def test_sigkill_never_leaves_a_broken_checkpoint(ref_run, tmp_path):
+    """kill -9 while checkpoint.pth is being rewritten, then at a random moment; then finish the run exactly."""
+    out = tmp_path / "out"
+    ck = out / "checkpoint.pth"
+    rng = random.Random(1)
+    epochs_seen, mid_write = [], 0
+    for attempt in range(2):
+        proc = popen_cli(*REF, "--output-dir", out, "--resume", "auto")
+        try:
+            tmp = None
+            if attempt == 1:  # at a random moment
+                wait_for(lambda: out.exists(), proc, 120, "the output dir")
+                time.sleep(rng.uniform(3.0, 8.0))
+            else:  # while a checkpoint write is in flight (after a first one exists)
+                if not ck.exists():
+                    wait_for(ck.exists, proc, 180, "the first checkpoint", poll=0.005)
+                tmp = out / f"checkpoint.pth.tmp.{proc.pid}"  # this process's write (killed ones leave theirs)
+                wait_for(tmp.exists, proc, 180, "a checkpoint write", poll=0.002)
+                time.sleep(rng.uniform(0.0, 0.01))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            mid_write += bool(tmp is not None and tmp.exists())  # the kill left this write unfinished
+        finally:
+            kill_group(proc)
+        if ck.exists():
+            state = load_ck(ck)  # weights_only=True
+            assert state["format"] == "metamix-checkpoint-1"
+            epochs_seen.append(state["epoch"])
+            assert [r["epoch"] for r in state["history"]] == list(range(1, state["epoch"] + 1))
+    assert epochs_seen, "no checkpoint was ever written"
+    assert mid_write >= 1, "no kill landed while checkpoint.pth was being written"
+    run_cli(*REF, "--output-dir", out, "--resume", "auto")
+    assert_same_run(ref_run, out)
+    assert not list(out.glob("*.tmp.*")), "a killed writer's temporary file was not cleaned up"
+
+
+def test_torchrun_rank_death_does_not_hang(tmp_path):
+    out = tmp_path / "out"
+    cmd = torchrun_cmd(*TINY, "--epochs", "200", "--output-dir", out, "--dist-timeout", "10")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for((out / "checkpoint.pth").exists, proc, 180, "the first checkpoint")
+        workers = [pid for pid in descendants(proc.pid) if SCRIPT in cmdline(pid) and "torch.distributed.run" not in cmdline(pid)]
+        assert len(workers) >= 2, [(w, cmdline(w)) for w in workers]
+        os.kill(workers[-1], signal.SIGKILL)
+        t0 = time.time()
+        try:
+            proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("torchrun still running 90 s after a rank was killed")
+        assert proc.returncode != 0
+        assert time.time() - t0 < 90
+        time.sleep(1)
+        left = [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+        assert not left, f"workers still alive: {left}"
+    finally:
+        kill_group(proc)
+    assert load_ck(out / "checkpoint.pth")["format"] == "metamix-checkpoint-1"
+
+
+def test_batch_larger_than_share(tmp_path):
+    out = tmp_path / "out"
+    p = run_cli(*TINY, "--epochs", "3", "--batch-size", "100000", "--output-dir", out, check=False, timeout=120)
+    error_line(p, "--batch-size 100000")
+    assert not (out / "checkpoint.pth").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_amp_without_cuda(tmp_path):
+    out = tmp_path / "out"
+    p = run_cli(*TINY, "--epochs", "3", "--amp", "--output-dir", out, check=False, timeout=120)
+    error_line(p, "--amp")
+    assert not out.exists()
