@@ -63,10 +63,16 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int):
-    """v = x/s, vc = clamp(v, Qn, Qp), q = round(vc). Three passes, two buffers."""
+    """v = x/s, integer codes q = round(clamp(v, Qn, Qp)), and the mask of v inside [Qn, Qp]."""
     v = x / step
-    vc = v.clamp(qn, qp)
-    return v, vc, torch.round(vc)
+    q = v.clamp(qn, qp)
+    inside = q == v
+    return v, q.round_(), inside
+
+
+def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """round(clamp(x/s, Qn, Qp)) * s in four in-place passes over one new buffer."""
+    return (x / step).clamp_(qn, qp).round_().mul_(step)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -76,21 +82,18 @@ def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (a * b).sum_to_size(step.shape)
 
 
-def _lsq_backward(g, x, step, qn, qp, need_x: bool, need_s: bool, grad_scale: float, inplace: bool = False):
-    """LSQ backward for out = round(clamp(x/s, Qn, Qp)) * s, recomputed from x alone.
+def _lsq_grads(g, q, v, inside, step, need_s: bool, grad_scale: float, inplace: bool = False):
+    """LSQ backward for out = q * s, q = round(clamp(x/s, Qn, Qp)), given the codes.
 
     d out / d x = 1 inside [Qn, Qp], else 0 (straight-through round).
-    d out / d s = round(v) - v inside, Qn below, Qp above; that is q - vc * inside, so
-    sum(g * d out/d s) = <g, q> - <g * inside, vc>: two dot products, no extra temporary.
-    Returns (grad x or None, grad s or None, <g, q>); `inplace` lets grad x reuse g's memory.
+    d out / d s = round(v) - v inside, Qn below, Qp above; that is q - v * inside, so
+    sum(g * d out/d s) = <g, q> - <g * inside, v>: two dot products, no extra temporary.
+    Returns (grad x, grad s or None); `inplace` lets grad x reuse g's memory.
     """
-    v, vc, q = _lsq_codes(x, step, qn, qp)
-    inside = vc == v
-    del v
-    gq = _dot(g, q, step)
+    gq = _dot(g, q, step) if need_s else None
     gx = g.mul_(inside) if inplace else g * inside
-    gs = (gq - _dot(gx, vc, step)) * grad_scale if need_s else None
-    return (gx if need_x else None), gs, gq
+    gs = (gq - _dot(gx, v, step)) * grad_scale if need_s else None
+    return gx, gs
 
 
 class _LSQFunction(torch.autograd.Function):
@@ -98,12 +101,13 @@ class _LSQFunction(torch.autograd.Function):
     def forward(ctx, x, step, qn, qp, grad_scale):
         ctx.save_for_backward(x, step)  # only the input: codes and masks are recomputed
         ctx.qrange, ctx.grad_scale = (qn, qp), grad_scale
-        return (x / step).clamp_(qn, qp).round_().mul_(step)
+        return _lsq_forward(x, step, qn, qp)
 
     @staticmethod
     def backward(ctx, g):
         x, step = ctx.saved_tensors
-        gx, gs, _ = _lsq_backward(g, x, step, *ctx.qrange, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.grad_scale)
+        v, q, inside = _lsq_codes(x, step, *ctx.qrange)
+        gx, gs = _lsq_grads(g, q, v, inside, step, ctx.needs_input_grad[1], ctx.grad_scale)
         return gx, gs, None, None, None
 
 
@@ -143,13 +147,18 @@ class LSQQuantizer(nn.Module):
             self.step.copy_(2 * v.detach().abs().mean() / math.sqrt(qp))
         self.initialized = True
 
+    def qparams(self, v: torch.Tensor) -> tuple[int, int, float]:
+        """(Qn, Qp, gradient scale 1/sqrt(N * Qp)) for tensor v, initialising the step on first use."""
+        if not self.initialized:
+            self.init_step(v)
+        qn, qp = lsq_range(self.bits, self.signed)
+        return qn, qp, 1.0 / math.sqrt(v.numel() * qp)
+
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return v
-        if not self.initialized:
-            self.init_step(v)
-        qp = lsq_range(self.bits, self.signed)[1]
-        return lsq_quantize(v, positive(self.step), self.bits, self.signed, 1.0 / math.sqrt(v.numel() * qp))
+        qn, qp, gs = self.qparams(v)
+        return _LSQFunction.apply(v, positive(self.step), qn, qp, gs)
 
     def get_extra_state(self):
         return {"initialized": self.initialized}
@@ -171,61 +180,82 @@ class LSQQuantizer(nn.Module):
 #            after selection, each layer at its own argmax branch
 #   "search" Eq. 2: x_hat = sum_b softmax(alpha)_b * Q_b(x; s_b)
 # Because a convolution is linear, conv(x_hat) = sum_b p_b conv(Q_b(x)): we mix the
-# activations and run ONE convolution. The fused autograd function below also avoids
-# saving the quantized activation: it keeps only x (usually already saved by the ReLU
-# before it) and recomputes the codes in backward.
+# activations and run ONE convolution. The fused autograd function below also quantizes the
+# weight, and it saves only x (usually already saved by the ReLU before it) and the raw weight:
+# codes, masks and the quantized weight are recomputed in backward.
 
 
 class _MixedQuantOp(torch.autograd.Function):
-    """out = op(sum_i p_i * Q_{b_i}(x; s_i), W) + bias, with op a conv2d or a linear layer.
+    """out = op(sum_i p_i * Q_{b_i}(x; s_i), Q_w(W; s_w)) + bias, op a conv2d or a linear layer.
 
-    x: input activation (B, C, H, W) or (B, ..., F). steps: positive steps (K,), one per
-    branch used. probs: (K,) mixture weights or None (a single branch, p = 1). qranges: K
-    pairs (Qn, Qp). grad_scales: K floats. conv: (stride, padding, dilation, groups), or None
-    for a linear layer.
+    x: input activation (B, C, H, W) or (B, ..., F). steps: positive steps (K,), one per branch
+    used. probs: (K,) mixture weights, or None for a single branch (p = 1). w_step / wq: the
+    weight's positive step and (Qn, Qp, grad scale), or None for a full-precision weight.
+    qranges: K pairs (Qn, Qp); grad_scales: K floats; conv: (stride, padding, dilation,
+    groups), or None for a linear layer.
     """
 
     @staticmethod
-    def forward(ctx, x, steps, probs, weight, bias, qranges, grad_scales, conv):
-        xf = _upcast(x)  # quantizer math in fp32, also under autocast
-        xm = _mix(xf, steps, probs, qranges)
-        out = _op_forward(xm, weight, bias, conv)
-        ctx.save_for_backward(x, steps, probs, weight)
-        ctx.qranges, ctx.grad_scales, ctx.conv, ctx.has_bias = qranges, grad_scales, conv, bias is not None
-        return out
+    def forward(ctx, x, steps, probs, weight, w_step, bias, qranges, grad_scales, wq, conv):
+        xm = _mix(_upcast(x), steps, probs, qranges)  # quantizer math in fp32, also under autocast
+        w = weight if wq is None else _lsq_forward(weight, w_step, wq[0], wq[1])
+        ctx.save_for_backward(x, steps, probs, weight, w_step)
+        ctx.qranges, ctx.grad_scales, ctx.wq, ctx.conv, ctx.has_bias = qranges, grad_scales, wq, conv, bias is not None
+        return _op_forward(xm, w, bias, conv)
 
     @staticmethod
     def backward(ctx, g):
-        x, steps, probs, weight = ctx.saved_tensors
-        need_x, need_s, need_p, need_w, need_b = ctx.needs_input_grad[:5]
+        x, steps, probs, weight, w_step = ctx.saved_tensors
+        need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
+        need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
+        w = weight if ctx.wq is None else _lsq_forward(weight, w_step, ctx.wq[0], ctx.wq[1])
         xf = _upcast(x)
-        # Gradient with respect to the mixed activation, weight and bias, in one call.
-        xm = _mix(xf, steps, probs, ctx.qranges) if need_w else None
-        g_in, g_w, g_b = _op_backward(g, xm if need_w else xf, weight, ctx.conv, need_x or need_s or need_p, need_w, need_b and ctx.has_bias)
         gx = gs = gp = None
-        if g_in is not None:
-            g_in = _upcast(g_in)
-            gs = torch.zeros_like(steps) if need_s else None
-            gp = torch.zeros_like(probs) if (need_p and probs is not None) else None
-            for i, (qn, qp) in enumerate(ctx.qranges):
-                # Branch i contributes p_i * Q_i(x; s_i): d/dp_i = s_i <g, q_i>, d/ds_i = p_i dQ_i/ds_i.
-                gx_i, gs_i, gq_i = _lsq_backward(g_in, xf, steps[i], qn, qp, need_x, need_s, ctx.grad_scales[i],
-                                                 inplace=probs is None)
-                p_i = 1.0 if probs is None else probs[i]
-                if gp is not None:
-                    gp[i] = steps[i] * gq_i
-                if need_s:
-                    gs[i] = p_i * gs_i
-                if need_x:
-                    if probs is None:
-                        gx = gx_i
-                    elif gx is None:
-                        gx = gx_i.mul_(p_i)
-                    else:
-                        gx.addcmul_(gx_i, p_i)
-            if gx is not None:
-                gx = gx.to(x.dtype)
-        return gx, gs, gp, g_w, g_b, None, None, None
+        if probs is None:  # one branch: weight training and bit-meta (the hot path)
+            v, q, inside = _lsq_codes(xf, steps[0], *ctx.qranges[0])
+            # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
+            g_in, g_w, g_b = _op_backward(g, q, w, ctx.conv, need_in, need_wgrad, need_b)
+            if g_w is not None:
+                g_w.mul_(steps[0])
+            if g_in is not None:
+                gx, gs = _lsq_grads(_upcast(g_in), q, v, inside, steps[0], need_s, ctx.grad_scales[0], inplace=True)
+                gs = gs.reshape(1) if gs is not None else None
+        else:  # search (Eq. 2)
+            xm = _mix(xf, steps, probs, ctx.qranges) if need_wgrad else None
+            g_in, g_w, g_b = _op_backward(g, xm if need_wgrad else xf, w, ctx.conv, need_in, need_wgrad, need_b)
+            del xm
+            if g_in is not None:
+                gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, ctx.qranges, ctx.grad_scales, need_s, need_p)
+        if gx is not None:
+            gx = gx.to(x.dtype) if need_x else None
+        g_ws = None
+        if g_w is not None and ctx.wq is not None:  # through the weight quantizer (LSQ, per-tensor step)
+            wv, wqc, winside = _lsq_codes(weight, w_step, ctx.wq[0], ctx.wq[1])
+            g_w, g_ws = _lsq_grads(g_w, wqc, wv, winside, w_step, need_ws, ctx.wq[2], inplace=True)
+        return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
+
+
+def _mixture_grads(g, x, steps, probs, qranges, grad_scales, need_s: bool, need_p: bool):
+    """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation).
+
+    d/dx = g * sum_i p_i * inside_i (one mask, applied once); d/dp_i = s_i <g, q_i>;
+    d/ds_i = p_i * LSQ step gradient of branch i. Scratch buffers are reused across branches.
+    """
+    gs = torch.zeros_like(steps) if need_s else None
+    gp = torch.zeros_like(probs) if need_p else None
+    mask = torch.zeros_like(x)
+    v = q = inside = None
+    for i, (qn, qp) in enumerate(qranges):
+        v = torch.div(x, steps[i], out=v)
+        q = torch.clamp(v, qn, qp, out=q)
+        inside = torch.eq(q, v, out=inside)
+        q.round_()
+        mask.addcmul_(inside, probs[i])
+        if need_p:
+            gp[i] = steps[i] * torch.dot(g.reshape(-1), q.reshape(-1))
+        if need_s:
+            gs[i] = probs[i] * _lsq_grads(g, q, v, inside, steps[i], True, grad_scales[i])[1]
+    return g.mul_(mask), gs, gp
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -233,12 +263,15 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mix(x, steps, probs, qranges):
-    """sum_i p_i * s_i * round(clamp(x / s_i)) (one branch: p = 1). 4 passes per branch."""
-    out = None
+    """sum_i p_i * s_i * round(clamp(x / s_i)) (one branch: p = 1). 4 passes per branch, one scratch buffer."""
+    out = tmp = None
     for i, (qn, qp) in enumerate(qranges):
-        q = (x / steps[i]).clamp_(qn, qp).round_()
         scale = steps[i] if probs is None else steps[i] * probs[i]
-        out = q.mul_(scale) if out is None else out.addcmul_(q, scale)
+        if out is None:
+            out = (x / steps[i]).clamp_(qn, qp).round_().mul_(scale)
+        else:
+            tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
+            out.addcmul_(tmp, scale)
     return out
 
 
@@ -367,11 +400,12 @@ class QuantLayer(nn.Module):
         self.selected = int(state["selected"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.wq(self.weight)
         if self.act.mode == "fp":
-            return _op_forward(x, w, self.bias, self.conv)
+            return _op_forward(x, self.wq(self.weight), self.bias, self.conv)
         _, steps, probs, qr, gsc = self.act.params_for(x)
-        return _MixedQuantOp.apply(x, steps, probs, w, self.bias, qr, gsc, self.conv)
+        wq = self.wq.qparams(self.weight) if self.wq.enabled else None
+        w_step = positive(self.wq.step) if self.wq.enabled else None
+        return _MixedQuantOp.apply(x, steps, probs, self.weight, w_step, self.bias, qr, gsc, wq, self.conv)
 
     def extra_repr(self):
         return f"{self.kind}, macs={self.macs}, fixed={self.fixed}, w={self.wq.bits}b"
