@@ -214,10 +214,15 @@ class _MixedQuantOp(torch.autograd.Function):
         if probs is None:  # one branch: weight training and bit-meta (the hot path)
             v, q, inside = _lsq_codes(xf, steps[0], *ctx.qranges[0])
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
-            g_in, g_w, g_b = _op_backward(g, q, w, ctx.conv, need_in, need_wgrad, need_b)
+            only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
+            g_in, g_w, g_b = _op_backward(g, q, w, ctx.conv, need_in and not only_s, need_wgrad, need_b)
             if g_w is not None:
                 g_w.mul_(steps[0])
-            if g_in is not None:
+            if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
+                r = v.mul_(inside).neg_().add_(q)  # d(s q)/ds = q - v * inside
+                gs = torch.dot(_upcast(g).reshape(-1), _op_forward(r, w, None, ctx.conv).reshape(-1))
+                gs = (gs * ctx.grad_scales[0]).reshape(1)
+            elif g_in is not None:
                 gx, gs = _lsq_grads(_upcast(g_in), q, v, inside, steps[0], need_s, ctx.grad_scales[0], inplace=True)
                 gs = gs.reshape(1) if gs is not None else None
         else:  # search (Eq. 2)

@@ -182,9 +182,10 @@ def test_fixed_mode_is_lsq_and_search_is_softmax_weighted_sum():
     assert torch.allclose(q(x), sum(p[b] * outs[b] for b in range(3)), atol=1e-6)
 
 
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])  # no-x-grad: the first layer
 @pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
 @pytest.mark.parametrize("mode", ["branch", "search"])
-def test_fused_layer_equals_op_of_quantized_input(kind, mode):
+def test_fused_layer_equals_op_of_quantized_input(kind, mode, x_grad):
     """QuantLayer's fused op == conv(MultiBranchQuantizer(x)) in value and in every gradient."""
     torch.manual_seed(1)
     if kind == "linear":
@@ -200,15 +201,15 @@ def test_fused_layer_equals_op_of_quantized_input(kind, mode):
         q.act.alpha.copy_(torch.tensor([0.3, -0.2, 0.5]))
     q(x)  # init steps
     params = [q.act.step, q.act.alpha, q.weight, q.wq.step] + ([q.bias] if q.bias is not None else [])
-    x1 = x.clone().requires_grad_()
+    x1 = x.clone().requires_grad_(x_grad)
     y1 = q(x1)
     up = torch.randn_like(y1)
-    g1 = torch.autograd.grad(y1, [x1] + params, up, allow_unused=True)
-    x2 = x.clone().requires_grad_()
+    g1 = torch.autograd.grad(y1, [x1] * x_grad + params, up, allow_unused=True)
+    x2 = x.clone().requires_grad_(x_grad)
     w = q.wq(q.weight)
     xa = q.act(x2)
     y2 = F.linear(xa, w, q.bias) if kind == "linear" else F.conv2d(xa, w, q.bias, 2, 1, 1, layer.groups)
-    g2 = torch.autograd.grad(y2, [x2] + params, up, allow_unused=True)
+    g2 = torch.autograd.grad(y2, [x2] * x_grad + params, up, allow_unused=True)
     assert torch.allclose(y1, y2, atol=1e-10)
     for a, b in zip(g1, g2):
         assert (a is None) == (b is None)
