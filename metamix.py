@@ -268,16 +268,46 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mix(x, steps, probs, qranges):
-    """sum_i p_i * s_i * round(clamp(x / s_i)) (one branch: p = 1). 4 passes per branch, one scratch buffer."""
+    """x_hat of Eq. 2: sum_i p_i * Q_i(x; s_i); a single branch (probs None) is plain LSQ."""
+    if probs is None:
+        return _lsq_forward(x, steps[0], *qranges[0])
+    return _mixture(x, steps, probs, qranges)
+
+
+def _mixture(x, steps, probs, qranges):
+    """sum_i p_i * s_i * round(clamp(x / s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
     out = tmp = None
     for i, (qn, qp) in enumerate(qranges):
-        scale = steps[i] if probs is None else steps[i] * probs[i]
-        if out is None:
-            out = (x / steps[i]).clamp_(qn, qp).round_().mul_(scale)
-        else:
-            tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
-            out.addcmul_(tmp, scale)
+        tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
+        out = tmp * (steps[i] * probs[i]) if out is None else out.addcmul_(tmp, steps[i] * probs[i])
     return out
+
+
+def compile_quantizer_kernels() -> None:
+    """Our choice, off by default (--compile): torch.compile the search mixture's helpers.
+
+    Per branch, the mixture makes several passes over an activation; compiled, a branch
+    becomes one or two fused loops (CPU: C++ via a compiler on PATH; GPU: Triton), and a
+    6-candidate search costs little more than a 3-candidate one. The single-branch path
+    (weight training, bit-meta) stays eager: it must write its codes and mask anyway, and
+    compiling it measured slower. The autograd function looks the helpers up at call time,
+    so swapping the module globals is enough.
+    """
+    import torch._dynamo
+
+    # one graph per (bits, signedness, rank) rather than per layer; detached inputs (no Parameter
+    # or requires_grad guards; in-place results still land, detach shares storage)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    g = globals()
+    for name in ("_mixture", "_mixture_grads"):
+        if not hasattr(g[name], "compiled"):
+            fn = torch.compile(g[name], dynamic=True)
+
+            def call(*a, _fn=fn, **kw):
+                return _fn(*[t.detach() if isinstance(t, torch.Tensor) else t for t in a], **kw)
+
+            call.compiled = fn
+            g[name] = call
 
 
 def _op_forward(xm, weight, bias, conv):
@@ -1298,6 +1328,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print layers, MACs and the feasible GBOPs range; no data, no training")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (data order, synthetic data, init)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (quantizer math stays fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the quantizer's elementwise kernels")
     p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines")
     p.add_argument("--synthetic-train", type=int, default=2560, help="synthetic training images")
     p.add_argument("--synthetic-val", type=int, default=1000, help="synthetic validation images")
@@ -1451,6 +1482,8 @@ def run_main(args) -> int:
             run.load_state_dict(load_file(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+        if args.compile:
+            compile_quantizer_kernels()
         if args.evaluate:
             if not resume:
                 set_mode(model, "fp")

@@ -257,6 +257,32 @@ def test_fused_layer_under_cpu_bf16_autocast():
     assert torch.allclose(y.float(), ref, atol=0.1, rtol=0.05)
 
 
+def test_compiled_kernels_match_eager(monkeypatch):
+    """--compile swaps the elementwise helpers for torch.compile'd ones: same values and gradients."""
+    torch.manual_seed(0)
+    names = ("_mixture", "_mixture_grads")
+    for n in names:  # restored after the test
+        monkeypatch.setattr(mm, n, getattr(mm, n))
+    q = mm.QuantLayer(nn.Conv2d(4, 6, 3, padding=1), [8, 4, 2], 4, "c")
+    q.wq.enabled = True
+    x = torch.relu(torch.randn(2, 4, 9, 9))
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            mm.compile_quantizer_kernels()
+            assert all(hasattr(getattr(mm, n), "compiled") for n in names)
+        for mode in ("branch", "search"):
+            q.act.mode, q.act.branch = mode, 1
+            xi = x.clone().requires_grad_()
+            y = q(xi)
+            grads = torch.autograd.grad(y.square().sum(), [xi, q.act.step, q.act.alpha, q.weight, q.wq.step], allow_unused=True)
+            results.append((y.detach(), grads))
+    for (ya, ga), (yb, gb) in zip(results[:2], results[2:]):
+        assert torch.allclose(ya, yb, atol=1e-6)
+        for a, b in zip(ga, gb):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+
+
 # ---------------------------------------------------------------------------------------
 # Tier 1: straight-through softmax (Eq. 5)
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,321 @@
+"""Benchmark of metamix.py's training steps against a plain full-precision training step.
+
+Per architecture, in one process, each contender alternates with the full-precision step
+(A B A B ...) after a warm-up; the time ratio is contender / baseline within one A B pair and
+the reported value is the median over repetitions. Memory is the bytes saved for backward
+(torch.autograd.graph.saved_tensors_hooks; each storage counted once, parameters and buffers
+excluded in every model; for several forwards in one step, the largest). Contenders:
+    weight_train   W4, mixed activation bits (candidates cycled over layers), weight LSQ on
+    lsq_reference  the same step with composed-op LSQ modules (grad_scale / round_pass tricks)
+    search_3       bit_search_step, 3 candidates;   search_6: 8,6,5,4,3,2 (also vs search_3)
+    meta           bit_meta_step, 3 candidates (also vs 3 x weight_train)
+It reports; it asserts nothing.
+
+Run it:
+    python bench_metamix.py                          # CPU: batch 32, 112 px, resnet18 + MobileNets
+    python bench_metamix.py --json                   # ... plus one JSON object as the last line
+    python bench_metamix.py --quick                  # CI smoke test: 32 px, batch 4, 1 warm-up, 2 reps, 1 thread
+    python bench_metamix.py --arch resnet18 --reps 9 --threads 2
+    python bench_metamix.py --compile                # quantizer kernels through torch.compile
+    python bench_metamix.py --device cuda --amp      # GPU: batch 128, 224 px, bf16 autocast
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import metamix
+
+ARCHS = ("resnet18", "mobilenet_v2", "mobilenet_v3_large")
+BITS3 = {"resnet18": (8, 4, 2), "mobilenet_v2": (8, 4, 3), "mobilenet_v3_large": (8, 4, 3)}
+BITS6 = (8, 6, 5, 4, 3, 2)
+W_BITS = 4
+# Targets from the issue (CPU): (resnet18, MobileNets).
+TARGETS = {"weight_train": (1.15, 1.5), "search_3": (1.3, 1.7), "search_6/search_3": (1.15, 1.2)}
+SAVED_TARGETS = {"weight_train": (1.25, 1.3)}
+
+
+# ---- the composed-ops LSQ formulation (the reference row) ------------------------------------
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    y = x * scale
+    return (x - y).detach() + y
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+class RefLSQ(nn.Module):
+    """x_q = round_pass(clamp(x / s', Qn, Qp)) * s', s' = grad_scale(s, 1/sqrt(N Qp)); init on first use."""
+
+    def __init__(self, bits: int, signed: bool | None = None, per_tensor_n: bool = False):
+        super().__init__()
+        self.bits, self.signed, self.per_tensor_n = bits, signed, per_tensor_n
+        self.step = nn.Parameter(torch.ones(()))
+        self.initialized = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.signed is None:
+            self.signed = bool(x.min() < 0)
+        qn, qp = metamix.lsq_range(self.bits, self.signed)
+        if not self.initialized:
+            with torch.no_grad():
+                self.step.copy_(2 * x.detach().float().abs().mean() / math.sqrt(qp))
+            self.initialized = True
+        n = x.numel() if self.per_tensor_n else x.numel() // max(x.shape[0], 1)
+        s = grad_scale(self.step, 1.0 / math.sqrt(n * qp))
+        return round_pass(torch.clamp(x / s, qn, qp)) * s
+
+
+class RefQuantLayer(nn.Module):
+    """A Conv2d/Linear with RefLSQ on its input activation and on its weight."""
+
+    def __init__(self, layer: nn.Module, a_bits: int, w_bits: int):
+        super().__init__()
+        self.layer, self.aq, self.wq = layer, RefLSQ(a_bits), RefLSQ(w_bits, signed=True, per_tensor_n=True)
+
+    def forward(self, x):
+        x, w = self.aq(x), self.wq(self.layer.weight)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
+
+
+def patch_reference(model: nn.Module, plan: dict[str, tuple[int, int]]) -> nn.Module:
+    for name, (a_bits, w_bits) in plan.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, RefQuantLayer(getattr(owner, child), a_bits, w_bits))
+    return model
+
+
+# ---- steps ----------------------------------------------------------------------------------
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+def train_step(model, images, targets, autocast):
+    opt = sgd(model.parameters())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(images), targets)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def meta_step(model, images, targets, n, autocast):
+    alphas = {id(a) for a in metamix.alphas_of(model)}
+    opt = sgd([p for p in model.parameters() if id(p) not in alphas])
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        metamix.bit_meta_step(model, images, targets, n, autocast)
+        opt.step()
+    return step
+
+
+def search_step(model, images, targets, autocast):
+    layers = metamix.searched_layers(model)
+    macs = [m.macs for m in layers]
+    target = metamix.config_gbops(macs, [4] * len(layers), W_BITS, metamix.fixed_gbops(model))  # all at A4
+    opt = torch.optim.Adam(metamix.alphas_of(model), lr=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        metamix.bit_search_step(model, images, targets, 1.0, W_BITS, target, autocast)
+        opt.step()
+    return step
+
+
+def init_steps(model, images, modes):
+    """One no-grad forward per mode so that every LSQ step used later is initialised."""
+    with torch.no_grad():
+        for mode, kw in modes:
+            metamix.set_mode(model, mode, **kw)
+            model(images)
+
+
+def build(arch, images, targets, autocast, device):
+    """{name: (model, step)} for the baseline and every contender; the same initial weights for all."""
+    torch.manual_seed(0)
+    base = torchvision.models.get_model(arch, weights=None, num_classes=1000).to(device)
+    patched = lambda bits: metamix.patch_model(copy.deepcopy(base), bits, w_bits=W_BITS)  # noqa: E731
+    bits3 = BITS3[arch]
+    out = {"fp": (base_model := copy.deepcopy(base), train_step(base_model, images, targets, autocast))}
+
+    wt = patched(bits3)
+    layers = metamix.searched_layers(wt)
+    metamix.apply_selection(wt, [i % len(bits3) for i in range(len(layers))])
+    init_steps(wt, images, [("selected", {"quant_weights": True})])
+    out["weight_train"] = (wt, train_step(wt, images, targets, autocast))
+
+    plan = {m.name: (m.act.bits[0 if m.fixed else m.selected], m.wq.bits) for m in metamix.quant_layers(wt)}
+    ref = patch_reference(copy.deepcopy(base), plan)
+    with torch.no_grad():
+        ref(images)
+    out["lsq_reference"] = (ref, train_step(ref, images, targets, autocast))
+
+    for name, bits in (("search_3", bits3), ("search_6", BITS6)):
+        m = patched(bits)
+        init_steps(m, images, [("search", {"quant_weights": False})])
+        out[name] = (m, search_step(m, images, targets, autocast))
+
+    meta = patched(bits3)
+    init_steps(meta, images, [("meta", {"branch": b, "quant_weights": False}) for b in range(len(bits3))])
+    out["meta"] = (meta, meta_step(meta, images, targets, len(bits3), autocast))
+    return out
+
+
+# ---- measurement ----------------------------------------------------------------------------
+
+def saved_bytes(model: nn.Module, step) -> int:
+    """Bytes saved for backward by one step: per model forward, distinct storages (by data_ptr),
+    parameters and buffers excluded; the largest over the step's forwards (bit-meta runs N)."""
+    state = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    buckets, held = [], []  # held keeps storages alive so that no pointer is reused during the step
+
+    def pack(t):
+        held.append(t)
+        st = t.untyped_storage()
+        if st.data_ptr() not in state and buckets:
+            buckets[-1][st.data_ptr()] = st.nbytes()
+        return t
+
+    handle = model.register_forward_pre_hook(lambda *_: buckets.append({}))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+    finally:
+        handle.remove()
+    return max(sum(b.values()) for b in buckets)
+
+
+def timed(step, sync) -> float:
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - t0
+
+
+def bench_arch(arch, args, device, autocast, sync):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device)
+    targets = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
+    steps = build(arch, images, targets, autocast, device)
+    base = steps["fp"][1]
+    names = [n for n in steps if n != "fp"]
+    for _ in range(args.warmup):
+        for n in ["fp", *names]:
+            steps[n][1]()
+    mem = {n: saved_bytes(m, s) for n, (m, s) in steps.items()}
+    t = {n: [] for n in names}
+    tb = {n: [] for n in names}
+    for _ in range(args.reps):
+        for n in names:  # A B A B: the baseline right before each contender
+            tb[n].append(timed(base, sync))
+            t[n].append(timed(steps[n][1], sync))
+    ratio = {n: [x / y for x, y in zip(t[n], tb[n])] for n in names}
+    n_meta = len(BITS3[arch])
+    res = {"fp": {"time_ratio": 1.0, "saved_bytes_ratio": 1.0, "ms": 1e3 * statistics.median(sum(tb.values(), [])),
+                  "saved_bytes": mem["fp"]}}
+    for n in names:
+        res[n] = {"time_ratio": statistics.median(ratio[n]), "time_ratio_min": min(ratio[n]),
+                  "time_ratio_max": max(ratio[n]), "ms": 1e3 * statistics.median(t[n]),
+                  "saved_bytes_ratio": mem[n] / mem["fp"], "saved_bytes": mem[n]}
+    res["search_6"]["time_ratio_vs_search_3"] = statistics.median(
+        [a / b for a, b in zip(ratio["search_6"], ratio["search_3"])])
+    res["meta"]["time_ratio_vs_n_weight_train"] = statistics.median(
+        [a / (n_meta * b) for a, b in zip(ratio["meta"], ratio["weight_train"])])
+    return res
+
+
+def target_text(arch, key, table):
+    if key not in table:
+        return ""
+    lim = table[key][0 if arch == "resnet18" else 1]
+    return f"<= {lim:.2f}"
+
+
+def print_table(results):
+    print(f"{'arch':<19}{'contender':<30}{'ms/step':>9}{'time x fp':>11}{'[min, max]':>16}{'target':>9}"
+          f"{'saved MB':>10}{'saved x fp':>12}{'target':>9}")
+    for arch, res in results.items():
+        for n, r in res.items():
+            span = f"[{r['time_ratio_min']:.2f}, {r['time_ratio_max']:.2f}]" if "time_ratio_min" in r else ""
+            print(f"{arch:<19}{n:<30}{r['ms']:>9.1f}{r['time_ratio']:>11.3f}{span:>16}"
+                  f"{target_text(arch, n, TARGETS):>9}{r['saved_bytes'] / 2**20:>10.1f}"
+                  f"{r['saved_bytes_ratio']:>12.3f}{target_text(arch, n, SAVED_TARGETS):>9}")
+        print(f"{arch:<19}{'search_6 / search_3':<30}{'':>9}{res['search_6']['time_ratio_vs_search_3']:>11.3f}"
+              f"{'':>16}{target_text(arch, 'search_6/search_3', TARGETS):>9}")
+        print(f"{arch:<19}{'meta / (3 x weight_train)':<30}{'':>9}"
+              f"{res['meta']['time_ratio_vs_n_weight_train']:>11.3f}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated torchvision archs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (cuda only)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 cpu, 128 cuda)")
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: 112 cpu, 224 cuda)")
+    p.add_argument("--reps", type=int, default=5, help="timed A B repetitions per contender (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of every contender first")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="CI smoke test: 32 px, batch 4, 1 warm-up, 2 reps, 1 thread")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--compile", action="store_true", help="metamix.compile_quantizer_kernels() first")
+    a = p.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    if a.quick:
+        a.batch_size, a.image_size, a.warmup, a.reps = a.batch_size or 4, a.image_size or 32, 1, 2
+        a.threads = a.threads or 1  # one thread: no OpenMP stalls when CI shares the cores
+    a.batch_size = a.batch_size or (128 if cuda else 32)
+    a.image_size = a.image_size or (224 if cuda else 112)
+    a.arch = [s.strip() for s in a.arch.split(",") if s.strip()]
+    if a.amp and not cuda:
+        p.error("--amp needs --device cuda")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if args.compile:
+        metamix.compile_quantizer_kernels()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+    print(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
+          f"{args.image_size} px, warm-up {args.warmup}, reps {args.reps}, amp {args.amp}, compile {args.compile}")
+    results = {}
+    for arch in args.arch:
+        t0 = time.perf_counter()
+        results[arch] = bench_arch(arch, args, device, autocast, sync)
+        print(f"# {arch}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    print_table(results)
+    if args.json:
+        print(json.dumps(results, sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()
