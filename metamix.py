@@ -1313,7 +1313,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 ImageNet fine-tuning, 0.05 synthetic)")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of conv/linear weights")
-    p.add_argument("--alpha-lr", type=float, default=0.01, help="Adam learning rate of the alphas")
+    p.add_argument("--alpha-lr", type=float, default=None, help="Adam learning rate of the alphas (default: 0.01 ImageNet, 0.1 synthetic)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers per process (ImageFolder)")
     p.add_argument("--image-size", type=int, default=None, help="training crop (default: 224 ImageNet, 32 synthetic)")
     p.add_argument("--bops-image-size", type=int, default=224, help="resolution at which MACs/BOPs are counted")
@@ -1370,6 +1370,8 @@ def resolve_args(args) -> argparse.Namespace:
     args.lam = d["lam"] if args.lam is None else args.lam
     args.epochs = (8 if synthetic else d["epochs"]) if args.epochs is None else args.epochs
     args.lr = (0.05 if synthetic else 0.01) if args.lr is None else args.lr
+    # the synthetic search epoch is 40 steps, an ImageNet one thousands: the alphas need a larger rate to move
+    args.alpha_lr = (0.1 if synthetic else 0.01) if args.alpha_lr is None else args.alpha_lr
     args.image_size = (32 if synthetic else 224) if args.image_size is None else args.image_size
     for flag, v, lo in (("--search-epochs", args.search_epochs, 1), ("--batch-size", args.batch_size, 1),
                         ("--image-size", args.image_size, 16), ("--bops-image-size", args.bops_image_size, 16)):
