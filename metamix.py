@@ -3,13 +3,13 @@
 Kim, Lee, Yoo, Kim, AAAI 2024, arXiv:2311.06798. A reference implementation in one file.
 
 MetaMix picks one activation bit-width per layer (weights share one bit-width) under a
-budget in BOPs. Bit selection (2 epochs) alternates *bit-meta* training, which trains the
+budget in BOPs. Bit selection (2 epochs) runs *bit-meta* training, which trains the
 full-precision weights and every branch's LSQ step at each candidate bit-width in turn
-(Eq. 1), with *bit-search* training, which freezes that "meta-state" and learns only the
-per-layer architecture logits alpha through a softmax-weighted multi-branch quantizer
-(Eq. 2) and an L1 BOPs regularizer with a straight-through softmax (Eq. 3-5). Weight
-training then fine-tunes the quantized network at argmax(alpha) bits, starting from the
-meta-state.
+(Eq. 1), alone in epoch 1 and in epoch 2 alternating step by step with *bit-search*
+training, which freezes that "meta-state" and learns only the per-layer architecture logits
+alpha through a softmax-weighted multi-branch quantizer (Eq. 2) and an L1 BOPs regularizer
+with a straight-through softmax (Eq. 3-5). Weight training then fine-tunes the quantized
+network at argmax(alpha) bits, starting from the meta-state.
 
 Run it:
     python metamix.py                                   # built-in synthetic data, 1 process, ~3 min on 2 CPUs
@@ -87,7 +87,7 @@ def _lsq_grads(g, q, v, inside, step, need_s: bool, grad_scale: float, inplace: 
 
     d out / d x = 1 inside [Qn, Qp], else 0 (straight-through round).
     d out / d s = round(v) - v inside, Qn below, Qp above; that is q - v * inside, so
-    sum(g * d out/d s) = <g, q> - <g * inside, v>: two dot products, no extra temporary.
+    sum(g * d out/d s) = <g, q> - <g * inside, v>: two dot products (per-tensor step).
     Returns (grad x, grad s or None); `inplace` lets grad x reuse g's memory.
     """
     gq = _dot(g, q, step) if need_s else None
@@ -123,7 +123,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, g
 
 
 def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The step actually used: |s|, at least eps. Keeps s > 0 whatever the optimizer does."""
+    """The step actually used: |s|, at least eps. Our choice of keeping s > 0 whatever the optimizer does."""
     return step.abs().clamp_min(eps)
 
 
@@ -244,7 +244,8 @@ def _mixture_grads(g, x, steps, probs, qranges, grad_scales, need_s: bool, need_
     """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation).
 
     d/dx = g * sum_i p_i * inside_i (one mask, applied once); d/dp_i = s_i <g, q_i>;
-    d/ds_i = p_i * LSQ step gradient of branch i. Scratch buffers are reused across branches.
+    d/ds_i = p_i * <g, q_i - v_i * inside_i> * grad scale. The v, q and mask buffers are reused
+    across branches.
     """
     gs = torch.zeros_like(steps) if need_s else None
     gp = torch.zeros_like(probs) if need_p else None
@@ -258,8 +259,8 @@ def _mixture_grads(g, x, steps, probs, qranges, grad_scales, need_s: bool, need_
         mask.addcmul_(inside, probs[i])
         if need_p:
             gp[i] = steps[i] * torch.dot(g.reshape(-1), q.reshape(-1))
-        if need_s:
-            gs[i] = probs[i] * _lsq_grads(g, q, v, inside, steps[i], True, grad_scales[i])[1]
+        if need_s:  # d(s q)/ds = q - v * inside, built in v's buffer
+            gs[i] = probs[i] * grad_scales[i] * torch.dot(g.reshape(-1), v.mul_(inside).neg_().add_(q).reshape(-1))
     return g.mul_(mask), gs, gp
 
 
@@ -404,9 +405,9 @@ class QuantLayer(nn.Module):
     """A Conv2d or Linear whose input activation and weight are quantized (shares the original tensors).
 
     `act` is the multi-branch activation quantizer, `wq` the weight quantizer (signed LSQ,
-    off during bit selection). A layer with `fixed_bits` (first conv, last Linear) has one
-    branch at that width for both its input and its weight. `macs` is its OPs_l at the
-    BOPs resolution; `name` its path in the model.
+    off during bit selection). A `fixed` layer (first conv, last Linear) has one
+    branch at that width for both its input and its weight. Our choice: a per-tensor
+    weight step. `macs` is its OPs_l at the BOPs resolution; `name` its path in the model.
     """
 
     def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0, fixed: bool = False):
@@ -499,6 +500,8 @@ def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[i
                      fixed_gbops_: float, target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: L_reg = | sum_l sum_b hs(alpha_l)_b * b * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
 
+    Our choices: units of GBOPs (1e9), which make the paper's lambdas sensible; Eq. 4 taken
+    literally, so its value is the distance of the *argmax* configuration to the target.
     alphas: (L, N) logits of the searched layers; bits: (N,) candidates; macs: (L,).
     Returns (L_reg, GBOPs of the argmax configuration), both differentiable in alphas.
     """
@@ -555,7 +558,7 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
             macs = out.shape[1] * (mod.in_channels // mod.groups) * kh * kw * out.shape[2] * out.shape[3]
         else:
             macs = mod.in_features * mod.out_features * (out.numel() // out.shape[-1] // out.shape[0])
-        if all(m is not mod for _, m, _ in seen):  # a layer called twice counts once (its first call)
+        if all(m is not mod for _, m, _ in seen):  # our choice: a layer called twice counts once (its first call)
             seen.append((names[mod], mod, int(macs)))
 
     targets = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantLayer))]
@@ -583,8 +586,8 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int = 4, first_la
     (activation and weight). Returns the model (patched in place), in "fp" mode.
     """
     traced = trace_layers(model, bops_image_size)
-    if len(traced) < 2:
-        raise ValueError("need at least two Conv2d/Linear layers (a first and a last)")
+    if len(traced) < 3:
+        raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
     for i, (name, mod, macs) in enumerate(traced):
         fixed = i in (0, len(traced) - 1)
         q = QuantLayer(mod, [first_last_bits] if fixed else bits, first_last_bits if fixed else w_bits, name, macs, fixed)
@@ -597,9 +600,11 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int = 4, first_la
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
     """Set every quantized layer's mode.
 
-    mode "fp": no quantization. "meta": every searched layer at candidate index `branch`
-    (Eq. 1). "search": softmax mixture (Eq. 2). "selected": each layer at its own
-    `selected` index. Fixed (first/last) layers are always at their single branch, except in "fp".
+    mode "fp": no quantization at all. "meta": every searched layer at candidate index `branch`
+    (Eq. 1). "search": softmax mixture (Eq. 2). "selected": each layer at its own `selected`
+    index. Fixed (first/last) layers are always at their single branch, except in "fp"; our
+    choice: their activations are at first-last bits from the start of bit selection.
+    `quant_weights` switches weight LSQ on or off (None: leave it).
     """
     for m in quant_layers(model):
         if mode == "fp":
@@ -614,8 +619,10 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
             m.act.mode, m.act.branch = "branch", m.selected
         else:
             raise ValueError(mode)
-        if quant_weights is not None:
-            m.wq.enabled = quant_weights and mode != "fp"
+        if mode == "fp":
+            m.wq.enabled = False
+        elif quant_weights is not None:
+            m.wq.enabled = quant_weights
 
 
 def alphas_of(model: nn.Module) -> list[nn.Parameter]:
@@ -644,7 +651,8 @@ def bit_meta_step(model: nn.Module, images, targets, n_branches: int, autocast) 
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b).
 
     One forward/backward per candidate; gradients accumulate in .grad (FP weights and each
-    branch's step); the caller all-reduces them once and takes one optimizer step.
+    branch's step); the caller all-reduces them once and takes one optimizer step. Our
+    choice: BN layers are shared by all candidates (their running statistics see them all).
     """
     total = torch.zeros((), device=images.device)
     for b in range(n_branches):
@@ -665,7 +673,7 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, 
     without updating the running buffers, and to switch dropout off.
     """
     layers = searched_layers(model)
-    alphas = [m.act.alpha for m in layers]
+    alphas = alphas_of(model)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not a for a in alphas)]
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
@@ -764,6 +772,8 @@ class Dist:
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
     """ONE all-reduce per step: every gradient, the loss and the stop flag in one flat buffer.
 
+    Our choice instead of DDP: bit-meta leaves the unused branches' steps without gradients,
+    which DDP handles only with find_unused_parameters, and one buffer also carries the flag.
     Gradients are averaged over ranks. Returns (mean loss, whether any rank was signalled to
     stop), identical on every rank, so all ranks stop at the same step boundary.
     """
@@ -912,11 +922,14 @@ def build_loaders(args, dist: Dist, train_set, val_set):
                        f"({per_rank} images); lower it")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     workers = 0 if args.data == "synthetic" else args.workers
-    common = dict(num_workers=workers, pin_memory=dist.cuda, persistent_workers=workers > 0)
+    # workers are re-created each epoch (not persistent), seeded from the RNG state at its start: exact resume
+    common = dict(num_workers=workers, pin_memory=dist.cuda)
     train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
     # Every validation image exactly once across ranks: rank r takes r, r+W, r+2W, ... (no padding).
     val = DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **common)
-    calib = next(iter(DataLoader(train_set, args.batch_size, shuffle=False, num_workers=0)))[0]
+    # LSQ's "first batch": a random one, the same on every rank (seeded independently of the rank)
+    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[: args.batch_size]
+    calib = torch.stack([train_set[int(i)][0] for i in pick])
     return train, val, calib
 
 
@@ -1038,17 +1051,18 @@ class Run:
         if (phase or self.phase) == "weight_training":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
 
-    def state_dict(self) -> dict:
+    def state_dict(self, rng: list) -> dict:
         return {"format": "metamix-checkpoint-1", "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
                 "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
                 "sched": self.sched.state_dict() if self.sched else None, "selected": self.selected,
-                "history": self.history, "summary": self.summary, "rng": rng_state(self.dist)}
+                "history": self.history, "summary": self.summary, "rng": rng}
 
     def load_state_dict(self, ck: dict, path: str) -> None:
         if not isinstance(ck, dict) or ck.get("format") != "metamix-checkpoint-1":
             raise BadInput(f"--resume {path}: not a metamix checkpoint")
         old, a = ck["args"], self.args
-        for key in ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "epochs"):
+        for key in ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "epochs", "target_gbops", "lam",
+                    "bops_image_size"):
             mine, theirs = getattr(a, key), old[key]
             if isinstance(mine, (list, tuple)):
                 mine, theirs = list(mine), list(theirs)
@@ -1075,15 +1089,23 @@ class Run:
                     g["initial_lr"] *= scale
             if self.sched is not None:
                 self.sched.base_lrs = [b * scale for b in self.sched.base_lrs]
+        self.opt.param_groups[0]["weight_decay"] = a.wd  # the decayed group: a new --wd wins too
         for g in self.opt_alpha.param_groups:
             g["lr"] = a.alpha_lr
-        set_rng_state(ck["rng"], self.dist)
+        if len(ck["rng"]) == self.dist.world:
+            set_rng_state(ck["rng"][self.dist.rank], self.dist)
+        else:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
+            torch.manual_seed(a.seed + self.dist.rank + 7919 * self.epoch)
 
     def save(self):
+        rng = [rng_state(self.dist)]  # every rank's RNG state: rank r resumes with its own
+        if self.dist.world > 1:
+            rng = [None] * self.dist.world
+            torch.distributed.all_gather_object(rng, rng_state(self.dist))
         if not self.dist.main:
             return
         out = self.args.output_dir
-        atomic_write(os.path.join(out, "checkpoint.pth"), lambda f: torch.save(self.state_dict(), f))
+        atomic_write(os.path.join(out, "checkpoint.pth"), lambda f: torch.save(self.state_dict(rng), f))
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         atomic_write(os.path.join(out, "log.jsonl"), lambda f: f.write(lines.encode()))
 
@@ -1100,7 +1122,7 @@ def _fmt_time(sec: float) -> str:
 def _check_step(loss_v: float, stop: bool, run: Run, epoch: int, step: int, steps: int) -> None:
     if not math.isfinite(loss_v):
         last = f"epoch {run.epoch}" if run.epoch else "none yet"
-        raise BadInput(f"loss is {loss_v} at epoch {epoch} step {step}/{steps} ({run.phase}); nothing was updated; "
+        raise BadInput(f"loss is {loss_v} at epoch {epoch} step {step}/{steps} ({run.phase}); stopped before this update; "
                        f"last good checkpoint: {run.args.output_dir}/checkpoint.pth ({last}); try a lower --lr")
     if stop:
         raise Interrupted(_STOP["signum"] or signal.SIGTERM, f"at epoch {epoch} step {step}/{steps}")
@@ -1131,7 +1153,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
         loss_v, stop = sync_step(dist, run.params, loss)
         _check_step(loss_v, stop, run, epoch, step, steps)
         run.opt.step()
-        if alternating:  # bit-search step (Eq. 3-5) on the meta-state just updated
+        if alternating:  # bit-search step (Eq. 3-5) on the meta-state just updated; our choice: same batch
             run.opt_alpha.zero_grad(set_to_none=True)
             s_loss, gb = bit_search_step(model, images, targets, a.lam, a.w_bits, a.target_gbops, autocast)
             s_v, stop = sync_step(dist, alphas, s_loss)
@@ -1184,7 +1206,7 @@ def bits_report(model: nn.Module, args) -> dict:
     macs = sum(r["macs"] for r in searched)
     return {"arch": args.arch, "candidates": list(args.bits), "w_bits": args.w_bits, "first_last_bits": args.first_last_bits,
             "target_gbops": args.target_gbops, "gbops": current_gbops(model, args.w_bits),
-            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),
+            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # our reading of "3.85/4"
             "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
             "layers": out}
 
@@ -1248,6 +1270,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     a, model, dist = run.args, run.model, run.dist
     if run.epoch == 0:
         # Data-dependent init on every rank from the same batch, then rank 0's values for all.
+        # Our choice: BN in eval mode here, so that initialisation leaves the running statistics alone.
         model.eval()
         with torch.no_grad():
             for b in range(len(a.bits)):
@@ -1393,7 +1416,7 @@ def resolve_args(args) -> argparse.Namespace:
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
     lo, hi = gbops_range(model, args.w_bits)
-    if args.target_gbops is None:  # uniform A4 on every searched layer
+    if args.target_gbops is None:  # our choice: uniform A4 on every searched layer
         layers = searched_layers(model)
         args.target_gbops = config_gbops([m.macs for m in layers], [4] * len(layers), args.w_bits, fixed_gbops(model))
     if not (lo - 1e-6 <= args.target_gbops <= hi + 1e-6) or not math.isfinite(args.target_gbops):
@@ -1473,8 +1496,11 @@ def run_main(args) -> int:
     try:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
-        random.seed(args.seed)
         model.to(dist.device)
+        # the model was built from the common seed (and is broadcast after init); data order,
+        # augmentation, loader workers and dropout get a per-rank seed
+        random.seed(args.seed + dist.rank)
+        torch.manual_seed(args.seed + dist.rank)
         train_set, val_set, n_classes = build_datasets(args)
         if n_classes != quant_layers(model)[-1].weight.shape[0]:
             raise BadInput(f"the model has {quant_layers(model)[-1].weight.shape[0]} classes, the data {n_classes}")

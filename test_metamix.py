@@ -755,7 +755,10 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert all(r.get("replicas_in_sync") is True for r in log), log
     assert all(r["n"] == 32 for r in log), "every validation image counted exactly once"
-    assert load_ck(out / "checkpoint.pth")["epoch"] == 3
+    ck = load_ck(out / "checkpoint.pth")
+    assert ck["epoch"] == 3
+    # one RNG state per rank (each rank resumes its own stream), and the streams differ
+    assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
 
 
 def test_resume_inside_bit_selection_is_exact(ref_run, stopped_run, tmp_path):
@@ -929,6 +932,7 @@ def test_resume_bad_checkpoints(stopped_run, tmp_path):
         (["--resume", evil], [str(evil), "weights_only"]),
         (["--resume", "auto", "--bits", "8,4"], [str(real), "bits"]),
         (["--resume", "auto", "--arch", "mobilenet_v3_small"], [str(real), "arch"]),
+        (["--resume", "auto", "--target-gbops", "30"], [str(real), "target-gbops"]),
         ([], ["already holds checkpoint.pth", "--resume auto"]),  # no --resume: refuse to overwrite
     ]
     for extra, needles in cases:
