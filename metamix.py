@@ -1095,6 +1095,7 @@ class Run:
         if len(ck["rng"]) == self.dist.world:
             set_rng_state(ck["rng"][self.dist.rank], self.dist)
         else:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
+            random.seed(a.seed + self.dist.rank + 7919 * self.epoch)
             torch.manual_seed(a.seed + self.dist.rank + 7919 * self.epoch)
 
     def save(self):

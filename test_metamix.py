@@ -744,21 +744,29 @@ def test_single_process_outputs(ref_run):
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
+    """Two ranks for bit selection, stopped there; the run then finishes in one process."""
     out = tmp_path / "out"
-    cmd = torchrun_cmd(*TINY, "--epochs", "3", "--output-dir", out)
+    cmd = torchrun_cmd(*TINY, "--epochs", "3", "--output-dir", out, "--stop-after-epoch", "2")
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     assert "world size 2" in p.stdout
     bits = json.loads((out / "bits.json").read_text())
     assert bits["gbops"] <= bits["target_gbops"] + 1e-6
     log = read_log(out)
-    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert [r["epoch"] for r in log] == [1, 2]
     assert all(r.get("replicas_in_sync") is True for r in log), log
     assert all(r["n"] == 32 for r in log), "every validation image counted exactly once"
     ck = load_ck(out / "checkpoint.pth")
-    assert ck["epoch"] == 3
+    assert ck["epoch"] == 2
     # one RNG state per rank (each rank resumes its own stream), and the streams differ
     assert len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
+
+    p = run_cli(*TINY, "--epochs", "3", "--output-dir", out, "--resume", "auto")
+    assert "after epoch 2" in p.stdout and "world size 1" in p.stdout
+    assert [r["epoch"] for r in read_log(out)] == [1, 2, 3]
+    assert json.loads((out / "bits.json").read_text())["layers"] == bits["layers"]
+    ck = load_ck(out / "checkpoint.pth")
+    assert ck["epoch"] == 3 and len(ck["rng"]) == 1
 
 
 def test_resume_inside_bit_selection_is_exact(ref_run, stopped_run, tmp_path):
