@@ -63,11 +63,33 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int):
-    """v = x/s, integer codes q = round(clamp(v, Qn, Qp)), and the mask of v inside [Qn, Qp]."""
+    """v = x/s and the integer codes q = round(clamp(v, Qn, Qp))."""
     v = x / step
-    q = v.clamp(qn, qp)
-    inside = q == v
-    return v, q.round_(), inside
+    return v, v.clamp(qn, qp).round_()
+
+
+_OPEN_BOUNDS: dict = {}
+
+
+def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(lo, hi), the floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
+    key = (qn, qp, dtype)
+    if key not in _OPEN_BOUNDS:
+        t = torch.tensor([qn, qp], dtype=dtype)
+        out = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype))
+        _OPEN_BOUNDS[key] = (out[0].item(), out[1].item())
+    return _OPEN_BOUNDS[key]
+
+
+def _pass_inside(g: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], out=None) -> torch.Tensor:
+    """g where Qn <= v <= Qp, else 0: the straight-through mask applied in one pass, no mask tensor.
+
+    hardtanh's backward is exactly this on the open interval (lo, hi); `bounds` from
+    `_open_bounds` make it the closed [Qn, Qp]. `out` may be g itself.
+    """
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(g, v, *bounds)
+    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *bounds, grad_input=out)
 
 
 def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
@@ -82,8 +104,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (a * b).sum_to_size(step.shape)
 
 
-def _lsq_grads(g, q, v, inside, step, need_s: bool, grad_scale: float, inplace: bool = False):
-    """LSQ backward for out = q * s, q = round(clamp(x/s, Qn, Qp)), given the codes.
+def _lsq_grads(g, q, v, qrange, step, need_s: bool, grad_scale: float, inplace: bool = False):
+    """LSQ backward for out = q * s, q = round(clamp(x/s, Qn, Qp)), given v = x/s and the codes.
 
     d out / d x = 1 inside [Qn, Qp], else 0 (straight-through round).
     d out / d s = round(v) - v inside, Qn below, Qp above; that is q - v * inside, so
@@ -91,7 +113,7 @@ def _lsq_grads(g, q, v, inside, step, need_s: bool, grad_scale: float, inplace: 
     Returns (grad x, grad s or None); `inplace` lets grad x reuse g's memory.
     """
     gq = _dot(g, q, step) if need_s else None
-    gx = g.mul_(inside) if inplace else g * inside
+    gx = _pass_inside(g, v, _open_bounds(*qrange, v.dtype), out=g if inplace else None)
     gs = (gq - _dot(gx, v, step)) * grad_scale if need_s else None
     return gx, gs
 
@@ -106,8 +128,8 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, step = ctx.saved_tensors
-        v, q, inside = _lsq_codes(x, step, *ctx.qrange)
-        gx, gs = _lsq_grads(g, q, v, inside, step, ctx.needs_input_grad[1], ctx.grad_scale)
+        v, q = _lsq_codes(x, step, *ctx.qrange)
+        gx, gs = _lsq_grads(g, q, v, ctx.qrange, step, ctx.needs_input_grad[1], ctx.grad_scale)
         return gx, gs, None, None, None
 
 
@@ -212,56 +234,59 @@ class _MixedQuantOp(torch.autograd.Function):
         xf = _upcast(x)
         gx = gs = gp = None
         if probs is None:  # one branch: weight training and bit-meta (the hot path)
-            v, q, inside = _lsq_codes(xf, steps[0], *ctx.qranges[0])
+            v, q = _lsq_codes(xf, steps[0], *ctx.qranges[0])
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
             g_in, g_w, g_b = _op_backward(g, q, w, ctx.conv, need_in and not only_s, need_wgrad, need_b)
             if g_w is not None:
                 g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
-                r = v.mul_(inside).neg_().add_(q)  # d(s q)/ds = q - v * inside
+                # d(s q)/ds = q - v * inside, built in q's buffer
+                r = q.sub_(_pass_inside(v, v, _open_bounds(*ctx.qranges[0], v.dtype), out=v))
                 gs = torch.dot(_upcast(g).reshape(-1), _op_forward(r, w, None, ctx.conv).reshape(-1))
                 gs = (gs * ctx.grad_scales[0]).reshape(1)
             elif g_in is not None:
-                gx, gs = _lsq_grads(_upcast(g_in), q, v, inside, steps[0], need_s, ctx.grad_scales[0], inplace=True)
+                gx, gs = _lsq_grads(_upcast(g_in), q, v, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0], inplace=True)
                 gs = gs.reshape(1) if gs is not None else None
         else:  # search (Eq. 2)
             xm = _mix(xf, steps, probs, ctx.qranges) if need_wgrad else None
             g_in, g_w, g_b = _op_backward(g, xm if need_wgrad else xf, w, ctx.conv, need_in, need_wgrad, need_b)
             del xm
             if g_in is not None:
-                gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, ctx.qranges, ctx.grad_scales, need_s, need_p)
+                bounds = [_open_bounds(qn, qp, xf.dtype) for qn, qp in ctx.qranges]
+                gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, ctx.qranges, bounds, ctx.grad_scales,
+                                            need_s, need_p)
         if gx is not None:
             gx = gx.to(x.dtype) if need_x else None
         g_ws = None
         if g_w is not None and ctx.wq is not None:  # through the weight quantizer (LSQ, per-tensor step)
-            wv, wqc, winside = _lsq_codes(weight, w_step, ctx.wq[0], ctx.wq[1])
-            g_w, g_ws = _lsq_grads(g_w, wqc, wv, winside, w_step, need_ws, ctx.wq[2], inplace=True)
+            wv, wqc = _lsq_codes(weight, w_step, ctx.wq[0], ctx.wq[1])
+            g_w, g_ws = _lsq_grads(g_w, wqc, wv, ctx.wq[:2], w_step, need_ws, ctx.wq[2], inplace=True)
         return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
 
 
-def _mixture_grads(g, x, steps, probs, qranges, grad_scales, need_s: bool, need_p: bool):
+def _mixture_grads(g, x, steps, probs, qranges, bounds, grad_scales, need_s: bool, need_p: bool):
     """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation).
 
-    d/dx = g * sum_i p_i * inside_i (one mask, applied once); d/dp_i = s_i <g, q_i>;
-    d/ds_i = p_i * <g, q_i - v_i * inside_i> * grad scale. The v, q and mask buffers are reused
-    across branches.
+    d/dx = sum_i p_i * (g * inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> -
+    <g * inside_i, v_i>) * grad scale. `bounds`: each branch's `_open_bounds`. The v, q and
+    g * inside buffers are reused across branches.
     """
     gs = torch.zeros_like(steps) if need_s else None
     gp = torch.zeros_like(probs) if need_p else None
-    mask = torch.zeros_like(x)
-    v = q = inside = None
+    gx = torch.zeros_like(x)
+    v = q = gi = None
     for i, (qn, qp) in enumerate(qranges):
         v = torch.div(x, steps[i], out=v)
-        q = torch.clamp(v, qn, qp, out=q)
-        inside = torch.eq(q, v, out=inside)
-        q.round_()
-        mask.addcmul_(inside, probs[i])
+        q = torch.clamp(v, qn, qp, out=q).round_()
+        gi = _pass_inside(g, v, bounds[i], out=gi)  # g * inside_i
+        gx.addcmul_(gi, probs[i])
+        gq = torch.dot(g.reshape(-1), q.reshape(-1)) if need_p or need_s else None
         if need_p:
-            gp[i] = steps[i] * torch.dot(g.reshape(-1), q.reshape(-1))
-        if need_s:  # d(s q)/ds = q - v * inside, built in v's buffer
-            gs[i] = probs[i] * grad_scales[i] * torch.dot(g.reshape(-1), v.mul_(inside).neg_().add_(q).reshape(-1))
-    return g.mul_(mask), gs, gp
+            gp[i] = steps[i] * gq
+        if need_s:
+            gs[i] = probs[i] * grad_scales[i] * (gq - torch.dot(gi.reshape(-1), v.reshape(-1)))
+    return gx, gs, gp
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:

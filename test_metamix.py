@@ -105,6 +105,32 @@ def test_lsq_matches_slow_formula(bits, signed, per_channel):
     assert (v < qn).any() and (v > qp).any() and ((v > qn) & (v < qp)).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bits,signed", [(2, False), (3, True), (8, False)])
+def test_lsq_range_ends_count_as_inside(dtype, bits, signed):
+    """v exactly at Qn or Qp passes the gradient; the nearest float beyond it does not."""
+    qn, qp = mm.lsq_range(bits, signed)
+    s = torch.tensor(2.0, dtype=dtype)  # a power of two >= 1: x / s is exact, even for the smallest float
+    ends = torch.tensor([qn, qp], dtype=dtype)
+    beyond = torch.nextafter(ends, torch.tensor([-math.inf, math.inf], dtype=dtype))
+    x = (torch.cat([ends, beyond]) * s).requires_grad_()
+    mm.lsq_quantize(x, s, bits, signed).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["branch", "search"])
+def test_fused_layer_passes_gradient_at_exact_zero(mode):
+    """ReLU outputs are exact zeros, v = 0 = Qn: inside, so d out/d x is the op's own gradient there."""
+    q = mm.QuantLayer(nn.Linear(4, 4, bias=False), [8, 4, 2], 4, "l")
+    with torch.no_grad():
+        q.weight.copy_(torch.eye(4))
+    q.act.mode, q.act.branch = mode, 1
+    q(torch.tensor([[0.0, 1.0, 2.0, 3.0]]))  # init: unsigned
+    x = torch.tensor([[0.0, 0.0, 0.5, -3.0]], requires_grad=True)  # -3 is below Qn = 0
+    q(x).sum().backward()
+    assert x.grad.tolist() == [[1.0, 1.0, 1.0, 0.0]]
+
+
 def test_lsq_saves_only_its_input():
     x = torch.randn(4, 8, requires_grad=True)
     s = torch.tensor(0.3, requires_grad=True)
