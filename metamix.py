@@ -62,10 +62,9 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int):
-    """v = x/s and the integer codes q = round(clamp(v, Qn, Qp))."""
-    v = x / step
-    return v, v.clamp(qn, qp).round_()
+def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """The integer codes q = round(clamp(x/s, Qn, Qp)), in one new buffer."""
+    return (x / step).clamp_(qn, qp).round_()
 
 
 _OPEN_BOUNDS: dict = {}
@@ -94,7 +93,7 @@ def _pass_inside(g: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], 
 
 def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     """round(clamp(x/s, Qn, Qp)) * s in four in-place passes over one new buffer."""
-    return (x / step).clamp_(qn, qp).round_().mul_(step)
+    return _lsq_codes(x, step, qn, qp).mul_(step)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -104,15 +103,17 @@ def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (a * b).sum_to_size(step.shape)
 
 
-def _lsq_grads(g, q, v, qrange, step, need_s: bool, grad_scale: float, inplace: bool = False):
-    """LSQ backward for out = q * s, q = round(clamp(x/s, Qn, Qp)), given v = x/s and the codes.
+def _lsq_grads(g, x, q, qrange, step, need_s: bool, grad_scale: float, inplace: bool = False):
+    """LSQ backward for out = q * s, q = round(clamp(v, Qn, Qp)), v = x/s, given the codes q.
 
     d out / d x = 1 inside [Qn, Qp], else 0 (straight-through round).
     d out / d s = round(v) - v inside, Qn below, Qp above; that is q - v * inside, so
     sum(g * d out/d s) = <g, q> - <g * inside, v>: two dot products (per-tensor step).
-    Returns (grad x, grad s or None); `inplace` lets grad x reuse g's memory.
+    Returns (grad x, grad s or None). The codes are consumed: v is computed in q's buffer.
+    `inplace` lets grad x reuse g's memory.
     """
     gq = _dot(g, q, step) if need_s else None
+    v = torch.div(x, step, out=q)
     gx = _pass_inside(g, v, _open_bounds(*qrange, v.dtype), out=g if inplace else None)
     gs = (gq - _dot(gx, v, step)) * grad_scale if need_s else None
     return gx, gs
@@ -128,8 +129,8 @@ class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, step = ctx.saved_tensors
-        v, q = _lsq_codes(x, step, *ctx.qrange)
-        gx, gs = _lsq_grads(g, q, v, ctx.qrange, step, ctx.needs_input_grad[1], ctx.grad_scale)
+        q = _lsq_codes(x, step, *ctx.qrange)
+        gx, gs = _lsq_grads(g, x, q, ctx.qrange, step, ctx.needs_input_grad[1], ctx.grad_scale)
         return gx, gs, None, None, None
 
 
@@ -230,11 +231,12 @@ class _MixedQuantOp(torch.autograd.Function):
         x, steps, probs, weight, w_step = ctx.saved_tensors
         need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
         need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
-        w = weight if ctx.wq is None else _lsq_forward(weight, w_step, ctx.wq[0], ctx.wq[1])
+        wqc = None if ctx.wq is None else _lsq_codes(weight, w_step, ctx.wq[0], ctx.wq[1])  # weight codes
+        w = weight if wqc is None else wqc * w_step
         xf = _upcast(x)
         gx = gs = gp = None
         if probs is None:  # one branch: weight training and bit-meta (the hot path)
-            v, q = _lsq_codes(xf, steps[0], *ctx.qranges[0])
+            q = _lsq_codes(xf, steps[0], *ctx.qranges[0])
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
             g_in, g_w, g_b = _op_backward(g, q, w, ctx.conv, need_in and not only_s, need_wgrad, need_b)
@@ -242,11 +244,12 @@ class _MixedQuantOp(torch.autograd.Function):
                 g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
                 # d(s q)/ds = q - v * inside, built in q's buffer
+                v = xf / steps[0]
                 r = q.sub_(_pass_inside(v, v, _open_bounds(*ctx.qranges[0], v.dtype), out=v))
                 gs = torch.dot(_upcast(g).reshape(-1), _op_forward(r, w, None, ctx.conv).reshape(-1))
                 gs = (gs * ctx.grad_scales[0]).reshape(1)
             elif g_in is not None:
-                gx, gs = _lsq_grads(_upcast(g_in), q, v, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0], inplace=True)
+                gx, gs = _lsq_grads(_upcast(g_in), xf, q, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0], inplace=True)
                 gs = gs.reshape(1) if gs is not None else None
         else:  # search (Eq. 2)
             xm = _mix(xf, steps, probs, ctx.qranges) if need_wgrad else None
@@ -260,8 +263,7 @@ class _MixedQuantOp(torch.autograd.Function):
             gx = gx.to(x.dtype) if need_x else None
         g_ws = None
         if g_w is not None and ctx.wq is not None:  # through the weight quantizer (LSQ, per-tensor step)
-            wv, wqc = _lsq_codes(weight, w_step, ctx.wq[0], ctx.wq[1])
-            g_w, g_ws = _lsq_grads(g_w, wqc, wv, ctx.wq[:2], w_step, need_ws, ctx.wq[2], inplace=True)
+            g_w, g_ws = _lsq_grads(g_w, weight, wqc, ctx.wq[:2], w_step, need_ws, ctx.wq[2], inplace=True)
         return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
 
 
