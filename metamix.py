@@ -122,7 +122,7 @@ def _lsq_grads(g, x, q, qrange, step, need_s: bool, grad_scale: float, inplace: 
 class _LSQFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, qn, qp, grad_scale):
-        ctx.save_for_backward(x, step)  # only the input: codes and masks are recomputed
+        ctx.save_for_backward(x, step)  # only the input: the codes are recomputed
         ctx.qrange, ctx.grad_scale = (qn, qp), grad_scale
         return _lsq_forward(x, step, qn, qp)
 
@@ -205,7 +205,7 @@ class LSQQuantizer(nn.Module):
 # Because a convolution is linear, conv(x_hat) = sum_b p_b conv(Q_b(x)): we mix the
 # activations and run ONE convolution. The fused autograd function below also quantizes the
 # weight, and it saves only x (usually already saved by the ReLU before it) and the raw weight:
-# codes, masks and the quantized weight are recomputed in backward.
+# the codes and the quantized weight are recomputed in backward.
 
 
 class _MixedQuantOp(torch.autograd.Function):
@@ -317,7 +317,7 @@ def compile_quantizer_kernels() -> None:
     Per branch, the mixture makes several passes over an activation; compiled, a branch
     becomes one or two fused loops (CPU: C++ via a compiler on PATH; GPU: Triton), and a
     6-candidate search costs little more than a 3-candidate one. The single-branch path
-    (weight training, bit-meta) stays eager: it must write its codes and mask anyway, and
+    (weight training, bit-meta) stays eager: it must write its codes anyway, and
     compiling it measured slower. The autograd function looks the helpers up at call time,
     so swapping the module globals is enough.
     """
