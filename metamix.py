@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import functools
 import json
 import math
 import os
@@ -67,17 +68,12 @@ def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.T
     return (x / step).clamp_(qn, qp).round_()
 
 
-_OPEN_BOUNDS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> tuple[float, float]:
     """(lo, hi), the floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
-    key = (qn, qp, dtype)
-    if key not in _OPEN_BOUNDS:
-        t = torch.tensor([qn, qp], dtype=dtype)
-        out = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype))
-        _OPEN_BOUNDS[key] = (out[0].item(), out[1].item())
-    return _OPEN_BOUNDS[key]
+    t = torch.tensor([qn, qp], dtype=dtype)
+    lo, hi = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist()
+    return lo, hi
 
 
 def _pass_inside(g: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], out=None) -> torch.Tensor:
@@ -146,7 +142,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, g
 
 
 def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The step actually used: |s|, at least eps. Our choice of keeping s > 0 whatever the optimizer does."""
+    """The step actually used: |s|, at least eps. Our choice: s > 0 whatever the optimizer does."""
     return step.abs().clamp_min(eps)
 
 
@@ -249,7 +245,8 @@ class _MixedQuantOp(torch.autograd.Function):
                 gs = torch.dot(_upcast(g).reshape(-1), _op_forward(r, w, None, ctx.conv).reshape(-1))
                 gs = (gs * ctx.grad_scales[0]).reshape(1)
             elif g_in is not None:
-                gx, gs = _lsq_grads(_upcast(g_in), xf, q, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0], inplace=True)
+                gx, gs = _lsq_grads(_upcast(g_in), xf, q, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0],
+                                    inplace=True)
                 gs = gs.reshape(1) if gs is not None else None
         else:  # search (Eq. 2)
             xm = _mix(xf, steps, probs, ctx.qranges) if need_wgrad else None
