@@ -36,8 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -273,13 +273,12 @@ def _mixture_grads(g, x, steps, probs, qranges, bounds, grad_scales, need_s: boo
     """
     gs = torch.zeros_like(steps) if need_s else None
     gp = torch.zeros_like(probs) if need_p else None
-    gx = torch.zeros_like(x)
-    v = q = gi = None
+    gx = v = q = gi = None
     for i, (qn, qp) in enumerate(qranges):
         v = torch.div(x, steps[i], out=v)
         q = torch.clamp(v, qn, qp, out=q).round_()
         gi = _pass_inside(g, v, bounds[i], out=gi)  # g * inside_i
-        gx.addcmul_(gi, probs[i])
+        gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
         gq = torch.dot(g.reshape(-1), q.reshape(-1)) if need_p or need_s else None
         if need_p:
             gp[i] = steps[i] * gq
@@ -1119,8 +1118,9 @@ class Run:
         if len(ck["rng"]) == self.dist.world:
             set_rng_state(ck["rng"][self.dist.rank], self.dist)
         else:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
-            random.seed(a.seed + self.dist.rank + 7919 * self.epoch)
-            torch.manual_seed(a.seed + self.dist.rank + 7919 * self.epoch)
+            seed = a.seed + self.dist.rank + 7919 * self.epoch
+            random.seed(seed)
+            torch.manual_seed(seed)
 
     def save(self):
         rng = [rng_state(self.dist)]  # every rank's RNG state: rank r resumes with its own
