@@ -119,13 +119,12 @@ def train_step(model, images, targets, autocast):
     return step
 
 
-def meta_step(model, images, targets, n, autocast):
-    alphas = {id(a) for a in metamix.alphas_of(model)}
-    opt = sgd([p for p in model.parameters() if id(p) not in alphas])
+def meta_step(model, images, targets, autocast):
+    opt = sgd(metamix.meta_params(model))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        metamix.bit_meta_step(model, images, targets, n, autocast)
+        metamix.bit_meta_step(model, images, targets, autocast)
         opt.step()
     return step
 
@@ -133,12 +132,12 @@ def meta_step(model, images, targets, n, autocast):
 def search_step(model, images, targets, autocast):
     layers = metamix.searched_layers(model)
     macs = [m.macs for m in layers]
-    target = metamix.config_gbops(macs, [4] * len(layers), W_BITS, metamix.fixed_gbops(model))  # all at A4
+    target = metamix.config_gbops(macs, [4] * len(layers), W_BITS, metamix.c_fixed_of(model))  # all at A4
     opt = torch.optim.Adam(metamix.alphas_of(model), lr=0.01)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        metamix.bit_search_step(model, images, targets, 1.0, W_BITS, target, autocast)
+        metamix.bit_search_step(model, images, targets, 1.0, target, autocast)
         opt.step()
     return step
 
@@ -165,7 +164,7 @@ def build(arch, images, targets, autocast, device):
     init_steps(wt, images, [("selected", {"quant_weights": True})])
     out["weight_train"] = (wt, train_step(wt, images, targets, autocast))
 
-    plan = {m.name: (m.act.bits[0 if m.fixed else m.selected], m.wq.bits) for m in metamix.quant_layers(wt)}
+    plan = {m.name: (m.act.bits[0 if m.fixed else m.selected_branch], m.weight_quant.bits) for m in metamix.quant_layers(wt)}
     ref = patch_reference(copy.deepcopy(base), plan)
     with torch.no_grad():
         ref(images)
@@ -178,7 +177,7 @@ def build(arch, images, targets, autocast, device):
 
     meta = patched(bits3)
     init_steps(meta, images, [("meta", {"branch": b, "quant_weights": False}) for b in range(len(bits3))])
-    out["meta"] = (meta, meta_step(meta, images, targets, len(bits3), autocast))
+    out["meta"] = (meta, meta_step(meta, images, targets, autocast))
     return out
 
 

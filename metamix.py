@@ -46,6 +46,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,85 +64,31 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """The integer codes q = round(clamp(x/s, Qn, Qp)), in one new buffer."""
-    return (x / step).clamp_(qn, qp).round_()
+def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
+    """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = weights per step, or features per sample."""
+    return 1.0 / math.sqrt(n * lsq_range(bits, signed)[1])
 
 
-@functools.lru_cache(maxsize=None)
-def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(lo, hi), the floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
-    t = torch.tensor([qn, qp], dtype=dtype)
-    lo, hi = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist()
-    return lo, hi
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
+                 grad_scale: float | None = None) -> torch.Tensor:
+    """LSQ fake quantization: q(x; s) = round(clamp(x/s, Qn, Qp)) * s.
 
-
-def _pass_inside(g: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], out=None) -> torch.Tensor:
-    """g where Qn <= v <= Qp, else 0: the straight-through mask applied in one pass, no mask tensor.
-
-    hardtanh's backward is exactly this on the open interval (lo, hi); `bounds` from
-    `_open_bounds` make it the closed [Qn, Qp]. `out` may be g itself.
+    Gradients, with v = x/s:
+        d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
+        d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`)
+    `step` is a scalar (per-tensor) or broadcastable to x (per-channel, e.g. (C, 1, 1, 1)); its
+    gradient is summed to its shape. The step used is `positive(step)`, |s| >= 1e-8: a
+    non-positive step is made positive, never refused (no host sync on the hot path).
+    `grad_scale` defaults to LSQ's 1/sqrt(N * Qp) with N = x.numel() / step.numel(), the
+    weight quantizer's N; an activation quantizer passes `lsq_grad_scale(features per sample, ...)`.
     """
-    if out is None:
-        return torch.ops.aten.hardtanh_backward(g, v, *bounds)
-    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *bounds, grad_input=out)
-
-
-def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """round(clamp(x/s, Qn, Qp)) * s in four in-place passes over one new buffer."""
-    return _lsq_codes(x, step, qn, qp).mul_(step)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) reduced to step's shape; one fused pass (a dot product) for a per-tensor step."""
-    if step.numel() == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(step.shape)
-    return (a * b).sum_to_size(step.shape)
-
-
-def _lsq_grads(g, x, q, qrange, step, need_s: bool, grad_scale: float, inplace: bool = False):
-    """LSQ backward for out = q * s, q = round(clamp(v, Qn, Qp)), v = x/s, given the codes q.
-
-    d out / d x = 1 inside [Qn, Qp], else 0 (straight-through round).
-    d out / d s = round(v) - v inside, Qn below, Qp above; that is q - v * inside, so
-    sum(g * d out/d s) = <g, q> - <g * inside, v>: two dot products (per-tensor step).
-    Returns (grad x, grad s or None). The codes are consumed: v is computed in q's buffer.
-    `inplace` lets grad x reuse g's memory.
-    """
-    gq = _dot(g, q, step) if need_s else None
-    v = torch.div(x, step, out=q)
-    gx = _pass_inside(g, v, _open_bounds(*qrange, v.dtype), out=g if inplace else None)
-    gs = (gq - _dot(gx, v, step)) * grad_scale if need_s else None
-    return gx, gs
-
-
-class _LSQFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, step, qn, qp, grad_scale):
-        ctx.save_for_backward(x, step)  # only the input: the codes are recomputed
-        ctx.qrange, ctx.grad_scale = (qn, qp), grad_scale
-        return _lsq_forward(x, step, qn, qp)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, step = ctx.saved_tensors
-        q = _lsq_codes(x, step, *ctx.qrange)
-        gx, gs = _lsq_grads(g, x, q, ctx.qrange, step, ctx.needs_input_grad[1], ctx.grad_scale)
-        return gx, gs, None, None, None
-
-
-def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float = 1.0) -> torch.Tensor:
-    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s.
-
-    `step` is a scalar (per-tensor) or broadcastable to x (per-channel, e.g. (C, 1, 1, 1)); it
-    must be positive. Gradients: straight-through in x (masked outside the range), the LSQ
-    gradient in s summed to s's shape and multiplied by `grad_scale` (LSQ uses 1/sqrt(N*Qp)).
-    """
+    if grad_scale is None:
+        grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
     qn, qp = lsq_range(bits, signed)
     return _LSQFunction.apply(x, step, qn, qp, grad_scale)
 
 
-def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:  # eps: _LSQFunction.backward too
     """The step actually used: |s|, at least eps. Our choice: s > 0 whatever the optimizer does."""
     return step.abs().clamp_min(eps)
 
@@ -171,13 +118,13 @@ class LSQQuantizer(nn.Module):
         if not self.initialized:
             self.init_step(v)
         qn, qp = lsq_range(self.bits, self.signed)
-        return qn, qp, 1.0 / math.sqrt(v.numel() * qp)
+        return qn, qp, lsq_grad_scale(v.numel(), self.bits, self.signed)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return v
         qn, qp, gs = self.qparams(v)
-        return _LSQFunction.apply(v, positive(self.step), qn, qp, gs)
+        return _LSQFunction.apply(v, self.step, qn, qp, gs)
 
     def get_extra_state(self):
         return {"initialized": self.initialized}
@@ -189,60 +136,285 @@ class LSQQuantizer(nn.Module):
         return f"bits={self.bits}, signed={self.signed}, enabled={self.enabled}"
 
 
+# ---- 1b. For speed only: LSQ's backward with no stored codes and no mask tensor ----------
+# Same values and gradients as the formulas above (test_lsq_matches_slow_formula); what they
+# change is memory and passes: forward saves only x, the codes are recomputed in backward, and
+# the straight-through mask is applied in one pass by hardtanh's backward.
+
+
+def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """The integer codes q = round(clamp(x/s, Qn, Qp)), in one new buffer."""
+    return (x / step).clamp_(qn, qp).round_()
+
+
+def _lsq_forward(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """round(clamp(x/s, Qn, Qp)) * s in four in-place passes over one new buffer."""
+    return _lsq_codes(x, step, qn, qp).mul_(step)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(lo, hi), the floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
+    t = torch.tensor([qn, qp], dtype=dtype)
+    lo, hi = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist()
+    return lo, hi
+
+
+def _pass_inside(g: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], out=None) -> torch.Tensor:
+    """g where Qn <= v <= Qp, else 0: the straight-through mask applied in one pass, no mask tensor.
+
+    hardtanh's backward is exactly this on the open interval (lo, hi); `bounds` from
+    `_open_bounds` make it the closed [Qn, Qp]. `out` may be g itself.
+    """
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(g, v, *bounds)
+    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *bounds, grad_input=out)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) reduced to step's shape; one fused pass (a dot product) for a per-tensor step."""
+    if step.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(step.shape)
+    return (a * b).sum_to_size(step.shape)
+
+
+def _lsq_grads(g, x, q, qrange, step, need_s: bool, grad_scale: float, inplace: bool = False):
+    """LSQ backward for out = q * s, q = round(clamp(v, Qn, Qp)), v = x/s, given the codes q.
+
+    d out / d s = round(v) - v inside, Qn below, Qp above; that is q - v * inside, so
+    sum(g * d out/d s) = <g, q> - <g * inside, v>: two dot products (per-tensor step).
+    Returns (grad x, grad s or None). The codes are consumed: v is computed in q's buffer.
+    `inplace` lets grad x reuse g's memory.
+    """
+    gq = _dot(g, q, step) if need_s else None
+    v = torch.div(x, step, out=q)
+    gx = _pass_inside(g, v, _open_bounds(*qrange, v.dtype), out=g if inplace else None)
+    gs = (gq - _dot(gx, v, step)) * grad_scale if need_s else None
+    return gx, gs
+
+
+class _LSQFunction(torch.autograd.Function):
+    """lsq_quantize's autograd function; it uses positive(step) and differentiates through it."""
+
+    @staticmethod
+    def forward(ctx, x, step, qn, qp, grad_scale):
+        ctx.save_for_backward(x, step)  # only the input: the codes are recomputed
+        ctx.qrange, ctx.grad_scale = (qn, qp), grad_scale
+        return _lsq_forward(x, positive(step), qn, qp)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, step = ctx.saved_tensors
+        s = positive(step)
+        q = _lsq_codes(x, s, *ctx.qrange)
+        gx, gs = _lsq_grads(g, x, q, ctx.qrange, s, ctx.needs_input_grad[1], ctx.grad_scale)
+        if gs is not None:  # d positive(s) / ds: sign(s), 0 where the floor eps holds
+            gs = torch.where(step.abs() > 1e-8, gs * step.sign(), 0.0)
+        return gx, gs, None, None, None
+
+
 # =====================================================================================
 # 2. Multi-branch block (paper Fig. 4, Eq. 2)
 # =====================================================================================
-# Each quantized layer has one activation quantizer branch per candidate bit-width b (own
-# LSQ step s_b) and one logit per branch (alpha); the weight tensor is shared. Modes:
-#   "fp"     identity (full-precision reference, and a pretrained model's accuracy check)
-#   "branch" one fixed branch: bit-meta training (all layers at the same b, Eq. 1) and,
-#            after selection, each layer at its own argmax branch
-#   "search" Eq. 2: x_hat = sum_b softmax(alpha)_b * Q_b(x; s_b)
-# Because a convolution is linear, conv(x_hat) = sum_b p_b conv(Q_b(x)): we mix the
-# activations and run ONE convolution. The fused autograd function below also quantizes the
-# weight, and it saves only x (usually already saved by the ReLU before it) and the raw weight:
-# the codes and the quantized weight are recomputed in backward.
+# Each quantized layer has one activation quantizer *branch* per candidate bit-width (own LSQ
+# step) and one logit per branch (alpha); the weight tensor is shared. A *branch index* i
+# names the candidate bits[i]; code that holds indices says "branch", code that holds
+# bit-widths says "bits".
+#
+# Modes, in one place. A layer's activation quantizer (MultiBranchQuantizer.mode) is in one of:
+#   "fp"      identity: no quantization (a pretrained model's accuracy, the reference)
+#   "branch"  one branch: LSQ at bits[branch]
+#   "search"  Eq. 2: x_hat = sum_i softmax(alpha)_i * Q_{bits[i]}(x; s_i)
+# set_mode(model, mode) sets every layer at once, in the terms of the paper's phases:
+#   "fp"       every layer "fp"
+#   "meta"     every searched layer "branch" at one common index (Eq. 1 runs each in turn)
+#   "search"   every searched layer "search" (Eq. 3)
+#   "selected" every searched layer "branch" at its own selected_branch (weight training)
+# Fixed layers (the first conv and the last Linear) are "branch" 0 in every mode but "fp".
+#
+# Because a convolution is linear, conv(x_hat) = sum_i p_i conv(Q_i(x)): we mix the activations
+# and run ONE convolution. MultiBranchQuantizer.forward below is Eq. 2 as written, the
+# reference; QuantLayer runs a fused version of conv(MultiBranchQuantizer(x)) that is held
+# equal to it, value and every gradient, by test_fused_layer_equals_op_of_quantized_input.
+
+
+class MultiBranchQuantizer(nn.Module):
+    """Activation quantizer with one LSQ branch per candidate bit-width and logits alpha (Fig. 4).
+
+    Signedness is detected from the data at init (min < 0 -> signed); ReLU outputs are
+    unsigned, the image and residual sums are signed. Our choice: signed range rather than an
+    offset. Steps are initialised per branch on first use with 2*mean|x|/sqrt(Qp_b); the
+    gradient scale is 1/sqrt(N * Qp_b), N = features per sample.
+    """
+
+    def __init__(self, bits: Sequence[int]):
+        super().__init__()
+        self.bits = tuple(int(b) for b in bits)
+        n = len(self.bits)
+        self.step = nn.Parameter(torch.ones(n))
+        self.alpha = nn.Parameter(torch.zeros(n))
+        self.signed: bool | None = None  # unknown until the first batch
+        self.initialized = [False] * n
+        self.mode, self.branch = "fp", 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 as written (the reference): x_hat = sum_i p_i * Q_{bits[i]}(x; s_i), p = softmax(alpha).
+
+        In "branch" mode, p is one-hot at `self.branch`: plain LSQ at that branch's bits.
+        """
+        if self.mode == "fp":
+            return x
+        branches, steps, probs, _, grad_scales = self.params_for(x)
+        out = 0
+        for i, branch in enumerate(branches):
+            y = lsq_quantize(x, steps[i], self.bits[branch], self.signed, grad_scales[i])
+            out = out + (y if probs is None else probs[i] * y)
+        return out
+
+    def active_branches(self) -> list[int]:
+        return [self.branch] if self.mode == "branch" else list(range(len(self.bits)))
+
+    def init_steps(self, x: torch.Tensor, branches: Sequence[int]) -> None:
+        """LSQ init from the data: s_i = 2 * mean|x| / sqrt(Qp_i)."""
+        with torch.no_grad():
+            if self.signed is None:
+                self.signed = bool(x.min() < 0)
+            m = x.detach().float().abs().mean()
+            for i in branches:
+                if not self.initialized[i]:
+                    self.step[i] = 2 * m / math.sqrt(lsq_range(self.bits[i], self.signed)[1])
+                    self.initialized[i] = True
+
+    def params_for(self, x: torch.Tensor):
+        """(active branch indices, positive steps, probs or None, qranges, grad scales) for this mode."""
+        branches = self.active_branches()
+        if not all(self.initialized[i] for i in branches):
+            self.init_steps(x, branches)
+        per_sample = x.numel() // max(x.shape[0], 1)
+        qranges = [lsq_range(self.bits[i], self.signed) for i in branches]
+        grad_scales = [lsq_grad_scale(per_sample, self.bits[i], self.signed) for i in branches]
+        if self.mode == "branch":
+            return branches, positive(self.step[self.branch : self.branch + 1]), None, qranges, grad_scales
+        return branches, positive(self.step), F.softmax(self.alpha, dim=0), qranges, grad_scales
+
+    # --- state that must survive a checkpoint but is not a tensor
+    def get_extra_state(self):
+        return {"signed": self.signed, "initialized": list(self.initialized)}
+
+    def set_extra_state(self, state):
+        self.signed, self.initialized = state["signed"], [bool(v) for v in state["initialized"]]
+
+    def extra_repr(self):
+        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}"
+
+
+class LayerOp(NamedTuple):
+    """What a QuantLayer computes: "conv2d" with its geometry, or "linear" (geometry unused)."""
+
+    kind: str  # "conv2d" or "linear"
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear whose input activation and weight are quantized (shares the original tensors).
+
+    `act` is the multi-branch activation quantizer, `weight_quant` the weight quantizer (signed
+    LSQ, off during bit selection). A `fixed` layer (first conv, last Linear) has one branch at
+    that width for both its input and its weight. Our choice: a per-tensor weight step. `macs`
+    is its OPs_l at the BOPs resolution; `name` its path in the model; `selected_branch` the
+    branch index that bit selection chose.
+    Forward: op(MultiBranchQuantizer(x), weight_quant(W)) + bias, computed by the fused op.
+    """
+
+    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0,
+                 fixed: bool = False):
+        super().__init__()
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
+            self.op = LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+        elif isinstance(layer, nn.Linear):
+            self.op = LayerOp("linear")
+        else:
+            raise TypeError(f"{name}: cannot quantize {type(layer).__name__}")
+        self.kind = type(layer).__name__
+        self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
+        self.act = MultiBranchQuantizer(bits)
+        self.weight_quant = LSQQuantizer(w_bits, signed=True)
+        self.weight_quant.enabled = False
+        self.name, self.macs, self.fixed = name, int(macs), fixed
+        self.order = 0  # position in forward order, set by patch_model
+        self.selected_branch = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wq = self.weight_quant
+        if self.act.mode == "fp":
+            return _op_forward(x, wq(self.weight), self.bias, self.op)
+        _, steps, probs, qranges, grad_scales = self.act.params_for(x)
+        w_qparams = wq.qparams(self.weight) if wq.enabled else None
+        w_step = positive(wq.step) if wq.enabled else None
+        return _MixedQuantOp.apply(x, steps, probs, self.weight, w_step, self.bias, qranges, grad_scales, w_qparams,
+                                   self.op)
+
+    def get_extra_state(self):
+        return {"selected_branch": self.selected_branch}
+
+    def set_extra_state(self, state):
+        self.selected_branch = int(state["selected_branch"])
+
+    def extra_repr(self):
+        return f"{self.kind}, macs={self.macs}, fixed={self.fixed}, w={self.weight_quant.bits}b"
+
+
+# ---- 2b. For speed only: the fused layer op ---------------------------------------------
+# One autograd function per layer quantizes the activation (one branch, or the Eq. 2 mixture)
+# and the weight, and runs the op. It saves only x (usually already saved by the ReLU before
+# it) and the raw weight; codes and the quantized weight are recomputed in backward.
 
 
 class _MixedQuantOp(torch.autograd.Function):
-    """out = op(sum_i p_i * Q_{b_i}(x; s_i), Q_w(W; s_w)) + bias, op a conv2d or a linear layer.
+    """out = op(sum_i p_i * Q_i(x; s_i), Q_w(W; s_w)) + bias, op a conv2d or a linear layer (LayerOp).
 
-    x: input activation (B, C, H, W) or (B, ..., F). steps: positive steps (K,), one per branch
-    used. probs: (K,) mixture weights, or None for a single branch (p = 1). w_step / wq: the
-    weight's positive step and (Qn, Qp, grad scale), or None for a full-precision weight.
-    qranges: K pairs (Qn, Qp); grad_scales: K floats; conv: (stride, padding, dilation,
-    groups), or None for a linear layer.
+    x: input activation (B, C, H, W) or (B, ..., F). steps: positive steps (K,), one per active
+    branch. probs: (K,) mixture weights, or None for a single branch (p = 1). w_step /
+    w_qparams: the weight's positive step and (Qn, Qp, grad scale), or None for a
+    full-precision weight. qranges: K pairs (Qn, Qp); grad_scales: K floats.
     """
 
     @staticmethod
-    def forward(ctx, x, steps, probs, weight, w_step, bias, qranges, grad_scales, wq, conv):
+    def forward(ctx, x, steps, probs, weight, w_step, bias, qranges, grad_scales, w_qparams, op):
         xm = _mix(_upcast(x), steps, probs, qranges)  # quantizer math in fp32, also under autocast
-        w = weight if wq is None else _lsq_forward(weight, w_step, wq[0], wq[1])
+        w = weight if w_qparams is None else _lsq_forward(weight, w_step, w_qparams[0], w_qparams[1])
         ctx.save_for_backward(x, steps, probs, weight, w_step)
-        ctx.qranges, ctx.grad_scales, ctx.wq, ctx.conv, ctx.has_bias = qranges, grad_scales, wq, conv, bias is not None
-        return _op_forward(xm, w, bias, conv)
+        ctx.qranges, ctx.grad_scales, ctx.w_qparams, ctx.op = qranges, grad_scales, w_qparams, op
+        ctx.has_bias = bias is not None
+        return _op_forward(xm, w, bias, op)
 
     @staticmethod
     def backward(ctx, g):
         x, steps, probs, weight, w_step = ctx.saved_tensors
         need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
         need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
-        wqc = None if ctx.wq is None else _lsq_codes(weight, w_step, ctx.wq[0], ctx.wq[1])  # weight codes
-        w = weight if wqc is None else wqc * w_step
+        w_qp, op = ctx.w_qparams, ctx.op
+        w_codes = None if w_qp is None else _lsq_codes(weight, w_step, w_qp[0], w_qp[1])
+        w = weight if w_codes is None else w_codes * w_step
         xf = _upcast(x)
         gx = gs = gp = None
         if probs is None:  # one branch: weight training and bit-meta (the hot path)
             q = _lsq_codes(xf, steps[0], *ctx.qranges[0])
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
-            g_in, g_w, g_b = _op_backward(g, q, w, ctx.conv, need_in and not only_s, need_wgrad, need_b)
+            g_in, g_w, g_b = _op_backward(g, q, w, op, need_in and not only_s, need_wgrad, need_b)
             if g_w is not None:
                 g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
                 # d(s q)/ds = q - v * inside, built in q's buffer
                 v = xf / steps[0]
                 r = q.sub_(_pass_inside(v, v, _open_bounds(*ctx.qranges[0], v.dtype), out=v))
-                gs = torch.dot(_upcast(g).reshape(-1), _op_forward(r, w, None, ctx.conv).reshape(-1))
+                gs = torch.dot(_upcast(g).reshape(-1), _op_forward(r, w, None, op).reshape(-1))
                 gs = (gs * ctx.grad_scales[0]).reshape(1)
             elif g_in is not None:
                 gx, gs = _lsq_grads(_upcast(g_in), xf, q, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0],
@@ -250,7 +422,7 @@ class _MixedQuantOp(torch.autograd.Function):
                 gs = gs.reshape(1) if gs is not None else None
         else:  # search (Eq. 2)
             xm = _mix(xf, steps, probs, ctx.qranges) if need_wgrad else None
-            g_in, g_w, g_b = _op_backward(g, xm if need_wgrad else xf, w, ctx.conv, need_in, need_wgrad, need_b)
+            g_in, g_w, g_b = _op_backward(g, xm if need_wgrad else xf, w, op, need_in, need_wgrad, need_b)
             del xm
             if g_in is not None:
                 bounds = [_open_bounds(qn, qp, xf.dtype) for qn, qp in ctx.qranges]
@@ -259,8 +431,8 @@ class _MixedQuantOp(torch.autograd.Function):
         if gx is not None:
             gx = gx.to(x.dtype) if need_x else None
         g_ws = None
-        if g_w is not None and ctx.wq is not None:  # through the weight quantizer (LSQ, per-tensor step)
-            g_w, g_ws = _lsq_grads(g_w, weight, wqc, ctx.wq[:2], w_step, need_ws, ctx.wq[2], inplace=True)
+        if g_w is not None and w_qp is not None:  # through the weight quantizer (LSQ, per-tensor step)
+            g_w, g_ws = _lsq_grads(g_w, weight, w_codes, w_qp[:2], w_step, need_ws, w_qp[2], inplace=True)
         return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
 
 
@@ -307,167 +479,26 @@ def _mixture(x, steps, probs, qranges):
     return out
 
 
-def compile_quantizer_kernels() -> None:
-    """Our choice, off by default (--compile): torch.compile the search mixture's helpers.
-
-    Per branch, the mixture makes several passes over an activation; compiled, a branch
-    becomes one or two fused loops (CPU: C++ via a compiler on PATH; GPU: Triton), and a
-    6-candidate search costs little more than a 3-candidate one. The single-branch path
-    (weight training, bit-meta) stays eager: it must write its codes anyway, and
-    compiling it measured slower. The autograd function looks the helpers up at call time,
-    so swapping the module globals is enough.
-    """
-    import torch._dynamo
-
-    # one graph per (bits, signedness, rank) rather than per layer; detached inputs (no Parameter
-    # or requires_grad guards; in-place results still land, detach shares storage)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    g = globals()
-    for name in ("_mixture", "_mixture_grads"):
-        if not hasattr(g[name], "compiled"):
-            fn = torch.compile(g[name], dynamic=True)
-
-            def call(*a, _fn=fn, **kw):
-                return _fn(*[t.detach() if isinstance(t, torch.Tensor) else t for t in a], **kw)
-
-            call.compiled = fn
-            g[name] = call
+def _op_forward(x, weight, bias, op: LayerOp):
+    """The layer's own op; under autocast, F.conv2d/F.linear cast x and the weight themselves."""
+    if op.kind == "linear":
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, op.stride, op.padding, op.dilation, op.groups)
 
 
-def _op_forward(xm, weight, bias, conv):
-    """The layer's own op; under autocast, F.conv2d/F.linear cast xm and the weight themselves."""
-    if conv is None:
-        return F.linear(xm, weight, bias)
-    stride, padding, dilation, groups = conv
-    return F.conv2d(xm, weight, bias, stride, padding, dilation, groups)
-
-
-def _op_backward(g, inp, weight, conv, need_in, need_w, need_b):
+def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     dt = g.dtype  # under autocast the forward ran in g's dtype
     inp, w = inp.to(dt), weight.to(dt)
-    if conv is None:  # linear: out = inp @ W^T + b over the last dim
+    if op.kind == "linear":  # out = inp @ W^T + b over the last dim
         g2 = g.reshape(-1, g.shape[-1])
         g_in = (g @ w) if need_in else None
         g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype) if need_w else None
         g_b = g2.sum(0).to(weight.dtype) if need_b else None
         return g_in, g_w, g_b
-    stride, padding, dilation, groups = conv
     g_in, g_w, g_b = torch.ops.aten.convolution_backward(
-        g, inp, w, [w.shape[0]] if need_b else None, stride, padding, dilation, False, [0, 0], groups, [need_in, need_w, need_b])
+        g, inp, w, [w.shape[0]] if need_b else None, op.stride, op.padding, op.dilation, False, [0, 0], op.groups,
+        [need_in, need_w, need_b])
     return g_in, (g_w.to(weight.dtype) if g_w is not None else None), (g_b.to(weight.dtype) if g_b is not None else None)
-
-
-class MultiBranchQuantizer(nn.Module):
-    """Activation quantizer with one LSQ branch per candidate bit-width and logits alpha (Fig. 4).
-
-    Signedness is detected from the data at init (min < 0 -> signed); ReLU outputs are
-    unsigned, the image and residual sums are signed. Our choice: signed range rather than an
-    offset. Steps are initialised per branch on first use with 2*mean|x|/sqrt(Qp_b); the
-    gradient scale is 1/sqrt(N * Qp_b), N = features per sample.
-    """
-
-    def __init__(self, bits: Sequence[int]):
-        super().__init__()
-        self.bits = tuple(int(b) for b in bits)
-        n = len(self.bits)
-        self.step = nn.Parameter(torch.ones(n))
-        self.alpha = nn.Parameter(torch.zeros(n))
-        self.signed: bool | None = None  # unknown until the first batch
-        self.initialized = [False] * n
-        self.mode, self.branch = "fp", 0
-
-    # --- state that must survive a checkpoint but is not a tensor
-    def get_extra_state(self):
-        return {"signed": self.signed, "initialized": list(self.initialized)}
-
-    def set_extra_state(self, state):
-        self.signed, self.initialized = state["signed"], [bool(v) for v in state["initialized"]]
-
-    def active_branches(self) -> list[int]:
-        return [self.branch] if self.mode == "branch" else list(range(len(self.bits)))
-
-    def init_steps(self, x: torch.Tensor, branches: Sequence[int]) -> None:
-        """LSQ init from the data: s_b = 2 * mean|x| / sqrt(Qp_b)."""
-        with torch.no_grad():
-            if self.signed is None:
-                self.signed = bool(x.min() < 0)
-            m = x.detach().float().abs().mean()
-            for b in branches:
-                if not self.initialized[b]:
-                    self.step[b] = 2 * m / math.sqrt(lsq_range(self.bits[b], self.signed)[1])
-                    self.initialized[b] = True
-
-    def params_for(self, x: torch.Tensor):
-        """(branch indices, positive steps, probs or None, qranges, grad scales) for this mode."""
-        br = self.active_branches()
-        if not all(self.initialized[b] for b in br):
-            self.init_steps(x, br)
-        per_sample = x.numel() // max(x.shape[0], 1)
-        qr = [lsq_range(self.bits[b], self.signed) for b in br]
-        gsc = [1.0 / math.sqrt(per_sample * qp) for _, qp in qr]
-        if self.mode == "branch":
-            return br, positive(self.step[self.branch : self.branch + 1]), None, qr, gsc
-        return br, positive(self.step), F.softmax(self.alpha, dim=0), qr, gsc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The (mixed) fake-quantized activation itself; QuantLayer fuses it with its op instead."""
-        if self.mode == "fp":
-            return x
-        br, steps, probs, qr, gsc = self.params_for(x)
-        out = 0
-        for i, b in enumerate(br):
-            y = lsq_quantize(x, steps[i], self.bits[b], self.signed, gsc[i])
-            out = out + (y if probs is None else probs[i] * y)
-        return out
-
-    def extra_repr(self):
-        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}"
-
-
-class QuantLayer(nn.Module):
-    """A Conv2d or Linear whose input activation and weight are quantized (shares the original tensors).
-
-    `act` is the multi-branch activation quantizer, `wq` the weight quantizer (signed LSQ,
-    off during bit selection). A `fixed` layer (first conv, last Linear) has one
-    branch at that width for both its input and its weight. Our choice: a per-tensor
-    weight step. `macs` is its OPs_l at the BOPs resolution; `name` its path in the model.
-    """
-
-    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0, fixed: bool = False):
-        super().__init__()
-        if isinstance(layer, nn.Conv2d):
-            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
-            self.conv = (tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        elif isinstance(layer, nn.Linear):
-            self.conv = None
-        else:
-            raise TypeError(f"{name}: cannot quantize {type(layer).__name__}")
-        self.kind = type(layer).__name__
-        self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
-        self.act = MultiBranchQuantizer(bits)
-        self.wq = LSQQuantizer(w_bits, signed=True)
-        self.wq.enabled = False
-        self.name, self.macs, self.fixed = name, int(macs), fixed
-        self.order = 0  # position in forward order, set by patch_model
-        self.selected = 0  # branch index chosen by bit selection
-
-    def get_extra_state(self):
-        return {"selected": self.selected}
-
-    def set_extra_state(self, state):
-        self.selected = int(state["selected"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act.mode == "fp":
-            return _op_forward(x, self.wq(self.weight), self.bias, self.conv)
-        _, steps, probs, qr, gsc = self.act.params_for(x)
-        wq = self.wq.qparams(self.weight) if self.wq.enabled else None
-        w_step = positive(self.wq.step) if self.wq.enabled else None
-        return _MixedQuantOp.apply(x, steps, probs, self.weight, w_step, self.bias, qr, gsc, wq, self.conv)
-
-    def extra_repr(self):
-        return f"{self.kind}, macs={self.macs}, fixed={self.fixed}, w={self.wq.bits}b"
 
 
 # =====================================================================================
@@ -487,7 +518,8 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
 # =====================================================================================
 # OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout,
 # linear in*out. BOPs = sum_l a_bits_l * w_bits_l * OPs_l; GBOPs = BOPs / 1e9. The first conv
-# and the last Linear are fixed at --first-last-bits for both activations and weights.
+# and the last Linear are fixed at --first-last-bits for both activations and weights; their
+# BOPs are Eq. 4's constant C_fixed, called `c_fixed` (in GBOPs) everywhere below.
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
@@ -500,28 +532,28 @@ def searched_layers(model: nn.Module) -> list[QuantLayer]:
     return [m for m in quant_layers(model) if not m.fixed]
 
 
-def fixed_gbops(model: nn.Module) -> float:
+def c_fixed_of(model: nn.Module) -> float:
     """C_fixed: BOPs of the first and last layers (activation and weight at first-last bits), in GBOPs."""
-    return sum(m.macs * m.act.bits[0] * m.wq.bits for m in quant_layers(model) if m.fixed) / 1e9
+    return sum(m.macs * m.act.bits[0] * m.weight_quant.bits for m in quant_layers(model) if m.fixed) / 1e9
 
 
-def config_gbops(macs: Sequence[int], a_bits: Sequence[int], w_bits: int, fixed: float) -> float:
+def config_gbops(macs: Sequence[int], a_bits: Sequence[int], w_bits: int, c_fixed: float) -> float:
     """Eq. 6 for the searched layers plus C_fixed: sum_l a_l * w_bits * OPs_l / 1e9 + C_fixed."""
-    return sum(m * a for m, a in zip(macs, a_bits)) * w_bits / 1e9 + fixed
+    return sum(m * a for m, a in zip(macs, a_bits)) * w_bits / 1e9 + c_fixed
 
 
 def gbops_range(model: nn.Module, w_bits: int) -> tuple[float, float]:
     """Feasible budgets: every searched layer at the smallest candidate, and at the largest."""
     layers = searched_layers(model)
-    macs, fixed = [m.macs for m in layers], fixed_gbops(model)
-    lo = config_gbops(macs, [min(m.act.bits) for m in layers], w_bits, fixed)
-    hi = config_gbops(macs, [max(m.act.bits) for m in layers], w_bits, fixed)
+    macs, c_fixed = [m.macs for m in layers], c_fixed_of(model)
+    lo = config_gbops(macs, [min(m.act.bits) for m in layers], w_bits, c_fixed)
+    hi = config_gbops(macs, [max(m.act.bits) for m in layers], w_bits, c_fixed)
     return lo, hi
 
 
 def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[int], w_bits: int,
-                     fixed_gbops_: float, target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 4: L_reg = | sum_l sum_b hs(alpha_l)_b * b * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
+                     c_fixed: float, target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
 
     Our choices: units of GBOPs (1e9), which make the paper's lambdas sensible; Eq. 4 taken
     literally, so its value is the distance of the *argmax* configuration to the target.
@@ -531,38 +563,39 @@ def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[i
     hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
     b = torch.as_tensor(bits, dtype=hs.dtype, device=hs.device)
     m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
-    gbops = (hs @ b * m).sum() * (w_bits / 1e9) + fixed_gbops_
+    gbops = (hs @ b * m).sum() * (w_bits / 1e9) + c_fixed
     return (gbops - target_gbops).abs(), gbops
 
 
-def repair_to_budget(probs: Sequence[Sequence[float]], chosen: list[int], bits: Sequence[int], macs: Sequence[int],
-                     w_bits: int, fixed: float, target_gbops: float) -> list[int]:
-    """Lower bits until the configuration fits the target. Our choice, the paper has no repair step.
+def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], bits: Sequence[int],
+                     macs: Sequence[int], w_bits: int, c_fixed: float, target_gbops: float) -> list[int]:
+    """Lower bits until the configuration fits the target; returns branch indices. Our choice,
+    the paper has no repair step.
 
     Each move lowers one layer to its next smaller candidate; we take the move that gives up
     the least softmax probability per BOP saved, until GBOPs <= target.
     """
-    chosen = list(chosen)
-    order = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices by bit-width
+    branches = list(branches)
+    by_bits = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices, smallest bit-width first
 
     def gb():
-        return config_gbops(macs, [bits[c] for c in chosen], w_bits, fixed)
+        return config_gbops(macs, [bits[i] for i in branches], w_bits, c_fixed)
 
     while gb() > target_gbops + 1e-9:
         best = None
-        for l, c in enumerate(chosen):
-            k = order.index(c)
+        for l, i in enumerate(branches):
+            k = by_bits.index(i)
             if k == 0:
                 continue
-            lower = order[k - 1]
-            saved = (bits[c] - bits[lower]) * w_bits * macs[l]
-            cost = (probs[l][c] - probs[l][lower]) / saved
+            lower = by_bits[k - 1]
+            saved = (bits[i] - bits[lower]) * w_bits * macs[l]
+            cost = (probs[l][i] - probs[l][lower]) / saved
             if best is None or cost < best[0]:
                 best = (cost, l, lower)
         if best is None:
             break
-        chosen[best[1]] = best[2]
-    return chosen
+        branches[best[1]] = best[2]
+    return branches
 
 
 # =====================================================================================
@@ -606,14 +639,16 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int = 4, first_la
     """Replace every Conv2d and Linear by a QuantLayer that keeps the original weight tensors.
 
     The first and last layers *in forward order* get a single fixed branch at first_last_bits
-    (activation and weight). Returns the model (patched in place), in "fp" mode.
+    (activation and weight). Returns the model (patched in place), in "fp" mode. Works on any
+    model that takes a (1, 3, bops_image_size, bops_image_size) image, torchvision's or yours.
     """
     traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
     for i, (name, mod, macs) in enumerate(traced):
         fixed = i in (0, len(traced) - 1)
-        q = QuantLayer(mod, [first_last_bits] if fixed else bits, first_last_bits if fixed else w_bits, name, macs, fixed)
+        q = QuantLayer(mod, [first_last_bits] if fixed else bits, first_last_bits if fixed else w_bits, name, macs,
+                       fixed)
         q.order = i
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
@@ -621,14 +656,16 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int = 4, first_la
 
 
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
-    """Set every quantized layer's mode.
+    """Set every quantized layer's mode: "fp", "meta" (every searched layer at branch index
+    `branch`), "search" or "selected"; the table of modes is at the top of section 2.
 
-    mode "fp": no quantization at all. "meta": every searched layer at candidate index `branch`
-    (Eq. 1). "search": softmax mixture (Eq. 2). "selected": each layer at its own `selected`
-    index. Fixed (first/last) layers are always at their single branch, except in "fp"; our
-    choice: their activations are at first-last bits from the start of bit selection.
-    `quant_weights` switches weight LSQ on or off (None: leave it).
+    Our choice: fixed (first/last) layers are at first-last bits from the start of bit
+    selection. `quant_weights` switches weight LSQ on or off (None: leave it; "fp": off).
     """
+    if mode not in ("fp", "meta", "search", "selected"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if mode == "meta" and branch is None:
+        raise ValueError("mode 'meta' needs a branch index")
     for m in quant_layers(model):
         if mode == "fp":
             m.act.mode = "fp"
@@ -638,66 +675,105 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
             m.act.mode, m.act.branch = "branch", branch
         elif mode == "search":
             m.act.mode = "search"
-        elif mode == "selected":
-            m.act.mode, m.act.branch = "branch", m.selected
         else:
-            raise ValueError(mode)
+            m.act.mode, m.act.branch = "branch", m.selected_branch
         if mode == "fp":
-            m.wq.enabled = False
+            m.weight_quant.enabled = False
         elif quant_weights is not None:
-            m.wq.enabled = quant_weights
+            m.weight_quant.enabled = quant_weights
 
 
 def alphas_of(model: nn.Module) -> list[nn.Parameter]:
+    """The architecture logits alpha_l of the searched layers, in forward order."""
     return [m.act.alpha for m in searched_layers(model)]
 
 
-def argmax_bits(model: nn.Module) -> list[int]:
+def meta_params(model: nn.Module) -> list[nn.Parameter]:
+    """What bit-meta and weight training update: every parameter but the alphas (weights, BN, steps)."""
+    alphas = {id(a) for a in alphas_of(model)}
+    return [p for p in model.parameters() if id(p) not in alphas]
+
+
+def argmax_branches(model: nn.Module) -> list[int]:
     """Per searched layer, the branch index with the largest alpha (ties: the first candidate)."""
     return [int(m.act.alpha.detach().argmax()) for m in searched_layers(model)]
 
 
-def apply_selection(model: nn.Module, chosen: Sequence[int]) -> None:
-    for m, c in zip(searched_layers(model), chosen):
-        m.selected = int(c)
+def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
+    """Record one branch index per searched layer as its selection (used by mode "selected")."""
+    for m, i in zip(searched_layers(model), branches):
+        m.selected_branch = int(i)
 
 
 # =====================================================================================
 # 6. The two phases (paper Table 1)
 # =====================================================================================
-# Bit selection: epochs 1..S-1 bit-meta only; epoch S alternates bit-meta and bit-search,
-# one iteration each (S = --search-epochs, 2 in the paper). Then bits = argmax alpha, and
-# weight training fine-tunes weights (now quantized) and steps at those bits.
+# Table 1 as code. S = bit-selection epochs (2 in the paper), E = all epochs.
+#
+#   init_quantizers(model, calib)                  # every branch's LSQ step, from one batch
+#   for epoch in 1 .. S:                           # bit selection
+#       for images, targets in loader:             #   Eq. 1; in epoch S also Eq. 3, same batch
+#           bit_selection_step(model, images, targets, opt, opt_alpha,
+#                              search=(epoch == S), lam=lam, target_gbops=t_bops)
+#   start_weight_training(model, t_bops)           # bits = argmax alpha; weight LSQ from the meta-state
+#   for epoch in S+1 .. E:                         # weight training at the selected bits
+#       for images, targets in loader:
+#           weight_training_step(model, images, targets, opt)
+#
+# The plumbing (section 7) adds its concerns through arguments, not globals: `sync(params,
+# loss)` all-reduces the gradients and stops on NaN or a signal, `autocast` is bf16 on GPUs.
 
 
-def bit_meta_step(model: nn.Module, images, targets, n_branches: int, autocast) -> torch.Tensor:
+def _no_sync(params, loss):
+    return loss
+
+
+def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
+    """LSQ's data-dependent init on one batch: each branch's step 2*mean|x|/sqrt(Qp) and each
+    layer's signedness. Our choice: BN in eval mode, so that the running statistics are left
+    alone. Leaves the model in "fp" mode."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for branch in range(len(searched_layers(model)[0].act.bits)):
+            set_mode(model, "meta", branch)
+            model(calib)
+    set_mode(model, "fp")
+    model.train(was_training)
+
+
+def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Tensor:
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b).
 
     One forward/backward per candidate; gradients accumulate in .grad (FP weights and each
-    branch's step); the caller all-reduces them once and takes one optimizer step. Our
-    choice: BN layers are shared by all candidates (their running statistics see them all).
+    branch's step). Our choice: BN layers are shared by all candidates (their running
+    statistics see them all). Returns L_meta, detached.
     """
+    autocast = autocast or contextlib.nullcontext
+    n = len(searched_layers(model)[0].act.bits)
     total = torch.zeros((), device=images.device)
-    for b in range(n_branches):
-        set_mode(model, "meta", b)
+    for branch in range(n):
+        set_mode(model, "meta", branch)
         with autocast():
-            loss = F.cross_entropy(model(images), targets) / n_branches
+            loss = F.cross_entropy(model(images), targets) / n
         loss.backward()
         total += loss.detach()
     return total
 
 
-def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, target_gbops: float, autocast):
+def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops: float, autocast=None):
     """Eq. 3: L = L_task + lambda * L_reg on the frozen meta-state; only the alphas get gradients.
 
     Weights and steps are fixed: requires_grad is switched off for everything but the alphas,
     so no weight or step gradient is even computed. BN statistics are frozen too: our choice is
     to normalise with the batch's statistics (those of the mixed activation being searched)
     without updating the running buffers, and to switch dropout off.
+    Returns (L, GBOPs of the argmax configuration), detached.
     """
+    autocast = autocast or contextlib.nullcontext
     layers = searched_layers(model)
     alphas = alphas_of(model)
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not a for a in alphas)]
+    frozen = [p for p in meta_params(model) if p.requires_grad]
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     set_mode(model, "search")
@@ -710,8 +786,8 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, 
     try:
         with autocast():
             task = F.cross_entropy(model(images), targets)
-        reg, gbops = bops_regularizer(torch.stack(alphas), layers[0].act.bits, [m.macs for m in layers], w_bits,
-                                      fixed_gbops(model), target_gbops)
+        reg, gbops = bops_regularizer(torch.stack(alphas), layers[0].act.bits, [m.macs for m in layers],
+                                      layers[0].weight_quant.bits, c_fixed_of(model), target_gbops)
         loss = task.float() + lam * reg
         loss.backward()
     finally:
@@ -724,21 +800,71 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, w_bits: int, 
     return loss.detach(), gbops.detach()
 
 
-def select_bits(model: nn.Module, w_bits: int, target_gbops: float, repair: bool = True):
-    """bits = argmax alpha per layer; if that is over the target and `repair`, lower bits to fit.
+def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
+                       lam: float = 0.0, target_gbops: float | None = None, autocast=None, sync=None):
+    """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch,
+    a bit-search step (Eq. 3-5) on the meta-state just updated, "given the same mini-batch"
+    (the paper's section on the fixed meta-state).
 
-    Returns (chosen branch indices, GBOPs, whether repair changed anything).
+    `opt` updates weights and LSQ steps (meta_params), `opt_alpha` the alphas. `sync(params,
+    loss)` runs after each backward, before its optimizer step, and returns the loss to report;
+    the plumbing all-reduces there and raises to stop. Returns (meta loss, search loss or
+    None, GBOPs of the argmax configuration or None).
+    """
+    sync = sync or _no_sync
+    opt.zero_grad(set_to_none=True)
+    meta_loss = sync([p for g in opt.param_groups for p in g["params"]],
+                     bit_meta_step(model, images, targets, autocast))
+    opt.step()
+    if not search:
+        return meta_loss, None, None
+    opt_alpha.zero_grad(set_to_none=True)
+    loss, gbops = bit_search_step(model, images, targets, lam, target_gbops, autocast)
+    search_loss = sync(alphas_of(model), loss)
+    opt_alpha.step()
+    return meta_loss, search_loss, gbops
+
+
+def select_branches(model: nn.Module, target_gbops: float, repair: bool = True):
+    """Bits = argmax alpha per layer; if that is over the target and `repair`, lower bits to fit.
+
+    Records the selection in the model; returns (branch indices, GBOPs, whether repair changed any).
     """
     layers = searched_layers(model)
     probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
-    chosen = argmax_bits(model)
-    bits, macs, fixed = layers[0].act.bits, [m.macs for m in layers], fixed_gbops(model)
-    repaired = chosen
-    if repair:
-        repaired = repair_to_budget(probs, chosen, bits, macs, w_bits, fixed, target_gbops)
-    apply_selection(model, repaired)
-    gb = config_gbops(macs, [bits[c] for c in repaired], w_bits, fixed)
-    return repaired, gb, repaired != chosen
+    argmax = argmax_branches(model)
+    bits, macs, w_bits = layers[0].act.bits, [m.macs for m in layers], layers[0].weight_quant.bits
+    branches = repair_to_budget(probs, argmax, bits, macs, w_bits, c_fixed_of(model), target_gbops) if repair else argmax
+    apply_selection(model, branches)
+    gbops = config_gbops(macs, [bits[i] for i in branches], w_bits, c_fixed_of(model))
+    return branches, gbops, branches != argmax
+
+
+def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = True):
+    """Everything that happens between the phases: select the bits (select_branches), switch every
+    layer to its selection with weight quantization on, and initialise each weight's LSQ step
+    from the meta-state weights. The weights and the chosen branches' activation steps are
+    kept: the paper's "mixed-precision-aware" initialisation. Returns select_branches' result.
+
+    Build fresh optimizers after this (the plumbing's choice: SGD with a cosine schedule).
+    """
+    selection = select_branches(model, target_gbops, repair)
+    set_mode(model, "selected", quant_weights=True)
+    for m in quant_layers(model):
+        m.weight_quant.init_step(m.weight)
+    return selection
+
+
+def weight_training_step(model: nn.Module, images, targets, opt, autocast=None, sync=None):
+    """One step of weight training: ordinary training of weights and steps at the selected bits."""
+    autocast, sync = autocast or contextlib.nullcontext, sync or _no_sync
+    opt.zero_grad(set_to_none=True)
+    with autocast():
+        loss = F.cross_entropy(model(images), targets)
+    loss.backward()
+    loss = sync([p for g in opt.param_groups for p in g["params"]], loss.detach())
+    opt.step()
+    return loss
 
 
 # =====================================================================================
@@ -845,6 +971,36 @@ def broadcast_model(dist: Dist, model: nn.Module) -> None:
         for t in model.state_dict().values():
             if torch.is_tensor(t):
                 torch.distributed.broadcast(t, 0)
+
+
+# ---- speed: torch.compile of the search mixture (--compile) ----------------------------
+
+
+def compile_quantizer_kernels() -> None:
+    """Our choice, off by default (--compile): torch.compile the search mixture's helpers.
+
+    Per branch, the mixture makes several passes over an activation; compiled, a branch
+    becomes one or two fused loops (CPU: C++ via a compiler on PATH; GPU: Triton), and a
+    6-candidate search costs little more than a 3-candidate one. The single-branch path
+    (weight training, bit-meta) stays eager: it must write its codes anyway, and
+    compiling it measured slower. The autograd function looks the helpers up at call time,
+    so swapping the module globals is enough.
+    """
+    import torch._dynamo
+
+    # one graph per (bits, signedness, rank) rather than per layer; detached inputs (no Parameter
+    # or requires_grad guards; in-place results still land, detach shares storage)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    g = globals()
+    for name in ("_mixture", "_mixture_grads"):
+        if not hasattr(g[name], "compiled"):
+            fn = torch.compile(g[name], dynamic=True)
+
+            def call(*a, _fn=fn, **kw):
+                return _fn(*[t.detach() if isinstance(t, torch.Tensor) else t for t in a], **kw)
+
+            call.compiled = fn
+            g[name] = call
 
 
 # ---- data ------------------------------------------------------------------------------
@@ -1049,7 +1205,7 @@ class Run:
         self.epoch = 0  # epochs finished
         self.history: list[dict] = []
         self.summary: dict = {"fp_top1": None, "seconds": {"bit_selection": 0.0, "weight_training": 0.0}}
-        self.selected: list[int] | None = None
+        self.selected_branches: list[int] | None = None
         self.build_optimizers()
 
     @property
@@ -1077,7 +1233,7 @@ class Run:
     def state_dict(self, rng: list) -> dict:
         return {"format": "metamix-checkpoint-1", "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
                 "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
-                "sched": self.sched.state_dict() if self.sched else None, "selected": self.selected,
+                "sched": self.sched.state_dict() if self.sched else None, "selected_branches": self.selected_branches,
                 "history": self.history, "summary": self.summary, "rng": rng}
 
     def load_state_dict(self, ck: dict, path: str) -> None:
@@ -1095,7 +1251,7 @@ class Run:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: model does not match ({str(e).splitlines()[0][:200]})") from None
-        self.epoch, self.selected = ck["epoch"], ck["selected"]
+        self.epoch, self.selected_branches = ck["epoch"], ck["selected_branches"]
         self.history, self.summary = ck["history"], ck["summary"]
         # the configuration evaluated at the end of the last epoch: argmax bits (FP weights) or the selection
         set_mode(self.model, "selected", quant_weights=self.phase == "weight_training")
@@ -1154,12 +1310,11 @@ def _check_step(loss_v: float, stop: bool, run: Run, epoch: int, step: int, step
 
 
 def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
-    """One epoch of the current phase; returns the mean training loss."""
+    """One epoch of the current phase (section 6's steps, with this run's sync); returns the mean loss."""
     a, model, dist = run.args, run.model, run.dist
     selecting = run.phase == "bit_selection"
-    alternating = selecting and epoch == a.search_epochs  # Table 1: epoch 2 alternates meta and search
-    kind = ("meta+search" if alternating else "meta") if selecting else "train"
-    alphas = alphas_of(model)
+    searching = selecting and epoch == a.search_epochs  # Table 1: the last selection epoch alternates
+    kind = ("meta+search" if searching else "meta") if selecting else "train"
     model.train()
     loader.sampler.set_epoch(epoch)
     if not selecting:
@@ -1168,28 +1323,23 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     for step, (images, targets) in enumerate(loader, 1):
         images = images.to(dist.device, non_blocking=True)
         targets = targets.to(dist.device, non_blocking=True)
-        run.opt.zero_grad(set_to_none=True)
-        if selecting:  # bit-meta step (Eq. 1)
-            loss = bit_meta_step(model, images, targets, len(a.bits), autocast)
-        else:  # weight training at the selected bits
-            with autocast():
-                loss = F.cross_entropy(model(images), targets)
-            loss.backward()
-        loss_v, stop = sync_step(dist, run.params, loss)
-        _check_step(loss_v, stop, run, epoch, step, steps)
-        run.opt.step()
-        if alternating:  # bit-search step (Eq. 3-5) on the meta-state just updated; our choice: same batch
-            run.opt_alpha.zero_grad(set_to_none=True)
-            s_loss, gb = bit_search_step(model, images, targets, a.lam, a.w_bits, a.target_gbops, autocast)
-            s_v, stop = sync_step(dist, alphas, s_loss)
-            _check_step(s_v, stop, run, epoch, step, steps)
-            run.opt_alpha.step()
-            gbops = float(gb)
+
+        def sync(params, loss):  # one all-reduce, then the NaN and stop checks, before the update
+            loss_v, stop = sync_step(dist, params, loss)
+            _check_step(loss_v, stop, run, epoch, step, steps)
+            return loss_v
+
+        if selecting:
+            loss_v, _, gb = bit_selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
+                                               lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync)
+            gbops = float(gb) if searching else gbops
+        else:
+            loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync)
         total += loss_v
         if dist.main and (step % a.print_freq == 0 or step == steps):
             dt = time.time() - t0
             ips = step * images.shape[0] * dist.world / max(dt, 1e-9)
-            extra = f" search-gbops {gbops:.2f}" if alternating else ""
+            extra = f" search-gbops {gbops:.2f}" if searching else ""
             print(f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}{extra} "
                   f"lr {run.opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {_fmt_time(dt / step * (steps - step))}",
                   flush=True)
@@ -1216,7 +1366,7 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
 
 def current_gbops(model: nn.Module, w_bits: int) -> float:
     layers = searched_layers(model)
-    return config_gbops([m.macs for m in layers], [m.act.bits[m.selected] for m in layers], w_bits, fixed_gbops(model))
+    return config_gbops([m.macs for m in layers], [m.act.bits[m.selected_branch] for m in layers], w_bits, c_fixed_of(model))
 
 
 def bits_report(model: nn.Module, args) -> dict:
@@ -1225,7 +1375,7 @@ def bits_report(model: nn.Module, args) -> dict:
     for m in layers:
         probs = None if m.fixed else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]
         out.append({"name": m.name, "type": m.kind, "macs": m.macs, "fixed": m.fixed,
-                    "a_bits": m.act.bits[0] if m.fixed else m.act.bits[m.selected], "w_bits": m.wq.bits,
+                    "a_bits": m.act.bits[0] if m.fixed else m.act.bits[m.selected_branch], "w_bits": m.weight_quant.bits,
                     "signed": m.act.signed, "probs": probs})
     searched = [r for r in out if not r["fixed"]]
     macs = sum(r["macs"] for r in searched)
@@ -1272,11 +1422,7 @@ def plot_bits(report: dict, path: str) -> bool:
 def finish_bit_selection(run: Run) -> None:
     """After the last search epoch: bits = argmax alpha (repaired to the budget), weight quantizers on."""
     a, model = run.args, run.model
-    chosen, gb, repaired = select_bits(model, a.w_bits, a.target_gbops, repair=not a.no_budget_repair)
-    run.selected = chosen
-    set_mode(model, "selected", quant_weights=True)
-    for m in quant_layers(model):  # LSQ weight steps from the meta-state weights
-        m.wq.init_step(m.weight)
+    run.selected_branches, gb, repaired = start_weight_training(model, a.target_gbops, repair=not a.no_budget_repair)
     run.build_optimizers("weight_training")
     report = bits_report(model, a)
     if run.dist.main:
@@ -1295,14 +1441,8 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     a, model, dist = run.args, run.model, run.dist
     if run.epoch == 0:
         # Data-dependent init on every rank from the same batch, then rank 0's values for all.
-        # Our choice: BN in eval mode here, so that initialisation leaves the running statistics alone.
-        model.eval()
-        with torch.no_grad():
-            for b in range(len(a.bits)):
-                set_mode(model, "meta", b)
-                model(calib.to(dist.device))
+        init_quantizers(model, calib.to(dist.device))
         broadcast_model(dist, model)
-        set_mode(model, "fp")
         run.summary["fp_top1"] = evaluate(model, val_loader, dist, autocast)["top1"]
         log(dist, f"full-precision top-1 before quantization: {run.summary['fp_top1']:.2f}%")
     for epoch in range(run.epoch + 1, a.epochs + 1):
@@ -1312,7 +1452,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         if phase == "bit_selection" and epoch == a.search_epochs:
             finish_bit_selection(run)
         elif phase == "bit_selection":
-            apply_selection(model, argmax_bits(model))
+            apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
         if run.sched is not None and phase == "weight_training":
             run.sched.step()
@@ -1443,7 +1583,7 @@ def check_budget(model: nn.Module, args) -> tuple[float, float]:
     lo, hi = gbops_range(model, args.w_bits)
     if args.target_gbops is None:  # our choice: uniform A4 on every searched layer
         layers = searched_layers(model)
-        args.target_gbops = config_gbops([m.macs for m in layers], [4] * len(layers), args.w_bits, fixed_gbops(model))
+        args.target_gbops = config_gbops([m.macs for m in layers], [4] * len(layers), args.w_bits, c_fixed_of(model))
     if not (lo - 1e-6 <= args.target_gbops <= hi + 1e-6) or not math.isfinite(args.target_gbops):
         raise BadInput(f"--target-gbops {args.target_gbops:g} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs "
                        f"for {args.arch} with bits {','.join(map(str, args.bits))}, w-bits {args.w_bits}, "
@@ -1491,7 +1631,7 @@ def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
     layers = quant_layers(model)
     print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  {'bits':<12} input")
     for i, m in enumerate(layers):
-        bits = f"A{m.act.bits[0]}/W{m.wq.bits} fixed" if m.fixed else f"A{{{','.join(map(str, m.act.bits))}}}/W{m.wq.bits}"
+        bits = f"A{m.act.bits[0]}/W{m.weight_quant.bits} fixed" if m.fixed else f"A{{{','.join(map(str, m.act.bits))}}}/W{m.weight_quant.bits}"
         sign = "unknown until the first batch" if m.act.signed is None else ("signed" if m.act.signed else "unsigned")
         if i == 0:
             sign = "signed (normalised image)"
@@ -1502,7 +1642,7 @@ def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
           f"target {args.target_gbops:.3f}")
     print(json.dumps({"arch": args.arch, "bits": args.bits, "w_bits": args.w_bits, "first_last_bits": args.first_last_bits,
                       "layers": len(layers), "macs": macs, "gbops_min": lo, "gbops_max": hi,
-                      "target_gbops": args.target_gbops, "fixed_gbops": fixed_gbops(model)}))
+                      "target_gbops": args.target_gbops, "c_fixed_gbops": c_fixed_of(model)}))
 
 
 def run_main(args) -> int:

@@ -70,7 +70,7 @@ def test_lsq_by_hand_signed_3bit():
     # bits 3 signed: Qn -4, Qp 3, s = 1: v = [-5.2, -1.4, 2.6, 3.2]
     x = torch.tensor([-5.2, -1.4, 2.6, 3.2], requires_grad=True)
     s = torch.tensor(1.0, requires_grad=True)
-    y = mm.lsq_quantize(x, s, 3, signed=True)
+    y = mm.lsq_quantize(x, s, 3, signed=True, grad_scale=1.0)
     assert y.tolist() == [-4.0, -1.0, 3.0, 3.0]
     y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert x.grad.tolist() == [0.0, 2.0, 3.0, 0.0]
@@ -160,6 +160,34 @@ def test_step_stays_positive():
     assert mm.positive(torch.tensor(0.0)).item() > 0
 
 
+def test_lsq_quantize_defaults_to_lsq_grad_scale():
+    """Without grad_scale, the step gradient is LSQ's: the raw sum times 1/sqrt(N * Qp), N = x.numel()."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    s = torch.tensor(0.3, requires_grad=True)
+    mm.lsq_quantize(x, s, 4, False).sum().backward()
+    _, _, ds = slow_lsq(x.reshape(-1).tolist(), [0.3] * 32, 4, False)
+    assert s.grad.item() == pytest.approx(sum(ds) / math.sqrt(32 * 15), rel=1e-5)
+    assert abs(s.grad.item()) < abs(sum(ds)) / 10  # not the unscaled sum
+    assert mm.lsq_grad_scale(32, 4, False) == 1 / math.sqrt(32 * 15)
+
+
+def test_lsq_quantize_makes_a_negative_step_positive():
+    """A step s <= 0 is used as |s| (floor 1e-8); its gradient is d|s|/ds times LSQ's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5)
+    pos, neg = torch.tensor(0.4, requires_grad=True), torch.tensor(-0.4, requires_grad=True)
+    y_pos, y_neg = mm.lsq_quantize(x, pos, 3, True), mm.lsq_quantize(x, neg, 3, True)
+    assert torch.equal(y_pos, y_neg)
+    y_pos.sum().backward(), y_neg.sum().backward()
+    assert pos.grad.item() != 0 and neg.grad.item() == -pos.grad.item()
+    zero = torch.tensor(0.0, requires_grad=True)
+    y = mm.lsq_quantize(x, zero, 3, True)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert zero.grad.item() == 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # Tier 1: multi-branch block (Fig. 4, Eq. 2)
 # ---------------------------------------------------------------------------------------
@@ -222,17 +250,17 @@ def test_fused_layer_equals_op_of_quantized_input(kind, mode, x_grad):
     layer = layer.double()
     q = mm.QuantLayer(layer, [8, 4, 2], 4, "l")
     q.act.mode, q.act.branch = mode, 2
-    q.wq.enabled = True
+    q.weight_quant.enabled = True
     with torch.no_grad():
         q.act.alpha.copy_(torch.tensor([0.3, -0.2, 0.5]))
     q(x)  # init steps
-    params = [q.act.step, q.act.alpha, q.weight, q.wq.step] + ([q.bias] if q.bias is not None else [])
+    params = [q.act.step, q.act.alpha, q.weight, q.weight_quant.step] + ([q.bias] if q.bias is not None else [])
     x1 = x.clone().requires_grad_(x_grad)
     y1 = q(x1)
     up = torch.randn_like(y1)
     g1 = torch.autograd.grad(y1, [x1] * x_grad + params, up, allow_unused=True)
     x2 = x.clone().requires_grad_(x_grad)
-    w = q.wq(q.weight)
+    w = q.weight_quant(q.weight)
     xa = q.act(x2)
     y2 = F.linear(xa, w, q.bias) if kind == "linear" else F.conv2d(xa, w, q.bias, 2, 1, 1, layer.groups)
     g2 = torch.autograd.grad(y2, [x2] * x_grad + params, up, allow_unused=True)
@@ -256,7 +284,7 @@ def test_search_mode_runs_one_convolution(monkeypatch):
 @pytest.mark.parametrize("mode", ["branch", "search"])
 def test_fused_layer_saves_only_input_and_weight(mode):
     q = mm.QuantLayer(nn.Conv2d(8, 8, 3, padding=1, bias=False), [8, 4, 2], 4, "c")
-    q.act.mode, q.wq.enabled = mode, True
+    q.act.mode, q.weight_quant.enabled = mode, True
     x = torch.relu(torch.randn(2, 8, 16, 16)).requires_grad_()
     q(x)
     saved = []
@@ -290,7 +318,7 @@ def test_compiled_kernels_match_eager(monkeypatch):
     for n in names:  # restored after the test
         monkeypatch.setattr(mm, n, getattr(mm, n))
     q = mm.QuantLayer(nn.Conv2d(4, 6, 3, padding=1), [8, 4, 2], 4, "c")
-    q.wq.enabled = True
+    q.weight_quant.enabled = True
     x = torch.relu(torch.randn(2, 4, 9, 9))
     results = []
     for compiled in (False, True):
@@ -301,7 +329,7 @@ def test_compiled_kernels_match_eager(monkeypatch):
             q.act.mode, q.act.branch = mode, 1
             xi = x.clone().requires_grad_()
             y = q(xi)
-            grads = torch.autograd.grad(y.square().sum(), [xi, q.act.step, q.act.alpha, q.weight, q.wq.step], allow_unused=True)
+            grads = torch.autograd.grad(y.square().sum(), [xi, q.act.step, q.act.alpha, q.weight, q.weight_quant.step], allow_unused=True)
             results.append((y.detach(), grads))
     for (ya, ga), (yb, gb) in zip(results[:2], results[2:]):
         assert torch.allclose(ya, yb, atol=1e-6)
@@ -361,7 +389,7 @@ def test_bops_against_independent_count(arch):
     # uniform W4A4
     uniform = sum(macs[n] for n in searched) * 4 * 4 / 1e9 + fixed
     lo, hi = mm.gbops_range(model, 4)
-    assert mm.config_gbops([macs[n] for n in searched], [4] * len(searched), 4, mm.fixed_gbops(model)) == pytest.approx(uniform)
+    assert mm.config_gbops([macs[n] for n in searched], [4] * len(searched), 4, mm.c_fixed_of(model)) == pytest.approx(uniform)
     assert hi == pytest.approx(sum(macs[n] for n in searched) * 8 * 4 / 1e9 + fixed)
     assert lo == pytest.approx(sum(macs[n] for n in searched) * min(layers[1].act.bits) * 4 / 1e9 + fixed)
     # a mixed configuration: cycle through the candidates, through the regularizer's one-hot forward
@@ -369,7 +397,7 @@ def test_bops_against_independent_count(arch):
     idx = [i % 3 for i in range(len(searched))]
     mixed = sum(macs[n] * cands[i] for n, i in zip(searched, idx)) * 4 / 1e9 + fixed
     alphas = F.one_hot(torch.tensor(idx), 3).float() * 5
-    reg, gb = mm.bops_regularizer(alphas, cands, [m.macs for m in layers[1:-1]], 4, mm.fixed_gbops(model), 0.0)
+    reg, gb = mm.bops_regularizer(alphas, cands, [m.macs for m in layers[1:-1]], 4, mm.c_fixed_of(model), 0.0)
     assert gb.item() == pytest.approx(mixed, rel=1e-5)
     if arch == "resnet18":  # by hand: conv1 = 64 * 3 * 7 * 7 * 112 * 112, fc = 512 * 1000
         assert first.macs == 64 * 3 * 49 * 112 * 112 and last.macs == 512 * 1000
@@ -453,11 +481,11 @@ def test_state_dict_round_trip(tmp_path):
     a.eval(), b.eval()
     assert torch.equal(a(x), b(x))
     assert [m.act.signed for m in mm.quant_layers(a)] == [m.act.signed for m in mm.quant_layers(b)]
-    assert [m.selected for m in mm.quant_layers(b)[1:-1]] == [1] * len(mm.searched_layers(b))
+    assert [m.selected_branch for m in mm.quant_layers(b)[1:-1]] == [1] * len(mm.searched_layers(b))
     # a full-precision checkpoint of the unpatched model loads into the patched one
     plain = torchvision.models.resnet18(num_classes=10).state_dict()
     missing, unexpected = b.load_state_dict(plain, strict=False)
-    assert not unexpected and all(".act." in k or ".wq." in k or k.endswith("_extra_state") for k in missing)
+    assert not unexpected and all(".act." in k or ".weight_quant." in k or k.endswith("_extra_state") for k in missing)
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,11 +505,9 @@ def _tiny_patched():
 
 
 def test_bit_meta_step_trains_weights_and_steps_not_alphas():
-    import contextlib
-
     model, x, y = _tiny_patched()
     model.train()
-    loss = mm.bit_meta_step(model, x, y, 3, contextlib.nullcontext)
+    loss = mm.bit_meta_step(model, x, y)
     # Eq. 1 by hand: the mean of the three single-precision losses (BN in train mode, same batch)
     ref = []
     m2 = copy.deepcopy(model)
@@ -496,12 +522,10 @@ def test_bit_meta_step_trains_weights_and_steps_not_alphas():
 
 
 def test_bit_search_step_trains_only_alphas():
-    import contextlib
-
     model, x, y = _tiny_patched()
     model.train()
     bn_before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and ("running" in k or "batches" in k)}
-    loss, gb = mm.bit_search_step(model, x, y, 0.4, 4, 30.0, contextlib.nullcontext)
+    loss, gb = mm.bit_search_step(model, x, y, 0.4, 30.0)
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         if name.endswith("act.alpha") and not any(name.startswith(f) for f in ("conv1.", "fc.")):
@@ -511,6 +535,80 @@ def test_bit_search_step_trains_only_alphas():
         assert p.requires_grad  # restored
     assert len(bn_before) == 3 * 20 and all(torch.equal(v, model.state_dict()[k]) for k, v in bn_before.items())  # BN frozen
     assert model.training and all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def _optimizers(model):
+    return (torch.optim.SGD(mm.meta_params(model), lr=0.05, momentum=0.9),
+            torch.optim.Adam(mm.alphas_of(model), lr=0.1, betas=(0.5, 0.999)))
+
+
+def test_bit_selection_step_is_meta_then_search_on_the_same_batch():
+    """Table 1: Eq. 1 and an SGD step, then Eq. 3 on the meta-state just updated, with the same batch."""
+    model, x, y = _tiny_patched()
+    model.train()
+    ref = copy.deepcopy(model)
+    opt, opt_alpha = _optimizers(model)
+    ropt, ropt_alpha = _optimizers(ref)
+    seen = []
+    meta, search, gb = mm.bit_selection_step(model, x, y, opt, opt_alpha, search=True, lam=0.4, target_gbops=30.0,
+                                             sync=lambda params, loss: seen.append(len(params)) or loss)
+    assert seen == [len(mm.meta_params(model)), len(mm.alphas_of(model))]  # sync before each update
+    ropt.zero_grad()
+    ref_meta = mm.bit_meta_step(ref, x, y)
+    ropt.step()
+    ropt_alpha.zero_grad()
+    ref_search, ref_gb = mm.bit_search_step(ref, x, y, 0.4, 30.0)
+    ropt_alpha.step()
+    assert torch.equal(meta, ref_meta) and torch.equal(search, ref_search) and torch.equal(gb, ref_gb)
+    for (n, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert not torch.is_tensor(a) or torch.equal(a, b), n
+    # epoch 1: bit-meta only, the alphas do not move
+    before = [a.detach().clone() for a in mm.alphas_of(model)]
+    meta, search, gb = mm.bit_selection_step(model, x, y, opt, opt_alpha)
+    assert search is None and gb is None and torch.isfinite(meta)
+    assert all(torch.equal(a, b) for a, b in zip(before, mm.alphas_of(model)))
+
+
+def test_start_weight_training_selects_switches_and_inits_weight_steps():
+    model, x, y = _tiny_patched()
+    with torch.no_grad():
+        for a in mm.alphas_of(model):
+            a.copy_(torch.tensor([1.0, 0.0, 0.0]))  # argmax: A8 everywhere, over a tight target
+    lo, hi = mm.gbops_range(model, 4)
+    target = (lo + hi) / 2
+    branches, gbops, repaired = mm.start_weight_training(model, target)
+    assert repaired and gbops <= target and branches == [m.selected_branch for m in mm.searched_layers(model)]
+    assert gbops == pytest.approx(mm.config_gbops([m.macs for m in mm.searched_layers(model)],
+                                                  [(8, 4, 2)[i] for i in branches], 4, mm.c_fixed_of(model)))
+    for m in mm.quant_layers(model):
+        assert m.weight_quant.enabled and m.act.mode == "branch"
+        assert m.act.branch == (0 if m.fixed else m.selected_branch)
+        qp = 2 ** (m.weight_quant.bits - 1) - 1
+        assert m.weight_quant.step.item() == pytest.approx(2 * m.weight.abs().mean().item() / math.sqrt(qp), rel=1e-5)
+    opt = torch.optim.SGD(mm.meta_params(model), lr=0.01)
+    loss = mm.weight_training_step(model, x, y, opt)
+    assert torch.isfinite(loss) and all(m.weight_quant.step.grad is not None for m in mm.quant_layers(model))
+
+
+def test_set_mode_refuses_unknown_modes():
+    model, _, _ = _tiny_patched()
+    with pytest.raises(ValueError):
+        mm.set_mode(model, "branch")
+    with pytest.raises(ValueError):
+        mm.set_mode(model, "meta")
+
+
+def test_readme_use_the_pieces_block_runs():
+    """The README's "Use the pieces in your own loop" code, extracted and run as written."""
+    text = (Path(__file__).parent / "README.md").read_text()
+    section = text.split("## Use the pieces in your own loop", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    ns = {"__name__": "readme"}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), ns)
+    model, target, gbops = ns["model"], ns["target"], ns["gbops"]
+    assert gbops <= target and math.isfinite(float(ns["loss"]))
+    assert all(m.weight_quant.enabled and m.act.mode == "branch" for m in mm.quant_layers(model))
 
 
 # ---------------------------------------------------------------------------------------
