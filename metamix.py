@@ -26,6 +26,8 @@ Symbols (paper -> code):
     OPs_l        MACs of layer l at 224x224 (deployment) QuantLayer.macs
     t_bops       target, in GBOPs (1e9 bit operations)   --target-gbops
     lambda       weight of the BOPs regularizer          --lam
+    C_fixed      BOPs of the fixed first/last layers     c_fixed, c_fixed_of(model)   (GBOPs)
+    b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
 
 Left out: mixed weight bits (the supplement's (A, W) pairs), PROFIT-style BN re-estimation,
 export to integer kernels. Choices the paper does not make are marked "Our choice" below
@@ -498,7 +500,7 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     g_in, g_w, g_b = torch.ops.aten.convolution_backward(
         g, inp, w, [w.shape[0]] if need_b else None, op.stride, op.padding, op.dilation, False, [0, 0], op.groups,
         [need_in, need_w, need_b])
-    return g_in, (g_w.to(weight.dtype) if g_w is not None else None), (g_b.to(weight.dtype) if g_b is not None else None)
+    return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
 
 
 # =====================================================================================
@@ -834,7 +836,9 @@ def select_branches(model: nn.Module, target_gbops: float, repair: bool = True):
     probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
     argmax = argmax_branches(model)
     bits, macs, w_bits = layers[0].act.bits, [m.macs for m in layers], layers[0].weight_quant.bits
-    branches = repair_to_budget(probs, argmax, bits, macs, w_bits, c_fixed_of(model), target_gbops) if repair else argmax
+    branches = argmax
+    if repair:
+        branches = repair_to_budget(probs, argmax, bits, macs, w_bits, c_fixed_of(model), target_gbops)
     apply_selection(model, branches)
     gbops = config_gbops(macs, [bits[i] for i in branches], w_bits, c_fixed_of(model))
     return branches, gbops, branches != argmax
@@ -902,7 +906,8 @@ class Dist:
         if self.cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1:
-            torch.distributed.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo",
+                                                 timeout=datetime.timedelta(minutes=timeout_min))
 
     @property
     def main(self) -> bool:
@@ -1073,7 +1078,8 @@ def build_datasets(args):
     classes = check_image_folder(args.data)
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    val_tf = T.Compose([T.Resize(int(round(args.image_size / 0.875))), T.CenterCrop(args.image_size), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(int(round(args.image_size / 0.875))), T.CenterCrop(args.image_size), T.ToTensor(),
+                        norm])
     train = ImageFolder(os.path.join(args.data, "train"), train_tf, loader=_load_rgb)
     val = ImageFolder(os.path.join(args.data, "val"), val_tf, loader=_load_rgb)
     return train, val, len(classes)
@@ -1232,7 +1238,8 @@ class Run:
 
     def state_dict(self, rng: list) -> dict:
         return {"format": "metamix-checkpoint-1", "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
-                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "opt_alpha": self.opt_alpha.state_dict(),
                 "sched": self.sched.state_dict() if self.sched else None, "selected_branches": self.selected_branches,
                 "history": self.history, "summary": self.summary, "rng": rng}
 
@@ -1303,7 +1310,8 @@ def _fmt_time(sec: float) -> str:
 def _check_step(loss_v: float, stop: bool, run: Run, epoch: int, step: int, steps: int) -> None:
     if not math.isfinite(loss_v):
         last = f"epoch {run.epoch}" if run.epoch else "none yet"
-        raise BadInput(f"loss is {loss_v} at epoch {epoch} step {step}/{steps} ({run.phase}); stopped before this update; "
+        raise BadInput(f"loss is {loss_v} at epoch {epoch} step {step}/{steps} ({run.phase}); "
+                       "stopped before this update; "
                        f"last good checkpoint: {run.args.output_dir}/checkpoint.pth ({last}); try a lower --lr")
     if stop:
         raise Interrupted(_STOP["signum"] or signal.SIGTERM, f"at epoch {epoch} step {step}/{steps}")
@@ -1358,15 +1366,18 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == targets[:, None]
         tot += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum").double(),
-                            hit[:, 0].sum().double(), hit.any(1).sum().double(), torch.tensor(float(len(targets)), device=dist.device, dtype=torch.float64)])
+                            hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                            torch.tensor(float(len(targets)), device=dist.device, dtype=torch.float64)])
     dist.all_reduce_(tot)
     n = max(tot[3].item(), 1.0)
-    return {"val_loss": tot[0].item() / n, "top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n, "n": int(tot[3].item())}
+    return {"val_loss": tot[0].item() / n, "top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n,
+            "n": int(tot[3].item())}
 
 
 def current_gbops(model: nn.Module, w_bits: int) -> float:
     layers = searched_layers(model)
-    return config_gbops([m.macs for m in layers], [m.act.bits[m.selected_branch] for m in layers], w_bits, c_fixed_of(model))
+    return config_gbops([m.macs for m in layers], [m.act.bits[m.selected_branch] for m in layers], w_bits,
+                        c_fixed_of(model))
 
 
 def bits_report(model: nn.Module, args) -> dict:
@@ -1375,11 +1386,13 @@ def bits_report(model: nn.Module, args) -> dict:
     for m in layers:
         probs = None if m.fixed else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]
         out.append({"name": m.name, "type": m.kind, "macs": m.macs, "fixed": m.fixed,
-                    "a_bits": m.act.bits[0] if m.fixed else m.act.bits[m.selected_branch], "w_bits": m.weight_quant.bits,
+                    "a_bits": m.act.bits[0] if m.fixed else m.act.bits[m.selected_branch],
+                    "w_bits": m.weight_quant.bits,
                     "signed": m.act.signed, "probs": probs})
     searched = [r for r in out if not r["fixed"]]
     macs = sum(r["macs"] for r in searched)
-    return {"arch": args.arch, "candidates": list(args.bits), "w_bits": args.w_bits, "first_last_bits": args.first_last_bits,
+    return {"arch": args.arch, "candidates": list(args.bits), "w_bits": args.w_bits,
+            "first_last_bits": args.first_last_bits,
             "target_gbops": args.target_gbops, "gbops": current_gbops(model, args.w_bits),
             "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # our reading of "3.85/4"
             "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
@@ -1391,7 +1404,8 @@ def layer_table(report: dict) -> str:
     rows = [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"]
     for r in report["layers"]:
         tag = " (fixed)" if r["fixed"] else ""
-        rows.append(f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}{tag}")
+        bar = "#" * r["a_bits"]
+        rows.append(f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {bar:<8} A{r['a_bits']}{tag}")
     return "\n".join(rows)
 
 
@@ -1430,7 +1444,8 @@ def finish_bit_selection(run: Run) -> None:
         note = " (argmax was over the target: lowered by budget repair)" if repaired else ""
         flag = "" if gb <= a.target_gbops + 1e-9 else "  OVER TARGET"
         print(f"selected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{flag}{note}; "
-              f"average activation bits {report['avg_a_bits']:.2f} (MAC-weighted {report['avg_a_bits_mac_weighted']:.2f})",
+              f"average activation bits {report['avg_a_bits']:.2f} "
+              f"(MAC-weighted {report['avg_a_bits_mac_weighted']:.2f})",
               flush=True)
         atomic_write(os.path.join(a.output_dir, "bits.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
         plot_bits(report, os.path.join(a.output_dir, "bits.png"))
@@ -1490,18 +1505,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="MetaMix mixed-precision activation quantization (AAAI 2024)",
                                 add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet18", help="torchvision classification model")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (built in) or an ImageNet-style folder with train/ and val/")
-    p.add_argument("--target-gbops", type=float, default=None, help="BOPs budget in GBOPs (default: every searched layer at A4)")
-    p.add_argument("--bits", default=None, help="candidate activation bit-widths (default per arch: resnet18 8,4,2; MobileNets 8,4,3)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (built in) or a folder with train/ and val/")
+    p.add_argument("--target-gbops", type=float, default=None, help="budget in GBOPs (default: uniform A4)")
+    p.add_argument("--bits", default=None, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
     p.add_argument("--w-bits", type=int, default=4, help="weight bit-width of every searched layer")
-    p.add_argument("--first-last-bits", type=int, default=8, help="weight and input bits of the first conv and the last Linear")
-    p.add_argument("--lam", type=float, default=None, help="lambda of the BOPs regularizer (default per arch: 0.4 / 1 / 4)")
-    p.add_argument("--search-epochs", type=int, default=2, help="bit-selection epochs; the last alternates meta and search")
-    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
+    p.add_argument("--first-last-bits", type=int, default=8, help="weight and input bits of the first and last layers")
+    p.add_argument("--lam", type=float, default=None, help="lambda of Eq. 3 (default per arch: 0.4 / 1 / 4)")
+    p.add_argument("--search-epochs", type=int, default=2, help="bit-selection epochs; the last also searches")
+    p.add_argument("--epochs", type=int, default=None, help="total epochs (default: 90 / 140; synthetic 8)")
     p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 ImageNet fine-tuning, 0.05 synthetic)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 ImageNet, 0.05 synthetic)")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of conv/linear weights")
-    p.add_argument("--alpha-lr", type=float, default=None, help="Adam learning rate of the alphas (default: 0.01 ImageNet, 0.1 synthetic)")
+    p.add_argument("--alpha-lr", type=float, default=None, help="alpha LR (default: 0.01 ImageNet, 0.1 synthetic)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers per process (ImageFolder)")
     p.add_argument("--image-size", type=int, default=None, help="training crop (default: 224 ImageNet, 32 synthetic)")
     p.add_argument("--bops-image-size", type=int, default=224, help="resolution at which MACs/BOPs are counted")
@@ -1509,11 +1524,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="start from torchvision's DEFAULT weights")
     p.add_argument("--init", default=None, metavar="PATH", help="start from a local full-precision state dict")
     p.add_argument("--output-dir", default="runs/metamix", help="checkpoint.pth, bits.json, log.jsonl, args.json")
-    p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue a run ('auto': output-dir/checkpoint.pth if present)")
-    p.add_argument("--stop-after-epoch", type=int, default=0, help="end this run cleanly after this epoch (time-limited slots)")
+    p.add_argument("--resume", default=None, metavar="PATH|auto", help="continue a run ('auto': output-dir's)")
+    p.add_argument("--stop-after-epoch", type=int, default=0, help="end cleanly after this epoch (time-limited slots)")
     p.add_argument("--no-budget-repair", action="store_true", help="keep argmax bits even if over the target")
     p.add_argument("--evaluate", action="store_true", help="only evaluate (the --resume checkpoint, or the FP model)")
-    p.add_argument("--dry-run", action="store_true", help="print layers, MACs and the feasible GBOPs range; no data, no training")
+    p.add_argument("--dry-run", action="store_true", help="print layers, MACs, feasible GBOPs; no training")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (data order, synthetic data, init)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (quantizer math stays fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the quantizer's elementwise kernels")
@@ -1549,7 +1564,8 @@ def resolve_args(args) -> argparse.Namespace:
     """Fill per-arch and per-data defaults and reject bad values before anything heavy happens."""
     archs = classification_archs()
     if args.arch not in archs:
-        raise BadInput(f"--arch {args.arch!r} is not a torchvision classification model; choose one of: {', '.join(archs)}")
+        raise BadInput(f"--arch {args.arch!r} is not a torchvision classification model; "
+                       f"choose one of: {', '.join(archs)}")
     d = ARCH_DEFAULTS.get(args.arch, dict(bits="8,4,2", lam=1.0, epochs=90))
     synthetic = args.data == "synthetic"
     args.bits = _parse_bits(args.bits if args.bits is not None else d["bits"], "--bits")
@@ -1631,7 +1647,8 @@ def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
     layers = quant_layers(model)
     print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  {'bits':<12} input")
     for i, m in enumerate(layers):
-        bits = f"A{m.act.bits[0]}/W{m.weight_quant.bits} fixed" if m.fixed else f"A{{{','.join(map(str, m.act.bits))}}}/W{m.weight_quant.bits}"
+        a_bits = str(m.act.bits[0]) if m.fixed else "{" + ",".join(map(str, m.act.bits)) + "}"
+        bits = f"A{a_bits}/W{m.weight_quant.bits}" + (" fixed" if m.fixed else "")
         sign = "unknown until the first batch" if m.act.signed is None else ("signed" if m.act.signed else "unsigned")
         if i == 0:
             sign = "signed (normalised image)"
@@ -1640,7 +1657,8 @@ def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
     print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at {args.bops_image_size}px; "
           f"feasible range {lo:.3f} .. {hi:.3f} GBOPs (first/last at {args.first_last_bits} bits); "
           f"target {args.target_gbops:.3f}")
-    print(json.dumps({"arch": args.arch, "bits": args.bits, "w_bits": args.w_bits, "first_last_bits": args.first_last_bits,
+    print(json.dumps({"arch": args.arch, "bits": args.bits, "w_bits": args.w_bits,
+                      "first_last_bits": args.first_last_bits,
                       "layers": len(layers), "macs": macs, "gbops_min": lo, "gbops_max": hi,
                       "target_gbops": args.target_gbops, "c_fixed_gbops": c_fixed_of(model)}))
 
@@ -1684,7 +1702,8 @@ def run_main(args) -> int:
             log(dist, json.dumps({**m, "gbops": current_gbops(model, args.w_bits) if resume else None}))
             return 0
         if dist.main:
-            atomic_write(os.path.join(args.output_dir, "args.json"), lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
+            text = json.dumps(vars(args), indent=1).encode()
+            atomic_write(os.path.join(args.output_dir, "args.json"), lambda f: f.write(text))
             log(dist, f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, lambda {args.lam}, target "
                       f"{args.target_gbops:.3f} GBOPs (feasible {lo:.3f} .. {hi:.3f}), {args.epochs} epochs "
                       f"({args.search_epochs} bit selection), world size {dist.world} on {dist.device.type}")
@@ -1711,10 +1730,12 @@ def main(args) -> int:
         print(f"metamix: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"metamix: {e}; the last checkpoint is in {args.output_dir}; continue with --resume auto", file=sys.stderr)
+        print(f"metamix: {e}; the last checkpoint is in {args.output_dir}; continue with --resume auto",
+              file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print(f"metamix: interrupted; the last checkpoint is in {args.output_dir}; continue with --resume auto", file=sys.stderr)
+        print(f"metamix: interrupted; the last checkpoint is in {args.output_dir}; continue with --resume auto",
+              file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:
@@ -1726,7 +1747,8 @@ def main(args) -> int:
         if "Original Traceback" in str(e) and "BadInput" in str(e):
             print(f"metamix: error: {_one_line(e)}", file=sys.stderr)
             return 2
-        print(f"metamix: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"metamix: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 
