@@ -384,16 +384,38 @@ class _MixedQuantOp(torch.autograd.Function):
     branch. probs: (K,) mixture weights, or None for a single branch (p = 1). w_step /
     w_qparams: the weight's positive step and (Qn, Qp, grad scale), or None for a
     full-precision weight. qranges: K pairs (Qn, Qp); grad_scales: K floats.
+
+    The op runs on the integer codes and its output is scaled after: op(s_a q_a, s_w q_w) + b =
+    s_a s_w op(q_a, q_w) + b. Codes up to 256 are exact in bf16, so under bf16 autocast every
+    operand stays on its grid (s * q formed first would land up to 0.6 of a code off at 8 bits),
+    and the only bf16 rounding is that of the op's output. The search mixture sum_i p_i s_i q_i
+    is on no grid: under bf16 each of its elements is rounded once (relative error <= 2^-8, as
+    for any bf16 activation) while the weight codes stay exact (test_bf16_autocast_*).
     """
 
     @staticmethod
     def forward(ctx, x, steps, probs, weight, w_step, bias, qranges, grad_scales, w_qparams, op):
-        xm = _mix(_upcast(x), steps, probs, qranges)  # quantizer math in fp32, also under autocast
-        w = weight if w_qparams is None else _lsq_forward(weight, w_step, w_qparams[0], w_qparams[1])
+        xf = _upcast(x)  # quantizer math in fp32, also under autocast
+        if probs is None:
+            x_in, scale = _lsq_codes(xf, steps[0], *qranges[0]), steps[0]
+        else:
+            x_in, scale = _mixture(xf, steps, probs, qranges), None
+        w = weight
+        if w_qparams is not None:
+            w = _lsq_codes(weight, w_step, w_qparams[0], w_qparams[1])
+            scale = w_step if scale is None else scale * w_step
         ctx.save_for_backward(x, steps, probs, weight, w_step)
         ctx.qranges, ctx.grad_scales, ctx.w_qparams, ctx.op = qranges, grad_scales, w_qparams, op
         ctx.has_bias = bias is not None
-        return _op_forward(xm, w, bias, op)
+        out = _op_forward(x_in, w, None, op)
+        if scale is None and bias is None:
+            return out
+        y = _upcast(out)  # scale and bias in fp32 (in place: out is ours), one rounding back to out's dtype
+        if scale is not None:
+            y.mul_(scale)
+        if bias is not None:
+            y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
+        return y.to(out.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -423,7 +445,7 @@ class _MixedQuantOp(torch.autograd.Function):
                                     inplace=True)
                 gs = gs.reshape(1) if gs is not None else None
         else:  # search (Eq. 2)
-            xm = _mix(xf, steps, probs, ctx.qranges) if need_wgrad else None
+            xm = _mixture(xf, steps, probs, ctx.qranges) if need_wgrad else None
             g_in, g_w, g_b = _op_backward(g, xm if need_wgrad else xf, w, op, need_in, need_wgrad, need_b)
             del xm
             if g_in is not None:
@@ -465,15 +487,8 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _mix(x, steps, probs, qranges):
-    """x_hat of Eq. 2: sum_i p_i * Q_i(x; s_i); a single branch (probs None) is plain LSQ."""
-    if probs is None:
-        return _lsq_forward(x, steps[0], *qranges[0])
-    return _mixture(x, steps, probs, qranges)
-
-
 def _mixture(x, steps, probs, qranges):
-    """sum_i p_i * s_i * round(clamp(x / s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
+    """x_hat of Eq. 2: sum_i p_i * s_i * round(clamp(x / s_i, Qn_i, Qp_i)); 4 passes per branch, one scratch buffer."""
     out = tmp = None
     for i, (qn, qp) in enumerate(qranges):
         tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()

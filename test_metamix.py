@@ -311,6 +311,59 @@ def test_fused_layer_under_cpu_bf16_autocast():
     assert torch.allclose(y.float(), ref, atol=0.1, rtol=0.05)
 
 
+def _codes(x, step, bits, signed):
+    """Integer codes exactly as training forms them (fp32 division), as float64."""
+    qn, qp = mm.lsq_range(bits, signed)
+    return torch.clamp(x / step, qn, qp).round().double()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_bf16_autocast_runs_the_op_on_integer_codes(bits, kind):
+    """Under bf16 autocast the layer equals s_a*s_w*op(q_a, q_w) + b, computed in float64 from the
+    codes, within the rounding of the op's bf16 output and of the final cast: <= 2^-8 of each."""
+    torch.manual_seed(bits)
+    if kind == "conv":
+        layer, x = nn.Conv2d(16, 8, 3, padding=1), torch.relu(torch.randn(2, 16, 8, 8)) * 3
+    else:
+        layer, x = nn.Linear(64, 10), torch.relu(torch.randn(4, 64)) * 3
+    q = mm.QuantLayer(layer, [bits], bits, "l", fixed=True)
+    q.act.mode, q.act.branch, q.weight_quant.enabled = "branch", 0, True
+    q(x)  # LSQ init
+    s_a, s_w = mm.positive(q.act.step.detach()[0]), mm.positive(q.weight_quant.step.detach())
+    qa, qw = _codes(x, s_a, bits, False), _codes(q.weight.detach(), s_w, bits, True)
+    op = (lambda a, w: F.conv2d(a, w, None, 1, 1)) if kind == "conv" else (lambda a, w: F.linear(a, w))
+    core = op(qa, qw) * (s_a.double() * s_w.double())
+    b = q.bias.detach().double()
+    ref = core + (b.view(-1, 1, 1) if kind == "conv" else b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    err = (y.double() - ref).abs()
+    assert (err <= 2**-8 * (core.abs() + ref.abs()) + 1e-30).all(), err.max()
+
+
+def test_bf16_autocast_search_mixture_error_is_bounded():
+    """The Eq. 2 mixture is on no grid: bf16 rounds each mixed element once (<= 2^-8 relative),
+    the weight codes are exact, then the output rounds as above."""
+    torch.manual_seed(0)
+    q = mm.QuantLayer(nn.Conv2d(16, 8, 3, padding=1, bias=False), [8, 4, 2], 4, "c")
+    q.act.mode, q.weight_quant.enabled = "search", True
+    x = torch.relu(torch.randn(2, 16, 8, 8)) * 3
+    q(x)
+    with torch.no_grad():
+        q.act.alpha.copy_(torch.tensor([0.3, 0.1, -0.2]))
+    steps, s_w = mm.positive(q.act.step.detach()), mm.positive(q.weight_quant.step.detach())
+    p = F.softmax(q.act.alpha.detach(), 0)
+    xm = sum(p[i].double() * steps[i].double() * _codes(x, steps[i], b, False) for i, b in enumerate((8, 4, 2)))
+    w = _codes(q.weight.detach(), s_w, 4, True) * s_w.double()
+    ref = F.conv2d(xm, w, None, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    bound = 2**-8 * F.conv2d(xm.abs(), w.abs(), None, 1, 1) + 2**-7 * ref.abs() + 1e-6
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
 def test_compiled_kernels_match_eager(monkeypatch):
     """--compile swaps the elementwise helpers for torch.compile'd ones: same values and gradients."""
     torch.manual_seed(0)
