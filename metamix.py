@@ -973,11 +973,23 @@ def sync_bn_stats(dist: Dist, model: nn.Module) -> None:
                 t /= dist.world
 
 
-def replicas_in_sync(dist: Dist, model: nn.Module) -> bool:
-    """Compare a checksum of every parameter, buffer, step and alpha across ranks."""
+def quantizer_flags(model: nn.Module) -> list:
+    """Per quantized layer, the state that is not a tensor: input signedness and selected branch."""
+    return [(m.act.signed, m.selected_branch) for m in quant_layers(model)]
+
+
+def replica_fingerprint(model: nn.Module) -> torch.Tensor:
+    """A checksum of every parameter, buffer, step and alpha, and of each layer's signedness and
+    selected branch (plain Python state, which a tensor checksum alone would miss)."""
     sums = [torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
             for t in model.state_dict().values() if torch.is_tensor(t) and t.is_floating_point()]
-    mine = torch.cat(sums)
+    flags = [float(-1 if signed is None else signed) * 1000 + branch for signed, branch in quantizer_flags(model)]
+    return torch.cat(sums + [torch.tensor(flags, dtype=torch.float64, device=sums[0].device)])
+
+
+def replicas_in_sync(dist: Dist, model: nn.Module) -> bool:
+    """Compare replica_fingerprint across ranks."""
+    mine = replica_fingerprint(model)
     if dist.world == 1:
         return True
     gathered = [torch.empty_like(mine) for _ in range(dist.world)]
@@ -986,11 +998,16 @@ def replicas_in_sync(dist: Dist, model: nn.Module) -> bool:
 
 
 def broadcast_model(dist: Dist, model: nn.Module) -> None:
-    """Make rank 0's parameters and buffers everybody's (after data-dependent init)."""
+    """Make rank 0's parameters, buffers and signedness everybody's (after data-dependent init):
+    each layer's signed/unsigned range is decided once, for all ranks."""
     if dist.world > 1:
         for t in model.state_dict().values():
             if torch.is_tensor(t):
                 torch.distributed.broadcast(t, 0)
+        signs = [m.act.signed for m in quant_layers(model)]
+        torch.distributed.broadcast_object_list(signs, 0)
+        for m, signed in zip(quant_layers(model), signs):
+            m.act.signed = signed
 
 
 # ---- speed: torch.compile of the search mixture (--compile) ----------------------------
@@ -1127,10 +1144,17 @@ def build_loaders(args, dist: Dist, train_set, val_set):
     train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
     # Every validation image exactly once across ranks: rank r takes r, r+W, r+2W, ... (no padding).
     val = DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **common)
-    # LSQ's "first batch": a random one, the same on every rank (seeded independently of the rank)
-    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[: args.batch_size]
-    calib = torch.stack([train_set[int(i)][0] for i in pick])
-    return train, val, calib
+    return train, val, calibration_batch(train_set, args.batch_size, args.seed)
+
+
+def calibration_batch(train_set, n: int, seed: int) -> torch.Tensor:
+    """LSQ's "first batch": n random training images, the same on every rank. The picks and the
+    augmentation (RandomResizedCrop and flip draw from torch's global RNG) are seeded by `seed`
+    alone, in a forked RNG, so that each rank's own stream is left where it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pick = torch.randperm(len(train_set))[:n]
+        return torch.stack([train_set[int(i)][0] for i in pick])
 
 
 # ---- model -----------------------------------------------------------------------------

@@ -834,10 +834,14 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def make_image_folder(root: Path, classes: int = 3, n_train: int = 8, n_val: int = 4, size: int = 40) -> Path:
+def make_image_folder(root: Path, classes: int = 3, n_train: int = 8, n_val: int = 4, size: int = 40,
+                      textured: bool = False) -> Path:
+    """Class k: a colour near a class colour; `textured` adds a random pattern, so that crops and flips
+    change the image (augmentation of a plain colour is the identity)."""
     from PIL import Image
 
     rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
     for split, n in (("train", n_train), ("val", n_val)):
         for k in range(classes):
             d = root / split / f"class_{k}"
@@ -845,7 +849,11 @@ def make_image_folder(root: Path, classes: int = 3, n_train: int = 8, n_val: int
             base = [(255 if c == k % 3 else 40) for c in range(3)]
             for i in range(n):
                 colour = tuple(min(255, max(0, v + rng.randint(-30, 30))) for v in base)
-                Image.new("RGB", (size, size), colour).save(d / f"img_{i}.png")
+                img = Image.new("RGB", (size, size), colour)
+                if textured:
+                    pattern = torch.tensor(colour).view(1, 1, 3) + 60 * torch.randn(size, size, 3, generator=g)
+                    img = Image.fromarray(pattern.clamp(0, 255).to(torch.uint8).numpy())
+                img.save(d / f"img_{i}.png")
     return root
 
 
@@ -962,6 +970,54 @@ def test_resume_inside_weight_training_is_exact(ref_run, tmp_path):
     p = run_cli(*REF, "--output-dir", out, "--resume", "auto")
     assert "after epoch 3" in p.stdout
     assert_same_run(ref_run, out)
+
+
+def test_calibration_batch_is_the_same_on_every_rank(tmp_path):
+    """LSQ's calibration batch does not depend on the rank's RNG stream, and leaves it untouched."""
+    data = make_image_folder(tmp_path / "data", textured=True)
+    args = mm.resolve_args(mm.get_args_parser().parse_args(["--data", str(data), "--image-size", "32"]))
+    train, _, _ = mm.build_datasets(args)
+    batches = []
+    for rank in (0, 1):
+        torch.manual_seed(args.seed + rank)  # the driver's per-rank seed, set before the loaders are built
+        before = torch.get_rng_state()
+        batches.append(mm.calibration_batch(train, 6, args.seed))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(batches[0], batches[1])
+    assert not torch.equal(batches[0], mm.calibration_batch(train, 6, args.seed + 1))  # augmentation is random
+
+
+def test_replica_fingerprint_sees_signedness_and_selection():
+    model, _, _ = _tiny_patched()
+    layer = mm.searched_layers(model)[3]
+    ref = mm.replica_fingerprint(model)
+    layer.act.signed = not layer.act.signed
+    assert not torch.equal(ref, mm.replica_fingerprint(model))
+    layer.act.signed = not layer.act.signed
+    assert torch.equal(ref, mm.replica_fingerprint(model))
+    layer.selected_branch = 2
+    assert not torch.equal(ref, mm.replica_fingerprint(model))
+
+
+def test_torchrun_two_processes_image_folder(tmp_path):
+    """Two ranks on augmented ImageFolder data: one calibration batch, one signedness, replicas in sync."""
+    data = make_image_folder(tmp_path / "data", textured=True)
+    out = tmp_path / "out"
+    cmd = torchrun_cmd("--arch", "resnet18", "--data", data, "--image-size", "32", "--batch-size", "4",
+                       "--workers", "0", "--epochs", "3", "--search-epochs", "2", "--print-freq", "1000",
+                       "--output-dir", out, "--stop-after-epoch", "1")
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [1] and log[0]["replicas_in_sync"] is True
+    # the steps a single process initialises from the same seed are the ones both ranks hold
+    single = tmp_path / "single"
+    run_cli("--arch", "resnet18", "--data", data, "--image-size", "32", "--batch-size", "4", "--workers", "0",
+            "--epochs", "3", "--search-epochs", "2", "--print-freq", "1000", "--output-dir", single,
+            "--stop-after-epoch", "1")
+    a, b = load_ck(out / "checkpoint.pth")["model"], load_ck(single / "checkpoint.pth")["model"]
+    assert [v["signed"] for k, v in a.items() if k.endswith("act._extra_state")] == \
+           [v["signed"] for k, v in b.items() if k.endswith("act._extra_state")]
 
 
 def test_image_folder_end_to_end(tmp_path):
