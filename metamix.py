@@ -352,12 +352,12 @@ class QuantLayer(nn.Module):
         self.selected_branch = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wq = self.weight_quant
+        w_quant = self.weight_quant
         if self.act.mode == "fp":
-            return _op_forward(x, wq(self.weight), self.bias, self.op)
+            return _op_forward(x, w_quant(self.weight), self.bias, self.op)
         _, steps, probs, qranges, grad_scales = self.act.params_for(x)
-        w_qparams = wq.qparams(self.weight) if wq.enabled else None
-        w_step = positive(wq.step) if wq.enabled else None
+        w_qparams = w_quant.qparams(self.weight) if w_quant.enabled else None
+        w_step = positive(w_quant.step) if w_quant.enabled else None
         return _MixedQuantOp.apply(x, steps, probs, self.weight, w_step, self.bias, qranges, grad_scales, w_qparams,
                                    self.op)
 
