@@ -40,6 +40,7 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -1615,6 +1616,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-budget-repair", action="store_true", help="keep argmax bits even if over the target")
     p.add_argument("--evaluate", action="store_true", help="only evaluate (the --resume checkpoint, or the FP model)")
     p.add_argument("--dry-run", action="store_true", help="print layers, MACs, feasible GBOPs; no training")
+    p.add_argument("--export", action="store_true", help="write model_int.pth (integer weights, scales) at the end "
+                   "and check it; with --resume: export that checkpoint, no training")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (data order, synthetic data, init)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (quantizer math stays fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the quantizer's elementwise kernels")
@@ -1681,6 +1684,8 @@ def resolve_args(args) -> argparse.Namespace:
         raise BadInput("--amp needs a CUDA device and none is available; run without --amp")
     if args.resume and args.dry_run:
         raise BadInput("--resume and --dry-run do not go together")
+    if args.export and (args.evaluate or args.dry_run):
+        raise BadInput(f"--export and {'--evaluate' if args.evaluate else '--dry-run'} do not go together")
     return args
 
 
@@ -1802,6 +1807,9 @@ def run_main(args) -> int:
         if resume:
             run.load_state_dict(load_file(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
+            if args.export:  # export that checkpoint as it stands (section 8)
+                export_run(run, val_loader)
+                return 0
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
         if args.compile:
             compile_quantizer_kernels()
@@ -1820,6 +1828,12 @@ def run_main(args) -> int:
             if args.pretrained:
                 log(dist, pretrained_note(args))
         train(run, train_loader, val_loader, calib, autocast)
+        if args.export:
+            if run.epoch == args.epochs:
+                export_run(run, val_loader)
+            else:
+                log(dist, f"export: not written, the run stopped after epoch {run.epoch}; after it finishes, "
+                          "run with --resume auto --export")
         return 0
     finally:
         dist.close()
@@ -1862,6 +1876,314 @@ def main(args) -> int:
         print(f"metamix: error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+# =====================================================================================
+# 8. Beyond the paper: integer export
+# =====================================================================================
+# The trained network as integers (--export writes model_int.pth). Per quantized layer: its
+# weight codes packed at w_bits, its activation and weight steps, its bias; everything else
+# (BN, anything not quantized) as a float state dict. An IntegerLayer computes what the
+# QuantLayer computes, in integers:
+#     q_a = round(clamp(x / s_a, Qn, Qp))      the activation's codes, as training computes them
+#     acc = op(q_a, q_w)                       code x code, summed exactly (see IntegerLayer)
+#     y   = s_a * s_w * acc + bias
+# The op is bilinear, op(s_a q_a, s_w q_w) = s_a s_w op(q_a, q_w): the fake-quantized forward
+# and this one differ only by float rounding. BN, activations, pooling and residual adds stay
+# float. Our choice, not the paper's (it has no deployment section).
+
+INT_FORMAT = "metamix-int-1"
+
+
+def _slot_bits(bits: int) -> int:
+    """Bits each code occupies when packed: 2 (2-bit, four per byte), 4 (3-4 bits, two per byte),
+    8 (5-8 bits, one per byte), 16 (9-16 bits, two bytes, low byte first)."""
+    for slot in (2, 4, 8, 16):
+        if bits <= slot:
+            return slot
+    raise ValueError(f"cannot pack {bits}-bit codes (at most 16)")
+
+
+def packed_size(numel: int, bits: int) -> int:
+    """Bytes that `numel` codes of `bits` bits take once packed."""
+    slot = _slot_bits(bits)
+    return numel * 2 if slot == 16 else -(-numel // (8 // slot))
+
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes (any shape, any dtype holding integers in [Qn, Qp]) -> flat uint8.
+
+    Each code is stored as the unsigned offset u = code - Qn in [0, 2^bits - 1], so signed and
+    unsigned codes pack the same way (our choice). Row-major order; code j of a byte sits in
+    bits [j*slot, (j+1)*slot) of it (the first code in the low bits); the last byte is
+    zero-padded. Unpack with `unpack_codes(packed, bits, signed, codes.numel())`.
+    """
+    qn, qp = lsq_range(bits, signed)
+    c = codes.detach().reshape(-1).cpu()
+    if c.is_floating_point() and not torch.equal(c, c.round()):
+        raise ValueError("codes must be integers")
+    u = c.to(torch.int64) - qn
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > qp - qn):
+        raise ValueError(f"codes outside [{qn}, {qp}] for {bits}-bit {'signed' if signed else 'unsigned'}")
+    slot = _slot_bits(bits)
+    if slot == 16:
+        return torch.stack([u & 255, u >> 8], 1).reshape(-1).to(torch.uint8)
+    per = 8 // slot
+    u = F.pad(u, (0, (-u.numel()) % per)).reshape(-1, per)
+    return (u << (torch.arange(per) * slot)).sum(1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, numel: int) -> torch.Tensor:
+    """The inverse of pack_codes: flat uint8 -> (numel,) int64 codes in [Qn, Qp]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_size(numel, bits):
+        raise ValueError(f"expected {packed_size(numel, bits)} packed bytes (uint8, flat) for {numel} {bits}-bit "
+                         f"codes, got {tuple(packed.shape)} {packed.dtype}")
+    qn = lsq_range(bits, signed)[0]
+    b = packed.cpu().to(torch.int64)
+    slot = _slot_bits(bits)
+    if slot == 16:
+        u = b[0::2] | (b[1::2] << 8)
+    else:
+        per = 8 // slot
+        u = ((b[:, None] >> (torch.arange(per) * slot)) & (2**slot - 1)).reshape(-1)
+    return u[:numel] + qn
+
+
+def export_layer(m: QuantLayer) -> dict:
+    """One QuantLayer at its selected bits (weight training) as plain tensors and builtins.
+
+    Steps are the ones the forward uses, positive(s), as Python floats (a float32 value is
+    exact in a Python float). The weight codes are computed as training computes them
+    (`_lsq_codes` on the float32 weight) and packed by `pack_codes`.
+    """
+    if not m.weight_quant.enabled or not m.weight_quant.initialized or m.act.signed is None:
+        raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
+    branch = 0 if m.fixed else m.selected_branch
+    a_bits, w_bits = m.act.bits[branch], m.weight_quant.bits
+    with torch.no_grad():
+        a_step = positive(m.act.step.detach()[branch : branch + 1]).item()
+        w_step_t = positive(m.weight_quant.step.detach())
+        qn, qp = lsq_range(w_bits, True)
+        codes = _lsq_codes(m.weight.detach().float(), w_step_t, qn, qp)
+    entry = {"name": m.name, "order": m.order, "kind": m.op.kind, "fixed": m.fixed,
+             "weight_shape": list(m.weight.shape)}
+    if m.op.kind == "conv2d":
+        entry.update(stride=list(m.op.stride), padding=list(m.op.padding), dilation=list(m.op.dilation),
+                     groups=m.op.groups)
+    entry.update(a_bits=a_bits, a_signed=bool(m.act.signed), a_step=a_step,
+                 w_bits=w_bits, w_signed=True, w_step=w_step_t.item(), w_packed=pack_codes(codes, w_bits, True),
+                 bias=None if m.bias is None else m.bias.detach().float().cpu().clone())
+    return entry
+
+
+def integer_export(model: nn.Module, arch: str, num_classes: int, bits_report: dict | None = None) -> dict:
+    """The content of model_int.pth: every quantized layer in forward order (export_layer), and
+    the float state of the rest, keyed as in the torchvision model. Loads with weights_only=True."""
+    layers = quant_layers(model)
+    prefixes = tuple(m.name + "." for m in layers)
+    float_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                   if torch.is_tensor(v) and not k.startswith(prefixes)}
+    return {"format": INT_FORMAT, "arch": arch, "num_classes": int(num_classes),
+            "packing": "codes stored as code - Qn; 2-bit four per byte, 3-4 bit two, 5-8 bit one, 9-16 bit two "
+                       "bytes (low first); first code in the low bits; row-major",
+            "layers": [export_layer(m) for m in layers], "float_state": float_state, "bits_report": bits_report}
+
+
+class IntegerLayer(nn.Module):
+    """An exported Conv2d or Linear on integer codes: y = s_a * s_w * op(q_a, q_w) + bias.
+
+    The input is rounded to codes by the training formula itself (`_lsq_codes`: round(clamp(x /
+    positive(s_a), Qn, Qp)), round half to even) on a float32 step, so the same x gives the same
+    codes. The accumulation runs in float64 on integer values and is exact, as an int32 would
+    be: every product and every partial sum is an integer, and float64 represents (and adds)
+    integers exactly below 2^53. |acc| <= fan_in * max|q_a| * max|q_w|; at 8-bit activations and
+    weights that is fan_in * 255 * 128 < fan_in * 2^15, exact up to fan_in 2^38 (int32 would
+    hold up to 2^16; ResNet-18's largest fan-in is 4608, MobileNet-v3's 1280). The constructor
+    refuses a layer whose bound reaches 2^53. The convolution runs with cuDNN off, so that it is
+    a direct or im2col + GEMM sum of products (no Winograd/FFT transforms, which would not be
+    exact); on the CPU, float64 convolutions never use those. The scale and the bias are applied
+    in float64, and the result is cast to the input's float dtype.
+    """
+
+    def __init__(self, entry: dict):
+        super().__init__()
+        self.name, self.kind = entry["name"], entry["kind"]
+        shape = [int(v) for v in entry["weight_shape"]]
+        if self.kind == "conv2d":
+            self.op = LayerOp("conv2d", tuple(entry["stride"]), tuple(entry["padding"]), tuple(entry["dilation"]),
+                              int(entry["groups"]))
+        elif self.kind == "linear":
+            self.op = LayerOp("linear")
+        else:
+            raise ValueError(f"{self.name}: unknown layer kind {self.kind!r}")
+        self.a_bits, self.a_signed, self.w_bits = int(entry["a_bits"]), bool(entry["a_signed"]), int(entry["w_bits"])
+        self.a_qrange = lsq_range(self.a_bits, self.a_signed)
+        fan_in = math.prod(shape[1:])
+        bound = fan_in * max(abs(v) for v in self.a_qrange) * max(abs(v) for v in lsq_range(self.w_bits, True))
+        if bound >= 2**53:
+            raise ValueError(f"{self.name}: |accumulator| may reach {bound} >= 2^53, not exact in float64")
+        codes = unpack_codes(entry["w_packed"], self.w_bits, bool(entry["w_signed"]), math.prod(shape))
+        # not persistent: the layer is rebuilt from the export entry, never from a state dict
+        self.register_buffer("w_codes", codes.reshape(shape).to(torch.float64), persistent=False)
+        self.register_buffer("a_step", torch.tensor(float(entry["a_step"]), dtype=torch.float32), persistent=False)
+        bias = entry["bias"]
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float64), persistent=False)
+        self.scale = float(entry["a_step"]) * float(entry["w_step"])  # s_a * s_w, a float64 product
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """q_a: the input's codes, as training computes them (float tensor of integers)."""
+        return _lsq_codes(_upcast(x), positive(self.a_step), *self.a_qrange)
+
+    def accumulate(self, q: torch.Tensor) -> torch.Tensor:
+        """op(q_a, q_w) in float64, exact (the int32 accumulator); q_a as from `codes`."""
+        with torch.backends.cudnn.flags(enabled=False):
+            return _op_forward(q.to(torch.float64), self.w_codes, None, self.op)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _upcast(x).dtype
+        y = self.accumulate(self.codes(x)) * self.scale
+        if self.bias is not None:
+            y = y + (self.bias if self.kind == "linear" else self.bias[:, None, None])
+        return y.to(dtype)
+
+    def extra_repr(self):
+        return f"{self.kind}, A{self.a_bits}{'s' if self.a_signed else 'u'}/W{self.w_bits}, " \
+               f"weight {tuple(self.w_codes.shape)}"
+
+
+def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
+    """The model of an export (integer_export's dict) with an IntegerLayer in place of each quantized
+    Conv2d and Linear and the float state loaded; in eval mode, on the CPU. `model` is the float
+    architecture, unpatched (its values are replaced); by default torchvision's `export["arch"]`."""
+    if not isinstance(export, dict) or export.get("format") != INT_FORMAT:
+        raise ValueError(f"not a metamix integer export (format {INT_FORMAT})")
+    if model is None:
+        import torchvision
+
+        model = torchvision.models.get_model(export["arch"], weights=None, num_classes=export["num_classes"])
+    for entry in export["layers"]:
+        name = entry["name"]
+        old = model.get_submodule(name)
+        if not isinstance(old, (nn.Conv2d, nn.Linear)) or list(old.weight.shape) != list(entry["weight_shape"]):
+            raise ValueError(f"{name}: the export's layer does not fit the model's {type(old).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, IntegerLayer(entry))
+    model.load_state_dict(export["float_state"])  # strict: exactly the rest of the model
+    return model.eval()
+
+
+def load_integer_model(path: str, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the integer model from model_int.pth (see integer_model)."""
+    return integer_model(torch.load(path, map_location="cpu", weights_only=True), model)
+
+
+# ---- export in the driver (--export) -----------------------------------------------------
+
+
+def _saved_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module, int_model: nn.Module, loader, dist: Dist) -> dict:
+    """The fake-quantized model against the integer model on the whole validation set, in float32.
+
+    End to end: top-1 of each, the largest logit difference, the largest |logit|, and on how
+    many images the argmax differs. Layer by layer: each IntegerLayer is also run on the very
+    input its QuantLayer got, and `layer_rel_diff` is the largest max|y_int - y_fq| / max|y_fq|.
+    On the same input both round to the same codes, so only float summation order is left;
+    end to end, an activation that sits on a rounding boundary (x/s = k + 0.5) can round the
+    other way after a last-bit difference in an earlier float32 sum, and that moves the
+    logits by more. Totals and maxima are over all ranks.
+    """
+    model.eval()
+    int_model.eval()
+    dev = dist.device
+    int_layers = {n: m for n, m in int_model.named_modules() if isinstance(m, IntegerLayer)}
+    layer_rel = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def same_input(mod, inp, out):  # forward hook on each QuantLayer
+        nonlocal layer_rel
+        ref = out.float()
+        d = (int_layers[mod.name](inp[0]).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        layer_rel = torch.maximum(layer_rel, d.double())
+
+    handles = [m.register_forward_hook(same_input) for m in quant_layers(model)]
+    tot = torch.zeros(4, dtype=torch.float64, device=dev)  # top1 fake-quantized, top1 integer, argmax differs, n
+    mx = torch.zeros(2, dtype=torch.float64, device=dev)  # largest |difference|, largest |logit|
+    try:
+        for images, targets in loader:
+            images, targets = images.to(dev), targets.to(dev)
+            a, b = model(images).float(), int_model(images).float()
+            pa, pb = a.argmax(1), b.argmax(1)
+            tot += torch.stack([(pa == targets).sum(), (pb == targets).sum(), (pa != pb).sum(),
+                                torch.tensor(len(targets), device=dev)]).double()
+            mx = torch.maximum(mx, torch.stack([(a - b).abs().max(), a.abs().max()]).double())
+    finally:
+        for h in handles:
+            h.remove()
+    mx = torch.cat([mx, layer_rel.reshape(1)])
+    if dist.world > 1:
+        torch.distributed.all_reduce(tot)
+        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
+    n = max(tot[3].item(), 1.0)
+    return {"top1_fake_quant": 100 * tot[0].item() / n, "top1_integer": 100 * tot[1].item() / n,
+            "argmax_differs": int(tot[2].item()), "n": int(tot[3].item()),
+            "max_logit_diff": mx[0].item(), "max_abs_logit": mx[1].item(), "layer_rel_diff": mx[2].item()}
+
+
+# Our choice of what "float summation order" explains. Layer by layer, on the same input, float32
+# sums differ from the exact ones by about 1e-7..1e-5 of the output's scale: the tolerance is 1e-4.
+# End to end there is no such bound: a code that sits on a rounding boundary flips with the last
+# bit of an earlier sum, and the step it moves by propagates (in our runs, logits moved by up to
+# 28% of their scale while no layer differed by more than 1e-6). So end to end we only ask that
+# the argmax agree on all but 1% of the images (and one more); a wrong scale, code, bias or BN
+# state changes most of them.
+LAYER_REL_TOL = 1e-4
+
+
+def export_agrees(p: dict) -> bool:
+    """Whether compare_logits' result is explained by float summation order (see above)."""
+    return p["layer_rel_diff"] <= LAYER_REL_TOL and p["argmax_differs"] <= 0.01 * p["n"] + 1
+
+
+def export_run(run: Run, val_loader) -> str:
+    """--export: write model_int.pth, then prove it: the integer model against the fake-quantized
+    one on the validation set, and the file's size against FP32's. Returns the file's path."""
+    a, model, dist = run.args, run.model, run.dist
+    if run.phase == "bit_selection":
+        raise BadInput(f"--export: the run is still in bit selection (epoch {run.epoch} of {a.search_epochs}): "
+                       "bits are not chosen and weights not quantized yet; export a weight-training checkpoint")
+    layers = quant_layers(model)
+    report = bits_report(model, a)
+    export = integer_export(model, a.arch, layers[-1].weight.shape[0], report)
+    data = _saved_bytes(export)
+    path = os.path.join(a.output_dir, "model_int.pth")
+    if dist.main:
+        atomic_write(path, lambda f: f.write(data))
+    # the proof runs on what was written: the file on rank 0, the same bytes on the other ranks
+    source = path if dist.main else io.BytesIO(data)
+    int_model = integer_model(torch.load(source, map_location="cpu", weights_only=True)).to(dist.device)
+    p = compare_logits(model, int_model, val_loader, dist)
+    fp32 = {**export["float_state"], **{f"{m.name}.{k}": t.detach().float().cpu() for m in layers
+                                        for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None}}
+    mib, fp32_mib = len(data) / 2**20, len(_saved_bytes(fp32)) / 2**20
+    unfinished = "" if run.epoch >= a.epochs else f" (checkpoint of epoch {run.epoch} of {a.epochs})"
+    fl = a.first_last_bits
+    log(dist, f"export: wrote {path}{unfinished}: {a.arch}, W{a.w_bits} with A{fl}/W{fl} first/last, average "
+              f"activation bits {report['avg_a_bits']:.2f}: {mib:.1f} MiB vs {fp32_mib:.1f} MiB FP32 "
+              f"({fp32_mib / mib:.1f}x smaller)")
+    log(dist, f"export: integer model top-1 {p['top1_integer']:.2f}% vs fake-quantized {p['top1_fake_quant']:.2f}% "
+              f"(float32) on {p['n']} images; end to end: largest logit difference {p['max_logit_diff']:.3g} "
+              f"(largest |logit| {p['max_abs_logit']:.3g}), argmax differs on {p['argmax_differs']}; layer by layer "
+              f"on the same input: largest relative difference {p['layer_rel_diff']:.2g}")
+    if not export_agrees(p):
+        log(dist, f"export: WARNING: the integer model disagrees with the fake-quantized one beyond float summation "
+                  f"order (layer by layer {p['layer_rel_diff']:.2g}, tolerance {LAYER_REL_TOL:g}; argmax differs on "
+                  f"{p['argmax_differs']} of {p['n']} images); {path} is written anyway")
+    return path
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -1377,3 +1378,260 @@ def test_amp_without_cuda(tmp_path):
     p = run_cli(*TINY, "--epochs", "3", "--amp", "--output-dir", out, check=False, timeout=120)
     error_line(p, "--amp")
     assert not out.exists()
+
+
+# =============================================================================================
+# Issue 12: integer export (section 8)
+# =============================================================================================
+
+
+def test_pack_codes_by_hand():
+    # 2-bit unsigned, four per byte, first code in the low bits: 1 | 2<<2 | 3<<4 | 0<<6 = 57, then 1
+    assert mm.pack_codes(torch.tensor([1, 2, 3, 0, 1]), 2, signed=False).tolist() == [57, 1]
+    # 4-bit signed, stored as code - Qn = code + 8: [-8, 7, -1] -> [0, 15, 7] -> 0 | 15<<4 = 240, then 7
+    assert mm.pack_codes(torch.tensor([-8.0, 7.0, -1.0]), 4, signed=True).tolist() == [240, 7]
+    # 3-bit signed, two per byte: [-4, 3] -> [0, 7] -> 0 | 7<<4 = 112
+    assert mm.pack_codes(torch.tensor([-4, 3]), 3, signed=True).tolist() == [112]
+    # 8-bit signed, one per byte: -128 -> 0, 127 -> 255
+    assert mm.pack_codes(torch.tensor([-128, 127, 0]), 8, signed=True).tolist() == [0, 255, 128]
+    with pytest.raises(ValueError, match="outside"):
+        mm.pack_codes(torch.tensor([4]), 3, signed=True)
+    with pytest.raises(ValueError, match="integers"):
+        mm.pack_codes(torch.tensor([0.5]), 4, signed=False)
+
+
+@pytest.mark.parametrize("bits,signed", list(itertools.product([2, 3, 4, 5, 6, 7, 8, 12, 16], [False, True])))
+def test_pack_codes_round_trip(bits, signed):
+    qn, qp = mm.lsq_range(bits, signed)
+    per_byte = {2: 4, 3: 2, 4: 2}.get(bits, 1)
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 2, 3, 5, 7, 8, 9, 1001):
+        codes = torch.randint(qn, qp + 1, (n,), generator=g)
+        codes[0] = qn
+        codes[-1] = qp if n > 1 else codes[-1]
+        packed = mm.pack_codes(codes.float(), bits, signed)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == (2 * n if bits > 8 else -(-n // per_byte)) == mm.packed_size(n, bits)
+        assert torch.equal(mm.unpack_codes(packed, bits, signed, n), codes)
+    with pytest.raises(ValueError, match="packed bytes"):
+        mm.unpack_codes(packed[:-1], bits, signed, n)
+
+
+def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor) -> tuple:
+    """A QuantLayer in weight training at (a_bits, w_bits), its steps set by LSQ's init on x, exported
+    and loaded back through torch.save / torch.load(weights_only=True)."""
+    q = mm.QuantLayer(layer, [8, a_bits], w_bits, name="layer")
+    q.selected_branch = 1
+    q.act.mode, q.act.branch = "branch", 1
+    q.weight_quant.enabled = True
+    with torch.no_grad():
+        q(x)  # LSQ init of the activation and weight steps
+    buf = io.BytesIO()
+    torch.save(mm.export_layer(q), buf)
+    buf.seek(0)
+    return q, mm.IntegerLayer(torch.load(buf, weights_only=True))
+
+
+def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Tensor:
+    """op(q_a, q_w) in int64, independently of the float64 convolution: unfold + integer matmul per group."""
+    qa, qw = q_a.round().long(), w_codes.round().long()
+    if op.kind == "linear":
+        return qa @ qw.t()
+    n, (cout, cin_g, kh, kw) = qa.shape[0], qw.shape
+    cols = F.unfold(q_a.double(), (kh, kw), op.dilation, op.padding, op.stride).round().long()  # (N, Cin*kh*kw, L)
+    groups = op.groups
+    cols = cols.reshape(n, groups, cin_g * kh * kw, -1)
+    w = qw.reshape(groups, cout // groups, cin_g * kh * kw)
+    out = torch.einsum("gok,ngkl->ngol", w, cols).reshape(n, cout, -1)
+    h = (q_a.shape[2] + 2 * op.padding[0] - op.dilation[0] * (kh - 1) - 1) // op.stride[0] + 1
+    return out.reshape(n, cout, h, -1)
+
+
+INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed or not)
+    "conv3x3_a2u_w3": (lambda: nn.Conv2d(6, 5, 3, padding=1), 2, 3, "relu"),
+    "depthwise_stride2_a3s_w8": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 8,
+                                 "signed"),
+    "grouped_strided_dilated_a8u_w2": (lambda: nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2), 8, 2,
+                                       "relu"),
+    "conv1x1_stride2_a2s_w4": (lambda: nn.Conv2d(6, 7, 1, stride=2, bias=False), 2, 4, "signed"),
+    "linear_a8s_w8": (lambda: nn.Linear(24, 10), 8, 8, "signed"),
+    "linear_a3u_w2": (lambda: nn.Linear(24, 10, bias=False), 3, 2, "relu"),
+}
+
+
+@pytest.mark.parametrize("case", list(INT_LAYER_CASES))
+def test_integer_layer_matches_quant_layer(case):
+    make, a_bits, w_bits, kind = INT_LAYER_CASES[case]
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(4, 24) if isinstance(layer, nn.Linear) else torch.randn(3, 6, 9, 9)
+    x = x.relu() if kind == "relu" else x
+    q, il = _exported_layer(layer, a_bits, w_bits, x)
+    assert il.a_signed == (kind == "signed") and (il.a_bits, il.w_bits) == (a_bits, w_bits)
+    x2 = x * 1.3 + 0.05 * (kind == "relu")  # another input, partly outside the calibrated range (clamped)
+    for inp in (x, x2):
+        with torch.no_grad():
+            ref = q(inp)  # the fake-quantized forward (float32)
+            out = il(inp)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        # the codes: LSQ's own fake quantization divided by its step, and the exact accumulator
+        s_a = mm.positive(q.act.step.detach()[1])
+        codes = mm.lsq_quantize(inp, s_a, a_bits, il.a_signed) / s_a
+        assert torch.equal(il.codes(inp), codes.round()) and (codes - codes.round()).abs().max() < 1e-4
+        acc = il.accumulate(il.codes(inp))
+        assert acc.dtype == torch.float64
+        assert torch.equal(acc, _int64_accumulator(il.codes(inp), il.w_codes, il.op).double())
+        # y = s_a * s_w * acc + bias, in float64 by hand
+        s_w = mm.positive(q.weight_quant.step.detach()).item()
+        by_hand = acc * (s_a.item() * s_w)
+        if layer.bias is not None:
+            by_hand = by_hand + (layer.bias.double() if q.op.kind == "linear" else layer.bias.double()[:, None, None])
+        assert torch.equal(out, by_hand.float())
+    # the weight codes are LSQ's, at w_bits
+    s_w = mm.positive(q.weight_quant.step.detach())
+    assert torch.equal(il.w_codes.float(), mm.lsq_quantize(layer.weight.detach(), s_w, w_bits, True) / s_w)
+
+
+def test_integer_layer_refuses_an_inexact_accumulator():
+    entry = {"name": "big", "kind": "linear", "weight_shape": [1, 2**40], "a_bits": 8, "a_signed": False,
+             "a_step": 1.0, "w_bits": 8, "w_signed": True, "w_step": 1.0, "bias": None,
+             "w_packed": torch.zeros(0, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="2\\^53"):
+        mm.IntegerLayer(entry)
+
+
+def _tiny_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+
+def test_export_of_any_model_and_the_disagreement_check(tmp_path):
+    """integer_model on a model that is not torchvision's; compare_logits finds a wrong scale."""
+    torch.manual_seed(0)
+    model = mm.patch_model(_tiny_net(), [8, 4, 2], 4, bops_image_size=16)
+    x = torch.randn(16, 3, 16, 16)
+    mm.init_quantizers(model, x)
+    mm.start_weight_training(model, mm.gbops_range(model, 4)[1])
+    model.eval()
+    with pytest.raises(ValueError, match="not in weight training"):
+        mm.export_layer(mm.QuantLayer(nn.Linear(3, 3), [4], 4))
+    ex = mm.integer_export(model, "tiny", 5)
+    path = tmp_path / "model_int.pth"
+    torch.save(ex, path)
+    int_model = mm.load_integer_model(str(path), _tiny_net())
+    assert sum(isinstance(m, mm.IntegerLayer) for m in int_model.modules()) == 4
+    loader = [(x[:8], torch.arange(8) % 5), (x[8:], torch.arange(8) % 5)]
+    p = mm.compare_logits(model, int_model, loader, mm.Dist())
+    assert p["n"] == 16 and p["argmax_differs"] == 0 and p["top1_integer"] == p["top1_fake_quant"]
+    assert p["layer_rel_diff"] < 1e-5 and p["max_logit_diff"] <= 1e-5 * p["max_abs_logit"] and mm.export_agrees(p)
+    int_model[3].scale *= 1.001  # a wrong scale in the depthwise layer
+    p = mm.compare_logits(model, int_model, loader, mm.Dist())
+    assert p["layer_rel_diff"] > 5e-4 and not mm.export_agrees(p)
+    assert not mm.export_agrees({"layer_rel_diff": 0.0, "argmax_differs": 3, "n": 100})
+    assert mm.export_agrees({"layer_rel_diff": 1e-6, "argmax_differs": 2, "n": 100})
+    with pytest.raises(ValueError, match="not a metamix integer export"):
+        mm.integer_model({"format": "other"})
+
+
+def _fake_quant_from_checkpoint(out: Path) -> tuple:
+    """The trained fake-quantized model, rebuilt in-process from checkpoint.pth, and the validation images."""
+    ck = load_ck(out / "checkpoint.pth")
+    a = ck["args"]
+    model = torchvision.models.get_model(a["arch"], weights=None, num_classes=a["synthetic_classes"])
+    model = mm.patch_model(model, a["bits"], a["w_bits"], a["first_last_bits"], a["bops_image_size"])
+    model.load_state_dict(ck["model"])
+    mm.set_mode(model, "selected", quant_weights=True)
+    val = mm.synthetic_dataset(a["synthetic_val"], a["synthetic_classes"], a["image_size"], a["seed"], "val")
+    return model.eval(), torch.stack([val[i][0] for i in range(len(val))])
+
+
+def check_export(out: Path, stdout: str, arch: str, n_layers: int) -> None:
+    """model_int.pth: plain types, every layer packed at its width; the integer model's logits equal
+    the fake-quantized model's within float tolerance (float64), with the same argmax (float32 too)."""
+    assert not list(out.glob("*.tmp.*"))
+    ex = torch.load(out / "model_int.pth", map_location="cpu", weights_only=True)
+    assert ex["format"] == "metamix-int-1" and ex["arch"] == arch and ex["num_classes"] == 10
+    assert ex["bits_report"]["arch"] == arch and len(ex["layers"]) == n_layers
+    bits = json.loads((out / "bits.json").read_text())
+    assert [(e["name"], e["a_bits"], e["a_signed"]) for e in ex["layers"]] == \
+        [(r["name"], r["a_bits"], r["signed"]) for r in bits["layers"]]
+    for e in ex["layers"]:
+        numel = math.prod(e["weight_shape"])
+        assert e["w_packed"].numel() == -(-numel // {2: 4, 3: 2, 4: 2}.get(e["w_bits"], 1))
+        assert e["a_step"] > 0 and e["w_step"] > 0 and isinstance(e["a_step"], float)
+    assert ex["layers"][0]["w_bits"] == 8 and ex["layers"][1]["w_bits"] == 4
+    assert not any(k.startswith(ex["layers"][0]["name"] + ".") for k in ex["float_state"])
+
+    lines = [line for line in stdout.splitlines() if line.startswith("export:")]
+    assert len(lines) == 2, stdout[-3000:]  # no WARNING line
+    assert f"{arch}, W4 with A8/W8 first/last" in lines[0] and "MiB FP32" in lines[0]
+    mib, fp32_mib = map(float, re.findall(r"([\d.]+) MiB", lines[0]))
+    assert mib == pytest.approx((out / "model_int.pth").stat().st_size / 2**20, abs=0.051) and fp32_mib > 5 * mib
+    top1_int, top1_fq = map(float, re.search(r"top-1 ([\d.]+)% vs fake-quantized ([\d.]+)%", lines[1]).groups())
+    assert top1_int == top1_fq and "on 32 images" in lines[1]
+
+    model, x = _fake_quant_from_checkpoint(out)
+    int_model = mm.load_integer_model(str(out / "model_int.pth"))
+    with torch.no_grad():
+        a32, b32 = model(x), int_model(x)
+        assert torch.equal(a32.argmax(1), b32.argmax(1))
+        a64, b64 = model.double()(x.double()), int_model.double()(x.double())
+    scale = a64.abs().max().item()
+    assert (a64 - a64.mean(0)).abs().max() > 0.1 * scale, "logits that do not depend on the image prove nothing"
+    assert (a64 - b64).abs().max() <= 1e-9 * scale
+    assert torch.equal(a64.argmax(1), b64.argmax(1))
+
+
+def test_export_resnet18_from_a_finished_checkpoint(ref_run, tmp_path):
+    out = copy_run(ref_run, tmp_path)
+    before = fingerprint(out)
+    p = run_cli(*REF, "--output-dir", out, "--resume", out / "checkpoint.pth", "--export", timeout=180)
+    assert "export: not written" not in p.stdout
+    after = fingerprint(out)
+    assert {k: v for k, v in after.items() if k != "model_int.pth"} == before, "export changed the run's files"
+    check_export(out, p.stdout, "resnet18", 21)
+
+
+def test_export_mobilenet_v3_large_at_the_end_of_a_run(tmp_path):
+    # Our choice for this test: start from BN statistics of the synthetic images (--init). From
+    # torchvision's init, MobileNet-v3's eval-mode logits do not depend on the image (about 1e-10).
+    torch.manual_seed(0)
+    fp = torchvision.models.mobilenet_v3_large(num_classes=10)
+    for m in fp.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average over one pass
+    ds = mm.synthetic_dataset(64, 10, 32, 0, "train")
+    with torch.no_grad():
+        fp.train()(torch.stack([ds[i][0] for i in range(64)]))
+    for m in fp.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.01
+    torch.save(fp.state_dict(), tmp_path / "init.pth")
+    out = tmp_path / "out"
+    tiny = [a if a != "resnet18" else "mobilenet_v3_large" for a in TINY]
+    p = run_cli(*tiny, "--epochs", "3", "--init", tmp_path / "init.pth", "--output-dir", out, "--export")
+    assert "summary:" in p.stdout
+    check_export(out, p.stdout, "mobilenet_v3_large", 64)
+
+
+def test_export_bad_input(stopped_run, tmp_path):
+    """Still in bit selection, a missing or a foreign checkpoint: one line, exit 2, no file written."""
+    out = copy_run(stopped_run, tmp_path)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, foreign)
+    cases = [(out / "checkpoint.pth", ["still in bit selection", "epoch 1 of 2"]),
+             (tmp_path / "missing.pth", [str(tmp_path / "missing.pth"), "no such file"]),
+             (foreign, [str(foreign), "not a metamix checkpoint"])]
+    for ck, needles in cases:
+        before = fingerprint(out)
+        p = run_cli(*REF, "--output-dir", out, "--resume", ck, "--export", check=False, timeout=180)
+        error_line(p, *needles)
+        assert p.returncode == 2
+        assert fingerprint(out) == before and not (out / "model_int.pth").exists()
+    fresh = tmp_path / "fresh"
+    p = run_cli(*REF, "--output-dir", fresh, "--export", "--evaluate", check=False)
+    error_line(p, "--export and --evaluate")
+    assert not fresh.exists() or not any(fresh.iterdir())
