@@ -1527,9 +1527,17 @@ def test_export_of_any_model_and_the_disagreement_check(tmp_path):
     p = mm.compare_logits(model, int_model, loader, mm.Dist())
     assert p["n"] == 16 and p["argmax_differs"] == 0 and p["top1_integer"] == p["top1_fake_quant"]
     assert p["layer_rel_diff"] < 1e-5 and p["max_logit_diff"] <= 1e-5 * p["max_abs_logit"] and mm.export_agrees(p)
+    diff64, scale64 = mm.float64_logit_diff(model, int_model, x)
+    assert diff64 <= 1e-12 * scale64 and mm.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
+    assert next(model.parameters()).dtype == torch.float32  # the copies were made float64, not the models
     int_model[3].scale *= 1.001  # a wrong scale in the depthwise layer
     p = mm.compare_logits(model, int_model, loader, mm.Dist())
     assert p["layer_rel_diff"] > 5e-4 and not mm.export_agrees(p)
+    int_model[3].scale /= 1.001
+    int_model[4].running_mean += 0.5  # wrong float state: layer by layer cannot see it, float64 does
+    p = mm.compare_logits(model, int_model, loader, mm.Dist())
+    diff64, scale64 = mm.float64_logit_diff(model, int_model, x)
+    assert p["layer_rel_diff"] < 1e-5 and not mm.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
     assert not mm.export_agrees({"layer_rel_diff": 0.0, "argmax_differs": 3, "n": 100})
     assert mm.export_agrees({"layer_rel_diff": 1e-6, "argmax_differs": 2, "n": 100})
     with pytest.raises(ValueError, match="not a metamix integer export"):
@@ -1572,6 +1580,7 @@ def check_export(out: Path, stdout: str, arch: str, n_layers: int) -> None:
     assert mib == pytest.approx((out / "model_int.pth").stat().st_size / 2**20, abs=0.051) and fp32_mib > 5 * mib
     top1_int, top1_fq = map(float, re.search(r"top-1 ([\d.]+)% vs fake-quantized ([\d.]+)%", lines[1]).groups())
     assert top1_int == top1_fq and "on 32 images" in lines[1]
+    assert float(re.search(r"float64 on one batch: largest logit difference (\S+)", lines[1]).group(1)) < 1e-9
 
     model, x = _fake_quant_from_checkpoint(out)
     int_model = mm.load_integer_model(str(out / "model_int.pth"))
