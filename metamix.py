@@ -749,18 +749,37 @@ def _no_sync(params, loss):
     return loss
 
 
+@contextlib.contextmanager
+def batch_stats_bn(model: nn.Module):
+    """Train-mode BN that normalises with the batch's statistics and leaves the running buffers alone;
+    dropout off. Restores everything on exit."""
+    was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    model.train()
+    for m in bns:
+        m.track_running_stats = False  # train-mode BN then uses batch statistics and leaves the buffers alone
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+        model.train(was_training)
+
+
 def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
     """LSQ's data-dependent init on one batch: each branch's step 2*mean|x|/sqrt(Qp) and each
-    layer's signedness. Our choice: BN in eval mode, so that the running statistics are left
-    alone. Leaves the model in "fp" mode."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    layer's signedness. Our choice: BN normalises with the batch's statistics, as in the training
+    steps that follow, and leaves the running statistics alone (eval-mode BN with a from-scratch
+    model's running statistics lets deep activations vanish: steps of 0). Leaves the model in
+    "fp" mode."""
+    with torch.no_grad(), batch_stats_bn(model):
         for branch in range(len(searched_layers(model)[0].act.bits)):
             set_mode(model, "meta", branch)
             model(calib)
     set_mode(model, "fp")
-    model.train(was_training)
 
 
 def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Tensor:
@@ -795,17 +814,11 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
     layers = searched_layers(model)
     alphas = alphas_of(model)
     frozen = [p for p in meta_params(model) if p.requires_grad]
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     set_mode(model, "search")
     for p in frozen:
         p.requires_grad_(False)
-    for m in bns:
-        m.track_running_stats = False  # train-mode BN then uses batch statistics and leaves the buffers alone
-    for m in drops:
-        m.eval()
     try:
-        with autocast():
+        with batch_stats_bn(model), autocast():
             task = F.cross_entropy(model(images), targets)
         reg, gbops = bops_regularizer(torch.stack(alphas), layers[0].act.bits, [m.macs for m in layers],
                                       layers[0].weight_quant.bits, c_fixed_of(model), target_gbops)
@@ -814,10 +827,6 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        for m in bns:
-            m.track_running_stats = True
-        for m in drops:
-            m.train()
     return loss.detach(), gbops.detach()
 
 

@@ -592,6 +592,22 @@ def test_bit_search_step_trains_only_alphas():
     assert model.training and all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
+def test_init_quantizers_uses_batch_statistics_and_leaves_bn_alone():
+    """From scratch, eval-mode BN (running statistics 0/1) lets MobileNet-v3's deep activations vanish
+    (steps of 0); the batch's statistics, as in training, give every step a sensible size."""
+    torch.manual_seed(0)
+    model = mm.patch_model(torchvision.models.mobilenet_v3_small(num_classes=10), [8, 4, 3], 4, bops_image_size=64)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x = torch.randn(8, 3, 64, 64)
+    model.eval()
+    mm.init_quantizers(model, x)
+    assert not model.training  # restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    steps = torch.cat([m.act.step.detach() for m in mm.quant_layers(model)])
+    assert steps.min() > 1e-3 and steps.max() < 1e3, (steps.min(), steps.max())
+    assert all(m.act.mode == "fp" for m in mm.quant_layers(model))
+
+
 def _optimizers(model):
     return (torch.optim.SGD(mm.meta_params(model), lr=0.05, momentum=0.9),
             torch.optim.Adam(mm.alphas_of(model), lr=0.1, betas=(0.5, 0.999)))
