@@ -881,10 +881,16 @@ def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = 
     Build fresh optimizers after this (the plumbing's choice: SGD with a cosine schedule).
     """
     selection = select_branches(model, target_gbops, repair)
+    switch_to_weight_training(model)
+    return selection
+
+
+def switch_to_weight_training(model: nn.Module) -> None:
+    """Every layer at its selected_branch with weight LSQ on, each weight step initialised from the
+    meta-state weights (the paper's "mixed-precision-aware" initialisation)."""
     set_mode(model, "selected", quant_weights=True)
     for m in quant_layers(model):
         m.weight_quant.init_step(m.weight)
-    return selection
 
 
 def weight_training_step(model: nn.Module, images, targets, opt, autocast=None, sync=None):
@@ -1302,6 +1308,7 @@ class Run:
         self.history: list[dict] = []
         self.summary: dict = {"fp_top1": None, "seconds": {"bit_selection": 0.0, "weight_training": 0.0}}
         self.selected_branches: list[int] | None = None
+        self.alpha_trace: list[dict] = []  # softmax(alpha) per search step (alphas.json); not checkpointed
         self.build_optimizers()
 
     @property
@@ -1309,7 +1316,8 @@ class Run:
         return "bit_selection" if self.epoch < self.args.search_epochs else "weight_training"
 
     def build_optimizers(self, phase: str | None = None):
-        """SGD (momentum 0.9) for weights and steps, Adam for the alphas. Our choice; the paper is silent.
+        """SGD (momentum 0.9) for weights and steps, Adam (or SGD, --alpha-optimizer) for the alphas.
+        Our choice; the paper is silent.
 
         Weight decay applies to conv/linear weights only. Bit selection keeps the LR constant;
         weight training starts a fresh SGD with a cosine schedule over its epochs.
@@ -1321,7 +1329,10 @@ class Run:
         self.params = decay + rest
         self.opt = torch.optim.SGD([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}],
                                    lr=a.lr, momentum=0.9)
-        self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999))
+        if getattr(a, "alpha_optimizer", "adam") == "sgd":  # EdMIPS's choice: plain SGD keeps Eq. 4's per-layer scale
+            self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9)
+        else:
+            self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999))
         self.sched = None
         if (phase or self.phase) == "weight_training":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
@@ -1342,6 +1353,10 @@ class Run:
             mine, theirs = getattr(a, key), old[key]
             if isinstance(mine, (list, tuple)):
                 mine, theirs = list(mine), list(theirs)
+            if mine != theirs:
+                raise BadInput(f"--resume {path}: checkpoint has {key.replace('_', '-')}={theirs}, this run {mine}")
+        for key, default in (("search", "metamix"), ("alpha_optimizer", "adam"), ("bits_from", None)):
+            mine, theirs = getattr(a, key), old.get(key, default)
             if mine != theirs:
                 raise BadInput(f"--resume {path}: checkpoint has {key.replace('_', '-')}={theirs}, this run {mine}")
         try:
@@ -1411,7 +1426,9 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     """One epoch of the current phase (section 6's steps, with this run's sync); returns the mean loss."""
     a, model, dist = run.args, run.model, run.dist
     selecting = run.phase == "bit_selection"
-    searching = selecting and epoch == a.search_epochs  # Table 1: the last selection epoch alternates
+    # Table 1: the last selection epoch alternates; methods that do not search skip it (section 9)
+    searching = selecting and epoch == a.search_epochs and takes_search_steps(a.search)
+    selection_step = selection_step_for(a.search)
     kind = ("meta+search" if searching else "meta") if selecting else "train"
     model.train()
     loader.sampler.set_epoch(epoch)
@@ -1428,9 +1445,12 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
             return loss_v
 
         if selecting:
-            loss_v, _, gb = bit_selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
-                                               lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync)
+            loss_v, _, gb = selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
+                                           lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync)
             gbops = float(gb) if searching else gbops
+            if searching and dist.main:
+                run.alpha_trace.append({"epoch": epoch, "step": step, "gbops": round(gbops, 4),
+                                        "probs": alpha_probs(model)})
         else:
             loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync)
         total += loss_v
@@ -1531,12 +1551,28 @@ def plot_bits(report: dict, path: str) -> bool:
     return True
 
 
-def finish_bit_selection(run: Run) -> None:
-    """After the last search epoch: bits = argmax alpha (repaired to the budget), weight quantizers on."""
+def finish_bit_selection(run: Run, loader=None) -> None:
+    """After the last search epoch: bits = argmax alpha (repaired to the budget), weight quantizers on.
+    A method other than metamix selects its own way (section 9; `loader` feeds the proxies)."""
     a, model = run.args, run.model
-    run.selected_branches, gb, repaired = start_weight_training(model, a.target_gbops, repair=not a.no_budget_repair)
+    extra: dict = {}
+    if takes_search_steps(a.search) and not a.bits_from:
+        run.selected_branches, gb, repaired = start_weight_training(model, a.target_gbops,
+                                                                    repair=not a.no_budget_repair)
+    else:
+        run.selected_branches, extra = baseline_selection(run, loader)
+        apply_selection(model, run.selected_branches)
+        switch_to_weight_training(model)
+        gb, repaired = current_gbops(model, a.w_bits), False
     run.build_optimizers("weight_training")
     report = bits_report(model, a)
+    report["search"] = "bits-from" if a.bits_from else a.search
+    proxy = extra.pop("proxy", None)
+    report.update(extra)
+    if proxy is not None:  # each searched layer's score per candidate, in the order of "candidates"
+        report["proxy"] = {k: v for k, v in proxy.items() if k != "scores"}
+        for r, sc in zip([r for r in report["layers"] if not r["fixed"]], proxy["scores"]):
+            r["scores"] = [round(v, 8) for v in sc]
     if run.dist.main:
         print(layer_table(report))
         note = " (argmax was over the target: lowered by budget repair)" if repaired else ""
@@ -1545,6 +1581,10 @@ def finish_bit_selection(run: Run) -> None:
               f"{avg_bits_text(report)}",
               flush=True)
         atomic_write(os.path.join(a.output_dir, "bits.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+        if run.alpha_trace:  # the alpha trajectory of the search epoch
+            trace = {"layers": [m.name for m in searched_layers(model)], "candidates": list(a.bits),
+                     "alpha_optimizer": a.alpha_optimizer, "alpha_lr": a.alpha_lr, "steps": run.alpha_trace}
+            atomic_write(os.path.join(a.output_dir, "alphas.json"), lambda f: f.write(json.dumps(trace).encode()))
         plot_bits(report, os.path.join(a.output_dir, "bits.png"))
 
 
@@ -1562,7 +1602,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         loss = train_one_epoch(run, train_loader, epoch, autocast)
         lr = run.opt.param_groups[0]["lr"]  # the rate this epoch trained with
         if phase == "bit_selection" and epoch == a.search_epochs:
-            finish_bit_selection(run)
+            finish_bit_selection(run, train_loader)
         elif phase == "bit_selection":
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
@@ -1639,6 +1679,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--synthetic-classes", type=int, default=10, help="synthetic classes")
     p.add_argument("--dist-timeout", type=float, default=30.0, help="minutes a collective may wait for a peer")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    # section 9: other selections through the same pipeline
+    p.add_argument("--search", default="metamix", help="selection: " + ", ".join(SEARCH_METHODS))
+    p.add_argument("--bits-from", default=None, metavar="FILE", help="select these bits (a bits.json or {layer: bits})")
+    p.add_argument("--alpha-optimizer", default="adam", help="optimizer of the alphas: adam or sgd (momentum 0.9)")
+    p.add_argument("--proxy-batches", type=int, default=4, help="training batches the hessian/sensitivity proxies use")
+    p.add_argument("--hutchinson-probes", type=int, default=4, help="Rademacher probes per batch (--search hessian)")
     return p
 
 
@@ -1674,9 +1720,11 @@ def resolve_args(args) -> argparse.Namespace:
     _check_bits(args.first_last_bits, "--first-last-bits")
     args.lam = d["lam"] if args.lam is None else args.lam
     args.epochs = (8 if synthetic else d["epochs"]) if args.epochs is None else args.epochs
+    check_search_args(args)
+    args.scratch_defaults = apply_scratch_defaults(args) if scratch_folder(args) else []  # section 9
     args.lr = (0.05 if synthetic else 0.01) if args.lr is None else args.lr
     # the synthetic search epoch is 40 steps, an ImageNet one thousands: the alphas need a larger rate to move
-    args.alpha_lr = (0.1 if synthetic else 0.01) if args.alpha_lr is None else args.alpha_lr
+    args.alpha_lr = ALPHA_LR[args.alpha_optimizer][synthetic] if args.alpha_lr is None else args.alpha_lr
     args.image_size = (32 if synthetic else 224) if args.image_size is None else args.image_size
     if args.pretrained:
         args.pretrained = str(resolve_weights(args.arch, args.pretrained))  # e.g. ResNet18_Weights.IMAGENET1K_V1
@@ -1698,6 +1746,9 @@ def resolve_args(args) -> argparse.Namespace:
         raise BadInput("--resume and --dry-run do not go together")
     if args.export and (args.evaluate or args.dry_run):
         raise BadInput(f"--export and {'--evaluate' if args.evaluate else '--dry-run'} do not go together")
+    for flag, v in (("--proxy-batches", args.proxy_batches), ("--hutchinson-probes", args.hutchinson_probes)):
+        if v < 1:
+            raise BadInput(f"{flag} {v}: must be at least 1")
     return args
 
 
@@ -1795,12 +1846,16 @@ def run_main(args) -> int:
     if args.dry_run:
         torch.manual_seed(args.seed)
         model = build_model(args, num_classes_hint(args, dry=True))
+        check_uniform_fits(model, args)
         lo, hi = check_budget(model, args, dry=True)
+        check_search(model, args)
         dry_run(model, args, lo, hi)
         return 0
     torch.manual_seed(args.seed)
     model = build_model(args, num_classes_hint(args))
+    check_uniform_fits(model, args)
     lo, hi = check_budget(model, args)  # before any folder is made or data is read
+    check_search(model, args)
     resume = prepare_output_dir(args)
     dist = Dist(args.dist_timeout)
     try:
@@ -1839,6 +1894,12 @@ def run_main(args) -> int:
                       f"({args.search_epochs} bit selection), world size {dist.world} on {dist.device.type}")
             if args.pretrained:
                 log(dist, pretrained_note(args))
+            if args.search != "metamix" or args.bits_from:
+                log(dist, f"selection: {'--bits-from ' + args.bits_from if args.bits_from else args.search} "
+                          "(same schedule; only the selection at the end of bit selection differs)")
+            if args.scratch_defaults:
+                log(dist, "defaults for a folder trained from scratch (no --pretrained, no --init): "
+                          + ", ".join(args.scratch_defaults))
         train(run, train_loader, val_loader, calib, autocast)
         if args.export:
             if run.epoch == args.epochs:
@@ -2219,6 +2280,434 @@ def export_run(run: Run, val_loader) -> str:
                   f"{p['argmax_differs']} of {p['n']} images; float64 {p['float64_diff']:.2g}); {path} is written "
                   "anyway")
     return path
+
+
+# =====================================================================================
+# 9. Beyond the paper: other selections through the same pipeline (baselines)
+# =====================================================================================
+# Not MetaMix. To tell whether the search picks *good* bits, every method below runs the same
+# schedule as MetaMix (the same bit-meta epochs, then weight training from the meta-state) and
+# differs only in the selection made at the end of bit selection (--search):
+#   metamix          Eq. 1-5 (sections 1-6), unchanged
+#   metamix-unfixed  the paper's Figure 7(a) ablation: weights, BN and steps keep training during
+#                    bit-search (one more SGD step per batch, on Eq. 3's loss)
+#   uniform          the largest uniform candidate that fits the target
+#   random           a random configuration, seeded by --seed, filled toward the target
+#   hessian          HAWQ-v2-style: 1/2 Tr(H_l) * mean (x_l - Q_b(x_l))^2, H_l the loss Hessian with
+#                    respect to layer l's input activation (Hutchinson), then the exact knapsack
+#   sensitivity      loss(only layer l at b, the rest at the largest candidate) - loss(all at the
+#                    largest), then the exact knapsack
+#   --bits-from FILE a given configuration (a bits.json, or {layer name: a_bits})
+# Methods that do not search skip the alternating bit-search steps rather than take and ignore
+# them: a bit-search step changes only the alphas (weights, steps and BN buffers are frozen and
+# no random number is drawn), so the meta-state is the same either way (tested), at a third less
+# cost per search-epoch step.
+
+SEARCH_METHODS = ("metamix", "metamix-unfixed", "uniform", "random", "hessian", "sensitivity")
+PROXIES = ("hessian", "sensitivity")
+
+
+def takes_search_steps(method: str) -> bool:
+    return method in ("metamix", "metamix-unfixed")
+
+
+def unfixed_bit_search_step(model: nn.Module, images, targets, opt, opt_alpha, lam: float, target_gbops: float,
+                            autocast=None, sync=None):
+    """Figure 7(a), "weights trained during bit-search": Eq. 3's loss, L_task + lambda * L_reg, updates
+    the alphas AND the weights, BN and steps (initialised by the meta-state) in one step each.
+
+    Our choice: BN in train mode updates its running statistics, dropout stays on, and `opt` is the
+    bit-meta optimizer (its momentum carries both kinds of step). Returns (L, GBOPs of argmax).
+    """
+    autocast, sync = autocast or contextlib.nullcontext, sync or _no_sync
+    layers = searched_layers(model)
+    set_mode(model, "search")
+    opt.zero_grad(set_to_none=True)
+    opt_alpha.zero_grad(set_to_none=True)
+    with autocast():
+        task = F.cross_entropy(model(images), targets)
+    reg, gbops = bops_regularizer(torch.stack(alphas_of(model)), layers[0].act.bits, [m.macs for m in layers],
+                                  layers[0].weight_quant.bits, c_fixed_of(model), target_gbops)
+    loss = task.float() + lam * reg
+    loss.backward()
+    loss_v = sync([p for g in opt.param_groups for p in g["params"]] + alphas_of(model), loss.detach())
+    opt.step()
+    opt_alpha.step()
+    return loss_v, gbops.detach()
+
+
+def unfixed_bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
+                               lam: float = 0.0, target_gbops: float | None = None, autocast=None, sync=None):
+    """bit_selection_step with the Figure 7(a) search step: bit-meta, then (search epoch) unfixed search."""
+    meta_loss, _, _ = bit_selection_step(model, images, targets, opt, autocast=autocast, sync=sync)
+    if not search:
+        return meta_loss, None, None
+    loss, gbops = unfixed_bit_search_step(model, images, targets, opt, opt_alpha, lam, target_gbops, autocast, sync)
+    return meta_loss, loss, gbops
+
+
+def selection_step_for(method: str):
+    """The bit-selection step of a method; those without a search take bit_selection_step(search=False)."""
+    return unfixed_bit_selection_step if method == "metamix-unfixed" else bit_selection_step
+
+
+def alpha_probs(model: nn.Module) -> list[list[float]]:
+    """softmax(alpha_l) per searched layer, rounded to 4 decimals (a point of the alpha trajectory)."""
+    return [[round(p, 4) for p in F.softmax(a.detach().float(), 0).tolist()] for a in alphas_of(model)]
+
+
+# ---- the exact knapsack ------------------------------------------------------------------
+
+
+def bops_costs(model: nn.Module) -> tuple[list[list[int]], int]:
+    """Exact integer BOPs: per searched layer and branch MACs_l * bits_i * w_bits, and the fixed layers' BOPs."""
+    layers = searched_layers(model)
+    costs = [[m.macs * b * m.weight_quant.bits for b in m.act.bits] for m in layers]
+    fixed = sum(m.macs * m.act.bits[0] * m.weight_quant.bits for m in quant_layers(model) if m.fixed)
+    return costs, fixed
+
+
+def budget_bops(target_gbops: float, fixed_bops: int) -> int:
+    """The integer BOPs left to the searched layers; 1e-3 BOPs of slack absorbs the float GBOPs' rounding."""
+    return math.floor(target_gbops * 1e9 + 1e-3) - fixed_bops
+
+
+def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], budget: int) -> list[int] | None:
+    """Exact multiple-choice knapsack: one choice i_l per layer, minimising sum_l scores[l][i_l]
+    subject to sum_l costs[l][i_l] <= budget; None if no choice fits.
+
+    Dynamic programming over exact integer costs (BOPs, no rounding to a grid), layer by layer. A
+    state is (cost so far, score so far); a state that costs at least as much as another and
+    scores no better is dropped (any completion of it is matched by the same completion of the
+    other), so only the Pareto frontier is kept. That keeps the result exact, and the number of
+    states at most the number of distinct reachable costs under the budget (a few thousand for
+    ResNet-18 or MobileNet-v2 with 3 candidates). Ties go to the lower cost.
+    """
+    frontier = [(0, 0.0)]  # (cost, score), cost ascending, score strictly descending
+    back: list[list[tuple[int, int]]] = []  # per layer, per state: (index in the previous frontier, choice)
+    for sc, co in zip(scores, costs):
+        cand = sorted(((c + co[i], s + float(sc[i]), k, i) for k, (c, s) in enumerate(frontier)
+                       for i in range(len(co)) if c + co[i] <= budget), key=lambda t: (t[0], t[1]))
+        if not cand:
+            return None
+        new, links, best = [], [], math.inf
+        for c, s, k, i in cand:
+            if s < best:  # cheaper states come first: keep it only if it scores strictly better
+                best = s
+                new.append((c, s))
+                links.append((k, i))
+        frontier, back = new, back + [links]
+    k = min(range(len(frontier)), key=lambda j: (frontier[j][1], frontier[j][0]))
+    choice = []
+    for links in reversed(back):
+        k, i = links[k]
+        choice.append(i)
+    return choice[::-1]
+
+
+# ---- uniform, random, --bits-from ---------------------------------------------------------
+
+
+def uniform_budgets(model: nn.Module) -> dict[int, float]:
+    """bits -> GBOPs of every searched layer at that candidate."""
+    layers = searched_layers(model)
+    bits, macs = layers[0].act.bits, [m.macs for m in layers]
+    return {b: config_gbops(macs, [b] * len(layers), layers[0].weight_quant.bits, c_fixed_of(model)) for b in bits}
+
+
+def uniform_selection(model: nn.Module, target_gbops: float) -> list[int]:
+    """Branch indices of the largest candidate that fits the target on every searched layer."""
+    budgets = uniform_budgets(model)
+    fits = [b for b, g in budgets.items() if g <= target_gbops + 1e-9]
+    if not fits:
+        listed = ", ".join(f"A{b} {g:.3f}" for b, g in sorted(budgets.items()))
+        raise BadInput(f"--search uniform: no uniform configuration fits --target-gbops {target_gbops:g} "
+                       f"(uniform budgets in GBOPs: {listed})")
+    bits = searched_layers(model)[0].act.bits
+    return [bits.index(max(fits))] * len(searched_layers(model))
+
+
+def random_selection(model: nn.Module, target_gbops: float, seed: int) -> list[int]:
+    """A random configuration under the target, filled toward it (our choice of procedure).
+
+    Each layer draws a candidate uniformly; while over the target, a random layer not at its
+    smallest candidate goes one candidate down; then, in random order, layers go one candidate up
+    while the result still fits, until none can. Uses its own generator: the training's random
+    streams are untouched, so every method sees the same data order.
+    """
+    rng = random.Random(seed)
+    costs, fixed = bops_costs(model)
+    budget = budget_bops(target_gbops, fixed)
+    bits = searched_layers(model)[0].act.bits
+    order = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices, smallest bits first
+    rank = [rng.randrange(len(bits)) for _ in costs]  # position in `order`, per layer
+
+    def total():
+        return sum(c[order[r]] for c, r in zip(costs, rank))
+
+    while total() > budget:
+        l = rng.choice([l for l, r in enumerate(rank) if r > 0])
+        rank[l] -= 1
+    while True:
+        up = [l for l, r in enumerate(rank) if r + 1 < len(bits)
+              and total() - costs[l][order[r]] + costs[l][order[r + 1]] <= budget]
+        if not up:
+            break
+        rank[rng.choice(up)] += 1
+    return [order[r] for r in rank]
+
+
+def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
+    """Branch indices from a bits.json (its "layers" list) or a {layer name: a_bits} map; every
+    problem is a BadInput naming it: unreadable file, unknown name, missing layer, bits not among
+    the candidates, a fixed layer at other bits, or a configuration over the target."""
+    flag = f"--bits-from {path}"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise BadInput(f"{flag}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise BadInput(f"{flag}: not JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("layers"), list):
+        try:
+            data = {r["name"]: r["a_bits"] for r in data["layers"]}
+        except (TypeError, KeyError):
+            raise BadInput(f"{flag}: every entry of \"layers\" needs \"name\" and \"a_bits\"") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{flag}: expected a bits.json or an object {{layer name: activation bits}}")
+    layers = {m.name: m for m in quant_layers(model)}
+    for name, b in data.items():
+        if name not in layers:
+            raise BadInput(f"{flag}: unknown layer {name!r} (this model's searched layers: "
+                           f"{', '.join(m.name for m in searched_layers(model)[:4])}, ...)")
+        m = layers[name]
+        if isinstance(b, bool) or not isinstance(b, int) or b not in m.act.bits:
+            allowed = f"fixed at {m.act.bits[0]}" if m.fixed else f"candidates {','.join(map(str, m.act.bits))}"
+            raise BadInput(f"{flag}: layer {name} has bits {b!r}, not among its {allowed}")
+    missing = [m.name for m in searched_layers(model) if m.name not in data]
+    if missing:
+        raise BadInput(f"{flag}: no bits for layer {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:]
+                                                                      else ""))
+    branches = [m.act.bits.index(data[m.name]) for m in searched_layers(model)]
+    layers_s = searched_layers(model)
+    gb = config_gbops([m.macs for m in layers_s], [m.act.bits[i] for m, i in zip(layers_s, branches)],
+                      layers_s[0].weight_quant.bits, c_fixed_of(model))
+    if gb > target_gbops + 1e-9:
+        raise BadInput(f"{flag}: the configuration costs {gb:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
+    return branches
+
+
+# ---- training-free proxies (EMQ's family), on the meta-state --------------------------------
+
+
+def _layer_inputs(model: nn.Module, layers: Sequence[QuantLayer], store: dict, replace: dict | None = None):
+    """Forward pre-hooks that give each layer's input its own autograd node (a copy), so a gradient
+    with respect to it flows through that layer only (a ResNet block's input also feeds its
+    downsample conv); `replace` maps a layer to a tensor used instead of its input."""
+    def hook(mod, inp):
+        x = replace[mod] if replace and mod in replace else inp[0].clone()
+        store[mod] = x
+        return (x,) + tuple(inp[1:])
+
+    return [m.register_forward_pre_hook(hook) for m in layers]
+
+
+def rademacher(shape, dtype, device, generator) -> torch.Tensor:
+    """A vector of independent +-1 entries, each with probability 1/2 (Hutchinson's probe)."""
+    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
+
+
+def clamp_to_top_branch(model: nn.Module) -> list:
+    """Forward pre-hooks that clamp each quantized layer's input to the range of its largest candidate,
+    [Qn * s, Qp * s]: the meta-state at its largest bits with rounding taken as the identity (LSQ's
+    straight-through estimator), a network that autograd can differentiate twice. Use in "fp" mode.
+    Registered after `_layer_inputs`' hooks, they clamp the copy that those record."""
+    handles = []
+    for m in quant_layers(model):
+        i = max(range(len(m.act.bits)), key=lambda j: m.act.bits[j])
+        qn, qp = lsq_range(m.act.bits[i], m.act.signed)
+        s = float(positive(m.act.step.detach()[i]))
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, inp, lo=qn * s, hi=qp * s: (inp[0].clamp(lo, hi),) + tuple(inp[1:])))
+    return handles
+
+
+def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=None, probe_fn=None,
+                      clamp: bool = False) -> torch.Tensor:
+    """Hutchinson's estimate of Tr(H_l), H_l = d^2 L / d x_l^2, for each searched layer l: the mean of
+    v^T H_l v over `probes` Rademacher vectors v (E[v v^T] = I, so E[v^T H v] = Tr H).
+
+    L is the batch's mean cross-entropy in the model's current mode; `clamp` adds
+    clamp_to_top_branch's hooks (the proxy's choice, in "fp" mode: unclipped full-precision
+    activations can be far outside what the meta-state's BN statistics saw). x_l is layer l's
+    whole input tensor (B, C, H, W), before the clamp. H_l v by double backward: g_l = dL/dx_l with create_graph, then
+    d<g_l, v>/dx_l. `probe_fn(shape, dtype, device, generator)` replaces the Rademacher draw (tests).
+    Returns (L,) traces, summed over the tensor's elements (not averaged).
+    """
+    probe_fn = probe_fn or rademacher
+    layers = searched_layers(model)
+    xs: dict = {}
+    handles = _layer_inputs(model, layers, xs)
+    if clamp:
+        handles += clamp_to_top_branch(model)
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(images), targets)
+            inputs = [xs[m] for m in layers]
+            grads = torch.autograd.grad(loss, inputs, create_graph=True)
+            out = []
+            for x, g in zip(inputs, grads):
+                total = 0.0
+                for _ in range(probes):
+                    v = probe_fn(x.shape, x.dtype, x.device, generator)
+                    (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
+                    total += float(torch.dot(hv.reshape(-1), v.reshape(-1)))
+                out.append(total / probes)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: int = 0) -> torch.Tensor:
+    """(L, N) scores, an estimate of the rise in loss when layer l's input is at candidate bits[i].
+
+    hessian:     1/2 Tr(H_l) * mean((x_l - Q_i(x_l; s_{l,i}))^2), averaged over the batches: the
+                 second-order Taylor term with H_l taken as isotropic (HAWQ-v2's Tr(H)/n times
+                 the squared error, n the number of elements), at each branch's meta-state step.
+                 H_l is taken on the meta-state at its largest candidate with straight-through
+                 rounding (clamp_to_top_branch): our choice, the network the search starts from.
+    sensitivity: mean over the batches of loss(layer l at bits[i], every other searched layer at
+                 the largest candidate) - loss(every searched layer at the largest candidate).
+    Both run on the meta-state in eval mode (BN running statistics, no dropout, no update) and
+    leave its mode, parameters and buffers as they were.
+    """
+    layers = searched_layers(model)
+    bits = layers[0].act.bits
+    top = max(range(len(bits)), key=lambda i: bits[i])
+    scores = torch.zeros(len(layers), len(bits), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, targets in batches:
+            if method == "hessian":
+                set_mode(model, "fp")
+                g = torch.Generator(device=images.device).manual_seed(seed)
+                traces = hutchinson_traces(model, images, targets, probes, g, clamp=True)
+                xs: dict = {}
+                handles = _layer_inputs(model, layers, xs)
+                with torch.no_grad():
+                    model(images)
+                for h in handles:
+                    h.remove()
+                for l, m in enumerate(layers):
+                    x = xs[m].float()
+                    for i, b in enumerate(bits):
+                        s = positive(m.act.step.detach()[i])
+                        mse = (x - _lsq_forward(x, s, *lsq_range(b, m.act.signed))).pow(2).mean().item()
+                        scores[l, i] += 0.5 * traces[l] * mse
+            else:
+                set_mode(model, "meta", top)
+                with torch.no_grad():
+                    base = F.cross_entropy(model(images), targets).item()
+                    for l, m in enumerate(layers):
+                        for i in range(len(bits)):
+                            if i == top:
+                                continue
+                            m.act.branch = i
+                            scores[l, i] += F.cross_entropy(model(images), targets).item() - base
+                        m.act.branch = top
+    finally:
+        model.train(was_training)
+    return scores / max(len(batches), 1)
+
+
+def proxy_batches(loader, n: int, seed: int, device) -> list:
+    """The first n batches of the training loader in a fixed order, drawn without touching the
+    training's random streams (fork_rng), so every method's weight training sees the same data."""
+    import itertools
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = random.getstate()
+        try:
+            loader.sampler.set_epoch(10**6 + seed)  # a fixed permutation, not one an epoch uses
+            return [(x.to(device), y.to(device)) for x, y in itertools.islice(loader, n)]
+        finally:
+            random.setstate(state)
+
+
+def baseline_selection(run: Run, loader) -> tuple[list[int], dict]:
+    """The selection of a method that does not search: (branch indices, extra fields for bits.json).
+    Proxies are computed on rank 0 and broadcast, so every rank selects the same bits."""
+    a, model, dist = run.args, run.model, run.dist
+    if a.bits_from:
+        return read_bits_from(model, a.bits_from, a.target_gbops), {"bits_from": a.bits_from}
+    if a.search == "uniform":
+        return uniform_selection(model, a.target_gbops), {}
+    if a.search == "random":
+        return random_selection(model, a.target_gbops, a.seed), {}
+    layers = searched_layers(model)
+    scores = torch.zeros(len(layers), len(layers[0].act.bits), dtype=torch.float64)
+    t0 = time.time()
+    if dist.main:
+        batches = proxy_batches(loader, a.proxy_batches, a.seed, dist.device)
+        scores = proxy_scores(model, batches, a.search, a.hutchinson_probes, a.seed)
+    if dist.world > 1:
+        scores = scores.to(dist.device)
+        torch.distributed.broadcast(scores, 0)
+        scores = scores.cpu()
+    costs, fixed = bops_costs(model)
+    branches = mckp_exact(scores.tolist(), costs, budget_bops(a.target_gbops, fixed))
+    if branches is None:  # check_budget makes this impossible; kept as a clear failure
+        raise BadInput(f"--target-gbops {a.target_gbops:g}: no configuration fits")
+    log(dist, f"{a.search} proxy on {a.proxy_batches} batch(es): {time.time() - t0:.1f}s")
+    return branches, {"proxy": {"batches": a.proxy_batches, "probes": a.hutchinson_probes if a.search == "hessian"
+                                else None, "scores": scores.tolist()}}
+
+
+# alpha LR per optimizer: [ImageNet-size search epoch, small data (synthetic, or a folder from scratch)]
+ALPHA_LR = {"adam": (0.01, 0.1), "sgd": (0.005, 0.05)}
+# Our choice, from the digits study (README): what a folder trained from scratch gets unless told
+SCRATCH_DEFAULTS = {"lr": 0.05}
+
+
+def scratch_folder(args) -> bool:
+    """A folder of the user's own data trained from scratch: no --pretrained, no --init."""
+    return args.data != "synthetic" and not args.pretrained and not args.init
+
+
+def apply_scratch_defaults(args) -> list[str]:
+    """Fill SCRATCH_DEFAULTS where the user gave no value; returns the flags taken ("--lr 0.05")."""
+    taken = []
+    for key, v in {**SCRATCH_DEFAULTS, "alpha_lr": ALPHA_LR[args.alpha_optimizer][1]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, v)
+            taken.append(f"--{key.replace('_', '-')} {v}")
+    return taken
+
+
+def check_search_args(args) -> None:
+    if args.search not in SEARCH_METHODS:
+        raise BadInput(f"--search {args.search!r}: choose one of {', '.join(SEARCH_METHODS)}")
+    if args.alpha_optimizer not in ALPHA_LR:
+        raise BadInput(f"--alpha-optimizer {args.alpha_optimizer!r}: choose adam or sgd")
+    if args.bits_from and args.search != "metamix":
+        raise BadInput(f"--bits-from and --search {args.search} do not go together (--bits-from is the selection)")
+
+
+def check_uniform_fits(model: nn.Module, args) -> None:
+    """--search uniform with a target under every uniform budget: refused with the uniform budgets
+    (before check_budget's range check, whose lower end is the smallest uniform budget)."""
+    if args.search == "uniform" and args.target_gbops is not None:
+        uniform_selection(model, args.target_gbops)
+
+
+def check_search(model: nn.Module, args) -> None:
+    """Refuse, before any data is read, a --bits-from file that does not fit this model and target."""
+    if args.bits_from:
+        read_bits_from(model, args.bits_from, args.target_gbops)
 
 
 if __name__ == "__main__":

@@ -910,7 +910,8 @@ def copy_run(src: Path, tmp_path: Path, name: str = "out") -> Path:
 
 def test_single_process_outputs(ref_run):
     out = ref_run
-    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["args.json", "bits.json", "checkpoint.pth", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == ["alphas.json", "args.json", "bits.json",
+                                                                          "checkpoint.pth", "log.jsonl"]
     assert not list(out.glob("*.tmp.*")), "temporary files left behind"
 
     bits = json.loads((out / "bits.json").read_text())
@@ -1660,3 +1661,289 @@ def test_export_bad_input(stopped_run, tmp_path):
     p = run_cli(*REF, "--output-dir", fresh, "--export", "--evaluate", check=False)
     error_line(p, "--export and --evaluate")
     assert not fresh.exists() or not any(fresh.iterdir())
+
+
+# =============================================================================================
+# Issue 11: other selections through the same pipeline (section 9)
+# =============================================================================================
+
+
+def _brute_force_mckp(scores, costs, budget):
+    best = None
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(c[i] for c, i in zip(costs, choice)) <= budget:
+            v = sum(s[i] for s, i in zip(scores, choice))
+            best = v if best is None or v < best else best
+    return best
+
+
+def test_knapsack_matches_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for trial in range(300):
+        n_layers, n_choices = rng.randint(1, 6), rng.randint(1, 4)
+        costs = [[rng.randint(0, 12) for _ in range(n_choices)] for _ in range(n_layers)]
+        scores = [[rng.choice([rng.uniform(-1, 2), float(rng.randint(0, 3))]) for _ in range(n_choices)]
+                  for _ in range(n_layers)]  # integer scores make ties
+        budget = rng.randint(0, 12 * n_layers)
+        got = mm.mckp_exact(scores, costs, budget)
+        want = _brute_force_mckp(scores, costs, budget)
+        if want is None:
+            assert got is None, (trial, costs, budget)
+            continue
+        assert got is not None and len(got) == n_layers
+        assert sum(c[i] for c, i in zip(costs, got)) <= budget
+        assert sum(s[i] for s, i in zip(scores, got)) == pytest.approx(want, abs=1e-12), trial
+
+
+def test_knapsack_on_resnet18_equals_a_dense_dp_over_the_gcd_grid():
+    """At ImageNet scale (19 layers, 3^19 configurations): against an independent dense DP whose grid is
+    the gcd of all integer BOPs costs (exact, because every cost is a multiple of it)."""
+    model = mm.patch_model(torchvision.models.resnet18(), [8, 4, 2], 4)
+    costs, fixed = mm.bops_costs(model)
+    assert fixed == round(mm.c_fixed_of(model) * 1e9)
+    g = math.gcd(*[c for row in costs for c in row])
+    rng = random.Random(1)
+    for target in (22.0, 27.0, 33.0):
+        budget = mm.budget_bops(target, fixed)
+        scores = [[0.0, rng.uniform(0, 1), rng.uniform(0.5, 3)] for _ in costs]  # A8 free, A2 dear
+        cap = budget // g
+        inf = float("inf")
+        dp = [0.0] * (cap + 1)  # dp[c]: best score with total reduced cost <= c
+        for sc, co in zip(scores, costs):
+            dp = [min((dp[c - k // g] + s for s, k in zip(sc, co) if k // g <= c), default=inf) for c in range(cap + 1)]
+        got = mm.mckp_exact(scores, costs, budget)
+        assert sum(c[i] for c, i in zip(costs, got)) <= budget
+        assert mm.config_gbops([m.macs for m in mm.searched_layers(model)], [[8, 4, 2][i] for i in got], 4,
+                               mm.c_fixed_of(model)) <= target + 1e-9
+        assert sum(s[i] for s, i in zip(scores, got)) == pytest.approx(dp[cap], abs=1e-9)
+
+
+def _tiny_mlp():
+    """Flatten -> Linear(3,4) [fixed] -> Tanh -> Linear(4,3) -> Tanh -> Linear(3,3) -> Tanh -> Linear(3,2) [fixed],
+    float64; patched at a 1x1 'image' so the searched layers' inputs have 4 and 3 features per sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3),
+                          nn.Tanh(), nn.Linear(3, 2))
+    mm.patch_model(model, [8, 4, 2], 4, bops_image_size=1)
+    model.double()
+    mm.set_mode(model, "fp")
+    return model
+
+
+def test_hutchinson_equals_exact_hessian_trace_in_float64():
+    """Every Rademacher vector enumerated once (E[v v^T] = I exactly): the estimate must be the exact trace of
+    d^2 L / d x_l^2 (torch.autograd.functional.hessian), for each searched layer's input."""
+    model = _tiny_mlp()
+    x, y = torch.randn(2, 3, 1, 1, dtype=torch.float64), torch.tensor([0, 1])
+    layers = mm.searched_layers(model)
+    exact = []
+    for m in layers:
+        rec = {}
+        h = m.register_forward_pre_hook(lambda mod, inp: rec.update(x=inp[0].detach().clone()))
+        model(x)
+        h.remove()
+
+        def loss_of(z, m=m):
+            hook = m.register_forward_pre_hook(lambda mod, inp: (z,))
+            try:
+                return F.cross_entropy(model(x), y)
+            finally:
+                hook.remove()
+
+        H = torch.autograd.functional.hessian(loss_of, rec["x"])
+        exact.append(H.reshape(rec["x"].numel(), -1).diagonal().sum().item())
+    assert all(abs(t) > 1e-4 for t in exact)  # a test that can fail: the traces are not zero
+
+    # all 2^n sign vectors of each input's shape, handed out in order, cycling (n = 8 and 6 elements)
+    counters = {}
+
+    def enumerate_signs(shape, dtype, device, generator):
+        n = math.prod(shape)
+        k = counters.get(n, 0)
+        counters[n] = k + 1
+        bits = [(k >> j) & 1 for j in range(n)]
+        return (torch.tensor(bits, dtype=dtype) * 2 - 1).reshape(shape)
+
+    got = mm.hutchinson_traces(model, x, y, probes=256, probe_fn=enumerate_signs)
+    assert got.tolist() == pytest.approx(exact, rel=1e-10, abs=1e-12)
+    # and the default Rademacher estimate converges to it
+    est = mm.hutchinson_traces(model, x, y, probes=3000, generator=torch.Generator().manual_seed(0))
+    assert est.tolist() == pytest.approx(exact, rel=0.1)
+
+
+def test_proxy_scores_by_hand():
+    model, _, _ = _tiny_patched()
+    x, y = torch.randn(4, 3, 16, 16), torch.arange(4) % 4  # small: the Hessian costs a double backward per layer
+    layers = mm.searched_layers(model)
+    sens = mm.proxy_scores(model, [(x, y)], "sensitivity")
+    assert sens.shape == (19, 3) and (sens[:, 0] == 0).all()  # the largest candidate is the reference
+    ref = copy.deepcopy(model).eval()
+    mm.set_mode(ref, "meta", 0)
+    with torch.no_grad():
+        base = F.cross_entropy(ref(x), y).item()
+        mm.searched_layers(ref)[5].act.branch = 2
+        rise = F.cross_entropy(ref(x), y).item() - base
+    assert sens[5, 2].item() == pytest.approx(rise, rel=1e-5, abs=1e-7)
+    assert model.training  # restored
+
+    hess = mm.proxy_scores(model, [(x, y)], "hessian", probes=2)
+    assert (hess >= 0).all() and (hess[:, 0] < hess[:, 1]).all() and (hess[:, 1] < hess[:, 2]).all()
+    # 1/2 Tr(H) * MSE: the ratio between candidates is the ratio of the quantization errors
+    m = layers[3]
+    xs = {}
+    hs = mm._layer_inputs(model, layers, xs)
+    model.eval()
+    mm.set_mode(model, "fp")
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    mse = [(xs[m] - mm._lsq_forward(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed)))
+           .pow(2).mean().item() for i, b in enumerate(m.act.bits)]
+    assert (hess[3, 2] / hess[3, 1]).item() == pytest.approx(mse[2] / mse[1], rel=1e-5)
+
+
+def test_uniform_and_random_selections():
+    model = mm.patch_model(torchvision.models.resnet18(), [8, 4, 2], 4)
+    layers = mm.searched_layers(model)
+    macs, c_fixed = [m.macs for m in layers], mm.c_fixed_of(model)
+    budgets = mm.uniform_budgets(model)
+    assert budgets[4] == pytest.approx(34.714, abs=1e-3)  # the README's dry-run table
+    assert mm.uniform_selection(model, budgets[4]) == [1] * 19
+    assert mm.uniform_selection(model, budgets[4] - 0.01) == [2] * 19
+    with pytest.raises(mm.BadInput, match=r"A2 21\.150, A4 34\.714, A8 61\.843"):
+        mm.uniform_selection(model, 21.0)
+    costs, fixed = mm.bops_costs(model)
+    seen = set()
+    for seed in range(20):
+        target = 22 + seed
+        sel = mm.random_selection(model, target, seed)
+        assert sel == mm.random_selection(model, target, seed)  # seeded
+        gb = mm.config_gbops(macs, [[8, 4, 2][i] for i in sel], 4, c_fixed)
+        assert gb <= target + 1e-9
+        total = sum(c[i] for c, i in zip(costs, sel))
+        budget = mm.budget_bops(target, fixed)
+        for l, i in enumerate(sel):  # filled: no layer can go one candidate up without going over
+            if i > 0:
+                assert total - costs[l][i] + costs[l][i - 1] > budget
+        seen.add(tuple(sel))
+    assert len(seen) == 20
+
+
+def test_scratch_defaults_for_a_folder(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    p = mm.get_args_parser()
+    a = mm.resolve_args(p.parse_args(["--data", str(data)]))
+    assert a.lr == mm.SCRATCH_DEFAULTS["lr"] and a.alpha_lr == mm.ALPHA_LR["adam"][1]
+    assert a.scratch_defaults == [f"--lr {a.lr}", f"--alpha-lr {a.alpha_lr}"]
+    a = mm.resolve_args(p.parse_args(["--data", str(data), "--lr", "0.2", "--alpha-optimizer", "sgd"]))
+    assert a.lr == 0.2 and a.alpha_lr == mm.ALPHA_LR["sgd"][1] and a.scratch_defaults == [f"--alpha-lr {a.alpha_lr}"]
+    a = mm.resolve_args(p.parse_args(["--data", str(data), "--init", "x.pth"]))  # fine-tuning: ImageNet defaults
+    assert a.lr == 0.01 and a.alpha_lr == mm.ALPHA_LR["adam"][0] and a.scratch_defaults == []
+    a = mm.resolve_args(p.parse_args(["--alpha-optimizer", "sgd"]))
+    assert a.alpha_lr == mm.ALPHA_LR["sgd"][1] and a.scratch_defaults == []
+
+
+METHOD_RUN = TINY + ["--epochs", "3", "--target-gbops", "28", "--proxy-batches", "2", "--hutchinson-probes", "1"]
+
+
+@pytest.mark.parametrize("method, extra", [("metamix", ["--alpha-optimizer", "sgd"]), ("metamix-unfixed", []),
+                                           ("uniform", []), ("random", []), ("hessian", []), ("sensitivity", [])])
+def test_each_method_end_to_end(tmp_path, method, extra):
+    out = tmp_path / "out"
+    p = run_cli(*METHOD_RUN, "--search", method, *extra, "--output-dir", out)
+    assert "summary:" in p.stdout
+    bits = json.loads((out / "bits.json").read_text())
+    assert bits["search"] == method and bits["gbops"] <= bits["target_gbops"] + 1e-9 == 28 + 1e-9
+    assert read_log(out)[-1]["gbops"] == pytest.approx(bits["gbops"])
+    searched = [r for r in bits["layers"] if not r["fixed"]]
+    assert len(searched) == 19 and all(r["a_bits"] in (8, 4, 2) for r in searched)
+    if method in ("hessian", "sensitivity"):
+        assert bits["proxy"]["batches"] == 2
+        assert all(len(r["scores"]) == 3 and all(math.isfinite(v) for v in r["scores"]) for r in searched)
+        # the selection is the knapsack's optimum of those scores
+        model = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4)
+        costs, fixed = mm.bops_costs(model)
+        best = mm.mckp_exact([r["scores"] for r in searched], costs, mm.budget_bops(28, fixed))
+        assert sum(r["scores"][i] for r, i in zip(searched, best)) == pytest.approx(
+            sum(r["scores"][[8, 4, 2].index(r["a_bits"])] for r in searched), abs=1e-6)
+    else:
+        assert all("scores" not in r for r in searched) and "proxy" not in bits
+    if method.startswith("metamix"):
+        trace = json.loads((out / "alphas.json").read_text())
+        assert len(trace["steps"]) == 4 and len(trace["steps"][0]["probs"]) == 19
+        assert trace["alpha_optimizer"] == ("sgd" if extra else "adam")
+        assert trace["alpha_lr"] == (mm.ALPHA_LR["sgd"][1] if extra else 0.1)
+        assert [r["probs"] for r in searched] == [[pytest.approx(p, abs=1e-4) for p in q]
+                                                  for q in trace["steps"][-1]["probs"]]
+    else:
+        assert not (out / "alphas.json").exists()
+        assert all(r["probs"] == [pytest.approx(1 / 3)] * 3 for r in searched)  # the alphas never moved
+    if method == "uniform":
+        assert {r["a_bits"] for r in searched} == {2}  # A4 is 34.7 GBOPs, over 28
+
+
+def test_methods_without_search_reach_the_same_meta_state(tmp_path):
+    """Skipping the bit-search steps leaves the meta-state bit for bit as MetaMix's (they change only alphas)."""
+    outs = {}
+    for method in ("metamix", "uniform"):
+        outs[method] = tmp_path / method
+        run_cli(*TINY, "--epochs", "3", "--stop-after-epoch", "2", "--search", method, "--output-dir", outs[method])
+    a, b = load_ck(outs["metamix"] / "checkpoint.pth")["model"], load_ck(outs["uniform"] / "checkpoint.pth")["model"]
+    differ = [k for k in a if torch.is_tensor(a[k]) and not torch.equal(a[k], b[k])]
+    assert differ and all(k.endswith("act.alpha") for k in differ), differ
+
+
+def test_bits_from_reproduces_a_selection(ref_run, tmp_path):
+    out = tmp_path / "out"
+    run_cli(*TINY, "--epochs", "3", "--bits-from", ref_run / "bits.json", "--output-dir", out)
+    ref, got = json.loads((ref_run / "bits.json").read_text()), json.loads((out / "bits.json").read_text())
+    assert got["search"] == "bits-from" and got["bits_from"] == str(ref_run / "bits.json")
+    assert [r["a_bits"] for r in got["layers"]] == [r["a_bits"] for r in ref["layers"]]
+
+
+def _layer_map(a_bits=4):
+    model = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4, bops_image_size=224)
+    return {m.name: a_bits for m in mm.searched_layers(model)}
+
+
+@pytest.mark.parametrize("content, flags, needles", [
+    ({**_layer_map(), "layer9.conv": 4}, [], ["unknown layer 'layer9.conv'"]),
+    ({k: v for k, v in _layer_map().items() if k != "layer3.1.conv2"}, [], ["no bits for layer layer3.1.conv2"]),
+    ({**_layer_map(), "layer2.0.conv1": 3}, [], ["layer2.0.conv1", "bits 3", "8,4,2"]),
+    ({**_layer_map(), "fc": 4}, [], ["layer fc", "fixed at 8"]),
+    (_layer_map(8), [], ["61.811 GBOPs", "over --target-gbops 34.682"]),  # 10 classes: a smaller fc
+    ("not json", [], ["not JSON"]),
+    ([1, 2], [], ["expected a bits.json"]),
+    (_layer_map(), ["--search", "random"], ["--bits-from and --search random"]),
+], ids=["unknown-name", "missing-layer", "bits-not-candidate", "fixed-layer", "over-target", "not-json", "list",
+        "with-search"])
+def test_bits_from_bad_input(tmp_path, content, flags, needles):
+    f = tmp_path / "bits.json"
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
+    out = tmp_path / "out"
+    p = run_cli(*TINY, "--epochs", "3", "--bits-from", f, *flags, "--output-dir", out, check=False, timeout=120)
+    error_line(p, "--bits-from", *needles)
+    assert not out.exists(), "refused before the output dir is touched"
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--search", "uniform", "--target-gbops", "21"], ["no uniform configuration fits", "A2 21.118, A4 34.682"]),
+    (["--search", "greedy"], ["--search 'greedy'", "sensitivity"]),
+    (["--alpha-optimizer", "rmsprop"], ["--alpha-optimizer 'rmsprop'"]),
+    (["--proxy-batches", "0"], ["--proxy-batches 0"]),
+], ids=["uniform-infeasible", "search", "alpha-optimizer", "proxy-batches"])
+def test_search_bad_arguments(tmp_path, flags, needles):
+    out = tmp_path / "out"
+    p = run_cli(*TINY, "--epochs", "3", "--bops-image-size", "224", *flags, "--output-dir", out, check=False,
+                timeout=120)
+    error_line(p, *needles)
+    assert not out.exists()
+
+
+def test_resume_refuses_another_search(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    before = fingerprint(out)
+    p = run_cli(*REF, "--output-dir", out, "--resume", "auto", "--search", "random", check=False, timeout=120)
+    error_line(p, "search=metamix", "this run random")
+    assert fingerprint(out) == before
