@@ -15,6 +15,7 @@ Run it:
     python metamix.py                                   # built-in synthetic data, 1 process, ~3 min on 2 CPUs
     python metamix.py --arch mobilenet_v2 --dry-run     # per-layer MACs and the feasible GBOPs range
     python metamix.py --resume runs/metamix/checkpoint.pth --export   # model_int.pth: integer weights, scales
+    python metamix.py --search random --target-gbops 28  # a baseline selection, same schedule (section 9)
     torchrun --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
     torchrun --nnodes=2 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \\
         --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
@@ -29,6 +30,9 @@ Symbols (paper -> code):
     lambda       weight of the BOPs regularizer          --lam
     C_fixed      BOPs of the fixed first/last layers     c_fixed, c_fixed_of(model)   (GBOPs)
     b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
+
+Section 9, after the method and its plumbing, runs other selections (uniform, random, training-free
+proxies with an exact knapsack, the Figure 7(a) ablation) through the same schedule, to compare with.
 
 Left out: mixed weight bits (the supplement's (A, W) pairs), PROFIT-style BN re-estimation,
 fast integer kernels (--export writes packed integer weights and scales and checks an exact

@@ -1,0 +1,324 @@
+"""Does MetaMix pick good bits? Every selection through the same pipeline, at equal BOPs, on real data.
+
+The study of issue 11. scikit-learn's bundled handwritten digits (1797 real 8x8 scans, no download)
+are written out as an ImageFolder (upscaled to 32 px, 3 channels; 300 validation images, 30 per
+class). Following the paper's protocol, a full-precision model is trained first (plain PyTorch,
+below), and every run of `metamix.py` starts from it with `--init`. Each method runs the same
+schedule (the same bit-meta epochs, then weight training from the meta-state) and differs only in
+the selection (`--search`). Methods are compared *paired* per seed: the same FP model, the same
+data order, only the selection different; the table reports each method's difference to `random`.
+
+    python study_digits.py --out runs/digits            # the full study (README), ~1 h on 2 CPU cores
+    python study_digits.py --out runs/digits-quick --quick   # one seed, two methods, a few steps (CI)
+
+Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/
+(each metamix.py output dir, with bits.json, log.jsonl and, for the searches, alphas.json),
+results.json, table.md, top1_vs_gbops.png and alphas.png (the alpha trajectories).
+scikit-learn is needed (a dependency of this study only); matplotlib is optional (the plots).
+Finished runs are kept: rerunning the command continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import metamix as mm  # noqa: E402  (the study uses metamix's own data pipeline and transforms)
+
+# The training settings (our choice, stated in the README).
+FP = dict(epochs=30, lr=0.05, batch_size=64, wd=5e-4)  # the full-precision model
+COMMON = ["--image-size", "32", "--batch-size", "32", "--workers", "0", "--lr", "0.01", "--search-epochs", "2",
+          "--print-freq", "100000"]
+EPOCHS = 8  # 2 bit selection (46 steps each) + 6 weight training
+ALPHA = {"adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.py's small-data defaults
+         "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"]}
+ALL = ["metamix", "metamix-sgd", "metamix-unfixed", "uniform", "random", "hessian", "sensitivity"]
+# (arch, target GBOPs, methods): ResNet-18 {8,4,2} near the all-A2 floor (21.12) and a little under
+# uniform A4 (34.68); MobileNet-v2 {8,4,3} between all-A3 (4.16) and uniform A4 (5.31). 10 classes.
+GRID = [("resnet18", 23.0, ALL), ("resnet18", 33.0, ALL),
+        ("mobilenet_v2", 4.6, ["metamix", "metamix-sgd", "random", "sensitivity"])]
+SEEDS = [0, 1, 2]
+QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"])]
+
+
+def method_flags(method: str) -> list[str]:
+    if method == "metamix-sgd":
+        return ["--search", "metamix", *ALPHA["sgd"]]
+    extra = ["--proxy-batches", "4", "--hutchinson-probes", "4"] if method in mm.PROXIES else []
+    return ["--search", method, *ALPHA["adam"], *extra]
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def write_digits(root: Path, size: int = 32, n_val_per_class: int = 30, n_train_per_class: int | None = None) -> None:
+    """digits -> root/{train,val}/<digit>/<i>.png, 8x8 upscaled to size x size (bilinear), grey to RGB.
+    Validation: the first n_val_per_class images of each class in a fixed shuffle (seed 0); training:
+    the rest (or the next n_train_per_class)."""
+    if (root / "done").exists():
+        return
+    from PIL import Image
+    from sklearn.datasets import load_digits  # the study's optional dependency
+
+    d = load_digits()
+    order = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0)).tolist()
+    seen = {k: 0 for k in range(10)}
+    shutil.rmtree(root, ignore_errors=True)
+    for i in order:
+        k = int(d.target[i])
+        split = "val" if seen[k] < n_val_per_class else "train"
+        seen[k] += 1
+        if n_train_per_class and seen[k] > n_val_per_class + n_train_per_class:
+            continue
+        img = Image.fromarray((d.images[i] * (255 / 16)).round().astype("uint8"), "L")
+        path = root / split / str(k)
+        path.mkdir(parents=True, exist_ok=True)
+        img.resize((size, size), Image.BILINEAR).convert("RGB").save(path / f"{i}.png")
+    (root / "done").write_text("ok")
+
+
+def datasets(data: Path):
+    args = argparse.Namespace(data=str(data), image_size=32)
+    return mm.build_datasets(args)  # metamix's transforms: RandomResizedCrop + flip; resize + centre crop
+
+
+# ---- the full-precision model (plain PyTorch) ------------------------------------------------------
+
+
+def train_fp(arch: str, data: Path, path: Path, epochs: int, log) -> float:
+    """SGD (momentum 0.9, cosine) on metamix's training transforms; returns top-1 on the validation set."""
+    import torchvision
+
+    train_set, val_set, classes = datasets(data)
+    if path.exists():
+        model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return evaluate_fp(model, val_set)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
+    loader = torch.utils.data.DataLoader(train_set, FP["batch_size"], shuffle=True, drop_last=True)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": FP["wd"]}, {"params": rest, "weight_decay": 0}],
+                          lr=FP["lr"], momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
+    t0 = time.time()
+    for epoch in range(epochs):
+        model.train()
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+    top1 = evaluate_fp(model, val_set)
+    log(f"FP {arch}: {epochs} epochs, top-1 {top1:.2f}% ({time.time() - t0:.0f}s)")
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return top1
+
+
+@torch.no_grad()
+def evaluate_fp(model, val_set) -> float:
+    model.eval()
+    hits = n = 0
+    for x, y in torch.utils.data.DataLoader(val_set, 100):
+        hits += (model(x).argmax(1) == y).sum().item()
+        n += len(y)
+    return 100 * hits / n
+
+
+# ---- the runs ------------------------------------------------------------------------------
+
+
+def run_one(job: dict, log) -> dict:
+    out = Path(job["out"])
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(HERE / "metamix.py"), "--arch", job["arch"], "--data", job["data"], "--init",
+           job["init"], "--target-gbops", str(job["target"]), "--seed", str(job["seed"]), "--epochs",
+           str(job["epochs"]), *COMMON, *method_flags(job["method"]), "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
+    logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    bits = json.loads((out / "bits.json").read_text())
+    searched = [r for r in bits["layers"] if not r["fixed"]]
+    res = {k: job[k] for k in ("arch", "target", "method", "seed")}
+    res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
+               gbops=bits["gbops"], avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
+               avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
+               a_bits=[r["a_bits"] for r in searched], seconds=round(time.time() - t0, 1))
+    (out / "result.json").write_text(json.dumps(res))
+    log(f"{out.name}: top-1 {res['top1']:.2f}% at {res['gbops']:.3f} GBOPs, avg bits {res['avg_bits']:.2f} "
+        f"({res['seconds']:.0f}s)")
+    return res
+
+
+# ---- the table and the plots ---------------------------------------------------------------
+
+
+def mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):+.2f} ± {sd:.2f}"
+
+
+def table(results: list[dict], fp: dict) -> str:
+    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs random (points) | "
+            "Δ per seed | GBOPs | avg A bits (plain / MAC-weighted) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["arch"], r["target"]) for r in results}, key=lambda k: (k[0] != "resnet18", k))
+    for arch, target in keys:
+        here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
+        rand = {r["seed"]: r["top1"] for r in here if r["method"] == "random"}
+        for method in [m for m in ALL if any(r["method"] == m for r in here)]:
+            rs = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
+            top = [r["top1"] for r in rs]
+            d = [r["top1"] - rand[r["seed"]] for r in rs if r["seed"] in rand]
+            sd = statistics.stdev(top) if len(top) > 1 else 0.0
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {method} | {len(rs)} | "
+                        f"{statistics.mean(top):.2f} ± {sd:.2f} | "
+                        f"{'-' if method == 'random' else mean_sd(d)} | "
+                        f"{'-' if method == 'random' else ' '.join(f'{v:+.2f}' for v in d)} | "
+                        f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
+                        f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
+                        f"{statistics.mean(r['avg_bits_mac'] for r in rs):.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    archs = sorted({r["arch"] for r in results}, key=lambda a: a != "resnet18")
+    fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4), squeeze=False)
+    marks = dict(zip(ALL, "o^vsDxP"))
+    for ax, arch in zip(axes[0], archs):
+        for method in ALL:
+            rs = [r for r in results if r["arch"] == arch and r["method"] == method]
+            if rs:
+                ax.scatter([r["gbops"] for r in rs], [r["top1"] for r in rs], marker=marks[method], label=method,
+                           alpha=0.75)
+        for t in sorted({r["target"] for r in results if r["arch"] == arch}):
+            ax.axvline(t, color="grey", lw=0.6, ls=":")
+        ax.set_title(f"{arch} on digits (each point one seed)")
+        ax.set_xlabel("GBOPs (at 224 px; dotted: targets)")
+        ax.set_ylabel("top-1 %")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_alphas(run_dirs: dict[str, Path], path: Path) -> bool:
+    """p(bits) per layer over the search steps, one panel per run (e.g. Adam vs SGD)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = {k: json.loads((d / "alphas.json").read_text()) for k, d in run_dirs.items() if (d / "alphas.json").exists()}
+    if not runs:
+        return False
+    n_bits = len(next(iter(runs.values()))["candidates"])
+    fig, axes = plt.subplots(n_bits, len(runs), figsize=(5.5 * len(runs), 2.6 * n_bits), squeeze=False, sharey=True)
+    for col, (name, tr) in enumerate(runs.items()):
+        steps = list(range(1, len(tr["steps"]) + 1))
+        cmap = plt.get_cmap("viridis")
+        for i, b in enumerate(tr["candidates"]):
+            ax = axes[i][col]
+            for l, layer in enumerate(tr["layers"]):
+                ax.plot(steps, [s["probs"][l][i] for s in tr["steps"]], color=cmap(l / max(len(tr["layers"]) - 1, 1)),
+                        lw=0.9)
+            ax.set_title(f"{name}: p(A{b}) per layer (colour: depth)", fontsize=9)
+            ax.set_xlabel("search step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/digits", help="output folder (kept between invocations)")
+    p.add_argument("--quick", action="store_true", help="one seed, two methods, a few steps (CI)")
+    p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick: 0)")
+    p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
+    a = p.parse_args(argv)
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        print("study_digits: error: scikit-learn is needed for the digits (pip install scikit-learn)", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    t0 = time.time()
+    data = out / "data"
+    write_digits(data, **(dict(n_val_per_class=10, n_train_per_class=20) if a.quick else {}))
+    grid, seeds = (QUICK_GRID, [0]) if a.quick else (GRID, SEEDS)
+    if a.seeds:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    if a.only:
+        grid = [g for g in grid if g[0] in a.only.split(",")]
+    epochs, fp_epochs = (3, 1) if a.quick else (EPOCHS, FP["epochs"])
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    archs = dict.fromkeys(g[0] for g in grid)
+    fp = {arch: train_fp(arch, data, out / f"fp_{arch}.pth", fp_epochs, log) for arch in archs}
+    for arch, top1 in fp.items():
+        log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
+    jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
+                 epochs=epochs, search_epochs=2, threads=1 if a.jobs > 1 else 2,
+                 out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"))
+            for arch, t, methods in grid for s in seeds for m in methods]
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        results = list(ex.map(lambda j: run_one(j, log), jobs))
+    (out / "results.json").write_text(json.dumps({"fp_top1": fp, "runs": results}, indent=1))
+    (out / "table.md").write_text(table(results, fp))
+    print(table(results, fp))
+    if plot(results, out / "top1_vs_gbops.png"):
+        log(f"wrote {out / 'top1_vs_gbops.png'}")
+    arch, t, methods = grid[0]
+    shown = {m: out / "runs" / f"{arch}_t{t:g}_{m}_s{seeds[0]}" for m in ("metamix", "metamix-sgd") if m in methods}
+    if plot_alphas(shown, out / "alphas.png"):
+        log(f"wrote {out / 'alphas.png'}")
+    log(f"study done in {time.time() - t0:.0f}s: {len(results)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
