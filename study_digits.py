@@ -2,7 +2,7 @@
 
 The study of issue 11. scikit-learn's bundled handwritten digits (1797 real 8x8 scans, no download)
 are written out as an ImageFolder (upscaled to 32 px, 3 channels; 300 validation images, 30 per
-class). Following the paper's protocol, a full-precision model is trained first (plain PyTorch,
+class; trained at 16 px crops). Following the paper's protocol, a full-precision model is trained first (plain PyTorch,
 below), and every run of `metamix.py` starts from it with `--init`. Each method runs the same
 schedule (the same bit-meta epochs, then weight training from the meta-state) and differs only in
 the selection (`--search`). Methods are compared *paired* per seed: the same FP model, the same
@@ -39,9 +39,12 @@ sys.path.insert(0, str(HERE))
 import metamix as mm  # noqa: E402  (the study uses metamix's own data pipeline and transforms)
 
 # The training settings (our choice, stated in the README).
-FP = dict(epochs=30, lr=0.05, batch_size=64, wd=5e-4)  # the full-precision model
-COMMON = ["--image-size", "32", "--batch-size", "32", "--workers", "0", "--lr", "0.01", "--search-epochs", "2",
-          "--print-freq", "100000"]
+IMAGE_SIZE = 16  # the training crop from the 32 px files; 8x8 scans lose nothing at 16 px, and it is 4x cheaper
+# The full-precision model: SGD, cosine, 40 epochs, crops of 35-100% of the image, no flip (a flipped
+# digit is another shape); 98.7% (ResNet-18) and 97.3% (MobileNet-v2) on the validation set.
+FP = dict(epochs=40, lr=0.05, batch_size=64, wd=5e-4, crop_scale=0.35)
+COMMON = ["--image-size", str(IMAGE_SIZE), "--batch-size", "32", "--workers", "0", "--lr", "0.01",
+          "--search-epochs", "2", "--print-freq", "100000"]
 EPOCHS = 8  # 2 bit selection (46 steps each) + 6 weight training
 ALPHA = {"adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.py's small-data defaults
          "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"]}
@@ -91,7 +94,7 @@ def write_digits(root: Path, size: int = 32, n_val_per_class: int = 30, n_train_
 
 
 def datasets(data: Path):
-    args = argparse.Namespace(data=str(data), image_size=32)
+    args = argparse.Namespace(data=str(data), image_size=IMAGE_SIZE)
     return mm.build_datasets(args)  # metamix's transforms: RandomResizedCrop + flip; resize + centre crop
 
 
@@ -99,10 +102,16 @@ def datasets(data: Path):
 
 
 def train_fp(arch: str, data: Path, path: Path, epochs: int, log) -> float:
-    """SGD (momentum 0.9, cosine) on metamix's training transforms; returns top-1 on the validation set."""
+    """SGD (momentum 0.9, cosine), milder crops than metamix's ImageNet ones; returns top-1 on the validation
+    set, with metamix's validation transform."""
     import torchvision
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
 
-    train_set, val_set, classes = datasets(data)
+    _, val_set, classes = datasets(data)
+    train_set = ImageFolder(str(data / "train"), T.Compose([
+        T.RandomResizedCrop(IMAGE_SIZE, scale=(FP["crop_scale"], 1.0)), T.ToTensor(),
+        T.Normalize(mm.IMAGENET_MEAN, mm.IMAGENET_STD)]))
     if path.exists():
         model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -296,13 +305,13 @@ def main(argv=None) -> int:
     if a.only:
         grid = [g for g in grid if g[0] in a.only.split(",")]
     epochs, fp_epochs = (3, 1) if a.quick else (EPOCHS, FP["epochs"])
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # on a shared machine, 2 OpenMP threads that wait for each other are slower
     archs = dict.fromkeys(g[0] for g in grid)
     fp = {arch: train_fp(arch, data, out / f"fp_{arch}.pth", fp_epochs, log) for arch in archs}
     for arch, top1 in fp.items():
         log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
-                 epochs=epochs, search_epochs=2, threads=1 if a.jobs > 1 else 2,
+                 epochs=epochs, search_epochs=2, threads=1,
                  out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"))
             for arch, t, methods in grid for s in seeds for m in methods]
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:

@@ -1947,3 +1947,17 @@ def test_resume_refuses_another_search(stopped_run, tmp_path):
     p = run_cli(*REF, "--output-dir", out, "--resume", "auto", "--search", "random", check=False, timeout=120)
     error_line(p, "search=metamix", "this run random")
     assert fingerprint(out) == before
+
+
+def test_study_table_pairs_methods_by_seed():
+    import study_digits as sd
+
+    runs = [dict(arch="resnet18", target=23.0, method=m, seed=s, top1=t, gbops=g, avg_bits=3.0, avg_bits_mac=2.5)
+            for m, s, t, g in [("random", 0, 90.0, 22.9), ("random", 1, 80.0, 22.8), ("metamix", 0, 91.0, 22.5),
+                               ("metamix", 1, 83.0, 22.7)]]
+    rows = {r.split("|")[3].strip(): [c.strip() for c in r.split("|")] for r in sd.table(runs, {"resnet18": 98.0})
+            .splitlines()[2:]}
+    # paired: +1 (seed 0) and +3 (seed 1): mean +2, sd sqrt(2); unpaired the spread would be 5.7
+    assert rows["metamix"][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows["metamix"][7] == "+1.00 +3.00"
+    assert rows["metamix"][5] == f"87.00 ± {math.sqrt(32):.2f}" and rows["random"][6] == "-"
+    assert rows["metamix"][8] == "22.60" and "FP 98.00" in rows["metamix"][1]
