@@ -213,6 +213,30 @@ def table(results: list[dict], fp: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def alpha_summary(out: Path, results: list[dict]) -> str:
+    """Per searching run, what its alphas.json shows at the last search step: p(largest candidate) across
+    layers (min / median / max, and how many layers lie within 0.02 of the median), the median margin
+    between a layer's two most probable candidates, and the last step at which the argmax changed."""
+    rows = ["| arch | target | method | seed | p(A_max) min / median / max | layers within 0.02 of the median | "
+            "median top-2 margin | argmax last changed at step |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        path = out / "runs" / f"{r['arch']}_t{r['target']:g}_{r['method']}_s{r['seed']}" / "alphas.json"
+        if not path.exists():
+            continue
+        tr = json.loads(path.read_text())
+        top = max(range(len(tr["candidates"])), key=lambda i: tr["candidates"][i])
+        last = tr["steps"][-1]["probs"]
+        p_top = sorted(p[top] for p in last)
+        med = statistics.median(p_top)
+        margins = [sorted(p)[-1] - sorted(p)[-2] for p in last]
+        am = [tuple(max(range(len(p)), key=p.__getitem__) for p in st["probs"]) for st in tr["steps"]]
+        changed = max([i + 1 for i in range(1, len(am)) if am[i] != am[i - 1]] + [1])
+        rows.append(f"| {r['arch']} | {r['target']:g} | {r['method']} | {r['seed']} | {p_top[0]:.2f} / {med:.2f} / "
+                    f"{p_top[-1]:.2f} | {sum(abs(p - med) <= 0.02 for p in p_top)} of {len(p_top)} | "
+                    f"{statistics.median(margins):.3f} | {changed} of {len(am)} |")
+    return "\n".join(rows) + "\n"
+
+
 def plot(results: list[dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -318,6 +342,7 @@ def main(argv=None) -> int:
         results = list(ex.map(lambda j: run_one(j, log), jobs))
     (out / "results.json").write_text(json.dumps({"fp_top1": fp, "runs": results}, indent=1))
     (out / "table.md").write_text(table(results, fp))
+    (out / "alphas.md").write_text(alpha_summary(out, results))
     print(table(results, fp))
     if plot(results, out / "top1_vs_gbops.png"):
         log(f"wrote {out / 'top1_vs_gbops.png'}")
