@@ -257,12 +257,13 @@ class MultiBranchQuantizer(nn.Module):
     gradient scale is 1/sqrt(N * Qp_b), N = features per sample.
     """
 
-    def __init__(self, bits: Sequence[int]):
+    def __init__(self, bits: Sequence[int], n_w: int = 1):
         super().__init__()
         self.bits = tuple(int(b) for b in bits)
         n = len(self.bits)
+        self.n_w = int(n_w)  # weight widths per activation width: 1, or len(W) in pair mode (Supplement, Table 7)
         self.step = nn.Parameter(torch.ones(n))
-        self.alpha = nn.Parameter(torch.zeros(n))
+        self.alpha = nn.Parameter(torch.zeros(n * self.n_w))  # one logit per candidate (index a_idx * n_w + w_idx)
         self.signed: bool | None = None  # unknown until the first batch
         self.initialized = [False] * n
         self.mode, self.branch = "fp", 0
@@ -305,7 +306,13 @@ class MultiBranchQuantizer(nn.Module):
         grad_scales = [lsq_grad_scale(per_sample, self.bits[i], self.signed) for i in branches]
         if self.mode == "branch":
             return branches, positive(self.step[self.branch : self.branch + 1]), None, qranges, grad_scales
+        if self.n_w > 1:  # pair mode: each activation width's share, summed over the weight widths
+            return branches, positive(self.step), self.pair_probs().sum(1), qranges, grad_scales
         return branches, positive(self.step), F.softmax(self.alpha, dim=0), qranges, grad_scales
+
+    def pair_probs(self) -> torch.Tensor:
+        """Pair mode (Supplement, Table 7): p_aw = softmax over all (A, W) pairs, as a (len(bits), n_w) matrix."""
+        return F.softmax(self.alpha, dim=0).view(len(self.bits), self.n_w)
 
     # --- state that must survive a checkpoint but is not a tensor
     def get_extra_state(self):
@@ -315,7 +322,7 @@ class MultiBranchQuantizer(nn.Module):
         self.signed, self.initialized = state["signed"], [bool(v) for v in state["initialized"]]
 
     def extra_repr(self):
-        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}"
+        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}" + (f", n_w={self.n_w}" if self.n_w > 1 else "")
 
 
 class LayerOp(NamedTuple):
@@ -335,12 +342,18 @@ class QuantLayer(nn.Module):
     LSQ, off during bit selection). A `fixed` layer (first conv, last Linear) has one branch at
     that width for both its input and its weight. Our choice: a per-tensor weight step. `macs`
     is its OPs_l at the BOPs resolution; `name` its path in the model; `selected_branch` the
-    branch index that bit selection chose.
+    candidate index that bit selection chose.
     Forward: op(MultiBranchQuantizer(x), weight_quant(W)) + bias, computed by the fused op.
+
+    Pair mode, the supplement's extension (Supplement, Table 7): with `w_bits` a sequence of
+    widths W, the candidates are the pairs A x W (`candidates`, index a_idx * len(W) + w_idx), one
+    softmax over them. Each weight width has its own LSQ step on the one shared FP weight
+    (`weight_quants`); `weight_quant` is then the quantizer of the current width `w_branch`
+    (set by set_mode). With one int `w_bits` the layer is exactly the paper's (same state-dict keys).
     """
 
-    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0,
-                 fixed: bool = False):
+    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int | Sequence[int], name: str = "",
+                 macs: int = 0, fixed: bool = False):
         super().__init__()
         if isinstance(layer, nn.Conv2d):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
@@ -352,22 +365,62 @@ class QuantLayer(nn.Module):
             raise TypeError(f"{name}: cannot quantize {type(layer).__name__}")
         self.kind = type(layer).__name__
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
-        self.act = MultiBranchQuantizer(bits)
-        self.weight_quant = LSQQuantizer(w_bits, signed=True)
-        self.weight_quant.enabled = False
+        self.pairs = not isinstance(w_bits, int)
+        self.w_widths = tuple(int(w) for w in w_bits) if self.pairs else (int(w_bits),)
+        self.candidates = [(int(a), w) for a in bits for w in self.w_widths]  # (a_bits, w_bits) per candidate index
+        self.act = MultiBranchQuantizer(bits, len(self.w_widths) if self.pairs else 1)
+        if self.pairs:  # Supplement, Table 7: one LSQ weight step per weight width, all on self.weight
+            self.weight_quants = nn.ModuleList(LSQQuantizer(w, signed=True) for w in self.w_widths)
+            for wq in self.weight_quants:
+                wq.enabled = False
+        else:  # nn.Module.__setattr__ registers it in _modules; the property below reads it from there
+            self.weight_quant = LSQQuantizer(w_bits, signed=True)
+            self.weight_quant.enabled = False
+        self.w_branch = 0  # pair mode: index into w_widths of the weight width in use
         self.name, self.macs, self.fixed = name, int(macs), fixed
         self.order = 0  # position in forward order, set by patch_model
         self.selected_branch = 0
+
+    @property
+    def weight_quant(self) -> LSQQuantizer:
+        """The weight quantizer in use: the only one, or in pair mode the one at w_widths[w_branch]."""
+        if "weight_quant" in self._modules:
+            return self._modules["weight_quant"]
+        return self._modules["weight_quants"][self.w_branch]
+
+    def split(self, candidate: int) -> tuple[int, int]:
+        """(activation branch index, weight branch index) of a candidate index; (candidate, 0) in single-W mode."""
+        return divmod(int(candidate), len(self.w_widths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_quant = self.weight_quant
         if self.act.mode == "fp":
             return _op_forward(x, w_quant(self.weight), self.bias, self.op)
+        if self.pairs and self.act.mode == "search":
+            return self._pair_search(x)
         _, steps, probs, qranges, grad_scales = self.act.params_for(x)
         w_qparams = w_quant.qparams(self.weight) if w_quant.enabled else None
         w_step = positive(w_quant.step) if w_quant.enabled else None
         return _MixedQuantOp.apply(x, steps, probs, self.weight, w_step, self.bias, qranges, grad_scales, w_qparams,
                                    self.op)
+
+    def _pair_search(self, x: torch.Tensor) -> torch.Tensor:
+        """Search over (A, W) pairs (Supplement, Table 7) by linearity of the op in its input:
+        sum_{a,w} p_aw op(Q_a(x), Q_w(W)) = sum_w op(sum_a p_aw Q_a(x), Q_w(W)), p = softmax over all pairs.
+
+        One fused op per weight width (len(W) convolutions, not len(A) * len(W)), with the column
+        p[:, w] as its mixture weights; the bias is added once. Every call saves the same x and weight.
+        """
+        _, steps, _, qranges, grad_scales = self.act.params_for(x)
+        p = self.act.pair_probs()  # (len(A), len(W))
+        out = None
+        for j, wq in enumerate(self.weight_quants):
+            w_qparams = wq.qparams(self.weight) if wq.enabled else None
+            w_step = positive(wq.step) if wq.enabled else None
+            y = _MixedQuantOp.apply(x, steps, p[:, j], self.weight, w_step, self.bias if j == 0 else None, qranges,
+                                    grad_scales, w_qparams, self.op)
+            out = y if out is None else out + y
+        return out
 
     def get_extra_state(self):
         return {"selected_branch": self.selected_branch}
@@ -376,7 +429,8 @@ class QuantLayer(nn.Module):
         self.selected_branch = int(state["selected_branch"])
 
     def extra_repr(self):
-        return f"{self.kind}, macs={self.macs}, fixed={self.fixed}, w={self.weight_quant.bits}b"
+        w = "{" + ",".join(map(str, self.w_widths)) + "}" if self.pairs else self.weight_quant.bits
+        return f"{self.kind}, macs={self.macs}, fixed={self.fixed}, w={w}b"
 
 
 # ---- 2b. For speed only: the fused layer op ---------------------------------------------
@@ -562,61 +616,93 @@ def c_fixed_of(model: nn.Module) -> float:
     return sum(m.macs * m.act.bits[0] * m.weight_quant.bits for m in quant_layers(model) if m.fixed) / 1e9
 
 
-def config_gbops(macs: Sequence[int], a_bits: Sequence[int], w_bits: int, c_fixed: float) -> float:
-    """Eq. 6 for the searched layers plus C_fixed: sum_l a_l * w_bits * OPs_l / 1e9 + C_fixed."""
-    return sum(m * a for m, a in zip(macs, a_bits)) * w_bits / 1e9 + c_fixed
+def config_gbops(macs: Sequence[int], a_bits: Sequence[int], w_bits: int | Sequence[int], c_fixed: float) -> float:
+    """Eq. 6 for the searched layers plus C_fixed: sum_l a_l * w_l * OPs_l / 1e9 + C_fixed.
+
+    `w_bits`: the one weight width (the paper), or one per layer (pair mode, Supplement, Table 7).
+    """
+    if isinstance(w_bits, int):
+        return sum(m * a for m, a in zip(macs, a_bits)) * w_bits / 1e9 + c_fixed
+    return sum(m * a * w for m, a, w in zip(macs, a_bits, w_bits)) / 1e9 + c_fixed
 
 
-def gbops_range(model: nn.Module, w_bits: int) -> tuple[float, float]:
-    """Feasible budgets: every searched layer at the smallest candidate, and at the largest."""
+def candidate_bits(m: QuantLayer) -> tuple[list[int], int | list[int]]:
+    """(activation bits per candidate, weight bits): one int in single-W mode, one per candidate in pair mode."""
+    a_bits = [a for a, _ in m.candidates]
+    return a_bits, ([w for _, w in m.candidates] if m.pairs else m.w_widths[0])
+
+
+def gbops_range(model: nn.Module, w_bits: int | None = None) -> tuple[float, float]:
+    """Feasible budgets: every searched layer at its cheapest candidate, and at its dearest (a * w).
+
+    `w_bits`: the one weight width (the paper's setting); None reads each layer's own candidates
+    (needed in pair mode).
+    """
     layers = searched_layers(model)
     macs, c_fixed = [m.macs for m in layers], c_fixed_of(model)
-    lo = config_gbops(macs, [min(m.act.bits) for m in layers], w_bits, c_fixed)
-    hi = config_gbops(macs, [max(m.act.bits) for m in layers], w_bits, c_fixed)
-    return lo, hi
+    if w_bits is not None or not any(m.pairs for m in layers):
+        w = w_bits if w_bits is not None else layers[0].w_widths[0]
+        lo = config_gbops(macs, [min(m.act.bits) for m in layers], w, c_fixed)
+        hi = config_gbops(macs, [max(m.act.bits) for m in layers], w, c_fixed)
+        return lo, hi
+    ends = [[pick(m.candidates, key=lambda c: c[0] * c[1]) for m in layers] for pick in (min, max)]
+    return tuple(config_gbops(macs, [a for a, _ in e], [w for _, w in e], c_fixed) for e in ends)
 
 
-def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[int], w_bits: int,
+def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[int], w_bits: int | Sequence[int],
                      c_fixed: float, target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
 
     Our choices: units of GBOPs (1e9), which make the paper's lambdas sensible; Eq. 4 taken
     literally, so its value is the distance of the *argmax* configuration to the target.
     alphas: (L, N) logits of the searched layers; bits: (N,) candidates; macs: (L,).
+    w_bits: the one weight width, or (N,) per candidate in pair mode (Supplement, Table 7), where
+    candidate i costs bits_i * w_bits_i * OPs_l.
     Returns (L_reg, GBOPs of the argmax configuration), both differentiable in alphas.
     """
     hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
     b = torch.as_tensor(bits, dtype=hs.dtype, device=hs.device)
     m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
-    gbops = (hs @ b * m).sum() * (w_bits / 1e9) + c_fixed
+    if isinstance(w_bits, int):
+        gbops = (hs @ b * m).sum() * (w_bits / 1e9) + c_fixed
+    else:
+        cost = b * torch.as_tensor(w_bits, dtype=hs.dtype, device=hs.device)  # (N,) a * w
+        gbops = (hs @ cost * m).sum() / 1e9 + c_fixed
     return (gbops - target_gbops).abs(), gbops
 
 
 def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], bits: Sequence[int],
-                     macs: Sequence[int], w_bits: int, c_fixed: float, target_gbops: float) -> list[int]:
-    """Lower bits until the configuration fits the target; returns branch indices. Our choice,
+                     macs: Sequence[int], w_bits: int | Sequence[int], c_fixed: float, target_gbops: float) -> list[int]:
+    """Lower bits until the configuration fits the target; returns candidate indices. Our choice,
     the paper has no repair step.
 
-    Each move lowers one layer to its next smaller candidate; we take the move that gives up
-    the least softmax probability per BOP saved, until GBOPs <= target.
+    Each move lowers one layer to the next lower cost level a * w among its candidates (single
+    W: the next smaller bit-width); among candidates tied at that level (pair mode, e.g. (8,2),
+    (4,4), (2,8)), the most probable. We take the move that gives up the least softmax
+    probability per BOP saved, until GBOPs <= target. `w_bits`: one int, or one per candidate.
     """
     branches = list(branches)
-    by_bits = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices, smallest bit-width first
+    ws = [w_bits] * len(bits) if isinstance(w_bits, int) else list(w_bits)
+    cost = [a * w for a, w in zip(bits, ws)]  # bit-ops per MAC of each candidate
+    levels = sorted(set(cost))
 
     def gb():
-        return config_gbops(macs, [bits[i] for i in branches], w_bits, c_fixed)
+        if isinstance(w_bits, int):
+            return config_gbops(macs, [bits[i] for i in branches], w_bits, c_fixed)
+        return config_gbops(macs, [bits[i] for i in branches], [ws[i] for i in branches], c_fixed)
 
     while gb() > target_gbops + 1e-9:
         best = None
         for l, i in enumerate(branches):
-            k = by_bits.index(i)
+            k = levels.index(cost[i])
             if k == 0:
                 continue
-            lower = by_bits[k - 1]
-            saved = (bits[i] - bits[lower]) * w_bits * macs[l]
-            cost = (probs[l][i] - probs[l][lower]) / saved
-            if best is None or cost < best[0]:
-                best = (cost, l, lower)
+            tied = [j for j in range(len(bits)) if cost[j] == levels[k - 1]]
+            lower = max(tied, key=lambda j: (probs[l][j], -j))  # the most probable; ties: the first
+            saved = (cost[i] - cost[lower]) * macs[l]
+            c = (probs[l][i] - probs[l][lower]) / saved
+            if best is None or c < best[0]:
+                best = (c, l, lower)
         if best is None:
             break
         branches[best[1]] = best[2]
@@ -659,13 +745,15 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
     return seen
 
 
-def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int = 4, first_last_bits: int = 8,
+def patch_model(model: nn.Module, bits: Sequence[int], w_bits: int | Sequence[int] = 4, first_last_bits: int = 8,
                 bops_image_size: int = 224) -> nn.Module:
     """Replace every Conv2d and Linear by a QuantLayer that keeps the original weight tensors.
 
     The first and last layers *in forward order* get a single fixed branch at first_last_bits
     (activation and weight). Returns the model (patched in place), in "fp" mode. Works on any
     model that takes a (1, 3, bops_image_size, bops_image_size) image, torchvision's or yours.
+    `w_bits`: one int (the paper), or a sequence of widths: pair mode for the searched layers
+    (Supplement, Table 7); fixed layers are never in pair mode.
     """
     traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
@@ -686,6 +774,12 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
 
     Our choice: fixed (first/last) layers are at first-last bits from the start of bit
     selection. `quant_weights` switches weight LSQ on or off (None: leave it; "fp": off).
+
+    Pair mode (Supplement, Table 7): `branch` and `selected_branch` are candidate indices, each
+    an (A, W) pair; the weight width in use follows the pair. A pair's W is part of the
+    candidate, so a pair-mode layer quantizes its weights in every mode but "fp" (bit-meta
+    trains each pair with its weights at that pair's W, as the supplement does); `quant_weights`
+    then concerns the single-W layers (the fixed ones).
     """
     if mode not in ("fp", "meta", "search", "selected"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -697,12 +791,17 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
         elif m.fixed:
             m.act.mode, m.act.branch = "branch", 0
         elif mode == "meta":
-            m.act.mode, m.act.branch = "branch", branch
+            m.act.mode = "branch"
+            m.act.branch, m.w_branch = m.split(branch)
         elif mode == "search":
             m.act.mode = "search"
         else:
-            m.act.mode, m.act.branch = "branch", m.selected_branch
-        if mode == "fp":
+            m.act.mode = "branch"
+            m.act.branch, m.w_branch = m.split(m.selected_branch)
+        if m.pairs:
+            for wq in m.weight_quants:
+                wq.enabled = mode != "fp"
+        elif mode == "fp":
             m.weight_quant.enabled = False
         elif quant_weights is not None:
             m.weight_quant.enabled = quant_weights
@@ -720,7 +819,7 @@ def meta_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def argmax_branches(model: nn.Module) -> list[int]:
-    """Per searched layer, the branch index with the largest alpha (ties: the first candidate)."""
+    """Per searched layer, the candidate index with the largest alpha (ties: the first candidate)."""
     return [int(m.act.alpha.detach().argmax()) for m in searched_layers(model)]
 
 
@@ -780,7 +879,7 @@ def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
     model's running statistics lets deep activations vanish: steps of 0). Leaves the model in
     "fp" mode."""
     with torch.no_grad(), batch_stats_bn(model):
-        for branch in range(len(searched_layers(model)[0].act.bits)):
+        for branch in range(len(searched_layers(model)[0].candidates)):  # pair mode: every weight step too
             set_mode(model, "meta", branch)
             model(calib)
     set_mode(model, "fp")
@@ -792,9 +891,11 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Ten
     One forward/backward per candidate; gradients accumulate in .grad (FP weights and each
     branch's step). Our choice: BN layers are shared by all candidates (their running
     statistics see them all). Returns L_meta, detached.
+    Pair mode (Supplement, Table 7): a candidate is an (A, W) pair, with the weights quantized at
+    its W: len(A) * len(W) passes (9 for {8,4,2} x {8,4,2}), and each weight width's step learns.
     """
     autocast = autocast or contextlib.nullcontext
-    n = len(searched_layers(model)[0].act.bits)
+    n = len(searched_layers(model)[0].candidates)
     total = torch.zeros((), device=images.device)
     for branch in range(n):
         set_mode(model, "meta", branch)
@@ -824,8 +925,9 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
     try:
         with batch_stats_bn(model), autocast():
             task = F.cross_entropy(model(images), targets)
-        reg, gbops = bops_regularizer(torch.stack(alphas), layers[0].act.bits, [m.macs for m in layers],
-                                      layers[0].weight_quant.bits, c_fixed_of(model), target_gbops)
+        a_bits, w_bits = candidate_bits(layers[0])  # pair mode: candidate i costs a_i * w_i * OPs_l
+        reg, gbops = bops_regularizer(torch.stack(alphas), a_bits, [m.macs for m in layers], w_bits,
+                                      c_fixed_of(model), target_gbops)
         loss = task.float() + lam * reg
         loss.backward()
     finally:
@@ -867,12 +969,13 @@ def select_branches(model: nn.Module, target_gbops: float, repair: bool = True):
     layers = searched_layers(model)
     probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
     argmax = argmax_branches(model)
-    bits, macs, w_bits = layers[0].act.bits, [m.macs for m in layers], layers[0].weight_quant.bits
+    (bits, w_bits), macs = candidate_bits(layers[0]), [m.macs for m in layers]
     branches = argmax
     if repair:
         branches = repair_to_budget(probs, argmax, bits, macs, w_bits, c_fixed_of(model), target_gbops)
     apply_selection(model, branches)
-    gbops = config_gbops(macs, [bits[i] for i in branches], w_bits, c_fixed_of(model))
+    w_sel = w_bits if isinstance(w_bits, int) else [w_bits[i] for i in branches]  # pair mode: per layer
+    gbops = config_gbops(macs, [bits[i] for i in branches], w_sel, c_fixed_of(model))
     return branches, gbops, branches != argmax
 
 
@@ -894,7 +997,10 @@ def switch_to_weight_training(model: nn.Module) -> None:
     meta-state weights (the paper's "mixed-precision-aware" initialisation)."""
     set_mode(model, "selected", quant_weights=True)
     for m in quant_layers(model):
-        m.weight_quant.init_step(m.weight)
+        if not m.pairs:
+            m.weight_quant.init_step(m.weight)
+        # Pair mode (Supplement, Table 7): the selected W's step was trained in bit-meta with the weights,
+        # like the activation steps, so it is kept (our choice; the supplement does not say).
 
 
 def weight_training_step(model: nn.Module, images, targets, opt, autocast=None, sync=None):
@@ -1355,7 +1461,7 @@ class Run:
         for key in ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "epochs", "target_gbops", "lam",
                     "bops_image_size"):
             mine, theirs = getattr(a, key), old[key]
-            if isinstance(mine, (list, tuple)):
+            if isinstance(mine, (list, tuple)) and isinstance(theirs, (list, tuple)):
                 mine, theirs = list(mine), list(theirs)
             if mine != theirs:
                 raise BadInput(f"--resume {path}: checkpoint has {key.replace('_', '-')}={theirs}, this run {mine}")
@@ -1488,10 +1594,22 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
             "n": int(tot[3].item())}
 
 
-def current_gbops(model: nn.Module, w_bits: int) -> float:
-    layers = searched_layers(model)
-    return config_gbops([m.macs for m in layers], [m.act.bits[m.selected_branch] for m in layers], w_bits,
-                        c_fixed_of(model))
+def selected_pairs(model: nn.Module) -> list[tuple[int, int]]:
+    """(a_bits, w_bits) that each searched layer's selected_branch stands for."""
+    return [m.candidates[m.selected_branch] for m in searched_layers(model)]
+
+
+def current_gbops(model: nn.Module) -> float:
+    """Eq. 6 of the selected configuration; pair mode: each layer at its own W."""
+    layers, pairs = searched_layers(model), selected_pairs(model)
+    ws = [w for _, w in pairs]
+    w_bits = ws if any(m.pairs for m in layers) else ws[0]  # single W: the paper's arithmetic exactly
+    return config_gbops([m.macs for m in layers], [a for a, _ in pairs], w_bits, c_fixed_of(model))
+
+
+def w_bits_text(w_bits) -> str:
+    """--w-bits as the user wrote it: 4, or 8,4,2 (pair mode)."""
+    return str(w_bits) if isinstance(w_bits, int) else ",".join(map(str, w_bits))
 
 
 def bits_report(model: nn.Module, args) -> dict:
@@ -1499,26 +1617,34 @@ def bits_report(model: nn.Module, args) -> dict:
     layers, out = quant_layers(model), []
     for m in layers:
         probs = None if m.fixed else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]
+        a_bits, w_bits = m.candidates[0 if m.fixed else m.selected_branch]
         out.append({"name": m.name, "type": m.kind, "macs": m.macs, "fixed": m.fixed,
-                    "a_bits": m.act.bits[0] if m.fixed else m.act.bits[m.selected_branch],
-                    "w_bits": m.weight_quant.bits,
+                    "a_bits": a_bits, "w_bits": w_bits,
                     "signed": m.act.signed, "probs": probs})
     searched = [r for r in out if not r["fixed"]]
     macs = sum(r["macs"] for r in searched)
-    return {"arch": args.arch, "candidates": list(args.bits), "w_bits": args.w_bits,
-            "first_last_bits": args.first_last_bits,
-            "target_gbops": args.target_gbops, "gbops": current_gbops(model, args.w_bits),
-            # How the paper averages its "3.85/4" is unknown (README); three candidate readings:
-            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain, searched layers
-            "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
-            "avg_a_bits_with_first_last": sum(r["a_bits"] for r in out) / len(out),  # plain, every layer
-            "layers": out}
+    report = {"arch": args.arch, "candidates": list(args.bits), "w_bits": args.w_bits,
+              "first_last_bits": args.first_last_bits,
+              "target_gbops": args.target_gbops, "gbops": current_gbops(model),
+              # How the paper averages its "3.85/4" is unknown (README); three candidate readings:
+              "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain, searched layers
+              "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
+              "avg_a_bits_with_first_last": sum(r["a_bits"] for r in out) / len(out),  # plain, every layer
+              "layers": out}
+    if any(m.pairs for m in layers):  # Supplement, Table 7: the (A, W) pair of each entry of "probs"
+        report["pairs"] = [list(c) for c in searched_layers(model)[0].candidates]
+        report["avg_w_bits"] = sum(r["w_bits"] for r in searched) / len(searched)
+        report["avg_w_bits_mac_weighted"] = sum(r["w_bits"] * r["macs"] for r in searched) / macs
+    return report
 
 
 def avg_bits_text(report: dict) -> str:
-    return (f"average activation bits {report['avg_a_bits']:.2f} "
+    text = (f"average activation bits {report['avg_a_bits']:.2f} "
             f"(MAC-weighted {report['avg_a_bits_mac_weighted']:.2f}, "
             f"with first/last {report['avg_a_bits_with_first_last']:.2f})")
+    if "avg_w_bits" in report:
+        text += f", weight bits {report['avg_w_bits']:.2f} (MAC-weighted {report['avg_w_bits_mac_weighted']:.2f})"
+    return text
 
 
 def layer_table(report: dict) -> str:
@@ -1527,7 +1653,8 @@ def layer_table(report: dict) -> str:
     for r in report["layers"]:
         tag = " (fixed)" if r["fixed"] else ""
         bar = "#" * r["a_bits"]
-        rows.append(f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {bar:<8} A{r['a_bits']}{tag}")
+        w = f"/W{r['w_bits']}" if "pairs" in report else ""  # pair mode: each layer's own W
+        rows.append(f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {bar:<8} A{r['a_bits']}{w}{tag}")
     return "\n".join(rows)
 
 
@@ -1542,8 +1669,15 @@ def plot_bits(report: dict, path: str) -> bool:
         return False
     layers = report["layers"]
     fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
-    ax.bar(range(len(layers)), [r["a_bits"] for r in layers], color="tab:blue")
-    ax.set_ylabel("activation bits")
+    if "pairs" in report:  # pair mode: activation and weight bits side by side
+        x = torch.arange(len(layers), dtype=torch.float64)
+        ax.bar((x - 0.2).tolist(), [r["a_bits"] for r in layers], width=0.4, color="tab:blue", label="A")
+        ax.bar((x + 0.2).tolist(), [r["w_bits"] for r in layers], width=0.4, color="tab:green", label="W")
+        ax.legend(loc="upper left", fontsize=7)
+        ax.set_ylabel("bits (A, W)")
+    else:
+        ax.bar(range(len(layers)), [r["a_bits"] for r in layers], color="tab:blue")
+        ax.set_ylabel("activation bits")
     ax2 = ax.twinx()
     ax2.plot(range(len(layers)), [r["macs"] / 1e6 for r in layers], "o-", color="tab:orange", ms=3)
     ax2.set_ylabel("MOPs")
@@ -1567,7 +1701,7 @@ def finish_bit_selection(run: Run, loader=None) -> None:
         run.selected_branches, extra = baseline_selection(run, loader)
         apply_selection(model, run.selected_branches)
         switch_to_weight_training(model)
-        gb, repaired = current_gbops(model, a.w_bits), False
+        gb, repaired = current_gbops(model), False
     run.build_optimizers("weight_training")
     report = bits_report(model, a)
     report["search"] = "bits-from" if a.bits_from else a.search
@@ -1618,7 +1752,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
             raise RuntimeError(f"replicas out of sync after epoch {epoch}: parameters differ between ranks")
         metrics = evaluate(model, val_loader, dist, autocast)
         run.summary["seconds"][phase] += time.time() - t0
-        rec = {"epoch": epoch, "phase": phase, "loss": loss, **metrics, "gbops": current_gbops(model, a.w_bits),
+        rec = {"epoch": epoch, "phase": phase, "loss": loss, **metrics, "gbops": current_gbops(model),
                "lr": lr, "seconds": round(time.time() - t0, 3)}
         if dist.world > 1:
             rec["replicas_in_sync"] = in_sync
@@ -1634,7 +1768,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         s, last = run.summary, run.history[-1]
         print(f"summary: full-precision top-1 {s['fp_top1']:.2f}% -> final top-1 {last['top1']:.2f}% "
               f"(top-5 {last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
-              f"{avg_bits_text(bits_report(model, a))} with W{a.w_bits}; "
+              f"{avg_bits_text(bits_report(model, a))} with W{w_bits_text(a.w_bits)}; "
               f"bit selection {_fmt_time(s['seconds']['bit_selection'])}, "
               f"weight training {_fmt_time(s['seconds']['weight_training'])}", flush=True)
 
@@ -1649,7 +1783,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="'synthetic' (built in) or a folder with train/ and val/")
     p.add_argument("--target-gbops", type=float, default=None, help="budget in GBOPs (default: uniform A4)")
     p.add_argument("--bits", default=None, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
-    p.add_argument("--w-bits", type=int, default=4, help="weight bit-width of every searched layer")
+    p.add_argument("--w-bits", default="4", help="weight bit-width of every searched layer; a list (e.g. 8,4,2) "
+                   "searches (A, W) pairs, the supplement's extension: candidates --bits x --w-bits")
     p.add_argument("--first-last-bits", type=int, default=8, help="weight and input bits of the first and last layers")
     p.add_argument("--lam", type=float, default=None, help="lambda of Eq. 3 (default per arch: 0.4 / 1 / 4)")
     p.add_argument("--search-epochs", type=int, default=2, help="bit-selection epochs; the last also searches")
@@ -1720,7 +1855,8 @@ def resolve_args(args) -> argparse.Namespace:
     d = arch_defaults(args.arch)
     synthetic = args.data == "synthetic"
     args.bits = _parse_bits(args.bits if args.bits is not None else d["bits"], "--bits")
-    _check_bits(args.w_bits, "--w-bits")
+    w_bits = _parse_bits(args.w_bits if isinstance(args.w_bits, str) else w_bits_text(args.w_bits), "--w-bits")
+    args.w_bits = w_bits[0] if len(w_bits) == 1 else w_bits  # one width: the paper; several: pair mode
     _check_bits(args.first_last_bits, "--first-last-bits")
     args.lam = d["lam"] if args.lam is None else args.lam
     args.epochs = (8 if synthetic else d["epochs"]) if args.epochs is None else args.epochs
@@ -1762,9 +1898,12 @@ def default_target(model: nn.Module, args) -> tuple[float, str]:
     term of Eq. 4 keeps pushing toward, where uniform A4 itself would be an exact zero of it."""
     paper = PAPER_SETTINGS.get(args.arch)
     setting = (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits, args.bops_image_size)
-    if paper and setting == (paper["bits"], 4, 8, 224):
+    if paper and setting == (paper["bits"], 4, 8, 224):  # a --w-bits list (pair mode) never matches
         return paper["target_gbops"], f"the paper's for {args.arch}"
     layers = searched_layers(model)
+    if not isinstance(args.w_bits, int):  # pair mode: the level of the paper's single-W setting, A4/W4
+        a4 = config_gbops([m.macs for m in layers], [4] * len(layers), 4, c_fixed_of(model))
+        return 0.95 * a4, "95% of uniform A4/W4"
     a4 = config_gbops([m.macs for m in layers], [4] * len(layers), args.w_bits, c_fixed_of(model))
     return 0.95 * a4, "95% of uniform A4"
 
@@ -1772,7 +1911,7 @@ def default_target(model: nn.Module, args) -> tuple[float, str]:
 def check_budget(model: nn.Module, args, dry: bool = False) -> tuple[float, float]:
     """The feasible range; fills in the default target, and refuses an infeasible one (a dry run
     only reports an infeasible default: the user is still looking for a budget)."""
-    lo, hi = gbops_range(model, args.w_bits)
+    lo, hi = gbops_range(model)
     given = args.target_gbops is not None
     if not given:
         args.target_gbops, why = default_target(model, args)
@@ -1783,7 +1922,7 @@ def check_budget(model: nn.Module, args, dry: bool = False) -> tuple[float, floa
         what = f"--target-gbops {args.target_gbops:g}" if given else \
             f"the default target {args.target_gbops:.4g} GBOPs ({why}; set --target-gbops)"
         raise BadInput(f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs "
-                       f"for {args.arch} with bits {','.join(map(str, args.bits))}, w-bits {args.w_bits}, "
+                       f"for {args.arch} with bits {','.join(map(str, args.bits))}, w-bits {w_bits_text(args.w_bits)}, "
                        f"first/last at {args.first_last_bits} bits")
     return lo, hi
 
@@ -1826,14 +1965,16 @@ def prepare_output_dir(args) -> str | None:
 
 def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
     layers = quant_layers(model)
-    print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  {'bits':<12} input")
+    width = 12 if isinstance(args.w_bits, int) else 18
+    print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  {'bits':<{width}} input")
     for i, m in enumerate(layers):
         a_bits = str(m.act.bits[0]) if m.fixed else "{" + ",".join(map(str, m.act.bits)) + "}"
-        bits = f"A{a_bits}/W{m.weight_quant.bits}" + (" fixed" if m.fixed else "")
+        w_bits = "{" + ",".join(map(str, m.w_widths)) + "}" if m.pairs else str(m.w_widths[0])
+        bits = f"A{a_bits}/W{w_bits}" + (" fixed" if m.fixed else "")
         sign = "unknown until the first batch" if m.act.signed is None else ("signed" if m.act.signed else "unsigned")
         if i == 0:
             sign = "signed (normalised image)"
-        print(f"{i:>3} {m.name:<34} {m.kind:<7} {m.macs:>12,}  {bits:<12} {sign}")
+        print(f"{i:>3} {m.name:<34} {m.kind:<7} {m.macs:>12,}  {bits:<{width}} {sign}")
     macs = sum(m.macs for m in layers)
     print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at {args.bops_image_size}px; "
           f"feasible range {lo:.3f} .. {hi:.3f} GBOPs (first/last at {args.first_last_bits} bits); "
@@ -1888,12 +2029,15 @@ def run_main(args) -> int:
             if not resume:
                 set_mode(model, "fp")
             m = evaluate(model, val_loader, dist, autocast)
-            log(dist, json.dumps({**m, "gbops": current_gbops(model, args.w_bits) if resume else None}))
+            log(dist, json.dumps({**m, "gbops": current_gbops(model) if resume else None}))
             return 0
         if dist.main:
             text = json.dumps(vars(args), indent=1).encode()
             atomic_write(os.path.join(args.output_dir, "args.json"), lambda f: f.write(text))
-            log(dist, f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, lambda {args.lam}, target "
+            pairs = "" if isinstance(args.w_bits, int) else \
+                f" ({len(args.bits) * len(args.w_bits)} (A, W) pairs per layer, the supplement's extension)"
+            log(dist, f"metamix {args.arch}: candidates {args.bits}, W{w_bits_text(args.w_bits)}{pairs}, "
+                      f"lambda {args.lam}, target "
                       f"{args.target_gbops:.3f} GBOPs (feasible {lo:.3f} .. {hi:.3f}), {args.epochs} epochs "
                       f"({args.search_epochs} bit selection), world size {dist.world} on {dist.device.type}")
             if args.pretrained:
@@ -2033,13 +2177,14 @@ def export_layer(m: QuantLayer) -> dict:
     exact in a Python float). The weight codes are computed as training computes them
     (`_lsq_codes` on the float32 weight) and packed by `pack_codes`.
     """
-    if not m.weight_quant.enabled or not m.weight_quant.initialized or m.act.signed is None:
+    branch, w_branch = m.split(0 if m.fixed else m.selected_branch)  # pair mode: the selected (A, W) pair
+    w_quant = m.weight_quants[w_branch] if m.pairs else m.weight_quant
+    if not w_quant.enabled or not w_quant.initialized or m.act.signed is None:
         raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
-    branch = 0 if m.fixed else m.selected_branch
-    a_bits, w_bits = m.act.bits[branch], m.weight_quant.bits
+    a_bits, w_bits = m.act.bits[branch], w_quant.bits
     with torch.no_grad():
         a_step = positive(m.act.step.detach()[branch : branch + 1]).item()
-        w_step_t = positive(m.weight_quant.step.detach())
+        w_step_t = positive(w_quant.step.detach())
         qn, qp = lsq_range(w_bits, True)
         codes = _lsq_codes(m.weight.detach().float(), w_step_t, qn, qp)
     entry = {"name": m.name, "order": m.order, "kind": m.op.kind, "fixed": m.fixed,
@@ -2221,8 +2366,9 @@ def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Ten
     """
     fq, im = copy.deepcopy(model).eval(), copy.deepcopy(int_model).eval()
     for m in quant_layers(fq):
-        s_w = positive(m.weight_quant.step)
-        qn, qp = lsq_range(m.weight_quant.bits, True)
+        w_quant = m.weight_quants[m.split(m.selected_branch)[1]] if m.pairs else m.weight_quant
+        s_w = positive(w_quant.step)
+        qn, qp = lsq_range(w_quant.bits, True)
         m.weight.copy_(_lsq_forward(m.weight.float(), s_w.float(), qn, qp))
     a, b = fq.double()(images.double()), im.double()(images.double())
     return (a - b).abs().max().item(), a.abs().max().item()
@@ -2270,7 +2416,8 @@ def export_run(run: Run, val_loader) -> str:
     mib, fp32_mib = len(data) / 2**20, len(_saved_bytes(fp32)) / 2**20
     unfinished = "" if run.epoch >= a.epochs else f" (checkpoint of epoch {run.epoch} of {a.epochs})"
     fl = a.first_last_bits
-    log(dist, f"export: wrote {path}{unfinished}: {a.arch}, W{a.w_bits} with A{fl}/W{fl} first/last, average "
+    w = f"W{a.w_bits}" if isinstance(a.w_bits, int) else f"per-layer W (average {report['avg_w_bits']:.2f})"
+    log(dist, f"export: wrote {path}{unfinished}: {a.arch}, {w} with A{fl}/W{fl} first/last, average "
               f"activation bits {report['avg_a_bits']:.2f}: {mib:.1f} MiB vs {fp32_mib:.1f} MiB FP32 "
               f"({fp32_mib / mib:.1f}x smaller)")
     log(dist, f"export: integer model top-1 {p['top1_integer']:.2f}% vs fake-quantized {p['top1_fake_quant']:.2f}% "
