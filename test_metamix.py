@@ -1961,3 +1961,322 @@ def test_study_table_pairs_methods_by_seed():
     assert rows["metamix"][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows["metamix"][7] == "+1.00 +3.00"
     assert rows["metamix"][5] == f"87.00 ± {math.sqrt(32):.2f}" and rows["random"][6] == "-"
     assert rows["metamix"][8] == "22.60" and "FP 98.00" in rows["metamix"][1]
+
+
+# Issue 13: (A, W) pair search, the supplement's extension (Supplement, Table 7)
+# =============================================================================================
+
+A_BITS, W_LIST = [8, 4, 2], [8, 4, 2]
+
+
+def _pair_layer(kind: str, w_bits=W_LIST, dtype=torch.float64):
+    torch.manual_seed(3)
+    if kind == "linear":
+        layer, x = nn.Linear(12, 5), torch.randn(3, 12, dtype=dtype)
+    else:
+        layer = nn.Conv2d(4, 6 if kind == "conv" else 4, 3, stride=2, padding=1, groups=1 if kind == "conv" else 4,
+                          bias=kind == "conv")
+        x = torch.randn(2, 4, 7, 7, dtype=dtype)
+    return mm.QuantLayer(layer.to(dtype), A_BITS, w_bits, "l"), layer, x
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
+@pytest.mark.parametrize("mode", ["branch", "search"])
+def test_pair_layer_equals_composed_autograd(kind, mode, x_grad):
+    """Pair mode, value and every gradient in float64, against composed autograd written from the formula:
+    search: sum over (a, w) of p_aw * op(lsq_quantize(x, s_a), lsq_quantize(W, s_w)) + b, p = softmax over the
+    9 pairs; branch (bit-meta, weight training): the one pair (A4, W2), candidate index 1 * 3 + 2 = 5."""
+    q, layer, x = _pair_layer(kind)
+    assert q.candidates == [(a, w) for a in A_BITS for w in W_LIST] and q.act.alpha.shape == (9,)
+    q.act.mode = mode
+    q.act.branch, q.w_branch = q.split(5)
+    assert (q.act.branch, q.w_branch) == (1, 2) and q.weight_quant is q.weight_quants[2]
+    for wq in q.weight_quants:
+        wq.enabled = True
+    with torch.no_grad():
+        q.act.alpha.copy_(torch.linspace(-1, 1, 9) ** 2 * torch.tensor([1, -1.0] * 4 + [1]))
+    q(x)  # LSQ init of every step
+    with torch.no_grad():  # distinct steps, so that a mixed-up step cannot go unnoticed
+        for j, wq in enumerate(q.weight_quants):
+            wq.step.mul_(1 + 0.1 * j)
+    params = [q.act.step, q.act.alpha, q.weight] + [wq.step for wq in q.weight_quants] + \
+             ([q.bias] if q.bias is not None else [])
+    x1 = x.clone().requires_grad_(x_grad)
+    y1 = q(x1)
+    up = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x1] * x_grad + params, up, allow_unused=True)
+
+    x2 = x.clone().requires_grad_(x_grad)
+    per_sample = x2[0].numel()
+    signed = bool(x.min() < 0)
+
+    def op(xa, w):
+        if kind == "linear":
+            return F.linear(xa, w)
+        return F.conv2d(xa, w, None, 2, 1, 1, layer.groups)
+
+    def qa(i):
+        return mm.lsq_quantize(x2, q.act.step[i], A_BITS[i], signed, mm.lsq_grad_scale(per_sample, A_BITS[i], signed))
+
+    def qw(j):
+        return mm.lsq_quantize(q.weight, q.weight_quants[j].step, W_LIST[j], True)  # grad scale 1/sqrt(numel Qp)
+
+    if mode == "search":
+        p = F.softmax(q.act.alpha, 0)
+        y2 = sum(p[i * 3 + j] * op(qa(i), qw(j)) for i in range(3) for j in range(3))
+    else:
+        y2 = op(qa(1), qw(2))
+    if q.bias is not None:
+        y2 = y2 + (q.bias if kind == "linear" else q.bias.view(-1, 1, 1))
+    g2 = torch.autograd.grad(y2, [x2] * x_grad + params, up, allow_unused=True)
+    assert torch.allclose(y1, y2, atol=1e-10)
+    for a, b in zip(g1, g2):
+        if b is None or (mode == "branch" and not b.any()):  # branch mode: other steps get no (or zero) gradient
+            assert a is None or not a.any()
+        else:
+            assert a is not None and torch.allclose(a, b, atol=1e-9), (a, b)
+    if mode == "search":
+        assert all(g is not None and g.abs().sum() > 0 for g in g1[x_grad:])  # every step, alpha, W, bias learns
+
+
+class _CountConvs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("w_bits, convs", [(W_LIST, 3), ([4, 2], 2), (4, 1)])
+def test_pair_search_runs_one_convolution_per_weight_width(w_bits, convs):
+    """By linearity, 9 pairs cost one convolution per W (3), forward and backward, not one per pair (9)."""
+    q = mm.QuantLayer(nn.Conv2d(3, 4, 3), A_BITS, w_bits, "c")
+    q.act.mode = "search"
+    for wq in (q.weight_quants if q.pairs else [q.weight_quant]):
+        wq.enabled = True
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    q(x)  # init
+    with _CountConvs() as c:
+        y = q(x)
+    assert c.calls.get("convolution") == convs
+    with _CountConvs() as c:
+        y.square().sum().backward()
+    assert c.calls.get("convolution_backward") == convs and "convolution" not in c.calls
+
+
+def _two_layer_model(w_bits):
+    """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8)
+
+
+def test_pair_bops_and_regularizer_by_hand_two_layers():
+    """Eq. 4 and Eq. 6 with a * w * OPs per pair, on a model with two searched layers, against hand values."""
+    model = _two_layer_model([4, 2])  # candidates (4,4) (4,2) (2,4) (2,2): 16, 8, 8, 4 bit-ops per MAC
+    layers = mm.searched_layers(model)
+    macs = [4 * 4 * 9 * 64, 8 * 4 * 64]  # 9216, 2048
+    c_fixed = (3 * 4 * 9 * 64 + 8 * 2) * 64 / 1e9  # first conv and the linear at A8/W8
+    assert [m.macs for m in layers] == macs and mm.c_fixed_of(model) == pytest.approx(c_fixed)
+    assert [m.candidates for m in layers] == [[(4, 4), (4, 2), (2, 4), (2, 2)]] * 2
+    lo, hi = mm.gbops_range(model)
+    assert lo == pytest.approx((9216 + 2048) * 4 / 1e9 + c_fixed) and hi == pytest.approx((9216 + 2048) * 16 / 1e9
+                                                                                          + c_fixed)
+    # argmax: layer 0 -> (2,4), layer 1 -> (4,2): 9216*8 + 2048*8
+    a = torch.tensor([[0.1, 0.2, 0.9, -0.4], [0.0, 1.2, 0.3, 0.5]], requires_grad=True)
+    target = 0.05
+    reg, gb = mm.bops_regularizer(a, [4, 4, 2, 2], macs, [4, 2, 4, 2], c_fixed, target)
+    expect = (9216 * 8 + 2048 * 8) / 1e9 + c_fixed
+    assert gb.item() == pytest.approx(expect) and reg.item() == pytest.approx(abs(expect - target))
+    reg.backward()
+    cost = [16, 8, 8, 4]
+    sign = 1.0 if expect > target else -1.0
+    for l in range(2):
+        e = [math.exp(v) for v in a[l].tolist()]
+        p = [v / sum(e) for v in e]
+        mean_c = sum(pi * c for pi, c in zip(p, cost))
+        for j in range(4):  # d|.|/d alpha_lj = sign * macs_l / 1e9 * p_j * (c_j - sum_k p_k c_k)
+            assert a.grad[l, j].item() == pytest.approx(sign * macs[l] / 1e9 * p[j] * (cost[j] - mean_c), rel=1e-5)
+    # bit_search_step on the model reports the same argmax GBOPs; selection and current_gbops agree
+    with torch.no_grad():
+        for al, row in zip(mm.alphas_of(model), a.detach()):
+            al.copy_(row)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    mm.init_quantizers(model, x)
+    model.train()
+    loss, gb2 = mm.bit_search_step(model, x, y, 0.0, target)
+    assert gb2.item() == pytest.approx(expect)
+    branches, gb3, repaired = mm.select_branches(model, 1.0)
+    assert branches == [2, 1] and not repaired and gb3 == pytest.approx(expect)
+    assert mm.selected_pairs(model) == [(2, 4), (4, 2)] and mm.current_gbops(model) == pytest.approx(expect)
+    assert mm.config_gbops(macs, [2, 4], [4, 2], c_fixed) == pytest.approx(expect)
+
+
+def test_pair_budget_repair_moves_to_the_next_cost_level():
+    """Pair mode: one level down in a * w at a time; among pairs tied at that level, the most probable."""
+    a_bits, w_bits = [4, 4, 2, 2], [4, 2, 4, 2]  # cost 16, 8, 8, 4
+    macs, c_fixed = [100, 300], 0.0
+    probs = [[0.4, 0.1, 0.3, 0.2], [0.7, 0.25, 0.02, 0.03]]
+    # 16 * 400 = 6400. Layer 0 (16 -> 8): the more probable of (4,2) 0.1 and (2,4) 0.3 is (2,4):
+    # cost (0.4 - 0.3) / (8 * 100) = 1.25e-4. Layer 1 (16 -> 8) via (4,2): (0.7 - 0.25) / (8 * 300) = 1.9e-4.
+    out = mm.repair_to_budget(probs, [0, 0], a_bits, macs, w_bits, c_fixed, 6000 / 1e9)
+    assert out == [2, 0]
+    # 4000 needs both moved: after layer 0, layer 0 (8 -> 4) costs (0.3 - 0.2) / 400 = 2.5e-4 > 1.9e-4
+    out = mm.repair_to_budget(probs, [0, 0], a_bits, macs, w_bits, c_fixed, 4000 / 1e9)
+    assert out == [2, 1] and 8 * 100 + 8 * 300 <= 4000
+    # single W: the per-candidate list [w] * N gives the same as the int (today's rule)
+    p3 = [[0.5, 0.4, 0.1], [0.9, 0.05, 0.05], [0.6, 0.3, 0.1]]
+    for t in (4400, 3000, 1200):
+        assert mm.repair_to_budget(p3, [0, 0, 0], [8, 4, 2], [100, 100, 400], 1, 0.0, t / 1e9) == \
+            mm.repair_to_budget(p3, [0, 0, 0], [8, 4, 2], [100, 100, 400], [1, 1, 1], 0.0, t / 1e9)
+
+
+def test_single_w_layer_is_the_papers():
+    """A single --w-bits builds today's layer: the same state-dict keys and the very same fused-op call."""
+    q, _, x = _pair_layer("conv", w_bits=4, dtype=torch.float32)
+    assert not q.pairs and "weight_quants" not in q._modules and q.weight_quant is q._modules["weight_quant"]
+    assert list(q.state_dict()) == ["weight", "bias", "_extra_state", "act.step", "act.alpha", "act._extra_state",
+                                    "weight_quant.step", "weight_quant._extra_state"]
+    assert q.act.alpha.shape == (3,) and q.candidates == [(8, 4), (4, 4), (2, 4)]
+    q.weight_quant.enabled = True
+    for mode in ("branch", "search"):
+        q.act.mode, q.act.branch = mode, 1
+        y = q(x)
+        _, steps, probs, qr, gs = q.act.params_for(x)
+        ref = mm._MixedQuantOp.apply(x, steps, probs, q.weight, mm.positive(q.weight_quant.step), q.bias, qr, gs,
+                                     q.weight_quant.qparams(q.weight), q.op)
+        assert torch.equal(y, ref)
+    model = _two_layer_model(4)
+    x = torch.randn(2, 3, 8, 8)
+    mm.init_quantizers(model, x)
+    mm.set_mode(model, "meta", 2)  # bit-meta: FP weights in single-W mode, as in the paper
+    assert all(not m.weight_quant.enabled for m in mm.quant_layers(model))
+    mm.set_mode(model, "search")
+    assert all(not m.weight_quant.enabled for m in mm.quant_layers(model))
+
+
+def test_pair_mode_set_mode_and_weight_training():
+    """Pair mode quantizes a pair's weights at its W in bit-meta and search; selection keeps the W step."""
+    model = _two_layer_model([4, 2])
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    mm.init_quantizers(model, x)
+    layers = mm.searched_layers(model)
+    assert all(wq.initialized for m in layers for wq in m.weight_quants)  # every W step from init_quantizers
+    mm.set_mode(model, "meta", 1)  # (4, 2)
+    for m in layers:
+        assert (m.act.branch, m.w_branch, m.weight_quant.bits) == (0, 1, 2)
+        assert all(wq.enabled for wq in m.weight_quants)
+    assert not any(m.weight_quant.enabled for m in mm.quant_layers(model) if m.fixed)
+    model.train()
+    mm.bit_meta_step(model, x, y)  # 4 pairs in turn: every activation and weight step learns
+    for m in layers:
+        assert (m.act.step.grad != 0).all() and all(wq.step.grad is not None and wq.step.grad != 0
+                                                    for wq in m.weight_quants)
+        assert m.act.alpha.grad is None
+    steps = [[wq.step.item() for wq in m.weight_quants] for m in layers]
+    with torch.no_grad():
+        for al in mm.alphas_of(model):
+            al.copy_(torch.tensor([0.0, 0.0, 3.0, 0.0]))  # (2, 4)
+    mm.start_weight_training(model, mm.gbops_range(model)[1])
+    for m, s in zip(layers, steps):
+        assert m.selected_branch == 2 and (m.act.branch, m.w_branch) == (1, 0) and m.weight_quant.bits == 4
+        assert [wq.step.item() for wq in m.weight_quants] == s  # the meta-state's W steps are kept
+    for m in mm.quant_layers(model):
+        assert m.weight_quant.enabled and m.act.mode == "branch"
+    mm.set_mode(model, "fp")
+    assert not any(wq.enabled for m in layers for wq in m.weight_quants)
+
+
+# ---- the driver in pair mode ------------------------------------------------------------------
+
+PAIR = TINY + ["--epochs", "3", "--w-bits", "8,4,2"]
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory) -> tuple[Path, str]:
+    """PAIR uninterrupted, with --export: 2 bit-selection epochs over 9 pairs, 1 weight-training epoch."""
+    out = tmp_path_factory.mktemp("pair") / "out"
+    p = run_cli(*PAIR, "--output-dir", out, "--export")
+    assert "summary:" in p.stdout
+    return out, p.stdout
+
+
+def test_pair_run_outputs_and_export(pair_run):
+    out, stdout = pair_run
+    assert "9 (A, W) pairs per layer" in stdout and "/W" in stdout
+    bits = json.loads((out / "bits.json").read_text())
+    assert bits["w_bits"] == [8, 4, 2] and bits["pairs"] == [[a, w] for a in (8, 4, 2) for w in (8, 4, 2)]
+    assert bits["gbops"] <= bits["target_gbops"] + 1e-6
+    searched = [r for r in bits["layers"] if not r["fixed"]]
+    assert len(searched) == 19 and all(len(r["probs"]) == 9 and abs(sum(r["probs"]) - 1) < 1e-4 for r in searched)
+    assert all(r["w_bits"] in (8, 4, 2) and r["a_bits"] in (8, 4, 2) for r in searched)
+    assert len({r["w_bits"] for r in searched}) > 1, "a search that never picks another W proves little here"
+    macs = [r["macs"] for r in searched]
+    c_fixed = sum(r["macs"] * 64 for r in bits["layers"] if r["fixed"]) / 1e9
+    assert bits["gbops"] == pytest.approx(sum(r["a_bits"] * r["w_bits"] * m for r, m in zip(searched, macs)) / 1e9
+                                          + c_fixed)
+    assert bits["avg_w_bits"] == pytest.approx(sum(r["w_bits"] for r in searched) / 19)
+    assert read_log(out)[-1]["gbops"] == pytest.approx(bits["gbops"])
+    # the default target in pair mode: 95% of uniform A4/W4 (the paper's 33 applies to its single-W setting only)
+    assert bits["target_gbops"] == pytest.approx(0.95 * (sum(macs) * 16 / 1e9 + c_fixed))
+    # export: each layer packed at its own W, and the integer model agrees with the fake-quantized one
+    ex = torch.load(out / "model_int.pth", map_location="cpu", weights_only=True)
+    assert [(e["name"], e["a_bits"], e["w_bits"]) for e in ex["layers"]] == \
+        [(r["name"], r["a_bits"], r["w_bits"]) for r in bits["layers"]]
+    for e in ex["layers"]:
+        numel = math.prod(e["weight_shape"])
+        assert e["w_packed"].numel() == -(-numel // {2: 4, 3: 2, 4: 2}.get(e["w_bits"], 1))
+    lines = [line for line in stdout.splitlines() if line.startswith("export:")]
+    assert len(lines) == 2 and "per-layer W (average" in lines[0], stdout[-3000:]
+    model, x = _fake_quant_from_checkpoint(out)
+    assert all(m.pairs for m in mm.searched_layers(model))
+    int_model = mm.load_integer_model(str(out / "model_int.pth"))
+    with torch.no_grad():
+        a64, b64 = model.double()(x.double()), int_model.double()(x.double())
+    assert (a64 - b64).abs().max() <= 1e-9 * a64.abs().max()
+    for m, e in zip(mm.quant_layers(model), ex["layers"]):  # the exported steps are the selected W's
+        assert e["w_step"] == mm.positive(m.weight_quant.step.detach()).item()
+
+
+def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
+    ref, _ = pair_run
+    out = tmp_path / "out"
+    run_cli(*PAIR, "--output-dir", out, "--stop-after-epoch", "1")
+    assert load_ck(out / "checkpoint.pth")["epoch"] == 1
+    p = run_cli(*PAIR, "--output-dir", out, "--resume", "auto")
+    assert "after epoch 1" in p.stdout
+    assert_same_run(ref, out)
+    ba, bb = json.loads((ref / "bits.json").read_text()), json.loads((out / "bits.json").read_text())
+    assert ba == bb  # the per-layer W and every probability too
+    # a single-W run cannot resume a pair-mode checkpoint, and the other way round
+    p = run_cli(*TINY, "--epochs", "3", "--output-dir", out, "--resume", "auto", check=False)
+    error_line(p, "w-bits=[8, 4, 2]", "this run 4")
+
+
+@pytest.mark.parametrize("w_bits, needles", [
+    ("8,4,20", ["--w-bits 20", "between 2 and 16"]),
+    ("8,1", ["--w-bits 1", "between 2 and 16"]),
+    ("4,4", ["--w-bits '4,4'", "duplicate"]),
+    ("4,x", ["--w-bits '4,x'", "integers"]),
+], ids=["w-20", "w-1", "duplicate", "not-int"])
+def test_pair_bad_w_bits(tmp_path, w_bits, needles):
+    out = tmp_path / "out"
+    p = run_cli(*PAIR[:-1], w_bits, "--output-dir", out, check=False, timeout=120)
+    error_line(p, *needles)
+    assert p.returncode == 2 and not out.exists()
+
+
+def test_pair_dry_run():
+    p = run_cli("--w-bits", "8,4,2", "--dry-run")
+    info = json.loads(p.stdout.strip().splitlines()[-1])
+    assert info["w_bits"] == [8, 4, 2] and "A{8,4,2}/W{8,4,2}" in p.stdout
+    model = torchvision.models.resnet18()
+    macs = [m for _, _, m in mm.trace_layers(model, 224)]
+    c_fixed = (macs[0] + macs[-1]) * 64 / 1e9
+    assert info["gbops_min"] == pytest.approx(sum(macs[1:-1]) * 4 / 1e9 + c_fixed)
+    assert info["gbops_max"] == pytest.approx(sum(macs[1:-1]) * 64 / 1e9 + c_fixed)
+    assert info["target_gbops"] == pytest.approx(0.95 * (sum(macs[1:-1]) * 16 / 1e9 + c_fixed))
