@@ -9,6 +9,9 @@ excluded in every model; for several forwards in one step, the largest). Contend
     lsq_reference  the same step with composed-op LSQ modules (grad_scale / round_pass tricks)
     search_3       bit_search_step, 3 candidates;   search_6: 8,6,5,4,3,2 (also vs search_3)
     meta           bit_meta_step, 3 candidates (also vs 3 x weight_train)
+    meta_pairs     bit_meta_step in pair mode (the supplement's extension), A x W = 3 x {8,4,2}: 9 passes
+                   (also vs 9 x weight_train, and vs meta)
+    search_pairs   bit_search_step over the 9 pairs: one convolution per W (also vs search_3)
 It reports; it asserts nothing.
 
 Run it:
@@ -41,6 +44,7 @@ ARCHS = ("resnet18", "mobilenet_v2", "mobilenet_v3_large")
 BITS3 = {"resnet18": (8, 4, 2), "mobilenet_v2": (8, 4, 3), "mobilenet_v3_large": (8, 4, 3)}
 BITS6 = (8, 6, 5, 4, 3, 2)
 W_BITS = 4
+W_PAIRS = (8, 4, 2)  # pair mode: the supplement's "9 cases" with 3 activation candidates
 # Targets from the issue (CPU): (resnet18, MobileNets).
 TARGETS = {"weight_train": (1.15, 1.5), "search_3": (1.3, 1.7), "search_6/search_3": (1.15, 1.2)}
 SAVED_TARGETS = {"weight_train": (1.25, 1.3)}
@@ -178,6 +182,14 @@ def build(arch, images, targets, autocast, device):
     meta = patched(bits3)
     init_steps(meta, images, [("meta", {"branch": b, "quant_weights": False}) for b in range(len(bits3))])
     out["meta"] = (meta, meta_step(meta, images, targets, autocast))
+
+    pairs = metamix.patch_model(copy.deepcopy(base), bits3, w_bits=W_PAIRS)
+    n_pairs = len(bits3) * len(W_PAIRS)
+    init_steps(pairs, images, [("meta", {"branch": b}) for b in range(n_pairs)])
+    out["meta_pairs"] = (pairs, meta_step(pairs, images, targets, autocast))
+    pairs_s = metamix.patch_model(copy.deepcopy(base), bits3, w_bits=W_PAIRS)
+    init_steps(pairs_s, images, [("search", {})])
+    out["search_pairs"] = (pairs_s, search_step(pairs_s, images, targets, autocast))
     return out
 
 
@@ -242,6 +254,13 @@ def bench_arch(arch, args, device, autocast, sync):
         [a / b for a, b in zip(ratio["search_6"], ratio["search_3"])])
     res["meta"]["time_ratio_vs_n_weight_train"] = statistics.median(
         [a / (n_meta * b) for a, b in zip(ratio["meta"], ratio["weight_train"])])
+    n_pairs = n_meta * len(W_PAIRS)
+    res["meta_pairs"]["time_ratio_vs_n_weight_train"] = statistics.median(
+        [a / (n_pairs * b) for a, b in zip(ratio["meta_pairs"], ratio["weight_train"])])
+    res["meta_pairs"]["time_ratio_vs_meta"] = statistics.median(
+        [a / b for a, b in zip(ratio["meta_pairs"], ratio["meta"])])
+    res["search_pairs"]["time_ratio_vs_search_3"] = statistics.median(
+        [a / b for a, b in zip(ratio["search_pairs"], ratio["search_3"])])
     return res
 
 
@@ -265,6 +284,12 @@ def print_table(results):
               f"{'':>16}{target_text(arch, 'search_6/search_3', TARGETS):>9}")
         print(f"{arch:<19}{'meta / (3 x weight_train)':<30}{'':>9}"
               f"{res['meta']['time_ratio_vs_n_weight_train']:>11.3f}")
+        n_pairs = len(BITS3[arch]) * len(W_PAIRS)
+        print(f"{arch:<19}{f'meta_pairs / ({n_pairs} x weight_train)':<30}{'':>9}"
+              f"{res['meta_pairs']['time_ratio_vs_n_weight_train']:>11.3f}")
+        print(f"{arch:<19}{'meta_pairs / meta':<30}{'':>9}{res['meta_pairs']['time_ratio_vs_meta']:>11.3f}")
+        print(f"{arch:<19}{'search_pairs / search_3':<30}{'':>9}"
+              f"{res['search_pairs']['time_ratio_vs_search_3']:>11.3f}")
 
 
 def parse_args(argv=None):
