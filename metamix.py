@@ -24,7 +24,7 @@ Symbols (paper -> code):
     alpha_l      per-layer logits, one per candidate     MultiBranchQuantizer.alpha   (N,)
     s_{l,b}      LSQ step of branch b of layer l         MultiBranchQuantizer.step    (N,)
     B, b         candidate activation bit-widths         --bits, e.g. 8,4,2
-    w_bits       the one weight bit-width                --w-bits
+    w_bits       the one weight bit-width                --w-bits (a list: (A, W) pairs, the supplement's)
     OPs_l        MACs of layer l at 224x224 (deployment) QuantLayer.macs
     t_bops       target, in GBOPs (1e9 bit operations)   --target-gbops
     lambda       weight of the BOPs regularizer          --lam
@@ -34,7 +34,9 @@ Symbols (paper -> code):
 Section 9, after the method and its plumbing, runs other selections (uniform, random, training-free
 proxies with an exact knapsack, the Figure 7(a) ablation) through the same schedule, to compare with.
 
-Left out: mixed weight bits (the supplement's (A, W) pairs), PROFIT-style BN re-estimation,
+Beyond the paper's main text: `--w-bits 8,4,2` searches (A, W) pairs, the supplement's extension (its
+Table 7): candidates A x W, one W step per width, one convolution per W in search, a*w*OPs in Eq. 4/6.
+Left out: the supplement's Figure 9 analysis (Hessian traces), PROFIT-style BN re-estimation,
 fast integer kernels (--export writes packed integer weights and scales and checks an exact
 integer forward, section 8; BN is not folded, scales are not dyadic). Choices the paper does
 not make are marked "Our choice" below and listed in README.md.
@@ -241,6 +243,8 @@ class _LSQFunction(torch.autograd.Function):
 #   "search"   every searched layer "search" (Eq. 3)
 #   "selected" every searched layer "branch" at its own selected_branch (weight training)
 # Fixed layers (the first conv and the last Linear) are "branch" 0 in every mode but "fp".
+# Pair mode (the supplement's extension, Table 7; QuantLayer with several w_bits): a candidate is an
+# (A, W) pair, "branch" is then an activation index and QuantLayer.w_branch the weight width's index.
 #
 # Because a convolution is linear, conv(x_hat) = sum_i p_i conv(Q_i(x)): we mix the activations
 # and run ONE convolution. MultiBranchQuantizer.forward below is Eq. 2 as written, the
@@ -322,7 +326,8 @@ class MultiBranchQuantizer(nn.Module):
         self.signed, self.initialized = state["signed"], [bool(v) for v in state["initialized"]]
 
     def extra_repr(self):
-        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}" + (f", n_w={self.n_w}" if self.n_w > 1 else "")
+        pairs = f", n_w={self.n_w}" if self.n_w > 1 else ""
+        return f"bits={self.bits}, signed={self.signed}, mode={self.mode}{pairs}"
 
 
 class LayerOp(NamedTuple):
@@ -672,7 +677,8 @@ def bops_regularizer(alphas: torch.Tensor, bits: Sequence[int], macs: Sequence[i
 
 
 def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], bits: Sequence[int],
-                     macs: Sequence[int], w_bits: int | Sequence[int], c_fixed: float, target_gbops: float) -> list[int]:
+                     macs: Sequence[int], w_bits: int | Sequence[int], c_fixed: float,
+                     target_gbops: float) -> list[int]:
     """Lower bits until the configuration fits the target; returns candidate indices. Our choice,
     the paper has no repair step.
 
