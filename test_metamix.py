@@ -2221,6 +2221,11 @@ def test_pair_run_outputs_and_export(pair_run):
                                           + c_fixed)
     assert bits["avg_w_bits"] == pytest.approx(sum(r["w_bits"] for r in searched) / 19)
     assert read_log(out)[-1]["gbops"] == pytest.approx(bits["gbops"])
+    try:
+        import matplotlib  # noqa: F401  (optional: bits.png with A and W side by side)
+        assert (out / "bits.png").stat().st_size > 0
+    except ImportError:
+        pass
     # the default target in pair mode: 95% of uniform A4/W4 (the paper's 33 applies to its single-W setting only)
     assert bits["target_gbops"] == pytest.approx(0.95 * (sum(macs) * 16 / 1e9 + c_fixed))
     # export: each layer packed at its own W, and the integer model agrees with the fake-quantized one
