@@ -1728,6 +1728,8 @@ def finish_bit_selection(run: Run, loader=None) -> None:
         if run.alpha_trace:  # the alpha trajectory of the search epoch
             trace = {"layers": [m.name for m in searched_layers(model)], "candidates": list(a.bits),
                      "alpha_optimizer": a.alpha_optimizer, "alpha_lr": a.alpha_lr, "steps": run.alpha_trace}
+            if not isinstance(a.w_bits, int):  # pair mode: the (A, W) pair of each probability
+                trace["pairs"] = [list(c) for c in searched_layers(model)[0].candidates]
             atomic_write(os.path.join(a.output_dir, "alphas.json"), lambda f: f.write(json.dumps(trace).encode()))
         plot_bits(report, os.path.join(a.output_dir, "bits.png"))
 
@@ -2483,8 +2485,9 @@ def unfixed_bit_search_step(model: nn.Module, images, targets, opt, opt_alpha, l
     opt_alpha.zero_grad(set_to_none=True)
     with autocast():
         task = F.cross_entropy(model(images), targets)
-    reg, gbops = bops_regularizer(torch.stack(alphas_of(model)), layers[0].act.bits, [m.macs for m in layers],
-                                  layers[0].weight_quant.bits, c_fixed_of(model), target_gbops)
+    a_bits, w_bits = candidate_bits(layers[0])  # pair mode: candidate i costs a_i * w_i * OPs_l
+    reg, gbops = bops_regularizer(torch.stack(alphas_of(model)), a_bits, [m.macs for m in layers], w_bits,
+                                  c_fixed_of(model), target_gbops)
     loss = task.float() + lam * reg
     loss.backward()
     loss_v = sync([p for g in opt.param_groups for p in g["params"]] + alphas_of(model), loss.detach())
@@ -2517,9 +2520,10 @@ def alpha_probs(model: nn.Module) -> list[list[float]]:
 
 
 def bops_costs(model: nn.Module) -> tuple[list[list[int]], int]:
-    """Exact integer BOPs: per searched layer and branch MACs_l * bits_i * w_bits, and the fixed layers' BOPs."""
+    """Exact integer BOPs: per searched layer and candidate MACs_l * a_i * w_i (w_i = w_bits but in pair
+    mode), and the fixed layers' BOPs."""
     layers = searched_layers(model)
-    costs = [[m.macs * b * m.weight_quant.bits for b in m.act.bits] for m in layers]
+    costs = [[m.macs * a * w for a, w in m.candidates] for m in layers]
     fixed = sum(m.macs * m.act.bits[0] * m.weight_quant.bits for m in quant_layers(model) if m.fixed)
     return costs, fixed
 
@@ -2852,6 +2856,10 @@ def check_search_args(args) -> None:
         raise BadInput(f"--alpha-optimizer {args.alpha_optimizer!r}: choose adam or sgd")
     if args.bits_from and args.search != "metamix":
         raise BadInput(f"--bits-from and --search {args.search} do not go together (--bits-from is the selection)")
+    if not isinstance(args.w_bits, int) and (args.bits_from or not takes_search_steps(args.search)):
+        what = "--bits-from" if args.bits_from else f"--search {args.search}"
+        raise BadInput(f"{what} with a --w-bits list ({w_bits_text(args.w_bits)}, (A, W) pair search) is not "
+                       "implemented yet; use --search metamix or metamix-unfixed, or one --w-bits")
 
 
 def check_uniform_fits(model: nn.Module, args) -> None:

@@ -2285,3 +2285,30 @@ def test_pair_dry_run():
     assert info["gbops_min"] == pytest.approx(sum(macs[1:-1]) * 4 / 1e9 + c_fixed)
     assert info["gbops_max"] == pytest.approx(sum(macs[1:-1]) * 64 / 1e9 + c_fixed)
     assert info["target_gbops"] == pytest.approx(0.95 * (sum(macs[1:-1]) * 16 / 1e9 + c_fixed))
+
+
+def test_pair_mode_in_the_baselines_section():
+    """Section 9 with (A, W) pairs: exact BOPs per candidate a * w * MACs; the Figure 7(a) search step
+    uses them too; the selections that do not search (and --bits-from) are refused in pair mode."""
+    model = _two_layer_model([4, 2])
+    costs, fixed = mm.bops_costs(model)
+    assert costs == [[9216 * c for c in (16, 8, 8, 4)], [2048 * c for c in (16, 8, 8, 4)]]
+    assert fixed == (3 * 4 * 9 * 64 + 8 * 2) * 64
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    mm.init_quantizers(model, x)
+    with torch.no_grad():
+        for al, row in zip(mm.alphas_of(model), [[0.1, 0.2, 0.9, -0.4], [0.0, 1.2, 0.3, 0.5]]):
+            al.copy_(torch.tensor(row))
+    model.train()
+    opt, opt_alpha = _optimizers(model)
+    _, gb = mm.unfixed_bit_search_step(model, x, y, opt, opt_alpha, 0.1, 0.05)
+    assert gb.item() == pytest.approx((9216 * 8 + 2048 * 8 + fixed) / 1e9)
+
+
+@pytest.mark.parametrize("flags", [["--search", "uniform"], ["--search", "hessian"], ["--bits-from", "x.json"]],
+                         ids=["uniform", "hessian", "bits-from"])
+def test_pair_mode_refuses_selections_not_yet_paired(tmp_path, flags):
+    out = tmp_path / "out"
+    p = run_cli(*PAIR, *flags, "--output-dir", out, check=False, timeout=120)
+    error_line(p, "--w-bits list", "8,4,2", "not implemented yet")
+    assert p.returncode == 2 and not out.exists()
