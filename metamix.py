@@ -12,7 +12,7 @@ with a straight-through softmax (Eq. 3-5). Weight training then fine-tunes the q
 network at argmax(alpha) bits, starting from the meta-state.
 
 Run it:
-    python metamix.py                                   # built-in synthetic data, 1 process, ~3 min on 2 CPUs
+    python metamix.py                                   # built-in synthetic data, 1 process, ~1 min on 2 CPUs
     python metamix.py --arch mobilenet_v2 --dry-run     # per-layer MACs and the feasible GBOPs range
     python metamix.py --resume runs/metamix/checkpoint.pth --export   # model_int.pth: integer weights, scales
     python metamix.py --search random --target-gbops 28  # a baseline selection, same schedule (section 9)
@@ -1789,7 +1789,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet18", help="torchvision classification model")
     p.add_argument("--data", default="synthetic", help="'synthetic' (built in) or a folder with train/ and val/")
-    p.add_argument("--target-gbops", type=float, default=None, help="budget in GBOPs (default: uniform A4)")
+    p.add_argument("--target-gbops", type=float, default=None,
+                   help="budget in GBOPs (default: the paper's, else 95%% of A4)")
     p.add_argument("--bits", default=None, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
     p.add_argument("--w-bits", default="4", help="weight bit-width of every searched layer; a list (e.g. 8,4,2) "
                    "searches (A, W) pairs, the supplement's extension: candidates --bits x --w-bits")
@@ -1800,7 +1801,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 ImageNet, 0.05 synthetic)")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of conv/linear weights")
-    p.add_argument("--alpha-lr", type=float, default=None, help="alpha LR (default: 0.01 ImageNet, 0.1 synthetic)")
+    p.add_argument("--alpha-lr", type=float, default=None,
+                   help="alpha LR (default: adam 0.01 / 0.1 small data; sgd 0.005 / 0.05)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers per process (ImageFolder)")
     p.add_argument("--image-size", type=int, default=None, help="training crop (default: 224 ImageNet, 32 synthetic)")
     p.add_argument("--bops-image-size", type=int, default=224, help="resolution at which MACs/BOPs are counted")
