@@ -56,10 +56,16 @@ HEAD = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha-op
 GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
         ("resnet18", 33.0, ALL, [0, 1, 2]), ("resnet18", 33.0, HEAD, [3, 4, 5]),
         ("mobilenet_v2", 4.6, ALL, [0, 1, 2]), ("mobilenet_v2", 4.6, HEAD, [3, 4, 5])]
+# Supplement, Table 7 in miniature (issue 13): A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs
+# (30 GBOPs: uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> with --w-bits 8,4,2.
+PAIR_METHOD = "metamix"
+PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2])]
 QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"], [0])]
 
 
 def method_flags(method: str) -> list[str]:
+    if method.endswith("-pairs"):  # the same method over the product set A x W (one softmax over 9 pairs)
+        return [*method_flags(method[: -len("-pairs")]), "--w-bits", "8,4,2"]
     if method.startswith("metamix-sgd"):  # metamix-sgd-lr0.5: SGD at alpha LR 0.5 (10x the default)
         lr = method.split("-lr")[1] if "-lr" in method else None
         return ["--search", "metamix", *ALPHA["sgd"][:2], "--alpha-lr", lr or ALPHA["sgd"][-1]]
@@ -174,7 +180,9 @@ def run_one(job: dict, log) -> dict:
     res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
                gbops=bits["gbops"], avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
                avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
-               a_bits=[r["a_bits"] for r in searched], seconds=round(time.time() - t0, 1))
+               a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched], w_bits=[r["w_bits"] for r in searched],
+               avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched), figure9=bits.get("figure9"),
+               seconds=round(time.time() - t0, 1))
     (out / "result.json").write_text(json.dumps(res))
     log(f"{out.name}: top-1 {res['top1']:.2f}% at {res['gbops']:.3f} GBOPs, avg bits {res['avg_bits']:.2f} "
         f"({res['seconds']:.0f}s)")
@@ -211,6 +219,31 @@ def table(results: list[dict], fp: dict) -> str:
                         f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
                         f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
                         f"{statistics.mean(r['avg_bits_mac'] for r in rs):.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def table_pairs(results: list[dict], fp: dict) -> str:
+    """Supplement, Table 7 in miniature: each "-pairs" method against its activation-only (W4) self, paired
+    per seed; with the average A and W bits and, from bits.json's "figure9", the mean rank correlation of
+    the selected activation bits with the Hessian trace, the OPs and the trace per OP."""
+    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs W4 (points) | Δ per seed | "
+            "GBOPs | avg A bits | avg W bits (MAC-weighted) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["arch"], r["target"]) for r in results})
+    for arch, target in keys:
+        here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
+        for method in sorted({r["method"] for r in here}, key=lambda m: (m.endswith("-pairs"), m)):
+            rs = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
+            ref = {r["seed"]: r["top1"] for r in here if r["method"] == method.removesuffix("-pairs")}
+            top = [r["top1"] for r in rs]
+            d = [r["top1"] - ref[r["seed"]] for r in rs if r["seed"] in ref] if method.endswith("-pairs") else []
+            w_mac = [sum(w * m for w, m in zip(r["w_bits"], r["macs"])) / sum(r["macs"]) for r in rs]
+            sd = statistics.stdev(top) if len(top) > 1 else 0.0
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {method} | {len(rs)} | "
+                        f"{statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d) if d else '-'} | "
+                        f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
+                        f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
+                        f"{statistics.mean(r['avg_bits'] for r in rs):.2f} | "
+                        f"{statistics.mean(r['avg_w_bits'] for r in rs):.2f} ({statistics.mean(w_mac):.2f}) |")
     return "\n".join(rows) + "\n"
 
 
@@ -306,6 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, two methods, a few steps (CI)")
     p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
+    p.add_argument("--part", choices=["all", "baselines", "pairs"], default="all",
+                   help="baselines: the selections (issue 11); pairs: Table 7 in miniature (issue 13)")
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
     try:
@@ -324,7 +359,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     data = out / "data"
     write_digits(data, **(dict(n_val_per_class=10, n_train_per_class=20) if a.quick else {}))
-    grid = QUICK_GRID if a.quick else GRID
+    grid = QUICK_GRID if a.quick else {"all": GRID + PAIR_GRID, "baselines": GRID, "pairs": PAIR_GRID}[a.part]
     if a.seeds:  # the same seeds for every entry of the grid
         grid = [(arch, t, methods, [int(s) for s in a.seeds.split(",")]) for arch, t, methods, _ in grid]
     if a.only:
@@ -336,15 +371,24 @@ def main(argv=None) -> int:
     for arch, top1 in fp.items():
         log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
-                 epochs=epochs, search_epochs=2, threads=1,
-                 out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"))
+                 epochs=epochs, search_epochs=2, threads=1, out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"),
+                 part="pairs" if any(x.endswith("-pairs") for x in methods) else "baselines")
             for arch, t, methods, seeds in grid for s in seeds for m in methods]
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
         results = list(ex.map(lambda j: run_one(j, log), jobs))
-    (out / "results.json").write_text(json.dumps({"fp_top1": fp, "runs": results}, indent=1))
-    (out / "table.md").write_text(table(results, fp))
-    (out / "alphas.md").write_text(alpha_summary(out, results))
-    print(table(results, fp))
+    results, pairs = ([r for r, j in zip(results, jobs) if j["part"] == part] for part in ("baselines", "pairs"))
+    if a.part != "all" and (out / "results.json").exists():  # keep the other part's runs in results.json
+        kept = json.loads((out / "results.json").read_text())
+        results = results or kept.get("runs", [])
+        pairs = pairs or kept.get("pairs", [])
+    (out / "results.json").write_text(json.dumps({"fp_top1": fp, "runs": results, "pairs": pairs}, indent=1))
+    if results:
+        (out / "table.md").write_text(table(results, fp))
+        (out / "alphas.md").write_text(alpha_summary(out, results))
+        print(table(results, fp))
+    if pairs:
+        (out / "table_pairs.md").write_text(table_pairs(pairs, fp))
+        print(table_pairs(pairs, fp))
     if plot(results, out / "top1_vs_gbops.png"):
         log(f"wrote {out / 'top1_vs_gbops.png'}")
     arch, t, methods, seeds = grid[0]

@@ -1963,6 +1963,22 @@ def test_study_table_pairs_methods_by_seed():
     assert rows["metamix"][8] == "22.60" and "FP 98.00" in rows["metamix"][1]
 
 
+def test_study_table_pairs_against_the_w4_run_of_each_seed():
+    import study_digits as sd
+
+    # two layers with 1 and 3 MMACs; the pair runs pick W (8, 4) and (2, 2): MAC-weighted W 20/4 = 5 and 2
+    runs = [dict(arch="resnet18", target=30.0, method=m, seed=s, top1=t, gbops=29.0, avg_bits=3.0, avg_bits_mac=3.0,
+                 w_bits=w, avg_w_bits=sum(w) / 2, macs=[1, 3])
+            for m, s, t, w in [("metamix", 0, 90.0, [4, 4]), ("metamix", 1, 92.0, [4, 4]),
+                               ("metamix-pairs", 0, 91.0, [8, 4]), ("metamix-pairs", 1, 95.0, [2, 2])]]
+    rows = {r.split("|")[3].strip(): [c.strip() for c in r.split("|")] for r in
+            sd.table_pairs(runs, {"resnet18": 98.0}).splitlines()[2:]}
+    assert rows["metamix-pairs"][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows["metamix-pairs"][7] == "+1.00 +3.00"
+    assert rows["metamix"][6] == "-" and rows["metamix"][10] == "4.00 (4.00)"
+    assert rows["metamix-pairs"][10] == "4.00 (3.50)"  # plain (6 + 2) / 2; MAC-weighted (5 + 2) / 2
+    assert sd.method_flags("metamix-pairs") == [*sd.method_flags("metamix"), "--w-bits", "8,4,2"]
+
+
 # Issue 13: (A, W) pair search, the supplement's extension (Supplement, Table 7)
 # =============================================================================================
 
