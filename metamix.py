@@ -1432,8 +1432,8 @@ class Run:
         return "bit_selection" if self.epoch < self.args.search_epochs else "weight_training"
 
     def build_optimizers(self, phase: str | None = None):
-        """SGD (momentum 0.9) for weights and steps, Adam (or SGD, --alpha-optimizer) for the alphas.
-        Our choice; the paper is silent.
+        """SGD (momentum 0.9) for weights and steps, and for the alphas (or Adam, --alpha-optimizer).
+        Our choice; the paper is silent. SGD is the alphas' default from the digits study (README).
 
         Weight decay applies to conv/linear weights only. Bit selection keeps the LR constant;
         weight training starts a fresh SGD with a cosine schedule over its epochs.
@@ -1445,7 +1445,7 @@ class Run:
         self.params = decay + rest
         self.opt = torch.optim.SGD([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}],
                                    lr=a.lr, momentum=0.9)
-        if getattr(a, "alpha_optimizer", "adam") == "sgd":  # EdMIPS's choice: plain SGD keeps Eq. 4's per-layer scale
+        if getattr(a, "alpha_optimizer", "sgd") == "sgd":  # EdMIPS's choice: plain SGD keeps Eq. 4's per-layer scale
             self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9)
         else:
             self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999))
@@ -1471,6 +1471,7 @@ class Run:
                 mine, theirs = list(mine), list(theirs)
             if mine != theirs:
                 raise BadInput(f"--resume {path}: checkpoint has {key.replace('_', '-')}={theirs}, this run {mine}")
+        # a checkpoint older than these flags was made with their first defaults (the alphas then used Adam)
         for key, default in (("search", "metamix"), ("alpha_optimizer", "adam"), ("bits_from", None)):
             mine, theirs = getattr(a, key), old.get(key, default)
             if mine != theirs:
@@ -1802,7 +1803,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 ImageNet, 0.05 synthetic)")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of conv/linear weights")
     p.add_argument("--alpha-lr", type=float, default=None,
-                   help="alpha LR (default: adam 0.01 / 0.1 small data; sgd 0.005 / 0.05)")
+                   help="alpha LR (default: sgd 0.005 / 0.05 small data; adam 0.01 / 0.1)")
     p.add_argument("--workers", type=int, default=8, help="data loader workers per process (ImageFolder)")
     p.add_argument("--image-size", type=int, default=None, help="training crop (default: 224 ImageNet, 32 synthetic)")
     p.add_argument("--bops-image-size", type=int, default=224, help="resolution at which MACs/BOPs are counted")
@@ -1831,7 +1832,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # section 9: other selections through the same pipeline
     p.add_argument("--search", default="metamix", help="selection: " + ", ".join(SEARCH_METHODS))
     p.add_argument("--bits-from", default=None, metavar="FILE", help="select these bits (a bits.json or {layer: bits})")
-    p.add_argument("--alpha-optimizer", default="adam", help="optimizer of the alphas: adam or sgd (momentum 0.9)")
+    p.add_argument("--alpha-optimizer", default="sgd",
+                   help="optimizer of the alphas: sgd (momentum 0.9; the digits study's choice) or adam (betas 0.5/0.999)")
     p.add_argument("--proxy-batches", type=int, default=4, help="training batches the hessian/sensitivity proxies use")
     p.add_argument("--hutchinson-probes", type=int, default=4, help="Rademacher probes per batch (--search hessian)")
     return p

@@ -1834,20 +1834,21 @@ def test_scratch_defaults_for_a_folder(tmp_path):
     data = make_image_folder(tmp_path / "data")
     p = mm.get_args_parser()
     a = mm.resolve_args(p.parse_args(["--data", str(data)]))
-    assert a.lr == mm.SCRATCH_DEFAULTS["lr"] and a.alpha_lr == mm.ALPHA_LR["adam"][1]
+    assert a.alpha_optimizer == "sgd"  # the default, from the digits study
+    assert a.lr == mm.SCRATCH_DEFAULTS["lr"] and a.alpha_lr == mm.ALPHA_LR["sgd"][1] == 0.05
     assert a.scratch_defaults == [f"--lr {a.lr}", f"--alpha-lr {a.alpha_lr}"]
-    a = mm.resolve_args(p.parse_args(["--data", str(data), "--lr", "0.2", "--alpha-optimizer", "sgd"]))
-    assert a.lr == 0.2 and a.alpha_lr == mm.ALPHA_LR["sgd"][1] and a.scratch_defaults == [f"--alpha-lr {a.alpha_lr}"]
+    a = mm.resolve_args(p.parse_args(["--data", str(data), "--lr", "0.2", "--alpha-optimizer", "adam"]))
+    assert a.lr == 0.2 and a.alpha_lr == mm.ALPHA_LR["adam"][1] and a.scratch_defaults == [f"--alpha-lr {a.alpha_lr}"]
     a = mm.resolve_args(p.parse_args(["--data", str(data), "--init", "x.pth"]))  # fine-tuning: ImageNet defaults
-    assert a.lr == 0.01 and a.alpha_lr == mm.ALPHA_LR["adam"][0] and a.scratch_defaults == []
-    a = mm.resolve_args(p.parse_args(["--alpha-optimizer", "sgd"]))
-    assert a.alpha_lr == mm.ALPHA_LR["sgd"][1] and a.scratch_defaults == []
+    assert a.lr == 0.01 and a.alpha_lr == mm.ALPHA_LR["sgd"][0] == 0.005 and a.scratch_defaults == []
+    a = mm.resolve_args(p.parse_args(["--alpha-optimizer", "adam"]))
+    assert a.alpha_lr == mm.ALPHA_LR["adam"][1] and a.scratch_defaults == []
 
 
 METHOD_RUN = TINY + ["--epochs", "3", "--target-gbops", "28", "--proxy-batches", "2", "--hutchinson-probes", "1"]
 
 
-@pytest.mark.parametrize("method, extra", [("metamix", ["--alpha-optimizer", "sgd"]), ("metamix-unfixed", []),
+@pytest.mark.parametrize("method, extra", [("metamix", ["--alpha-optimizer", "adam"]), ("metamix-unfixed", []),
                                            ("uniform", []), ("random", []), ("hessian", []), ("sensitivity", [])])
 def test_each_method_end_to_end(tmp_path, method, extra):
     out = tmp_path / "out"
@@ -1872,8 +1873,8 @@ def test_each_method_end_to_end(tmp_path, method, extra):
     if method.startswith("metamix"):
         trace = json.loads((out / "alphas.json").read_text())
         assert len(trace["steps"]) == 4 and len(trace["steps"][0]["probs"]) == 19
-        assert trace["alpha_optimizer"] == ("sgd" if extra else "adam")
-        assert trace["alpha_lr"] == (mm.ALPHA_LR["sgd"][1] if extra else 0.1)
+        assert trace["alpha_optimizer"] == ("adam" if extra else "sgd")
+        assert trace["alpha_lr"] == (mm.ALPHA_LR["adam"][1] if extra else 0.05)
         assert [r["probs"] for r in searched] == [[pytest.approx(p, abs=1e-4) for p in q]
                                                   for q in trace["steps"][-1]["probs"]]
     else:
