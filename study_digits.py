@@ -58,7 +58,7 @@ GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
         ("mobilenet_v2", 4.6, ALL, [0, 1, 2]), ("mobilenet_v2", 4.6, HEAD, [3, 4, 5])]
 # Supplement, Table 7 in miniature (issue 13): A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs
 # (30 GBOPs: uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> with --w-bits 8,4,2.
-PAIR_METHOD = "metamix"
+PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2])]
 QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"], [0])]
 

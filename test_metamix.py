@@ -1977,7 +1977,7 @@ def test_study_table_pairs_against_the_w4_run_of_each_seed():
     assert rows["metamix-pairs"][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows["metamix-pairs"][7] == "+1.00 +3.00"
     assert rows["metamix"][6] == "-" and rows["metamix"][10] == "4.00 (4.00)"
     assert rows["metamix-pairs"][10] == "4.00 (3.50)"  # plain (6 + 2) / 2; MAC-weighted (5 + 2) / 2
-    assert sd.method_flags("metamix-pairs") == [*sd.method_flags("metamix"), "--w-bits", "8,4,2"]
+    assert sd.method_flags("metamix-sgd-pairs") == [*sd.method_flags("metamix-sgd"), "--w-bits", "8,4,2"]
 
 
 # Issue 13: (A, W) pair search, the supplement's extension (Supplement, Table 7)
