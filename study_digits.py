@@ -63,6 +63,15 @@ PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2]
 QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"], [0])]
 
 
+def label(method: str) -> str:
+    """How the table and plot name a method: which optimizer and LR the alphas had. The run folders keep the
+    short names (metamix = Adam at 0.1, metamix.py's default when the study began; SGD is the default now)."""
+    names = {"metamix": "metamix Adam 0.1", "metamix-sgd": "metamix SGD 0.05 (default)",
+             "metamix-sgd-lr0.5": "metamix SGD 0.5", "metamix-unfixed": "metamix-unfixed (Adam 0.1)"}
+    base = method.removesuffix("-pairs")
+    return names.get(base, base) + (", 9 (A, W) pairs" if method.endswith("-pairs") else "")
+
+
 def method_flags(method: str) -> list[str]:
     if method.endswith("-pairs"):  # the same method over the product set A x W (one softmax over 9 pairs)
         return [*method_flags(method[: -len("-pairs")]), "--w-bits", "8,4,2"]
@@ -180,7 +189,8 @@ def run_one(job: dict, log) -> dict:
     res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
                gbops=bits["gbops"], avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
                avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
-               a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched], w_bits=[r["w_bits"] for r in searched],
+               a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched],
+               w_bits=[r["w_bits"] for r in searched],
                avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched), figure9=bits.get("figure9"),
                seconds=round(time.time() - t0, 1))
     (out / "result.json").write_text(json.dumps(res))
@@ -212,7 +222,7 @@ def table(results: list[dict], fp: dict) -> str:
             top = [r["top1"] for r in rs]
             d = [r["top1"] - rand[r["seed"]] for r in rs if r["seed"] in rand]
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {method} | {len(rs)} | "
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {label(method)} | {len(rs)} | "
                         f"{statistics.mean(top):.2f} ± {sd:.2f} | "
                         f"{'-' if method == 'random' else mean_sd(d)} | "
                         f"{'-' if method == 'random' else ' '.join(f'{v:+.2f}' for v in d)} | "
@@ -238,7 +248,7 @@ def table_pairs(results: list[dict], fp: dict) -> str:
             d = [r["top1"] - ref[r["seed"]] for r in rs if r["seed"] in ref] if method.endswith("-pairs") else []
             w_mac = [sum(w * m for w, m in zip(r["w_bits"], r["macs"])) / sum(r["macs"]) for r in rs]
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {method} | {len(rs)} | "
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {label(method)} | {len(rs)} | "
                         f"{statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d) if d else '-'} | "
                         f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
                         f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
@@ -286,8 +296,8 @@ def plot(results: list[dict], path: Path) -> bool:
         for method in ALL:
             rs = [r for r in results if r["arch"] == arch and r["method"] == method]
             if rs:
-                ax.scatter([r["gbops"] for r in rs], [r["top1"] for r in rs], marker=marks[method], label=method,
-                           alpha=0.75)
+                ax.scatter([r["gbops"] for r in rs], [r["top1"] for r in rs], marker=marks[method],
+                           label=label(method), alpha=0.75)
         for t in sorted({r["target"] for r in results if r["arch"] == arch}):
             ax.axvline(t, color="grey", lw=0.6, ls=":")
         ax.set_title(f"{arch} on digits (each point one seed)")

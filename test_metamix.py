@@ -1959,9 +1959,9 @@ def test_study_table_pairs_methods_by_seed():
     rows = {r.split("|")[3].strip(): [c.strip() for c in r.split("|")] for r in sd.table(runs, {"resnet18": 98.0})
             .splitlines()[2:]}
     # paired: +1 (seed 0) and +3 (seed 1): mean +2, sd sqrt(2); unpaired the spread would be 5.7
-    assert rows["metamix"][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows["metamix"][7] == "+1.00 +3.00"
-    assert rows["metamix"][5] == f"87.00 ± {math.sqrt(32):.2f}" and rows["random"][6] == "-"
-    assert rows["metamix"][8] == "22.60" and "FP 98.00" in rows["metamix"][1]
+    assert rows[sd.label("metamix")][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows[sd.label("metamix")][7] == "+1.00 +3.00"
+    assert rows[sd.label("metamix")][5] == f"87.00 ± {math.sqrt(32):.2f}" and rows[sd.label("random")][6] == "-"
+    assert rows[sd.label("metamix")][8] == "22.60" and "FP 98.00" in rows[sd.label("metamix")][1]
 
 
 def test_study_table_pairs_against_the_w4_run_of_each_seed():
@@ -1974,9 +1974,10 @@ def test_study_table_pairs_against_the_w4_run_of_each_seed():
                                ("metamix-pairs", 0, 91.0, [8, 4]), ("metamix-pairs", 1, 95.0, [2, 2])]]
     rows = {r.split("|")[3].strip(): [c.strip() for c in r.split("|")] for r in
             sd.table_pairs(runs, {"resnet18": 98.0}).splitlines()[2:]}
-    assert rows["metamix-pairs"][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows["metamix-pairs"][7] == "+1.00 +3.00"
-    assert rows["metamix"][6] == "-" and rows["metamix"][10] == "4.00 (4.00)"
-    assert rows["metamix-pairs"][10] == "4.00 (3.50)"  # plain (6 + 2) / 2; MAC-weighted (5 + 2) / 2
+    assert rows[sd.label("metamix-pairs")][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows[sd.label("metamix-pairs")][7] == "+1.00 +3.00"
+    assert rows[sd.label("metamix")][6] == "-" and rows[sd.label("metamix")][10] == "4.00 (4.00)"
+    assert rows[sd.label("metamix-pairs")][10] == "4.00 (3.50)"  # plain (6 + 2) / 2; MAC-weighted (5 + 2) / 2
+    assert sd.label("metamix-sgd-pairs") == "metamix SGD 0.05 (default), 9 (A, W) pairs"
     assert sd.method_flags("metamix-sgd-pairs") == [*sd.method_flags("metamix-sgd"), "--w-bits", "8,4,2"]
 
 
