@@ -36,7 +36,8 @@ proxies with an exact knapsack, the Figure 7(a) ablation) through the same sched
 
 Beyond the paper's main text: `--w-bits 8,4,2` searches (A, W) pairs, the supplement's extension (its
 Table 7): candidates A x W, one W step per width, one convolution per W in search, a*w*OPs in Eq. 4/6.
-Left out: the supplement's Figure 9 analysis (Hessian traces), PROFIT-style BN re-estimation,
+Section 10 adds the supplement's Figure 9 to any run: per-layer Hessian traces, OPs and their ratio
+against the selected bits (bits.json, figure9.png; --no-figure9). Left out: PROFIT-style BN re-estimation,
 fast integer kernels (--export writes packed integer weights and scales and checks an exact
 integer forward, section 8; BN is not folded, scales are not dyadic). Choices the paper does
 not make are marked "Our choice" below and listed in README.md.
@@ -1698,7 +1699,8 @@ def plot_bits(report: dict, path: str) -> bool:
 
 def finish_bit_selection(run: Run, loader=None) -> None:
     """After the last search epoch: bits = argmax alpha (repaired to the budget), weight quantizers on.
-    A method other than metamix selects its own way (section 9; `loader` feeds the proxies)."""
+    A method other than metamix selects its own way (section 9; `loader` feeds the proxies). Then the
+    supplement's Figure 9 analysis (section 10) adds Hessian traces to bits.json; it changes nothing else."""
     a, model = run.args, run.model
     extra: dict = {}
     if takes_search_steps(a.search) and not a.bits_from:
@@ -1712,12 +1714,13 @@ def finish_bit_selection(run: Run, loader=None) -> None:
     run.build_optimizers("weight_training")
     report = bits_report(model, a)
     report["search"] = "bits-from" if a.bits_from else a.search
-    proxy = extra.pop("proxy", None)
+    proxy, traces = extra.pop("proxy", None), extra.pop("hessian_traces", None)
     report.update(extra)
     if proxy is not None:  # each searched layer's score per candidate, in the order of "candidates"
         report["proxy"] = {k: v for k, v in proxy.items() if k != "scores"}
         for r, sc in zip([r for r in report["layers"] if not r["fixed"]], proxy["scores"]):
             r["scores"] = [round(v, 8) for v in sc]
+    fig9_line = figure9_analysis(run, loader, report, traces)  # section 10, rank 0; changes nothing in the run
     if run.dist.main:
         print(layer_table(report))
         note = " (argmax was over the target: lowered by budget repair)" if repaired else ""
@@ -1725,6 +1728,8 @@ def finish_bit_selection(run: Run, loader=None) -> None:
         print(f"selected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{flag}{note}; "
               f"{avg_bits_text(report)}",
               flush=True)
+        if fig9_line:
+            print(fig9_line, flush=True)
         atomic_write(os.path.join(a.output_dir, "bits.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
         if run.alpha_trace:  # the alpha trajectory of the search epoch
             trace = {"layers": [m.name for m in searched_layers(model)], "candidates": list(a.bits),
@@ -1733,6 +1738,7 @@ def finish_bit_selection(run: Run, loader=None) -> None:
                 trace["pairs"] = [list(c) for c in searched_layers(model)[0].candidates]
             atomic_write(os.path.join(a.output_dir, "alphas.json"), lambda f: f.write(json.dumps(trace).encode()))
         plot_bits(report, os.path.join(a.output_dir, "bits.png"))
+        plot_figure9(report, os.path.join(a.output_dir, "figure9.png"))
 
 
 def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
@@ -1834,8 +1840,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--bits-from", default=None, metavar="FILE", help="select these bits (a bits.json or {layer: bits})")
     p.add_argument("--alpha-optimizer", default="sgd",
                    help="optimizer of the alphas: sgd (momentum 0.9; the digits study's choice) or adam (betas 0.5/0.999)")
-    p.add_argument("--proxy-batches", type=int, default=4, help="training batches the hessian/sensitivity proxies use")
-    p.add_argument("--hutchinson-probes", type=int, default=4, help="Rademacher probes per batch (--search hessian)")
+    p.add_argument("--proxy-batches", type=int, default=4,
+                   help="training batches the hessian/sensitivity proxies (and the Figure 9 analysis) use")
+    p.add_argument("--hutchinson-probes", type=int, default=4,
+                   help="Rademacher probes per batch (--search hessian and the Figure 9 analysis)")
+    p.add_argument("--no-figure9", action="store_true", help="skip the supplement's Figure 9 analysis at the end of "
+                   "bit selection (Hessian traces vs the selected bits; bits.json, figure9.png)")
     return p
 
 
@@ -2735,7 +2745,8 @@ def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=
     return torch.tensor(out, dtype=torch.float64)
 
 
-def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: int = 0) -> torch.Tensor:
+def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: int = 0,
+                 traces_out: list | None = None) -> torch.Tensor:
     """(L, N) scores, an estimate of the rise in loss when layer l's input is at candidate bits[i].
 
     hessian:     1/2 Tr(H_l) * mean((x_l - Q_i(x_l; s_{l,i}))^2), averaged over the batches: the
@@ -2746,7 +2757,8 @@ def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: 
     sensitivity: mean over the batches of loss(layer l at bits[i], every other searched layer at
                  the largest candidate) - loss(every searched layer at the largest candidate).
     Both run on the meta-state in eval mode (BN running statistics, no dropout, no update) and
-    leave its mode, parameters and buffers as they were.
+    leave its parameters and buffers as they were (and the model in "fp" mode: set the mode after).
+    `traces_out` (hessian): each batch's (L,) traces are appended to it (section 10 reuses them).
     """
     layers = searched_layers(model)
     bits = layers[0].act.bits
@@ -2760,6 +2772,8 @@ def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: 
                 set_mode(model, "fp")
                 g = torch.Generator(device=images.device).manual_seed(seed)
                 traces = hutchinson_traces(model, images, targets, probes, g, clamp=True)
+                if traces_out is not None:
+                    traces_out.append(traces)
                 xs: dict = {}
                 handles = _layer_inputs(model, layers, xs)
                 with torch.no_grad():
@@ -2816,9 +2830,10 @@ def baseline_selection(run: Run, loader) -> tuple[list[int], dict]:
     layers = searched_layers(model)
     scores = torch.zeros(len(layers), len(layers[0].act.bits), dtype=torch.float64)
     t0 = time.time()
+    traces: list = []  # hessian: per batch, the (L,) Hutchinson traces (reused by Figure 9, section 10)
     if dist.main:
         batches = proxy_batches(loader, a.proxy_batches, a.seed, dist.device)
-        scores = proxy_scores(model, batches, a.search, a.hutchinson_probes, a.seed)
+        scores = proxy_scores(model, batches, a.search, a.hutchinson_probes, a.seed, traces)
     if dist.world > 1:
         scores = scores.to(dist.device)
         torch.distributed.broadcast(scores, 0)
@@ -2828,8 +2843,11 @@ def baseline_selection(run: Run, loader) -> tuple[list[int], dict]:
     if branches is None:  # check_budget makes this impossible; kept as a clear failure
         raise BadInput(f"--target-gbops {a.target_gbops:g}: no configuration fits")
     log(dist, f"{a.search} proxy on {a.proxy_batches} batch(es): {time.time() - t0:.1f}s")
-    return branches, {"proxy": {"batches": a.proxy_batches, "probes": a.hutchinson_probes if a.search == "hessian"
-                                else None, "scores": scores.tolist()}}
+    extra = {"proxy": {"batches": a.proxy_batches, "probes": a.hutchinson_probes if a.search == "hessian"
+                       else None, "scores": scores.tolist()}}
+    if traces:
+        extra["hessian_traces"] = (torch.stack(traces).mean(0), len(traces))
+    return branches, extra
 
 
 # alpha LR per optimizer: [ImageNet-size search epoch, small data (synthetic, or a folder from scratch)]
@@ -2877,6 +2895,176 @@ def check_search(model: nn.Module, args) -> None:
     """Refuse, before any data is read, a --bits-from file that does not fit this model and target."""
     if args.bits_from:
         read_bits_from(model, args.bits_from, args.target_gbops)
+
+
+# =====================================================================================
+# 10. Beyond the paper: the supplement's Figure 9 (what did the selection follow?)
+# =====================================================================================
+# The supplement's Figure 9 sets each layer's selected bits beside its Hessian trace, its OPs and
+# the trace divided by OPs: the bits follow the trace in early layers but not in late ones, whose
+# OPs are high, and trace / OPs follows them better than either. At the end of bit selection,
+# for any run (every --search, --bits-from, single W or pairs), rank 0 adds to bits.json:
+#   hessian_trace   Tr(H_l), H_l = d^2 L / d x_l^2, section 9's Hutchinson estimate taken exactly as
+#                   --search hessian takes it (proxy_batches, hutchinson_traces(clamp=True) in "fp"
+#                   and eval mode, one generator seeded by --seed per batch), averaged over the
+#                   --proxy-batches batches; --search hessian's own traces are reused
+#   trace_per_op    Tr(H_l) / OPs_l (OPs_l = the row's "macs")
+#   figure9         Spearman's rank correlation of the selected A bits (pair mode: also W, and a*w)
+#                   with each of the two and with OPs
+# and figure9.png (matplotlib, optional). It changes nothing in the run (tested): the batches are
+# drawn in a forked RNG, BN uses its running statistics, no .grad is written, and every layer's mode
+# and every module's train/eval flag are restored. --no-figure9 skips it (cost: README).
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks with ties at their average rank (Spearman's convention): [8, 4, 4, 2] -> [4, 2.5, 2.5, 1]."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):  # positions i..j (0-based) share the rank (i + j) / 2 + 1
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks. None where it is undefined:
+    a constant series (every layer at the same bits), fewer than 2 values, or a value that is not finite."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} and {len(y)} values")
+    if len(x) < 2 or not all(math.isfinite(v) for v in list(x) + list(y)):
+        return None
+    rx, ry = average_ranks(x), average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module):
+    """Restore, on exit, every quantized layer's mode (activation mode and branch, weight width, which weight
+    quantizers are on) and every module's train/eval flag."""
+    flags = [(mod, mod.training) for mod in model.modules()]
+    layers = [(m, m.act.mode, m.act.branch, m.w_branch,
+               [wq.enabled for wq in (m.weight_quants if m.pairs else [m.weight_quant])]) for m in quant_layers(model)]
+    try:
+        yield
+    finally:
+        for mod, training in flags:
+            mod.training = training
+        for m, mode, branch, w_branch, enabled in layers:
+            m.act.mode, m.act.branch, m.w_branch = mode, branch, w_branch
+            for wq, e in zip(m.weight_quants if m.pairs else [m.weight_quant], enabled):
+                wq.enabled = e
+
+
+def mean_hessian_traces(model: nn.Module, batches, probes: int, seed: int) -> torch.Tensor:
+    """(L,) Tr(H_l) per searched layer, the mean over `batches` of hutchinson_traces as proxy_scores's
+    hessian takes them (the same values: eval and "fp" mode, clamp, a generator seeded by `seed` per
+    batch). Leaves the model's modes, parameters and buffers as they were."""
+    traces = []
+    with kept_modes(model):
+        model.eval()
+        set_mode(model, "fp")
+        for images, targets in batches:
+            g = torch.Generator(device=images.device).manual_seed(seed)
+            traces.append(hutchinson_traces(model, images, targets, probes, g, clamp=True))
+    return torch.stack(traces).mean(0)
+
+
+FIGURE9_SERIES = (("hessian_trace", "Hessian trace"), ("macs", "OPs"), ("trace_per_op", "trace/OPs"))
+
+
+def figure9_fields(report: dict, traces: Sequence[float], batches: int, probes: int) -> dict:
+    """Add hessian_trace and trace_per_op to each searched row of a bits report, and return its "figure9"
+    entry: the Spearman correlation of the selected bits (pair mode: also W and a*w) with each series."""
+    rows = [r for r in report["layers"] if not r["fixed"]]
+    for r, t in zip(rows, traces):
+        r["hessian_trace"], r["trace_per_op"] = float(t), float(t) / r["macs"]
+    selected = {"a_bits": [r["a_bits"] for r in rows]}
+    if "pairs" in report:  # Supplement, Table 7: the selected W, and the pair's cost per OP
+        selected["w_bits"] = [r["w_bits"] for r in rows]
+        selected["a_times_w"] = [r["a_bits"] * r["w_bits"] for r in rows]
+    corr = {k: {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES} for k, bits in selected.items()}
+    return {"layers": len(rows), "batches": batches, "probes": probes, "spearman": corr}
+
+
+def figure9_text(fig9: dict, cost: str = "") -> str:
+    """The line the run prints: the rank correlations, "n/a" where one is undefined; `cost` ends it."""
+    names = {"a_bits": "selected A bits", "w_bits": "selected W bits", "a_times_w": "selected a*w"}
+    parts = []
+    for k, corr in fig9["spearman"].items():
+        vals = ", ".join(f"{label} {'n/a' if corr[key] is None else f'{corr[key]:+.2f}'}"
+                         for key, label in FIGURE9_SERIES)
+        parts.append(f"{names[k]} with {vals}")
+    return f"Figure 9: rank correlation of {'; '.join(parts)} ({fig9['layers']} layers{cost})"
+
+
+def figure9_analysis(run: Run, loader, report: dict, traces=None) -> str | None:
+    """The hook finish_bit_selection calls on every rank: on rank 0, the traces (those of --search hessian
+    if given as (mean traces, batches), else computed here), the bits.json fields, the printed line."""
+    a, dist = run.args, run.dist
+    if getattr(a, "no_figure9", False) or loader is None or not dist.main:
+        return None
+    t0, cost = time.time(), "; traces of --search hessian"
+    if traces is None:
+        batches = proxy_batches(loader, a.proxy_batches, a.seed, dist.device)
+        traces = (mean_hessian_traces(run.model, batches, a.hutchinson_probes, a.seed), len(batches))
+        cost = f"; traces on {traces[1]} batch(es) x {a.hutchinson_probes} probe(s), {time.time() - t0:.1f}s"
+    mean, n = traces
+    report["figure9"] = figure9_fields(report, mean.tolist(), n, a.hutchinson_probes)
+    return figure9_text(report["figure9"], cost)
+
+
+def plot_figure9(report: dict, path: str) -> bool:
+    """figure9.png as the supplement's Figure 9: per searched layer, the selected bits (pair mode: A and W),
+    the Hessian trace, OPs and trace / OPs (log scale; symmetric log where a trace is not positive).
+    Needs matplotlib (optional); False without it or without the figure9 fields."""
+    if "figure9" not in report:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in report["layers"] if not r["fixed"]]
+    x = list(range(len(rows)))
+    fig, axes = plt.subplots(4, 1, sharex=True, figsize=(max(6, len(rows) * 0.3), 8))
+    if "pairs" in report:
+        axes[0].bar([i - 0.2 for i in x], [r["a_bits"] for r in rows], width=0.4, color="tab:blue", label="A")
+        axes[0].bar([i + 0.2 for i in x], [r["w_bits"] for r in rows], width=0.4, color="tab:green", label="W")
+        axes[0].legend(loc="upper right", fontsize=7)
+    else:
+        axes[0].bar(x, [r["a_bits"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("selected bits")
+    corr = report["figure9"]["spearman"]["a_bits"]
+    for ax, (key, label), colour in zip(axes[1:], FIGURE9_SERIES, ("tab:red", "tab:orange", "tab:purple")):
+        vals = [r[key] for r in rows]
+        ax.plot(x, vals, "o-", color=colour, ms=3)
+        if min(vals) > 0:
+            ax.set_yscale("log")
+        elif any(vals):  # linear within the smallest nonzero magnitude, log beyond it
+            ax.set_yscale("symlog", linthresh=min(abs(v) for v in vals if v))
+        rho = corr[key]
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}: Spearman with A bits {'n/a' if rho is None else f'{rho:+.2f}'}", fontsize=8)
+    axes[-1].set_xticks(x)
+    axes[-1].set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
+    axes[0].set_title(f"{report['arch']} ({report['search']}, {report['gbops']:.2f} GBOPs): the supplement's Figure 9",
+                      fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":
