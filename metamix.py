@@ -2992,7 +2992,8 @@ def figure9_fields(report: dict, traces: Sequence[float], batches: int, probes: 
     if "pairs" in report:  # Supplement, Table 7: the selected W, and the pair's cost per OP
         selected["w_bits"] = [r["w_bits"] for r in rows]
         selected["a_times_w"] = [r["a_bits"] * r["w_bits"] for r in rows]
-    corr = {k: {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES} for k, bits in selected.items()}
+    corr = {k: {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES}
+            for k, bits in selected.items()}
     return {"layers": len(rows), "batches": batches, "probes": probes, "spearman": corr}
 
 
