@@ -723,9 +723,11 @@ SCRIPT = "metamix.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop("WORLD_SIZE", None), ENV.pop("RANK", None), ENV.pop("LOCAL_RANK", None)
 
-# 64 images / batch 16 = 4 steps per epoch; 2 bit-selection epochs, the rest weight training.
+# 64 images / batch 16 = 4 steps per epoch; 2 bit-selection epochs, the rest weight training. The
+# Figure 9 analysis (section 10) on one batch and one probe: under a second per run.
 TINY = ["--arch", "resnet18", "--image-size", "32", "--synthetic-train", "64", "--synthetic-val", "32",
-        "--batch-size", "16", "--search-epochs", "2", "--print-freq", "1000"]
+        "--batch-size", "16", "--search-epochs", "2", "--print-freq", "1000",
+        "--proxy-batches", "1", "--hutchinson-probes", "1"]
 REF = TINY + ["--epochs", "4"]  # the reference run: 2 bit selection + 2 weight training
 METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
 
@@ -884,6 +886,7 @@ def ref_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "out"
     p = run_cli(*REF, "--output-dir", out)
     assert "summary:" in p.stdout
+    (out.parent / "stdout.txt").write_text(p.stdout)  # beside the run, not in it
     return out
 
 
@@ -2330,3 +2333,166 @@ def test_pair_mode_refuses_selections_not_yet_paired(tmp_path, flags):
     p = run_cli(*PAIR, *flags, "--output-dir", out, check=False, timeout=120)
     error_line(p, "--w-bits list", "8,4,2", "not implemented yet")
     assert p.returncode == 2 and not out.exists()
+
+
+# =============================================================================================
+# Issue 13: the supplement's Figure 9 (section 10) and --bits-from in pair mode
+# =============================================================================================
+
+
+def test_spearman_by_hand_with_ties():
+    assert mm.average_ranks([8, 4, 4, 2]) == [4, 2.5, 2.5, 1]
+    assert mm.average_ranks([2, 2, 2, 8, 2]) == [2.5, 2.5, 2.5, 5, 2.5]
+    # ranks (4, 2.5, 2.5, 1) against (1, 2, 3, 4): deviations (1.5, 0, 0, -1.5) and (-1.5, -.5, .5, 1.5),
+    # covariance sum -4.5, squares 4.5 and 5: -4.5 / sqrt(22.5) = -3 / sqrt(10)
+    assert mm.spearman([8, 4, 4, 2], [1, 2, 3, 4]) == pytest.approx(-3 / math.sqrt(10), rel=1e-12)
+    # ties on both sides: ranks (1.5, 1.5, 3, 4) and (1, 2.5, 2.5, 4), deviations (-1, -1, .5, 1.5) and
+    # (-1.5, 0, 0, 1.5): 3.75 / sqrt(4.5 * 4.5)
+    assert mm.spearman([2, 2, 4, 8], [0.1, 0.5, 0.5, 3.0]) == pytest.approx(3.75 / 4.5, rel=1e-12)
+    assert mm.spearman([1, 2, 3], [10, 20, 300]) == 1.0 and mm.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    # undefined: a constant series (every layer at one width), too few values, a NaN
+    assert mm.spearman([4, 4, 4], [1, 2, 3]) is None and mm.spearman([1, 2, 3], [5, 5, 5]) is None
+    assert mm.spearman([4], [1]) is None and mm.spearman([1, 2, float("nan")], [1, 2, 3]) is None
+    with pytest.raises(ValueError):
+        mm.spearman([1, 2], [1, 2, 3])
+
+
+def test_spearman_equals_an_independent_formula():
+    """Ranks by counting (#smaller + (#equal + 1) / 2), then Pearson by torch.corrcoef; without ties,
+    also the textbook 1 - 6 sum d^2 / (n (n^2 - 1))."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        n = 3 + trial % 17
+        x = [[8, 4, 2][int(i)] for i in torch.randint(0, 3, (n,), generator=g)]  # bits: many ties
+        y = torch.randn(n, generator=g, dtype=torch.float64).tolist()
+        if trial % 3 == 0:
+            y = [round(v) for v in y]  # ties in the other series too
+        if len(set(x)) == 1 or len(set(y)) == 1:
+            assert mm.spearman(x, y) is None
+            continue
+
+        def ranks(v):
+            return torch.tensor([sum(u < w for u in v) + (sum(u == w for u in v) + 1) / 2 for w in v],
+                                dtype=torch.float64)
+
+        ref = torch.corrcoef(torch.stack([ranks(x), ranks(y)]))[0, 1].item()
+        assert mm.spearman(x, y) == pytest.approx(ref, abs=1e-12)
+        distinct = torch.randperm(n, generator=g).tolist()
+        d2 = sum((a - b) ** 2 for a, b in zip(ranks(distinct).tolist(), ranks(y).tolist()))
+        if len(set(y)) == n:
+            assert mm.spearman(distinct, y) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)), abs=1e-12)
+
+
+def test_figure9_traces_are_the_hessian_proxys_and_change_nothing():
+    """mean_hessian_traces gives --search hessian's own traces (so reusing them is exact), and leaves the
+    model, every mode, every train/eval flag, the .grad fields and the global RNG as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # double backward on 2 busy cores: 0.7 s with one thread, up to 20 s with two
+    try:
+        _figure9_traces_check()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _figure9_traces_check():
+    model, x, y = _tiny_patched()
+    x, y = x[:4, :, :16, :16], y[:4]
+    batches = [(x, y), (x.flip(0), y.flip(0))]
+    mm.apply_selection(model, [0, 1, 2] * 6 + [1])
+    mm.switch_to_weight_training(model)
+    model.train()
+    model.layer2[0].bn1.eval()  # a module whose flag differs from the model's: restored as it was
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    modes = [(m.act.mode, m.act.branch, m.w_branch, m.weight_quant.enabled) for m in mm.quant_layers(model)]
+    flags = [mod.training for mod in model.modules()]
+    rng = torch.get_rng_state()
+    got = mm.mean_hessian_traces(model, batches, probes=1, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [(m.act.mode, m.act.branch, m.w_branch, m.weight_quant.enabled) for m in mm.quant_layers(model)] == modes
+    assert [mod.training for mod in model.modules()] == flags
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert got.shape == (19,) and got.abs().sum() > 0
+    traces: list = []
+    mm.proxy_scores(model, batches, "hessian", probes=1, seed=3, traces_out=traces)
+    assert len(traces) == 2 and torch.equal(torch.stack(traces).mean(0), got)
+
+
+def _check_figure9(bits: dict, stdout: str, pairs: bool) -> None:
+    rows = [r for r in bits["layers"] if not r["fixed"]]
+    assert all("hessian_trace" not in r for r in bits["layers"] if r["fixed"])
+    for r in rows:
+        assert math.isfinite(r["hessian_trace"]) and r["trace_per_op"] == pytest.approx(r["hessian_trace"] / r["macs"])
+    f9 = bits["figure9"]
+    assert (f9["layers"], f9["batches"], f9["probes"]) == (19, 1, 1)
+    series = {"a_bits": [r["a_bits"] for r in rows]}
+    if pairs:
+        series.update(w_bits=[r["w_bits"] for r in rows], a_times_w=[r["a_bits"] * r["w_bits"] for r in rows])
+    assert f9["spearman"].keys() == series.keys()
+    for k, sel in series.items():
+        for key in ("hessian_trace", "macs", "trace_per_op"):
+            want = mm.spearman(sel, [r[key] for r in rows])
+            assert f9["spearman"][k][key] == (None if want is None else pytest.approx(want, abs=1e-12))
+    lines = [line for line in stdout.splitlines() if line.startswith("Figure 9: rank correlation of selected A bits")]
+    assert len(lines) == 1 and "(19 layers; traces on 1 batch(es) x 1 probe(s)" in lines[0], stdout[-3000:]
+    c = f9["spearman"]["a_bits"]
+    assert f"Hessian trace {c['hessian_trace']:+.2f}, OPs {c['macs']:+.2f}, trace/OPs {c['trace_per_op']:+.2f}" \
+        in lines[0]
+    assert ("selected W bits with" in lines[0] and "selected a*w with" in lines[0]) == pairs
+    assert stdout.index("Figure 9:") > stdout.index("selected: ")  # printed after the layer table
+
+
+def test_figure9_fields_single_w_and_pairs(ref_run, pair_run):
+    _check_figure9(json.loads((ref_run / "bits.json").read_text()), (ref_run.parent / "stdout.txt").read_text(),
+                   pairs=False)
+    out, stdout = pair_run
+    _check_figure9(json.loads((out / "bits.json").read_text()), stdout, pairs=True)
+    try:
+        import matplotlib  # noqa: F401  (optional: figure9.png)
+        assert (ref_run / "figure9.png").stat().st_size > 0 and (out / "figure9.png").stat().st_size > 0
+    except ImportError:
+        pass
+
+
+def test_figure9_text_says_n_a_for_a_constant_series():
+    report = {"layers": [{"name": "conv1", "fixed": True, "macs": 5, "a_bits": 8, "w_bits": 8},
+                         {"name": "a", "fixed": False, "macs": 10, "a_bits": 4, "w_bits": 4},
+                         {"name": "b", "fixed": False, "macs": 30, "a_bits": 4, "w_bits": 2},
+                         {"name": "c", "fixed": False, "macs": 20, "a_bits": 4, "w_bits": 8}], "pairs": [[4, 2]]}
+    f9 = mm.figure9_fields(report, [3.0, 1.0, 2.0], batches=2, probes=4)
+    assert [r.get("trace_per_op") for r in report["layers"]] == [None, 0.3, 1 / 30, 0.1]
+    assert f9["spearman"]["a_bits"] == {"hessian_trace": None, "macs": None, "trace_per_op": None}
+    # W (4, 2, 8) ranks (2, 1, 3); traces (3, 1, 2) and trace/OPs (.3, .033, .1) rank (3, 1, 2), OPs (1, 3, 2)
+    assert f9["spearman"]["w_bits"] == {"hessian_trace": 0.5, "macs": -0.5, "trace_per_op": 0.5}
+    assert json.loads(json.dumps(f9))["spearman"]["a_bits"]["macs"] is None  # null in bits.json
+    text = mm.figure9_text(f9)
+    assert "selected A bits with Hessian trace n/a, OPs n/a, trace/OPs n/a" in text
+    assert "selected W bits with Hessian trace +0.50, OPs -0.50, trace/OPs +0.50" in text
+
+
+def test_figure9_changes_nothing_and_can_be_skipped(ref_run, stopped_run, tmp_path):
+    """ref_run computed Figure 9; the same run (resumed from epoch 1, exact) with --no-figure9 ends with the
+    same tensors, optimizer states, RNG states, losses and selection, and without the fields."""
+    out = copy_run(stopped_run, tmp_path)
+    p = run_cli(*REF, "--output-dir", out, "--resume", "auto", "--no-figure9")
+    assert "Figure 9" not in p.stdout and "Figure 9" in (ref_run.parent / "stdout.txt").read_text()
+    assert_same_run(ref_run, out)
+    a, b = load_ck(ref_run / "checkpoint.pth"), load_ck(out / "checkpoint.pth")
+    for key in ("opt", "opt_alpha", "sched", "rng", "selected_branches"):
+        assert _same_tree(a[key], b[key]), key
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    bits = json.loads((out / "bits.json").read_text())
+    assert "figure9" not in bits and all("hessian_trace" not in r for r in bits["layers"])
+    assert not (out / "figure9.png").exists()
+
+
+def _same_tree(a, b) -> bool:
+    """Exactly equal nested dicts/lists/tuples of tensors and plain values."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_tree(u, v) for u, v in zip(a, b))
+    return a == b
