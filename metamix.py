@@ -1837,7 +1837,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     # section 9: other selections through the same pipeline
     p.add_argument("--search", default="metamix", help="selection: " + ", ".join(SEARCH_METHODS))
-    p.add_argument("--bits-from", default=None, metavar="FILE", help="select these bits (a bits.json or {layer: bits})")
+    p.add_argument("--bits-from", default=None, metavar="FILE",
+                   help="select these bits: a bits.json, {layer: a_bits}, or with a --w-bits list {layer: [a, w]}")
     p.add_argument("--alpha-optimizer", default="sgd",
                    help="optimizer of the alphas: sgd (momentum 0.9; the digits study's choice) or adam (betas 0.5/0.999)")
     p.add_argument("--proxy-batches", type=int, default=4,
@@ -2470,7 +2471,7 @@ def export_run(run: Run, val_loader) -> str:
 #                    respect to layer l's input activation (Hutchinson), then the exact knapsack
 #   sensitivity      loss(only layer l at b, the rest at the largest candidate) - loss(all at the
 #                    largest), then the exact knapsack
-#   --bits-from FILE a given configuration (a bits.json, or {layer name: a_bits})
+#   --bits-from FILE a given configuration (a bits.json, {layer name: a_bits}, or in pair mode {name: [a, w]})
 # Methods that do not search skip the alternating bit-search steps rather than take and ignore
 # them: a bit-search step changes only the alphas (weights, steps and BN buffers are frozen and
 # no random number is drawn), so the meta-state is the same either way (tested), at a third less
@@ -2633,9 +2634,12 @@ def random_selection(model: nn.Module, target_gbops: float, seed: int) -> list[i
 
 
 def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
-    """Branch indices from a bits.json (its "layers" list) or a {layer name: a_bits} map; every
-    problem is a BadInput naming it: unreadable file, unknown name, missing layer, bits not among
-    the candidates, a fixed layer at other bits, or a configuration over the target."""
+    """Candidate indices from a bits.json (its "layers" list) or a map {layer name: a_bits}, or, in pair
+    mode (Supplement, Table 7), {layer name: [a_bits, w_bits]}. A bits.json row gives [a_bits, w_bits]
+    (a single-W run's rows can seed a pair run). Every problem is a BadInput naming it: unreadable file,
+    unknown name, missing layer, an int where a pair is needed, bits or a pair not among the layer's
+    candidates, a W other than the layer's (a single --w-bits, or a fixed layer's own), a fixed layer at
+    other bits, or a configuration over the target (Eq. 6, each layer at its own W)."""
     flag = f"--bits-from {path}"
     try:
         with open(path) as f:
@@ -2646,31 +2650,60 @@ def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int
         raise BadInput(f"{flag}: not JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
         try:
-            data = {r["name"]: r["a_bits"] for r in data["layers"]}
+            data = {r["name"]: [r["a_bits"], r["w_bits"]] if "w_bits" in r else r["a_bits"] for r in data["layers"]}
         except (TypeError, KeyError):
             raise BadInput(f"{flag}: every entry of \"layers\" needs \"name\" and \"a_bits\"") from None
     if not isinstance(data, dict):
         raise BadInput(f"{flag}: expected a bits.json or an object {{layer name: activation bits}}")
     layers = {m.name: m for m in quant_layers(model)}
+    choice = {}
     for name, b in data.items():
         if name not in layers:
             raise BadInput(f"{flag}: unknown layer {name!r} (this model's searched layers: "
                            f"{', '.join(m.name for m in searched_layers(model)[:4])}, ...)")
-        m = layers[name]
-        if isinstance(b, bool) or not isinstance(b, int) or b not in m.act.bits:
-            allowed = f"fixed at {m.act.bits[0]}" if m.fixed else f"candidates {','.join(map(str, m.act.bits))}"
-            raise BadInput(f"{flag}: layer {name} has bits {b!r}, not among its {allowed}")
+        choice[name] = _bits_entry(flag, layers[name], b)
     missing = [m.name for m in searched_layers(model) if m.name not in data]
     if missing:
         raise BadInput(f"{flag}: no bits for layer {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:]
                                                                       else ""))
-    branches = [m.act.bits.index(data[m.name]) for m in searched_layers(model)]
     layers_s = searched_layers(model)
-    gb = config_gbops([m.macs for m in layers_s], [m.act.bits[i] for m, i in zip(layers_s, branches)],
-                      layers_s[0].weight_quant.bits, c_fixed_of(model))
+    branches = [choice[m.name] for m in layers_s]
+    pairs = [m.candidates[i] for m, i in zip(layers_s, branches)]
+    ws = [w for _, w in pairs]
+    w_bits = ws if any(m.pairs for m in layers_s) else ws[0]  # single W: the paper's arithmetic, as before
+    gb = config_gbops([m.macs for m in layers_s], [a for a, _ in pairs], w_bits, c_fixed_of(model))
     if gb > target_gbops + 1e-9:
         raise BadInput(f"{flag}: the configuration costs {gb:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
     return branches
+
+
+def _bits_entry(flag: str, m: QuantLayer, b) -> int:
+    """The candidate index of one --bits-from entry: activation bits (an int), or [a_bits, w_bits]."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    a_text, w_text = ",".join(map(str, m.act.bits)), ",".join(map(str, m.w_widths))
+    if is_int(b) and m.pairs:
+        raise BadInput(f"{flag}: layer {m.name} has {b}, not an (A, W) pair: with --w-bits {w_text} give "
+                       f"[a_bits, w_bits], A among {a_text}, W among {w_text}")
+    if isinstance(b, list) and len(b) == 2 and all(is_int(v) for v in b):
+        a, w = b
+    elif is_int(b):
+        a, w = b, m.w_widths[0]
+    else:
+        want = "[a_bits, w_bits]" if m.pairs else "activation bits (or [a_bits, w_bits])"
+        raise BadInput(f"{flag}: layer {m.name} has {json.dumps(b)}, not {want}")
+    if m.pairs:
+        if (a, w) not in m.candidates:
+            raise BadInput(f"{flag}: layer {m.name} has the pair [{a}, {w}], not among its candidates: "
+                           f"A among {a_text}, W among {w_text}")
+    elif a not in m.act.bits:
+        allowed = f"fixed at {m.act.bits[0]}" if m.fixed else f"candidates {a_text}"
+        raise BadInput(f"{flag}: layer {m.name} has bits {a}, not among its {allowed}")
+    elif w != m.w_widths[0]:
+        allowed = f"fixed at W{m.w_widths[0]} (--first-last-bits)" if m.fixed else f"--w-bits {m.w_widths[0]}"
+        raise BadInput(f"{flag}: layer {m.name} has W {w}, not {allowed}")
+    return m.candidates.index((a, w))
 
 
 # ---- training-free proxies (EMQ's family), on the meta-state --------------------------------
@@ -2878,10 +2911,10 @@ def check_search_args(args) -> None:
         raise BadInput(f"--alpha-optimizer {args.alpha_optimizer!r}: choose adam or sgd")
     if args.bits_from and args.search != "metamix":
         raise BadInput(f"--bits-from and --search {args.search} do not go together (--bits-from is the selection)")
-    if not isinstance(args.w_bits, int) and (args.bits_from or not takes_search_steps(args.search)):
-        what = "--bits-from" if args.bits_from else f"--search {args.search}"
-        raise BadInput(f"{what} with a --w-bits list ({w_bits_text(args.w_bits)}, (A, W) pair search) is not "
-                       "implemented yet; use --search metamix or metamix-unfixed, or one --w-bits")
+    if not isinstance(args.w_bits, int) and not args.bits_from and not takes_search_steps(args.search):
+        raise BadInput(f"--search {args.search} with a --w-bits list ({w_bits_text(args.w_bits)}, (A, W) pair "
+                       "search) is not implemented yet; use --search metamix or metamix-unfixed, --bits-from, "
+                       "or one --w-bits")
 
 
 def check_uniform_fits(model: nn.Module, args) -> None:

@@ -1911,6 +1911,14 @@ def _layer_map(a_bits=4):
     return {m.name: a_bits for m in mm.searched_layers(model)}
 
 
+def _pair_rows(w_bits=4, **special):
+    """A bits.json's "layers", single-W shaped (every searched layer A4/W4, first and last A8/W8), with
+    `special` {layer name (dots as __): w_bits} overriding a layer's W."""
+    rows = [{"name": "conv1", "a_bits": 8, "w_bits": 8}, {"name": "fc", "a_bits": 8, "w_bits": 8}]
+    rows += [{"name": k, "a_bits": 4, "w_bits": special.get(k.replace(".", "__"), w_bits)} for k in _layer_map()]
+    return {"layers": rows}
+
+
 @pytest.mark.parametrize("content, flags, needles", [
     ({**_layer_map(), "layer9.conv": 4}, [], ["unknown layer 'layer9.conv'"]),
     ({k: v for k, v in _layer_map().items() if k != "layer3.1.conv2"}, [], ["no bits for layer layer3.1.conv2"]),
@@ -1920,8 +1928,20 @@ def _layer_map(a_bits=4):
     ("not json", [], ["not JSON"]),
     ([1, 2], [], ["expected a bits.json"]),
     (_layer_map(), ["--search", "random"], ["--bits-from and --search random"]),
+    # pair mode (--w-bits list) and per-layer W
+    (_layer_map(), ["--w-bits", "8,4,2"], ["layer layer1.0.conv1 has 4, not an (A, W) pair", "[a_bits, w_bits]",
+                                           "A among 8,4,2, W among 8,4,2"]),
+    ({**{k: [4, 4] for k in _layer_map()}, "layer2.0.conv1": [4, 3]}, ["--w-bits", "8,4,2"],
+     ["layer layer2.0.conv1 has the pair [4, 3], not among its candidates: A among 8,4,2, W among 8,4,2"]),
+    ({**{k: [4, 4] for k in _layer_map()}, "layer2.0.conv1": [4, 2]}, ["--w-bits", "8,4"],
+     ["layer2.0.conv1", "[4, 2]", "W among 8,4"]),
+    ({**_layer_map(), "layer3.0.conv2": [4, 8]}, [], ["layer layer3.0.conv2 has W 8, not --w-bits 4"]),
+    (_pair_rows(layer4__1__conv1=2), [], ["layer layer4.1.conv1 has W 2, not --w-bits 4"]),
+    ({**_layer_map(), "fc": [8, 4]}, [], ["layer fc has W 4, not fixed at W8"]),
+    ({k: [8, 8] for k in _layer_map()}, ["--w-bits", "8,4,2"], ["116.068 GBOPs", "over --target-gbops 32.948"]),
 ], ids=["unknown-name", "missing-layer", "bits-not-candidate", "fixed-layer", "over-target", "not-json", "list",
-        "with-search"])
+        "with-search", "int-in-pair-mode", "pair-not-candidate", "w-not-in-list", "w-not-single", "bits-json-w",
+        "fixed-w", "pair-over-target"])
 def test_bits_from_bad_input(tmp_path, content, flags, needles):
     f = tmp_path / "bits.json"
     f.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -2326,13 +2346,49 @@ def test_pair_mode_in_the_baselines_section():
     assert gb.item() == pytest.approx((9216 * 8 + 2048 * 8 + fixed) / 1e9)
 
 
-@pytest.mark.parametrize("flags", [["--search", "uniform"], ["--search", "hessian"], ["--bits-from", "x.json"]],
-                         ids=["uniform", "hessian", "bits-from"])
-def test_pair_mode_refuses_selections_not_yet_paired(tmp_path, flags):
+@pytest.mark.parametrize("method", ["uniform", "random", "hessian", "sensitivity"])
+def test_pair_mode_refuses_selections_not_yet_paired(tmp_path, method):
+    """--bits-from takes pairs now (test_bits_from_reproduces_a_pair_selection); these still do not."""
     out = tmp_path / "out"
-    p = run_cli(*PAIR, *flags, "--output-dir", out, check=False, timeout=120)
-    error_line(p, "--w-bits list", "8,4,2", "not implemented yet")
+    p = run_cli(*PAIR, "--search", method, "--output-dir", out, check=False, timeout=120)
+    error_line(p, f"--search {method} with a --w-bits list", "8,4,2", "not implemented yet", "--bits-from")
     assert p.returncode == 2 and not out.exists()
+
+
+def test_read_bits_from_pairs_in_process(tmp_path):
+    """{name: [a, w]} maps to the candidate index a_idx * len(W) + w_idx; a single-W bits.json (rows at W4)
+    seeds a pair run; in single-W mode [a, w] at the run's W is the same as a."""
+    model = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], [8, 4, 2])
+    names = [m.name for m in mm.searched_layers(model)]
+    pairs = [[8, 2], [4, 4], [2, 8], [2, 2]] * 4 + [[4, 8], [8, 4], [2, 4]]
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps(dict(zip(names, pairs))))
+    got = mm.read_bits_from(model, str(f), 60.0)
+    assert got == [[8, 4, 2].index(a) * 3 + [8, 4, 2].index(w) for a, w in pairs]
+    assert [mm.searched_layers(model)[0].candidates[i] for i in got] == [tuple(p) for p in pairs]
+    f.write_text(json.dumps(_pair_rows()))
+    assert mm.read_bits_from(model, str(f), 60.0) == [1 * 3 + 1] * 19  # (4, 4)
+    with pytest.raises(mm.BadInput, match=r"costs 116\.068 GBOPs, over --target-gbops 100\.000"):
+        f.write_text(json.dumps({k: [8, 8] for k in names}))
+        mm.read_bits_from(model, str(f), 100.0)
+    single = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4)
+    f.write_text(json.dumps({**{k: 2 for k in names}, names[3]: [8, 4], "fc": [8, 8], "conv1": 8}))
+    assert mm.read_bits_from(single, str(f), 60.0) == [2, 2, 2, 0] + [2] * 15
+
+
+def test_bits_from_reproduces_a_pair_selection(pair_run, tmp_path):
+    """A pair run's bits.json fed back selects the same (A, W) per layer (one bit-selection epoch suffices:
+    --bits-from is the selection)."""
+    ref, _ = pair_run
+    out = tmp_path / "out"
+    p = run_cli(*PAIR, "--search-epochs", "1", "--epochs", "1", "--bits-from", ref / "bits.json", "--output-dir", out)
+    assert "selection: --bits-from" in p.stdout
+    want, got = json.loads((ref / "bits.json").read_text()), json.loads((out / "bits.json").read_text())
+    assert got["search"] == "bits-from" and got["w_bits"] == [8, 4, 2]
+    assert [(r["name"], r["a_bits"], r["w_bits"]) for r in got["layers"]] == \
+        [(r["name"], r["a_bits"], r["w_bits"]) for r in want["layers"]]
+    assert len({r["w_bits"] for r in got["layers"] if not r["fixed"]}) > 1
+    assert got["gbops"] == want["gbops"] and read_log(out)[-1]["gbops"] == pytest.approx(want["gbops"])
 
 
 # =============================================================================================
