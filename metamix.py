@@ -2741,6 +2741,25 @@ def clamp_to_top_branch(model: nn.Module) -> list:
     return handles
 
 
+# PyTorch has no double backward for hardsigmoid and hardswish (MobileNet-v3): while Hessians are taken,
+# those modules compute the same functions from clamps, which it can differentiate twice.
+_TWICE_DIFFERENTIABLE = {nn.Hardsigmoid: lambda x: (x + 3).clamp(0, 6) / 6,
+                         nn.Hardswish: lambda x: x * (x + 3).clamp(0, 6) / 6}
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module):
+    """Swap the forward of every module in _TWICE_DIFFERENTIABLE for its clamp form; restored on exit."""
+    swapped = [m for m in model.modules() if type(m) in _TWICE_DIFFERENTIABLE]
+    for m in swapped:
+        m.forward = _TWICE_DIFFERENTIABLE[type(m)]  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
+
+
 def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=None, probe_fn=None,
                       clamp: bool = False) -> torch.Tensor:
     """Hutchinson's estimate of Tr(H_l), H_l = d^2 L / d x_l^2, for each searched layer l: the mean of
@@ -2760,7 +2779,7 @@ def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=
     if clamp:
         handles += clamp_to_top_branch(model)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable(model):
             loss = F.cross_entropy(model(images), targets)
             inputs = [xs[m] for m in layers]
             grads = torch.autograd.grad(loss, inputs, create_graph=True)
@@ -3050,7 +3069,11 @@ def figure9_analysis(run: Run, loader, report: dict, traces=None) -> str | None:
     t0, cost = time.time(), "; traces of --search hessian"
     if traces is None:
         batches = proxy_batches(loader, a.proxy_batches, a.seed, dist.device)
-        traces = (mean_hessian_traces(run.model, batches, a.hutchinson_probes, a.seed), len(batches))
+        try:
+            traces = (mean_hessian_traces(run.model, batches, a.hutchinson_probes, a.seed), len(batches))
+        except RuntimeError as e:  # an analysis, not the run: a model autograd cannot differentiate twice
+            report["figure9"] = {"error": _one_line(e)}  # (mean_hessian_traces restored every mode)
+            return f"Figure 9: not computed ({_one_line(e)}); the run goes on"
         cost = f"; traces on {traces[1]} batch(es) x {a.hutchinson_probes} probe(s), {time.time() - t0:.1f}s"
     mean, n = traces
     report["figure9"] = figure9_fields(report, mean.tolist(), n, a.hutchinson_probes)
@@ -3061,7 +3084,7 @@ def plot_figure9(report: dict, path: str) -> bool:
     """figure9.png as the supplement's Figure 9: per searched layer, the selected bits (pair mode: A and W),
     the Hessian trace, OPs and trace / OPs (log scale; symmetric log where a trace is not positive).
     Needs matplotlib (optional); False without it or without the figure9 fields."""
-    if "figure9" not in report:
+    if "spearman" not in report.get("figure9", {}):
         return False
     try:
         import matplotlib
