@@ -391,6 +391,7 @@ def main(argv=None) -> int:
         kept = json.loads((out / "results.json").read_text())
         results = results or kept.get("runs", [])
         pairs = pairs or kept.get("pairs", [])
+        fp = {**kept.get("fp_top1", {}), **fp}
     (out / "results.json").write_text(json.dumps({"fp_top1": fp, "runs": results, "pairs": pairs}, indent=1))
     if results:
         (out / "table.md").write_text(table(results, fp))
