@@ -59,7 +59,7 @@ GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
 # Supplement, Table 7 in miniature (issue 13): A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs
 # (30 GBOPs: uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> with --w-bits 8,4,2.
 PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
-PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2])]
+PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
 QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"], [0])]
 
 
@@ -257,6 +257,25 @@ def table_pairs(results: list[dict], fp: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def figure9_summary(results: list[dict]) -> str:
+    """The supplement's Figure 9 over the runs that carry bits.json's "figure9": per method and selected series,
+    Spearman's rank correlation with the Hessian trace, the OPs and the trace per OP (mean ± sd over seeds)."""
+    rows = ["| method | selected | n | ρ with Hessian trace | ρ with OPs | ρ with trace / OPs |",
+            "|---|---|---|---|---|---|"]
+    for method in sorted({r["method"] for r in results}, key=lambda m: (m.endswith("-pairs"), m)):
+        rs = [r for r in results if r["method"] == method and (r.get("figure9") or {}).get("spearman")]
+        for sel in ("a_bits", "w_bits", "a_times_w"):
+            corr = [r["figure9"]["spearman"][sel] for r in rs if sel in r["figure9"]["spearman"]]
+            if not corr:
+                continue
+            cells = []
+            for key in ("hessian_trace", "macs", "trace_per_op"):
+                vals = [c[key] for c in corr if c[key] is not None]
+                cells.append(mean_sd(vals) if vals else "n/a")
+            rows.append(f"| {label(method)} | {sel.replace('_times_', '*')} | {len(corr)} | {' | '.join(cells)} |")
+    return "\n".join(rows) + "\n"
+
+
 def alpha_summary(out: Path, results: list[dict]) -> str:
     """Per searching run, what its alphas.json shows at the last search step: p(largest candidate) across
     layers (min / median / max, and how many layers lie within 0.02 of the median), the median margin
@@ -398,8 +417,8 @@ def main(argv=None) -> int:
         (out / "alphas.md").write_text(alpha_summary(out, results))
         print(table(results, fp))
     if pairs:
-        (out / "table_pairs.md").write_text(table_pairs(pairs, fp))
-        print(table_pairs(pairs, fp))
+        (out / "table_pairs.md").write_text(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
+        print(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
     if plot(results, out / "top1_vs_gbops.png"):
         log(f"wrote {out / 'top1_vs_gbops.png'}")
     arch, t, methods, seeds = grid[0]

@@ -2004,6 +2004,14 @@ def test_study_table_pairs_against_the_w4_run_of_each_seed():
     assert rows[sd.label("metamix-pairs")][6] == f"+2.00 ± {math.sqrt(2):.2f}" and rows[sd.label("metamix-pairs")][7] == "+1.00 +3.00"
     assert rows[sd.label("metamix")][6] == "-" and rows[sd.label("metamix")][10] == "4.00 (4.00)"
     assert rows[sd.label("metamix-pairs")][10] == "4.00 (3.50)"  # plain (6 + 2) / 2; MAC-weighted (5 + 2) / 2
+    # Figure 9 over seeds: rho(A bits, trace) 0.2 and 0.4 -> +0.30 ± 0.14; a run without the field is left out
+    for r, rho in zip(runs[2:], (0.2, 0.4)):
+        r["figure9"] = {"spearman": {"a_bits": {"hessian_trace": rho, "macs": -0.5, "trace_per_op": None},
+                                     "w_bits": {"hessian_trace": 0.0, "macs": 0.0, "trace_per_op": 0.0}}}
+    f9 = {(c[1].strip(), c[2].strip()): [x.strip() for x in c] for c in
+          (r.split("|") for r in sd.figure9_summary(runs).splitlines()[2:])}
+    assert f9[(sd.label("metamix-pairs"), "a_bits")][4:7] == [f"+0.30 ± {math.sqrt(0.02):.2f}", "-0.50 ± 0.00", "n/a"]
+    assert (sd.label("metamix-pairs"), "w_bits") in f9 and len(f9) == 2
     assert sd.label("metamix-sgd-pairs") == "metamix SGD 0.05 (default), 9 (A, W) pairs"
     assert sd.method_flags("metamix-sgd-pairs") == [*sd.method_flags("metamix-sgd"), "--w-bits", "8,4,2"]
 
