@@ -426,7 +426,8 @@ def main(argv=None) -> int:
              if m in methods}
     if plot_alphas(shown, out / "alphas.png"):
         log(f"wrote {out / 'alphas.png'}")
-    log(f"study done in {time.time() - t0:.0f}s: {len(results)} runs")
+    log(f"study done in {time.time() - t0:.0f}s: {len(jobs)} runs in this invocation "
+        f"(results.json: {len(results)} selection runs, {len(pairs)} pair runs)")
     return 0
 
 
