@@ -60,6 +60,7 @@ GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
 # (30 GBOPs: uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> with --w-bits 8,4,2.
 PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
+PARTS = {"baselines": GRID, "pairs": PAIR_GRID}
 QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"], [0])]
 
 
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, two methods, a few steps (CI)")
     p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
-    p.add_argument("--part", choices=["all", "baselines", "pairs"], default="all",
+    p.add_argument("--part", choices=["all", *PARTS], default="all",
                    help="baselines: the selections (issue 11); pairs: Table 7 in miniature (issue 13)")
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
@@ -388,46 +389,50 @@ def main(argv=None) -> int:
     t0 = time.time()
     data = out / "data"
     write_digits(data, **(dict(n_val_per_class=10, n_train_per_class=20) if a.quick else {}))
-    grid = QUICK_GRID if a.quick else {"all": GRID + PAIR_GRID, "baselines": GRID, "pairs": PAIR_GRID}[a.part]
+    parts = {"baselines": QUICK_GRID} if a.quick else PARTS if a.part == "all" else {a.part: PARTS[a.part]}
+    grid = [(part, *g) for part, entries in parts.items() for g in entries]
     if a.seeds:  # the same seeds for every entry of the grid
-        grid = [(arch, t, methods, [int(s) for s in a.seeds.split(",")]) for arch, t, methods, _ in grid]
+        grid = [(part, arch, t, methods, [int(s) for s in a.seeds.split(",")]) for part, arch, t, methods, _ in grid]
     if a.only:
-        grid = [g for g in grid if g[0] in a.only.split(",")]
+        grid = [g for g in grid if g[1] in a.only.split(",")]
     epochs, fp_epochs = (3, 1) if a.quick else (EPOCHS, FP["epochs"])
     torch.set_num_threads(1)  # on a shared machine, 2 OpenMP threads that wait for each other are slower
-    archs = dict.fromkeys(g[0] for g in grid)
+    archs = dict.fromkeys(g[1] for g in grid)
     fp = {arch: train_fp(arch, data, out / f"fp_{arch}.pth", fp_epochs, log) for arch in archs}
     for arch, top1 in fp.items():
         log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
-                 epochs=epochs, search_epochs=2, threads=1, out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"),
-                 part="pairs" if any(x.endswith("-pairs") for x in methods) else "baselines")
-            for arch, t, methods, seeds in grid for s in seeds for m in methods]
+                 epochs=epochs, search_epochs=2, threads=1, part=part,
+                 out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"))
+            for part, arch, t, methods, seeds in grid for s in seeds for m in methods]
     with ThreadPoolExecutor(max(1, a.jobs)) as ex:
         results = list(ex.map(lambda j: run_one(j, log), jobs))
-    results, pairs = ([r for r, j in zip(results, jobs) if j["part"] == part] for part in ("baselines", "pairs"))
-    if a.part != "all" and (out / "results.json").exists():  # keep the other part's runs in results.json
-        kept = json.loads((out / "results.json").read_text())
-        results = results or kept.get("runs", [])
-        pairs = pairs or kept.get("pairs", [])
-        fp = {**kept.get("fp_top1", {}), **fp}
-    (out / "results.json").write_text(json.dumps({"fp_top1": fp, "runs": results, "pairs": pairs}, indent=1))
-    if results:
+    done = {part: [r for r, j in zip(results, jobs) if j["part"] == part] for part in parts}
+    keys = {"baselines": "runs", "pairs": "pairs"}  # results.json's key of each part
+    saved = {"fp_top1": {}}
+    if (out / "results.json").exists() and not a.quick:  # keep the other parts' runs in results.json
+        saved = json.loads((out / "results.json").read_text())
+    saved["fp_top1"] = {**saved.get("fp_top1", {}), **fp}
+    saved.update({keys[part]: rs for part, rs in done.items()})
+    fp = saved["fp_top1"]
+    (out / "results.json").write_text(json.dumps(saved, indent=1))
+    if done.get("baselines"):
+        results = done["baselines"]
         (out / "table.md").write_text(table(results, fp))
         (out / "alphas.md").write_text(alpha_summary(out, results))
         print(table(results, fp))
-    if pairs:
+        if plot(results, out / "top1_vs_gbops.png"):
+            log(f"wrote {out / 'top1_vs_gbops.png'}")
+        _, arch, t, methods, seeds = grid[0]
+        shown = {m: out / "runs" / f"{arch}_t{t:g}_{m}_s{seeds[0]}" for m in ("metamix", "metamix-sgd",
+                                                                                  "metamix-sgd-lr0.5") if m in methods}
+        if plot_alphas(shown, out / "alphas.png"):
+            log(f"wrote {out / 'alphas.png'}")
+    if done.get("pairs"):
+        pairs = done["pairs"]
         (out / "table_pairs.md").write_text(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
         print(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
-    if plot(results, out / "top1_vs_gbops.png"):
-        log(f"wrote {out / 'top1_vs_gbops.png'}")
-    arch, t, methods, seeds = grid[0]
-    shown = {m: out / "runs" / f"{arch}_t{t:g}_{m}_s{seeds[0]}" for m in ("metamix", "metamix-sgd", "metamix-sgd-lr0.5")
-             if m in methods}
-    if plot_alphas(shown, out / "alphas.png"):
-        log(f"wrote {out / 'alphas.png'}")
-    log(f"study done in {time.time() - t0:.0f}s: {len(jobs)} runs in this invocation "
-        f"(results.json: {len(results)} selection runs, {len(pairs)} pair runs)")
+    log(f"study done in {time.time() - t0:.0f}s: {len(jobs)} runs")
     return 0
 
 
