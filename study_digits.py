@@ -61,7 +61,7 @@ GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
 PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
 PARTS = {"baselines": GRID, "pairs": PAIR_GRID}
-QUICK_GRID = [("resnet18", 28.0, ["metamix", "random"], [0])]
+QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
 
 
 def label(method: str) -> str:
