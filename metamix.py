@@ -1544,8 +1544,8 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     """One epoch of the current phase (section 6's steps, with this run's sync); returns the mean loss."""
     a, model, dist = run.args, run.model, run.dist
     selecting = run.phase == "bit_selection"
-    # Table 1: the last selection epoch alternates; methods that do not search skip it (section 9)
-    searching = selecting and epoch == a.search_epochs and takes_search_steps(a.search)
+    # Table 1: the last selection epoch alternates; methods that do not search, and --bits-from, skip it (section 9)
+    searching = selecting and epoch == a.search_epochs and takes_search_steps(a.search) and not a.bits_from
     selection_step = selection_step_for(a.search)
     kind = ("meta+search" if searching else "meta") if selecting else "train"
     model.train()
@@ -2472,7 +2472,7 @@ def export_run(run: Run, val_loader) -> str:
 #   sensitivity      loss(only layer l at b, the rest at the largest candidate) - loss(all at the
 #                    largest), then the exact knapsack
 #   --bits-from FILE a given configuration (a bits.json, {layer name: a_bits}, or in pair mode {name: [a, w]})
-# Methods that do not search skip the alternating bit-search steps rather than take and ignore
+# Methods that do not search (and --bits-from) skip the alternating bit-search steps rather than take and ignore
 # them: a bit-search step changes only the alphas (weights, steps and BN buffers are frozen and
 # no random number is drawn), so the meta-state is the same either way (tested), at a third less
 # cost per search-epoch step.

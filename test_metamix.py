@@ -1908,6 +1908,7 @@ def test_bits_from_reproduces_a_selection(ref_run, tmp_path):
     ref, got = json.loads((ref_run / "bits.json").read_text()), json.loads((out / "bits.json").read_text())
     assert got["search"] == "bits-from" and got["bits_from"] == str(ref_run / "bits.json")
     assert [r["a_bits"] for r in got["layers"]] == [r["a_bits"] for r in ref["layers"]]
+    assert not (out / "alphas.json").exists()  # the selection is given: no bit-search steps are taken
 
 
 def _layer_map(a_bits=4):
