@@ -1840,7 +1840,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--bits-from", default=None, metavar="FILE",
                    help="select these bits: a bits.json, {layer: a_bits}, or with a --w-bits list {layer: [a, w]}")
     p.add_argument("--alpha-optimizer", default="sgd",
-                   help="optimizer of the alphas: sgd (momentum 0.9; the digits study's choice) or adam (betas 0.5/0.999)")
+                   help="optimizer of the alphas: sgd (momentum 0.9; the digits study's choice) "
+                   "or adam (betas 0.5/0.999)")
     p.add_argument("--proxy-batches", type=int, default=4,
                    help="training batches the hessian/sensitivity proxies (and the Figure 9 analysis) use")
     p.add_argument("--hutchinson-probes", type=int, default=4,
