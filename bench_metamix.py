@@ -137,6 +137,7 @@ def search_step(model, images, targets, autocast):
     layers = metamix.searched_layers(model)
     macs = [m.macs for m in layers]
     target = metamix.config_gbops(macs, [4] * len(layers), W_BITS, metamix.c_fixed_of(model))  # all at A4
+    # Adam, as when the README's figures were measured; the default is now SGD: a few scalars either way
     opt = torch.optim.Adam(metamix.alphas_of(model), lr=0.01)
 
     def step():
@@ -168,7 +169,8 @@ def build(arch, images, targets, autocast, device):
     init_steps(wt, images, [("selected", {"quant_weights": True})])
     out["weight_train"] = (wt, train_step(wt, images, targets, autocast))
 
-    plan = {m.name: (m.act.bits[0 if m.fixed else m.selected_branch], m.weight_quant.bits) for m in metamix.quant_layers(wt)}
+    plan = {m.name: (m.act.bits[0 if m.fixed else m.selected_branch], m.weight_quant.bits)
+            for m in metamix.quant_layers(wt)}
     ref = patch_reference(copy.deepcopy(base), plan)
     with torch.no_grad():
         ref(images)

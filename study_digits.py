@@ -8,12 +8,13 @@ schedule (the same bit-meta epochs, then weight training from the meta-state) an
 the selection (`--search`). Methods are compared *paired* per seed: the same FP model, the same
 data order, only the selection different; the table reports each method's difference to `random`.
 
-    python study_digits.py --out runs/digits            # the full study (README), ~1 h on 2 CPU cores
+    python study_digits.py --out runs/digits            # the full study (README), ~1 h 12 min on 2 CPU cores
     python study_digits.py --out runs/digits-quick --quick   # one seed, two methods, a few steps (CI)
 
 Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/
 (each metamix.py output dir, with bits.json, log.jsonl and, for the searches, alphas.json),
-results.json, table.md, top1_vs_gbops.png and alphas.png (the alpha trajectories).
+results.json, table.md, alphas.md, top1_vs_gbops.png and alphas.png (the alpha trajectories; --part baselines),
+table_pairs.md (--part pairs).
 scikit-learn is needed (a dependency of this study only); matplotlib is optional (the plots).
 Finished runs are kept: rerunning the command continues where it stopped.
 """
@@ -235,8 +236,7 @@ def table(results: list[dict], fp: dict) -> str:
 
 def table_pairs(results: list[dict], fp: dict) -> str:
     """Supplement, Table 7 in miniature: each "-pairs" method against its activation-only (W4) self, paired
-    per seed; with the average A and W bits and, from bits.json's "figure9", the mean rank correlation of
-    the selected activation bits with the Hessian trace, the OPs and the trace per OP."""
+    per seed, with the average A and W bits (figure9_summary gives the runs' Figure 9 correlations)."""
     rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs W4 (points) | Δ per seed | "
             "GBOPs | avg A bits | avg W bits (MAC-weighted) |", "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["arch"], r["target"]) for r in results})
