@@ -1807,7 +1807,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="total epochs (default: 90 / 140; synthetic 8)")
     p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
     p.add_argument("--lr", type=float, default=None,
-                   help="SGD learning rate (default: 0.01 ImageNet or --init/--pretrained, "
+                   help="SGD learning rate (default: 0.01 with --pretrained or --init, "
                    "0.05 synthetic or a folder from scratch)")
     p.add_argument("--wd", type=float, default=1e-4, help="weight decay of conv/linear weights")
     p.add_argument("--alpha-lr", type=float, default=None,
