@@ -638,6 +638,16 @@ def candidate_bits(m: QuantLayer) -> tuple[list[int], int | list[int]]:
     return a_bits, ([w for _, w in m.candidates] if m.pairs else m.w_widths[0])
 
 
+def branches_gbops(model: nn.Module, branches: Sequence[int]) -> float:
+    """Eq. 6 of a configuration given as one candidate index per searched layer; pair mode: each layer
+    at its own W (a single W keeps the paper's arithmetic exactly)."""
+    layers = searched_layers(model)
+    pairs = [m.candidates[i] for m, i in zip(layers, branches)]
+    ws = [w for _, w in pairs]
+    return config_gbops([m.macs for m in layers], [a for a, _ in pairs], ws if layers[0].pairs else ws[0],
+                        c_fixed_of(model))
+
+
 def gbops_range(model: nn.Module, w_bits: int | None = None) -> tuple[float, float]:
     """Feasible budgets: every searched layer at its cheapest candidate, and at its dearest (a * w).
 
@@ -981,9 +991,7 @@ def select_branches(model: nn.Module, target_gbops: float, repair: bool = True):
     if repair:
         branches = repair_to_budget(probs, argmax, bits, macs, w_bits, c_fixed_of(model), target_gbops)
     apply_selection(model, branches)
-    w_sel = w_bits if isinstance(w_bits, int) else [w_bits[i] for i in branches]  # pair mode: per layer
-    gbops = config_gbops(macs, [bits[i] for i in branches], w_sel, c_fixed_of(model))
-    return branches, gbops, branches != argmax
+    return branches, branches_gbops(model, branches), branches != argmax
 
 
 def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = True):
@@ -1545,7 +1553,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     a, model, dist = run.args, run.model, run.dist
     selecting = run.phase == "bit_selection"
     # Table 1: the last selection epoch alternates; methods that do not search, and --bits-from, skip it (section 9)
-    searching = selecting and epoch == a.search_epochs and takes_search_steps(a.search) and not a.bits_from
+    searching = selecting and epoch == a.search_epochs and searches(a)
     selection_step = selection_step_for(a.search)
     kind = ("meta+search" if searching else "meta") if selecting else "train"
     model.train()
@@ -1609,10 +1617,7 @@ def selected_pairs(model: nn.Module) -> list[tuple[int, int]]:
 
 def current_gbops(model: nn.Module) -> float:
     """Eq. 6 of the selected configuration; pair mode: each layer at its own W."""
-    layers, pairs = searched_layers(model), selected_pairs(model)
-    ws = [w for _, w in pairs]
-    w_bits = ws if any(m.pairs for m in layers) else ws[0]  # single W: the paper's arithmetic exactly
-    return config_gbops([m.macs for m in layers], [a for a, _ in pairs], w_bits, c_fixed_of(model))
+    return branches_gbops(model, [m.selected_branch for m in searched_layers(model)])
 
 
 def w_bits_text(w_bits) -> str:
@@ -1703,7 +1708,7 @@ def finish_bit_selection(run: Run, loader=None) -> None:
     supplement's Figure 9 analysis (section 10) adds Hessian traces to bits.json; it changes nothing else."""
     a, model = run.args, run.model
     extra: dict = {}
-    if takes_search_steps(a.search) and not a.bits_from:
+    if searches(a):
         run.selected_branches, gb, repaired = start_weight_training(model, a.target_gbops,
                                                                     repair=not a.no_budget_repair)
     else:
@@ -1927,11 +1932,9 @@ def default_target(model: nn.Module, args) -> tuple[float, str]:
     if paper and setting == (paper["bits"], 4, 8, 224):  # a --w-bits list (pair mode) never matches
         return paper["target_gbops"], f"the paper's for {args.arch}"
     layers = searched_layers(model)
-    if not isinstance(args.w_bits, int):  # pair mode: the level of the paper's single-W setting, A4/W4
-        a4 = config_gbops([m.macs for m in layers], [4] * len(layers), 4, c_fixed_of(model))
-        return 0.95 * a4, "95% of uniform A4/W4"
-    a4 = config_gbops([m.macs for m in layers], [4] * len(layers), args.w_bits, c_fixed_of(model))
-    return 0.95 * a4, "95% of uniform A4"
+    pairs = not isinstance(args.w_bits, int)  # pair mode: the level of the paper's single-W setting, A4/W4
+    a4 = config_gbops([m.macs for m in layers], [4] * len(layers), 4 if pairs else args.w_bits, c_fixed_of(model))
+    return 0.95 * a4, "95% of uniform A4/W4" if pairs else "95% of uniform A4"
 
 
 def check_budget(model: nn.Module, args, dry: bool = False) -> tuple[float, float]:
@@ -2488,6 +2491,11 @@ def takes_search_steps(method: str) -> bool:
     return method in ("metamix", "metamix-unfixed")
 
 
+def searches(args) -> bool:
+    """The run selects by the alphas' search (Eq. 3-5): a searching method, and no --bits-from."""
+    return takes_search_steps(args.search) and not args.bits_from
+
+
 def unfixed_bit_search_step(model: nn.Module, images, targets, opt, opt_alpha, lam: float, target_gbops: float,
                             autocast=None, sync=None):
     """Figure 7(a), "weights trained during bit-search": Eq. 3's loss, L_task + lambda * L_reg, updates
@@ -2669,12 +2677,8 @@ def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int
     if missing:
         raise BadInput(f"{flag}: no bits for layer {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:]
                                                                       else ""))
-    layers_s = searched_layers(model)
-    branches = [choice[m.name] for m in layers_s]
-    pairs = [m.candidates[i] for m, i in zip(layers_s, branches)]
-    ws = [w for _, w in pairs]
-    w_bits = ws if any(m.pairs for m in layers_s) else ws[0]  # single W: the paper's arithmetic, as before
-    gb = config_gbops([m.macs for m in layers_s], [a for a, _ in pairs], w_bits, c_fixed_of(model))
+    branches = [choice[m.name] for m in searched_layers(model)]
+    gb = branches_gbops(model, branches)  # Eq. 6, each layer at its own W
     if gb > target_gbops + 1e-9:
         raise BadInput(f"{flag}: the configuration costs {gb:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
     return branches
