@@ -28,12 +28,11 @@ Symbols (paper -> code):
     C_fixed      BOPs of the fixed first/last layers     c_fixed_of(model)            (GBOPs)
     b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
 
-Sections 1-6 are the paper in its order; each piece names the equation it implements. Section 7 is the
-speed path (a fused layer op that the driver runs, held equal to sections 1-2 by tests), section 8 the
-driver. Beside this file, each importing it and working on a run's own files: baselines.py (other
-selections from a run's meta-state), pairs.py (the supplement's (A, W) pairs), figure9.py (its Figure 9),
-export.py (integer weights), bench_metamix.py, study_digits.py. Choices the paper does not make are
-marked "Our choice" and listed in docs/choices.md.
+Sections 1-6 are the paper in its order, each piece named after the equation it implements; section 7 is
+the speed path (a fused layer op that the driver runs, held equal to sections 1-2 by tests); section 8 is
+the driver. Beside this file, importing it: baselines.py (other selections from a run's meta-state),
+pairs.py (the supplement's (A, W) pairs), figure9.py (its Figure 9), export.py (integer weights). Choices
+the paper does not make are marked "Our choice" and listed in docs/choices.md.
 """
 from __future__ import annotations
 
@@ -57,9 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =====================================================================================
-# 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020)
-# =====================================================================================
+# ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
 
 def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
     """Integer range [Qn, Qp] of a b-bit quantizer: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1]."""
@@ -75,28 +72,23 @@ def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
                  grad_scale: float | None = None) -> torch.Tensor:
-    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, as LSQ's paper writes it.
-
-    Gradients, with v = x/s:
+    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, as LSQ's paper writes it. With v = x/s:
         d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
         d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`)
-    `step` is a scalar, or broadcastable to x (per channel, e.g. (C, 1, 1, 1)); the step used is
-    positive(step). `grad_scale` defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel() (a weight
-    quantizer's N); an activation quantizer passes lsq_grad_scale(features per sample, ...).
-    """
+    `step`: a scalar, or broadcastable to x (per channel); the step used is positive(step). `grad_scale`
+    defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel(), a weight quantizer's N."""
     qn, qp = lsq_range(bits, signed)
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
     s = positive(step)
     s = s.detach() + (s * grad_scale - (s * grad_scale).detach())  # the value s, the gradient times g
-    v = (x / s).clamp(qn, qp)
+    v = x / s
+    v = torch.where((v >= qn) & (v <= qp), v, v.clamp(qn, qp).detach())  # clamp; its gradient passes at the ends
     return (v.round().detach() + (v - v.detach())) * s  # round with a straight-through gradient
 
 class LSQQuantizer(nn.Module):
-    """A learnable LSQ quantizer with one step per tensor, used for the weights.
-
-    Init on first use: s = 2 * mean|v| / sqrt(Qp). `enabled=False` is the identity (full precision).
-    """
+    """A learnable LSQ quantizer with one step per tensor (the weights). Init on first use, s = 2 * mean|v| /
+    sqrt(Qp); `enabled=False` is the identity (full precision)."""
 
     def __init__(self, bits: int, signed: bool = True):
         super().__init__()
@@ -122,24 +114,17 @@ class LSQQuantizer(nn.Module):
     def set_extra_state(self, state):
         self.initialized = bool(state["initialized"])
 
-# =====================================================================================
-# 2. Multi-branch block (paper Fig. 4, Eq. 2)
-# =====================================================================================
-# Each quantized layer has one activation quantizer *branch* per candidate bit-width (its own LSQ
-# step) and one logit per branch (alpha); the weight tensor is shared. A branch index i names the
-# candidate bits[i]. The activation quantizer is in one of three modes:
-#   "fp"      identity: no quantization (the full-precision model)
-#   "branch"  one branch: LSQ at bits[branch] (bit-meta, weight training)
-#   "search"  Eq. 2: x_hat = sum_i softmax(alpha)_i * Q_{bits[i]}(x; s_i) (bit-search)
-# set_mode (section 5) sets every layer at once, in the terms of the paper's phases.
+# ==== 2. Multi-branch block (paper Fig. 4, Eq. 2) ===================================================================
+# Each quantized layer has one activation quantizer *branch* per candidate bit-width (its own LSQ step)
+# and one logit per branch (alpha); the weight is shared. The quantizer's modes: "fp" (identity), "branch"
+# (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2: bit-search).
 
 class MultiBranchQuantizer(nn.Module):
     """Activation quantizer with one LSQ branch per candidate bit-width and logits alpha (Fig. 4).
 
-    Signedness is detected from the data at init (min < 0 -> signed): ReLU outputs are unsigned, the
-    image and residual sums signed. Our choice: a signed range rather than an offset. Each branch's
-    step is initialised on first use with 2*mean|x|/sqrt(Qp_b); its gradient scale is
-    1/sqrt(N * Qp_b), N = features per sample.
+    Signedness from the data at init (min < 0: signed): ReLU outputs unsigned, the image and residual sums
+    signed (our choice: a signed range rather than an offset). Each branch's step is initialised on first
+    use, 2*mean|x|/sqrt(Qp_b); its gradient scale is 1/sqrt(N * Qp_b), N = features per sample.
     """
 
     def __init__(self, bits: Sequence[int]):
@@ -164,10 +149,10 @@ class MultiBranchQuantizer(nn.Module):
                     self.initialized[i] = True
 
     def quantize(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """Q_{bits[i]}(x; s_i), branch i's LSQ."""
+        """Q_{bits[i]}(x; s_i), branch i's LSQ (N = features per sample)."""
         self.init_steps(x, [i])
-        n = x.numel() // x.shape[0]  # features per sample
-        return lsq_quantize(x, self.step[i], self.bits[i], self.signed, lsq_grad_scale(n, self.bits[i], self.signed))
+        g = lsq_grad_scale(x.numel() // x.shape[0], self.bits[i], self.signed)
+        return lsq_quantize(x, self.step[i], self.bits[i], self.signed, g)
 
     def mix(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Eq. 2: x_hat = sum_i p_i * Q_{bits[i]}(x; s_i)."""
@@ -188,7 +173,6 @@ class MultiBranchQuantizer(nn.Module):
 
 class LayerOp(NamedTuple):
     """What a QuantLayer computes: "conv2d" with its geometry, or "linear" (geometry unused)."""
-
     kind: str
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
@@ -204,12 +188,10 @@ class QuantLayer(nn.Module):
     """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4):
     op(MultiBranchQuantizer(x), LSQQuantizer(W)) + bias, on the original layer's own tensors.
 
-    `act` is the multi-branch activation quantizer; `weight_quant` the weight's, signed LSQ, off
-    during bit selection (our choice: one step per tensor). `candidates[i]` is branch i's (activation
-    bits, weight bits). A `fixed` layer (the first conv, the last Linear) has one branch. `macs` is
-    OPs_l, `name` the layer's path in the model, `selected_branch` the branch bit selection chose.
-    With `fused` set (the driver sets it), forward runs section 7's speed path: the same values and
-    gradients.
+    `act` is the multi-branch activation quantizer; `weight_quant` the weight's, signed LSQ, off during
+    bit selection (our choice: one step per tensor). `candidates[i]` is branch i's (activation bits,
+    weight bits); a `fixed` layer (the first conv, the last Linear) has one. `macs` is OPs_l, `name` the
+    layer's path, `selected_branch` bit selection's choice. `fused`: forward runs section 7's speed path.
     """
 
     fused = False
@@ -257,9 +239,7 @@ class QuantLayer(nn.Module):
     def set_extra_state(self, state):
         self.selected_branch = int(state["selected_branch"])
 
-# =====================================================================================
-# 3. Straight-through softmax (Eq. 5)
-# =====================================================================================
+# ==== 3. Straight-through softmax (Eq. 5) ===========================================================================
 
 def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """hs(alpha): one-hot of argmax softmax(alpha) forward, softmax's gradient backward (Eq. 5)."""
@@ -267,13 +247,10 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
     y_hard = torch.zeros_like(y_soft).scatter_(dim, y_soft.argmax(dim, keepdim=True), 1.0)
     return y_hard - y_soft.detach() + y_soft
 
-# =====================================================================================
-# 4. BOPs (Eq. 6) and the L1 BOPs regularizer (Eq. 4)
-# =====================================================================================
-# OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout,
-# linear in*out. BOPs = sum_l a_l * w_l * OPs_l; GBOPs = BOPs / 1e9. A candidate costs a * w bit
-# operations per MAC (the paper: w = w_bits for every candidate). The first conv and the last Linear
-# are fixed at --first-last-bits (activations and weights); their BOPs are Eq. 4's C_fixed.
+# ==== 4. BOPs (Eq. 6) and the L1 BOPs regularizer (Eq. 4) ===========================================================
+# OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout, linear
+# in*out. BOPs = sum_l a_l * w_l * OPs_l, GBOPs = BOPs / 1e9; a candidate costs a * w bit operations per MAC
+# (the paper: w = w_bits for all). The first and last layers are fixed; their BOPs are Eq. 4's C_fixed.
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """Quantized layers in forward order (the order patch_model recorded)."""
@@ -306,13 +283,10 @@ def gbops_range(model: nn.Module) -> tuple[float, float]:
 
 def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[int], c_fixed: float,
                      target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
-
-    alphas: (L, N) logits of the searched layers; costs: (N,) bits_i * w_bits; macs: (L,) OPs_l.
-    Our choices: units of GBOPs (1e9), which make the paper's lambdas sensible; Eq. 4 taken literally,
-    so its value is the distance of the *argmax* configuration to the target.
-    Returns (L_reg, GBOPs of the argmax configuration), both differentiable in alphas.
-    """
+    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |, with
+    alphas (L, N) of the searched layers, costs (N,) bits_i * w_bits, macs (L,) OPs_l. Our choices: GBOPs,
+    which make the paper's lambdas sensible; Eq. 4 literally, the distance of the *argmax* configuration.
+    Returns (L_reg, GBOPs of the argmax configuration), both differentiable in alphas."""
     hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
     c = torch.as_tensor(costs, dtype=hs.dtype, device=hs.device)
     m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
@@ -342,9 +316,7 @@ def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], 
         branches[best[1]] = best[2]
     return branches
 
-# =====================================================================================
-# 5. Model patching
-# =====================================================================================
+# ==== 5. Model patching =============================================================================================
 
 def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int]]:
     """(name, module, MACs) of every Conv2d/Linear in forward order, from one forward pass."""
@@ -373,13 +345,9 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
 
 def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits: int = 8,
                 bops_image_size: int = 224, layer_type: type = QuantLayer) -> nn.Module:
-    """Replace every Conv2d and Linear by a QuantLayer that keeps the original weight tensors.
-
-    The first and last layers *in forward order* get a single fixed branch at first_last_bits
-    (activation and weight). Returns the model (patched in place), in "fp" mode. Works on any model
-    that takes a (1, 3, bops_image_size, bops_image_size) image, torchvision's or yours.
-    `layer_type(layer, bits, w_bits, name, macs)` builds the searched layers (pairs.py: (A, W) pairs).
-    """
+    """Every Conv2d and Linear replaced by a QuantLayer on its own tensors, in "fp" mode; the first and last in
+    forward order get one fixed branch at first_last_bits. Any model that takes a bops_image_size image.
+    `layer_type(layer, bits, w_bits, name, macs)` builds the searched layers (pairs.py has its own)."""
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("model is already patched")
     traced = trace_layers(model, bops_image_size)
@@ -396,14 +364,10 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits
     return model
 
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
-    """Every quantized layer in the mode of a phase:
-        "fp"        full precision everywhere (weights too)
-        "meta"      every searched layer at branch `branch` (Eq. 1 runs each in turn)
-        "search"    every searched layer mixes its branches (Eq. 2)
-        "selected"  every searched layer at its own selected_branch (weight training)
-    Fixed layers (first, last) are at their one branch in every mode but "fp" (our choice: from the
-    start of bit selection). `quant_weights` switches weight LSQ on or off (None: leave it).
-    """
+    """Every layer in the mode of a phase: "fp" (full precision, weights too), "meta" (each searched layer at
+    branch `branch`; Eq. 1 runs each in turn), "search" (Eq. 2), "selected" (each at its selected_branch).
+    Fixed layers are at their one branch but in "fp" (our choice: from the start of bit selection).
+    `quant_weights`: weight LSQ on or off (None: leave it)."""
     if mode not in ("fp", "meta", "search", "selected") or (mode == "meta" and branch is None):
         raise ValueError(f"unknown mode {mode!r}" if mode != "meta" else "mode 'meta' needs a branch index")
     for m in quant_layers(model):
@@ -415,8 +379,7 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
             m.set_state("branch", branch if mode == "meta" else m.selected_branch, quant_weights)
 
 def alphas_of(model: nn.Module) -> list[nn.Parameter]:
-    """The architecture logits alpha_l of the searched layers, in forward order."""
-    return [m.act.alpha for m in searched_layers(model)]
+    return [m.act.alpha for m in searched_layers(model)]  # the architecture logits alpha_l
 
 def meta_params(model: nn.Module) -> list[nn.Parameter]:
     """What bit-meta and weight training update: every parameter but the alphas (weights, BN, steps)."""
@@ -424,17 +387,13 @@ def meta_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in alphas]
 
 def argmax_branches(model: nn.Module) -> list[int]:
-    """Per searched layer, the branch with the largest alpha (ties: the first)."""
-    return [int(m.act.alpha.detach().argmax()) for m in searched_layers(model)]
+    return [int(m.act.alpha.detach().argmax()) for m in searched_layers(model)]  # ties: the first
 
 def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
-    """Record one branch index per searched layer as its selection (used by mode "selected")."""
-    for m, i in zip(searched_layers(model), branches):
+    for m, i in zip(searched_layers(model), branches):  # the selection, one branch per searched layer
         m.selected_branch = int(i)
 
-# =====================================================================================
-# 6. The two phases (paper Table 1)
-# =====================================================================================
+# ==== 6. The two phases (paper Table 1) =============================================================================
 # Table 1 as code. S = bit-selection epochs (2 in the paper), E = all epochs.
 #
 #   init_quantizers(model, calib)                  # every branch's LSQ step, from one batch
@@ -447,17 +406,16 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #       for images, targets in loader:
 #           weight_training_step(model, images, targets, opt)
 #
-# Each step takes `autocast` (a context factory, e.g. bf16) and `sync(params, loss)`, called after
-# each backward and before its optimizer step; it returns the loss to report (the driver all-reduces
-# there and raises to stop). Nothing here knows about processes, files or printing.
+# Each step takes `autocast` (a context factory, e.g. bf16) and `sync(params, loss)`, called after each backward
+# and before its optimizer step, which returns the loss to report (the driver all-reduces there and raises to
+# stop). Nothing here knows about processes, files or printing.
 
 def _no_sync(params, loss):
     return loss
 
 @contextlib.contextmanager
 def batch_stats_bn(model: nn.Module):
-    """Train-mode BN that normalises with the batch's statistics and leaves its running buffers alone;
-    dropout off. Restores every flag on exit."""
+    """BN normalises with the batch's statistics and leaves its running buffers alone; dropout off."""
     was_training = model.training
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     model.train()
@@ -474,10 +432,9 @@ def batch_stats_bn(model: nn.Module):
         model.train(was_training)
 
 def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
-    """LSQ's data-dependent init on one batch: each branch's step 2*mean|x|/sqrt(Qp) and each layer's
-    signedness. Our choice: BN normalises with the batch's statistics, as in the training steps that
-    follow, and leaves the running statistics alone (eval-mode BN with a from-scratch model's running
-    statistics lets deep activations vanish: steps of 0). Leaves the model in "fp" mode."""
+    """LSQ's data-dependent init on one batch: every branch's step and each layer's signedness; then "fp" mode.
+    Our choice: BN uses the batch's statistics, as training will, and leaves its buffers alone (a model from
+    scratch has running statistics 0 and 1, which let deep activations vanish: steps of 0)."""
     with torch.no_grad(), batch_stats_bn(model):
         for branch in range(len(searched_layers(model)[0].candidates)):
             set_mode(model, "meta", branch)
@@ -485,12 +442,9 @@ def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
     set_mode(model, "fp")
 
 def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Tensor:
-    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b).
-
-    One forward/backward per candidate; gradients accumulate in .grad (FP weights and each branch's
-    step). Our choice: BN layers are shared by all candidates (their running statistics see them all).
-    Returns L_meta, detached.
-    """
+    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached. One
+    forward/backward per candidate; gradients accumulate in .grad (FP weights and each branch's step).
+    Our choice: BN layers are shared by all candidates (their running statistics see them all)."""
     autocast = autocast or contextlib.nullcontext
     n = len(searched_layers(model)[0].candidates)
     total = torch.zeros((), device=images.device)
@@ -504,14 +458,11 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Ten
 
 def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops: float, autocast=None,
                     fixed: bool = True):
-    """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state; only the alphas get gradients.
-
-    requires_grad is switched off for everything but the alphas, so no weight or step gradient is
-    even computed. Our choice: BN normalises with the batch's statistics (those of the mixed activation
-    being searched) without updating its running buffers; dropout is off. `fixed=False` is the paper's
-    Figure 7(a) ablation, "weights trained during bit-search": nothing is frozen (BN and dropout as in
-    training) and the caller steps the meta optimizer too. Returns (L, GBOPs of argmax), detached.
-    """
+    """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state: requires_grad is off for all but
+    the alphas. Our choice: BN uses the batch's statistics (of the mixed activation being searched) and
+    leaves its buffers alone; dropout is off. `fixed=False` is the paper's Figure 7(a) ablation, "weights
+    trained during bit-search": nothing frozen, BN and dropout as in training, and the caller steps the
+    meta optimizer too. Returns (L, GBOPs of the argmax configuration), detached."""
     autocast = autocast or contextlib.nullcontext
     frozen = [p for p in meta_params(model) if p.requires_grad] if fixed else []
     set_mode(model, "search")
@@ -533,11 +484,9 @@ def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *
                        lam: float = 0.0, target_gbops: float | None = None, autocast=None, sync=None,
                        fixed: bool = True):
     """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a
-    bit-search step (Eq. 3-5) on the meta-state just updated, "given the same mini-batch" (the paper's
-    section on the fixed meta-state). `opt` updates weights and LSQ steps (meta_params), `opt_alpha`
-    the alphas (with fixed=False, Figure 7(a), `opt` steps on the search loss too).
-    Returns (meta loss, search loss or None, GBOPs of the argmax configuration or None).
-    """
+    bit-search step (Eq. 3-5) on the meta-state just updated, "given the same mini-batch" (the paper). `opt`
+    updates weights and LSQ steps, `opt_alpha` the alphas (fixed=False: `opt` steps on Eq. 3 too).
+    Returns (meta loss, search loss or None, GBOPs of the argmax configuration or None)."""
     sync = sync or _no_sync
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
@@ -556,11 +505,10 @@ def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *
 
 def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = True,
                           branches: Sequence[int] | None = None):
-    """Everything between the phases. Bits = argmax alpha per layer, lowered to fit the target if they are
-    over it and `repair` (or `branches`, a selection given). Every layer then runs at its selection with
-    weight quantization on, each weight step initialised from the meta-state weights; the weights and the
-    chosen branches' activation steps are kept: the paper's "mixed-precision-aware" initialisation.
-    Returns (branch indices, GBOPs, whether repair changed the argmax). Build fresh optimizers after it."""
+    """Everything between the phases: bits = argmax alpha (lowered to fit the target if `repair`; or `branches`,
+    a given selection), weight LSQ on, each weight step from the meta-state weights, whose weights and chosen
+    activation steps are kept: the paper's "mixed-precision-aware" initialisation. Returns (branches, GBOPs,
+    whether repair changed the argmax); build fresh optimizers after it."""
     layers, argmax = searched_layers(model), argmax_branches(model)
     if branches is None and repair:
         probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
@@ -584,15 +532,12 @@ def weight_training_step(model: nn.Module, images, targets, opt, autocast=None, 
     opt.step()
     return loss
 
-# =====================================================================================
-# 7. The speed path: a fused layer op (what the driver runs)
-# =====================================================================================
-# With `fused` set, a QuantLayer runs one autograd function that quantizes the activation (one branch,
-# or the Eq. 2 mixture) and the weight and runs the op. It saves only x (usually already saved by the
-# ReLU before it) and the raw weight: the codes and the quantized weight are recomputed in backward, and
-# the straight-through mask is applied by hardtanh's backward, with no mask tensor. The same values and
-# every gradient as sections 1-2 (test_fused_layer_equals_readable_layer); weight training costs about
-# 1.1-1.2x of a full-precision step instead of plain LSQ's 1.5x, and saves no more memory (docs/speed.md).
+# ==== 7. The speed path: a fused layer op (what the driver runs) ====================================================
+# With `fused` set, a QuantLayer runs one autograd function that quantizes the activation (a branch or the
+# Eq. 2 mixture) and the weight and runs the op. It saves only x (often saved anyway by the ReLU before it)
+# and the raw weight: codes and quantized weight are recomputed in backward, and the straight-through mask
+# is hardtanh's backward, with no mask tensor. The same values and gradients as sections 1-2 (tests), at
+# less time and memory than the readable form (docs/speed.md).
 
 def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None = None,
                   wq: LSQQuantizer | None = None, bias: bool = True) -> torch.Tensor:
@@ -694,15 +639,11 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
 
 class _MixedQuantOp(torch.autograd.Function):
-    """out = op(sum_i p_i * Q_i(x; s_i), Q_w(W; s_w)) + bias, op a LayerOp.
-
-    steps: (K,) positive steps of the active branches; probs: (K,) mixture weights, or None for one
-    branch; w_step, w_qparams: the weight's positive step and (Qn, Qp, grad scale), or None for a
-    full-precision weight; qranges, grad_scales: K pairs (Qn, Qp) and K floats.
-    The op runs on the integer codes and its output is scaled after, s_a s_w op(q_a, q_w) + b: codes up
-    to 256 are exact in bf16, so under bf16 autocast every operand stays on its grid and only the op's
-    output is rounded. The search mixture is on no grid: under bf16 each of its elements is rounded once.
-    """
+    """out = op(sum_i p_i * Q_i(x; s_i), Q_w(W; s_w)) + bias. steps: (K,) positive steps of the active
+    branches; probs: (K,), or None for one branch; w_step, w_qparams: the weight's step and (Qn, Qp, grad
+    scale), or None (FP weight); qranges, grad_scales: K pairs (Qn, Qp), K floats. The op runs on integer
+    codes and its output is scaled after, s_a s_w op(q_a, q_w) + b: codes up to 256 are exact in bf16, so
+    under bf16 autocast only the op's output is rounded (the search mixture, on no grid, is rounded once)."""
 
     @staticmethod
     def forward(ctx, x, steps, probs, weight, w_step, bias, qranges, grad_scales, w_qparams, op):
@@ -774,9 +715,7 @@ def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
         m.fused = on
     return model
 
-# =====================================================================================
-# 8. The driver: torchrun, data, model, checkpoints, the run, the command line
-# =====================================================================================
+# ==== 8. The driver: torchrun, data, model, checkpoints, the run, the command line ==================================
 
 class BadInput(Exception):
     """A problem the user can fix: one line on stderr, exit status 2, no traceback."""
@@ -803,11 +742,6 @@ class Dist:
         if self.world > 1:
             torch.distributed.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=30))
 
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
     """ONE all-reduce per step: every gradient, the loss and the stop flag in one flat buffer. Our choice
     instead of DDP: bit-meta leaves the unused branches' steps without gradients, which DDP handles only
@@ -815,31 +749,36 @@ def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) ->
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.stack([loss.float().reshape(()), torch.tensor(float(_STOP["signum"] > 0), device=loss.device)])
     if dist.world > 1:
-        flat = dist.all_reduce_(torch.cat([flat] + [g.reshape(-1).float() for g in grads])) / dist.world
-        offset = 2
+        flat = torch.cat([flat] + [g.reshape(-1).float() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat, offset = flat / dist.world, 2
         for g in grads:
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
     loss_v, stop = flat[:2].tolist()
     return loss_v, stop > 0
 
+def replica_fingerprint(model: nn.Module) -> torch.Tensor:
+    """A checksum of every tensor of the model and of each layer's signedness and selected branch."""
+    sums = [torch.stack([t.double().sum(), t.double().abs().sum()]) for t in model.state_dict().values()
+            if torch.is_tensor(t) and t.is_floating_point()]
+    flags = [float(-1 if m.act.signed is None else m.act.signed) * 1000 + m.selected_branch for m in quant_layers(model)]
+    return torch.cat(sums + [torch.tensor(flags, dtype=torch.float64, device=sums[0].device)])
+
 def sync_epoch(dist: Dist, model: nn.Module) -> None:
-    """At epoch end: average BN running statistics over ranks (our choice, timm's distribute_bn), then
-    check that every rank holds the same model (every tensor, each layer's signedness and selection)."""
-    if dist.world == 1:
-        return
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for t in (m.running_mean, m.running_var):
-                dist.all_reduce_(t).div_(dist.world)
-    mine = torch.cat([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in model.state_dict().values()
-                      if torch.is_tensor(t) and t.is_floating_point()] +
-                     [torch.tensor([float(m.act.signed) * 1000 + m.selected_branch for m in quant_layers(model)],
-                                   dtype=torch.float64, device=dist.device)])
-    everyone = [torch.empty_like(mine) for _ in range(dist.world)]
-    torch.distributed.all_gather(everyone, mine)
-    if not all(torch.equal(everyone[0], t) for t in everyone):
-        raise RuntimeError("replicas out of sync: the model differs between ranks")
+    """At epoch end: BN running statistics averaged over ranks (our choice, timm's distribute_bn), then a
+    check that every rank holds the same model (replica_fingerprint)."""
+    if dist.world > 1:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for t in (m.running_mean, m.running_var):
+                    torch.distributed.all_reduce(t)
+                    t.div_(dist.world)
+        mine = replica_fingerprint(model)
+        everyone = [torch.empty_like(mine) for _ in range(dist.world)]
+        torch.distributed.all_gather(everyone, mine)
+        if not all(torch.equal(everyone[0], t) for t in everyone):
+            raise RuntimeError("replicas out of sync: the model differs between ranks")
 
 def broadcast_model(dist: Dist, model: nn.Module) -> None:
     """Rank 0's parameters, buffers and signedness for every rank (after the data-dependent init)."""
@@ -861,8 +800,8 @@ def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     given = data.partition(":")[2].split(",") if ":" in data else []
     spec = [int(v) if v.isdigit() else -1 for v in given] + [2560, 1000, 10][len(given):]
     if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
-        raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES with at least 1 training image, "
-                       "1 validation image and 2 classes, e.g. synthetic:64,32,10")
+        raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, at least 1 training image, 1 "
+                       "validation image and 2 classes, e.g. synthetic:64,32,10")
     return tuple(spec)
 
 def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
@@ -925,10 +864,10 @@ def build_loaders(args, dist: Dist, train_set, val_set):
     rank r takes r, r+W, r+2W, ..., no padding), and LSQ's calibration batch (the same on every rank)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    per_rank = len(train_set) // dist.world
-    if args.batch_size > per_rank:
+    if args.batch_size > len(train_set) // dist.world:
         raise BadInput(f"--batch-size {args.batch_size} is larger than this process's share of the training set "
-                       f"({per_rank} images); use --batch-size {max(per_rank, 1)} or less")
+                       f"({len(train_set) // dist.world} images); use --batch-size {len(train_set) // dist.world} "
+                       "or less")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     # workers are re-created each epoch (not persistent), seeded from the RNG state at its start: exact resume
     kw = dict(num_workers=0 if synthetic_spec(args.data) else args.workers, pin_memory=dist.cuda)
@@ -946,12 +885,11 @@ PAPER_SETTINGS = {
     "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, fp_top1=70.5, weights="IMAGENET1K_V1"),
     "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, fp_top1=71.9, weights="IMAGENET1K_V1"),
     "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, fp_top1=75.3,
-                               weights="IMAGENET1K_V2"),
-}
+                               weights="IMAGENET1K_V2")}
 # Our choice for the other archs: MobileNet-v3-large's for MobileNet-v3-small, else ResNet-18's candidates with
 # lambda 1 and 90 epochs (the target is then 95% of uniform A4).
-OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140), None: dict(bits="8,4,2", lam=1.0,
-                                                                                              epochs=90)}
+OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
+                  None: dict(bits="8,4,2", lam=1.0, epochs=90)}
 # Alpha LR, our choice: (from pretrained weights, without them: small data from scratch, whose search epoch has
 # far fewer steps). The SGD rates are the digits study's (docs/digits.md).
 ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1)}
@@ -959,6 +897,17 @@ ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1)}
 UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention)
 PRODUCTS = {torch.matmul, torch.bmm, torch.baddbmm, torch.einsum, torch.Tensor.__matmul__, torch.Tensor.matmul,
             torch.Tensor.bmm, F.scaled_dot_product_attention}
+
+class _Products(torch.overrides.TorchFunctionMode):
+    """Records the products of two activations (e.g. attention's q @ k) in one forward pass."""
+
+    def __init__(self, found: list):
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, a=(), kw=None):
+        self.found.extend([f"{func.__name__} of activations"] if func in PRODUCTS else [])
+        return func(*a, **(kw or {}))
 
 def resolve_weights(arch: str, name: str):
     """torchvision's weights enum for --pretrained NAME ("paper": those closest to the paper's FP baseline)."""
@@ -981,13 +930,14 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
     computes on activations is quantized and counted, or the model is refused, naming it."""
     import torchvision
 
-    kw = {"aux_logits": False} if args.arch in ("googlenet", "inception_v3") else {}  # training output: one tensor
     weights = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None
     if weights is not None and num_classes != 1000:
         raise BadInput(f"--pretrained {args.pretrained} needs 1000 classes, the data has {num_classes}")
+    kw = {} if weights else {"num_classes": num_classes}
+    if args.arch in ("googlenet", "inception_v3"):  # without their auxiliary heads, the training output is a tensor
+        kw.update(aux_logits=False, **({} if weights else {"init_weights": True}))
     try:
-        model = torchvision.models.get_model(args.arch, weights=weights, **kw,
-                                             **({} if weights else {"num_classes": num_classes}))
+        model = torchvision.models.get_model(args.arch, weights=weights, **kw)
     except Exception as e:
         raise BadInput(f"could not load the pretrained {args.arch} weights ({type(e).__name__}: {e}); place them in "
                        "the torch hub cache or give --pretrained PATH") from None
@@ -999,21 +949,14 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
             raise BadInput(f"--pretrained {args.pretrained} is not a state dict of {args.arch} with {num_classes} "
                            f"classes ({str(e).splitlines()[0]})") from None
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
-
-    class Products(torch.overrides.TorchFunctionMode):  # products of two activations, e.g. attention's q @ k
-        def __torch_function__(self, func, types, a=(), kw=None):
-            found.extend([f"{func.__name__} of activations"] if func in PRODUCTS else [])
-            return func(*a, **(kw or {}))
-
-    with torch.no_grad(), Products():
+    with torch.no_grad(), _Products(found):
         model.eval()(torch.zeros(1, 3, 224, 224))
     patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, layer_type=layer_type)
     found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if found:
-        found = sorted(set(found), key=found.index)
-        raise BadInput(f"--arch {args.arch}: {', '.join(found[:3])}{' and more' if found[3:] else ''} would stay in "
-                       "full precision and outside the BOPs; metamix quantizes Conv2d and Linear modules: choose a "
-                       "CNN such as resnet18, mobilenet_v2 or mobilenet_v3_large")
+        raise BadInput(f"--arch {args.arch}: {', '.join(sorted(set(found), key=found.index)[:3])} would stay in full "
+                       "precision and outside the BOPs; metamix quantizes Conv2d and Linear modules: choose a CNN "
+                       "such as resnet18, mobilenet_v2 or mobilenet_v3_large")
     for size in [args.image_size] + list(range(16, 225, 16)):  # is the crop too small for the model's pooling?
         try:
             with torch.no_grad():
@@ -1084,16 +1027,6 @@ def set_rng_state(state: dict, dist: Dist) -> None:
     if dist.cuda and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
 
-def load_run(path: str, layer_type: type = QuantLayer) -> tuple[argparse.Namespace, nn.Module, dict]:
-    """(args, model, checkpoint) of a run's checkpoint file, the model rebuilt without downloading anything
-    and loaded, in the mode it was evaluated in. For the tools beside this file."""
-    ck = load_checkpoint(path, "checkpoint")
-    args = argparse.Namespace(**{**ck["args"], "pretrained": None, "dry_run": False})
-    model = build_model(args, ck["num_classes"], layer_type)
-    model.load_state_dict(ck["model"])
-    set_mode(model, "selected", quant_weights=ck["selected"] is not None)
-    return args, model, ck
-
 # ---- the run ---------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
@@ -1130,22 +1063,15 @@ class Run:
         self.sched = None if self.selected is None else \
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
 
-    def state_dict(self, rng: list) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
-                "selected": self.selected, "num_classes": quant_layers(self.model)[-1].weight.shape[0],
-                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
-                "sched": self.sched and self.sched.state_dict(), "history": self.history, "summary": self.summary,
-                "rng": rng}
-
     def load_state_dict(self, ck: dict, path: str) -> None:
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise BadInput(f"--resume {path} is not a checkpoint of this metamix (format {ck.get('format')!r}, "
                            f"expected {CHECKPOINT_FORMAT!r})")
         old, a = ck["args"], self.args
         for key in SAME_RUN + (() if ck["selected"] is None and ck["epoch"] >= a.search_epochs else SAME_SELECTION):
-            if json.dumps(getattr(a, key)) != json.dumps(old.get(key)):  # lists and tuples alike
-                raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {old.get(key)}, this "
-                               f"run {getattr(a, key)}")
+            mine, theirs = (",".join(map(str, v)) if isinstance(v, list) else v for v in (getattr(a, key), old.get(key)))
+            if mine != theirs:
+                raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, this run {mine}")
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -1157,14 +1083,14 @@ class Run:
         self.opt_alpha.load_state_dict(ck["opt_alpha"])
         if self.sched is not None and ck["sched"] is not None:
             self.sched.load_state_dict(ck["sched"])
-        if a.lr != old["lr"]:  # a new --lr wins; the schedule keeps its shape (same lr: untouched, exact resume)
-            for g in self.opt.param_groups:
-                g["lr"], g["initial_lr"] = g["lr"] * a.lr / old["lr"], a.lr
-            if self.sched is not None:
-                self.sched.base_lrs = [a.lr] * len(self.sched.base_lrs)
-        self.opt.param_groups[0]["weight_decay"] = a.wd  # the decayed group: a new --wd wins too
+        scale = a.lr / old["lr"]  # a new --lr, --alpha-lr or --wd wins; the same ones change nothing (exact resume)
+        for g in self.opt.param_groups:
+            g["lr"] *= scale
         for g in self.opt_alpha.param_groups:
             g["lr"] = a.alpha_lr
+        self.opt.param_groups[0]["weight_decay"] = a.wd
+        if self.sched is not None:  # the cosine keeps its shape at the new scale
+            self.sched.base_lrs = [b * scale for b in self.sched.base_lrs]
         if len(ck["rng"]) == self.dist.world:
             set_rng_state(ck["rng"][self.dist.rank], self.dist)
         else:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
@@ -1179,18 +1105,21 @@ class Run:
             rng = [None] * self.dist.world
             torch.distributed.all_gather_object(rng, rng_state(self.dist))
         if self.dist.main:
-            out, data = self.args.output_dir, saved_bytes(self.state_dict(rng))
-            if self.selected is None and self.epoch == self.args.search_epochs:
-                atomic_write(os.path.join(out, "meta_state.pth"), data)
-            atomic_write(os.path.join(out, "checkpoint.pth"), data)
-            atomic_write(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            data = saved_bytes({
+                "format": CHECKPOINT_FORMAT, "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
+                "selected": self.selected, "num_classes": quant_layers(self.model)[-1].weight.shape[0],
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
+                "sched": self.sched and self.sched.state_dict(), "history": self.history, "summary": self.summary,
+                "rng": rng})
+            names = ["checkpoint.pth"] + ["meta_state.pth"] * (self.selected is None and self.epoch == self.args.search_epochs)
+            for name in names:
+                atomic_write(os.path.join(self.args.output_dir, name), data)
+            atomic_write(os.path.join(self.args.output_dir, "log.jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
 def log(dist: Dist, *msg) -> None:
     if dist.main:
         print(*msg, flush=True)
-
-def _fmt_time(sec: float) -> str:
-    return str(datetime.timedelta(seconds=int(sec)))
 
 def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     """One epoch of the current phase (section 6's steps, with this run's sync); returns the mean loss."""
@@ -1231,7 +1160,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
             print(f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}"
                   f"{f' search-gbops {gbops:.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
                   f"{step * len(images) * dist.world / max(dt, 1e-9):.0f} img/s eta "
-                  f"{_fmt_time(dt / step * (steps - step))}", flush=True)
+                  f"{datetime.timedelta(seconds=int(dt / step * (steps - step)))}", flush=True)
     return total / max(steps, 1)
 
 @torch.no_grad()
@@ -1246,7 +1175,9 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         tot += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(), hit[:, 0].sum().double(),
                             hit.any(1).sum().double(), torch.tensor(len(targets), device=dist.device).double()])
-    n = max(dist.all_reduce_(tot)[3].item(), 1.0)
+    if dist.world > 1:
+        torch.distributed.all_reduce(tot)
+    n = max(tot[3].item(), 1.0)
     return {"val_loss": tot[0].item() / n, "top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n,
             "n": int(tot[3].item())}
 
@@ -1267,14 +1198,6 @@ def bits_report(model: nn.Module, args) -> dict:
             "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
             "avg_a_bits_with_first_last": sum(r["a_bits"] for r in rows) / len(rows),  # plain, every layer
             "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched), "layers": rows}
-
-def report_text(report: dict) -> str:
-    """Fig. 7 in text (a row per layer: its MOPs, a bar of its activation bits), then the averages."""
-    pairs = len({w for _, w in report["candidates"]}) > 1  # the supplement's (A, W) pairs: each layer's own W
-    rows = [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"] + [
-        f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
-        + (f"/W{r['w_bits']}" if pairs else "") + (" (fixed)" if r["fixed"] else "") for r in report["layers"]]
-    return "\n".join(rows) + "\n" + avg_bits_text(report)
 
 def avg_bits_text(report: dict) -> str:
     w = f"; weight bits {report['avg_w_bits']:.2f}" if len({w for _, w in report["candidates"]}) > 1 else ""
@@ -1320,13 +1243,17 @@ def select_bits(run: Run) -> None:
     given = read_bits_from(model, a.bits_from, a.target_gbops) if a.bits_from else None
     run.selected, _, repaired = start_weight_training(model, a.target_gbops, not a.no_budget_repair, given)
     run.build_optimizers()
-    report = bits_report(model, a)
+    r = bits_report(model, a)
     if run.dist.main:
-        over = "  OVER TARGET" if report["gbops"] > a.target_gbops + 1e-9 else ""
-        note = " (argmax was over the target: lowered by budget repair)" if repaired and not a.bits_from else ""
-        print(f"{report_text(report)}\nselected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{over}"
-              f"{note}", flush=True)
-        atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(report, indent=1).encode())
+        pairs = len({w for _, w in r["candidates"]}) > 1  # the supplement's (A, W) pairs: each layer's own W
+        print(f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits", *(
+            f"{x['name']:<34} {x['type']:<7} {x['macs'] / 1e6:8.2f}  {'#' * x['a_bits']:<8} A{x['a_bits']}"
+            + (f"/W{x['w_bits']}" if pairs else "") + (" (fixed)" if x["fixed"] else "") for x in r["layers"]),
+            f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
+            + ("  OVER TARGET" if r["gbops"] > a.target_gbops + 1e-9 else "")
+            + (" (argmax was over the target: lowered by budget repair)" if repaired and not a.bits_from else "")
+            + f"; {avg_bits_text(r)}", sep="\n", flush=True)
+        atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(r, indent=1).encode())
 
 def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     """Both phases, from wherever the run stands (fresh or resumed)."""
@@ -1365,17 +1292,17 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         if a.stop_after_epoch and a.stop_after_epoch <= epoch < a.epochs:
             return log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
     if dist.main and run.selected is not None and run.history:
-        s, last = run.summary, run.history[-1]
-        print(f"summary: full-precision top-1 {s['fp_top1']:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
+        s, last = {k: str(datetime.timedelta(seconds=int(v))) for k, v in run.summary["seconds"].items()}, run.history[-1]
+        print(f"summary: full-precision top-1 {run.summary['fp_top1']:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
               f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
-              f"{avg_bits_text(bits_report(model, a))}; bit selection {_fmt_time(s['seconds']['bit_selection'])}, "
-              f"weight training {_fmt_time(s['seconds']['weight_training'])}", flush=True)
+              f"{avg_bits_text(bits_report(model, a))}; bit selection {s['bit_selection']}, weight training "
+              f"{s['weight_training']}", flush=True)
 
 # ---- command line ----------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other bad input (argparse adds its usage)
-        self.exit(2, f"metamix: error: {message}\n")
+        self.exit(2, f"{self.prog.removesuffix('.py')}: error: {message}\n")
 
 def bit_list(text: str) -> list[int]:
     """argparse type of --bits and --w-bits: comma-separated distinct bit-widths in 2..16."""
@@ -1404,15 +1331,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--arch", default="resnet18", help="torchvision classification model")
-    add("--data", default="synthetic", help="a folder with train/ and val/ (ImageFolder), or the built-in "
-        "synthetic[:TRAIN,VAL,CLASSES] (2560,1000,10)")
-    add("--pretrained", nargs="?", const="paper", metavar="WEIGHTS|PATH", help="start from torchvision's weights "
-        "(bare: those closest to the paper's FP baseline) or from a local state dict")
+    add("--data", default="synthetic", help="a folder with train/ and val/, or synthetic[:TRAIN,VAL,CLASSES]")
+    add("--pretrained", nargs="?", const="paper", metavar="WEIGHTS|PATH", help="torchvision's weights (bare: "
+        "those closest to the paper's FP baseline), or a local state dict")
     add("--target-gbops", type=number(float, 0, above=True), help="budget (default: the paper's, else 95%% of A4)")
     add("--bits", type=bit_list, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
     add("--w-bits", type=bit_list, default="4", help="weight bits (a list searches (A, W) pairs: pairs.py)")
-    add("--first-last-bits", type=number(int, 2, 16), default=8, help="weight and input bits of the first and "
-        "last layers")
+    add("--first-last-bits", type=number(int, 2, 16), default=8, help="bits of the first and last layers")
     add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
@@ -1420,12 +1345,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
     add("--batch-size", type=number(int, 1), default=64, help="images per process per step")
-    add("--lr", type=number(float, 0, above=True), help="SGD learning rate (default: 0.01 from --pretrained, "
-        "else 0.05)")
+    add("--lr", type=number(float, 0, above=True), help="SGD LR (default: 0.01 from --pretrained, else 0.05)")
     add("--wd", type=number(float, 0), default=1e-4, help="weight decay of conv/linear weights")
     add("--alpha-optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the alphas")
-    add("--alpha-lr", type=number(float, 0, above=True), help="alpha LR (default: sgd 0.005, adam 0.01; ten times "
-        "that without --pretrained)")
+    add("--alpha-lr", type=number(float, 0, above=True), help="alpha LR (default: sgd 0.005, adam 0.01, x10 "
+        "without --pretrained)")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")
     add("--output-dir", default="runs/metamix", help="checkpoint.pth, meta_state.pth, bits.json, log.jsonl")
@@ -1447,6 +1371,8 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     if len(args.w_bits) > 1 and layer_type is QuantLayer:
         raise BadInput(f"--w-bits {','.join(map(str, args.w_bits))}: a list searches (A, W) pairs, the supplement's "
                        "extension; run pairs.py with the same flags")
+    if args.resume and args.dry_run:
+        raise BadInput("--resume and --dry-run do not go together")
     d = PAPER_SETTINGS.get(args.arch) or OTHER_DEFAULTS.get(args.arch) or OTHER_DEFAULTS[None]
     synthetic = synthetic_spec(args.data) is not None
     small = synthetic or not args.pretrained  # our choice: small data (no pretrained weights) gets larger rates
@@ -1460,8 +1386,6 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
         args.pretrained = str(resolve_weights(args.arch, args.pretrained))  # e.g. ResNet18_Weights.IMAGENET1K_V1
     if args.epochs < args.search_epochs:
         raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
-    if args.resume and args.dry_run:
-        raise BadInput("--resume and --dry-run do not go together")
     return args
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
@@ -1521,18 +1445,18 @@ def prepare_output_dir(args, rank: int) -> str | None:
                        "another --output-dir")
     return args.resume
 
-def dry_run(model: nn.Module, args, lo: float, hi: float) -> None:
+def dry_run(model: nn.Module, args, lo: float, hi: float) -> int:
     layers, t = quant_layers(model), args.target_gbops
-    print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  candidates (A, W)")
-    for i, m in enumerate(layers):
-        print(f"{i:>3} {m.name:<34} {m.kind:<7} {m.macs:>12,}  {' '.join(f'A{a}/W{w}' for a, w in m.candidates)}"
-              + (" (fixed)" if m.fixed else ""))
+    print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  candidates (A, W)", *(
+        f"{i:>3} {m.name:<34} {m.kind:<7} {m.macs:>12,}  {' '.join(f'A{a}/W{w}' for a, w in m.candidates)}"
+        + (" (fixed)" if m.fixed else "") for i, m in enumerate(layers)), sep="\n")
     macs = sum(m.macs for m in layers)
     print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at 224 px; feasible range {lo:.3f} .. {hi:.3f} "
           f"GBOPs; " + (f"target {t:.3f}" if t else "the default target is outside it: set --target-gbops"))
     print(json.dumps({"arch": args.arch, "bits": args.bits, "w_bits": args.w_bits, "first_last_bits":
                       args.first_last_bits, "layers": len(layers), "macs": macs, "gbops_min": lo, "gbops_max": hi,
                       "target_gbops": t, "c_fixed_gbops": c_fixed_of(model)}))
+    return 0
 
 def run_main(args, layer_type: type = QuantLayer) -> int:
     args = resolve_args(args, layer_type)
@@ -1542,7 +1466,7 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
     if args.bits_from:
         read_bits_from(model, args.bits_from, args.target_gbops)
     if args.dry_run:
-        return dry_run(model, args, lo, hi) or 0
+        return dry_run(model, args, lo, hi)
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process to train; "
                        "use --batch-size 2 or more")
@@ -1564,16 +1488,17 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         if resume:
             run.load_state_dict(load_checkpoint(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
+            if run.selected is None and run.epoch == args.search_epochs:
+                run.save()  # the phase boundary: this folder keeps the meta-state its bits are selected from
         if dist.main:
             atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
+            w = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None
             print(f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, lambda {args.lam}, target "
                   f"{args.target_gbops:.3f} GBOPs (feasible {lo:.3f} .. {hi:.3f}), {args.epochs} epochs "
                   f"({args.search_epochs} bit selection), lr {args.lr:g}, alphas {args.alpha_optimizer} "
-                  f"{args.alpha_lr:g}, world size {dist.world} on {dist.device.type}", flush=True)
-            if args.pretrained and not local_weights(args):
-                w, paper = resolve_weights(args.arch, args.pretrained), PAPER_SETTINGS.get(args.arch)
-                print(f"pretrained {w}: torchvision documents {w.meta['_metrics']['ImageNet-1K']['acc@1']:.3f}% "
-                      f"ImageNet top-1" + (f"; the paper's FP baseline is {paper['fp_top1']}%" if paper else ""))
+                  f"{args.alpha_lr:g}, world size {dist.world} on {dist.device.type}" + (w and (
+                      f"; from {w} ({w.meta['_metrics']['ImageNet-1K']['acc@1']}% top-1 in torchvision; the paper's "
+                      f"FP baseline: {PAPER_SETTINGS.get(args.arch, {}).get('fp_top1', '-')}%)") or ""), flush=True)
         autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16) if args.amp else \
             contextlib.nullcontext
         train(run, train_loader, val_loader, calib, autocast)
@@ -1581,12 +1506,6 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
     finally:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    if "Original Traceback" in text:  # an error raised in a DataLoader worker: keep its last line
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text.splitlines()[0] if text else type(e).__name__
 
 def main(args, layer_type: type = QuantLayer) -> int:
     """Run, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
@@ -1596,19 +1515,23 @@ def main(args, layer_type: type = QuantLayer) -> int:
         signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, (Interrupted, KeyboardInterrupt)) else 0)
         if os.environ.get("METAMIX_DEBUG") and not signum:
             raise
+        text = str(e).strip() or type(e).__name__
+        if "Original Traceback" in text:  # an error raised in a DataLoader worker: its last line
+            text = text.splitlines()[-1].split(": ", 1)[-1]
+        ck, code = os.path.join(args.output_dir, "checkpoint.pth"), 128 + signum if signum else 2
         if signum:  # also when the signal reached the DataLoader workers first
-            ck = os.path.join(args.output_dir, "checkpoint.pth")
-            print(f"metamix: interrupted by {signal.Signals(signum).name}" + (f" {e}" if isinstance(e, Interrupted)
-                  else "") + "; " + (f"the last checkpoint is {ck}; continue with --resume auto" if os.path.exists(ck)
-                                     else "no checkpoint was written yet; run the command again to start over"),
-                  file=sys.stderr)
-            return 128 + signum
-        if isinstance(e, BadInput) or ("Original Traceback" in str(e) and "BadInput" in str(e)):
-            print(f"metamix: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-        print(f"metamix: error: {type(e).__name__}: {_one_line(e)} (METAMIX_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 1
+            line = f"interrupted by {signal.Signals(signum).name}" + (f" {e}" if isinstance(e, Interrupted) else "") + \
+                (f"; the last checkpoint is {ck}; continue with --resume auto" if os.path.exists(ck) else
+                 "; no checkpoint was written yet; run the command again to start over")
+        elif isinstance(e, BadInput) or "BadInput" in str(e):
+            line = f"error: {text.splitlines()[0]}"
+        else:
+            line, code = f"error: {type(e).__name__}: {text.splitlines()[0]} (METAMIX_DEBUG=1: the traceback)", 1
+        print(f"metamix: {line}", file=sys.stderr)
+        return code
+    finally:
+        while _LOCKS:
+            _LOCKS.pop().close()  # the output dir is free again (the kernel frees it at exit anyway)
 
 if __name__ == "__main__":
     sys.exit(main(get_args_parser().parse_args()))

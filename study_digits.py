@@ -1,28 +1,28 @@
 """Does MetaMix pick good bits? Every selection through the same pipeline, at equal BOPs, on real data.
 
-The study of issue 11. scikit-learn's bundled handwritten digits (1797 real 8x8 scans, no download)
-are written out as an ImageFolder (upscaled to 32 px, 3 channels; 300 validation images, 30 per
-class; trained at 16 px crops). Following the paper's protocol, a full-precision model is trained first (plain PyTorch,
-below), and every run of `metamix.py` starts from it with `--init`. Each method runs the same
-schedule (the same bit-meta epochs, then weight training from the meta-state) and differs only in
-the selection (`--search`). Methods are compared *paired* per seed: the same FP model, the same
-data order, only the selection different; the table reports each method's difference to `random`.
+scikit-learn's bundled handwritten digits (1797 real 8x8 scans, no download) are written out as an
+ImageFolder (upscaled to 32 px, 3 channels; 300 validation images, 30 per class; trained at 16 px crops).
+Following the paper's protocol, a full-precision model is trained first (plain PyTorch, below), and every
+run of `metamix.py` starts from it (`--pretrained PATH`). MetaMix's variants are runs of their own; every
+other selection (baselines.py: uniform, random, the Hessian and sensitivity proxies) is made from the
+meta-state of the same seed's MetaMix run (SGD 0.05) and trained from it with `metamix.py --resume
+RUN/meta_state.pth --bits-from`: the same FP model, the same meta-state, the same data order, only the
+selection different. The table reports each method's paired difference to `random`.
 
-    python study_digits.py --out runs/digits            # the full study (README), ~1 h 12 min on 2 CPU cores
-    python study_digits.py --out runs/digits-quick --quick   # one seed, two methods, a few steps (CI)
+    python study_digits.py --out runs/digits                 # the full study (docs/digits.md), about 1 h 15 min
+    python study_digits.py --out runs/digits --part pairs    # one part: baselines or pairs
+    python study_digits.py --out runs/digits-quick --quick   # one seed, MetaMix against random, a few steps
 
-Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/
-(each metamix.py output dir, with bits.json, log.jsonl and, for the searches, alphas.json),
-results.json, table.md, alphas.md, top1_vs_gbops.png and alphas.png (the alpha trajectories; --part baselines),
-table_pairs.md (--part pairs).
-scikit-learn is needed (a dependency of this study only); matplotlib is optional (the plots).
-Finished runs are kept: rerunning the command continues where it stopped.
+Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/ (each run's
+output dir: bits.json, log.jsonl, alphas.json for the searches, selection.json for the others, figure9.json for
+the pairs part), results.json, table.md, alphas.md, top1_vs_gbops.png and alphas.png (--part baselines),
+table_pairs.md (--part pairs). scikit-learn is needed (a dependency of this study only); matplotlib is
+optional (the plots). Finished runs are kept: rerunning the command continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -45,11 +45,13 @@ IMAGE_SIZE = 16  # the training crop from the 32 px files; 8x8 scans lose nothin
 # digit is another shape); 98.7% (ResNet-18) and 97.3% (MobileNet-v2) on the validation set.
 FP = dict(epochs=40, lr=0.05, batch_size=64, wd=5e-4, crop_scale=0.35)
 COMMON = ["--image-size", str(IMAGE_SIZE), "--batch-size", "32", "--workers", "0", "--lr", "0.01",
-          "--search-epochs", "2", "--print-freq", "100000"]
+          "--search-epochs", "2"]
 EPOCHS = 8  # 2 bit selection (46 steps each) + 6 weight training
 ALPHA = {"adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.py's small-data defaults
          "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"]}
-ALL = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "metamix-unfixed", "uniform", "random", "hessian", "sensitivity"]
+SELECTIONS = ["uniform", "random", "hessian", "sensitivity"]  # baselines.py's, from SOURCE's meta-state
+SOURCE = "metamix-sgd"  # the run whose meta_state.pth the selections of its (arch, target, seed) train from
+ALL = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "metamix-unfixed", *SELECTIONS]
 HEAD = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha-optimizer question, on more seeds
 # (arch, target GBOPs, methods, seeds): ResNet-18 {8,4,2} near the all-A2 floor (21.12) and a little under
 # uniform A4 (34.68); MobileNet-v2 {8,4,3} between all-A3 (4.16) and uniform A4 (5.31). 10 classes.
@@ -57,8 +59,8 @@ HEAD = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha-op
 GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
         ("resnet18", 33.0, ALL, [0, 1, 2]), ("resnet18", 33.0, HEAD, [3, 4, 5]),
         ("mobilenet_v2", 4.6, ALL, [0, 1, 2]), ("mobilenet_v2", 4.6, HEAD, [3, 4, 5])]
-# Supplement, Table 7 in miniature (issue 13): A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs
-# (30 GBOPs: uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> with --w-bits 8,4,2.
+# Supplement, Table 7 in miniature: A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs (30 GBOPs:
+# uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> run by pairs.py (--w-bits 8,4,2).
 PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
 PARTS = {"baselines": GRID, "pairs": PAIR_GRID}
@@ -75,13 +77,13 @@ def label(method: str) -> str:
 
 
 def method_flags(method: str) -> list[str]:
+    """metamix.py's flags of a MetaMix variant (the selections take SOURCE's)."""
     if method.endswith("-pairs"):  # the same method over the product set A x W (one softmax over 9 pairs)
         return [*method_flags(method[: -len("-pairs")]), "--w-bits", "8,4,2"]
     if method.startswith("metamix-sgd"):  # metamix-sgd-lr0.5: SGD at alpha LR 0.5 (10x the default)
         lr = method.split("-lr")[1] if "-lr" in method else None
-        return ["--search", "metamix", *ALPHA["sgd"][:2], "--alpha-lr", lr or ALPHA["sgd"][-1]]
-    extra = ["--proxy-batches", "4", "--hutchinson-probes", "4"] if method in mm.PROXIES else []
-    return ["--search", method, *ALPHA["adam"], *extra]
+        return [*ALPHA["sgd"][:2], "--alpha-lr", lr or ALPHA["sgd"][-1]]
+    return ALPHA["adam"] + (["--unfixed"] if method == "metamix-unfixed" else [])
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def train_fp(arch: str, data: Path, path: Path, epochs: int, log) -> float:
     _, val_set, classes = datasets(data)
     train_set = ImageFolder(str(data / "train"), T.Compose([
         T.RandomResizedCrop(IMAGE_SIZE, scale=(FP["crop_scale"], 1.0)), T.ToTensor(),
-        T.Normalize(mm.IMAGENET_MEAN, mm.IMAGENET_STD)]))
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))  # metamix's normalisation
     if path.exists():
         model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -172,20 +174,34 @@ def evaluate_fp(model, val_set) -> float:
 
 
 def run_one(job: dict, log) -> dict:
+    """One run: a MetaMix variant (metamix.py, or pairs.py for "-pairs"), or a selection of baselines.py made
+    from the meta-state of SOURCE's run and trained from it (metamix.py --resume meta_state.pth --bits-from)."""
     out = Path(job["out"])
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(HERE / "metamix.py"), "--arch", job["arch"], "--data", job["data"], "--init",
-           job["init"], "--target-gbops", str(job["target"]), "--seed", str(job["seed"]), "--epochs",
-           str(job["epochs"]), *COMMON, *method_flags(job["method"]), "--output-dir", str(out)]
+    script = "pairs.py" if job["method"].endswith("-pairs") else "metamix.py"
+    flags = ["--arch", job["arch"], "--data", job["data"], "--pretrained", job["init"], "--target-gbops",
+             str(job["target"]), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]), *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
+    cmds = [[script, *flags, *method_flags(job["method"]), "--output-dir", str(out)]]
+    if job["method"] in SELECTIONS:
+        src = Path(job["source"])
+        out.mkdir(parents=True)
+        cmds = [["baselines.py", str(src), "--method", job["method"], "--target-gbops", str(job["target"]), "--seed",
+                 str(job["seed"]), "--batches", "4", "--probes", "4", "--out", str(out / "selection.json")],
+                ["metamix.py", *flags, *method_flags(SOURCE), "--resume", str(src / "meta_state.pth"), "--bits-from",
+                 str(out / "selection.json"), "--output-dir", str(out)]]
+    if job["part"] == "pairs":  # the supplement's Figure 9 for each run, on its meta-state
+        cmds.append(["figure9.py", str(out), "--batches", "4", "--probes", "4"])
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
+    for cmd in cmds:
+        p = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     bits = json.loads((out / "bits.json").read_text())
+    fig9 = json.loads((out / "figure9.json").read_text()) if (out / "figure9.json").exists() else {}
     searched = [r for r in bits["layers"] if not r["fixed"]]
     res = {k: job[k] for k in ("arch", "target", "method", "seed")}
     res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
@@ -193,7 +209,7 @@ def run_one(job: dict, log) -> dict:
                avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
                a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched],
                w_bits=[r["w_bits"] for r in searched],
-               avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched), figure9=bits.get("figure9"),
+               avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched), figure9=fig9.get("figure9"),
                seconds=round(time.time() - t0, 1))
     (out / "result.json").write_text(json.dumps(res))
     log(f"{out.name}: top-1 {res['top1']:.2f}% at {res['gbops']:.3f} GBOPs, avg bits {res['avg_bits']:.2f} "
@@ -288,7 +304,7 @@ def alpha_summary(out: Path, results: list[dict]) -> str:
         if not path.exists():
             continue
         tr = json.loads(path.read_text())
-        top = max(range(len(tr["candidates"])), key=lambda i: tr["candidates"][i])
+        top = max(range(len(tr["candidates"])), key=lambda i: tr["candidates"][i][0] * tr["candidates"][i][1])
         last = tr["steps"][-1]["probs"]
         p_top = sorted(p[top] for p in last)
         med = statistics.median(p_top)
@@ -347,7 +363,7 @@ def plot_alphas(run_dirs: dict[str, Path], path: Path) -> bool:
     for col, (name, tr) in enumerate(runs.items()):
         steps = list(range(1, len(tr["steps"]) + 1))
         cmap = plt.get_cmap("viridis")
-        for i, b in enumerate(tr["candidates"]):
+        for i, (b, _) in enumerate(tr["candidates"]):
             ax = axes[i][col]
             for l, layer in enumerate(tr["layers"]):
                 ax.plot(steps, [s["probs"][l][i] for s in tr["steps"]], color=cmap(l / max(len(tr["layers"]) - 1, 1)),
@@ -370,7 +386,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
     p.add_argument("--part", choices=["all", *PARTS], default="all",
-                   help="baselines: the selections (issue 11); pairs: Table 7 in miniature (issue 13)")
+                   help="baselines: every selection against random; pairs: the supplement's Table 7 in miniature")
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
     try:
@@ -401,12 +417,22 @@ def main(argv=None) -> int:
     fp = {arch: train_fp(arch, data, out / f"fp_{arch}.pth", fp_epochs, log) for arch in archs}
     for arch, top1 in fp.items():
         log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
+    def folder(arch, t, m, s):
+        return str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}")
+
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
-                 epochs=epochs, search_epochs=2, threads=1, part=part,
-                 out=str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}"))
+                 epochs=epochs, search_epochs=2, threads=1, part=part, out=folder(arch, t, m, s),
+                 source=folder(arch, t, SOURCE, s))
             for part, arch, t, methods, seeds in grid for s in seeds for m in methods]
-    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
-        results = list(ex.map(lambda j: run_one(j, log), jobs))
+    missing = {j["source"] for j in jobs if j["method"] in SELECTIONS} - {j["out"] for j in jobs}
+    if missing:
+        raise SystemExit(f"study_digits: error: the grid selects from runs it does not make: {sorted(missing)[0]}")
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:  # the searches first: the selections start from their meta-states
+        done_first = dict(zip([j["out"] for j in jobs if j["method"] not in SELECTIONS],
+                              ex.map(lambda j: run_one(j, log), [j for j in jobs if j["method"] not in SELECTIONS])))
+        done_then = dict(zip([j["out"] for j in jobs if j["method"] in SELECTIONS],
+                             ex.map(lambda j: run_one(j, log), [j for j in jobs if j["method"] in SELECTIONS])))
+    results = [{**done_first, **done_then}[j["out"]] for j in jobs]
     done = {part: [r for r, j in zip(results, jobs) if j["part"] == part] for part in parts}
     keys = {"baselines": "runs", "pairs": "pairs"}  # results.json's key of each part
     saved = {"fp_top1": {}}

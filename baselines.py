@@ -1,0 +1,498 @@
+"""Other bit selections to compare MetaMix with, beside metamix.py. Not MetaMix: not the paper's method.
+
+To tell whether MetaMix's search picks *good* bits, each method here selects from the same meta-state as the
+search did (RUN/meta_state.pth, which metamix.py keeps at the end of bit selection: bits not yet selected,
+weights in full precision), and weight training then runs from that meta-state exactly as MetaMix's does; only
+the selection differs. One bit-meta run serves every selection:
+
+    python metamix.py --output-dir runs/m                  # MetaMix: bit selection, then weight training
+    python baselines.py runs/m --method random             # writes runs/m/bits_random.json, prints the next command
+    python metamix.py --resume runs/m/meta_state.pth --bits-from runs/m/bits_random.json --output-dir runs/m-random \\
+        --target-gbops 33.0 ...                            # weight training of those bits, from the meta-state
+    python baselines.py runs/m --method hessian --target-gbops 28 --batches 4 --probes 4 --out /tmp/h.json
+
+The command baselines.py prints is the third above in full: the run's own flags, rebuilt from its checkpoint,
+and the selection's --target-gbops. Under torchrun, run it with torchrun in place of python. Runs of (A, W) pairs
+(pairs.py) are refused: these methods select activation bits at one W.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import metamix as mm
+import pairs
+
+# The methods, each a selection under the target in GBOPs (Eq. 6) on the meta-state:
+#   uniform      the largest uniform candidate that fits the target
+#   random       a random configuration, seeded by --seed, filled toward the target
+#   hessian      HAWQ-v2-style: 1/2 Tr(H_l) * mean (x_l - Q_b(x_l))^2, H_l the loss Hessian with respect to
+#                layer l's input activation (Hutchinson's estimate, as PyHessian takes it), then the exact knapsack
+#   sensitivity  MQBench-style: loss(only layer l at b, the rest at the largest candidate) - loss(all at the
+#                largest), then the exact knapsack
+# The two proxies are training-free (EMQ's family): computed once on the meta-state, on a few training batches.
+# Not here: MetaMix itself and the paper's Figure 7(a) ablation (metamix.py, metamix.py --unfixed), and a
+# configuration of your own (metamix.py --bits-from takes it directly).
+METHODS = ("uniform", "random", "hessian", "sensitivity")
+PROXIES = ("hessian", "sensitivity")
+
+# ---- the exact knapsack ------------------------------------------------------------------
+
+def bops_costs(model: nn.Module) -> tuple[list[list[int]], int]:
+    """Exact integer BOPs: per searched layer and candidate OPs_l * a * w, and the fixed layers' (C_fixed)."""
+    costs = [[m.macs * a * w for a, w in m.candidates] for m in mm.searched_layers(model)]
+    return costs, sum(m.macs * a * w for m in mm.quant_layers(model) if m.fixed for a, w in m.candidates)
+
+def budget_bops(target_gbops: float, fixed_bops: int) -> int:
+    """The integer BOPs left to the searched layers; 1e-3 BOPs of slack absorbs the float GBOPs' rounding."""
+    return math.floor(target_gbops * 1e9 + 1e-3) - fixed_bops
+
+def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], budget: int) -> list[int] | None:
+    """Exact multiple-choice knapsack: one choice i_l per layer, minimising sum_l scores[l][i_l]
+    subject to sum_l costs[l][i_l] <= budget; None if no choice fits.
+
+    Dynamic programming over exact integer costs (BOPs, no rounding to a grid), layer by layer. A
+    state is (cost so far, score so far); a state that costs at least as much as another and
+    scores no better is dropped (any completion of it is matched by the same completion of the
+    other), so only the Pareto frontier is kept. That keeps the result exact, and the number of
+    states at most the number of distinct reachable costs under the budget (a few thousand for
+    ResNet-18 or MobileNet-v2 with 3 candidates). Ties go to the lower cost.
+    """
+    frontier = [(0, 0.0)]  # (cost, score), cost ascending, score strictly descending
+    back: list[list[tuple[int, int]]] = []  # per layer, per state: (index in the previous frontier, choice)
+    for sc, co in zip(scores, costs):
+        cand = sorted(((c + co[i], s + float(sc[i]), k, i) for k, (c, s) in enumerate(frontier)
+                       for i in range(len(co)) if c + co[i] <= budget), key=lambda t: (t[0], t[1]))
+        if not cand:
+            return None
+        new, links, best = [], [], math.inf
+        for c, s, k, i in cand:
+            if s < best:  # cheaper states come first: keep it only if it scores strictly better
+                best = s
+                new.append((c, s))
+                links.append((k, i))
+        frontier, back = new, back + [links]
+    k = min(range(len(frontier)), key=lambda j: (frontier[j][1], frontier[j][0]))
+    choice = []
+    for links in reversed(back):
+        k, i = links[k]
+        choice.append(i)
+    return choice[::-1]
+
+# ---- uniform and random --------------------------------------------------------------------
+
+def uniform_budgets(model: nn.Module) -> dict[int, float]:
+    """Activation bits -> GBOPs (Eq. 6) of every searched layer at that candidate."""
+    n = len(mm.searched_layers(model))
+    return {a: mm.branches_gbops(model, [i] * n) for i, (a, _) in enumerate(mm.searched_layers(model)[0].candidates)}
+
+def uniform_selection(model: nn.Module, target_gbops: float) -> list[int]:
+    """Branch indices of the largest candidate that fits the target on every searched layer."""
+    budgets = uniform_budgets(model)
+    fits = [b for b, g in budgets.items() if g <= target_gbops + 1e-9]
+    if not fits:
+        listed = ", ".join(f"A{b} {g:.3f}" for b, g in sorted(budgets.items()))
+        raise mm.BadInput(f"--method uniform: no uniform configuration fits --target-gbops {target_gbops:g} "
+                          f"(uniform budgets in GBOPs: {listed})")
+    bits = [a for a, _ in mm.searched_layers(model)[0].candidates]
+    return [bits.index(max(fits))] * len(mm.searched_layers(model))
+
+def random_selection(model: nn.Module, target_gbops: float, seed: int) -> list[int]:
+    """A random configuration under the target, filled toward it (our choice of procedure).
+
+    Each layer draws a candidate uniformly; while over the target, a random layer not at its
+    smallest candidate goes one candidate down; then, in random order, layers go one candidate up
+    while the result still fits, until none can. Its own generator: no global random stream is drawn from.
+    """
+    rng = random.Random(seed)
+    costs, fixed = bops_costs(model)
+    budget = budget_bops(target_gbops, fixed)
+    bits = [a for a, _ in mm.searched_layers(model)[0].candidates]
+    order = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices, smallest bits first
+    rank = [rng.randrange(len(bits)) for _ in costs]  # position in `order`, per layer
+
+    def total():
+        return sum(c[order[r]] for c, r in zip(costs, rank))
+
+    while total() > budget:
+        l = rng.choice([l for l, r in enumerate(rank) if r > 0])
+        rank[l] -= 1
+    while True:
+        up = [l for l, r in enumerate(rank) if r + 1 < len(bits)
+              and total() - costs[l][order[r]] + costs[l][order[r + 1]] <= budget]
+        if not up:
+            break
+        rank[rng.choice(up)] += 1
+    return [order[r] for r in rank]
+
+# ---- training-free proxies (EMQ's family), on the meta-state --------------------------------
+
+@contextlib.contextmanager
+def kept_modes(model: nn.Module):
+    """Restore, on exit, every quantized layer's mode (activation mode and branch, the weight width of a pair
+    layer, which weight quantizers are on) and every module's train/eval flag."""
+    flags = [(mod, mod.training) for mod in model.modules()]
+    layers = [(m, m.act.mode, m.act.branch, getattr(m, "w_branch", None),
+               [wq.enabled for wq in getattr(m, "weight_quants", [m.weight_quant])]) for m in mm.quant_layers(model)]
+    try:
+        yield
+    finally:
+        for mod, training in flags:
+            mod.training = training
+        for m, mode, branch, w_branch, enabled in layers:
+            m.act.mode, m.act.branch = mode, branch
+            if w_branch is not None:
+                m.w_branch = w_branch
+            for wq, e in zip(getattr(m, "weight_quants", [m.weight_quant]), enabled):
+                wq.enabled = e
+
+def _layer_inputs(model: nn.Module, layers: Sequence[mm.QuantLayer], store: dict, replace: dict | None = None):
+    """Forward pre-hooks that give each layer's input its own autograd node (a copy), so a gradient
+    with respect to it flows through that layer only (a ResNet block's input also feeds its
+    downsample conv); `replace` maps a layer to a tensor used instead of its input."""
+    def hook(mod, inp):
+        x = replace[mod] if replace and mod in replace else inp[0].clone()
+        store[mod] = x
+        return (x,) + tuple(inp[1:])
+
+    return [m.register_forward_pre_hook(hook) for m in layers]
+
+def rademacher(shape, dtype, device, generator) -> torch.Tensor:
+    """A vector of independent +-1 entries, each with probability 1/2 (Hutchinson's probe)."""
+    return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
+
+def clamp_to_top_branch(model: nn.Module) -> list:
+    """Forward pre-hooks that clamp each quantized layer's input to the range of its largest candidate,
+    [Qn * s, Qp * s]: the meta-state at its largest bits with rounding taken as the identity (LSQ's
+    straight-through estimator), a network that autograd can differentiate twice. Use in "fp" mode.
+    Registered after `_layer_inputs`' hooks, they clamp the copy that those record."""
+    handles = []
+    for m in mm.quant_layers(model):
+        i = max(range(len(m.act.bits)), key=lambda j: m.act.bits[j])
+        qn, qp = mm.lsq_range(m.act.bits[i], m.act.signed)
+        s = float(mm.positive(m.act.step.detach()[i]))
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, inp, lo=qn * s, hi=qp * s: (inp[0].clamp(lo, hi),) + tuple(inp[1:])))
+    return handles
+
+# PyTorch has no double backward for hardsigmoid and hardswish (MobileNet-v3): while Hessians are taken,
+# those modules compute the same functions from clamps, which it can differentiate twice.
+_TWICE_DIFFERENTIABLE = {nn.Hardsigmoid: lambda x: (x + 3).clamp(0, 6) / 6,
+                         nn.Hardswish: lambda x: x * (x + 3).clamp(0, 6) / 6}
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module):
+    """Swap the forward of every module in _TWICE_DIFFERENTIABLE for its clamp form; restored on exit."""
+    swapped = [m for m in model.modules() if type(m) in _TWICE_DIFFERENTIABLE]
+    for m in swapped:
+        m.forward = _TWICE_DIFFERENTIABLE[type(m)]  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
+
+def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=None, probe_fn=None,
+                      clamp: bool = False) -> torch.Tensor:
+    """Hutchinson's estimate of Tr(H_l), H_l = d^2 L / d x_l^2, for each searched layer l: the mean of
+    v^T H_l v over `probes` Rademacher vectors v (E[v v^T] = I, so E[v^T H v] = Tr H), as PyHessian takes it.
+
+    L is the batch's mean cross-entropy in the model's current mode; `clamp` adds clamp_to_top_branch's
+    hooks (the proxy's choice, in "fp" mode: unclipped full-precision activations can be far outside what
+    the meta-state's BN statistics saw). x_l is layer l's whole input tensor (B, C, H, W), before the
+    clamp. H_l v by double backward: g_l = dL/dx_l with create_graph, then d<g_l, v>/dx_l.
+    `probe_fn(shape, dtype, device, generator)` replaces the Rademacher draw (tests).
+    Returns (L,) traces, summed over the tensor's elements (not averaged).
+    """
+    probe_fn = probe_fn or rademacher
+    layers = mm.searched_layers(model)
+    xs: dict = {}
+    handles = _layer_inputs(model, layers, xs)
+    if clamp:
+        handles += clamp_to_top_branch(model)
+    try:
+        with torch.enable_grad(), twice_differentiable(model):
+            loss = F.cross_entropy(model(images), targets)
+            inputs = [xs[m] for m in layers]
+            grads = torch.autograd.grad(loss, inputs, create_graph=True)
+            out = []
+            for x, g in zip(inputs, grads):
+                total = 0.0
+                for _ in range(probes):
+                    v = probe_fn(x.shape, x.dtype, x.device, generator)
+                    (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
+                    total += float(torch.dot(hv.reshape(-1), v.reshape(-1)))
+                out.append(total / probes)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.tensor(out, dtype=torch.float64)
+
+def meta_state_traces(model: nn.Module, images, targets, probes: int, seed: int) -> torch.Tensor:
+    """(L,) Tr(H_l) of one batch as the hessian proxy takes them: the meta-state in eval and "fp" mode, inputs
+    clamped to their largest candidate (clamp_to_top_branch), a generator seeded by `seed` for each batch.
+    figure9.py takes its traces here too. Leaves every mode and flag as it was."""
+    with kept_modes(model):
+        model.eval()
+        mm.set_mode(model, "fp")
+        g = torch.Generator(device=images.device).manual_seed(seed)
+        return hutchinson_traces(model, images, targets, probes, g, clamp=True)
+
+def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: int = 0,
+                 traces_out: list | None = None) -> torch.Tensor:
+    """(L, N) scores, an estimate of the rise in loss when layer l's input is at candidate bits[i].
+
+    hessian:     1/2 Tr(H_l) * mean((x_l - Q_i(x_l; s_{l,i}))^2), averaged over the batches: the
+                 second-order Taylor term with H_l taken as isotropic (HAWQ-v2's Tr(H)/n times
+                 the squared error, n the number of elements), at each branch's meta-state step.
+                 H_l is taken on the meta-state at its largest candidate with straight-through
+                 rounding (meta_state_traces): our choice, the network the search starts from.
+    sensitivity: mean over the batches of loss(layer l at bits[i], every other searched layer at
+                 the largest candidate) - loss(every searched layer at the largest candidate), MQBench's
+                 "naive" sensitivity relative to the largest candidate rather than to full precision.
+    Both run on the meta-state in eval mode (BN running statistics, no dropout, no update), weights in full
+    precision as in bit-meta, and leave its parameters, buffers, modes and flags as they were.
+    `traces_out` (hessian): each batch's (L,) traces are appended to it.
+    """
+    layers = mm.searched_layers(model)
+    bits = [a for a, _ in layers[0].candidates]
+    top = max(range(len(bits)), key=lambda i: bits[i])
+    scores = torch.zeros(len(layers), len(bits), dtype=torch.float64)
+    with kept_modes(model):
+        model.eval()
+        for images, targets in batches:
+            if method == "hessian":
+                traces = meta_state_traces(model, images, targets, probes, seed)
+                if traces_out is not None:
+                    traces_out.append(traces)
+                mm.set_mode(model, "fp")
+                xs: dict = {}
+                handles = _layer_inputs(model, layers, xs)
+                with torch.no_grad():
+                    model(images)
+                for h in handles:
+                    h.remove()
+                for l, m in enumerate(layers):
+                    x = xs[m].float()
+                    for i, b in enumerate(bits):
+                        s = mm.positive(m.act.step.detach()[i])
+                        mse = (x - mm._lsq_codes(x, s, *mm.lsq_range(b, m.act.signed)).mul_(s)).pow(2).mean().item()
+                        scores[l, i] += 0.5 * traces[l] * mse
+            else:
+                mm.set_mode(model, "meta", top, quant_weights=False)
+                with torch.no_grad():
+                    base = F.cross_entropy(model(images), targets).item()
+                    for l, m in enumerate(layers):
+                        for i in range(len(bits)):
+                            if i == top:
+                                continue
+                            m.act.branch = i
+                            scores[l, i] += F.cross_entropy(model(images), targets).item() - base
+                        m.act.branch = top
+    return scores / max(len(batches), 1)
+
+def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
+    """The first n batches of the run's own training loader (its DistributedSampler for one process, its
+    --batch-size and --workers) in a fixed permutation, the sampler's epoch 10**6 + seed, not one that
+    training uses; augmentation included, drawn in a forked RNG seeded by `seed`: they depend on nothing
+    else, and nothing else is drawn from any global random stream."""
+    train_set = mm.build_datasets(args)[0]
+    workers = 0 if mm.synthetic_spec(args.data) else args.workers
+    sampler = torch.utils.data.DistributedSampler(train_set, 1, 0, shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = random.getstate()
+        try:
+            sampler.set_epoch(10**6 + seed)
+            batches = [(x.to(device), y.to(device)) for x, y in itertools.islice(loader, n)]
+        finally:
+            random.setstate(state)
+    if not batches:
+        raise mm.BadInput(f"the run's training set ({len(train_set)} images) holds no batch of {args.batch_size}")
+    return batches
+
+# ---- the selection, its file and its training command --------------------------------------
+
+def meta_state_of(run_dir: str) -> str:
+    """RUN/meta_state.pth, if there is one."""
+    path = os.path.join(run_dir, "meta_state.pth")
+    if not os.path.isdir(run_dir):
+        raise mm.BadInput(f"{run_dir}: no such folder (expected the --output-dir of a metamix run)")
+    if not os.path.isfile(path):
+        raise mm.BadInput(f"{run_dir} has no meta_state.pth (metamix.py writes it when bit selection ends)")
+    return path
+
+def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
+    """(args, model, checkpoint) of a meta-state of a run of one W; every problem a BadInput."""
+    ck = mm.load_checkpoint(path, "checkpoint")
+    run_dir = os.path.dirname(path) or "."
+    w_bits = ck.get("args", {}).get("w_bits") if isinstance(ck.get("args"), dict) else None
+    if isinstance(w_bits, list):
+        raise mm.BadInput(f"{run_dir} is a run of (A, W) pairs (--w-bits {','.join(map(str, w_bits))}); these methods "
+                          "select activation bits at one W and are not implemented for pairs: use its own selection, "
+                          "or metamix.py --bits-from with [a_bits, w_bits] per layer")
+    args, model, ck = pairs.load_run(path)
+    check_meta_state(ck, path)
+    return args, model, ck
+
+def check_meta_state(ck: dict, path: str) -> None:
+    """A meta-state is a checkpoint at the phase boundary: bit selection done, bits not selected yet."""
+    if ck["selected"] is not None or ck["epoch"] != ck["args"]["search_epochs"]:
+        raise mm.BadInput(f"{path} is not a meta-state (the end of bit selection, epoch {ck['args']['search_epochs']}):"
+                          f" it is at epoch {ck['epoch']}" + (", bits selected" if ck["selected"] is not None else ""))
+
+def check_target(model: nn.Module, method: str, target: float) -> None:
+    """Refuse a target no configuration of `method` fits: under every uniform budget (uniform, naming them; the
+    range's lower end is the smallest of them) or outside the feasible range."""
+    if method == "uniform":
+        uniform_selection(model, target)
+    lo, hi = mm.gbops_range(model)
+    if not lo - 1e-6 <= target <= hi + 1e-6:
+        raise mm.BadInput(f"--target-gbops {target:g} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs of "
+                          "this run")
+
+def select(model: nn.Module, args, method: str, target: float, seed: int = 0, batches: int = 4, probes: int = 4,
+           device="cpu") -> tuple[list[int], dict]:
+    """The selection of `method` under `target` GBOPs on a loaded meta-state: (branch indices per searched layer,
+    what its bits file adds: the seed; for a proxy its settings and (L, N) scores)."""
+    if method == "uniform":
+        return uniform_selection(model, target), {}
+    if method == "random":
+        return random_selection(model, target, seed), {"seed": seed}
+    if method not in PROXIES:
+        raise mm.BadInput(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    data = proxy_batches(args, batches, seed, device)
+    scores = proxy_scores(model, data, method, probes, seed)
+    costs, fixed = bops_costs(model)
+    branches = mckp_exact(scores.tolist(), costs, budget_bops(target, fixed))
+    if branches is None:  # check_target makes this impossible; kept as a clear failure
+        raise mm.BadInput(f"--target-gbops {target:g}: no configuration fits")
+    proxy = {"batches": len(data), "probes": probes if method == "hessian" else None, "seed": seed}
+    return branches, {"proxy": proxy, "scores": scores.tolist()}
+
+def baseline_report(model: nn.Module, args, method: str, target: float, branches: Sequence[int], extra: dict) -> dict:
+    """The bits file: metamix's bits.json layout (rows with name, a_bits, w_bits; GBOPs, averages) for this
+    selection, "selection" the method, its target, and for a proxy each row's scores in the order of "candidates"."""
+    mm.apply_selection(model, branches)
+    report = mm.bits_report(model, argparse.Namespace(**{**vars(args), "target_gbops": target, "bits_from": None}))
+    report.update(selection=method, **{k: v for k, v in extra.items() if k != "scores"})
+    searched = [r for r in report["layers"] if not r["fixed"]]
+    for i, r in enumerate(searched):
+        r["probs"] = None  # the alphas are MetaMix's search, which this selection does not follow
+        if "scores" in extra:
+            r["scores"] = extra["scores"][i]
+    return report
+
+# Flags of the meta-state's run that the training command does not repeat: it has its own output dir, resume,
+# selection and target; --stop-after-epoch was where that run stopped; --pretrained only chose the weights it
+# started from, which the meta-state replaces (the --lr and --alpha-lr it implied are repeated as numbers).
+NOT_REPEATED = ("output_dir", "resume", "bits_from", "target_gbops", "stop_after_epoch", "dry_run", "pretrained")
+
+def _flag_text(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, target: float) -> str:
+    """`python metamix.py --resume RUN/meta_state.pth --bits-from FILE --output-dir RUN-METHOD` with every flag of
+    the run whose value differs from metamix's default (lists comma-joined, store_true flags bare) and the
+    selection's --target-gbops (exact: the shortest text that reads back as the same float)."""
+    cmd = ["python", os.path.relpath(mm.__file__), "--resume", os.path.join(run_dir, "meta_state.pth"),
+           "--bits-from", bits_file, "--output-dir", f"{run_dir}-{method}"]
+    for action in mm.get_args_parser()._actions:
+        if action.dest in NOT_REPEATED or action.dest not in run_args or not action.option_strings:
+            continue
+        v, flag = run_args[action.dest], action.option_strings[0]
+        if action.nargs == 0:  # store_true
+            cmd += [flag] if v else []
+        elif v is not None and _flag_text(v) != _flag_text(action.default):
+            cmd += [flag, _flag_text(v)]
+    return shlex.join(cmd + ["--target-gbops", repr(float(target))])
+
+# ---- the command line ---------------------------------------------------------------------
+
+def run_baseline(a: argparse.Namespace) -> int:
+    run_dir = os.path.normpath(a.run)
+    if run_dir in (".", ".."):
+        run_dir = os.path.abspath(run_dir)  # RUN-METHOD needs a folder name
+    meta, out = meta_state_of(run_dir), a.out or os.path.join(run_dir, f"bits_{a.method}.json")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise mm.BadInput(f"--out {out}: its folder does not exist")
+    args, model, ck = load_meta_state(meta)
+    target = args.target_gbops if a.target_gbops is None else a.target_gbops
+    check_target(model, a.method, target)
+    seed = args.seed if a.seed is None else a.seed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.time()
+    branches, extra = select(model.to(device), args, a.method, target, seed, a.batches, a.probes, device)
+    report = {**baseline_report(model, args, a.method, target, branches, extra), "meta_state": meta}
+    mm.atomic_write(out, json.dumps(report, indent=1).encode())
+    cost = f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s" \
+        if "proxy" in extra else ""
+    print(f"{mm.report_text(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
+          f"{out}\ntrain it from the meta-state:\n{train_command(run_dir, ck['args'], out, a.method, target)}",
+          flush=True)
+    return 0
+
+class Parser(argparse.ArgumentParser):
+    """One line and exit 2 on a bad flag, named after the tool (`tool: error: ...`), like metamix.py's."""
+
+    def __init__(self, tool: str, **kw):
+        super().__init__(prog=f"{tool}.py", **kw)
+        self.tool = tool
+
+    def error(self, message):
+        self.exit(2, f"{self.tool}: error: {message}\n")
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser("baselines", description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
+               "writes the bits file and prints the command that trains it")
+    add = p.add_argument
+    add("run", metavar="RUN", help="a metamix run's --output-dir, holding meta_state.pth")
+    add("--method", required=True, choices=METHODS, help="the selection")
+    add("--target-gbops", metavar="T", type=mm.number(float, 0, above=True), help="budget (default: the run's)")
+    add("--seed", metavar="S", type=mm.number(int, 0), help="seed of random and of the proxies' batches (default: "
+        "the run's)")
+    add("--batches", metavar="N", type=mm.number(int, 1), default=4, help="training batches the proxies average over "
+        "(default: 4)")
+    add("--probes", metavar="K", type=mm.number(int, 1), default=4, help="Hutchinson probes per batch, hessian "
+        "(default: 4)")
+    add("--out", metavar="FILE", help="the bits file (default: RUN/bits_METHOD.json)")
+    return p
+
+def tool_main(tool: str, body, a: argparse.Namespace) -> int:
+    """Run body(a); every failure one line on stderr (`tool: error: ...`), exit 2 for bad input, 1 otherwise
+    (METAMIX_DEBUG=1: tracebacks)."""
+    try:
+        return body(a)
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted", file=sys.stderr)  # its files are written whole or not at all (atomic_write)
+        return 130
+    except Exception as e:
+        if os.environ.get("METAMIX_DEBUG"):
+            raise
+        if isinstance(e, mm.BadInput):
+            print(f"{tool}: error: {mm._one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"{tool}: error: {type(e).__name__}: {mm._one_line(e)} (METAMIX_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return tool_main("baselines", run_baseline, get_args_parser().parse_args(argv))
+
+if __name__ == "__main__":
+    sys.exit(main())

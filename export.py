@@ -1,0 +1,402 @@
+"""Integer export of a MetaMix run, beside metamix.py: the trained network as integers, and the proof that it
+computes what the fake-quantized network computes. Our choice, not the paper's (it has no deployment section).
+
+    python export.py runs/metamix                                    # writes runs/metamix/model_int.pth
+    python export.py runs/metamix --checkpoint runs/metamix/old.pth  # another checkpoint file of that run
+
+The run must be in weight training (its bits chosen, its weights quantized); runs of (A, W) pairs (pairs.py)
+export each layer at its own selected pair. After writing, the file is loaded back and its integer model runs
+beside the fake-quantized model on the run's own validation set (one process, on the GPU if there is one);
+the size is printed beside FP32's. Bad input (no such run, a checkpoint still in bit selection, a file that
+is not a checkpoint) is one line on stderr, exit status 2, and nothing is written. Load the file:
+
+    import export
+    model = export.load_integer_model("runs/metamix/model_int.pth")  # torchvision model, eval mode, CPU
+
+model_int.pth (torch.load(path, weights_only=True)): per quantized layer, its weight codes packed at w_bits,
+its activation and weight steps, its bias; everything else (BN, anything not quantized) as a float state
+dict. An IntegerLayer computes what the QuantLayer computes, in integers:
+    q_a = round(clamp(x / s_a, Qn, Qp))      the activation's codes, as training computes them
+    acc = op(q_a, q_w)                       code x code, summed exactly (see IntegerLayer)
+    y   = s_a * s_w * acc + bias
+The op is bilinear, op(s_a q_a, s_w q_w) = s_a s_w op(q_a, q_w): the fake-quantized forward and this one
+differ only by float rounding. BN, activations, pooling and residual adds stay float.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import metamix as mm
+import pairs
+
+INT_FORMAT = "metamix-int-1"
+PACKING = ("codes stored as code - Qn; 2-bit four per byte, 3-4 bit two, 5-8 bit one, 9-16 bit two bytes (low "
+           "first); first code in the low bits; row-major")
+# Our choice of what "float summation order" explains. Layer by layer, on the same input, float32 sums differ
+# from the exact ones by about 1e-7..1e-5 of the output's scale: the tolerance is 1e-4. End to end there is no
+# such bound: a code that sits on a rounding boundary flips with the last bit of an earlier sum, and the step it
+# moves by propagates (when the fake-quantized op summed s_a q_a x s_w q_w, one flipped code moved logits by half
+# their scale, no layer differing by more than 1e-6; since it sums codes too, we measured 1e-7). So end to end
+# we only ask that the argmax agree on all but 1% of the images (and one more); a wrong scale, code, bias or BN
+# state changes most of them. In float64 (float64_logit_diff) the two agree to about 1e-15.
+LAYER_REL_TOL, FLOAT64_REL_TOL = 1e-4, 1e-9
+
+# ---- packing ---------------------------------------------------------------------------
+
+def _slot_bits(bits: int) -> int:
+    """Bits each code occupies when packed: 2 (2-bit, four per byte), 4 (3-4 bits, two per byte),
+    8 (5-8 bits, one per byte), 16 (9-16 bits, two bytes, low byte first)."""
+    for slot in (2, 4, 8, 16):
+        if bits <= slot:
+            return slot
+    raise ValueError(f"cannot pack {bits}-bit codes (at most 16)")
+
+def packed_size(numel: int, bits: int) -> int:
+    """Bytes that `numel` codes of `bits` bits take once packed."""
+    slot = _slot_bits(bits)
+    return numel * 2 if slot == 16 else -(-numel // (8 // slot))
+
+def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes (any shape, any dtype holding integers in [Qn, Qp]) -> flat uint8.
+
+    Each code is stored as the unsigned offset u = code - Qn in [0, 2^bits - 1], so signed and unsigned
+    codes pack the same way (our choice). Row-major order; code j of a byte sits in bits [j*slot, (j+1)*slot)
+    of it (the first code in the low bits); the last byte is zero-padded. Unpack with
+    `unpack_codes(packed, bits, signed, codes.numel())`.
+    """
+    qn, qp = mm.lsq_range(bits, signed)
+    c = codes.detach().reshape(-1).cpu()
+    if c.is_floating_point() and not torch.equal(c, c.round()):
+        raise ValueError("codes must be integers")
+    u = c.to(torch.int64) - qn
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > qp - qn):
+        raise ValueError(f"codes outside [{qn}, {qp}] for {bits}-bit {'signed' if signed else 'unsigned'}")
+    slot = _slot_bits(bits)
+    if slot == 16:
+        return torch.stack([u & 255, u >> 8], 1).reshape(-1).to(torch.uint8)
+    per = 8 // slot
+    u = F.pad(u, (0, (-u.numel()) % per)).reshape(-1, per)
+    return (u << (torch.arange(per) * slot)).sum(1).to(torch.uint8)
+
+def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, numel: int) -> torch.Tensor:
+    """The inverse of pack_codes: flat uint8 -> (numel,) int64 codes in [Qn, Qp]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_size(numel, bits):
+        raise ValueError(f"expected {packed_size(numel, bits)} packed bytes (uint8, flat) for {numel} {bits}-bit "
+                         f"codes, got {tuple(packed.shape)} {packed.dtype}")
+    qn = mm.lsq_range(bits, signed)[0]
+    b = packed.cpu().to(torch.int64)
+    slot = _slot_bits(bits)
+    if slot == 16:
+        u = b[0::2] | (b[1::2] << 8)
+    else:
+        per = 8 // slot
+        u = ((b[:, None] >> (torch.arange(per) * slot)) & (2**slot - 1)).reshape(-1)
+    return u[:numel] + qn
+
+# ---- the export ------------------------------------------------------------------------
+
+def selected_quantizers(m: mm.QuantLayer) -> tuple[int, mm.LSQQuantizer]:
+    """(activation branch, weight quantizer) of a layer's selected candidate. Read from the selection, not from
+    the mode. A layer of (A, W) pairs (pairs.py) holds one weight quantizer per W; its candidate i is the pair
+    (bits[i // len(W)], W[i % len(W)])."""
+    i, w_quants = 0 if m.fixed else m.selected_branch, getattr(m, "weight_quants", None)
+    if w_quants is None:
+        return i, m.weight_quant
+    branch, j = divmod(i, len(w_quants))
+    return branch, w_quants[j]
+
+def export_layer(m: mm.QuantLayer) -> dict:
+    """One QuantLayer at its selected bits (weight training) as plain tensors and builtins.
+
+    Steps are the ones the forward uses, positive(s), as Python floats (a float32 value is exact in a Python
+    float). The weight codes are computed as training computes them (`_lsq_codes` on the float32 weight) and
+    packed by `pack_codes`.
+    """
+    branch, w_quant = selected_quantizers(m)
+    if not w_quant.enabled or not w_quant.initialized or m.act.signed is None or not m.act.initialized[branch]:
+        raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
+    a_bits, w_bits = m.act.bits[branch], w_quant.bits
+    with torch.no_grad():
+        a_step = mm.positive(m.act.step.detach()[branch: branch + 1]).item()
+        w_step_t = mm.positive(w_quant.step.detach())
+        qn, qp = mm.lsq_range(w_bits, True)
+        codes = mm._lsq_codes(m.weight.detach().float(), w_step_t.float(), qn, qp)
+    entry = {"name": m.name, "order": m.order, "kind": m.op.kind, "fixed": m.fixed,
+             "weight_shape": list(m.weight.shape)}
+    if m.op.kind == "conv2d":
+        entry.update(stride=list(m.op.stride), padding=list(m.op.padding), dilation=list(m.op.dilation),
+                     groups=m.op.groups)
+    entry.update(a_bits=a_bits, a_signed=bool(m.act.signed), a_step=a_step,
+                 w_bits=w_bits, w_signed=True, w_step=w_step_t.item(), w_packed=pack_codes(codes, w_bits, True),
+                 bias=None if m.bias is None else m.bias.detach().float().cpu().clone())
+    return entry
+
+def integer_export(model: nn.Module, arch: str, num_classes: int, bits_report: dict | None = None) -> dict:
+    """The content of model_int.pth: every quantized layer in forward order (export_layer), and the float state
+    of the rest, keyed as in the torchvision model. Loads with weights_only=True."""
+    layers = mm.quant_layers(model)
+    prefixes = tuple(m.name + "." for m in layers)
+    float_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                   if torch.is_tensor(v) and not k.startswith(prefixes)}
+    return {"format": INT_FORMAT, "arch": arch, "num_classes": int(num_classes), "packing": PACKING,
+            "layers": [export_layer(m) for m in layers], "float_state": float_state, "bits_report": bits_report}
+
+# ---- the integer model -----------------------------------------------------------------
+
+class IntegerLayer(nn.Module):
+    """An exported Conv2d or Linear on integer codes: y = s_a * s_w * op(q_a, q_w) + bias.
+
+    The input is rounded to codes by the training formula itself (`_lsq_codes`: round(clamp(x / positive(s_a),
+    Qn, Qp)), round half to even) on a float32 step, so the same x gives the same codes. The accumulation runs
+    in float64 on integer values and is exact, as an int32 would be: every product and every partial sum is an
+    integer, and float64 represents (and adds) integers exactly below 2^53. |acc| <= fan_in * max|q_a| *
+    max|q_w|; at 8-bit activations and weights that is fan_in * 255 * 128 < fan_in * 2^15, exact up to fan_in
+    2^38 (int32 would hold up to 2^16; ResNet-18's largest fan-in is 4608, MobileNet-v3's 1280). The constructor
+    refuses a layer whose bound reaches 2^53. The convolution runs with cuDNN off, so that it is a direct or
+    im2col + GEMM sum of products (no Winograd/FFT transforms, which would not be exact); on the CPU, float64
+    convolutions never use those. The scale and the bias are applied in float64, and the result is cast to the
+    input's float dtype.
+    """
+
+    def __init__(self, entry: dict):
+        super().__init__()
+        self.name, self.kind = entry["name"], entry["kind"]
+        shape = [int(v) for v in entry["weight_shape"]]
+        if self.kind == "conv2d":
+            self.op = mm.LayerOp("conv2d", tuple(entry["stride"]), tuple(entry["padding"]), tuple(entry["dilation"]),
+                                 int(entry["groups"]))
+        elif self.kind == "linear":
+            self.op = mm.LayerOp("linear")
+        else:
+            raise ValueError(f"{self.name}: unknown layer kind {self.kind!r}")
+        self.a_bits, self.a_signed, self.w_bits = int(entry["a_bits"]), bool(entry["a_signed"]), int(entry["w_bits"])
+        self.a_qrange = mm.lsq_range(self.a_bits, self.a_signed)
+        fan_in = math.prod(shape[1:])
+        bound = fan_in * max(abs(v) for v in self.a_qrange) * max(abs(v) for v in mm.lsq_range(self.w_bits, True))
+        if bound >= 2**53:
+            raise ValueError(f"{self.name}: |accumulator| may reach {bound} >= 2^53, not exact in float64")
+        codes = unpack_codes(entry["w_packed"], self.w_bits, bool(entry["w_signed"]), math.prod(shape))
+        # not persistent: the layer is rebuilt from the export entry, never from a state dict
+        self.register_buffer("w_codes", codes.reshape(shape).to(torch.float64), persistent=False)
+        self.register_buffer("a_step", torch.tensor(float(entry["a_step"]), dtype=torch.float32), persistent=False)
+        bias = entry["bias"]
+        self.register_buffer("bias", None if bias is None else bias.to(torch.float64), persistent=False)
+        self.scale = float(entry["a_step"]) * float(entry["w_step"])  # s_a * s_w, a float64 product
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """q_a: the input's codes, as training computes them (float tensor of integers)."""
+        return mm._lsq_codes(mm._upcast(x), mm.positive(self.a_step), *self.a_qrange)
+
+    def accumulate(self, q: torch.Tensor) -> torch.Tensor:
+        """op(q_a, q_w) in float64, exact (the int32 accumulator); q_a as from `codes`."""
+        with torch.backends.cudnn.flags(enabled=False):
+            return self.op(q.to(torch.float64), self.w_codes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = mm._upcast(x).dtype
+        y = self.accumulate(self.codes(x)) * self.scale
+        if self.bias is not None:
+            y = y + (self.bias if self.kind == "linear" else self.bias[:, None, None])
+        return y.to(dtype)
+
+    def extra_repr(self):
+        return f"{self.kind}, A{self.a_bits}{'s' if self.a_signed else 'u'}/W{self.w_bits}, " \
+               f"weight {tuple(self.w_codes.shape)}"
+
+def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
+    """The model of an export (integer_export's dict) with an IntegerLayer in place of each quantized Conv2d and
+    Linear and the float state loaded; in eval mode, on the CPU. `model` is the float architecture, unpatched
+    (its values are replaced); by default torchvision's `export["arch"]`, built as metamix builds it."""
+    if not isinstance(export, dict) or export.get("format") != INT_FORMAT:
+        raise ValueError(f"not a metamix integer export (format {INT_FORMAT})")
+    if model is None:
+        import torchvision
+
+        # as mm.build_model (one output); no init, every value is replaced
+        kw = {"aux_logits": False, "init_weights": False} if export["arch"] in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(export["arch"], weights=None, num_classes=export["num_classes"], **kw)
+    for entry in export["layers"]:
+        name = entry["name"]
+        old = model.get_submodule(name)
+        if not isinstance(old, (nn.Conv2d, nn.Linear)) or list(old.weight.shape) != list(entry["weight_shape"]):
+            raise ValueError(f"{name}: the export's layer does not fit the model's {type(old).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, IntegerLayer(entry))
+    model.load_state_dict(export["float_state"])  # strict: exactly the rest of the model
+    return model.eval()
+
+def load_integer_model(path: str, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the integer model from model_int.pth (see integer_model)."""
+    return integer_model(torch.load(path, map_location="cpu", weights_only=True), model)
+
+# ---- the proof -------------------------------------------------------------------------
+
+@torch.no_grad()
+def compare_logits(model: nn.Module, int_model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
+    """The fake-quantized model against the integer model on the whole validation set, in float32.
+
+    End to end: top-1 of each, the largest logit difference, the largest |logit|, and on how many images the
+    argmax differs. Layer by layer: each IntegerLayer is also run on the very input its QuantLayer got, and
+    `layer_rel_diff` is the largest max|y_int - y_fq| / max|y_fq|. On the same input both round to the same
+    codes, so only float summation order is left; end to end, an activation that sits on a rounding boundary
+    (x/s = k + 0.5) can round the other way after a last-bit difference in an earlier float32 sum, and that
+    moves the logits by more.
+    """
+    model.eval()
+    int_model.eval()
+    int_layers = {m.name: m for m in int_model.modules() if isinstance(m, IntegerLayer)}
+    layer_rel = torch.zeros((), dtype=torch.float64, device=device)
+
+    def same_input(mod, inp, out):  # forward hook on each QuantLayer
+        nonlocal layer_rel
+        ref = out.float()
+        d = (int_layers[mod.name](inp[0]).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        layer_rel = torch.maximum(layer_rel, d.double())
+
+    handles = [m.register_forward_hook(same_input) for m in mm.quant_layers(model)]
+    tot = torch.zeros(4, dtype=torch.float64, device=device)  # top1 fake-quantized, top1 integer, argmax differs, n
+    mx = torch.zeros(2, dtype=torch.float64, device=device)  # largest |difference|, largest |logit|
+    try:
+        for images, targets in loader:
+            images, targets = images.to(device), targets.to(device)
+            a, b = model(images).float(), int_model(images).float()
+            pa, pb = a.argmax(1), b.argmax(1)
+            tot += torch.stack([(pa == targets).sum(), (pb == targets).sum(), (pa != pb).sum(),
+                                torch.tensor(len(targets), device=device)]).double()
+            mx = torch.maximum(mx, torch.stack([(a - b).abs().max(), a.abs().max()]).double())
+    finally:
+        for h in handles:
+            h.remove()
+    n = max(tot[3].item(), 1.0)
+    return {"top1_fake_quant": 100 * tot[0].item() / n, "top1_integer": 100 * tot[1].item() / n,
+            "argmax_differs": int(tot[2].item()), "n": int(tot[3].item()),
+            "max_logit_diff": mx[0].item(), "max_abs_logit": mx[1].item(), "layer_rel_diff": layer_rel.item()}
+
+@torch.no_grad()
+def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """(largest |logit difference|, largest |logit|) of copies of both models run in float64 on `images`.
+
+    Without float32 rounding no code sits close enough to a rounding boundary to flip, so this checks the whole
+    model end to end (BN, residual adds, wiring). The fake-quantized copy's weights are set to s_w * q_w with the
+    float32 codes, so that its own float64 division finds the same codes.
+    """
+    fq, im = copy.deepcopy(model).eval(), copy.deepcopy(int_model).eval()
+    for m in mm.quant_layers(fq):
+        w_quant = selected_quantizers(m)[1]
+        s_w = mm.positive(w_quant.step).float()
+        qn, qp = mm.lsq_range(w_quant.bits, True)
+        m.weight.copy_(mm._lsq_codes(m.weight.float(), s_w, qn, qp).mul_(s_w))
+    a, b = fq.double()(images.double()), im.double()(images.double())
+    return (a - b).abs().max().item(), a.abs().max().item()
+
+def export_agrees(p: dict) -> bool:
+    """Whether compare_logits' result is explained by float summation order (see LAYER_REL_TOL)."""
+    return (p["layer_rel_diff"] <= LAYER_REL_TOL and p["argmax_differs"] <= 0.01 * p["n"] + 1
+            and p.get("float64_diff", 0.0) <= FLOAT64_REL_TOL * max(p.get("float64_scale", 1.0), 1.0))
+
+# ---- the command -----------------------------------------------------------------------
+
+def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
+    """Write RUN_DIR/model_int.pth from the run's checkpoint (default RUN_DIR/checkpoint.pth), then prove it:
+    the integer model against the fake-quantized one on the run's validation set, and the file's size against
+    FP32's. Every input problem is a BadInput raised before anything is written. Returns (path, the proof)."""
+    if not os.path.isdir(run_dir):
+        raise mm.BadInput(f"{run_dir}: " + ("not a folder (give a run's --output-dir)" if os.path.exists(run_dir)
+                                            else "no such folder"))
+    flag = "--checkpoint" if checkpoint else "checkpoint"
+    source = checkpoint or os.path.join(run_dir, "checkpoint.pth")
+    if not checkpoint and not os.path.exists(source):
+        raise mm.BadInput(f"{run_dir} holds no checkpoint.pth: not a metamix run's --output-dir, or no epoch "
+                          "finished yet")
+    ck = mm.load_checkpoint(source, flag)  # whole-sentence errors: no such file, not torch.save's, corrupt
+    if ck.get("format") != mm.CHECKPOINT_FORMAT:
+        raise mm.BadInput(f"{flag} {source} is not a metamix checkpoint (format {ck.get('format')!r}, expected "
+                          f"{mm.CHECKPOINT_FORMAT!r})")
+    if ck.get("selected") is None:
+        raise mm.BadInput(f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "
+                          f"bit selection takes {ck['args']['search_epochs']}): bits are not chosen and weights not "
+                          "quantized yet; export a checkpoint of weight training")
+    args, model, ck = pairs.load_run(source)  # either kind of run, in the mode it was evaluated in
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # before writing: a run whose data is gone writes nothing
+        _, val_set, _ = mm.build_datasets(args)
+    except mm.BadInput as e:
+        raise mm.BadInput(f"cannot read the run's validation set: {e}") from None
+    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size)
+    mm.use_speed_path(model.to(device).eval())  # the fused op, as training computed it
+
+    layers, report = mm.quant_layers(model), mm.bits_report(model, args)
+    export = integer_export(model, args.arch, ck["num_classes"], report)
+    data, path = mm.saved_bytes(export), os.path.join(run_dir, "model_int.pth")
+    try:
+        mm.atomic_write(path, data)
+    except OSError as e:
+        raise mm.BadInput(f"cannot write {path} ({e.strerror or e})") from None
+    # the proof runs on what was written, loaded back
+    int_model = load_integer_model(path).to(device)
+    p = compare_logits(model, int_model, val_loader, device)
+    first_batch = next(iter(val_loader))[0].to(device)
+    p["float64_diff"], p["float64_scale"] = float64_logit_diff(model, int_model, first_batch)
+
+    fp32 = {**export["float_state"], **{f"{m.name}.{k}": t.detach().float().cpu() for m in layers
+                                        for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None}}
+    mib, fp32_mib = len(data) / 2**20, len(mm.saved_bytes(fp32)) / 2**20
+    unfinished = "" if ck["epoch"] >= args.epochs else f" (checkpoint of epoch {ck['epoch']} of {args.epochs})"
+    fl = args.first_last_bits
+    w = f"W{args.w_bits}" if isinstance(args.w_bits, int) else f"per-layer W (average {report['avg_w_bits']:.2f})"
+    print(f"export: wrote {path}{unfinished}: {args.arch}, {w} with A{fl}/W{fl} first/last, average activation "
+          f"bits {report['avg_a_bits']:.2f}: {mib:.1f} MiB vs {fp32_mib:.1f} MiB FP32 ({fp32_mib / mib:.1f}x smaller)",
+          flush=True)
+    print(f"export: integer model top-1 {p['top1_integer']:.2f}% vs fake-quantized {p['top1_fake_quant']:.2f}% "
+          f"(float32) on {p['n']} images; end to end: largest logit difference {p['max_logit_diff']:.3g} (largest "
+          f"|logit| {p['max_abs_logit']:.3g}), argmax differs on {p['argmax_differs']}; layer by layer on the same "
+          f"input: largest relative difference {p['layer_rel_diff']:.2g}; end to end in float64 on one batch: "
+          f"largest logit difference {p['float64_diff']:.2g}", flush=True)
+    if not export_agrees(p):
+        print(f"export: WARNING: the integer model disagrees with the fake-quantized one beyond float summation "
+              f"order (layer by layer {p['layer_rel_diff']:.2g}, tolerance {LAYER_REL_TOL:g}; argmax differs on "
+              f"{p['argmax_differs']} of {p['n']} images; float64 {p['float64_diff']:.2g}); {path} is written "
+              "anyway", flush=True)
+    return path, p
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, like every other bad input
+        self.exit(2, f"export: error: {message}\n")
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser(description="Integer export of a MetaMix run (model_int.pth) and its check against the "
+               "fake-quantized model")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's --output-dir; model_int.pth is written there")
+    p.add_argument("--checkpoint", metavar="FILE", help="export this checkpoint file of the run instead (default: "
+                   "RUN_DIR/checkpoint.pth)")
+    return p
+
+def main(argv: list[str] | None = None) -> int:
+    """Export, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        export_run(args.run_dir, args.checkpoint)
+        return 0
+    except KeyboardInterrupt:
+        print("export: interrupted; model_int.pth, if written, is whole but unchecked", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("METAMIX_DEBUG"):
+            raise
+        if isinstance(e, mm.BadInput):
+            print(f"export: error: {mm._one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"export: error: {type(e).__name__}: {mm._one_line(e)} (METAMIX_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""Tests for baselines.py, the other selections (not MetaMix) made from a run's meta-state.
+Run: python -m pytest -q test_baselines.py
+
+The pieces against brute force, exact Hessians and hand values; each method on the reference run's meta-state
+(in this process); the workflow end to end: metamix.py --resume RUN/meta_state.pth --bits-from FILE reproduces
+the run from its own bits, and trains a baseline's bits with the command baselines.py prints.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import random
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import baselines as bl
+import metamix as mm
+import pairs
+from conftest import REF, REPO, error_line, load_ck, read_log, run_cli
+
+METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Double backward on 2 busy cores: far slower with two threads than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("METAMIX_DEBUG", raising=False)  # the tools' one-line errors, not tracebacks
+
+
+@pytest.fixture(scope="module")
+def meta(ref_run):
+    """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""
+    return pairs.load_run(str(ref_run / "meta_state.pth"))
+
+
+@pytest.fixture
+def call(capsys):
+    """call(main, *argv): a tool's main() in this process, as a CompletedProcess (for error_line)."""
+    def run(main, *argv) -> subprocess.CompletedProcess:
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            rc = e.code
+        return subprocess.CompletedProcess(argv, rc, *capsys.readouterr())
+
+    return run
+
+
+def main_in_process(*argv) -> int:
+    """metamix.py's main on argv in this process (no interpreter start-up); its signal handlers are put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return mm.main(mm.get_args_parser().parse_args([str(a) for a in argv]))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def linked_run(ref_run: Path, d: Path) -> Path:
+    """A run folder whose meta_state.pth is the reference run's (a link: ref_run itself is never written)."""
+    d.mkdir(parents=True)
+    (d / "meta_state.pth").symlink_to(ref_run / "meta_state.pth")
+    return d
+
+
+def files_of(d: Path) -> dict:
+    """name -> (size, mtime_ns) of everything in d, links as links."""
+    return {str(f.relative_to(d)): (f.lstat().st_size, f.lstat().st_mtime_ns) for f in sorted(d.rglob("*"))}
+
+
+# ---------------------------------------------------------------------------------------
+# The exact knapsack
+# ---------------------------------------------------------------------------------------
+
+
+def _brute_force_mckp(scores, costs, budget):
+    best = None
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(c[i] for c, i in zip(costs, choice)) <= budget:
+            v = sum(s[i] for s, i in zip(scores, choice))
+            best = v if best is None or v < best else best
+    return best
+
+
+def test_knapsack_matches_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for trial in range(300):
+        n_layers, n_choices = rng.randint(1, 6), rng.randint(1, 4)
+        costs = [[rng.randint(0, 12) for _ in range(n_choices)] for _ in range(n_layers)]
+        scores = [[rng.choice([rng.uniform(-1, 2), float(rng.randint(0, 3))]) for _ in range(n_choices)]
+                  for _ in range(n_layers)]  # integer scores make ties
+        budget = rng.randint(0, 12 * n_layers)
+        got = bl.mckp_exact(scores, costs, budget)
+        want = _brute_force_mckp(scores, costs, budget)
+        if want is None:
+            assert got is None, (trial, costs, budget)
+            continue
+        assert got is not None and len(got) == n_layers
+        assert sum(c[i] for c, i in zip(costs, got)) <= budget
+        assert sum(s[i] for s, i in zip(scores, got)) == pytest.approx(want, abs=1e-12), trial
+
+
+def test_knapsack_on_resnet18_equals_a_dense_dp_over_the_gcd_grid():
+    """At ImageNet scale (19 layers, 3^19 configurations): against an independent dense DP whose grid is
+    the gcd of all integer BOPs costs (exact, because every cost is a multiple of it)."""
+    model = mm.patch_model(torchvision.models.resnet18(), [8, 4, 2], 4)
+    costs, fixed = bl.bops_costs(model)
+    assert fixed == round(mm.c_fixed_of(model) * 1e9)
+    g = math.gcd(*[c for row in costs for c in row])
+    rng = random.Random(1)
+    for target in (22.0, 27.0, 33.0):
+        budget = bl.budget_bops(target, fixed)
+        scores = [[0.0, rng.uniform(0, 1), rng.uniform(0.5, 3)] for _ in costs]  # A8 free, A2 dear
+        cap = budget // g
+        inf = float("inf")
+        dp = [0.0] * (cap + 1)  # dp[c]: best score with total reduced cost <= c
+        for sc, co in zip(scores, costs):
+            dp = [min((dp[c - k // g] + s for s, k in zip(sc, co) if k // g <= c), default=inf) for c in range(cap + 1)]
+        got = bl.mckp_exact(scores, costs, budget)
+        assert sum(c[i] for c, i in zip(costs, got)) <= budget
+        assert mm.config_gbops([m.macs for m in mm.searched_layers(model)], [[32, 16, 8][i] for i in got],
+                               mm.c_fixed_of(model)) <= target + 1e-9
+        assert sum(s[i] for s, i in zip(scores, got)) == pytest.approx(dp[cap], abs=1e-9)
+
+
+def _two_layer_model(w_bits, layer_type=mm.QuantLayer):
+    """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=layer_type)
+
+
+def test_bops_costs_by_hand_one_w_and_pairs():
+    """Exact BOPs per candidate, a * w * MACs: conv A 4*4*9*64 = 9216 MACs, conv B 8*4*64 = 2048; the fixed
+    layers (3*4*9*64 + 8*2 MACs) at 8 x 8 bits. With (A, W) pairs each pair costs its own a * w."""
+    costs, fixed = bl.bops_costs(_two_layer_model(4))
+    assert costs == [[9216 * c for c in (16, 8)], [2048 * c for c in (16, 8)]]
+    assert fixed == (3 * 4 * 9 * 64 + 8 * 2) * 64
+    costs, fixed = bl.bops_costs(_two_layer_model([4, 2], pairs.PairQuantLayer))
+    assert costs == [[9216 * c for c in (16, 8, 8, 4)], [2048 * c for c in (16, 8, 8, 4)]]
+    assert fixed == (3 * 4 * 9 * 64 + 8 * 2) * 64
+
+
+# ---------------------------------------------------------------------------------------
+# Uniform and random
+# ---------------------------------------------------------------------------------------
+
+
+def test_uniform_and_random_selections():
+    model = mm.patch_model(torchvision.models.resnet18(), [8, 4, 2], 4)
+    budgets = bl.uniform_budgets(model)
+    assert budgets[4] == pytest.approx(34.714, abs=1e-3)  # the README's dry-run table
+    assert bl.uniform_selection(model, budgets[4]) == [1] * 19
+    assert bl.uniform_selection(model, budgets[4] - 0.01) == [2] * 19
+    with pytest.raises(mm.BadInput, match=r"--method uniform: no uniform .* \(uniform budgets in GBOPs: "
+                                          r"A2 21\.150, A4 34\.714, A8 61\.843\)"):
+        bl.uniform_selection(model, 21.0)
+    costs, fixed = bl.bops_costs(model)
+    seen = set()
+    for seed in range(20):
+        target = 22 + seed
+        sel = bl.random_selection(model, target, seed)
+        assert sel == bl.random_selection(model, target, seed)  # seeded
+        assert mm.branches_gbops(model, sel) <= target + 1e-9
+        total = sum(c[i] for c, i in zip(costs, sel))
+        budget = bl.budget_bops(target, fixed)
+        for l, i in enumerate(sel):  # filled: no layer can go one candidate up without going over
+            if i > 0:
+                assert total - costs[l][i] + costs[l][i - 1] > budget
+        seen.add(tuple(sel))
+    assert len(seen) == 20
+    state = random.getstate()
+    bl.random_selection(model, 30, 0)
+    assert random.getstate() == state  # its own generator
+
+
+# ---------------------------------------------------------------------------------------
+# Hutchinson and the proxies
+# ---------------------------------------------------------------------------------------
+
+
+def _tiny_mlp():
+    """Flatten -> Linear(3,4) [fixed] -> Tanh -> Linear(4,3) -> Tanh -> Linear(3,3) -> Tanh -> Linear(3,2) [fixed],
+    float64; patched at a 1x1 'image' so the searched layers' inputs have 4 and 3 features per sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3),
+                          nn.Tanh(), nn.Linear(3, 2))
+    mm.patch_model(model, [8, 4, 2], 4, bops_image_size=1)
+    model.double()
+    mm.set_mode(model, "fp")
+    return model
+
+
+def test_hutchinson_equals_exact_hessian_trace_in_float64():
+    """Every Rademacher vector enumerated once (E[v v^T] = I exactly): the estimate must be the exact trace of
+    d^2 L / d x_l^2 (torch.autograd.functional.hessian), for each searched layer's input."""
+    model = _tiny_mlp()
+    x, y = torch.randn(2, 3, 1, 1, dtype=torch.float64), torch.tensor([0, 1])
+    layers = mm.searched_layers(model)
+    exact = []
+    for m in layers:
+        rec = {}
+        h = m.register_forward_pre_hook(lambda mod, inp: rec.update(x=inp[0].detach().clone()))
+        model(x)
+        h.remove()
+
+        def loss_of(z, m=m):
+            hook = m.register_forward_pre_hook(lambda mod, inp: (z,))
+            try:
+                return F.cross_entropy(model(x), y)
+            finally:
+                hook.remove()
+
+        H = torch.autograd.functional.hessian(loss_of, rec["x"])
+        exact.append(H.reshape(rec["x"].numel(), -1).diagonal().sum().item())
+    assert all(abs(t) > 1e-4 for t in exact)  # a test that can fail: the traces are not zero
+
+    # all 2^n sign vectors of each input's shape, handed out in order, cycling (n = 8 and 6 elements)
+    counters = {}
+
+    def enumerate_signs(shape, dtype, device, generator):
+        n = math.prod(shape)
+        k = counters.get(n, 0)
+        counters[n] = k + 1
+        bits = [(k >> j) & 1 for j in range(n)]
+        return (torch.tensor(bits, dtype=dtype) * 2 - 1).reshape(shape)
+
+    got = bl.hutchinson_traces(model, x, y, probes=256, probe_fn=enumerate_signs)
+    assert got.tolist() == pytest.approx(exact, rel=1e-10, abs=1e-12)
+    # and the default Rademacher estimate converges to it
+    est = bl.hutchinson_traces(model, x, y, probes=3000, generator=torch.Generator().manual_seed(0))
+    assert est.tolist() == pytest.approx(exact, rel=0.1)
+
+
+def test_proxy_scores_by_hand(meta):
+    """On the meta-state: sensitivity is the rise in loss with one layer lowered (by hand on a copy);
+    hessian is 1/2 Tr(H_l) * MSE_l,i, so within a layer its ratios are those of the quantization errors."""
+    args, model, _ = meta
+    model = copy.deepcopy(model)
+    x, y = bl.proxy_batches(args, 1, 0)[0]
+    x, y = x[:4], y[:4]  # small: the Hessian costs a double backward per layer
+    layers = mm.searched_layers(model)
+    modes = [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in layers]
+    sens = bl.proxy_scores(model, [(x, y)], "sensitivity")
+    assert sens.shape == (19, 3) and (sens[:, 0] == 0).all() and sens.abs().sum() > 0  # A8 is the reference
+    ref = copy.deepcopy(model).eval()
+    mm.set_mode(ref, "meta", 0, quant_weights=False)
+    with torch.no_grad():
+        base = F.cross_entropy(ref(x), y).item()
+        mm.searched_layers(ref)[5].act.branch = 2
+        rise = F.cross_entropy(ref(x), y).item() - base
+    assert sens[5, 2].item() == pytest.approx(rise, rel=1e-5, abs=1e-7)
+    assert model.training and [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in layers] == modes
+
+    traces: list = []
+    hess = bl.proxy_scores(model, [(x, y)], "hessian", probes=1, traces_out=traces)
+    assert len(traces) == 1 and traces[0].abs().sum() > 0
+    assert (hess * traces[0][:, None] >= 0).all()  # 1/2 Tr(H) times a mean square: the trace's sign
+    assert (hess[:, 0].abs() < hess[:, 1].abs()).all() and (hess[:, 1].abs() < hess[:, 2].abs()).all()  # A8, A4, A2
+    m = layers[3]
+    xs = {}
+    hs = bl._layer_inputs(model, layers, xs)
+    model.eval()
+    mm.set_mode(model, "fp")
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    mse = [(xs[m] - mm._lsq_codes(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed))
+            .mul_(mm.positive(m.act.step.detach()[i]))).pow(2).mean().item() for i, b in enumerate(m.act.bits)]
+    assert mse[0] < mse[1] < mse[2]
+    assert (hess[3, 2] / hess[3, 1]).item() == pytest.approx(mse[2] / mse[1], rel=1e-5)
+    assert hess[3, 1].item() == pytest.approx(0.5 * traces[0][3].item() * mse[1], rel=1e-5)
+
+
+def test_twice_differentiable_hard_activations():
+    """hardsigmoid/hardswish: the same values and first derivatives in their clamp form, and a second
+    derivative where PyTorch's own kernels have none; the modules' forward is restored."""
+    x = torch.linspace(-5, 5, 41, dtype=torch.float64, requires_grad=True)  # includes the kinks -3 and 3
+    model = nn.Sequential(nn.Hardswish(), nn.Hardsigmoid())
+    want = model(x)
+    (g_want,) = torch.autograd.grad(want.sum(), x)
+    with bl.twice_differentiable(model):
+        got = model(x)
+        (g,) = torch.autograd.grad(got.sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+    assert torch.allclose(got, want, atol=1e-15) and torch.allclose(g, g_want, atol=1e-15)
+    assert h.abs().sum() > 0
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward"):
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_proxy_batches_are_fixed_and_disturb_nothing(meta):
+    args = meta[0]
+    rng, py = torch.get_rng_state(), random.getstate()
+    a, b = bl.proxy_batches(args, 2, 0), bl.proxy_batches(args, 2, 0)
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
+    assert len(a) == 2 and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a, b))
+    assert a[0][0].shape == (16, 3, 32, 32)
+    assert not torch.equal(bl.proxy_batches(args, 1, 1)[0][0], a[0][0])  # another seed, another permutation
+    assert len(bl.proxy_batches(args, 99, 0)) == 4  # 64 images in batches of 16
+
+
+# ---------------------------------------------------------------------------------------
+# Each method on the reference run's meta-state, and its bits file
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", bl.METHODS)
+def test_each_method_on_the_meta_state(meta, tmp_path, method):
+    args, model, _ = meta
+    model = copy.deepcopy(model)
+    branches, extra = bl.select(model, args, method, 28.0, seed=3, batches=1, probes=1)
+    report = bl.baseline_report(model, args, method, 28.0, branches, extra)
+    assert report["selection"] == method and report["target_gbops"] == 28.0
+    assert report["gbops"] == pytest.approx(mm.branches_gbops(model, branches)) and report["gbops"] <= 28 + 1e-9
+    searched = [r for r in report["layers"] if not r["fixed"]]
+    assert len(searched) == 19 and [r["name"] for r in searched] == [m.name for m in mm.searched_layers(model)]
+    assert [(r["a_bits"], r["w_bits"]) for r in searched] == [[(8, 4), (4, 4), (2, 4)][i] for i in branches]
+    assert all(r["probs"] is None for r in report["layers"])  # the alphas are not this selection's
+    if method in bl.PROXIES:
+        assert report["proxy"] == {"batches": 1, "probes": 1 if method == "hessian" else None, "seed": 3}
+        assert all(len(r["scores"]) == 3 and all(math.isfinite(v) for v in r["scores"]) for r in searched)
+        # the selection is the knapsack's optimum of those scores, under the exact BOPs
+        costs, fixed = bl.bops_costs(model)
+        best = bl.mckp_exact([r["scores"] for r in searched], costs, bl.budget_bops(28, fixed))
+        assert sum(r["scores"][i] for r, i in zip(searched, best)) == \
+            sum(r["scores"][i] for r, i in zip(searched, branches))
+        if method == "sensitivity":
+            assert all(r["scores"][0] == 0 for r in searched)
+    else:
+        assert all("scores" not in r for r in searched) and "proxy" not in report
+    if method == "uniform":
+        assert {r["a_bits"] for r in searched} == {2}  # A4 is 34.7 GBOPs, over 28
+    if method == "random":
+        assert report["seed"] == 3 and branches == bl.random_selection(model, 28.0, 3)
+    # the file metamix.py --bits-from reads back as the same selection
+    f = tmp_path / "bits.json"
+    f.write_text(json.dumps(report, indent=1))
+    assert mm.read_bits_from(copy.deepcopy(model), str(f), 28.0) == branches
+
+
+def test_train_command_repeats_the_runs_own_flags():
+    """Every flag that differs from metamix's default, lists comma-joined, store_true bare; not where that run
+    wrote, stopped or started from; the target exactly. Read back, it gives that run's values."""
+    a = mm.resolve_args(mm.get_args_parser().parse_args(
+        ["--arch", "mobilenet_v2", "--data", "synthetic:64,32,10", "--bits", "8,4,3", "--unfixed", "--amp",
+         "--epochs", "5", "--lr", "0.02", "--seed", "3", "--stop-after-epoch", "2", "--alpha-optimizer", "adam",
+         "--output-dir", "runs/m", "--workers", "8", "--wd", "0.0001"]))
+    run_args = {**vars(a), "target_gbops": 5.12, "pretrained": "/weights/mbv2.pth"}
+    cmd = shlex.split(bl.train_command("runs/m", run_args, "runs/m/bits_random.json", "random", 4.123456789012345))
+    assert cmd[:2] == ["python", os.path.relpath(mm.__file__)]
+    assert cmd[2:8] == ["--resume", "runs/m/meta_state.pth", "--bits-from", "runs/m/bits_random.json",
+                        "--output-dir", "runs/m-random"]
+    assert cmd[-2:] == ["--target-gbops", "4.123456789012345"]
+    text = " ".join(cmd)
+    assert "--unfixed" in cmd and "--amp" in cmd and "--bits 8,4,3" in text and "--arch mobilenet_v2" in text
+    for flag in ("--stop-after-epoch", "--pretrained", "--workers", "--wd", "--w-bits", "--no-budget-repair",
+                 "--dry-run", "--search-epochs"):
+        assert flag not in cmd, flag  # not repeated, or at metamix's default
+    back = vars(mm.resolve_args(mm.get_args_parser().parse_args(cmd[2:])))
+    for key, v in run_args.items():
+        if key not in bl.NOT_REPEATED:
+            assert json.dumps(back[key]) == json.dumps(v), key
+    assert back["target_gbops"] == 4.123456789012345
+
+
+# ---------------------------------------------------------------------------------------
+# The workflow: one meta-state, every selection
+# ---------------------------------------------------------------------------------------
+
+
+def test_meta_state_with_its_own_bits_reproduces_the_run(ref_run, tmp_path):
+    """metamix.py --resume RUN/meta_state.pth --bits-from RUN/bits.json (the run's flags) retraces the run's weight
+    training bit for bit: the same model tensors and the same metrics in epochs 3 and 4."""
+    out = tmp_path / "again"
+    assert main_in_process(*REF, "--resume", ref_run / "meta_state.pth", "--bits-from", ref_run / "bits.json",
+                           "--output-dir", out) == 0
+    a, b = load_ck(ref_run / "checkpoint.pth")["model"], load_ck(out / "checkpoint.pth")["model"]
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])]
+    assert not differ, f"{len(differ)} model tensors differ, e.g. {differ[:5]}"
+    want, got = read_log(ref_run), read_log(out)
+    assert [r["epoch"] for r in got] == [1, 2, 3, 4]
+    assert [{k: r[k] for k in METRICS} for r in got[2:]] == [{k: r[k] for k in METRICS} for r in want[2:]]
+    ref_bits, bits = json.loads((ref_run / "bits.json").read_text()), json.loads((out / "bits.json").read_text())
+    assert [(r["name"], r["a_bits"]) for r in bits["layers"]] == [(r["name"], r["a_bits"]) for r in ref_bits["layers"]]
+    assert bits["selection"] == f"bits-from {ref_run / 'bits.json'}"
+
+
+def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_path, call):
+    """baselines.py writes RUN/bits_random.json and prints the training command; run as printed, it trains those
+    bits from the meta-state (epochs 1-2 are the meta-state's, 3-4 weight training)."""
+    run = linked_run(ref_run, tmp_path / "run")
+    p = call(bl.main, run, "--method", "random", "--seed", "5")
+    assert p.returncode == 0, p.stderr
+    bits_file = run / "bits_random.json"
+    want = json.loads(bits_file.read_text())
+    assert want["selection"] == "random" and want["seed"] == 5 and want["target_gbops"] == 33.0
+    assert want["meta_state"] == str(run / "meta_state.pth")
+    assert f"random: {want['gbops']:.3f} GBOPs vs target 33.000; wrote {bits_file}" in p.stdout
+    cmd = shlex.split(p.stdout.strip().splitlines()[-1])
+    assert cmd[0] == "python" and (Path.cwd() / cmd[1]).resolve() == REPO / "metamix.py"
+    assert cmd[2:8] == ["--resume", str(run / "meta_state.pth"), "--bits-from", str(bits_file), "--output-dir",
+                        f"{run}-random"]
+    assert "--seed" not in cmd  # the run's seed is metamix's default; --seed 5 was the selection's
+    run_cli(*cmd[2:])
+    new = Path(f"{run}-random")
+    got = json.loads((new / "bits.json").read_text())
+    assert [(r["name"], r["a_bits"], r["w_bits"]) for r in got["layers"]] == \
+        [(r["name"], r["a_bits"], r["w_bits"]) for r in want["layers"]]
+    assert got["gbops"] == want["gbops"] and got["selection"] == f"bits-from {bits_file}"
+    log = read_log(new)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4] and log[:2] == read_log(ref_run)[:2]
+    assert log[-1]["gbops"] == pytest.approx(want["gbops"]) and log[-1]["phase"] == "weight_training"
+    assert not (new / "meta_state.pth").exists() and sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]
+
+
+# resnet18's searched layers: its Conv2d and Linear modules but the first and the last (module order is forward order)
+SEARCHED = [n for n, m in torchvision.models.resnet18().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:-1]
+
+
+def _layer_map(a_bits=4):
+    return {name: a_bits for name in SEARCHED}
+
+
+def _rows(**w_bits):
+    """A bits.json's "layers": every searched layer A4/W4, first and last A8/W8; `w_bits` {name (dots as __): W}."""
+    rows = [{"name": "conv1", "a_bits": 8, "w_bits": 8}, {"name": "fc", "a_bits": 8, "w_bits": 8}]
+    return {"layers": rows + [{"name": k, "a_bits": 4, "w_bits": w_bits.get(k.replace(".", "__"), 4)}
+                              for k in _layer_map()]}
+
+
+@pytest.mark.parametrize("content, needles", [
+    ({**_layer_map(), "layer9.conv": 4}, ["unknown layer 'layer9.conv'"]),
+    ({k: v for k, v in _layer_map().items() if k != "layer3.1.conv2"}, ["no bits for layer layer3.1.conv2"]),
+    ({**_layer_map(), "layer2.0.conv1": 3}, ["layer layer2.0.conv1 has 3", "candidates: [8, 4], [4, 4], [2, 4]"]),
+    ({**_layer_map(), "fc": 4}, ["layer fc has 4", "candidates: [8, 8]"]),
+    (_layer_map(8), ["61.811 GBOPs", "over --target-gbops 33.000"]),
+    ("not json", ["not JSON"]),
+    ([1, 2], ["expected a bits.json"]),
+    ({**_layer_map(), "layer3.0.conv2": [4, 8]}, ["layer layer3.0.conv2 has [4, 8]", "[8, 4], [4, 4], [2, 4]"]),
+    (_rows(layer4__1__conv1=2), ["layer layer4.1.conv1 has [4, 2]"]),
+    ({**_layer_map(), "fc": [8, 4]}, ["layer fc has [8, 4]", "candidates: [8, 8]"]),
+    ({**_layer_map(), "layer1.0.conv1": True}, ["layer layer1.0.conv1 has true"]),
+], ids=["unknown-name", "missing-layer", "bits-not-candidate", "fixed-layer", "over-target", "not-json", "list",
+        "w-not-the-runs", "bits-json-w", "fixed-w", "bool"])
+def test_bits_from_refuses_a_bad_bits_file(meta, tmp_path, content, needles):
+    """The files metamix.py --bits-from takes (read_bits_from): each problem named, at the run's target."""
+    f = tmp_path / "bits.json"
+    f.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(mm.BadInput) as e:
+        mm.read_bits_from(copy.deepcopy(meta[1]), str(f), 33.0)
+    assert str(e.value).startswith(f"--bits-from {f}: ") and all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_bits_from_takes_a_map_and_refuses_before_the_output_dir(meta, ref_run, tmp_path, capsys):
+    """{name: a_bits} or [a_bits, w_bits] at the run's W; a bad file is refused before anything is written."""
+    names = [m.name for m in mm.searched_layers(meta[1])]
+    assert names == SEARCHED
+    f = tmp_path / "map.json"
+    f.write_text(json.dumps({**{k: 2 for k in names}, names[3]: [8, 4], "fc": [8, 8], "conv1": 8}))
+    assert mm.read_bits_from(copy.deepcopy(meta[1]), str(f), 33.0) == [2, 2, 2, 0] + [2] * 15
+    f.write_text(json.dumps(_layer_map(8)))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main_in_process(*REF, "--resume", ref_run / "meta_state.pth", "--bits-from", f, "--output-dir", out) == 2
+    p = subprocess.CompletedProcess([], 2, *capsys.readouterr())
+    error_line(p, f"metamix: error: --bits-from {f}: the configuration costs 61.811 GBOPs")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------
+
+
+def test_check_target(meta):
+    model = meta[1]
+    with pytest.raises(mm.BadInput, match=r"--method uniform: no uniform configuration fits --target-gbops 21 "
+                                          r"\(uniform budgets in GBOPs: A2 21\.118, A4 34\.682, A8 61\.811\)"):
+        bl.check_target(model, "uniform", 21.0)
+    for method in ("random", "hessian"):
+        with pytest.raises(mm.BadInput, match=r"--target-gbops 21 is outside the feasible range \[21\.118, 61\.811\]"):
+            bl.check_target(model, method, 21.0)
+    with pytest.raises(mm.BadInput, match=r"--target-gbops 70 is outside the feasible range \[21\.118, 61\.811\]"):
+        bl.check_target(model, "uniform", 70.0)
+    bl.check_target(model, "uniform", 21.118)
+    with pytest.raises(mm.BadInput, match="is not a meta-state .* at epoch 4, bits selected"):
+        bl.check_meta_state({"selected": [0] * 19, "epoch": 4, "args": {"search_epochs": 2}}, "x/checkpoint.pth")
+
+
+def test_bad_input(ref_run, tmp_path, call):
+    run = linked_run(ref_run, tmp_path / "run")
+    ck = load_ck(ref_run / "meta_state.pth")
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    torch.save({"format": mm.CHECKPOINT_FORMAT, "args": {**ck["args"], "w_bits": [8, 4, 2]}, "selected": None,
+                "epoch": 2}, pair / "meta_state.pth")
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "meta_state.pth").symlink_to(ref_run / "checkpoint.pth")  # a checkpoint after bits were selected
+    cases = [
+        ([tmp_path / "nowhere", "--method", "random"], ["nowhere: no such folder"]),
+        ([tmp_path, "--method", "random"], [f"{tmp_path} has no meta_state.pth"]),
+        ([run, "--method", "greedy"], ["argument --method: invalid choice: 'greedy'", "sensitivity"]),
+        ([run, "--method", "hessian", "--batches", "0"], ["--batches", "0 must be at least 1"]),
+        ([run, "--method", "random", "--out", tmp_path / "no" / "b.json"], ["--out", "its folder does not exist"]),
+        ([pair, "--method", "uniform"], ["a run of (A, W) pairs (--w-bits 8,4,2)", "not implemented for pairs",
+                                         "--bits-from"]),
+        ([later, "--method", "random"], ["is not a meta-state", "at epoch 4, bits selected"]),
+        ([run, "--method", "uniform", "--target-gbops", "21"], ["no uniform configuration fits",
+                                                                "A2 21.118, A4 34.682, A8 61.811"]),
+    ]
+    for argv, needles in cases:
+        before = {d: files_of(d) for d in (run, pair, later)}
+        p = call(bl.main, *argv)
+        assert error_line(p, *needles).startswith("baselines: error: ") and p.returncode == 2, argv
+        assert {d: files_of(d) for d in (run, pair, later)} == before and not (tmp_path / "no").exists()
+
+
+def test_bad_input_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """`python baselines.py ...` (the script as __main__, run here: no interpreter start-up)."""
+    monkeypatch.setattr(sys, "argv", ["baselines.py", str(tmp_path), "--method", "random"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / "baselines.py"), run_name="__main__")
+    p = subprocess.CompletedProcess(sys.argv, e.value.code, *capsys.readouterr())
+    assert error_line(p, f"baselines: error: {tmp_path} has no meta_state.pth") and p.returncode == 2
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,357 @@
+"""Tests for export.py. Run: python -m pytest -q test_export.py
+
+The packing and the integer layer against values computed by hand or by an independent formula; the export
+of the session's reference run (resnet18), of a MobileNet-v3-large run of (A, W) pairs, and bad input.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import export as ex
+import metamix as mm
+import pairs
+from conftest import copy_run, error_line, run_cli
+
+# ---- packing ---------------------------------------------------------------------------
+
+def test_pack_codes_by_hand():
+    # 2-bit unsigned, four per byte, first code in the low bits: 1 | 2<<2 | 3<<4 | 0<<6 = 57, then 1
+    assert ex.pack_codes(torch.tensor([1, 2, 3, 0, 1]), 2, signed=False).tolist() == [57, 1]
+    # 4-bit signed, stored as code - Qn = code + 8: [-8, 7, -1] -> [0, 15, 7] -> 0 | 15<<4 = 240, then 7
+    assert ex.pack_codes(torch.tensor([-8.0, 7.0, -1.0]), 4, signed=True).tolist() == [240, 7]
+    # 3-bit signed, two per byte: [-4, 3] -> [0, 7] -> 0 | 7<<4 = 112
+    assert ex.pack_codes(torch.tensor([-4, 3]), 3, signed=True).tolist() == [112]
+    # 8-bit signed, one per byte: -128 -> 0, 127 -> 255
+    assert ex.pack_codes(torch.tensor([-128, 127, 0]), 8, signed=True).tolist() == [0, 255, 128]
+    with pytest.raises(ValueError, match="outside"):
+        ex.pack_codes(torch.tensor([4]), 3, signed=True)
+    with pytest.raises(ValueError, match="integers"):
+        ex.pack_codes(torch.tensor([0.5]), 4, signed=False)
+
+@pytest.mark.parametrize("bits,signed", list(itertools.product([2, 3, 4, 5, 6, 7, 8, 12, 16], [False, True])))
+def test_pack_codes_round_trip(bits, signed):
+    qn, qp = mm.lsq_range(bits, signed)
+    per_byte = {2: 4, 3: 2, 4: 2}.get(bits, 1)
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 2, 3, 5, 7, 8, 9, 1001):
+        codes = torch.randint(qn, qp + 1, (n,), generator=g)
+        codes[0] = qn
+        codes[-1] = qp if n > 1 else codes[-1]
+        packed = ex.pack_codes(codes.float(), bits, signed)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == (2 * n if bits > 8 else -(-n // per_byte)) == ex.packed_size(n, bits)
+        assert torch.equal(ex.unpack_codes(packed, bits, signed, n), codes)
+    with pytest.raises(ValueError, match="packed bytes"):
+        ex.unpack_codes(packed[:-1], bits, signed, n)
+
+# ---- the integer layer -----------------------------------------------------------------
+
+def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor) -> tuple:
+    """A QuantLayer in weight training at (a_bits, w_bits), its steps set by LSQ's init on x, exported and
+    loaded back through torch.save / torch.load(weights_only=True)."""
+    q = mm.QuantLayer(layer, [8, a_bits], w_bits, name="layer")
+    q.selected_branch = 1
+    q.set_state("branch", 1, quant_weights=True)
+    with torch.no_grad():
+        q(x)  # LSQ init of the activation and weight steps
+    buf = io.BytesIO()
+    torch.save(ex.export_layer(q), buf)
+    buf.seek(0)
+    return q, ex.IntegerLayer(torch.load(buf, weights_only=True))
+
+def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Tensor:
+    """op(q_a, q_w) in int64, independently of the float64 convolution: unfold + integer matmul per group."""
+    qa, qw = q_a.round().long(), w_codes.round().long()
+    if op.kind == "linear":
+        return qa @ qw.t()
+    n, (cout, cin_g, kh, kw) = qa.shape[0], qw.shape
+    cols = F.unfold(q_a.double(), (kh, kw), op.dilation, op.padding, op.stride).round().long()  # (N, Cin*kh*kw, L)
+    groups = op.groups
+    cols = cols.reshape(n, groups, cin_g * kh * kw, -1)
+    w = qw.reshape(groups, cout // groups, cin_g * kh * kw)
+    out = torch.einsum("gok,ngkl->ngol", w, cols).reshape(n, cout, -1)
+    h = (q_a.shape[2] + 2 * op.padding[0] - op.dilation[0] * (kh - 1) - 1) // op.stride[0] + 1
+    return out.reshape(n, cout, h, -1)
+
+INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed or not)
+    "conv3x3_a2u_w3": (lambda: nn.Conv2d(6, 5, 3, padding=1), 2, 3, "relu"),
+    "depthwise_stride2_a3s_w8": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 8,
+                                 "signed"),
+    "grouped_strided_dilated_a8u_w2": (lambda: nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2), 8, 2,
+                                       "relu"),
+    "conv1x1_stride2_a2s_w4": (lambda: nn.Conv2d(6, 7, 1, stride=2, bias=False), 2, 4, "signed"),
+    "linear_a8s_w8": (lambda: nn.Linear(24, 10), 8, 8, "signed"),
+    "linear_a3u_w2": (lambda: nn.Linear(24, 10, bias=False), 3, 2, "relu"),
+}
+
+@pytest.mark.parametrize("case", list(INT_LAYER_CASES))
+def test_integer_layer_matches_quant_layer(case):
+    make, a_bits, w_bits, kind = INT_LAYER_CASES[case]
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn(4, 24) if isinstance(layer, nn.Linear) else torch.randn(3, 6, 9, 9)
+    x = x.relu() if kind == "relu" else x
+    q, il = _exported_layer(layer, a_bits, w_bits, x)
+    assert il.a_signed == (kind == "signed") and (il.a_bits, il.w_bits) == (a_bits, w_bits)
+    x2 = x * 1.3 + 0.05 * (kind == "relu")  # another input, partly outside the calibrated range (clamped)
+    for inp in (x, x2):
+        with torch.no_grad():
+            ref = q(inp)  # the fake-quantized forward (float32), readable form
+            fused = mm.use_speed_path(q)(inp)  # and the speed path, which training runs
+            mm.use_speed_path(q, False)
+            out = il(inp)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert (out - fused).abs().max() <= 1e-5 * ref.abs().max()
+        # the codes: LSQ's own fake quantization divided by its step, and the exact accumulator
+        s_a = mm.positive(q.act.step.detach()[1])
+        codes = mm.lsq_quantize(inp, s_a, a_bits, il.a_signed) / s_a
+        assert torch.equal(il.codes(inp), codes.round()) and (codes - codes.round()).abs().max() < 1e-4
+        acc = il.accumulate(il.codes(inp))
+        assert acc.dtype == torch.float64
+        assert torch.equal(acc, _int64_accumulator(il.codes(inp), il.w_codes, il.op).double())
+        # y = s_a * s_w * acc + bias, in float64 by hand
+        s_w = mm.positive(q.weight_quant.step.detach()).item()
+        by_hand = acc * (s_a.item() * s_w)
+        if layer.bias is not None:
+            by_hand = by_hand + (layer.bias.double() if q.op.kind == "linear" else layer.bias.double()[:, None, None])
+        assert torch.equal(out, by_hand.float())
+    # the weight codes are LSQ's, at w_bits
+    s_w = mm.positive(q.weight_quant.step.detach())
+    assert torch.equal(il.w_codes.float(), mm.lsq_quantize(layer.weight.detach(), s_w, w_bits, True) / s_w)
+
+def test_integer_layer_refuses_an_inexact_accumulator():
+    entry = {"name": "big", "kind": "linear", "weight_shape": [1, 2**40], "a_bits": 8, "a_signed": False,
+             "a_step": 1.0, "w_bits": 8, "w_signed": True, "w_step": 1.0, "bias": None,
+             "w_packed": torch.zeros(0, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="2\\^53"):
+        ex.IntegerLayer(entry)
+
+def _tiny_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+
+def test_export_of_any_model_and_the_disagreement_check(tmp_path):
+    """integer_model on a model that is not torchvision's; compare_logits finds a wrong scale."""
+    torch.manual_seed(0)
+    model = mm.patch_model(_tiny_net(), [8, 4, 2], 4, bops_image_size=16)
+    x = torch.randn(16, 3, 16, 16)
+    mm.init_quantizers(model, x)
+    mm.start_weight_training(model, mm.gbops_range(model)[1])
+    model.eval()
+    with pytest.raises(ValueError, match="not in weight training"):
+        ex.export_layer(mm.QuantLayer(nn.Linear(3, 3), [4], 4))
+    export = ex.integer_export(model, "tiny", 5)
+    path = tmp_path / "model_int.pth"
+    torch.save(export, path)
+    int_model = ex.load_integer_model(str(path), _tiny_net())
+    assert sum(isinstance(m, ex.IntegerLayer) for m in int_model.modules()) == 4
+    loader = [(x[:8], torch.arange(8) % 5), (x[8:], torch.arange(8) % 5)]
+    p = ex.compare_logits(model, int_model, loader)
+    assert p["n"] == 16 and p["argmax_differs"] == 0 and p["top1_integer"] == p["top1_fake_quant"]
+    assert p["layer_rel_diff"] < 1e-5 and p["max_logit_diff"] <= 1e-5 * p["max_abs_logit"] and ex.export_agrees(p)
+    diff64, scale64 = ex.float64_logit_diff(model, int_model, x)
+    assert diff64 <= 1e-12 * scale64 and ex.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
+    assert next(model.parameters()).dtype == torch.float32  # the copies were made float64, not the models
+    int_model[3].scale *= 1.001  # a wrong scale in the depthwise layer
+    p = ex.compare_logits(model, int_model, loader)
+    assert p["layer_rel_diff"] > 5e-4 and not ex.export_agrees(p)
+    int_model[3].scale /= 1.001
+    int_model[4].running_mean += 0.5  # wrong float state: layer by layer cannot see it, float64 does
+    p = ex.compare_logits(model, int_model, loader)
+    diff64, scale64 = ex.float64_logit_diff(model, int_model, x)
+    assert p["layer_rel_diff"] < 1e-5 and not ex.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
+    assert not ex.export_agrees({"layer_rel_diff": 0.0, "argmax_differs": 3, "n": 100})
+    assert ex.export_agrees({"layer_rel_diff": 1e-6, "argmax_differs": 2, "n": 100})
+    with pytest.raises(ValueError, match="not a metamix integer export"):
+        ex.integer_model({"format": "other"})
+
+# ---- the export of a run ---------------------------------------------------------------
+
+def fingerprint(d: Path) -> dict:
+    """name -> (size, mtime_ns, inode) of every file in d: a rewrite (atomic_write: a new file) changes it."""
+    return {str(f.relative_to(d)): (f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ino)
+            for f in sorted(Path(d).rglob("*")) if f.is_file()}
+
+def export_in_process(*argv) -> tuple[int, str, str]:
+    """export.py's main in this process (no interpreter start): (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = ex.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+def _fake_quant_from_checkpoint(path: Path) -> tuple:
+    """The trained fake-quantized model rebuilt from a checkpoint file (either kind of run), readable form,
+    and the run's validation images."""
+    args, model, _ = pairs.load_run(str(path))
+    val = mm.build_datasets(args)[1]
+    return model.eval(), torch.stack([val[i][0] for i in range(len(val))])
+
+def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int, w_text: str, n_val: int) -> tuple:
+    """model_int.pth: plain types, every layer packed at its width; the integer model's logits equal the
+    fake-quantized model's within float tolerance (float64), with the same argmax (float32 too).
+    Returns (the export, the fake-quantized model)."""
+    assert not list(out.glob("*.tmp.*"))
+    export = torch.load(out / "model_int.pth", map_location="cpu", weights_only=True)
+    assert export["format"] == "metamix-int-1" and export["arch"] == arch and export["num_classes"] == 10
+    assert export["bits_report"]["arch"] == arch and len(export["layers"]) == n_layers
+    bits = json.loads((out / "bits.json").read_text())
+    assert [(e["name"], e["a_bits"], e["a_signed"], e["w_bits"]) for e in export["layers"]] == \
+        [(r["name"], r["a_bits"], r["signed"], r["w_bits"]) for r in bits["layers"]]
+    for e in export["layers"]:
+        numel = math.prod(e["weight_shape"])
+        assert e["w_packed"].numel() == -(-numel // {2: 4, 3: 2, 4: 2}.get(e["w_bits"], 1))
+        assert e["a_step"] > 0 and e["w_step"] > 0 and isinstance(e["a_step"], float)
+    assert export["layers"][0]["w_bits"] == 8 and export["layers"][-1]["w_bits"] == 8
+    if w_text == "W4":  # one W for every searched layer
+        assert all(e["w_bits"] == 4 for e in export["layers"][1:-1])
+    assert not any(k.startswith(export["layers"][0]["name"] + ".") for k in export["float_state"])
+
+    lines = [line for line in stdout.splitlines() if line.startswith("export:")]
+    assert len(lines) == 2, stdout[-3000:]  # no WARNING line
+    assert f"{arch}, {w_text}" in lines[0] and "with A8/W8 first/last" in lines[0] and "MiB FP32" in lines[0]
+    mib, fp32_mib = map(float, re.findall(r"([\d.]+) MiB", lines[0]))
+    assert mib == pytest.approx((out / "model_int.pth").stat().st_size / 2**20, abs=0.051) and fp32_mib > 5 * mib
+    top1_int, top1_fq = map(float, re.search(r"top-1 ([\d.]+)% vs fake-quantized ([\d.]+)%", lines[1]).groups())
+    assert top1_int == top1_fq and f"on {n_val} images" in lines[1]
+    assert float(re.search(r"float64 on one batch: largest logit difference (\S+)", lines[1]).group(1)) < 1e-9
+
+    model, x = _fake_quant_from_checkpoint(ck_path)
+    int_model = ex.load_integer_model(str(out / "model_int.pth"))
+    with torch.no_grad():
+        a32, b32 = model(x), int_model(x)
+        assert torch.equal(a32.argmax(1), b32.argmax(1))
+        a64, b64 = model.double()(x.double()), int_model.double()(x.double())
+    scale = a64.abs().max().item()
+    assert (a64 - a64.mean(0)).abs().max() > 0.1 * scale, "logits that do not depend on the image prove nothing"
+    assert (a64 - b64).abs().max() <= 1e-9 * scale
+    assert torch.equal(a64.argmax(1), b64.argmax(1))
+    return export, model.float()
+
+def test_export_resnet18_of_the_reference_run(ref_run, tmp_path):
+    out = copy_run(ref_run, tmp_path / "out")
+    before = fingerprint(out)
+    code, stdout, stderr = export_in_process(out)
+    assert code == 0 and not stderr, stderr
+    assert {k: v for k, v in fingerprint(out).items() if k != "model_int.pth"} == before, "export changed the run"
+    check_export(out, out / "checkpoint.pth", stdout, "resnet18", 21, "W4", 32)
+    assert "(checkpoint of epoch" not in stdout
+
+MOBILENET = ["--arch", "mobilenet_v3_large", "--image-size", "32", "--data", "synthetic:16,16,10", "--batch-size",
+             "16", "--w-bits", "8,4", "--search-epochs", "1", "--epochs", "3", "--stop-after-epoch", "2"]
+
+@pytest.fixture(scope="module")
+def mobilenet_pair_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A MobileNet-v3-large run of (A, W) pairs (pairs.py), stopped in weight training (epoch 2 of 3), its
+    checkpoint moved out of the run's folder and exported from there with --checkpoint. Our choice for this
+    test: start from BN statistics of the synthetic images (--pretrained PATH). From torchvision's init,
+    MobileNet-v3's eval-mode logits do not depend on the image (about 1e-10)."""
+    tmp = tmp_path_factory.mktemp("mobilenet")
+    torch.manual_seed(0)
+    fp = torchvision.models.mobilenet_v3_large(num_classes=10)
+    bns = [m for m in fp.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None  # a cumulative average over one pass
+    ds = mm.synthetic_dataset(16, 10, 32, 0, "train")  # the run's training images
+    with torch.no_grad():
+        fp.train()(ds.tensors[0])
+    for m in bns:
+        m.momentum = 0.01  # torchvision's for MobileNet-v3
+    torch.save(fp.state_dict(), tmp / "init.pth")
+    out = tmp / "out"
+    p = run_cli(*MOBILENET, "--pretrained", tmp / "init.pth", "--output-dir", out, script="pairs.py")
+    assert "stopping after epoch 2" in p.stdout
+    ck = tmp / "epoch2.pth"
+    os.replace(out / "checkpoint.pth", ck)
+    code, stdout, stderr = export_in_process(out, "--checkpoint", ck)
+    assert code == 0 and not stderr, stderr
+    return out, ck, stdout
+
+def test_export_mobilenet_v3_large_pairs(mobilenet_pair_run):
+    """Each layer at its own selected (A, W) pair, through hardswish, squeeze-excitation and depthwise convs."""
+    out, ck, stdout = mobilenet_pair_run
+    assert not (out / "checkpoint.pth").exists()  # the export read the file given, not the folder's
+    export, model = check_export(out, ck, stdout, "mobilenet_v3_large", 64, "per-layer W (average", 16)
+    assert "(checkpoint of epoch 2 of 3)" in stdout
+    searched = mm.searched_layers(model)
+    assert all(isinstance(m, pairs.PairQuantLayer) for m in searched)
+    assert len({m.candidates[m.selected_branch][1] for m in searched}) > 1, "one W for all proves little here"
+    for m, e in zip(mm.quant_layers(model), export["layers"]):  # the exported steps are the selected W's
+        assert e["w_step"] == mm.positive(m.weight_quant.step.detach()).item()
+        assert e["w_bits"] == m.weight_quant.bits == m.candidates[0 if m.fixed else m.selected_branch][1]
+    avg_w = sum(e["w_bits"] for e in export["layers"][1:-1]) / len(searched)
+    assert f"per-layer W (average {avg_w:.2f})" in stdout
+
+# ---- bad input -------------------------------------------------------------------------
+
+def _failed(code: int, stdout: str, stderr: str) -> subprocess.CompletedProcess:
+    return subprocess.CompletedProcess(["export.py"], code, stdout, stderr)
+
+def test_export_bad_input(ref_run, tmp_path):
+    """Still in bit selection, a missing or a foreign run or checkpoint: one line, exit 2, nothing written."""
+    selecting = tmp_path / "selecting"  # a run whose checkpoint.pth is at the phase boundary (bit selection)
+    selecting.mkdir()
+    os.symlink(ref_run / "meta_state.pth", selecting / "checkpoint.pth")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, foreign)
+    cases = [([selecting], ["still in bit selection", "checkpoint of epoch 2, bit selection takes 2",
+                            "export a checkpoint of weight training"]),
+             ([empty, "--checkpoint", ref_run / "meta_state.pth"], ["--checkpoint", "still in bit selection"]),
+             ([tmp_path / "missing"], [str(tmp_path / "missing"), "no such folder"]),
+             ([foreign], [str(foreign), "not a folder"]),
+             ([empty], [str(empty), "holds no checkpoint.pth"]),
+             ([empty, "--checkpoint", tmp_path / "missing.pth"], [str(tmp_path / "missing.pth"), "no such file"]),
+             ([empty, "--checkpoint", foreign], [str(foreign), "not a metamix checkpoint"]),
+             ([empty, "--checkpoint", ref_run / "bits.json"], ["bits.json", "JSON file, not a metamix checkpoint"]),
+             ([empty, "--checkpoint", empty], [str(empty), "is a folder"]),
+             ([], ["export: error:", "RUN_DIR"]),
+             ([empty, "--epochs", "3"], ["export: error:", "--epochs"])]
+    before = fingerprint(ref_run), fingerprint(tmp_path)
+    for argv, needles in cases:
+        code, stdout, stderr = export_in_process(*argv)
+        line = error_line(_failed(code, stdout, stderr), *needles)
+        assert code == 2 and line.startswith("export: error: ") and not stdout, (argv, stdout)
+    assert (fingerprint(ref_run), fingerprint(tmp_path)) == before
+    # the script itself: the same one line and exit status
+    p = run_cli(selecting, script="export.py", check=False)
+    error_line(p, "export: error:", "still in bit selection")
+    assert p.returncode == 2 and not p.stdout and [f.name for f in selecting.iterdir()] == ["checkpoint.pth"]
+
+@pytest.mark.parametrize("error, code, needles", [
+    (mm.BadInput("--data /gone: no such folder"), 2, ["cannot read the run's validation set: --data /gone"]),
+    (OSError("disk on fire"), 1, ["export: error: OSError: disk on fire", "METAMIX_DEBUG=1"])])
+def test_export_data_errors(ref_run, tmp_path, monkeypatch, error, code, needles):
+    """The run's data cannot be read: one line (exit 2 for the user's problem, 1 for any other) and nothing
+    written, since the data is read before the file is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(ref_run / "checkpoint.pth", out / "checkpoint.pth")
+
+    def broken(args):
+        raise error
+
+    monkeypatch.setattr(mm, "build_datasets", broken)
+    result = export_in_process(out)
+    error_line(_failed(*result), *needles)
+    assert result[0] == code and not (out / "model_int.pth").exists()

@@ -1,0 +1,332 @@
+"""Tests for pairs.py, the supplement's (A, W) pairs beside metamix.py. Run: python -m pytest -q test_pairs.py"""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import metamix as mm
+import pairs
+from conftest import TINY, error_line, load_ck, read_log, run_cli
+
+A_BITS, W_LIST = [8, 4, 2], [8, 4, 2]
+
+
+def _pair_layer(kind: str, w_bits=W_LIST, dtype=torch.float64):
+    torch.manual_seed(3)
+    if kind == "linear":
+        layer, x = nn.Linear(12, 5), torch.randn(3, 12, dtype=dtype)
+    else:
+        layer = nn.Conv2d(4, 6 if kind == "conv" else 4, 3, stride=2, padding=1, groups=1 if kind == "conv" else 4,
+                          bias=kind == "conv")
+        x = torch.randn(2, 4, 7, 7, dtype=dtype)
+    return pairs.PairQuantLayer(layer.to(dtype), A_BITS, w_bits, "l").to(dtype), layer, x
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["readable", "fused"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
+@pytest.mark.parametrize("mode", ["branch", "search"])
+def test_pair_layer_equals_composed_autograd(kind, mode, x_grad, fused):
+    """Value and every gradient in float64, both forms, against composed autograd written from the formula:
+    search: sum over (a, w) of p_aw * op(lsq_quantize(x, s_a), lsq_quantize(W, s_w)) + b, p = softmax over the
+    9 pairs; branch (bit-meta, weight training): the one pair (A4, W2), candidate index 1 * 3 + 2 = 5."""
+    q, layer, x = _pair_layer(kind)
+    q.fused = fused
+    assert q.candidates == [(a, w) for a in A_BITS for w in W_LIST] and q.act.alpha.shape == (9,)
+    q.set_state(mode, 5)
+    assert (q.act.branch, q.w_branch) == (1, 2) and q.weight_quant is q.weight_quants[2]
+    assert all(wq.enabled for wq in q.weight_quants)
+    with torch.no_grad():
+        q.act.alpha.copy_(torch.linspace(-1, 1, 9) ** 2 * torch.tensor([1, -1.0] * 4 + [1]))
+    q.set_state("search", 5)
+    q(x)  # LSQ init of every step
+    q.set_state(mode, 5)
+    with torch.no_grad():  # distinct steps, so that a mixed-up step cannot go unnoticed
+        for j, wq in enumerate(q.weight_quants):
+            wq.step.mul_(1 + 0.1 * j)
+    params = [q.act.step, q.act.alpha, q.weight] + [wq.step for wq in q.weight_quants] + \
+             ([q.bias] if q.bias is not None else [])
+    x1 = x.clone().requires_grad_(x_grad)
+    y1 = q(x1)
+    up = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x1] * x_grad + params, up, allow_unused=True)
+
+    x2 = x.clone().requires_grad_(x_grad)
+    per_sample = x2[0].numel()
+    signed = bool(x.min() < 0)
+
+    def op(xa, w):
+        return F.linear(xa, w) if kind == "linear" else F.conv2d(xa, w, None, 2, 1, 1, layer.groups)
+
+    def qa(i):
+        return mm.lsq_quantize(x2, q.act.step[i], A_BITS[i], signed, mm.lsq_grad_scale(per_sample, A_BITS[i], signed))
+
+    def qw(j):
+        return mm.lsq_quantize(q.weight, q.weight_quants[j].step, W_LIST[j], True)  # grad scale 1/sqrt(numel Qp)
+
+    if mode == "search":
+        p = F.softmax(q.act.alpha, 0)
+        y2 = sum(p[i * 3 + j] * op(qa(i), qw(j)) for i in range(3) for j in range(3))
+    else:
+        y2 = op(qa(1), qw(2))
+    if q.bias is not None:
+        y2 = y2 + (q.bias if kind == "linear" else q.bias.view(-1, 1, 1))
+    g2 = torch.autograd.grad(y2, [x2] * x_grad + params, up, allow_unused=True)
+    assert torch.allclose(y1, y2, atol=1e-10)
+    for a, b in zip(g1, g2):
+        if b is None or (mode == "branch" and not b.any()):  # branch mode: other steps get no (or zero) gradient
+            assert a is None or not a.any()
+        else:
+            assert a is not None and torch.allclose(a, b, atol=1e-9), (a, b)
+    if mode == "search":
+        assert all(g is not None and g.abs().sum() > 0 for g in g1[x_grad:])  # every step, alpha, W, bias learns
+
+
+class _CountConvs(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("w_bits, convs", [(W_LIST, 3), ([4, 2], 2), ([4], 1)])
+def test_pair_search_runs_one_convolution_per_weight_width(w_bits, convs):
+    """By linearity, 9 pairs cost one convolution per W (3), forward and backward, not one per pair (9)."""
+    q = pairs.PairQuantLayer(nn.Conv2d(3, 4, 3), A_BITS, w_bits, "c")
+    q.fused = True
+    q.set_state("search")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    q(x)  # init
+    with _CountConvs() as c:
+        y = q(x)
+    assert c.calls.get("convolution") == convs
+    with _CountConvs() as c:
+        y.square().sum().backward()
+    assert c.calls.get("convolution_backward") == convs and "convolution" not in c.calls
+
+
+def _two_layer_model(w_bits):
+    """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=pairs.PairQuantLayer)
+
+
+def test_pair_bops_and_regularizer_by_hand_two_layers():
+    """Eq. 4 and Eq. 6 with a * w * OPs per pair, on a model with two searched layers, against hand values."""
+    model = _two_layer_model([4, 2])  # candidates (4,4) (4,2) (2,4) (2,2): 16, 8, 8, 4 bit-ops per MAC
+    layers = mm.searched_layers(model)
+    macs = [4 * 4 * 9 * 64, 8 * 4 * 64]  # 9216, 2048
+    c_fixed = (3 * 4 * 9 * 64 + 8 * 2) * 64 / 1e9  # first conv and the linear at A8/W8
+    assert [m.macs for m in layers] == macs and mm.c_fixed_of(model) == pytest.approx(c_fixed)
+    assert [m.candidates for m in layers] == [[(4, 4), (4, 2), (2, 4), (2, 2)]] * 2
+    cost = [16, 8, 8, 4]
+    assert mm.candidate_costs(model) == cost
+    lo, hi = mm.gbops_range(model)
+    assert lo == pytest.approx((9216 + 2048) * 4 / 1e9 + c_fixed)
+    assert hi == pytest.approx((9216 + 2048) * 16 / 1e9 + c_fixed)
+    # argmax: layer 0 -> (2,4), layer 1 -> (4,2): 9216*8 + 2048*8
+    a = torch.tensor([[0.1, 0.2, 0.9, -0.4], [0.0, 1.2, 0.3, 0.5]], requires_grad=True)
+    target = 0.05
+    reg, gb = mm.bops_regularizer(a, cost, macs, c_fixed, target)
+    expect = (9216 * 8 + 2048 * 8) / 1e9 + c_fixed
+    assert gb.item() == pytest.approx(expect) and reg.item() == pytest.approx(abs(expect - target))
+    reg.backward()
+    sign = 1.0 if expect > target else -1.0
+    for l in range(2):
+        e = [math.exp(v) for v in a[l].tolist()]
+        p = [v / sum(e) for v in e]
+        mean_c = sum(pi * c for pi, c in zip(p, cost))
+        for j in range(4):  # d|.|/d alpha_lj = sign * macs_l / 1e9 * p_j * (c_j - sum_k p_k c_k)
+            assert a.grad[l, j].item() == pytest.approx(sign * macs[l] / 1e9 * p[j] * (cost[j] - mean_c), rel=1e-5)
+    # bit_search_step on the model reports the same argmax GBOPs; the selection agrees
+    with torch.no_grad():
+        for al, row in zip(mm.alphas_of(model), a.detach()):
+            al.copy_(row)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    mm.init_quantizers(model, x)
+    model.train()
+    loss, gb2 = mm.bit_search_step(model, x, y, 0.0, target)
+    assert gb2.item() == pytest.approx(expect)
+    branches, gb3, repaired = mm.start_weight_training(model, 1.0)
+    assert branches == [2, 1] and not repaired and gb3 == pytest.approx(expect)
+    assert [m.candidates[m.selected_branch] for m in layers] == [(2, 4), (4, 2)]
+    assert mm.config_gbops(macs, [8, 8], c_fixed) == pytest.approx(expect)
+
+
+def test_pair_budget_repair_moves_to_the_next_cost_level():
+    """One level down in a * w at a time; among pairs tied at that level, the most probable."""
+    cost = [16, 8, 8, 4]  # (4,4) (4,2) (2,4) (2,2)
+    macs, c_fixed = [100, 300], 0.0
+    probs = [[0.4, 0.1, 0.3, 0.2], [0.7, 0.25, 0.02, 0.03]]
+    # 16 * 400 = 6400. Layer 0 (16 -> 8): the more probable of (4,2) 0.1 and (2,4) 0.3 is (2,4):
+    # cost (0.4 - 0.3) / (8 * 100) = 1.25e-4. Layer 1 (16 -> 8) via (4,2): (0.7 - 0.25) / (8 * 300) = 1.9e-4.
+    assert mm.repair_to_budget(probs, [0, 0], cost, macs, c_fixed, 6000 / 1e9) == [2, 0]
+    # 4000 needs both moved: after layer 0, layer 0 (8 -> 4) costs (0.3 - 0.2) / 400 = 2.5e-4 > 1.9e-4
+    out = mm.repair_to_budget(probs, [0, 0], cost, macs, c_fixed, 4000 / 1e9)
+    assert out == [2, 1] and 8 * 100 + 8 * 300 <= 4000
+
+
+def test_one_weight_width_is_the_papers_layer_bit_for_bit(monkeypatch):
+    """PairQuantLayer with one W computes exactly as the paper's QuantLayer. They differ in one choice only:
+    a pair's weights are quantized from the start of bit selection; with the paper's layer's on as well, LSQ
+    init and two bit-selection steps (meta and search) end with the same tensors, bit for bit."""
+    orig = mm.set_mode
+    monkeypatch.setattr(mm, "set_mode", lambda model, mode, branch=None, quant_weights=None:
+                        orig(model, mode, branch, mode != "fp"))
+    results = []
+    for layer_type in (mm.QuantLayer, pairs.PairQuantLayer):
+        torch.manual_seed(0)
+        model = mm.patch_model(torchvision.models.resnet18(num_classes=4), [8, 4, 2], 4, bops_image_size=32,
+                               layer_type=layer_type)
+        mm.use_speed_path(model)
+        x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+        mm.init_quantizers(model, x)
+        opt = torch.optim.SGD(mm.meta_params(model), lr=0.05, momentum=0.9)
+        opt_alpha = torch.optim.SGD(mm.alphas_of(model), lr=0.05, momentum=0.9)
+        model.train()
+        for _ in range(2):
+            mm.bit_selection_step(model, x, y, opt, opt_alpha, search=True, lam=0.4, target_gbops=30.0)
+        results.append({k.replace("weight_quants.0", "weight_quant"): v for k, v in model.state_dict().items()})
+    a, b = results
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+def test_pair_mode_set_mode_and_weight_training():
+    """A pair's weights are quantized at its W in bit-meta and search; weight training keeps the W step."""
+    model = _two_layer_model([4, 2])
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    mm.init_quantizers(model, x)
+    layers = mm.searched_layers(model)
+    assert all(wq.initialized for m in layers for wq in m.weight_quants)  # every W step from init_quantizers
+    mm.set_mode(model, "meta", 1)  # (4, 2)
+    for m in layers:
+        assert (m.act.branch, m.w_branch, m.weight_quant.bits) == (0, 1, 2)
+        assert all(wq.enabled for wq in m.weight_quants)
+    assert not any(m.weight_quant.enabled for m in mm.quant_layers(model) if m.fixed)
+    model.train()
+    mm.bit_meta_step(model, x, y)  # 4 pairs in turn: every activation and weight step learns
+    for m in layers:
+        assert (m.act.step.grad != 0).all() and all(wq.step.grad is not None and wq.step.grad != 0
+                                                    for wq in m.weight_quants)
+        assert m.act.alpha.grad is None
+    steps = [[wq.step.item() for wq in m.weight_quants] for m in layers]
+    with torch.no_grad():
+        for al in mm.alphas_of(model):
+            al.copy_(torch.tensor([0.0, 0.0, 3.0, 0.0]))  # (2, 4)
+    mm.start_weight_training(model, mm.gbops_range(model)[1])
+    for m, s in zip(layers, steps):
+        assert m.selected_branch == 2 and (m.act.branch, m.w_branch) == (1, 0) and m.weight_quant.bits == 4
+        assert [wq.step.item() for wq in m.weight_quants] == s  # the meta-state's W steps are kept
+    for m in mm.quant_layers(model):
+        assert m.weight_quant.enabled and m.act.mode == "branch"
+    mm.set_mode(model, "fp")
+    assert not any(wq.enabled for m in layers for wq in m.weight_quants)
+
+
+# ---- the driver with pairs ------------------------------------------------------------------------
+
+PAIR = TINY + ["--epochs", "3"]
+
+
+def pairs_in_process(*argv) -> int:
+    return mm.main(pairs.get_args_parser().parse_args([str(a) for a in argv]), layer_type=pairs.PairQuantLayer)
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    """pairs.py over the 9 pairs: 2 bit-selection epochs, 1 weight-training epoch."""
+    out = tmp_path_factory.mktemp("pair") / "out"
+    p = run_cli(*PAIR, "--output-dir", out, script="pairs.py")
+    assert "summary:" in p.stdout
+    return out, p.stdout
+
+
+def test_pair_run_outputs(pair_run):
+    out, stdout = pair_run
+    assert "W[8, 4, 2]" in stdout and "/W" in stdout
+    bits = json.loads((out / "bits.json").read_text())
+    assert bits["candidates"] == [[a, w] for a in (8, 4, 2) for w in (8, 4, 2)]
+    assert bits["gbops"] <= bits["target_gbops"] + 1e-6
+    searched = [r for r in bits["layers"] if not r["fixed"]]
+    assert len(searched) == 19 and all(len(r["probs"]) == 9 and abs(sum(r["probs"]) - 1) < 1e-4 for r in searched)
+    assert all(r["w_bits"] in (8, 4, 2) and r["a_bits"] in (8, 4, 2) for r in searched)
+    assert len({r["w_bits"] for r in searched}) > 1, "a search that never picks another W proves little here"
+    macs = [r["macs"] for r in searched]
+    c_fixed = sum(r["macs"] * 64 for r in bits["layers"] if r["fixed"]) / 1e9
+    assert bits["gbops"] == pytest.approx(sum(r["a_bits"] * r["w_bits"] * m for r, m in zip(searched, macs)) / 1e9
+                                          + c_fixed)
+    assert bits["avg_w_bits"] == pytest.approx(sum(r["w_bits"] for r in searched) / 19)
+    assert read_log(out)[-1]["gbops"] == pytest.approx(bits["gbops"])
+    # the default target with pairs: 95% of uniform A4/W4 (the paper's 33 applies to its single-W setting only)
+    assert bits["target_gbops"] == pytest.approx(0.95 * (sum(macs) * 16 / 1e9 + c_fixed))
+    args, model, ck = pairs.load_run(out / "checkpoint.pth")  # each layer at its own selected pair
+    assert [m.candidates[m.selected_branch] for m in mm.searched_layers(model)] == \
+        [(r["a_bits"], r["w_bits"]) for r in searched]
+
+
+def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
+    ref, _ = pair_run
+    out = tmp_path / "out"
+    assert pairs_in_process(*PAIR, "--output-dir", out, "--stop-after-epoch", "1") == 0
+    assert load_ck(out / "checkpoint.pth")["epoch"] == 1
+    assert pairs_in_process(*PAIR, "--output-dir", out, "--resume", "auto") == 0
+    a, b = load_ck(ref / "checkpoint.pth")["model"], load_ck(out / "checkpoint.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    assert json.loads((ref / "bits.json").read_text()) == json.loads((out / "bits.json").read_text())
+    # metamix.py cannot resume a checkpoint of pairs
+    p = run_cli(*TINY, "--epochs", "3", "--output-dir", out, "--resume", "auto", check=False)
+    error_line(p, "the checkpoint has --w-bits 8,4,2, this run 4")
+
+
+@pytest.mark.parametrize("w_bits, needles", [
+    ("8,4,20", ["--w-bits", "8,4,20", "between 2 and 16"]),
+    ("4,4", ["--w-bits", "'4,4'", "distinct"]),
+    ("4,x", ["--w-bits", "'4,x'"]),
+], ids=["w-20", "duplicate", "not-int"])
+def test_pair_bad_w_bits(tmp_path, w_bits, needles):
+    out = tmp_path / "out"
+    p = run_cli(*PAIR, "--w-bits", w_bits, "--output-dir", out, script="pairs.py", check=False, timeout=120)
+    error_line(p, *needles)
+    assert p.returncode == 2 and not out.exists()
+
+
+def test_pair_dry_run(capsys):
+    assert mm.main(pairs.get_args_parser().parse_args(["--dry-run"]), layer_type=pairs.PairQuantLayer) == 0
+    text = capsys.readouterr().out
+    info = json.loads(text.strip().splitlines()[-1])
+    assert info["w_bits"] == [8, 4, 2] and "A8/W8 A8/W4 A8/W2 A4/W8" in text
+    macs = [m for _, _, m in mm.trace_layers(torchvision.models.resnet18(), 224)]
+    c_fixed = (macs[0] + macs[-1]) * 64 / 1e9
+    assert info["gbops_min"] == pytest.approx(sum(macs[1:-1]) * 4 / 1e9 + c_fixed)
+    assert info["gbops_max"] == pytest.approx(sum(macs[1:-1]) * 64 / 1e9 + c_fixed)
+    assert info["target_gbops"] == pytest.approx(0.95 * (sum(macs[1:-1]) * 16 / 1e9 + c_fixed))
+
+
+def test_bits_from_with_pairs_in_process(tmp_path):
+    """--bits-from with pairs: {layer: [a, w]} and bits.json rows map to the pair's index; an int, a pair that is
+    no candidate, or a configuration over the target is refused in a sentence."""
+    model = _two_layer_model([4, 2])
+    names = [m.name for m in mm.searched_layers(model)]
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps({names[0]: [2, 4], names[1]: [4, 2]}))
+    assert mm.read_bits_from(model, str(f), 1.0) == [2, 1]
+    for content, needle in [({names[0]: 4, names[1]: [4, 2]}, "not one of its candidates"),
+                            ({names[0]: [8, 4], names[1]: [4, 2]}, "[8, 4]"),
+                            ({names[0]: [4, 4], names[1]: [4, 4]}, "over --target-gbops")]:
+        f.write_text(json.dumps(content))
+        with pytest.raises(mm.BadInput, match=re.escape(needle)):
+            mm.read_bits_from(model, str(f), 1e-4)
+
