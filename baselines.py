@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metamix as mm
+import runs
 import pairs
 
 # The methods, each a selection under the target in GBOPs (Eq. 6) on the meta-state:
@@ -346,7 +347,7 @@ def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
         raise mm.BadInput(f"{run_dir} is a run of (A, W) pairs (--w-bits {','.join(map(str, w_bits))}); these methods "
                           "select activation bits at one W and are not implemented for pairs: use its own selection, "
                           "or metamix.py --bits-from with [a_bits, w_bits] per layer")
-    args, model, ck = pairs.load_run(path)
+    args, model, ck = runs.load_run(path)
     check_meta_state(ck, path)
     return args, model, ck
 
@@ -442,23 +443,13 @@ def run_baseline(a: argparse.Namespace) -> int:
     mm.atomic_write(out, json.dumps(report, indent=1).encode())
     cost = f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s" \
         if "proxy" in extra else ""
-    print(f"{mm.report_text(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
+    print(f"{runs.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
           f"{out}\ntrain it from the meta-state:\n{train_command(run_dir, ck['args'], out, a.method, target)}",
           flush=True)
     return 0
 
-class Parser(argparse.ArgumentParser):
-    """One line and exit 2 on a bad flag, named after the tool (`tool: error: ...`), like metamix.py's."""
-
-    def __init__(self, tool: str, **kw):
-        super().__init__(prog=f"{tool}.py", **kw)
-        self.tool = tool
-
-    def error(self, message):
-        self.exit(2, f"{self.tool}: error: {message}\n")
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser("baselines", description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
+    p = runs.Parser(prog="baselines.py", description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
                "writes the bits file and prints the command that trains it")
     add = p.add_argument
     add("run", metavar="RUN", help="a metamix run's --output-dir, holding meta_state.pth")
@@ -473,26 +464,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--out", metavar="FILE", help="the bits file (default: RUN/bits_METHOD.json)")
     return p
 
-def tool_main(tool: str, body, a: argparse.Namespace) -> int:
-    """Run body(a); every failure one line on stderr (`tool: error: ...`), exit 2 for bad input, 1 otherwise
-    (METAMIX_DEBUG=1: tracebacks)."""
-    try:
-        return body(a)
-    except KeyboardInterrupt:
-        print(f"{tool}: interrupted", file=sys.stderr)  # its files are written whole or not at all (atomic_write)
-        return 130
-    except Exception as e:
-        if os.environ.get("METAMIX_DEBUG"):
-            raise
-        if isinstance(e, mm.BadInput):
-            print(f"{tool}: error: {mm._one_line(e)}", file=sys.stderr)
-            return 2
-        print(f"{tool}: error: {type(e).__name__}: {mm._one_line(e)} (METAMIX_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 1
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return tool_main("baselines", run_baseline, get_args_parser().parse_args(argv))
+    return runs.tool_main("baselines", run_baseline, get_args_parser().parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

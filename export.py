@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metamix as mm
+import runs
 import pairs
 
 INT_FORMAT = "metamix-int-1"
@@ -324,7 +325,7 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
         raise mm.BadInput(f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "
                           f"bit selection takes {ck['args']['search_epochs']}): bits are not chosen and weights not "
                           "quantized yet; export a checkpoint of weight training")
-    args, model, ck = pairs.load_run(source)  # either kind of run, in the mode it was evaluated in
+    args, model, ck = runs.load_run(source)  # either kind of run, in the mode it was evaluated in
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # before writing: a run whose data is gone writes nothing
         _, val_set, _ = mm.build_datasets(args)
@@ -367,12 +368,8 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
               "anyway", flush=True)
     return path, p
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other bad input
-        self.exit(2, f"export: error: {message}\n")
-
 def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Integer export of a MetaMix run (model_int.pth) and its check against the "
+    p = runs.Parser(prog="export.py", description="Integer export of a MetaMix run (model_int.pth) and its check against the "
                "fake-quantized model")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's --output-dir; model_int.pth is written there")
     p.add_argument("--checkpoint", metavar="FILE", help="export this checkpoint file of the run instead (default: "
@@ -381,22 +378,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Export, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
-    args = get_args_parser().parse_args(argv)
-    try:
-        export_run(args.run_dir, args.checkpoint)
+    def body(a) -> int:
+        export_run(a.run_dir, a.checkpoint)
         return 0
-    except KeyboardInterrupt:
-        print("export: interrupted; model_int.pth, if written, is whole but unchecked", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("METAMIX_DEBUG"):
-            raise
-        if isinstance(e, mm.BadInput):
-            print(f"export: error: {mm._one_line(e)}", file=sys.stderr)
-            return 2
-        print(f"export: error: {type(e).__name__}: {mm._one_line(e)} (METAMIX_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 1
+
+    return runs.tool_main("export", body, get_args_parser().parse_args(argv),
+                          "interrupted; model_int.pth, if written, is whole but unchecked")
+
 
 if __name__ == "__main__":
     sys.exit(main())

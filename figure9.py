@@ -34,6 +34,7 @@ import torch.nn as nn
 
 import baselines as bl
 import metamix as mm
+import runs
 import pairs
 
 # ---- Spearman's rank correlation ---------------------------------------------------------------
@@ -228,7 +229,7 @@ def run_figure9(a: argparse.Namespace) -> int:
     if not os.path.isfile(meta):
         raise mm.BadInput(f"{meta}: no such file" if a.meta_state else f"{run_dir} has no meta_state.pth (a run "
                           "trained from another run's meta-state with --resume: give that file with --meta-state)")
-    args, model, ck = pairs.load_run(meta)  # a run of one W or of (A, W) pairs
+    args, model, ck = runs.load_run(meta)  # a run of one W or of (A, W) pairs
     bl.check_meta_state(ck, meta)
     bits = read_selection(bits_path, model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,7 +249,7 @@ def run_figure9(a: argparse.Namespace) -> int:
     return 0
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = bl.Parser("figure9", description="The supplement's Figure 9 for a MetaMix run: Hessian trace, OPs and "
+    p = runs.Parser(prog="figure9.py", description="The supplement's Figure 9 for a MetaMix run: Hessian trace, OPs and "
                   "trace / OPs per layer against the selected bits, with Spearman's rank correlations")
     add = p.add_argument
     add("run", metavar="RUN", help="a metamix.py or pairs.py run's --output-dir, holding bits.json")
@@ -259,7 +260,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return bl.tool_main("figure9", run_figure9, get_args_parser().parse_args(argv))
+    return runs.tool_main("figure9", run_figure9, get_args_parser().parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

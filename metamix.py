@@ -1488,8 +1488,11 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         if resume:
             run.load_state_dict(load_checkpoint(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
-            if run.selected is None and run.epoch == args.search_epochs:
-                run.save()  # the phase boundary: this folder keeps the meta-state its bits are selected from
+            if dist.main and not os.path.exists(os.path.join(args.output_dir, "checkpoint.pth")):  # a new folder
+                with open(resume, "rb") as f:  # starts from the checkpoint it resumed (its meta-state, if it is one)
+                    data = f.read()
+                for name in ["checkpoint.pth"] + ["meta_state.pth"] * (run.selected is None):
+                    atomic_write(os.path.join(args.output_dir, name), data)
         if dist.main:
             atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
             w = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None

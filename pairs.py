@@ -11,7 +11,6 @@ driver and its outputs serve pairs unchanged. Same flags as metamix.py:
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -68,20 +67,6 @@ class PairQuantLayer(mm.QuantLayer):
             return sum(mm.fused_forward(self, x, p[:, j], wq, bias=j == 0) for j, wq in enumerate(self.weight_quants))
         return sum(self.op(self.act.mix(x, p[:, j]), wq(self.weight), self.bias if j == 0 else None)
                    for j, wq in enumerate(self.weight_quants))
-
-
-def load_run(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
-    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth), of pairs or of one W: the
-    model rebuilt without downloading anything (the checkpoint holds its weights), loaded, in the mode it was
-    evaluated in. For the tools beside metamix.py."""
-    ck = mm.load_checkpoint(path, "checkpoint")
-    if ck.get("format") != mm.CHECKPOINT_FORMAT:
-        raise mm.BadInput(f"{path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
-    args = argparse.Namespace(**{**ck["args"], "pretrained": None, "dry_run": False})
-    model = mm.build_model(args, ck["num_classes"], PairQuantLayer if isinstance(args.w_bits, list) else mm.QuantLayer)
-    model.load_state_dict(ck["model"])
-    mm.set_mode(model, "selected", quant_weights=ck["selected"] is not None)
-    return args, model, ck
 
 
 def get_args_parser():

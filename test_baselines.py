@@ -28,6 +28,7 @@ import torchvision
 
 import baselines as bl
 import metamix as mm
+import runs
 import pairs
 from conftest import REF, REPO, error_line, load_ck, read_log, run_cli
 
@@ -51,7 +52,7 @@ def no_debug(monkeypatch):
 @pytest.fixture(scope="module")
 def meta(ref_run):
     """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""
-    return pairs.load_run(str(ref_run / "meta_state.pth"))
+    return runs.load_run(str(ref_run / "meta_state.pth"))
 
 
 @pytest.fixture
@@ -436,7 +437,9 @@ def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_pat
     log = read_log(new)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4] and log[:2] == read_log(ref_run)[:2]
     assert log[-1]["gbops"] == pytest.approx(want["gbops"]) and log[-1]["phase"] == "weight_training"
-    assert not (new / "meta_state.pth").exists() and sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]
+    # the new folder keeps the meta-state it started from; the run's own folder gained only the selection
+    assert (new / "meta_state.pth").read_bytes() == (run / "meta_state.pth").read_bytes()
+    assert sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]
 
 
 # resnet18's searched layers: its Conv2d and Linear modules but the first and the last (module order is forward order)

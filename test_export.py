@@ -23,6 +23,7 @@ import torchvision
 
 import export as ex
 import metamix as mm
+import runs
 import pairs
 from conftest import copy_run, error_line, run_cli
 
@@ -202,7 +203,7 @@ def export_in_process(*argv) -> tuple[int, str, str]:
 def _fake_quant_from_checkpoint(path: Path) -> tuple:
     """The trained fake-quantized model rebuilt from a checkpoint file (either kind of run), readable form,
     and the run's validation images."""
-    args, model, _ = pairs.load_run(str(path))
+    args, model, _ = runs.load_run(str(path))
     val = mm.build_datasets(args)[1]
     return model.eval(), torch.stack([val[i][0] for i in range(len(val))])
 

@@ -22,6 +22,7 @@ import torch
 import baselines as bl
 import figure9 as f9
 import metamix as mm
+import runs
 import pairs
 from conftest import REPO, error_line
 
@@ -61,7 +62,7 @@ def call(capsys):
 @pytest.fixture(scope="module")
 def meta(ref_run):
     """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""
-    return pairs.load_run(str(ref_run / "meta_state.pth"))
+    return runs.load_run(str(ref_run / "meta_state.pth"))
 
 
 @pytest.fixture(scope="module")

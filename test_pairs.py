@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import metamix as mm
+import runs
 import pairs
 from conftest import TINY, error_line, load_ck, read_log, run_cli
 
@@ -272,7 +273,7 @@ def test_pair_run_outputs(pair_run):
     assert read_log(out)[-1]["gbops"] == pytest.approx(bits["gbops"])
     # the default target with pairs: 95% of uniform A4/W4 (the paper's 33 applies to its single-W setting only)
     assert bits["target_gbops"] == pytest.approx(0.95 * (sum(macs) * 16 / 1e9 + c_fixed))
-    args, model, ck = pairs.load_run(out / "checkpoint.pth")  # each layer at its own selected pair
+    args, model, ck = runs.load_run(out / "checkpoint.pth")  # each layer at its own selected pair
     assert [m.candidates[m.selected_branch] for m in mm.searched_layers(model)] == \
         [(r["a_bits"], r["w_bits"]) for r in searched]
 
