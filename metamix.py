@@ -730,7 +730,7 @@ def _on_signal(signum, frame):  # the first signal stops at the next step bounda
     signal.signal(signum, signal.SIG_DFL)
 
 class Dist:
-    """Process-group facts from torchrun's environment (nccl on GPUs, gloo on CPU); one process without it."""
+    """torchrun's process group (nccl on GPUs, gloo on CPU); one process without torchrun."""
 
     def __init__(self):
         env = os.environ.get
@@ -743,9 +743,9 @@ class Dist:
             torch.distributed.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=30))
 
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
-    """ONE all-reduce per step: every gradient, the loss and the stop flag in one flat buffer. Our choice
-    instead of DDP: bit-meta leaves the unused branches' steps without gradients, which DDP handles only
-    with find_unused_parameters. Returns (mean loss, whether any rank was signalled), the same on all ranks."""
+    """ONE all-reduce per step: every gradient, the loss and the stop flag in one flat buffer (our choice
+    instead of DDP, which handles bit-meta's unused branches only with find_unused_parameters). Returns
+    (mean loss, whether any rank was signalled), the same on every rank."""
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.stack([loss.float().reshape(()), torch.tensor(float(_STOP["signum"] > 0), device=loss.device)])
     if dist.world > 1:
@@ -759,15 +759,14 @@ def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) ->
     return loss_v, stop > 0
 
 def replica_fingerprint(model: nn.Module) -> torch.Tensor:
-    """A checksum of every tensor of the model and of each layer's signedness and selected branch."""
+    """A checksum of every tensor of the model, each layer's signedness and its selected branch."""
     sums = [torch.stack([t.double().sum(), t.double().abs().sum()]) for t in model.state_dict().values()
             if torch.is_tensor(t) and t.is_floating_point()]
     flags = [float(-1 if m.act.signed is None else m.act.signed) * 1000 + m.selected_branch for m in quant_layers(model)]
     return torch.cat(sums + [torch.tensor(flags, dtype=torch.float64, device=sums[0].device)])
 
 def sync_epoch(dist: Dist, model: nn.Module) -> None:
-    """At epoch end: BN running statistics averaged over ranks (our choice, timm's distribute_bn), then a
-    check that every rank holds the same model (replica_fingerprint)."""
+    """BN running statistics averaged over ranks (our choice, timm's distribute_bn); then the replicas compared."""
     if dist.world > 1:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
@@ -777,7 +776,7 @@ def sync_epoch(dist: Dist, model: nn.Module) -> None:
         mine = replica_fingerprint(model)
         everyone = [torch.empty_like(mine) for _ in range(dist.world)]
         torch.distributed.all_gather(everyone, mine)
-        if not all(torch.equal(everyone[0], t) for t in everyone):
+        if not all(torch.equal(mine, t) for t in everyone):
             raise RuntimeError("replicas out of sync: the model differs between ranks")
 
 def broadcast_model(dist: Dist, model: nn.Module) -> None:
@@ -805,8 +804,8 @@ def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     return tuple(spec)
 
 def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
-    """A learnable synthetic set, made in memory from the seed: an image is its class's smooth random colour
-    pattern, shifted, scaled in contrast and brightness, plus noise; train and val are different draws."""
+    """A learnable synthetic set made from the seed: an image is its class's smooth random colour pattern,
+    shifted, scaled in contrast and brightness, plus noise; train and val are different draws."""
     g = torch.Generator().manual_seed(seed)
     templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
                               align_corners=False)
@@ -852,26 +851,26 @@ def build_datasets(args):
     return train, val, len(train.classes)
 
 def num_classes_hint(args) -> int:
-    """Classes of the model, known before the data is read: the synthetic set's (ImageNet's 1000 in a dry
-    run), or the number of class folders in train/ (1000 if there is none yet)."""
+    """The model's classes before the data is read: the synthetic set's (1000 in a dry run), or the number of
+    class folders in train/ (1000 if there is none yet)."""
     spec, train = synthetic_spec(args.data), os.path.join(args.data, "train")
     if spec:
         return 1000 if args.dry_run else spec[2]
     return (sum(e.is_dir() for e in os.scandir(train)) if os.path.isdir(train) else 0) or 1000
 
 def build_loaders(args, dist: Dist, train_set, val_set):
-    """Training loader (DistributedSampler, drop_last), validation loader (each image once across ranks:
-    rank r takes r, r+W, r+2W, ..., no padding), and LSQ's calibration batch (the same on every rank)."""
+    """Training loader (DistributedSampler, drop_last); validation loader, each image once across ranks (rank r
+    takes r, r+W, ..., no padding); LSQ's calibration batch, the same on every rank (from --seed alone)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    if args.batch_size > len(train_set) // dist.world:
-        raise BadInput(f"--batch-size {args.batch_size} is larger than this process's share of the training set "
-                       f"({len(train_set) // dist.world} images); use --batch-size {len(train_set) // dist.world} "
-                       "or less")
+    share = len(train_set) // dist.world
+    if args.batch_size > share:
+        raise BadInput(f"--batch-size {args.batch_size} is more than this process's share of the training set "
+                       f"({share} images); use --batch-size {share} or less")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     # workers are re-created each epoch (not persistent), seeded from the RNG state at its start: exact resume
     kw = dict(num_workers=0 if synthetic_spec(args.data) else args.workers, pin_memory=dist.cuda)
-    with torch.random.fork_rng(devices=[]):  # the calibration batch's picks and augmentation: from --seed alone
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         calib = torch.stack([train_set[int(i)][0] for i in torch.randperm(len(train_set))[:args.batch_size]])
     return (DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **kw),
@@ -899,7 +898,7 @@ PRODUCTS = {torch.matmul, torch.bmm, torch.baddbmm, torch.einsum, torch.Tensor._
             torch.Tensor.bmm, F.scaled_dot_product_attention}
 
 class _Products(torch.overrides.TorchFunctionMode):
-    """Records the products of two activations (e.g. attention's q @ k) in one forward pass."""
+    """Records the products of two activations (e.g. attention's q @ k) that one forward pass computes."""
 
     def __init__(self, found: list):
         super().__init__()
@@ -926,8 +925,8 @@ def local_weights(args) -> bool:
     return bool(args.pretrained) and (os.sep in args.pretrained or os.path.exists(args.pretrained))
 
 def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Module:
-    """The torchvision model with its full-precision weights, patched (section 5) and checked: a layer that
-    computes on activations is quantized and counted, or the model is refused, naming it."""
+    """The torchvision model with its full-precision weights, patched (section 5) and checked: every layer that
+    computes on activations is quantized and counted, or the model is refused, naming the layer."""
     import torchvision
 
     weights = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None
@@ -988,18 +987,17 @@ def atomic_write(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 def saved_bytes(obj) -> bytes:
-    """torch.save into memory: a full disk then fails in atomic_write, with the path, not in the serializer."""
+    """torch.save into memory: a full disk then fails in atomic_write, naming the path, not in the serializer."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
 
 def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") -> dict:
     """torch.load(weights_only=True); every failure a whole sentence that says what the file is."""
-    if os.path.isdir(path):
-        raise BadInput(f"{flag} {path} is a folder, not {what}; give a file in it" +
-                       (", or --resume auto with --output-dir" if flag == "--resume" else ""))
     if not os.path.isfile(path):
-        raise BadInput(f"{flag} {path}: no such file")
+        hint = "give a file in it" + (", or --resume auto" if flag == "--resume" else "")
+        raise BadInput(f"{flag} {path} is a folder, not {what}; {hint}" if os.path.isdir(path) else
+                       f"{flag} {path}: no such file")
     with open(path, "rb") as f:
         head = f.read(4096)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or a legacy pickle
@@ -1009,23 +1007,12 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise BadInput(f"{flag} {path} holds pickled Python objects, which metamix does not load "
-                           "(weights_only=True)") from None
-        raise BadInput(f"{flag} {path} is truncated or corrupt (torch.load fails with {type(e).__name__})") from None
+        pickled = "weights_only" in str(e) or "Unsupported global" in str(e)
+        raise BadInput(f"{flag} {path} " + ("holds pickled Python objects, which metamix does not load (weights_only)"
+                       if pickled else f"is truncated or corrupt (torch.load fails with {type(e).__name__})")) from None
     if not isinstance(ck, dict):
         raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
-
-def rng_state(dist: Dist) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
-    return {**state, "cuda": torch.cuda.get_rng_state()} if dist.cuda else state
-
-def set_rng_state(state: dict, dist: Dist) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    if dist.cuda and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
 
 # ---- the run ---------------------------------------------------------------------------
 
@@ -1036,7 +1023,7 @@ SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfix
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "alpha_optimizer", "bits_from", "no_budget_repair")
 
 class Run:
-    """Everything a run carries from epoch to epoch; state_dict() is the checkpoint."""
+    """Everything a run carries from epoch to epoch; save() writes it as the checkpoint."""
 
     def __init__(self, args, dist: Dist, model: nn.Module):
         self.args, self.dist, self.model = args, dist, model
@@ -1079,10 +1066,9 @@ class Run:
         self.epoch, self.selected, self.history, self.summary = ck["epoch"], ck["selected"], ck["history"], ck["summary"]
         set_mode(self.model, "selected", quant_weights=self.selected is not None)  # what was evaluated last
         self.build_optimizers()
-        self.opt.load_state_dict(ck["opt"])
-        self.opt_alpha.load_state_dict(ck["opt_alpha"])
-        if self.sched is not None and ck["sched"] is not None:
-            self.sched.load_state_dict(ck["sched"])
+        for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
+            if obj is not None:
+                obj.load_state_dict(ck[key])
         scale = a.lr / old["lr"]  # a new --lr, --alpha-lr or --wd wins; the same ones change nothing (exact resume)
         for g in self.opt.param_groups:
             g["lr"] *= scale
@@ -1091,19 +1077,25 @@ class Run:
         self.opt.param_groups[0]["weight_decay"] = a.wd
         if self.sched is not None:  # the cosine keeps its shape at the new scale
             self.sched.base_lrs = [b * scale for b in self.sched.base_lrs]
-        if len(ck["rng"]) == self.dist.world:
-            set_rng_state(ck["rng"][self.dist.rank], self.dist)
-        else:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
+        rng = ck["rng"][self.dist.rank] if len(ck["rng"]) == self.dist.world else None
+        if rng is None:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
             random.seed(a.seed + self.dist.rank + 7919 * self.epoch)
             torch.manual_seed(a.seed + self.dist.rank + 7919 * self.epoch)
+        else:
+            torch.set_rng_state(rng["torch"])
+            random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+            if self.dist.cuda and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
         """checkpoint.pth and log.jsonl; at the phase boundary (bit selection done, bits not selected yet) also
         meta_state.pth, kept: baselines.py selects from it, and --resume it --bits-from FILE trains those bits."""
-        rng = [rng_state(self.dist)]  # every rank's RNG state: rank r resumes with its own
+        state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                 "python_pos": random.getstate()[2], **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
+        rng = [state]  # every rank's RNG state: rank r resumes with its own
         if self.dist.world > 1:
             rng = [None] * self.dist.world
-            torch.distributed.all_gather_object(rng, rng_state(self.dist))
+            torch.distributed.all_gather_object(rng, state)
         if self.dist.main:
             data = saved_bytes({
                 "format": CHECKPOINT_FORMAT, "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
@@ -1111,8 +1103,8 @@ class Run:
                 "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
                 "sched": self.sched and self.sched.state_dict(), "history": self.history, "summary": self.summary,
                 "rng": rng})
-            names = ["checkpoint.pth"] + ["meta_state.pth"] * (self.selected is None and self.epoch == self.args.search_epochs)
-            for name in names:
+            boundary = self.selected is None and self.epoch == self.args.search_epochs
+            for name in ["meta_state.pth"] * boundary + ["checkpoint.pth"]:
                 atomic_write(os.path.join(self.args.output_dir, name), data)
             atomic_write(os.path.join(self.args.output_dir, "log.jsonl"),
                          "".join(json.dumps(r) + "\n" for r in self.history).encode())
@@ -1205,8 +1197,8 @@ def avg_bits_text(report: dict) -> str:
             f"{report['avg_a_bits_mac_weighted']:.2f}, with first/last {report['avg_a_bits_with_first_last']:.2f}){w}")
 
 def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
-    """Branch indices from a bits.json (its "layers" rows) or from {layer name: a_bits} (pairs: {layer name:
-    [a_bits, w_bits]}), recorded in the model as its selection. Every problem is a BadInput naming it."""
+    """Branch indices from a bits.json (its "layers" rows) or {layer name: a_bits} (pairs: [a_bits, w_bits]),
+    recorded in the model as its selection; every problem a BadInput that names it."""
     flag = f"--bits-from {path}"
     try:
         with open(path) as f:
@@ -1495,13 +1487,10 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
                     atomic_write(os.path.join(args.output_dir, name), data)
         if dist.main:
             atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
-            w = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None
             print(f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, lambda {args.lam}, target "
                   f"{args.target_gbops:.3f} GBOPs (feasible {lo:.3f} .. {hi:.3f}), {args.epochs} epochs "
                   f"({args.search_epochs} bit selection), lr {args.lr:g}, alphas {args.alpha_optimizer} "
-                  f"{args.alpha_lr:g}, world size {dist.world} on {dist.device.type}" + (w and (
-                      f"; from {w} ({w.meta['_metrics']['ImageNet-1K']['acc@1']}% top-1 in torchvision; the paper's "
-                      f"FP baseline: {PAPER_SETTINGS.get(args.arch, {}).get('fp_top1', '-')}%)") or ""), flush=True)
+                  f"{args.alpha_lr:g}, world size {dist.world} on {dist.device.type}", flush=True)
         autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16) if args.amp else \
             contextlib.nullcontext
         train(run, train_loader, val_loader, calib, autocast)
