@@ -443,7 +443,7 @@ def run_baseline(a: argparse.Namespace) -> int:
     mm.atomic_write(out, json.dumps(report, indent=1).encode())
     cost = f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s" \
         if "proxy" in extra else ""
-    print(f"{runs.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
+    print(f"{mm.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
           f"{out}\ntrain it from the meta-state:\n{train_command(run_dir, ck['args'], out, a.method, target)}",
           flush=True)
     return 0

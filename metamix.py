@@ -2,13 +2,12 @@
 
 Kim, Lee, Yoo, Kim, AAAI 2024, arXiv:2311.06798. The method and its driver, in one file that stands alone.
 
-MetaMix picks one activation bit-width per layer (the weights share one bit-width) under a budget in
-BOPs. Bit selection (2 epochs) runs *bit-meta* training: the full-precision weights and every branch's
-LSQ step are trained at each candidate bit-width in turn (Eq. 1), alone in epoch 1 and, in epoch 2,
-alternating step by step with *bit-search* training, which freezes that "meta-state" and learns only the
-per-layer logits alpha through a softmax-weighted multi-branch quantizer (Eq. 2), an L1 BOPs regularizer
-and a straight-through softmax (Eq. 3-5). Weight training then fine-tunes the network at argmax(alpha)
-bits, weights now quantized, starting from the meta-state.
+MetaMix picks one activation bit-width per layer under a BOPs budget. Bit selection (2 epochs) runs *bit-meta*
+training: the full-precision weights and every branch's LSQ step trained at each candidate bit-width in turn
+(Eq. 1); in epoch 2 it alternates step by step with *bit-search*, which freezes that "meta-state" and learns only
+the per-layer logits alpha through a softmax-weighted multi-branch quantizer (Eq. 2), an L1 BOPs regularizer and a
+straight-through softmax (Eq. 3-5). Weight training then fine-tunes the network at argmax(alpha) bits, weights
+now quantized, from the meta-state.
 
 Run it:
     python metamix.py                                  # built-in synthetic data, one process, 2 CPU cores
@@ -28,11 +27,10 @@ Symbols (paper -> code):
     C_fixed      BOPs of the fixed first/last layers     c_fixed_of(model)            (GBOPs)
     b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
 
-Sections 1-6 are the paper in its order, each piece named after the equation it implements; section 7 is
-the speed path (a fused layer op that the driver runs, held equal to sections 1-2 by tests); section 8 is
-the driver. Beside this file, importing it: baselines.py (other selections from a run's meta-state),
-pairs.py (the supplement's (A, W) pairs), figure9.py (its Figure 9), export.py (integer weights). Choices
-the paper does not make are marked "Our choice" and listed in docs/choices.md.
+Sections 1-6 are the paper in its order; section 7 the speed path (a fused layer op the driver runs, held equal
+to sections 1-2 by tests); section 8 the driver. Left out, beside this file: baselines.py (other selections),
+pairs.py ((A, W) pairs), figure9.py (Figure 9), export.py (integer weights). Choices the paper does not make are
+marked "Our choice" and listed in docs/choices.md.
 """
 from __future__ import annotations
 
@@ -40,6 +38,7 @@ import argparse
 import contextlib
 import datetime
 import errno
+import fcntl
 import functools
 import io
 import json
@@ -47,6 +46,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +55,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from PIL import Image  # a torchvision dependency
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
 
 # ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
 
@@ -75,8 +80,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
     """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, as LSQ's paper writes it. With v = x/s:
         d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
         d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`)
-    `step`: a scalar, or broadcastable to x (per channel); the step used is positive(step). `grad_scale`
-    defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel(), a weight quantizer's N."""
+    The step used is positive(step); `grad_scale` defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel()."""
     qn, qp = lsq_range(bits, signed)
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
@@ -87,8 +91,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
     return (v.round().detach() + (v - v.detach())) * s  # round with a straight-through gradient
 
 class LSQQuantizer(nn.Module):
-    """A learnable LSQ quantizer with one step per tensor (the weights). Init on first use, s = 2 * mean|v| /
-    sqrt(Qp); `enabled=False` is the identity (full precision)."""
+    """LSQ with one step per tensor (the weights), s = 2 * mean|v| / sqrt(Qp) at first use; disabled: identity."""
 
     def __init__(self, bits: int, signed: bool = True):
         super().__init__()
@@ -115,17 +118,14 @@ class LSQQuantizer(nn.Module):
         self.initialized = bool(state["initialized"])
 
 # ==== 2. Multi-branch block (paper Fig. 4, Eq. 2) ===================================================================
-# Each quantized layer has one activation quantizer *branch* per candidate bit-width (its own LSQ step)
-# and one logit per branch (alpha); the weight is shared. The quantizer's modes: "fp" (identity), "branch"
-# (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2: bit-search).
 
 class MultiBranchQuantizer(nn.Module):
-    """Activation quantizer with one LSQ branch per candidate bit-width and logits alpha (Fig. 4).
+    """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
+    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2).
 
     Signedness from the data at init (min < 0: signed): ReLU outputs unsigned, the image and residual sums
-    signed (our choice: a signed range rather than an offset). Each branch's step is initialised on first
-    use, 2*mean|x|/sqrt(Qp_b); its gradient scale is 1/sqrt(N * Qp_b), N = features per sample.
-    """
+    signed (our choice: a signed range rather than an offset). Gradient scale 1/sqrt(N * Qp), N = features per
+    sample."""
 
     def __init__(self, bits: Sequence[int]):
         super().__init__()
@@ -185,14 +185,10 @@ class LayerOp(NamedTuple):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4):
-    op(MultiBranchQuantizer(x), LSQQuantizer(W)) + bias, on the original layer's own tensors.
-
-    `act` is the multi-branch activation quantizer; `weight_quant` the weight's, signed LSQ, off during
-    bit selection (our choice: one step per tensor). `candidates[i]` is branch i's (activation bits,
-    weight bits); a `fixed` layer (the first conv, the last Linear) has one. `macs` is OPs_l, `name` the
-    layer's path, `selected_branch` bit selection's choice. `fused`: forward runs section 7's speed path.
-    """
+    """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4): op(act(x), weight_quant(W)) + b,
+    on the original layer's own tensors. The weight's signed LSQ is off in bit selection (our choice: one step per
+    tensor). `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the last
+    Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
 
     fused = False
 
@@ -229,7 +225,7 @@ class QuantLayer(nn.Module):
         self.weight_quant.init_step(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.act.mode != "fp":
+        if self.fused and self.act.mode == "branch":
             return fused_forward(self, x)  # section 7: the same values and gradients, less time and memory
         return self.op(self.act(x), self.weight_quant(self.weight), self.bias)
 
@@ -283,10 +279,9 @@ def gbops_range(model: nn.Module) -> tuple[float, float]:
 
 def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[int], c_fixed: float,
                      target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |, with
-    alphas (L, N) of the searched layers, costs (N,) bits_i * w_bits, macs (L,) OPs_l. Our choices: GBOPs,
-    which make the paper's lambdas sensible; Eq. 4 literally, the distance of the *argmax* configuration.
-    Returns (L_reg, GBOPs of the argmax configuration), both differentiable in alphas."""
+    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |, alphas (L, N),
+    costs (N,) bits_i * w_bits, macs (L,) OPs_l. Our choices: GBOPs, which make the paper's lambdas sensible; Eq. 4
+    literally, the distance of the *argmax* configuration. Returns (L_reg, its GBOPs), differentiable in alphas."""
     hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
     c = torch.as_tensor(costs, dtype=hs.dtype, device=hs.device)
     m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
@@ -295,10 +290,9 @@ def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[
 
 def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], costs: Sequence[int],
                      macs: Sequence[int], c_fixed: float, target_gbops: float) -> list[int]:
-    """Lower bits until the configuration fits the target; returns branch indices. Our choice: the
-    paper has no repair step. Each move lowers one layer to the next lower cost among its candidates
-    (among those tied at that cost, the most probable); we take the move that gives up the least
-    softmax probability per BOP saved, until GBOPs <= target."""
+    """Our choice (the paper has none): lower bits until the configuration fits the target. Each move lowers one layer
+    to its next lower cost (the most probable of the candidates tied there); we take the move that gives up the
+    least softmax probability per BOP saved. Returns branch indices."""
     branches, levels = list(branches), sorted(set(costs))
     while config_gbops(macs, [costs[i] for i in branches], c_fixed) > target_gbops + 1e-9:
         best = None
@@ -345,9 +339,8 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
 
 def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits: int = 8,
                 bops_image_size: int = 224, layer_type: type = QuantLayer) -> nn.Module:
-    """Every Conv2d and Linear replaced by a QuantLayer on its own tensors, in "fp" mode; the first and last in
-    forward order get one fixed branch at first_last_bits. Any model that takes a bops_image_size image.
-    `layer_type(layer, bits, w_bits, name, macs)` builds the searched layers (pairs.py has its own)."""
+    """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order fixed at
+    first_last_bits. `layer_type(layer, bits, w_bits, name, macs)` builds the searched layers (pairs.py's)."""
     if any(isinstance(m, QuantLayer) for m in model.modules()):
         raise ValueError("model is already patched")
     traced = trace_layers(model, bops_image_size)
@@ -364,9 +357,8 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits
     return model
 
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
-    """Every layer in the mode of a phase: "fp" (full precision, weights too), "meta" (each searched layer at
-    branch `branch`; Eq. 1 runs each in turn), "search" (Eq. 2), "selected" (each at its selected_branch).
-    Fixed layers are at their one branch but in "fp" (our choice: from the start of bit selection).
+    """Every layer in the mode of a phase: "fp" (weights too), "meta" (each searched layer at `branch`), "search"
+    (Eq. 2), "selected" (each at its selected_branch). Fixed layers are quantized but in "fp" (our choice).
     `quant_weights`: weight LSQ on or off (None: leave it)."""
     if mode not in ("fp", "meta", "search", "selected") or (mode == "meta" and branch is None):
         raise ValueError(f"unknown mode {mode!r}" if mode != "meta" else "mode 'meta' needs a branch index")
@@ -432,20 +424,18 @@ def batch_stats_bn(model: nn.Module):
         model.train(was_training)
 
 def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
-    """LSQ's data-dependent init on one batch: every branch's step and each layer's signedness; then "fp" mode.
-    Our choice: BN uses the batch's statistics, as training will, and leaves its buffers alone (a model from
-    scratch has running statistics 0 and 1, which let deep activations vanish: steps of 0)."""
+    """LSQ's data-dependent init on one batch: every branch's step and each layer's signedness; then "fp" mode. Our
+    choice: BN uses the batch's statistics (a model from scratch has running statistics 0 and 1: steps of 0)."""
     with torch.no_grad(), batch_stats_bn(model):
         for branch in range(len(searched_layers(model)[0].candidates)):
             set_mode(model, "meta", branch)
             model(calib)
     set_mode(model, "fp")
 
-def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Tensor:
+def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext) -> torch.Tensor:
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached. One
     forward/backward per candidate; gradients accumulate in .grad (FP weights and each branch's step).
     Our choice: BN layers are shared by all candidates (their running statistics see them all)."""
-    autocast = autocast or contextlib.nullcontext
     n = len(searched_layers(model)[0].candidates)
     total = torch.zeros((), device=images.device)
     for branch in range(n):
@@ -456,14 +446,12 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=None) -> torch.Ten
         total += loss.detach()
     return total
 
-def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops: float, autocast=None,
-                    fixed: bool = True):
-    """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state: requires_grad is off for all but
-    the alphas. Our choice: BN uses the batch's statistics (of the mixed activation being searched) and
-    leaves its buffers alone; dropout is off. `fixed=False` is the paper's Figure 7(a) ablation, "weights
-    trained during bit-search": nothing frozen, BN and dropout as in training, and the caller steps the
-    meta optimizer too. Returns (L, GBOPs of the argmax configuration), detached."""
-    autocast = autocast or contextlib.nullcontext
+def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops: float,
+                    autocast=contextlib.nullcontext, fixed: bool = True):
+    """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state (only the alphas learn). Our choice: BN
+    uses the batch's statistics and leaves its buffers alone; dropout is off. `fixed=False`: the paper's Figure 7(a)
+    ablation, "weights trained during bit-search", nothing frozen, BN and dropout as in training (the caller steps
+    the meta optimizer too). Returns (L, GBOPs of the argmax configuration), detached."""
     frozen = [p for p in meta_params(model) if p.requires_grad] if fixed else []
     set_mode(model, "search")
     for p in frozen:
@@ -481,13 +469,12 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
     return loss.detach(), gbops.detach()
 
 def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
-                       lam: float = 0.0, target_gbops: float | None = None, autocast=None, sync=None,
-                       fixed: bool = True):
+                       lam: float = 0.0, target_gbops: float | None = None, autocast=contextlib.nullcontext,
+                       sync=_no_sync, fixed: bool = True):
     """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a
     bit-search step (Eq. 3-5) on the meta-state just updated, "given the same mini-batch" (the paper). `opt`
     updates weights and LSQ steps, `opt_alpha` the alphas (fixed=False: `opt` steps on Eq. 3 too).
     Returns (meta loss, search loss or None, GBOPs of the argmax configuration or None)."""
-    sync = sync or _no_sync
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     meta_loss = sync(params, bit_meta_step(model, images, targets, autocast))
@@ -505,10 +492,9 @@ def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *
 
 def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = True,
                           branches: Sequence[int] | None = None):
-    """Everything between the phases: bits = argmax alpha (lowered to fit the target if `repair`; or `branches`,
-    a given selection), weight LSQ on, each weight step from the meta-state weights, whose weights and chosen
-    activation steps are kept: the paper's "mixed-precision-aware" initialisation. Returns (branches, GBOPs,
-    whether repair changed the argmax); build fresh optimizers after it."""
+    """Between the phases: bits = argmax alpha (lowered to fit the target if `repair`; or `branches`), weight LSQ on
+    from the meta-state, whose weights and activation steps are kept: the paper's "mixed-precision-aware"
+    initialisation. Returns (branches, GBOPs, whether repair changed the argmax)."""
     layers, argmax = searched_layers(model), argmax_branches(model)
     if branches is None and repair:
         probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
@@ -521,9 +507,8 @@ def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = 
         m.init_weight_step()
     return branches, branches_gbops(model, branches), branches != argmax
 
-def weight_training_step(model: nn.Module, images, targets, opt, autocast=None, sync=None):
+def weight_training_step(model: nn.Module, images, targets, opt, autocast=contextlib.nullcontext, sync=_no_sync):
     """One step of weight training: ordinary training of weights and steps at the selected bits."""
-    autocast, sync = autocast or contextlib.nullcontext, sync or _no_sync
     opt.zero_grad(set_to_none=True)
     with autocast():
         loss = F.cross_entropy(model(images), targets)
@@ -533,97 +518,51 @@ def weight_training_step(model: nn.Module, images, targets, opt, autocast=None, 
     return loss
 
 # ==== 7. The speed path: a fused layer op (what the driver runs) ====================================================
-# With `fused` set, a QuantLayer runs one autograd function that quantizes the activation (a branch or the
-# Eq. 2 mixture) and the weight and runs the op. It saves only x (often saved anyway by the ReLU before it)
-# and the raw weight: codes and quantized weight are recomputed in backward, and the straight-through mask
-# is hardtanh's backward, with no mask tensor. The same values and gradients as sections 1-2 (tests), at
-# less time and memory than the readable form (docs/speed.md).
+# A `fused` QuantLayer at one branch (bit-meta, weight training) runs one autograd function: it saves only x and the
+# raw weight, recomputes the codes in backward, and masks with hardtanh's backward (no mask tensor). The same values
+# and gradients as sections 1-2 (tests), in less time and memory (docs/speed.md). Search (Eq. 2) runs readable.
 
-def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None = None,
-                  wq: LSQQuantizer | None = None, bias: bool = True) -> torch.Tensor:
-    """layer(x) through _MixedQuantOp. Pair search passes a column of p as `probs` (instead of
-    softmax(alpha)), its W's quantizer as `wq`, and `bias` for the first W only."""
-    act, wq = layer.act, wq or layer.weight_quant
-    branches = [act.branch] if act.mode == "branch" else list(range(len(act.bits)))
-    act.init_steps(x, branches)
-    per_sample = x.numel() // max(x.shape[0], 1)
-    qranges = [lsq_range(act.bits[i], act.signed) for i in branches]
-    grad_scales = [lsq_grad_scale(per_sample, act.bits[i], act.signed) for i in branches]
-    if act.mode == "branch":
-        steps, probs = positive(act.step[act.branch: act.branch + 1]), None
-    else:
-        steps, probs = positive(act.step), F.softmax(act.alpha, dim=0) if probs is None else probs
-    w_step = w_qparams = None
+def fused_forward(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) at its activation branch, through _FusedQuantOp."""
+    act, wq, i = layer.act, layer.weight_quant, layer.act.branch
+    act.init_steps(x, [i])
+    a_q = (*lsq_range(act.bits[i], act.signed), lsq_grad_scale(x.numel() // x.shape[0], act.bits[i], act.signed))
+    w_step = w_q = None
     if wq.enabled:
         if not wq.initialized:
             wq.init_step(layer.weight)
-        qn, qp = lsq_range(wq.bits, wq.signed)
-        w_step, w_qparams = positive(wq.step), (qn, qp, lsq_grad_scale(layer.weight.numel(), wq.bits, wq.signed))
-    return _MixedQuantOp.apply(x, steps, probs, layer.weight, w_step, layer.bias if bias else None, qranges,
-                               grad_scales, w_qparams, layer.op)
+        w_step = positive(wq.step)
+        w_q = (*lsq_range(wq.bits, wq.signed), lsq_grad_scale(layer.weight.numel(), wq.bits, wq.signed))
+    return _FusedQuantOp.apply(x, positive(act.step[i]), layer.weight, w_step, layer.bias, a_q, w_q, layer.op)
 
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     """The integer codes q = round(clamp(x/s, Qn, Qp)), in one new buffer."""
     return (x / step).clamp_(qn, qp).round_()
 
 @functools.lru_cache(maxsize=None)
-def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> tuple[float, float]:
-    """(lo, hi), the floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
-    t = torch.tensor([qn, qp], dtype=dtype)
-    lo, hi = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist()
-    return lo, hi
+def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:
+    """The floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
+    ends, out = torch.tensor([qn, qp], dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)
+    return torch.nextafter(ends, out).tolist()
 
-def _pass_inside(g: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], out=None) -> torch.Tensor:
-    """g where Qn <= v <= Qp, else 0: the straight-through mask in one pass (hardtanh's backward on the
-    open interval `bounds`), no mask tensor. `out` may be g itself."""
-    if out is None:
-        return torch.ops.aten.hardtanh_backward(g, v, *bounds)
-    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *bounds, grad_input=out)
+def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    """g where Qn <= v <= Qp, else 0, written into g: the straight-through mask as hardtanh's backward (one pass)."""
+    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=g)
 
-def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """sum(a * b) reduced to step's shape; one fused pass (a dot product) for a per-tensor step."""
-    if step.numel() == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(step.shape)
-    return (a * b).sum_to_size(step.shape)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))  # sum(a * b) in one pass (the steps are per tensor)
 
-def _lsq_grads(g, x, q, qrange, step, need_s: bool, grad_scale: float, inplace: bool = False):
+def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s)
-    = <g, q> - <g * inside, v>, two dot products. Returns (grad x, grad s or None). The codes are
-    consumed (v is computed in q's buffer); `inplace` lets grad x reuse g's memory."""
-    gq = _dot(g, q, step) if need_s else None
+    = <g, q> - <g * inside, v>, two dot products. Returns (grad x, grad s or None); v is computed in q's
+    buffer and grad x in g's."""
+    gq = _dot(g, q) if need_s else None
     v = torch.div(x, step, out=q)
-    gx = _pass_inside(g, v, _open_bounds(*qrange, v.dtype), out=g if inplace else None)
-    gs = (gq - _dot(gx, v, step)) * grad_scale if need_s else None
-    return gx, gs
+    gx = _pass_inside(g, v, qn, qp)
+    return gx, (gq - _dot(gx, v)) * grad_scale if need_s else None
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-def _mixture(x, steps, probs, qranges):
-    """x_hat of Eq. 2, sum_i p_i * s_i * round(clamp(x/s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
-    out = tmp = None
-    for i, (qn, qp) in enumerate(qranges):
-        tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
-        out = tmp * (steps[i] * probs[i]) if out is None else out.addcmul_(tmp, steps[i] * probs[i])
-    return out
-
-def _mixture_grads(g, x, steps, probs, qranges, bounds, grad_scales, need_s: bool, need_p: bool):
-    """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation): d/dx = sum_i p_i * (g *
-    inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> - <g * inside_i, v_i>) * grad scale."""
-    gs = torch.zeros_like(steps) if need_s else None
-    gp = torch.zeros_like(probs) if need_p else None
-    gx = v = q = gi = None  # buffers reused across branches
-    for i, (qn, qp) in enumerate(qranges):
-        v = torch.div(x, steps[i], out=v)
-        q = torch.clamp(v, qn, qp, out=q).round_()
-        gi = _pass_inside(g, v, bounds[i], out=gi)  # g * inside_i
-        gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
-        gq = torch.dot(g.reshape(-1), q.reshape(-1)) if need_p or need_s else None
-        if need_p:
-            gp[i] = steps[i] * gq
-        if need_s:
-            gs[i] = probs[i] * grad_scales[i] * (gq - torch.dot(gi.reshape(-1), v.reshape(-1)))
-    return gx, gs, gp
 
 def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     dt = g.dtype  # under autocast the forward ran in g's dtype
@@ -638,76 +577,45 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
         [need_in, need_w, need_b])
     return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
 
-class _MixedQuantOp(torch.autograd.Function):
-    """out = op(sum_i p_i * Q_i(x; s_i), Q_w(W; s_w)) + bias. steps: (K,) positive steps of the active
-    branches; probs: (K,), or None for one branch; w_step, w_qparams: the weight's step and (Qn, Qp, grad
-    scale), or None (FP weight); qranges, grad_scales: K pairs (Qn, Qp), K floats. The op runs on integer
-    codes and its output is scaled after, s_a s_w op(q_a, q_w) + b: codes up to 256 are exact in bf16, so
-    under bf16 autocast only the op's output is rounded (the search mixture, on no grid, is rounded once)."""
+class _FusedQuantOp(torch.autograd.Function):
+    """out = op(Q_a(x; s), Q_w(W; s_w)) + bias. step: the branch's positive step; a_q: its (Qn, Qp, grad scale);
+    w_step, w_q: the weight's step and (Qn, Qp, grad scale), or None (FP weight). The op runs on integer codes
+    and its output is scaled after, s s_w op(q_a, q_w) + b: codes up to 256 are exact in bf16, so under bf16
+    autocast only the op's output is rounded."""
 
     @staticmethod
-    def forward(ctx, x, steps, probs, weight, w_step, bias, qranges, grad_scales, w_qparams, op):
-        xf = _upcast(x)  # quantizer math in fp32, also under autocast
-        if probs is None:
-            x_in, scale = _lsq_codes(xf, steps[0], *qranges[0]), steps[0]
-        else:
-            x_in, scale = _mixture(xf, steps, probs, qranges), None
-        w = weight
-        if w_qparams is not None:
-            w = _lsq_codes(weight, w_step, w_qparams[0], w_qparams[1])
-            scale = w_step if scale is None else scale * w_step
-        ctx.save_for_backward(x, steps, probs, weight, w_step)
-        ctx.qranges, ctx.grad_scales, ctx.w_qparams, ctx.op = qranges, grad_scales, w_qparams, op
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, step, weight, w_step, bias, a_q, w_q, op):
+        x_in, w, scale = _lsq_codes(_upcast(x), step, *a_q[:2]), weight, step  # quantizer math in fp32
+        if w_q is not None:
+            w, scale = _lsq_codes(weight, w_step, *w_q[:2]), step * w_step
+        ctx.save_for_backward(x, step, weight, w_step)
+        ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias = a_q, w_q, op, bias is not None
         out = op(x_in, w)
-        if scale is None and bias is None:
-            return out
-        y = _upcast(out)  # scale and bias in fp32 (in place: out is ours), one rounding back to out's dtype
-        if scale is not None:
-            y.mul_(scale)
+        y = _upcast(out).mul_(scale)  # scale and bias in fp32 (in place: out is ours), one rounding to out's dtype
         if bias is not None:
             y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
         return y.to(out.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, steps, probs, weight, w_step = ctx.saved_tensors
-        need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
-        need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
-        w_qp, op = ctx.w_qparams, ctx.op
-        w_codes = None if w_qp is None else _lsq_codes(weight, w_step, w_qp[0], w_qp[1])
+        x, step, weight, w_step = ctx.saved_tensors
+        need_x, need_s, need_w, need_ws, need_b = ctx.needs_input_grad[:5]
+        (qn, qp, grad_scale), w_q, op = ctx.a_q, ctx.w_q, ctx.op
+        w_codes = None if w_q is None else _lsq_codes(weight, w_step, *w_q[:2])
         w = weight if w_codes is None else w_codes * w_step
         xf = _upcast(x)
-        gx = gs = gp = None
-        if probs is None:  # one branch: weight training and bit-meta (the hot path)
-            q = _lsq_codes(xf, steps[0], *ctx.qranges[0])
-            # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
-            only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
-            g_in, g_w, g_b = _op_backward(g, q, w, op, need_in and not only_s, need_wgrad, need_b)
-            if g_w is not None:
-                g_w.mul_(steps[0])
-            if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
-                v = xf / steps[0]  # d(s q)/ds = q - v * inside, built in q's buffer
-                r = q.sub_(_pass_inside(v, v, _open_bounds(*ctx.qranges[0], v.dtype), out=v))
-                gs = (torch.dot(_upcast(g).reshape(-1), op(r, w).reshape(-1)) * ctx.grad_scales[0]).reshape(1)
-            elif g_in is not None:
-                gx, gs = _lsq_grads(_upcast(g_in), xf, q, ctx.qranges[0], steps[0], need_s, ctx.grad_scales[0],
-                                    inplace=True)
-                gs = gs.reshape(1) if gs is not None else None
-        else:  # search (Eq. 2)
-            xm = _mixture(xf, steps, probs, ctx.qranges) if need_wgrad else None
-            g_in, g_w, g_b = _op_backward(g, xm if need_wgrad else xf, w, op, need_in, need_wgrad, need_b)
-            del xm
-            if g_in is not None:
-                bounds = [_open_bounds(qn, qp, xf.dtype) for qn, qp in ctx.qranges]
-                gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, ctx.qranges, bounds, ctx.grad_scales,
-                                            need_s, need_p)
-        if gx is not None:
+        q = _lsq_codes(xf, step, qn, qp)
+        # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
+        g_in, g_w, g_b = _op_backward(g, q, w, op, need_x or need_s, need_w or need_ws, need_b and ctx.has_bias)
+        if g_w is not None:
+            g_w.mul_(step)
+        gx = gs = g_ws = None
+        if g_in is not None:
+            gx, gs = _lsq_grads(_upcast(g_in), xf, q, qn, qp, step, need_s, grad_scale)
             gx = gx.to(x.dtype) if need_x else None
-        g_ws = None
-        if g_w is not None and w_qp is not None:  # through the weight quantizer (LSQ)
-            g_w, g_ws = _lsq_grads(g_w, weight, w_codes, w_qp[:2], w_step, need_ws, w_qp[2], inplace=True)
-        return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
+        if g_w is not None and w_q is not None:  # through the weight quantizer (LSQ)
+            g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
+        return gx, gs, (g_w if need_w else None), g_ws, g_b, None, None, None
 
 def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
     """Run every QuantLayer through the fused op (on) or the readable form of sections 1-2 (off)."""
@@ -740,12 +648,12 @@ class Dist:
         if self.cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1:
-            torch.distributed.init_process_group("nccl" if self.cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo",
+                                                 timeout=datetime.timedelta(minutes=30))  # rank 0 writes checkpoints
 
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
-    """ONE all-reduce per step: every gradient, the loss and the stop flag in one flat buffer (our choice
-    instead of DDP, which handles bit-meta's unused branches only with find_unused_parameters). Returns
-    (mean loss, whether any rank was signalled), the same on every rank."""
+    """ONE all-reduce per step: the gradients, the loss and the stop flag (our choice instead of DDP, which handles
+    bit-meta's unused branches only with find_unused_parameters). Returns (mean loss, whether a rank was signalled)."""
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.stack([loss.float().reshape(()), torch.tensor(float(_STOP["signum"] > 0), device=loss.device)])
     if dist.world > 1:
@@ -758,26 +666,13 @@ def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) ->
     loss_v, stop = flat[:2].tolist()
     return loss_v, stop > 0
 
-def replica_fingerprint(model: nn.Module) -> torch.Tensor:
-    """A checksum of every tensor of the model, each layer's signedness and its selected branch."""
-    sums = [torch.stack([t.double().sum(), t.double().abs().sum()]) for t in model.state_dict().values()
-            if torch.is_tensor(t) and t.is_floating_point()]
-    flags = [float(-1 if m.act.signed is None else m.act.signed) * 1000 + m.selected_branch for m in quant_layers(model)]
-    return torch.cat(sums + [torch.tensor(flags, dtype=torch.float64, device=sums[0].device)])
-
 def sync_epoch(dist: Dist, model: nn.Module) -> None:
-    """BN running statistics averaged over ranks (our choice, timm's distribute_bn); then the replicas compared."""
-    if dist.world > 1:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                for t in (m.running_mean, m.running_var):
-                    torch.distributed.all_reduce(t)
-                    t.div_(dist.world)
-        mine = replica_fingerprint(model)
-        everyone = [torch.empty_like(mine) for _ in range(dist.world)]
-        torch.distributed.all_gather(everyone, mine)
-        if not all(torch.equal(mine, t) for t in everyone):
-            raise RuntimeError("replicas out of sync: the model differs between ranks")
+    """BN running statistics averaged over ranks (our choice, timm's distribute_bn)."""
+    for m in model.modules() if dist.world > 1 else []:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(t)
+                t.div_(dist.world)
 
 def broadcast_model(dist: Dist, model: nn.Module) -> None:
     """Rank 0's parameters, buffers and signedness for every rank (after the data-dependent init)."""
@@ -799,13 +694,11 @@ def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     given = data.partition(":")[2].split(",") if ":" in data else []
     spec = [int(v) if v.isdigit() else -1 for v in given] + [2560, 1000, 10][len(given):]
     if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
-        raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, at least 1 training image, 1 "
-                       "validation image and 2 classes, e.g. synthetic:64,32,10")
+        raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 validation image and 2 classes or more")
     return tuple(spec)
 
 def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
-    """A learnable synthetic set made from the seed: an image is its class's smooth random colour pattern,
-    shifted, scaled in contrast and brightness, plus noise; train and val are different draws."""
+    """A learnable set from the seed: its class's smooth random colour pattern, shifted, scaled, plus noise."""
     g = torch.Generator().manual_seed(seed)
     templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
                               align_corners=False)
@@ -817,8 +710,6 @@ def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, spli
     return torch.utils.data.TensorDataset((x + 0.7 * torch.randn(x.shape, generator=g)).contiguous(), labels)
 
 def _load_rgb(path: str):
-    from PIL import Image  # a torchvision dependency
-
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
@@ -826,47 +717,32 @@ def _load_rgb(path: str):
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 def build_datasets(args):
-    """(train set, val set, classes): the synthetic set, or ImageFolder with torchvision's reference
-    transforms (RandomResizedCrop and flip; resize to size/0.875 and centre crop)."""
+    """(train set, val set, classes): synthetic, or ImageFolder with torchvision's reference transforms."""
     spec = synthetic_spec(args.data)
     if spec:
         return (*(synthetic_dataset(n, spec[2], args.image_size, args.seed, s) for n, s in zip(spec, ("train", "val"))),
                 spec[2])
-    import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
-
     if not os.path.isdir(args.data):
-        raise BadInput(f"--data {args.data}: no such folder (expected train/ and val/ in it, or 'synthetic')")
+        raise BadInput(f"--data {args.data}: no such folder (expected train/ and val/ in it)")
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's mean and std
-    tf = {"train": T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
-          "val": T.Compose([T.Resize(round(args.image_size / 0.875)), T.CenterCrop(args.image_size), T.ToTensor(),
-                            norm])}
+    size = args.image_size
+    tf = {"train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+          "val": T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])}
     try:  # ImageFolder names a missing folder, a folder without classes, a class without images
         train, val = (ImageFolder(os.path.join(args.data, s), tf[s], loader=_load_rgb) for s in ("train", "val"))
     except OSError as e:
         raise BadInput(f"--data {args.data}: {e.strerror + ': ' + e.filename if e.filename else e}") from None
     if train.classes != val.classes:
-        diff = sorted(set(train.classes) ^ set(val.classes))
-        raise BadInput(f"--data {args.data}: train/ and val/ have different classes (e.g. {', '.join(diff[:5])})")
+        raise BadInput(f"--data {args.data}: train/ and val/ have different classes, e.g. "
+                       f"{sorted(set(train.classes) ^ set(val.classes))[0]}")
     return train, val, len(train.classes)
 
-def num_classes_hint(args) -> int:
-    """The model's classes before the data is read: the synthetic set's (1000 in a dry run), or the number of
-    class folders in train/ (1000 if there is none yet)."""
-    spec, train = synthetic_spec(args.data), os.path.join(args.data, "train")
-    if spec:
-        return 1000 if args.dry_run else spec[2]
-    return (sum(e.is_dir() for e in os.scandir(train)) if os.path.isdir(train) else 0) or 1000
-
 def build_loaders(args, dist: Dist, train_set, val_set):
-    """Training loader (DistributedSampler, drop_last); validation loader, each image once across ranks (rank r
-    takes r, r+W, ..., no padding); LSQ's calibration batch, the same on every rank (from --seed alone)."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
+    """Training loader; validation loader, each image once across ranks (rank r takes r, r+W, ..., no padding);
+    LSQ's calibration batch, the same on every rank (from --seed alone)."""
     share = len(train_set) // dist.world
     if args.batch_size > share:
-        raise BadInput(f"--batch-size {args.batch_size} is more than this process's share of the training set "
-                       f"({share} images); use --batch-size {share} or less")
+        raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images; use {share} or less")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     # workers are re-created each epoch (not persistent), seeded from the RNG state at its start: exact resume
     kw = dict(num_workers=0 if synthetic_spec(args.data) else args.workers, pin_memory=dist.cuda)
@@ -878,45 +754,29 @@ def build_loaders(args, dist: Dist, train_set, val_set):
 
 # ---- model -----------------------------------------------------------------------------
 
-# The paper's settings (Table 1, supplement Table 8, its results): candidates, lambda, all epochs (2 of them bit
-# selection), the target of its headline result, and its FP baseline's top-1, with the torchvision weights closest.
+# The paper's settings (Table 1, supplement Table 8): candidates, lambda, epochs, the target of its headline result,
+# its FP baseline's top-1 and the torchvision weights closest to it.
 PAPER_SETTINGS = {
     "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, fp_top1=70.5, weights="IMAGENET1K_V1"),
     "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, fp_top1=71.9, weights="IMAGENET1K_V1"),
     "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, fp_top1=75.3,
                                weights="IMAGENET1K_V2")}
-# Our choice for the other archs: MobileNet-v3-large's for MobileNet-v3-small, else ResNet-18's candidates with
-# lambda 1 and 90 epochs (the target is then 95% of uniform A4).
+# Our choice for the other archs (their target: 95% of uniform A4).
 OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
                   None: dict(bits="8,4,2", lam=1.0, epochs=90)}
-# Alpha LR, our choice: (from pretrained weights, without them: small data from scratch, whose search epoch has
-# far fewer steps). The SGD rates are the digits study's (docs/digits.md).
+# Alpha LR, our choice: (from pretrained weights, from scratch); the SGD rates are the digits study's (docs/digits.md).
 ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1)}
-# What metamix can neither quantize nor count in BOPs: other layer types, and products of two activations.
-UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention)
-PRODUCTS = {torch.matmul, torch.bmm, torch.baddbmm, torch.einsum, torch.Tensor.__matmul__, torch.Tensor.matmul,
-            torch.Tensor.bmm, F.scaled_dot_product_attention}
-
-class _Products(torch.overrides.TorchFunctionMode):
-    """Records the products of two activations (e.g. attention's q @ k) that one forward pass computes."""
-
-    def __init__(self, found: list):
-        super().__init__()
-        self.found = found
-
-    def __torch_function__(self, func, types, a=(), kw=None):
-        self.found.extend([f"{func.__name__} of activations"] if func in PRODUCTS else [])
-        return func(*a, **(kw or {}))
+# What metamix can neither quantize nor count in BOPs: other layer types, and attention (products of activations;
+# Swin's, through F.linear, shows as Linear modules not called as modules).
+UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention,
+               torchvision.models.maxvit.RelativePositionalMultiHeadAttention)
 
 def resolve_weights(arch: str, name: str):
     """torchvision's weights enum for --pretrained NAME ("paper": those closest to the paper's FP baseline)."""
-    import torchvision
-
     enum = torchvision.models.get_model_weights(arch)
-    short = PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT") if name == "paper" else name.split(".")[-1]
     try:
-        return enum.DEFAULT if short == "DEFAULT" else enum[short]
-    except KeyError:
+        return enum.verify(PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT") if name == "paper" else name)
+    except (KeyError, ValueError):
         raise BadInput(f"--pretrained {name!r}: no such file and no such weights for {arch}; give a state dict's path "
                        f"or one of: {', '.join(['DEFAULT'] + [w.name for w in enum])}") from None
 
@@ -925,10 +785,7 @@ def local_weights(args) -> bool:
     return bool(args.pretrained) and (os.sep in args.pretrained or os.path.exists(args.pretrained))
 
 def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Module:
-    """The torchvision model with its full-precision weights, patched (section 5) and checked: every layer that
-    computes on activations is quantized and counted, or the model is refused, naming the layer."""
-    import torchvision
-
+    """The torchvision model with its FP weights, patched; refused, naming the layer, unless all is counted."""
     weights = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None
     if weights is not None and num_classes != 1000:
         raise BadInput(f"--pretrained {args.pretrained} needs 1000 classes, the data has {num_classes}")
@@ -938,8 +795,7 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
     try:
         model = torchvision.models.get_model(args.arch, weights=weights, **kw)
     except Exception as e:
-        raise BadInput(f"could not load the pretrained {args.arch} weights ({type(e).__name__}: {e}); place them in "
-                       "the torch hub cache or give --pretrained PATH") from None
+        raise BadInput(f"cannot load {args.arch}'s weights ({type(e).__name__}: {e}); try --pretrained PATH") from None
     if local_weights(args):
         sd = load_checkpoint(args.pretrained, "--pretrained", "a state dict")
         try:
@@ -948,14 +804,11 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
             raise BadInput(f"--pretrained {args.pretrained} is not a state dict of {args.arch} with {num_classes} "
                            f"classes ({str(e).splitlines()[0]})") from None
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
-    with torch.no_grad(), _Products(found):
-        model.eval()(torch.zeros(1, 3, 224, 224))
     patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, layer_type=layer_type)
     found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if found:
-        raise BadInput(f"--arch {args.arch}: {', '.join(sorted(set(found), key=found.index)[:3])} would stay in full "
-                       "precision and outside the BOPs; metamix quantizes Conv2d and Linear modules: choose a CNN "
-                       "such as resnet18, mobilenet_v2 or mobilenet_v3_large")
+        raise BadInput(f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
+                       "metamix quantizes Conv2d and Linear modules (CNNs such as resnet18, mobilenet_v2)")
     for size in [args.image_size] + list(range(16, 225, 16)):  # is the crop too small for the model's pooling?
         try:
             with torch.no_grad():
@@ -986,8 +839,8 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-def saved_bytes(obj) -> bytes:
-    """torch.save into memory: a full disk then fails in atomic_write, naming the path, not in the serializer."""
+def saved_bytes(obj) -> bytes:  # a full disk then fails in atomic_write, naming the path, not in torch.save
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -1017,8 +870,8 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
 # ---- the run ---------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
-# Flags a checkpoint must share with the run that resumes it; the second group only until bits are selected (from
-# a checkpoint at the phase boundary, e.g. meta_state.pth, bits can be selected for another target or --bits-from).
+# Flags a checkpoint shares with the run that resumes it; the second group only once bits are selected (from the
+# phase boundary, e.g. meta_state.pth, bits can be selected for another target, or --bits-from).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfixed")
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "alpha_optimizer", "bits_from", "no_budget_repair")
 
@@ -1028,7 +881,7 @@ class Run:
     def __init__(self, args, dist: Dist, model: nn.Module):
         self.args, self.dist, self.model = args, dist, model
         self.epoch, self.selected = 0, None  # epochs finished; a branch per searched layer, once bits are selected
-        self.history, self.summary = [], {"fp_top1": None, "seconds": {"bit_selection": 0.0, "weight_training": 0.0}}
+        self.history, self.fp_top1 = [], None  # a row per epoch (log.jsonl); top-1 before quantization
         self.alpha_trace: list[dict] = []  # softmax(alpha) per search step, for alphas.json
         self.build_optimizers()
 
@@ -1037,9 +890,8 @@ class Run:
         return "bit_selection" if self.selected is None else "weight_training"
 
     def build_optimizers(self):
-        """SGD (momentum 0.9) for weights, BN and steps, SGD or Adam for the alphas; our choice, the paper is
-        silent. Weight decay on conv/linear weights only. Bit selection keeps the LR constant; weight training
-        starts a fresh SGD with a cosine schedule over its epochs."""
+        """Our choice (the paper is silent): SGD for weights, BN and steps (decay on conv/linear weights only), SGD or
+        Adam for the alphas; a constant LR in bit selection, a fresh SGD and a cosine schedule in weight training."""
         a, alphas = self.args, alphas_of(self.model)
         decay = [m.weight for m in quant_layers(self.model)]
         rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
@@ -1052,18 +904,18 @@ class Run:
 
     def load_state_dict(self, ck: dict, path: str) -> None:
         if ck.get("format") != CHECKPOINT_FORMAT:
-            raise BadInput(f"--resume {path} is not a checkpoint of this metamix (format {ck.get('format')!r}, "
-                           f"expected {CHECKPOINT_FORMAT!r})")
+            raise BadInput(f"--resume {path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
         old, a = ck["args"], self.args
         for key in SAME_RUN + (() if ck["selected"] is None and ck["epoch"] >= a.search_epochs else SAME_SELECTION):
-            mine, theirs = (",".join(map(str, v)) if isinstance(v, list) else v for v in (getattr(a, key), old.get(key)))
+            mine, theirs = (",".join(map(str, v)) if isinstance(v, list) else v for v in (getattr(a, key), old[key]))
             if mine != theirs:
-                raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, this run {mine}")
+                raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, not {mine}")
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
-        self.epoch, self.selected, self.history, self.summary = ck["epoch"], ck["selected"], ck["history"], ck["summary"]
+        self.epoch, self.selected, self.history = ck["epoch"], ck["selected"], ck["history"]
+        self.fp_top1 = ck["fp_top1"]
         set_mode(self.model, "selected", quant_weights=self.selected is not None)  # what was evaluated last
         self.build_optimizers()
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
@@ -1083,15 +935,15 @@ class Run:
             torch.manual_seed(a.seed + self.dist.rank + 7919 * self.epoch)
         else:
             torch.set_rng_state(rng["torch"])
-            random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+            random.setstate(rng["python"])
             if self.dist.cuda and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
-        """checkpoint.pth and log.jsonl; at the phase boundary (bit selection done, bits not selected yet) also
-        meta_state.pth, kept: baselines.py selects from it, and --resume it --bits-from FILE trains those bits."""
-        state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                 "python_pos": random.getstate()[2], **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
+        """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (baselines.py selects from
+        it, and --resume it --bits-from FILE trains those bits)."""
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
         rng = [state]  # every rank's RNG state: rank r resumes with its own
         if self.dist.world > 1:
             rng = [None] * self.dist.world
@@ -1100,9 +952,9 @@ class Run:
             data = saved_bytes({
                 "format": CHECKPOINT_FORMAT, "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
                 "selected": self.selected, "num_classes": quant_layers(self.model)[-1].weight.shape[0],
-                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "opt_alpha": self.opt_alpha.state_dict(),
-                "sched": self.sched and self.sched.state_dict(), "history": self.history, "summary": self.summary,
-                "rng": rng})
+                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched and
+                self.sched.state_dict(), "opt_alpha": self.opt_alpha.state_dict(), "history": self.history,
+                "fp_top1": self.fp_top1, "rng": rng})
             boundary = self.selected is None and self.epoch == self.args.search_epochs
             for name in ["meta_state.pth"] * boundary + ["checkpoint.pth"]:
                 atomic_write(os.path.join(self.args.output_dir, name), data)
@@ -1114,7 +966,7 @@ def log(dist: Dist, *msg) -> None:
         print(*msg, flush=True)
 
 def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
-    """One epoch of the current phase (section 6's steps, with this run's sync); returns the mean loss."""
+    """One epoch of the current phase (section 6's steps); returns the mean loss."""
     a, model, dist = run.args, run.model, run.dist
     selecting = run.phase == "bit_selection"
     searching = selecting and epoch == a.search_epochs and not a.bits_from  # --bits-from: the selection is given
@@ -1129,9 +981,9 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
         def sync(params, loss):  # one all-reduce, then the NaN and stop checks, before the update
             loss_v, stop = sync_step(dist, params, loss)
             if not math.isfinite(loss_v):
-                raise BadInput(f"the loss is {loss_v} at epoch {epoch} step {step}/{steps} ({run.phase}), stopped "
-                               f"before this update; last good checkpoint: {a.output_dir}/checkpoint.pth "
-                               f"({f'epoch {run.epoch}' if run.epoch else 'none written yet'}); try a lower --lr")
+                last = f"epoch {run.epoch} in checkpoint.pth" if run.epoch else "none written yet"
+                raise BadInput(f"the loss is {loss_v} at epoch {epoch} step {step}/{steps}, stopped before this update "
+                               f"(last good checkpoint: {last}); try a lower --lr")
             if stop:
                 raise Interrupted(f"at epoch {epoch} step {step}/{steps}")
             return loss_v
@@ -1191,14 +1043,20 @@ def bits_report(model: nn.Module, args) -> dict:
             "avg_a_bits_with_first_last": sum(r["a_bits"] for r in rows) / len(rows),  # plain, every layer
             "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched), "layers": rows}
 
+def layer_table(report: dict) -> str:
+    """bits.json as text (Fig. 7): a row per layer, its MOPs and a bar of its activation bits."""
+    pairs = len({w for _, w in report["candidates"]}) > 1  # the supplement's (A, W) pairs: each layer's own W
+    return "\n".join([f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"] + [
+        f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
+        + (f"/W{r['w_bits']}" if pairs else "") + (" (fixed)" if r["fixed"] else "") for r in report["layers"]])
+
 def avg_bits_text(report: dict) -> str:
     w = f"; weight bits {report['avg_w_bits']:.2f}" if len({w for _, w in report["candidates"]}) > 1 else ""
     return (f"average activation bits {report['avg_a_bits']:.2f} (MAC-weighted "
             f"{report['avg_a_bits_mac_weighted']:.2f}, with first/last {report['avg_a_bits_with_first_last']:.2f}){w}")
 
 def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
-    """Branch indices from a bits.json (its "layers" rows) or {layer name: a_bits} (pairs: [a_bits, w_bits]),
-    recorded in the model as its selection; every problem a BadInput that names it."""
+    """Branch indices from a bits.json or {layer name: a_bits} (pairs: [a_bits, w_bits]), set as the selection."""
     flag = f"--bits-from {path}"
     try:
         with open(path) as f:
@@ -1208,13 +1066,12 @@ def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
         data = {r.get("name"): [r.get("a_bits"), r.get("w_bits")] for r in data["layers"] if isinstance(r, dict)}
     if not isinstance(data, dict):
-        raise BadInput(f"{flag}: expected a bits.json or an object {{layer name: activation bits}}")
+        raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
     layers, searched = {m.name: m for m in quant_layers(model)}, searched_layers(model)
     unknown, missing = [n for n in data if n not in layers], [m.name for m in searched if m.name not in data]
     if unknown or missing:
-        raise BadInput(f"{flag}: " + (f"unknown layer {unknown[0]!r} (the searched layers are "
-                       f"{', '.join(m.name for m in searched[:3])}, ...)" if unknown else
-                       f"no bits for layer {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else "")))
+        raise BadInput(f"{flag}: " + (f"unknown layer {unknown[0]!r}" if unknown else
+                                      f"no bits for layer {missing[0]} ({len(missing)} of {len(searched)} missing)"))
     for name, b in data.items():
         m, widths = layers[name], {w for _, w in layers[name].candidates}
         pair = tuple(b) if isinstance(b, list) else (b, *widths) if len(widths) == 1 else b
@@ -1223,28 +1080,22 @@ def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int
                            ", ".join(f"[{a}, {w}]" for a, w in m.candidates))
         m.selected_branch = m.candidates.index(pair)
     branches = [m.selected_branch for m in searched]
-    if branches_gbops(model, branches) > target_gbops + 1e-9:
-        raise BadInput(f"{flag}: the configuration costs {branches_gbops(model, branches):.3f} GBOPs, over "
-                       f"--target-gbops {target_gbops:.3f}")
+    if (gb := branches_gbops(model, branches)) > target_gbops + 1e-9:
+        raise BadInput(f"{flag}: the configuration costs {gb:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
     return branches
 
 def select_bits(run: Run) -> None:
-    """Between the phases (Table 1): bits = argmax alpha repaired to the budget (or --bits-from), weight
-    quantization on from the meta-state; prints Fig. 7 as text and writes bits.json."""
+    """Between the phases (Table 1): start_weight_training (or --bits-from); prints Fig. 7 as text, writes bits.json."""
     a, model = run.args, run.model
     given = read_bits_from(model, a.bits_from, a.target_gbops) if a.bits_from else None
     run.selected, _, repaired = start_weight_training(model, a.target_gbops, not a.no_budget_repair, given)
     run.build_optimizers()
     r = bits_report(model, a)
     if run.dist.main:
-        pairs = len({w for _, w in r["candidates"]}) > 1  # the supplement's (A, W) pairs: each layer's own W
-        print(f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits", *(
-            f"{x['name']:<34} {x['type']:<7} {x['macs'] / 1e6:8.2f}  {'#' * x['a_bits']:<8} A{x['a_bits']}"
-            + (f"/W{x['w_bits']}" if pairs else "") + (" (fixed)" if x["fixed"] else "") for x in r["layers"]),
-            f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
-            + ("  OVER TARGET" if r["gbops"] > a.target_gbops + 1e-9 else "")
-            + (" (argmax was over the target: lowered by budget repair)" if repaired and not a.bits_from else "")
-            + f"; {avg_bits_text(r)}", sep="\n", flush=True)
+        print(layer_table(r), f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
+              + ("  OVER TARGET" if r["gbops"] > a.target_gbops + 1e-9 else "")
+              + (" (argmax was over the target: lowered by budget repair)" if repaired and not a.bits_from else "")
+              + f"; {avg_bits_text(r)}", sep="\n", flush=True)
         atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(r, indent=1).encode())
 
 def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
@@ -1253,8 +1104,8 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
         broadcast_model(dist, model)
-        run.summary["fp_top1"] = evaluate(model, val_loader, dist, autocast)["top1"]
-        log(dist, f"full-precision top-1 before quantization: {run.summary['fp_top1']:.2f}%")
+        run.fp_top1 = evaluate(model, val_loader, dist, autocast)["top1"]
+        log(dist, f"full-precision top-1 before quantization: {run.fp_top1:.2f}%")
     for epoch in range(run.epoch + 1, a.epochs + 1):
         if run.selected is None and epoch > a.search_epochs:
             select_bits(run)
@@ -1265,15 +1116,13 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
             if run.alpha_trace and dist.main:  # the search epoch's alpha trajectory
-                trace = {"layers": [m.name for m in searched_layers(model)], "alpha_optimizer": a.alpha_optimizer,
-                         "candidates": [list(c) for c in searched_layers(model)[0].candidates],
-                         "alpha_lr": a.alpha_lr, "steps": run.alpha_trace}
+                trace = {"layers": [m.name for m in searched_layers(model)], "steps": run.alpha_trace,
+                         "candidates": [list(c) for c in searched_layers(model)[0].candidates]}
                 atomic_write(os.path.join(a.output_dir, "alphas.json"), json.dumps(trace).encode())
         elif run.sched is not None:
             run.sched.step()
         sync_epoch(dist, model)
         metrics = evaluate(model, val_loader, dist, autocast)
-        run.summary["seconds"][phase] += time.time() - t0
         run.history.append({"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr,
                             "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
                             "seconds": round(time.time() - t0, 3), "world_size": dist.world})
@@ -1284,11 +1133,10 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         if a.stop_after_epoch and a.stop_after_epoch <= epoch < a.epochs:
             return log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
     if dist.main and run.selected is not None and run.history:
-        s, last = {k: str(datetime.timedelta(seconds=int(v))) for k, v in run.summary["seconds"].items()}, run.history[-1]
-        print(f"summary: full-precision top-1 {run.summary['fp_top1']:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
+        last, took = run.history[-1], datetime.timedelta(seconds=int(sum(h["seconds"] for h in run.history)))
+        print(f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
               f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
-              f"{avg_bits_text(bits_report(model, a))}; bit selection {s['bit_selection']}, weight training "
-              f"{s['weight_training']}", flush=True)
+              f"{avg_bits_text(bits_report(model, a))}; {took} in all", flush=True)
 
 # ---- command line ----------------------------------------------------------------------
 
@@ -1314,8 +1162,6 @@ def number(kind: type, lo: float, hi: float = math.inf, above: bool = False):
             bound = f"{'above' if above else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi < math.inf else "")
             raise argparse.ArgumentTypeError(f"{text} must be {bound}")
         return v
-
-    parse.__name__ = kind.__name__
     return parse
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -1354,15 +1200,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
-    import torchvision
-
     archs = sorted(torchvision.models.list_models(module=torchvision.models))
     if args.arch not in archs:
-        raise BadInput(f"--arch {args.arch!r} is not a torchvision classification model; choose one of: "
-                       f"{', '.join(archs)}")
+        raise BadInput(f"--arch {args.arch!r} is not a torchvision classification model: {', '.join(archs)}")
     if len(args.w_bits) > 1 and layer_type is QuantLayer:
-        raise BadInput(f"--w-bits {','.join(map(str, args.w_bits))}: a list searches (A, W) pairs, the supplement's "
-                       "extension; run pairs.py with the same flags")
+        raise BadInput(f"--w-bits {','.join(map(str, args.w_bits))}: a list searches (A, W) pairs; run pairs.py")
     if args.resume and args.dry_run:
         raise BadInput("--resume and --dry-run do not go together")
     d = PAPER_SETTINGS.get(args.arch) or OTHER_DEFAULTS.get(args.arch) or OTHER_DEFAULTS[None]
@@ -1381,9 +1223,8 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     return args
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
-    """The feasible range; fills in the default target: the paper's for its three models in its setting (its
-    candidates, W4, first/last at 8 bits), otherwise (our choice) 95% of uniform A4, where Eq. 4 would be zero.
-    Refuses an infeasible target (a dry run only reports an infeasible default)."""
+    """The feasible range; the default target: the paper's in its setting, otherwise (our choice) 95% of uniform A4,
+    where Eq. 4 would be zero. Refuses an infeasible target (a dry run reports an infeasible default)."""
     lo, hi = gbops_range(model)
     given, paper, why = args.target_gbops is not None, PAPER_SETTINGS.get(args.arch, {}), ""
     if not given and (paper.get("bits"), 4, 8) == (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits):
@@ -1405,13 +1246,9 @@ def check_budget(model: nn.Module, args) -> tuple[float, float]:
 _LOCKS: list = []  # this process's lock on its output dir, held until it exits (the kernel drops it even on kill -9)
 
 def prepare_output_dir(args, rank: int) -> str | None:
-    """Create the output folder and lock it for this run (rank 0); return the checkpoint to resume, if any.
-    A second run on a folder in use is refused, naming the process that holds it."""
+    """Create and lock the output folder (rank 0; a second run is refused); return the checkpoint to resume."""
     out, ck = args.output_dir, os.path.join(args.output_dir, "checkpoint.pth")
     if rank == 0:
-        import fcntl
-        import socket
-
         try:
             os.makedirs(out, exist_ok=True)
             lock = open(os.path.join(out, ".lock"), "a+")
@@ -1421,8 +1258,7 @@ def prepare_output_dir(args, rank: int) -> str | None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.seek(0)
-            raise BadInput(f"--output-dir {out} is in use by {lock.read().strip() or 'another process'}; wait for "
-                           "it to end or choose another --output-dir") from None
+            raise BadInput(f"--output-dir {out} is in use by {lock.read().strip() or 'another process'}") from None
         lock.truncate(0)
         lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock.flush()
@@ -1433,8 +1269,7 @@ def prepare_output_dir(args, rank: int) -> str | None:
     if args.resume == "auto":
         return ck if os.path.exists(ck) else None
     if not args.resume and os.path.exists(ck):
-        raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto, or choose "
-                       "another --output-dir")
+        raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto")
     return args.resume
 
 def dry_run(model: nn.Module, args, lo: float, hi: float) -> int:
@@ -1445,52 +1280,44 @@ def dry_run(model: nn.Module, args, lo: float, hi: float) -> int:
     macs = sum(m.macs for m in layers)
     print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at 224 px; feasible range {lo:.3f} .. {hi:.3f} "
           f"GBOPs; " + (f"target {t:.3f}" if t else "the default target is outside it: set --target-gbops"))
-    print(json.dumps({"arch": args.arch, "bits": args.bits, "w_bits": args.w_bits, "first_last_bits":
-                      args.first_last_bits, "layers": len(layers), "macs": macs, "gbops_min": lo, "gbops_max": hi,
-                      "target_gbops": t, "c_fixed_gbops": c_fixed_of(model)}))
     return 0
 
 def run_main(args, layer_type: type = QuantLayer) -> int:
     args = resolve_args(args, layer_type)
     torch.manual_seed(args.seed)
-    model = build_model(args, num_classes_hint(args), layer_type)
+    spec, train_dir = synthetic_spec(args.data), os.path.join(args.data, "train")  # classes before reading the data
+    classes = (1000 if args.dry_run else spec[2]) if spec else \
+        (sum(e.is_dir() for e in os.scandir(train_dir)) if os.path.isdir(train_dir) else 0) or 1000
+    model = build_model(args, classes, layer_type)
     lo, hi = check_budget(model, args)  # before any folder is made or data is read
     if args.bits_from:
         read_bits_from(model, args.bits_from, args.target_gbops)
     if args.dry_run:
         return dry_run(model, args, lo, hi)
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs at least 2 images per process to train; "
-                       "use --batch-size 2 or more")
+        raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs 2 or more images per process")
     resume = prepare_output_dir(args, int(os.environ.get("RANK", "0")))
     dist = Dist()
     try:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
-        # The model was built from the common seed (and is broadcast after init); data order, augmentation,
-        # loader workers and dropout get a per-rank seed.
+        # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
         random.seed(args.seed + dist.rank)
         torch.manual_seed(args.seed + dist.rank)
         train_set, val_set, n_classes = build_datasets(args)
-        if n_classes != quant_layers(model)[-1].weight.shape[0]:
-            raise BadInput(f"the model has {quant_layers(model)[-1].weight.shape[0]} classes, the data {n_classes}")
+        if n_classes != classes:
+            raise BadInput(f"the model has {classes} classes, the data {n_classes}")
         train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
         run = Run(args, dist, model)
         if resume:
             run.load_state_dict(load_checkpoint(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
-            if dist.main and not os.path.exists(os.path.join(args.output_dir, "checkpoint.pth")):  # a new folder
-                with open(resume, "rb") as f:  # starts from the checkpoint it resumed (its meta-state, if it is one)
-                    data = f.read()
-                for name in ["checkpoint.pth"] + ["meta_state.pth"] * (run.selected is None):
-                    atomic_write(os.path.join(args.output_dir, name), data)
         if dist.main:
             atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
-            print(f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, lambda {args.lam}, target "
-                  f"{args.target_gbops:.3f} GBOPs (feasible {lo:.3f} .. {hi:.3f}), {args.epochs} epochs "
-                  f"({args.search_epochs} bit selection), lr {args.lr:g}, alphas {args.alpha_optimizer} "
-                  f"{args.alpha_lr:g}, world size {dist.world} on {dist.device.type}", flush=True)
+            print(f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, target {args.target_gbops:.3f} GBOPs "
+                  f"(feasible {lo:.3f} .. {hi:.3f}), world size {dist.world} on {dist.device.type}; all flags in "
+                  f"{args.output_dir}/args.json", flush=True)
         autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16) if args.amp else \
             contextlib.nullcontext
         train(run, train_loader, val_loader, calib, autocast)

@@ -27,14 +27,6 @@ def load_run(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
     return args, model, ck
 
 
-def layer_table(report: dict) -> str:
-    """A bits.json as metamix.py prints it: a row per layer, its MOPs and a bar of its activation bits."""
-    pairs_run = len({w for _, w in report["candidates"]}) > 1  # each layer's own W
-    return "\n".join([f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"] + [
-        f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
-        + (f"/W{r['w_bits']}" if pairs_run else "") + (" (fixed)" if r["fixed"] else "") for r in report["layers"]])
-
-
 def one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     if "Original Traceback" in text:  # an error raised in a DataLoader worker: its last line

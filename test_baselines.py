@@ -437,9 +437,7 @@ def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_pat
     log = read_log(new)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4] and log[:2] == read_log(ref_run)[:2]
     assert log[-1]["gbops"] == pytest.approx(want["gbops"]) and log[-1]["phase"] == "weight_training"
-    # the new folder keeps the meta-state it started from; the run's own folder gained only the selection
-    assert (new / "meta_state.pth").read_bytes() == (run / "meta_state.pth").read_bytes()
-    assert sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]
+    assert sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]  # the run's folder gained the selection
 
 
 # resnet18's searched layers: its Conv2d and Linear modules but the first and the last (module order is forward order)
