@@ -13,8 +13,7 @@ Run it:
     python metamix.py                                  # built-in synthetic data, one process, 2 CPU cores
     python metamix.py --arch mobilenet_v2 --dry-run    # per-layer MACs and the feasible GBOPs range
     torchrun --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
-    torchrun --nnodes=2 --node_rank=$RANK --master_addr=$HOST --master_port=29500 \\
-        --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
+    torchrun --nnodes=2 --node_rank=$NODE --master_addr=$HOST --nproc_per_node=8 metamix.py --data /imagenet ...
 
 Symbols (paper -> code):
     alpha_l      per-layer logits, one per candidate     MultiBranchQuantizer.alpha   (N,)
@@ -56,7 +55,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image  # a torchvision dependency
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
@@ -122,7 +120,6 @@ class LSQQuantizer(nn.Module):
 class MultiBranchQuantizer(nn.Module):
     """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
     Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2).
-
     Signedness from the data at init (min < 0: signed): ReLU outputs unsigned, the image and residual sums
     signed (our choice: a signed range rather than an offset). Gradient scale 1/sqrt(N * Qp), N = features per
     sample."""
@@ -189,7 +186,6 @@ class QuantLayer(nn.Module):
     on the original layer's own tensors. The weight's signed LSQ is off in bit selection (our choice: one step per
     tensor). `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the last
     Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
-
     fused = False
 
     def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0,
@@ -199,10 +195,8 @@ class QuantLayer(nn.Module):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
             self.op = LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        elif isinstance(layer, nn.Linear):
+        else:  # nn.Linear
             self.op = LayerOp("linear")
-        else:
-            raise TypeError(f"{name}: cannot quantize {type(layer).__name__}")
         self.kind = type(layer).__name__
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
         self.act = MultiBranchQuantizer(bits)
@@ -327,10 +321,10 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
             seen.append((names[mod], mod, int(macs)))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training, p = model.training, next(model.parameters())
+    was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
     finally:
         for h in handles:
             h.remove()
@@ -398,9 +392,8 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #       for images, targets in loader:
 #           weight_training_step(model, images, targets, opt)
 #
-# Each step takes `autocast` (a context factory, e.g. bf16) and `sync(params, loss)`, called after each backward
-# and before its optimizer step, which returns the loss to report (the driver all-reduces there and raises to
-# stop). Nothing here knows about processes, files or printing.
+# Each step takes `autocast` (a context factory, e.g. bf16) and `sync(params, loss)`, called between backward and
+# optimizer step (the driver all-reduces there). Nothing here knows about processes, files or printing.
 
 def _no_sync(params, loss):
     return loss
@@ -410,10 +403,9 @@ def batch_stats_bn(model: nn.Module):
     """BN normalises with the batch's statistics and leaves its running buffers alone; dropout off."""
     was_training = model.training
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    model.train()
     for m in bns:
         m.track_running_stats = False  # train-mode BN then uses batch statistics and leaves the buffers alone
-    for m in model.modules():
+    for m in model.train().modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
     try:
@@ -582,7 +574,6 @@ class _FusedQuantOp(torch.autograd.Function):
     w_step, w_q: the weight's step and (Qn, Qp, grad scale), or None (FP weight). The op runs on integer codes
     and its output is scaled after, s s_w op(q_a, q_w) + b: codes up to 256 are exact in bf16, so under bf16
     autocast only the op's output is rounded."""
-
     @staticmethod
     def forward(ctx, x, step, weight, w_step, bias, a_q, w_q, op):
         x_in, w, scale = _lsq_codes(_upcast(x), step, *a_q[:2]), weight, step  # quantizer math in fp32
@@ -709,13 +700,6 @@ def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, spli
     x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 1, 1, 1, generator=g)
     return torch.utils.data.TensorDataset((x + 0.7 * torch.randn(x.shape, generator=g)).contiguous(), labels)
 
-def _load_rgb(path: str):
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:  # the worker's exception carries the file name back to the main process
-        raise BadInput(f"cannot read image {path}: {e}") from None
-
 def build_datasets(args):
     """(train set, val set, classes): synthetic, or ImageFolder with torchvision's reference transforms."""
     spec = synthetic_spec(args.data)
@@ -729,7 +713,7 @@ def build_datasets(args):
     tf = {"train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
           "val": T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])}
     try:  # ImageFolder names a missing folder, a folder without classes, a class without images
-        train, val = (ImageFolder(os.path.join(args.data, s), tf[s], loader=_load_rgb) for s in ("train", "val"))
+        train, val = (ImageFolder(os.path.join(args.data, s), tf[s]) for s in ("train", "val"))
     except OSError as e:
         raise BadInput(f"--data {args.data}: {e.strerror + ': ' + e.filename if e.filename else e}") from None
     if train.classes != val.classes:
@@ -872,7 +856,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
 # Flags a checkpoint shares with the run that resumes it; the second group only once bits are selected (from the
 # phase boundary, e.g. meta_state.pth, bits can be selected for another target, or --bits-from).
-SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfixed")
+SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfixed", "wd")
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "alpha_optimizer", "bits_from", "no_budget_repair")
 
 class Run:
@@ -921,23 +905,18 @@ class Run:
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
             if obj is not None:
                 obj.load_state_dict(ck[key])
-        scale = a.lr / old["lr"]  # a new --lr, --alpha-lr or --wd wins; the same ones change nothing (exact resume)
+        scale = a.lr / old["lr"]  # a new --lr or --alpha-lr wins; the same ones change nothing (exact resume)
         for g in self.opt.param_groups:
             g["lr"] *= scale
         for g in self.opt_alpha.param_groups:
             g["lr"] = a.alpha_lr
-        self.opt.param_groups[0]["weight_decay"] = a.wd
         if self.sched is not None:  # the cosine keeps its shape at the new scale
             self.sched.base_lrs = [b * scale for b in self.sched.base_lrs]
-        rng = ck["rng"][self.dist.rank] if len(ck["rng"]) == self.dist.world else None
-        if rng is None:  # another world size: a fresh per-rank stream (the run stays valid, not bit-exact)
-            random.seed(a.seed + self.dist.rank + 7919 * self.epoch)
-            torch.manual_seed(a.seed + self.dist.rank + 7919 * self.epoch)
-        else:
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if self.dist.cuda and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
+        rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if self.dist.cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
         """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (baselines.py selects from
@@ -972,8 +951,6 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     searching = selecting and epoch == a.search_epochs and not a.bits_from  # --bits-from: the selection is given
     model.train()
     loader.sampler.set_epoch(epoch)
-    if not selecting:
-        set_mode(model, "selected", quant_weights=True)
     steps, t0, total, gbops = len(loader), time.time(), 0.0, float("nan")
     for step, (images, targets) in enumerate(loader, 1):
         images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
@@ -1168,7 +1145,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(description="MetaMix mixed-precision activation quantization (AAAI 2024)",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--arch", default="resnet18", help="torchvision classification model")
+    add("--arch", default="resnet18", metavar="ARCH", choices=torchvision.models.list_models(module=torchvision.models),
+        help="torchvision classification model")
     add("--data", default="synthetic", help="a folder with train/ and val/, or synthetic[:TRAIN,VAL,CLASSES]")
     add("--pretrained", nargs="?", const="paper", metavar="WEIGHTS|PATH", help="torchvision's weights (bare: "
         "those closest to the paper's FP baseline), or a local state dict")
@@ -1191,22 +1169,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")
     add("--output-dir", default="runs/metamix", help="checkpoint.pth, meta_state.pth, bits.json, log.jsonl")
-    add("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the output dir's, if any)")
+    once = p.add_mutually_exclusive_group().add_argument
+    once("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the output dir's, if any)")
     add("--stop-after-epoch", type=number(int, 0), default=0, help="end cleanly after this epoch (0: never)")
-    add("--dry-run", action="store_true", help="print the layers, their MACs and the feasible GBOPs; no training")
+    once("--dry-run", action="store_true", help="print the layers, their MACs and the feasible GBOPs; no training")
     add("--seed", type=number(int, 0), default=0, help="seed of everything (data order, synthetic data, init)")
     add("--amp", action="store_true", help="bf16 autocast (the quantizer math stays in fp32)")
     return p
 
 def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
-    archs = sorted(torchvision.models.list_models(module=torchvision.models))
-    if args.arch not in archs:
-        raise BadInput(f"--arch {args.arch!r} is not a torchvision classification model: {', '.join(archs)}")
     if len(args.w_bits) > 1 and layer_type is QuantLayer:
         raise BadInput(f"--w-bits {','.join(map(str, args.w_bits))}: a list searches (A, W) pairs; run pairs.py")
-    if args.resume and args.dry_run:
-        raise BadInput("--resume and --dry-run do not go together")
     d = PAPER_SETTINGS.get(args.arch) or OTHER_DEFAULTS.get(args.arch) or OTHER_DEFAULTS[None]
     synthetic = synthetic_spec(args.data) is not None
     small = synthetic or not args.pretrained  # our choice: small data (no pretrained weights) gets larger rates
@@ -1226,19 +1200,15 @@ def check_budget(model: nn.Module, args) -> tuple[float, float]:
     """The feasible range; the default target: the paper's in its setting, otherwise (our choice) 95% of uniform A4,
     where Eq. 4 would be zero. Refuses an infeasible target (a dry run reports an infeasible default)."""
     lo, hi = gbops_range(model)
-    given, paper, why = args.target_gbops is not None, PAPER_SETTINGS.get(args.arch, {}), ""
+    given, paper = args.target_gbops is not None, PAPER_SETTINGS.get(args.arch, {})
     if not given and (paper.get("bits"), 4, 8) == (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits):
-        args.target_gbops, why = paper["target_gbops"], f"the paper's for {args.arch}"
+        args.target_gbops = paper["target_gbops"]
     elif not given:
         layers, w = searched_layers(model), args.w_bits if isinstance(args.w_bits, int) else 4
         args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
-        why = f"95% of uniform A4/W{w}"
     if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
-        if args.dry_run and not given:
-            args.target_gbops = None
-            return lo, hi
         what = f"--target-gbops {args.target_gbops:g}" if given else \
-            f"the default target {args.target_gbops:.4g} GBOPs ({why}; set --target-gbops)"
+            f"the default target {args.target_gbops:.4g} GBOPs (set --target-gbops)"
         raise BadInput(f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs for {args.arch} with bits "
                        f"{','.join(map(str, args.bits))}, w-bits {args.w_bits}, first/last at {args.first_last_bits}")
     return lo, hi
@@ -1279,7 +1249,7 @@ def dry_run(model: nn.Module, args, lo: float, hi: float) -> int:
         + (" (fixed)" if m.fixed else "") for i, m in enumerate(layers)), sep="\n")
     macs = sum(m.macs for m in layers)
     print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at 224 px; feasible range {lo:.3f} .. {hi:.3f} "
-          f"GBOPs; " + (f"target {t:.3f}" if t else "the default target is outside it: set --target-gbops"))
+          f"GBOPs; target {t:.3f}")
     return 0
 
 def run_main(args, layer_type: type = QuantLayer) -> int:
@@ -1305,9 +1275,7 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
         random.seed(args.seed + dist.rank)
         torch.manual_seed(args.seed + dist.rank)
-        train_set, val_set, n_classes = build_datasets(args)
-        if n_classes != classes:
-            raise BadInput(f"the model has {classes} classes, the data {n_classes}")
+        train_set, val_set, _ = build_datasets(args)  # as many classes as `classes` (train/'s folders)
         train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
         run = Run(args, dist, model)
         if resume:
@@ -1342,7 +1310,7 @@ def main(args, layer_type: type = QuantLayer) -> int:
             line = f"interrupted by {signal.Signals(signum).name}" + (f" {e}" if isinstance(e, Interrupted) else "") + \
                 (f"; the last checkpoint is {ck}; continue with --resume auto" if os.path.exists(ck) else
                  "; no checkpoint was written yet; run the command again to start over")
-        elif isinstance(e, BadInput) or "BadInput" in str(e):
+        elif isinstance(e, (BadInput, OSError)):  # OSError: a file or folder, e.g. an image that cannot be read
             line = f"error: {text.splitlines()[0]}"
         else:
             line, code = f"error: {type(e).__name__}: {text.splitlines()[0]} (METAMIX_DEBUG=1: the traceback)", 1
