@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 import metamix as mm
 import runs
-import pairs
 
 # The methods, each a selection under the target in GBOPs (Eq. 6) on the meta-state:
 #   uniform      the largest uniform candidate that fits the target

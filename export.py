@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 import metamix as mm
 import runs
-import pairs
 
 INT_FORMAT = "metamix-int-1"
 PACKING = ("codes stored as code - Qn; 2-bit four per byte, 3-4 bit two, 5-8 bit one, 9-16 bit two bytes (low "

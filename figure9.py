@@ -35,7 +35,6 @@ import torch.nn as nn
 import baselines as bl
 import metamix as mm
 import runs
-import pairs
 
 # ---- Spearman's rank correlation ---------------------------------------------------------------
 

@@ -11,7 +11,7 @@ now quantized, from the meta-state.
 
 Run it:
     python metamix.py                                  # built-in synthetic data, one process, 2 CPU cores
-    python metamix.py --arch mobilenet_v2 --dry-run    # per-layer MACs and the feasible GBOPs range
+    python metamix.py --arch mobilenet_v2 --dry-run    # MACs, candidates and the feasible GBOPs range
     torchrun --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
     torchrun --nnodes=2 --node_rank=$NODE --master_addr=$HOST --nproc_per_node=8 metamix.py --data /imagenet ...
 
@@ -26,10 +26,8 @@ Symbols (paper -> code):
     C_fixed      BOPs of the fixed first/last layers     c_fixed_of(model)            (GBOPs)
     b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
 
-Sections 1-6 are the paper in its order; section 7 the speed path (a fused layer op the driver runs, held equal
-to sections 1-2 by tests); section 8 the driver. Left out, beside this file: baselines.py (other selections),
-pairs.py ((A, W) pairs), figure9.py (Figure 9), export.py (integer weights). Choices the paper does not make are
-marked "Our choice" and listed in docs/choices.md.
+Sections 1-6: the paper, in its order; 7: the speed path the driver runs, held equal to 1-2 by tests; 8: the driver.
+Beside it: baselines.py, pairs.py, figure9.py, export.py. "Our choice" marks what the paper leaves open.
 """
 from __future__ import annotations
 
@@ -91,11 +89,11 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
 class LSQQuantizer(nn.Module):
     """LSQ with one step per tensor (the weights), s = 2 * mean|v| / sqrt(Qp) at first use; disabled: identity."""
 
-    def __init__(self, bits: int, signed: bool = True):
+    def __init__(self, bits: int, signed: bool = True, enabled: bool = True):
         super().__init__()
         self.bits, self.signed = bits, signed
         self.step = nn.Parameter(torch.ones(()))
-        self.enabled, self.initialized = True, False
+        self.enabled, self.initialized = enabled, False
 
     def init_step(self, v: torch.Tensor) -> None:
         with torch.no_grad():
@@ -200,13 +198,10 @@ class QuantLayer(nn.Module):
         self.kind = type(layer).__name__
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
         self.act = MultiBranchQuantizer(bits)
-        weight_quant = LSQQuantizer(w_bits, signed=True)
-        weight_quant.enabled = False  # full-precision weights until weight training
-        self.weight_quant = weight_quant
+        self.weight_quant = LSQQuantizer(w_bits, signed=True, enabled=False)  # FP weights until weight training
         self.candidates = [(a, int(w_bits)) for a in self.act.bits]
         self.name, self.macs, self.fixed = name, int(macs), fixed
-        self.order = 0  # position in forward order, set by patch_model
-        self.selected_branch = 0
+        self.order, self.selected_branch = 0, 0  # position in forward order (patch_model sets it); the selection
 
     def set_state(self, mode: str, branch: int = 0, quant_weights: bool | None = None) -> None:
         """The activation quantizer's mode and branch; weight LSQ on or off (None: as it is; off in "fp")."""
@@ -277,8 +272,7 @@ def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[
     costs (N,) bits_i * w_bits, macs (L,) OPs_l. Our choices: GBOPs, which make the paper's lambdas sensible; Eq. 4
     literally, the distance of the *argmax* configuration. Returns (L_reg, its GBOPs), differentiable in alphas."""
     hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
-    c = torch.as_tensor(costs, dtype=hs.dtype, device=hs.device)
-    m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
+    c, m = (torch.as_tensor(v, dtype=hs.dtype, device=hs.device) for v in (costs, macs))
     gbops = (hs @ c * m).sum() * 1e-9 + c_fixed
     return (gbops - target_gbops).abs(), gbops
 
@@ -335,8 +329,6 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits
                 bops_image_size: int = 224, layer_type: type = QuantLayer) -> nn.Module:
     """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order fixed at
     first_last_bits. `layer_type(layer, bits, w_bits, name, macs)` builds the searched layers (pairs.py's)."""
-    if any(isinstance(m, QuantLayer) for m in model.modules()):
-        raise ValueError("model is already patched")
     traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
@@ -666,24 +658,19 @@ def sync_epoch(dist: Dist, model: nn.Module) -> None:
                 t.div_(dist.world)
 
 def broadcast_model(dist: Dist, model: nn.Module) -> None:
-    """Rank 0's parameters, buffers and signedness for every rank (after the data-dependent init)."""
-    if dist.world > 1:
-        for t in model.state_dict().values():
-            if torch.is_tensor(t):
-                torch.distributed.broadcast(t, 0)
-        signs = [m.act.signed for m in quant_layers(model)]
-        torch.distributed.broadcast_object_list(signs, 0)
-        for m, signed in zip(quant_layers(model), signs):
-            m.act.signed = signed
+    """Rank 0's parameters and buffers for every rank after the init (signedness: the same batch on every rank)."""
+    for t in model.state_dict().values() if dist.world > 1 else []:
+        if torch.is_tensor(t):
+            torch.distributed.broadcast(t, 0)
 
 # ---- data ------------------------------------------------------------------------------
 
 def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     """(train images, val images, classes) of --data synthetic[:TRAIN,VAL,CLASSES]; None for a folder."""
-    if data.partition(":")[0] != "synthetic":
+    name, _, given = data.partition(":")
+    if name != "synthetic":
         return None
-    given = data.partition(":")[2].split(",") if ":" in data else []
-    spec = [int(v) if v.isdigit() else -1 for v in given] + [2560, 1000, 10][len(given):]
+    spec = [int(v) if v.isdigit() else -1 for v in given.split(",")] if given else [2560, 1000, 10]
     if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
         raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 validation image and 2 classes or more")
     return tuple(spec)
@@ -738,8 +725,7 @@ def build_loaders(args, dist: Dist, train_set, val_set):
 
 # ---- model -----------------------------------------------------------------------------
 
-# The paper's settings (Table 1, supplement Table 8): candidates, lambda, epochs, the target of its headline result,
-# its FP baseline's top-1 and the torchvision weights closest to it.
+# The paper's settings (Table 1, supplement Table 8): headline targets, FP top-1s, the closest torchvision weights.
 PAPER_SETTINGS = {
     "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, fp_top1=70.5, weights="IMAGENET1K_V1"),
     "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, fp_top1=71.9, weights="IMAGENET1K_V1"),
@@ -750,8 +736,7 @@ OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
                   None: dict(bits="8,4,2", lam=1.0, epochs=90)}
 # Alpha LR, our choice: (from pretrained weights, from scratch); the SGD rates are the digits study's (docs/digits.md).
 ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1)}
-# What metamix can neither quantize nor count in BOPs: other layer types, and attention (products of activations;
-# Swin's, through F.linear, shows as Linear modules not called as modules).
+# What metamix can neither quantize nor count in BOPs (Swin's attention shows as Linear modules not called).
 UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention,
                torchvision.models.maxvit.RelativePositionalMultiHeadAttention)
 
@@ -854,8 +839,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
 # ---- the run ---------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
-# Flags a checkpoint shares with the run that resumes it; the second group only once bits are selected (from the
-# phase boundary, e.g. meta_state.pth, bits can be selected for another target, or --bits-from).
+# Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfixed", "wd")
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "alpha_optimizer", "bits_from", "no_budget_repair")
 
@@ -923,9 +907,8 @@ class Run:
         it, and --resume it --bits-from FILE trains those bits)."""
         state = {"torch": torch.get_rng_state(), "python": random.getstate(),
                  **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
-        rng = [state]  # every rank's RNG state: rank r resumes with its own
+        rng = [state] * self.dist.world  # every rank's RNG state: rank r resumes with its own
         if self.dist.world > 1:
-            rng = [None] * self.dist.world
             torch.distributed.all_gather_object(rng, state)
         if self.dist.main:
             data = saved_bytes({
@@ -971,7 +954,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                                                fixed=not a.unfixed)
             if searching and dist.main:
                 gbops = float(gb)
-                run.alpha_trace.append({"epoch": epoch, "step": step, "gbops": round(gbops, 4), "probs": [
+                run.alpha_trace.append({"step": step, "gbops": round(gbops, 4), "probs": [  # per searched layer
                     [round(p, 4) for p in F.softmax(al.detach().float(), 0).tolist()] for al in alphas_of(model)]})
         else:
             loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync)
@@ -998,9 +981,8 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
                             hit.any(1).sum().double(), torch.tensor(len(targets), device=dist.device).double()])
     if dist.world > 1:
         torch.distributed.all_reduce(tot)
-    n = max(tot[3].item(), 1.0)
-    return {"val_loss": tot[0].item() / n, "top1": 100 * tot[1].item() / n, "top5": 100 * tot[2].item() / n,
-            "n": int(tot[3].item())}
+    loss, top1, top5, n = tot.tolist()
+    return {"val_loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "n": int(n)}
 
 def bits_report(model: nn.Module, args) -> dict:
     """The content of bits.json: the selected configuration, layer by layer (the data of Fig. 7)."""
@@ -1092,10 +1074,8 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         if phase == "bit_selection":  # evaluate the argmax configuration, weights in full precision
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
-            if run.alpha_trace and dist.main:  # the search epoch's alpha trajectory
-                trace = {"layers": [m.name for m in searched_layers(model)], "steps": run.alpha_trace,
-                         "candidates": [list(c) for c in searched_layers(model)[0].candidates]}
-                atomic_write(os.path.join(a.output_dir, "alphas.json"), json.dumps(trace).encode())
+            if run.alpha_trace and dist.main:  # the search epoch's alpha trajectory (its layers: bits.json's)
+                atomic_write(os.path.join(a.output_dir, "alphas.json"), json.dumps(run.alpha_trace).encode())
         elif run.sched is not None:
             run.sched.step()
         sync_epoch(dist, model)
@@ -1172,7 +1152,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     once = p.add_mutually_exclusive_group().add_argument
     once("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the output dir's, if any)")
     add("--stop-after-epoch", type=number(int, 0), default=0, help="end cleanly after this epoch (0: never)")
-    once("--dry-run", action="store_true", help="print the layers, their MACs and the feasible GBOPs; no training")
+    once("--dry-run", action="store_true", help="print the MACs, candidates and feasible GBOPs range; no training")
     add("--seed", type=number(int, 0), default=0, help="seed of everything (data order, synthetic data, init)")
     add("--amp", action="store_true", help="bf16 autocast (the quantizer math stays in fp32)")
     return p
@@ -1242,16 +1222,6 @@ def prepare_output_dir(args, rank: int) -> str | None:
         raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto")
     return args.resume
 
-def dry_run(model: nn.Module, args, lo: float, hi: float) -> int:
-    layers, t = quant_layers(model), args.target_gbops
-    print(f"{'#':>3} {'layer':<34} {'type':<7} {'MACs':>12}  candidates (A, W)", *(
-        f"{i:>3} {m.name:<34} {m.kind:<7} {m.macs:>12,}  {' '.join(f'A{a}/W{w}' for a, w in m.candidates)}"
-        + (" (fixed)" if m.fixed else "") for i, m in enumerate(layers)), sep="\n")
-    macs = sum(m.macs for m in layers)
-    print(f"{len(layers)} quantized layers, {macs / 1e6:.2f} MMACs at 224 px; feasible range {lo:.3f} .. {hi:.3f} "
-          f"GBOPs; target {t:.3f}")
-    return 0
-
 def run_main(args, layer_type: type = QuantLayer) -> int:
     args = resolve_args(args, layer_type)
     torch.manual_seed(args.seed)
@@ -1263,7 +1233,11 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
     if args.bits_from:
         read_bits_from(model, args.bits_from, args.target_gbops)
     if args.dry_run:
-        return dry_run(model, args, lo, hi)
+        layers = quant_layers(model)
+        print(f"{len(layers)} quantized layers, {sum(m.macs for m in layers) / 1e6:.2f} MMACs at 224 px, candidates "
+              f"{' '.join(f'A{a}/W{w}' for a, w in layers[1].candidates)}; feasible range {lo:.3f} .. {hi:.3f} "
+              f"GBOPs; target {args.target_gbops:.3f}")
+        return 0
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs 2 or more images per process")
     resume = prepare_output_dir(args, int(os.environ.get("RANK", "0")))
@@ -1286,8 +1260,7 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
             print(f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, target {args.target_gbops:.3f} GBOPs "
                   f"(feasible {lo:.3f} .. {hi:.3f}), world size {dist.world} on {dist.device.type}; all flags in "
                   f"{args.output_dir}/args.json", flush=True)
-        autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16) if args.amp else \
-            contextlib.nullcontext
+        autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16, enabled=args.amp)
         train(run, train_loader, val_loader, calib, autocast)
         return 0
     finally:

@@ -293,6 +293,15 @@ def figure9_summary(results: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def load_alphas(run_dir: Path) -> dict | None:
+    """A searching run's alpha trajectory: alphas.json's steps, with bits.json's layer names and candidates."""
+    if not (run_dir / "alphas.json").exists():
+        return None
+    bits = json.loads((run_dir / "bits.json").read_text())
+    return {"steps": json.loads((run_dir / "alphas.json").read_text()), "candidates": bits["candidates"],
+            "layers": [r["name"] for r in bits["layers"] if not r["fixed"]]}
+
+
 def alpha_summary(out: Path, results: list[dict]) -> str:
     """Per searching run, what its alphas.json shows at the last search step: p(largest candidate) across
     layers (min / median / max, and how many layers lie within 0.02 of the median), the median margin
@@ -300,10 +309,9 @@ def alpha_summary(out: Path, results: list[dict]) -> str:
     rows = ["| arch | target | method | seed | p(A_max) min / median / max | layers within 0.02 of the median | "
             "median top-2 margin | argmax last changed at step |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        path = out / "runs" / f"{r['arch']}_t{r['target']:g}_{r['method']}_s{r['seed']}" / "alphas.json"
-        if not path.exists():
+        tr = load_alphas(out / "runs" / f"{r['arch']}_t{r['target']:g}_{r['method']}_s{r['seed']}")
+        if tr is None:
             continue
-        tr = json.loads(path.read_text())
         top = max(range(len(tr["candidates"])), key=lambda i: tr["candidates"][i][0] * tr["candidates"][i][1])
         last = tr["steps"][-1]["probs"]
         p_top = sorted(p[top] for p in last)
@@ -355,7 +363,7 @@ def plot_alphas(run_dirs: dict[str, Path], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    runs = {k: json.loads((d / "alphas.json").read_text()) for k, d in run_dirs.items() if (d / "alphas.json").exists()}
+    runs = {k: tr for k, d in run_dirs.items() if (tr := load_alphas(d)) is not None}
     if not runs:
         return False
     n_bits = len(next(iter(runs.values()))["candidates"])

@@ -506,7 +506,7 @@ def test_patching(arch):
     assert torch.equal(model(x), ref)  # identity ("fp") mode leaves outputs unchanged
     mm.set_mode(model, "search")
     assert model(x).shape == ref.shape
-    with pytest.raises(ValueError, match="already patched"):
+    with pytest.raises(ValueError, match="at least three Conv2d/Linear"):  # a patched model has none left
         mm.patch_model(model, [8, 4], 4, bops_image_size=64)
 
 
@@ -867,7 +867,9 @@ def test_single_process_outputs(ref_run):
     assert meta["epoch"] == 2 and meta["selected"] is None and meta["phase"] == "bit_selection"
     assert all(not v["initialized"] for k, v in meta["model"].items() if k.endswith("weight_quant._extra_state"))
     trace = json.loads((out / "alphas.json").read_text())
-    assert len(trace["steps"]) == 4 and len(trace["steps"][0]["probs"]) == 19
+    assert [s["step"] for s in trace] == [1, 2, 3, 4] and all(len(s["probs"]) == 19 for s in trace)
+    assert all(len(p) == 3 and abs(sum(p) - 1) < 1e-3 for s in trace for p in s["probs"])
+    assert trace[-1]["probs"] == [pytest.approx(r["probs"], abs=1e-4) for r in searched]  # the last step: bits.json's
     stdout = (out.parent / "stdout.txt").read_text()
     assert "selected:" in stdout and "summary:" in stdout and "world size 1 on cpu" in stdout
 
@@ -949,9 +951,8 @@ def test_dry_run(capsys):
     text = capsys.readouterr().out
     args, lo, hi = dry_budget()
     mmacs = sum(independent_macs(torchvision.models.resnet18()).values()) / 1e6
-    assert f"21 quantized layers, {mmacs:.2f} MMACs at 224 px; feasible range {lo:.3f} .. {hi:.3f} GBOPs; target " \
-           f"{args.target_gbops:.3f}" in text and 0 < lo < args.target_gbops < hi
-    assert "layer1.0.conv1" in text and "A8/W4 A4/W4 A2/W4" in text and "A8/W8 (fixed)" in text
+    assert f"21 quantized layers, {mmacs:.2f} MMACs at 224 px, candidates A8/W4 A4/W4 A2/W4; feasible range " \
+           f"{lo:.3f} .. {hi:.3f} GBOPs; target {args.target_gbops:.3f}" in text and 0 < lo < args.target_gbops < hi
     line = error_in_process(capsys, "--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4", "--dry-run")
     args = mm.resolve_args(mm.get_args_parser().parse_args(["--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4"]))
     lo, _ = mm.gbops_range(mm.build_model(args, 1000))

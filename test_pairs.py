@@ -306,7 +306,7 @@ def test_pair_bad_w_bits(tmp_path, w_bits, needles):
 
 def test_pair_dry_run(capsys):
     assert mm.main(pairs.get_args_parser().parse_args(["--dry-run"]), layer_type=pairs.PairQuantLayer) == 0
-    assert "A8/W8 A8/W4 A8/W2 A4/W8" in capsys.readouterr().out
+    assert "candidates A8/W8 A8/W4 A8/W2 A4/W8 A4/W4 A4/W2 A2/W8 A2/W4 A2/W2;" in capsys.readouterr().out
     parsed = pairs.get_args_parser().parse_args(["--dry-run"])
     args = mm.resolve_args(parsed, pairs.PairQuantLayer)
     lo, hi = mm.check_budget(mm.build_model(args, 1000, pairs.PairQuantLayer), args)
