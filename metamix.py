@@ -214,7 +214,7 @@ class QuantLayer(nn.Module):
         self.weight_quant.init_step(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.act.mode == "branch":
+        if self.fused and self.act.mode != "fp":
             return fused_forward(self, x)  # section 7: the same values and gradients, less time and memory
         return self.op(self.act(x), self.weight_quant(self.weight), self.bias)
 
@@ -502,22 +502,31 @@ def weight_training_step(model: nn.Module, images, targets, opt, autocast=contex
     return loss
 
 # ==== 7. The speed path: a fused layer op (what the driver runs) ====================================================
-# A `fused` QuantLayer at one branch (bit-meta, weight training) runs one autograd function: it saves only x and the
-# raw weight, recomputes the codes in backward, and masks with hardtanh's backward (no mask tensor). The same values
-# and gradients as sections 1-2 (tests), in less time and memory (docs/speed.md). Search (Eq. 2) runs readable.
+# A `fused` QuantLayer runs one autograd function that quantizes the activation (a branch, or Eq. 2's mixture) and
+# the weight and runs the op. It saves only x and the raw weight, recomputes the codes in backward and masks with
+# hardtanh's backward (no mask tensor). The same values and gradients as sections 1-2 (tests), in less time and
+# memory (docs/speed.md).
 
-def fused_forward(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) at its activation branch, through _FusedQuantOp."""
-    act, wq, i = layer.act, layer.weight_quant, layer.act.branch
-    act.init_steps(x, [i])
-    a_q = (*lsq_range(act.bits[i], act.signed), lsq_grad_scale(x.numel() // x.shape[0], act.bits[i], act.signed))
+def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None = None,
+                  wq: LSQQuantizer | None = None, bias: bool = True) -> torch.Tensor:
+    """layer(x) through _FusedQuantOp. pairs.py's search passes its own mixture `probs`, weight quantizer `wq` and
+    whether to add the bias."""
+    act, wq = layer.act, wq or layer.weight_quant
+    branches = [act.branch] if act.mode == "branch" else list(range(len(act.bits)))
+    act.init_steps(x, branches)
+    a_q = [_qparams(act.bits[i], act.signed, x.numel() // x.shape[0]) for i in branches]
+    if act.mode != "branch" and probs is None:
+        probs = F.softmax(act.alpha, dim=0)
     w_step = w_q = None
     if wq.enabled:
         if not wq.initialized:
             wq.init_step(layer.weight)
-        w_step = positive(wq.step)
-        w_q = (*lsq_range(wq.bits, wq.signed), lsq_grad_scale(layer.weight.numel(), wq.bits, wq.signed))
-    return _FusedQuantOp.apply(x, positive(act.step[i]), layer.weight, w_step, layer.bias, a_q, w_q, layer.op)
+        w_step, w_q = positive(wq.step), _qparams(wq.bits, wq.signed, layer.weight.numel())
+    return _FusedQuantOp.apply(x, positive(act.step[branches]), probs, layer.weight, w_step,
+                               layer.bias if bias else None, a_q, w_q, layer.op)
+
+def _qparams(bits: int, signed: bool, n: int) -> tuple[int, int, float]:
+    return (*lsq_range(bits, signed), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
 
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     """The integer codes q = round(clamp(x/s, Qn, Qp)), in one new buffer."""
@@ -529,9 +538,11 @@ def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:
     ends, out = torch.tensor([qn, qp], dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)
     return torch.nextafter(ends, out).tolist()
 
-def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """g where Qn <= v <= Qp, else 0, written into g: the straight-through mask as hardtanh's backward (one pass)."""
-    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=g)
+def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
+    """g where Qn <= v <= Qp, else 0: the straight-through mask as hardtanh's backward, one pass, into `out`."""
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
+    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=out)
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))  # sum(a * b) in one pass (the steps are per tensor)
@@ -542,8 +553,34 @@ def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float)
     buffer and grad x in g's."""
     gq = _dot(g, q) if need_s else None
     v = torch.div(x, step, out=q)
-    gx = _pass_inside(g, v, qn, qp)
+    gx = _pass_inside(g, v, qn, qp, out=g)
     return gx, (gq - _dot(gx, v)) * grad_scale if need_s else None
+
+def _mixture(x, steps, probs, a_q):
+    """x_hat of Eq. 2, sum_i p_i * s_i * round(clamp(x/s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
+    out = tmp = None
+    for i, (qn, qp, _) in enumerate(a_q):
+        tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
+        out = tmp * (steps[i] * probs[i]) if out is None else out.addcmul_(tmp, steps[i] * probs[i])
+    return out
+
+def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
+    """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation): d/dx = sum_i p_i * (g *
+    inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> - <g * inside_i, v_i>) * grad scale."""
+    gs = torch.zeros_like(steps) if need_s else None
+    gp = torch.zeros_like(probs) if need_p else None
+    gx = v = q = gi = None  # buffers reused across branches
+    for i, (qn, qp, grad_scale) in enumerate(a_q):
+        v = torch.div(x, steps[i], out=v)
+        q = torch.clamp(v, qn, qp, out=q).round_()
+        gi = _pass_inside(g, v, qn, qp, out=gi)  # g * inside_i
+        gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
+        gq = _dot(g, q) if need_p or need_s else None
+        if need_p:
+            gp[i] = steps[i] * gq
+        if need_s:
+            gs[i] = probs[i] * grad_scale * (gq - _dot(gi, v))
+    return gx, gs, gp
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -562,43 +599,66 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
 
 class _FusedQuantOp(torch.autograd.Function):
-    """out = op(Q_a(x; s), Q_w(W; s_w)) + bias. step: the branch's positive step; a_q: its (Qn, Qp, grad scale);
-    w_step, w_q: the weight's step and (Qn, Qp, grad scale), or None (FP weight). The op runs on integer codes
-    and its output is scaled after, s s_w op(q_a, q_w) + b: codes up to 256 are exact in bf16, so under bf16
-    autocast only the op's output is rounded."""
+    """out = op(sum_i p_i * Q_i(x; s_i), Q_w(W; s_w)) + bias. steps: (K,) positive steps of the active branches;
+    probs: (K,), or None for one branch; a_q: K (Qn, Qp, grad scale); w_step, w_q: the weight's, or None (FP
+    weight). The op runs on integer codes and its output is scaled after, s_a s_w op(q_a, q_w) + b: codes up to
+    256 are exact in bf16, so under bf16 autocast only the op's output is rounded (the mixture is, once)."""
+
     @staticmethod
-    def forward(ctx, x, step, weight, w_step, bias, a_q, w_q, op):
-        x_in, w, scale = _lsq_codes(_upcast(x), step, *a_q[:2]), weight, step  # quantizer math in fp32
+    def forward(ctx, x, steps, probs, weight, w_step, bias, a_q, w_q, op):
+        xf = _upcast(x)  # quantizer math in fp32, also under autocast
+        if probs is None:
+            x_in, scale = _lsq_codes(xf, steps[0], *a_q[0][:2]), steps[0]
+        else:
+            x_in, scale = _mixture(xf, steps, probs, a_q), None
+        w = weight
         if w_q is not None:
-            w, scale = _lsq_codes(weight, w_step, *w_q[:2]), step * w_step
-        ctx.save_for_backward(x, step, weight, w_step)
+            w = _lsq_codes(weight, w_step, *w_q[:2])
+            scale = w_step if scale is None else scale * w_step
+        ctx.save_for_backward(x, steps, probs, weight, w_step)
         ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias = a_q, w_q, op, bias is not None
         out = op(x_in, w)
-        y = _upcast(out).mul_(scale)  # scale and bias in fp32 (in place: out is ours), one rounding to out's dtype
+        if scale is None and bias is None:
+            return out
+        y = _upcast(out) if scale is None else _upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
         if bias is not None:
             y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
         return y.to(out.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, step, weight, w_step = ctx.saved_tensors
-        need_x, need_s, need_w, need_ws, need_b = ctx.needs_input_grad[:5]
-        (qn, qp, grad_scale), w_q, op = ctx.a_q, ctx.w_q, ctx.op
+        x, steps, probs, weight, w_step = ctx.saved_tensors
+        need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
+        need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
+        a_q, w_q, op = ctx.a_q, ctx.w_q, ctx.op
         w_codes = None if w_q is None else _lsq_codes(weight, w_step, *w_q[:2])
         w = weight if w_codes is None else w_codes * w_step
         xf = _upcast(x)
-        q = _lsq_codes(xf, step, qn, qp)
-        # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
-        g_in, g_w, g_b = _op_backward(g, q, w, op, need_x or need_s, need_w or need_ws, need_b and ctx.has_bias)
-        if g_w is not None:
-            g_w.mul_(step)
-        gx = gs = g_ws = None
-        if g_in is not None:
-            gx, gs = _lsq_grads(_upcast(g_in), xf, q, qn, qp, step, need_s, grad_scale)
-            gx = gx.to(x.dtype) if need_x else None
+        gx = gs = gp = g_ws = None
+        if probs is None:  # one branch: bit-meta and weight training (the hot path)
+            q = _lsq_codes(xf, steps[0], *a_q[0][:2])
+            # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
+            only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
+            g_in, g_w, g_b = _op_backward(g, q, w, op, need_in and not only_s, need_wgrad, need_b)
+            if g_w is not None:
+                g_w.mul_(steps[0])
+            if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
+                v = xf / steps[0]  # d(s q)/ds = q - v * inside, built in q's buffer
+                r = q.sub_(_pass_inside(v, v, *a_q[0][:2], out=v))
+                gs = (_dot(_upcast(g), op(r, w)) * a_q[0][2]).reshape(1)
+            elif g_in is not None:
+                gx, gs = _lsq_grads(_upcast(g_in), xf, q, *a_q[0][:2], steps[0], need_s, a_q[0][2])
+                gs = None if gs is None else gs.reshape(1)
+        else:  # search (Eq. 2); with --unfixed the weights learn too, on the mixture
+            xm = _mixture(xf, steps, probs, a_q) if need_wgrad else xf
+            g_in, g_w, g_b = _op_backward(g, xm, w, op, need_in, need_wgrad, need_b)
+            del xm
+            if g_in is not None:
+                gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, a_q, need_s, need_p)
+        gx = gx.to(x.dtype) if gx is not None and need_x else None
         if g_w is not None and w_q is not None:  # through the weight quantizer (LSQ)
             g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
-        return gx, gs, (g_w if need_w else None), g_ws, g_b, None, None, None
+        return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None
 
 def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
     """Run every QuantLayer through the fused op (on) or the readable form of sections 1-2 (off)."""

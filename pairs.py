@@ -62,7 +62,10 @@ class PairQuantLayer(mm.QuantLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act.mode != "search":
             return super().forward(x)
-        p, xq = self.pair_probs(), [self.act.quantize(x, i) for i in range(len(self.act.bits))]  # each Q_a(x) once
+        p = self.pair_probs()
+        if self.fused:  # metamix's fused op per W, with the column p[:, w] as its mixture; the bias once
+            return sum(mm.fused_forward(self, x, p[:, j], wq, bias=j == 0) for j, wq in enumerate(self.weight_quants))
+        xq = [self.act.quantize(x, i) for i in range(len(self.act.bits))]  # each Q_a(x) once
         return sum(self.op(sum(p[i, j] * q for i, q in enumerate(xq)), wq(self.weight), self.bias if j == 0 else None)
                    for j, wq in enumerate(self.weight_quants))
 
