@@ -2,12 +2,11 @@
 
 Kim, Lee, Yoo, Kim, AAAI 2024, arXiv:2311.06798. The method and its driver, in one file that stands alone.
 
-MetaMix picks one activation bit-width per layer under a BOPs budget. Bit selection (2 epochs) runs *bit-meta*
-training: the full-precision weights and every branch's LSQ step trained at each candidate bit-width in turn
-(Eq. 1); in epoch 2 it alternates step by step with *bit-search*, which freezes that "meta-state" and learns only
-the per-layer logits alpha through a softmax-weighted multi-branch quantizer (Eq. 2), an L1 BOPs regularizer and a
-straight-through softmax (Eq. 3-5). Weight training then fine-tunes the network at argmax(alpha) bits, weights
-now quantized, from the meta-state.
+MetaMix picks one activation bit-width per layer under a BOPs budget. Bit selection (2 epochs) trains the FP weights
+and every branch's LSQ step at each candidate bit-width in turn (*bit-meta*, Eq. 1); in epoch 2, step by step, a
+*bit-search* step freezes that "meta-state" and learns per-layer logits alpha through a softmax-weighted
+multi-branch quantizer (Eq. 2), an L1 BOPs regularizer and a straight-through softmax (Eq. 3-5). Weight training
+then fine-tunes the network at argmax(alpha) bits, weights now quantized, from the meta-state.
 
 Run it:
     python metamix.py                                  # built-in synthetic data, one process, 2 CPU cores
@@ -117,10 +116,8 @@ class LSQQuantizer(nn.Module):
 
 class MultiBranchQuantizer(nn.Module):
     """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
-    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2).
-    Signedness from the data at init (min < 0: signed): ReLU outputs unsigned, the image and residual sums
-    signed (our choice: a signed range rather than an offset). Gradient scale 1/sqrt(N * Qp), N = features per
-    sample."""
+    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2). Signed
+    if the first batch has negatives (our choice: a signed range, not an offset); N = features per sample."""
 
     def __init__(self, bits: Sequence[int]):
         super().__init__()
@@ -208,10 +205,6 @@ class QuantLayer(nn.Module):
         self.act.mode, self.act.branch = mode, branch
         if mode == "fp" or quant_weights is not None:
             self.weight_quant.enabled = mode != "fp" and bool(quant_weights)
-
-    def init_weight_step(self) -> None:
-        """The weight step from the weights of this moment (the start of weight training)."""
-        self.weight_quant.init_step(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.act.mode != "fp":
@@ -316,13 +309,11 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+    for h in handles:
+        h.remove()
+    model.train(was_training)
     return seen
 
 def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits: int = 8,
@@ -343,11 +334,8 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits
     return model
 
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
-    """Every layer in the mode of a phase: "fp" (weights too), "meta" (each searched layer at `branch`), "search"
-    (Eq. 2), "selected" (each at its selected_branch). Fixed layers are quantized but in "fp" (our choice).
-    `quant_weights`: weight LSQ on or off (None: leave it)."""
-    if mode not in ("fp", "meta", "search", "selected") or (mode == "meta" and branch is None):
-        raise ValueError(f"unknown mode {mode!r}" if mode != "meta" else "mode 'meta' needs a branch index")
+    """Every layer in a phase's mode: "fp" (weights too), "meta" (searched layers at `branch`), "search" (Eq. 2),
+    "selected"; fixed layers quantized but in "fp" (our choice). `quant_weights`: weight LSQ on/off (None: as is)."""
     for m in quant_layers(model):
         if mode == "fp":
             m.set_state("fp")
@@ -417,9 +405,8 @@ def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
     set_mode(model, "fp")
 
 def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached. One
-    forward/backward per candidate; gradients accumulate in .grad (FP weights and each branch's step).
-    Our choice: BN layers are shared by all candidates (their running statistics see them all)."""
+    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached; one backward per
+    candidate, gradients accumulating in .grad. Our choice: BN layers shared by all candidates."""
     n = len(searched_layers(model)[0].candidates)
     total = torch.zeros((), device=images.device)
     for branch in range(n):
@@ -455,10 +442,9 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
 def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
                        lam: float = 0.0, target_gbops: float | None = None, autocast=contextlib.nullcontext,
                        sync=_no_sync, fixed: bool = True):
-    """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a
-    bit-search step (Eq. 3-5) on the meta-state just updated, "given the same mini-batch" (the paper). `opt`
-    updates weights and LSQ steps, `opt_alpha` the alphas (fixed=False: `opt` steps on Eq. 3 too).
-    Returns (meta loss, search loss or None, GBOPs of the argmax configuration or None)."""
+    """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a bit-search step
+    (Eq. 3-5) on the meta-state just updated, "given the same mini-batch". `opt` updates weights and LSQ steps,
+    `opt_alpha` the alphas. Returns (meta loss, search loss or None, argmax GBOPs or None)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     meta_loss = sync(params, bit_meta_step(model, images, targets, autocast))
@@ -486,9 +472,7 @@ def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = 
                                     c_fixed_of(model), target_gbops)
     branches = argmax if branches is None else list(branches)
     apply_selection(model, branches)
-    set_mode(model, "selected", quant_weights=True)
-    for m in quant_layers(model):
-        m.init_weight_step()
+    set_mode(model, "selected", quant_weights=True)  # each weight step initialised at its first use: the meta-state's
     return branches, branches_gbops(model, branches), branches != argmax
 
 def weight_training_step(model: nn.Module, images, targets, opt, autocast=contextlib.nullcontext, sync=_no_sync):
@@ -502,21 +486,18 @@ def weight_training_step(model: nn.Module, images, targets, opt, autocast=contex
     return loss
 
 # ==== 7. The speed path: a fused layer op (what the driver runs) ====================================================
-# A `fused` QuantLayer runs one autograd function that quantizes the activation (a branch, or Eq. 2's mixture) and
-# the weight and runs the op. It saves only x and the raw weight, recomputes the codes in backward and masks with
-# hardtanh's backward (no mask tensor). The same values and gradients as sections 1-2 (tests), in less time and
-# memory (docs/speed.md).
+# A `fused` QuantLayer runs one autograd function for activation (a branch, or Eq. 2's mixture), weight and op: it
+# saves only x and the raw weight, recomputes the codes in backward and masks with hardtanh's backward. The same
+# values and gradients as sections 1-2 (tests), in less time and memory (docs/speed.md).
 
 def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None = None,
                   wq: LSQQuantizer | None = None, bias: bool = True) -> torch.Tensor:
-    """layer(x) through _FusedQuantOp. pairs.py's search passes its own mixture `probs`, weight quantizer `wq` and
-    whether to add the bias."""
+    """layer(x) through _FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
     act, wq = layer.act, wq or layer.weight_quant
     branches = [act.branch] if act.mode == "branch" else list(range(len(act.bits)))
     act.init_steps(x, branches)
     a_q = [_qparams(act.bits[i], act.signed, x.numel() // x.shape[0]) for i in branches]
-    if act.mode != "branch" and probs is None:
-        probs = F.softmax(act.alpha, dim=0)
+    probs = F.softmax(act.alpha, dim=0) if act.mode != "branch" and probs is None else probs
     w_step = w_q = None
     if wq.enabled:
         if not wq.initialized:
@@ -529,12 +510,10 @@ def _qparams(bits: int, signed: bool, n: int) -> tuple[int, int, float]:
     return (*lsq_range(bits, signed), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
 
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """The integer codes q = round(clamp(x/s, Qn, Qp)), in one new buffer."""
-    return (x / step).clamp_(qn, qp).round_()
+    return (x / step).clamp_(qn, qp).round_()  # the integer codes round(clamp(x/s, Qn, Qp)), in one new buffer
 
 @functools.lru_cache(maxsize=None)
-def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:
-    """The floats of `dtype` next to Qn and Qp: lo < v < hi exactly when Qn <= v <= Qp."""
+def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:  # lo < v < hi exactly when Qn <= v <= Qp
     ends, out = torch.tensor([qn, qp], dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)
     return torch.nextafter(ends, out).tolist()
 
@@ -548,9 +527,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))  # sum(a * b) in one pass (the steps are per tensor)
 
 def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
-    """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s)
-    = <g, q> - <g * inside, v>, two dot products. Returns (grad x, grad s or None); v is computed in q's
-    buffer and grad x in g's."""
+    """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
+    <g, q> - <g * inside, v>. Returns (grad x, in g's buffer; grad s or None); v is computed in q's buffer."""
     gq = _dot(g, q) if need_s else None
     v = torch.div(x, step, out=q)
     gx = _pass_inside(g, v, qn, qp, out=g)
@@ -599,10 +577,9 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
 
 class _FusedQuantOp(torch.autograd.Function):
-    """out = op(sum_i p_i * Q_i(x; s_i), Q_w(W; s_w)) + bias. steps: (K,) positive steps of the active branches;
-    probs: (K,), or None for one branch; a_q: K (Qn, Qp, grad scale); w_step, w_q: the weight's, or None (FP
-    weight). The op runs on integer codes and its output is scaled after, s_a s_w op(q_a, q_w) + b: codes up to
-    256 are exact in bf16, so under bf16 autocast only the op's output is rounded (the mixture is, once)."""
+    """out = op(sum_i p_i Q_i(x; s_i), Q_w(W; s_w)) + b; steps, a_q: the K active branches' steps and (Qn, Qp, grad
+    scale); probs: None for one branch; w_step, w_q: None for an FP weight. The op runs on integer codes, scaled after
+    (s_a s_w op(q_a, q_w) + b): exact in bf16 up to 256, so bf16 autocast rounds only the op's output (and mixture)."""
 
     @staticmethod
     def forward(ctx, x, steps, probs, weight, w_step, bias, a_q, w_q, op):
@@ -660,8 +637,7 @@ class _FusedQuantOp(torch.autograd.Function):
             g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
         return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None
 
-def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
-    """Run every QuantLayer through the fused op (on) or the readable form of sections 1-2 (off)."""
+def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:  # the fused op, or sections 1-2's readable form
     for m in quant_layers(model):
         m.fused = on
     return model
@@ -670,9 +646,6 @@ def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
 
 class BadInput(Exception):
     """A problem the user can fix: one line on stderr, exit status 2, no traceback."""
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT: every rank stops at the same step boundary (sync_step carries the flag)."""
 
 _STOP = {"signum": 0}
 
@@ -691,8 +664,7 @@ class Dist:
         if self.cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1:
-            torch.distributed.init_process_group("nccl" if self.cuda else "gloo",
-                                                 timeout=datetime.timedelta(minutes=30))  # rank 0 writes checkpoints
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
 
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
     """ONE all-reduce per step: the gradients, the loss and the stop flag (our choice instead of DDP, which handles
@@ -702,28 +674,11 @@ def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) ->
     if dist.world > 1:
         flat = torch.cat([flat] + [g.reshape(-1).float() for g in grads])
         torch.distributed.all_reduce(flat)
-        flat, offset = flat / dist.world, 2
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
+        flat /= dist.world
+        for g, mean in zip(grads, flat[2:].split([g.numel() for g in grads])):
+            g.copy_(mean.view_as(g))
     loss_v, stop = flat[:2].tolist()
     return loss_v, stop > 0
-
-def sync_epoch(dist: Dist, model: nn.Module) -> None:
-    """BN running statistics averaged over ranks (our choice, timm's distribute_bn)."""
-    for m in model.modules() if dist.world > 1 else []:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for t in (m.running_mean, m.running_var):
-                torch.distributed.all_reduce(t)
-                t.div_(dist.world)
-
-def broadcast_model(dist: Dist, model: nn.Module) -> None:
-    """Rank 0's parameters and buffers for every rank after the init (signedness: the same batch on every rank)."""
-    for t in model.state_dict().values() if dist.world > 1 else []:
-        if torch.is_tensor(t):
-            torch.distributed.broadcast(t, 0)
-
-# ---- data ------------------------------------------------------------------------------
 
 def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     """(train images, val images, classes) of --data synthetic[:TRAIN,VAL,CLASSES]; None for a folder."""
@@ -738,8 +693,7 @@ def synthetic_spec(data: str) -> tuple[int, int, int] | None:
 def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
     """A learnable set from the seed: its class's smooth random colour pattern, shifted, scaled, plus noise."""
     g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear",
-                              align_corners=False)
+    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear")
     g.manual_seed(seed * 1000 + (1 if split == "train" else 2))
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
     shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n, 2), generator=g)
@@ -769,8 +723,7 @@ def build_datasets(args):
     return train, val, len(train.classes)
 
 def build_loaders(args, dist: Dist, train_set, val_set):
-    """Training loader; validation loader, each image once across ranks (rank r takes r, r+W, ..., no padding);
-    LSQ's calibration batch, the same on every rank (from --seed alone)."""
+    """Loaders (validation: each image once, rank r takes r, r+W, ...) and LSQ's calibration batch (from --seed)."""
     share = len(train_set) // dist.world
     if args.batch_size > share:
         raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images; use {share} or less")
@@ -783,14 +736,11 @@ def build_loaders(args, dist: Dist, train_set, val_set):
     return (DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **kw),
             DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **kw), calib)
 
-# ---- model -----------------------------------------------------------------------------
-
-# The paper's settings (Table 1, supplement Table 8): headline targets, FP top-1s, the closest torchvision weights.
+# The paper's settings (Table 1, supplement Table 8, headline targets); the torchvision weights nearest its FP models.
 PAPER_SETTINGS = {
-    "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, fp_top1=70.5, weights="IMAGENET1K_V1"),
-    "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, fp_top1=71.9, weights="IMAGENET1K_V1"),
-    "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, fp_top1=75.3,
-                               weights="IMAGENET1K_V2")}
+    "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, weights="IMAGENET1K_V1"),
+    "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, weights="IMAGENET1K_V1"),
+    "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, weights="IMAGENET1K_V2")}
 # Our choice for the other archs (their target: 95% of uniform A4).
 OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
                   None: dict(bits="8,4,2", lam=1.0, epochs=90)}
@@ -849,8 +799,6 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
         raise BadInput(f"--image-size {args.image_size} is too small for {args.arch}; use --image-size {size} or more")
     return model.train()
 
-# ---- checkpoints -----------------------------------------------------------------------
-
 def atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file whole."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -895,8 +843,6 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
     if not isinstance(ck, dict):
         raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
-
-# ---- the run ---------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
@@ -954,8 +900,6 @@ class Run:
             g["lr"] *= scale
         for g in self.opt_alpha.param_groups:
             g["lr"] = a.alpha_lr
-        if self.sched is not None:  # the cosine keeps its shape at the new scale
-            self.sched.base_lrs = [b * scale for b in self.sched.base_lrs]
         rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -963,8 +907,7 @@ class Run:
             torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
-        """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (baselines.py selects from
-        it, and --resume it --bits-from FILE trains those bits)."""
+        """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (for --bits-from)."""
         state = {"torch": torch.get_rng_state(), "python": random.getstate(),
                  **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
         rng = [state] * self.dist.world  # every rank's RNG state: rank r resumes with its own
@@ -1005,7 +948,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                 raise BadInput(f"the loss is {loss_v} at epoch {epoch} step {step}/{steps}, stopped before this update "
                                f"(last good checkpoint: {last}); try a lower --lr")
             if stop:
-                raise Interrupted(f"at epoch {epoch} step {step}/{steps}")
+                raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
             return loss_v
 
         if selecting:
@@ -1029,7 +972,13 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
-    """Top-1/top-5 over the whole validation set, each image counted once, totals all-reduced."""
+    """Top-1/top-5 over the whole validation set, each image counted once, totals all-reduced. BN's running
+    statistics are averaged over ranks first (our choice, timm's distribute_bn)."""
+    for m in model.modules() if dist.world > 1 else []:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(t)
+                t.div_(dist.world)
     model.eval()
     tot = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss sum, top-1 hits, top-5 hits, images
     for images, targets in loader:
@@ -1112,8 +1061,7 @@ def select_bits(run: Run) -> None:
     r = bits_report(model, a)
     if run.dist.main:
         print(layer_table(r), f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
-              + ("  OVER TARGET" if r["gbops"] > a.target_gbops + 1e-9 else "")
-              + (" (argmax was over the target: lowered by budget repair)" if repaired and not a.bits_from else "")
+              + (" (argmax lowered by budget repair)" if repaired and not a.bits_from else "")
               + f"; {avg_bits_text(r)}", sep="\n", flush=True)
         atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(r, indent=1).encode())
 
@@ -1122,7 +1070,9 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     a, model, dist = run.args, run.model, run.dist
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
-        broadcast_model(dist, model)
+        if dist.world > 1:  # the ranks agree but for float noise
+            for t in filter(torch.is_tensor, model.state_dict().values()):
+                torch.distributed.broadcast(t, 0)
         run.fp_top1 = evaluate(model, val_loader, dist, autocast)["top1"]
         log(dist, f"full-precision top-1 before quantization: {run.fp_top1:.2f}%")
     for epoch in range(run.epoch + 1, a.epochs + 1):
@@ -1138,7 +1088,6 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
                 atomic_write(os.path.join(a.output_dir, "alphas.json"), json.dumps(run.alpha_trace).encode())
         elif run.sched is not None:
             run.sched.step()
-        sync_epoch(dist, model)
         metrics = evaluate(model, val_loader, dist, autocast)
         run.history.append({"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr,
                             "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
@@ -1154,8 +1103,6 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         print(f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
               f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
               f"{avg_bits_text(bits_report(model, a))}; {took} in all", flush=True)
-
-# ---- command line ----------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other bad input (argparse adds its usage)
@@ -1237,8 +1184,7 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     return args
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
-    """The feasible range; the default target: the paper's in its setting, otherwise (our choice) 95% of uniform A4,
-    where Eq. 4 would be zero. Refuses an infeasible target (a dry run reports an infeasible default)."""
+    """The feasible range; the default target: the paper's in its setting, else (our choice) 95% of uniform A4."""
     lo, hi = gbops_range(model)
     given, paper = args.target_gbops is not None, PAPER_SETTINGS.get(args.arch, {})
     if not given and (paper.get("bits"), 4, 8) == (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits):
@@ -1247,8 +1193,7 @@ def check_budget(model: nn.Module, args) -> tuple[float, float]:
         layers, w = searched_layers(model), args.w_bits if isinstance(args.w_bits, int) else 4
         args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
     if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
-        what = f"--target-gbops {args.target_gbops:g}" if given else \
-            f"the default target {args.target_gbops:.4g} GBOPs (set --target-gbops)"
+        what = f"--target-gbops {args.target_gbops:.4g}" + ("" if given else " (the default; set --target-gbops)")
         raise BadInput(f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs for {args.arch} with bits "
                        f"{','.join(map(str, args.bits))}, w-bits {args.w_bits}, first/last at {args.first_last_bits}")
     return lo, hi
@@ -1273,9 +1218,6 @@ def prepare_output_dir(args, rank: int) -> str | None:
         lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock.flush()
         _LOCKS.append(lock)
-        for name in os.listdir(out):  # temporary files of writers killed mid-write (atomic_write)
-            if ".tmp." in name:
-                os.remove(os.path.join(out, name))
     if args.resume == "auto":
         return ck if os.path.exists(ck) else None
     if not args.resume and os.path.exists(ck):
@@ -1332,7 +1274,7 @@ def main(args, layer_type: type = QuantLayer) -> int:
     try:
         return run_main(args, layer_type)
     except (Exception, KeyboardInterrupt) as e:
-        signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, (Interrupted, KeyboardInterrupt)) else 0)
+        signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else 0)
         if os.environ.get("METAMIX_DEBUG") and not signum:
             raise
         text = str(e).strip() or type(e).__name__
@@ -1340,7 +1282,8 @@ def main(args, layer_type: type = QuantLayer) -> int:
             text = text.splitlines()[-1].split(": ", 1)[-1]
         ck, code = os.path.join(args.output_dir, "checkpoint.pth"), 128 + signum if signum else 2
         if signum:  # also when the signal reached the DataLoader workers first
-            line = f"interrupted by {signal.Signals(signum).name}" + (f" {e}" if isinstance(e, Interrupted) else "") + \
+            where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""  # the step every rank stopped at
+            line = f"interrupted by {signal.Signals(signum).name}{where}" + \
                 (f"; the last checkpoint is {ck}; continue with --resume auto" if os.path.exists(ck) else
                  "; no checkpoint was written yet; run the command again to start over")
         elif isinstance(e, (BadInput, OSError)):  # OSError: a file or folder, e.g. an image that cannot be read

@@ -52,9 +52,6 @@ class PairQuantLayer(mm.QuantLayer):
         for wq in self.weight_quants:
             wq.enabled = mode != "fp"
 
-    def init_weight_step(self) -> None:
-        pass  # the selected W's step was trained in bit-meta, like the activation steps
-
     def pair_probs(self) -> torch.Tensor:
         """p_aw = softmax(alpha) over all pairs, as a (len(A), len(W)) matrix."""
         return F.softmax(self.act.alpha, dim=0).view(len(self.act.bits), len(self.weight_quants))
