@@ -1,0 +1,39 @@
+"""bench_metamix.py: it runs, reports every contender, and its memory figures say what section 7 promises.
+Times are reported, never asserted (they depend on the machine and its load)."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn as nn
+
+import bench_metamix as bench
+from conftest import run_cli
+
+CONTENDERS = {"fp", "weight_train", "weight_train_readable", "search_3", "search_6", "meta", "meta_pairs",
+              "search_pairs"}
+
+
+def test_quick_run_reports_every_contender_and_the_fused_memory():
+    p = run_cli("--quick", "--json", "--arch", "resnet18", script="bench_metamix.py", timeout=240)
+    res = json.loads(p.stdout.strip().splitlines()[-1])["resnet18"]
+    assert set(res) == CONTENDERS
+    for name, r in res.items():
+        assert r["ms"] > 0 and math.isfinite(r["time_ratio"]) and r["time_ratio"] > 0, name
+    assert res["fp"]["time_ratio"] == 1.0 and res["fp"]["saved_bytes_ratio"] == 1.0
+    # the fused op saves what a full-precision layer saves: its input and its weight (a few steps on top)
+    assert res["weight_train"]["saved_bytes_ratio"] < 1.001
+    assert res["weight_train_readable"]["saved_bytes_ratio"] > 1.5  # the readable form keeps the quantized tensors
+    assert abs(res["meta"]["saved_bytes_ratio"] - 1) < 1e-3  # bit-meta frees each pass before the next
+    assert abs(res["search_6"]["saved_bytes"] - res["search_3"]["saved_bytes"]) < 4096  # K branches, one saved x
+    assert "resnet18" in p.stdout and "weight_train" in p.stdout and "search_6 / search_3" in p.stdout
+
+
+def test_saved_bytes_counts_each_storage_once_and_leaves_parameters_out():
+    """A linear layer saves its input for backward; x * x saves x once (one storage), the parameters never."""
+    model = nn.Linear(8, 4)
+    x = torch.randn(16, 8, requires_grad=True)
+    assert bench.saved_bytes(model, lambda: model(x).sum().backward()) == x.numel() * 4
+    twice = nn.Sequential(nn.Identity())
+    assert bench.saved_bytes(twice, lambda: (twice(x) * x).sum().backward()) == x.numel() * 4
