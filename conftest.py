@@ -1,5 +1,5 @@
 """What every test file shares: the real scripts run in subprocesses on tiny synthetic data, and one tiny
-reference run (session-scoped) whose files the tests of metamix.py and of the tools beside it read.
+reference run (made once per test run) whose files the tests of metamix.py and of the tools beside it read.
 
 Every run is tiny: resnet18 at 32 px, 64 synthetic training images, batch 16 (4 steps per epoch).
 """
@@ -24,6 +24,11 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--data", "synthetic:64,32,1
         "--search-epochs", "2"]
 REF = TINY + ["--epochs", "4"]  # the reference run: 2 epochs of bit selection, 2 of weight training
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): in-process runs then equal theirs, bit for bit
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("METAMIX_DEBUG", raising=False)  # one-line errors, not tracebacks, in this process too
 
 
 def run_cli(*args, script: str = "metamix.py", check: bool = True, timeout: float = 240,

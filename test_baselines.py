@@ -35,20 +35,6 @@ from conftest import REF, REPO, error_line, load_ck, read_log, run_cli
 METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Double backward on 2 busy cores: far slower with two threads than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("METAMIX_DEBUG", raising=False)  # the tools' one-line errors, not tracebacks
-
-
 @pytest.fixture(scope="module")
 def meta(ref_run):
     """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""

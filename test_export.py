@@ -1,7 +1,7 @@
 """Tests for export.py. Run: python -m pytest -q test_export.py
 
 The packing and the integer layer against values computed by hand or by an independent formula; the export
-of the session's reference run (resnet18), of a MobileNet-v3-large run of (A, W) pairs, and bad input.
+of the shared reference run (resnet18), of a MobileNet-v3-large run of (A, W) pairs, and bad input.
 """
 from __future__ import annotations
 

@@ -32,20 +32,6 @@ PAIR = ["--arch", "resnet18", "--image-size", "32", "--data", "synthetic:16,16,1
         "--search-epochs", "1", "--epochs", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Double backward on 2 busy cores: far slower with two threads than with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_debug(monkeypatch):
-    monkeypatch.delenv("METAMIX_DEBUG", raising=False)  # the tools' one-line errors, not tracebacks
-
-
 @pytest.fixture
 def call(capsys):
     """call(main, *argv): a tool's main() in this process, as a CompletedProcess (for error_line)."""

@@ -720,7 +720,7 @@ def test_run_imagenet_dry_run_prints_valid_commands():
 
 # =======================================================================================
 # Tier 2 and 3: the real script (in this process where that is enough, in subprocesses and with torchrun
-# where processes matter), resume, faults. The session's reference run `ref_run` is in conftest.py.
+# where processes matter), resume, faults. The reference run `ref_run`, made once per test run, is in conftest.py.
 # =======================================================================================
 
 METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
