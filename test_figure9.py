@@ -224,8 +224,8 @@ def test_figure9_of_a_run_of_one_w(ref_run, meta, tmp_path, call):
     fig = _check_figure9(run, run / "bits.json", p.stdout, pairs=False)
     assert fig["bits"] == str(run / "bits.json") and fig["meta_state"] == str(ref_run / "meta_state.pth")
     after = files_of(run)
-    assert {k: after[k] for k in before} == before and set(after) - set(before) == {"figure9.json", "figure9.png",
-                                                                                     "bits.png"}
+    pictures = {"figure9.png", "bits.png"} if importlib.util.find_spec("matplotlib") else set()
+    assert {k: after[k] for k in before} == before and set(after) - set(before) == {"figure9.json", *pictures}
     args, model, _ = meta
     traces: list = []
     bl.proxy_scores(model, bl.proxy_batches(args, 1, args.seed), "hessian", probes=1, seed=args.seed,
