@@ -1019,6 +1019,7 @@ def test_average_bits_three_readings():
     (["--batch-size", "100000"], ["--batch-size 100000", "64 training images", "64 or less"]),
     (["--arch", "vit_b_16"], ["--arch vit_b_16", "MultiheadAttention", "outside the BOPs"]),
     (["--arch", "swin_t"], ["--arch swin_t", "not called as a module"]),
+    (["--arch", "maxvit_t"], ["--arch maxvit_t", "RelativePositionalMultiHeadAttention", "outside the BOPs"]),
     (["--arch", "inception_v3", "--target-gbops", "30"], ["--image-size 32", "too small", "inception_v3"]),
     (["--resume", "auto", "--dry-run"], ["--dry-run: not allowed with argument --resume"]),
 ], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
