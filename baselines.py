@@ -448,7 +448,7 @@ def run_baseline(a: argparse.Namespace) -> int:
     return 0
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = runs.Parser(prog="baselines.py", description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
+    p = mm.Parser(prog="baselines.py", description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
                "writes the bits file and prints the command that trains it")
     add = p.add_argument
     add("run", metavar="RUN", help="a metamix run's --output-dir, holding meta_state.pth")

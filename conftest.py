@@ -9,12 +9,15 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import metamix as mm
 
 REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -23,12 +26,39 @@ for _key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "METAMIX_DEBUG"):
 TINY = ["--arch", "resnet18", "--image-size", "32", "--data", "synthetic:64,32,10", "--batch-size", "16",
         "--search-epochs", "2"]
 REF = TINY + ["--epochs", "4"]  # the reference run: 2 epochs of bit selection, 2 of weight training
+METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")  # what a log.jsonl row holds
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): in-process runs then equal theirs, bit for bit
 
 
 @pytest.fixture(autouse=True)
 def no_debug(monkeypatch):
     monkeypatch.delenv("METAMIX_DEBUG", raising=False)  # one-line errors, not tracebacks, in this process too
+
+
+def main_in_process(*argv) -> int:
+    """metamix.py's main on argv in this process (no interpreter start-up): its exit status (argparse's too); the
+    signal handlers it installs are put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return mm.main(mm.get_args_parser().parse_args([str(a) for a in argv]))
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture
+def call(capsys):
+    """call(main, *argv): a tool's main() in this process, as a CompletedProcess (for error_line)."""
+    def run(main, *argv) -> subprocess.CompletedProcess:
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            rc = e.code
+        return subprocess.CompletedProcess(argv, rc, *capsys.readouterr())
+
+    return run
 
 
 def run_cli(*args, script: str = "metamix.py", check: bool = True, timeout: float = 240,

@@ -368,7 +368,7 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
     return path, p
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = runs.Parser(prog="export.py", description="Integer export of a MetaMix run (model_int.pth) and its check against the "
+    p = mm.Parser(prog="export.py", description="Integer export of a MetaMix run (model_int.pth) and its check against the "
                "fake-quantized model")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's --output-dir; model_int.pth is written there")
     p.add_argument("--checkpoint", metavar="FILE", help="export this checkpoint file of the run instead (default: "

@@ -248,7 +248,7 @@ def run_figure9(a: argparse.Namespace) -> int:
     return 0
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = runs.Parser(prog="figure9.py", description="The supplement's Figure 9 for a MetaMix run: Hessian trace, OPs and "
+    p = mm.Parser(prog="figure9.py", description="The supplement's Figure 9 for a MetaMix run: Hessian trace, OPs and "
                   "trace / OPs per layer against the selected bits, with Spearman's rank correlations")
     add = p.add_argument
     add("run", metavar="RUN", help="a metamix.py or pairs.py run's --output-dir, holding bits.json")

@@ -888,8 +888,7 @@ class Run:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
-        self.epoch, self.selected, self.history = ck["epoch"], ck["selected"], ck["history"]
-        self.fp_top1 = ck["fp_top1"]
+        self.epoch, self.selected, self.history, self.fp_top1 = map(ck.get, ("epoch", "selected", "history", "fp_top1"))
         set_mode(self.model, "selected", quant_weights=self.selected is not None)  # what was evaluated last
         self.build_optimizers()
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
@@ -1269,6 +1268,10 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+def one_line(e: BaseException) -> str:  # an error as one line (from a DataLoader worker: its last line)
+    text = str(e).strip() or type(e).__name__
+    return (text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text).splitlines()[0]
+
 def main(args, layer_type: type = QuantLayer) -> int:
     """Run, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
     try:
@@ -1277,9 +1280,6 @@ def main(args, layer_type: type = QuantLayer) -> int:
         signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else 0)
         if os.environ.get("METAMIX_DEBUG") and not signum:
             raise
-        text = str(e).strip() or type(e).__name__
-        if "Original Traceback" in text:  # an error raised in a DataLoader worker: its last line
-            text = text.splitlines()[-1].split(": ", 1)[-1]
         ck, code = os.path.join(args.output_dir, "checkpoint.pth"), 128 + signum if signum else 2
         if signum:  # also when the signal reached the DataLoader workers first
             where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""  # the step every rank stopped at
@@ -1287,9 +1287,9 @@ def main(args, layer_type: type = QuantLayer) -> int:
                 (f"; the last checkpoint is {ck}; continue with --resume auto" if os.path.exists(ck) else
                  "; no checkpoint was written yet; run the command again to start over")
         elif isinstance(e, (BadInput, OSError)):  # OSError: a file or folder, e.g. an image that cannot be read
-            line = f"error: {text.splitlines()[0]}"
+            line = f"error: {one_line(e)}"
         else:
-            line, code = f"error: {type(e).__name__}: {text.splitlines()[0]} (METAMIX_DEBUG=1: the traceback)", 1
+            line, code = f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)", 1
         print(f"metamix: {line}", file=sys.stderr)
         return code
     finally:

@@ -27,20 +27,6 @@ def load_run(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
     return args, model, ck
 
 
-def one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    if "Original Traceback" in text:  # an error raised in a DataLoader worker: its last line
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text.splitlines()[0]
-
-
-class Parser(argparse.ArgumentParser):
-    """One line and exit 2 on a bad flag, named after the tool (`tool: error: ...`), like metamix.py's."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog.removesuffix('.py')}: error: {message}\n")
-
-
 def tool_main(tool: str, body, a: argparse.Namespace, interrupted: str = "interrupted") -> int:
     """Run body(a); every failure one line on stderr (`tool: error: ...`), exit 2 for bad input, 1 otherwise
     (METAMIX_DEBUG=1: tracebacks)."""
@@ -53,6 +39,6 @@ def tool_main(tool: str, body, a: argparse.Namespace, interrupted: str = "interr
         if os.environ.get("METAMIX_DEBUG"):
             raise
         bad = isinstance(e, mm.BadInput) or "BadInput" in str(e)
-        print(f"{tool}: error: " + (one_line(e) if bad else f"{type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1 "
+        print(f"{tool}: error: " + (mm.one_line(e) if bad else f"{type(e).__name__}: {mm.one_line(e)} (METAMIX_DEBUG=1 "
                                     "shows the traceback)"), file=sys.stderr)
         return 2 if bad else 1

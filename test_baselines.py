@@ -15,7 +15,6 @@ import os
 import random
 import runpy
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,38 +29,13 @@ import baselines as bl
 import metamix as mm
 import runs
 import pairs
-from conftest import REF, REPO, error_line, load_ck, read_log, run_cli
-
-METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
+from conftest import METRICS, REF, REPO, error_line, load_ck, main_in_process, read_log, run_cli
 
 
 @pytest.fixture(scope="module")
 def meta(ref_run):
     """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""
     return runs.load_run(str(ref_run / "meta_state.pth"))
-
-
-@pytest.fixture
-def call(capsys):
-    """call(main, *argv): a tool's main() in this process, as a CompletedProcess (for error_line)."""
-    def run(main, *argv) -> subprocess.CompletedProcess:
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse
-            rc = e.code
-        return subprocess.CompletedProcess(argv, rc, *capsys.readouterr())
-
-    return run
-
-
-def main_in_process(*argv) -> int:
-    """metamix.py's main on argv in this process (no interpreter start-up); its signal handlers are put back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return mm.main(mm.get_args_parser().parse_args([str(a) for a in argv]))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def linked_run(ref_run: Path, d: Path) -> Path:

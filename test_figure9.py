@@ -33,19 +33,6 @@ PAIR = ["--arch", "resnet18", "--image-size", "32", "--data", "synthetic:16,16,1
         "--search-epochs", "1", "--epochs", "2"]
 
 
-@pytest.fixture
-def call(capsys):
-    """call(main, *argv): a tool's main() in this process, as a CompletedProcess (for error_line)."""
-    def run(main, *argv) -> subprocess.CompletedProcess:
-        try:
-            rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse
-            rc = e.code
-        return subprocess.CompletedProcess(argv, rc, *capsys.readouterr())
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def meta(ref_run):
     """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""

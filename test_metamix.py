@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import torchvision
 
 import metamix as mm
-from conftest import ENV, REF, REPO, TINY, copy_run, error_line, load_ck, make_image_folder, read_log, run_cli
+from conftest import (ENV, METRICS, REF, REPO, TINY, copy_run, error_line, load_ck, main_in_process, make_image_folder,
+                      read_log, run_cli)
 
 # ---------------------------------------------------------------------------------------
 # Tier 1: LSQ (Esser et al. 2020)
@@ -722,16 +723,6 @@ def test_run_imagenet_dry_run_prints_valid_commands():
 # Tier 2 and 3: the real script (in this process where that is enough, in subprocesses and with torchrun
 # where processes matter), resume, faults. The reference run `ref_run`, made once per test run, is in conftest.py.
 # =======================================================================================
-
-METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
-
-
-def main_in_process(*argv) -> int:
-    """metamix's main on argv in this process (no interpreter start-up): its exit status."""
-    try:
-        return mm.main(mm.get_args_parser().parse_args([str(a) for a in argv]))
-    except SystemExit as e:  # argparse's own errors
-        return e.code
 
 
 def error_in_process(capsys, *argv) -> str:
