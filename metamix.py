@@ -353,7 +353,7 @@ def meta_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in alphas]
 
 def argmax_branches(model: nn.Module) -> list[int]:
-    return [int(m.act.alpha.detach().argmax()) for m in searched_layers(model)]  # ties: the first
+    return torch.stack(alphas_of(model)).detach().argmax(1).tolist()  # ties: the first
 
 def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
     for m, i in zip(searched_layers(model), branches):  # the selection, one branch per searched layer
@@ -789,12 +789,9 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
         raise BadInput(f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
                        "metamix quantizes Conv2d and Linear modules (CNNs such as resnet18, mobilenet_v2)")
     for size in [args.image_size] + list(range(16, 225, 16)):  # is the crop too small for the model's pooling?
-        try:
-            with torch.no_grad():
-                model.eval()(torch.zeros(1, 3, size, size))
+        with contextlib.suppress(RuntimeError), torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
             break
-        except RuntimeError:
-            continue
     if size != args.image_size:
         raise BadInput(f"--image-size {args.image_size} is too small for {args.arch}; use --image-size {size} or more")
     return model.train()
@@ -817,7 +814,6 @@ def atomic_write(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 def saved_bytes(obj) -> bytes:  # a full disk then fails in atomic_write, naming the path, not in torch.save
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -847,7 +843,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfixed", "wd")
-SAME_SELECTION = ("epochs", "target_gbops", "lam", "alpha_optimizer", "bits_from", "no_budget_repair")
+SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "alpha_optimizer", "alpha_lr", "bits_from", "no_budget_repair")
 
 class Run:
     """Everything a run carries from epoch to epoch; save() writes it as the checkpoint."""
@@ -855,13 +851,10 @@ class Run:
     def __init__(self, args, dist: Dist, model: nn.Module):
         self.args, self.dist, self.model = args, dist, model
         self.epoch, self.selected = 0, None  # epochs finished; a branch per searched layer, once bits are selected
-        self.history, self.fp_top1 = [], None  # a row per epoch (log.jsonl); top-1 before quantization
-        self.alpha_trace: list[dict] = []  # softmax(alpha) per search step, for alphas.json
+        self.history, self.fp_top1, self.search = [], None, None  # rows of log.jsonl; FP top-1; how the search ended
         self.build_optimizers()
 
-    @property
-    def phase(self) -> str:
-        return "bit_selection" if self.selected is None else "weight_training"
+    phase = property(lambda self: "bit_selection" if self.selected is None else "weight_training")
 
     def build_optimizers(self):
         """Our choice (the paper is silent): SGD for weights, BN and steps (decay on conv/linear weights only), SGD or
@@ -872,7 +865,7 @@ class Run:
         self.opt = torch.optim.SGD([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}],
                                    lr=a.lr, momentum=0.9)
         self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9) if a.alpha_optimizer == "sgd" else \
-            torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999))  # EdMIPS's SGD; DARTS's Adam betas
+            torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)  # the authors' Adam
         self.sched = None if self.selected is None else \
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
 
@@ -894,11 +887,6 @@ class Run:
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
             if obj is not None:
                 obj.load_state_dict(ck[key])
-        scale = a.lr / old["lr"]  # a new --lr or --alpha-lr wins; the same ones change nothing (exact resume)
-        for g in self.opt.param_groups:
-            g["lr"] *= scale
-        for g in self.opt_alpha.param_groups:
-            g["lr"] = a.alpha_lr
         rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -935,9 +923,15 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     selecting = run.phase == "bit_selection"
     searching = selecting and epoch == a.search_epochs and not a.bits_from  # --bits-from: the selection is given
     model.train()
-    loader.sampler.set_epoch(epoch)
-    steps, t0, total, gbops = len(loader), time.time(), 0.0, float("nan")
-    for step, (images, targets) in enumerate(loader, 1):
+    passes = max(1, -(-a.search_steps // len(loader))) if searching else 1  # the search: --search-steps or more
+    def batches():  # each pass over the data in an order of its own (the first: the epoch's, as without passes)
+        for p in range(passes):
+            loader.sampler.set_epoch(epoch + 1000 * p)
+            yield from loader
+
+    steps, t0, total = len(loader) * passes, time.time(), 0.0
+    argmax, run.search = (argmax_branches(model), 0) if searching else (None, None)
+    for step, (images, targets) in enumerate(batches(), 1):
         images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
 
         def sync(params, loss):  # one all-reduce, then the NaN and stop checks, before the update
@@ -954,19 +948,26 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
             loss_v, _, gb = bit_selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
                                                lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync,
                                                fixed=not a.unfixed)
-            if searching and dist.main:
-                gbops = float(gb)
-                run.alpha_trace.append({"step": step, "gbops": round(gbops, 4), "probs": [  # per searched layer
-                    [round(p, 4) for p in F.softmax(al.detach().float(), 0).tolist()] for al in alphas_of(model)]})
+            if searching and (now := argmax_branches(model)) != argmax:
+                argmax, run.search = now, step  # the last step at which the argmax configuration changed
         else:
             loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync)
         total += loss_v
         if dist.main and (step % min(100, max(1, steps // 2)) == 0 or step == steps):
             dt, kind = time.time() - t0, ("meta+search" if searching else "meta") if selecting else "train"
             print(f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}"
-                  f"{f' search-gbops {gbops:.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
+                  f"{f' search-gbops {float(gb):.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
                   f"{step * len(images) * dist.world / max(dt, 1e-9):.0f} img/s eta "
                   f"{datetime.timedelta(seconds=int(dt / step * (steps - step)))}", flush=True)
+    if searching:  # how the search ended (our rule: settled if its argmax did not change in the last quarter)
+        top2 = torch.stack([F.softmax(al.detach().float(), 0) for al in alphas_of(model)]).topk(2, 1).values.cpu()
+        margin, gb = top2[:, 0] - top2[:, 1], branches_gbops(model, argmax_branches(model))  # per layer; GBOPs
+        c = run.search = {"steps": steps, "argmax_last_changed": run.search, "settled": run.search <= 0.75 * steps,
+                          "median_margin": round(margin.quantile(0.5).item(), 6), "argmax_gbops": round(gb, 4),
+                          "min_margin": round(margin.min().item(), 6), "vs_target": round(gb / a.target_gbops - 1, 4)}
+        log(dist, f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step "
+                  f"{c['argmax_last_changed']}/{steps}; top-2 margins of softmax(alpha) median {c['median_margin']:.3f}"
+                  f", min {c['min_margin']:.3f}; argmax {c['argmax_gbops']:.3f} GBOPs ({c['vs_target']:+.1%})")
     return total / max(steps, 1)
 
 @torch.no_grad()
@@ -1057,7 +1058,7 @@ def select_bits(run: Run) -> None:
     given = read_bits_from(model, a.bits_from, a.target_gbops) if a.bits_from else None
     run.selected, _, repaired = start_weight_training(model, a.target_gbops, not a.no_budget_repair, given)
     run.build_optimizers()
-    r = bits_report(model, a)
+    r = {**bits_report(model, a), "search": next((h["search"] for h in run.history if "search" in h), None)}
     if run.dist.main:
         print(layer_table(r), f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
               + (" (argmax lowered by budget repair)" if repaired and not a.bits_from else "")
@@ -1083,14 +1084,13 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         if phase == "bit_selection":  # evaluate the argmax configuration, weights in full precision
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
-            if run.alpha_trace and dist.main:  # the search epoch's alpha trajectory (its layers: bits.json's)
-                atomic_write(os.path.join(a.output_dir, "alphas.json"), json.dumps(run.alpha_trace).encode())
         elif run.sched is not None:
             run.sched.step()
         metrics = evaluate(model, val_loader, dist, autocast)
         run.history.append({"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr,
                             "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
-                            "seconds": round(time.time() - t0, 3), "world_size": dist.world})
+                            "seconds": round(time.time() - t0, 3), "world_size": dist.world,
+                            **({"search": run.search} if run.search else {})})
         run.epoch = epoch
         run.save()
         log(dist, f"epoch {epoch}/{a.epochs} {phase}: loss {loss:.4f} top-1 {metrics['top1']:.2f}% top-5 "
@@ -1114,16 +1114,15 @@ def bit_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected distinct bit-widths between 2 and 16, such as 8,4,2")
     return bits
 
-def number(kind: type, lo: float, hi: float = math.inf, above: bool = False):
-    """argparse type of a numeric flag: a finite `kind` in [lo, hi] (above: lo itself excluded)."""
+def number(kind: type, lo: float, above: bool = False):
+    """argparse type of a numeric flag: a finite `kind` from lo on (above: lo itself excluded)."""
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (lo < v if above else lo <= v) or not v <= hi or not math.isfinite(v):
-            bound = f"{'above' if above else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi < math.inf else "")
-            raise argparse.ArgumentTypeError(f"{text} must be {bound}")
+        if not (lo < v if above else lo <= v) or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if above else 'at least'} {lo:g}")
         return v
     return parse
 
@@ -1139,10 +1138,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--target-gbops", type=number(float, 0, above=True), help="budget (default: the paper's, else 95%% of A4)")
     add("--bits", type=bit_list, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
     add("--w-bits", type=bit_list, default="4", help="weight bits (a list searches (A, W) pairs: pairs.py)")
-    add("--first-last-bits", type=number(int, 2, 16), default=8, help="bits of the first and last layers")
+    add("--first-last-bits", type=int, choices=range(2, 17), default=8, metavar="B", help="first and last layers' bits")
     add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
+    add("--search-steps", type=number(int, 0), default=0, help="search for at least this many steps (0: one epoch)")
     add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")

@@ -22,12 +22,14 @@ optional (the plots). Finished runs are kept: rerunning the command continues wh
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,27 +65,49 @@ GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
 # uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> run by pairs.py (--w-bits 8,4,2).
 PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
-PARTS = {"baselines": GRID, "pairs": PAIR_GRID}
+# Does the search converge? MetaMix's variants against random and the Hessian proxy (from the default's meta-state)
+# on 8 seeds, at two budgets per arch: tight (the all-A3 floor + 5% of the feasible range) and mid-range (+25%):
+# MobileNet-v2 4.45 and 5.6 GBOPs (range 4.16-9.93, uniform A4 5.31), MobileNet-v3-large 3.08 and 3.92 (range
+# 2.87-7.06, uniform A4 3.71). Variants: the default (SGD 0.05, one search epoch of 46 steps); the search 4x and 16x
+# longer (--search-steps, 16x at the tight budgets only: it is a third of the part's time); SGD and Adam with LR x
+# steps matched to the authors' ImageNet search (1e-4 x 5005 = 0.5: LR 0.5/46); SGD 0.5 (the margins left by SGD
+# 0.05 are ~0.01: the alphas barely move). 2 bit-selection epochs + 3 of weight training (8 in the other parts).
+CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-lr0.5", "metamix-sgd-matched", "metamix-adam-matched", "random",
+        "hessian"]
+SEEDS8 = list(range(8))
+CONV_GRID = [("mobilenet_v2", 4.45, CONV + ["metamix-sgd-x16"], SEEDS8), ("mobilenet_v2", 5.6, CONV, SEEDS8),
+             ("mobilenet_v3_large", 3.08, CONV + ["metamix-sgd-x16"], SEEDS8), ("mobilenet_v3_large", 3.92, CONV, SEEDS8)]
+MATCHED = 0.5  # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
+PART_EPOCHS = {"convergence": 5}  # the other parts: EPOCHS
+PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID}
 QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
 
 
 def label(method: str) -> str:
-    """How the table and plot name a method: which optimizer and LR the alphas had. The run folders keep the
-    short names (metamix = Adam at 0.1, metamix.py's default when the study began; SGD is the default now)."""
+    """How the table and plot name a method: which optimizer and LR the alphas had, and the search's length. The run
+    folders keep the short names (metamix = Adam at 0.1, metamix.py's default when the study began)."""
     names = {"metamix": "metamix Adam 0.1", "metamix-sgd": "metamix SGD 0.05 (default)",
-             "metamix-sgd-lr0.5": "metamix SGD 0.5", "metamix-unfixed": "metamix-unfixed (Adam 0.1)"}
+             "metamix-sgd-lr0.5": "metamix SGD 0.5", "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
+             "metamix-sgd-x4": "metamix SGD 0.05, 4x longer", "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
+             "metamix-sgd-matched": "metamix SGD, LR x steps 0.5", "metamix-adam-matched": "metamix Adam, LR x steps 0.5"}
     base = method.removesuffix("-pairs")
     return names.get(base, base) + (", 9 (A, W) pairs" if method.endswith("-pairs") else "")
 
 
-def method_flags(method: str) -> list[str]:
-    """metamix.py's flags of a MetaMix variant (the selections take SOURCE's)."""
+def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
+    """metamix.py's flags of a MetaMix variant (the selections take SOURCE's): metamix[-sgd|-adam][-lrLR|-matched]
+    [-xK][-unfixed][-pairs]; without -sgd the alphas have Adam at 0.1; -xK searches K epochs' steps (--search-steps);
+    -matched: alpha LR = MATCHED / search steps. epoch_steps: the search steps of one epoch (46 on the digits)."""
     if method.endswith("-pairs"):  # the same method over the product set A x W (one softmax over 9 pairs)
-        return [*method_flags(method[: -len("-pairs")]), "--w-bits", "8,4,2"]
-    if method.startswith("metamix-sgd"):  # metamix-sgd-lr0.5: SGD at alpha LR 0.5 (10x the default)
-        lr = method.split("-lr")[1] if "-lr" in method else None
-        return [*ALPHA["sgd"][:2], "--alpha-lr", lr or ALPHA["sgd"][-1]]
-    return ALPHA["adam"] + (["--unfixed"] if method == "metamix-unfixed" else [])
+        return [*method_flags(method[: -len("-pairs")], epoch_steps), "--w-bits", "8,4,2"]
+    words = method.split("-")[1:]
+    opt = "sgd" if "sgd" in words else "adam"
+    mult = next((int(w[1:]) for w in words if w[:1] == "x" and w[1:].isdigit()), 1)
+    lr = next((w[2:] for w in words if w.startswith("lr")), ALPHA[opt][-1])
+    if "matched" in words:
+        lr = f"{MATCHED / (mult * epoch_steps):.6g}"
+    return (["--alpha-optimizer", opt, "--alpha-lr", lr] + (["--unfixed"] if "unfixed" in words else [])
+            + (["--search-steps", str(mult * epoch_steps)] if mult > 1 else []))
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -184,13 +208,14 @@ def run_one(job: dict, log) -> dict:
     flags = ["--arch", job["arch"], "--data", job["data"], "--pretrained", job["init"], "--target-gbops",
              str(job["target"]), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]), *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
-    cmds = [[script, *flags, *method_flags(job["method"]), "--output-dir", str(out)]]
+    cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
     if job["method"] in SELECTIONS:
         src = Path(job["source"])
         out.mkdir(parents=True)
         cmds = [["baselines.py", str(src), "--method", job["method"], "--target-gbops", str(job["target"]), "--seed",
                  str(job["seed"]), "--batches", "4", "--probes", "4", "--out", str(out / "selection.json")],
-                ["metamix.py", *flags, *method_flags(SOURCE), "--resume", str(src / "meta_state.pth"), "--bits-from",
+                ["metamix.py", *flags, *method_flags(SOURCE, job["epoch_steps"]), "--resume", str(src / "meta_state.pth"),
+                 "--bits-from",
                  str(out / "selection.json"), "--output-dir", str(out)]]
     if job["part"] == "pairs":  # the supplement's Figure 9 for each run, on its meta-state
         cmds.append(["figure9.py", str(out), "--batches", "4", "--probes", "4"])
@@ -203,12 +228,12 @@ def run_one(job: dict, log) -> dict:
     bits = json.loads((out / "bits.json").read_text())
     fig9 = json.loads((out / "figure9.json").read_text()) if (out / "figure9.json").exists() else {}
     searched = [r for r in bits["layers"] if not r["fixed"]]
-    res = {k: job[k] for k in ("arch", "target", "method", "seed")}
+    res = {k: job[k] for k in ("arch", "target", "method", "seed")} | {"dir": str(out)}
     res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
                gbops=bits["gbops"], avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
                avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
                a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched],
-               w_bits=[r["w_bits"] for r in searched],
+               w_bits=[r["w_bits"] for r in searched], search=bits.get("search"),
                avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched), figure9=fig9.get("figure9"),
                seconds=round(time.time() - t0, 1))
     (out / "result.json").write_text(json.dumps(res))
@@ -293,36 +318,83 @@ def figure9_summary(results: list[dict]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def load_alphas(run_dir: Path) -> dict | None:
-    """A searching run's alpha trajectory: alphas.json's steps, with bits.json's layer names and candidates."""
-    if not (run_dir / "alphas.json").exists():
-        return None
-    bits = json.loads((run_dir / "bits.json").read_text())
-    return {"steps": json.loads((run_dir / "alphas.json").read_text()), "candidates": bits["candidates"],
-            "layers": [r["name"] for r in bits["layers"] if not r["fixed"]]}
-
-
 def alpha_summary(out: Path, results: list[dict]) -> str:
-    """Per searching run, what its alphas.json shows at the last search step: p(largest candidate) across
-    layers (min / median / max, and how many layers lie within 0.02 of the median), the median margin
-    between a layer's two most probable candidates, and the last step at which the argmax changed."""
+    """Per searching run, how its search ended (bits.json): p(largest candidate) across layers (min / median / max,
+    and how many layers lie within 0.02 of the median), the median top-2 margin of softmax(alpha), and the last
+    step at which the argmax changed."""
     rows = ["| arch | target | method | seed | p(A_max) min / median / max | layers within 0.02 of the median | "
             "median top-2 margin | argmax last changed at step |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        tr = load_alphas(out / "runs" / f"{r['arch']}_t{r['target']:g}_{r['method']}_s{r['seed']}")
-        if tr is None:
+        if not r.get("search"):
             continue
-        top = max(range(len(tr["candidates"])), key=lambda i: tr["candidates"][i][0] * tr["candidates"][i][1])
-        last = tr["steps"][-1]["probs"]
-        p_top = sorted(p[top] for p in last)
-        med = statistics.median(p_top)
-        margins = [sorted(p)[-1] - sorted(p)[-2] for p in last]
-        am = [tuple(max(range(len(p)), key=p.__getitem__) for p in st["probs"]) for st in tr["steps"]]
-        changed = max([i + 1 for i in range(1, len(am)) if am[i] != am[i - 1]] + [1])
+        bits = json.loads((Path(r["dir"]) / "bits.json").read_text())
+        top = max(range(len(bits["candidates"])), key=lambda i: bits["candidates"][i][0] * bits["candidates"][i][1])
+        p_top = sorted(layer["probs"][top] for layer in bits["layers"] if not layer["fixed"])
+        med, c = statistics.median(p_top), r["search"]
         rows.append(f"| {r['arch']} | {r['target']:g} | {r['method']} | {r['seed']} | {p_top[0]:.2f} / {med:.2f} / "
                     f"{p_top[-1]:.2f} | {sum(abs(p - med) <= 0.02 for p in p_top)} of {len(p_top)} | "
-                    f"{statistics.median(margins):.3f} | {changed} of {len(am)} |")
+                    f"{c['median_margin']:.3f} | {c['argmax_last_changed']} of {c['steps']} |")
     return "\n".join(rows) + "\n"
+
+
+def table_convergence(results: list[dict], fp: dict, fp_hash: dict) -> str:
+    """Each variant paired per seed with random and with the Hessian proxy (both from the default's meta-state):
+    mean ± sd of the difference, the seeds it wins / ties / loses against random, and how its searches ended."""
+    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | Δ vs random (points) | wins / ties / losses "
+            "vs random | Δ vs hessian (points) | GBOPs | searches settled | median top-2 margin | argmax last changed "
+            "(median step / steps) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = [*CONV, "metamix-sgd-x16"]
+    for arch, target in sorted({(r["arch"], r["target"]) for r in results}):
+        here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
+        ref = {m: {r["seed"]: r["top1"] for r in here if r["method"] == m} for m in ("random", "hessian")}
+        for method in sorted({r["method"] for r in here}, key=lambda m: order.index(m) if m in order else 99):
+            rs = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
+            top = [r["top1"] for r in rs]
+            d = {m: [r["top1"] - ref[m][r["seed"]] for r in rs if r["seed"] in ref[m]] for m in ref}
+            wins = "-" if method == "random" else \
+                f"{sum(v > 0 for v in d['random'])} / {sum(v == 0 for v in d['random'])} / {sum(v < 0 for v in d['random'])}"
+            se = [r["search"] for r in rs if r.get("search")]
+            conv = (f"{sum(c['settled'] for c in se)} of {len(se)} | {statistics.median(c['median_margin'] for c in se):.3f}"
+                    f" | {statistics.median(c['argmax_last_changed'] for c in se):g} / {se[0]['steps']}") if se else "- | - | -"
+            sd = statistics.stdev(top) if len(top) > 1 else 0.0
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
+                        f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | "
+                        f"{'-' if method == 'random' else mean_sd(d['random'])} | {wins} | "
+                        f"{'-' if method == 'hessian' else mean_sd(d['hessian'])} | "
+                        f"{statistics.mean(r['gbops'] for r in rs):.3f} | {conv} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_convergence(results: list[dict], path: Path) -> bool:
+    """One panel per (arch, budget): each variant's paired difference to random, a point per seed, the mean a bar."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = sorted({(r["arch"], r["target"]) for r in results})
+    order = [m for m in [*CONV, "metamix-sgd-x16"] if m != "random"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.6), squeeze=False, sharey=True)
+    for ax, (arch, target) in zip(axes[0], keys):
+        here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
+        rand = {r["seed"]: r["top1"] for r in here if r["method"] == "random"}
+        methods = [m for m in order if any(r["method"] == m for r in here)]
+        for x, m in enumerate(methods):
+            d = [r["top1"] - rand[r["seed"]] for r in here if r["method"] == m and r["seed"] in rand]
+            ax.scatter([x + 0.06 * (i - len(d) / 2) for i in range(len(d))], d, s=14, alpha=0.7)
+            if d:
+                ax.hlines(statistics.mean(d), x - 0.3, x + 0.3, color="black", lw=1.5)
+        ax.axhline(0, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(range(len(methods)), [label(m).replace("metamix ", "") for m in methods], rotation=60,
+                      ha="right", fontsize=7)
+        ax.set_title(f"{arch} at {target:g} GBOPs", fontsize=9)
+    axes[0][0].set_ylabel("top-1 minus random's, same seed (points)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot(results: list[dict], path: Path) -> bool:
@@ -354,36 +426,6 @@ def plot(results: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_alphas(run_dirs: dict[str, Path], path: Path) -> bool:
-    """p(bits) per layer over the search steps, one panel per run (e.g. Adam vs SGD)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    runs = {k: tr for k, d in run_dirs.items() if (tr := load_alphas(d)) is not None}
-    if not runs:
-        return False
-    n_bits = len(next(iter(runs.values()))["candidates"])
-    fig, axes = plt.subplots(n_bits, len(runs), figsize=(5.5 * len(runs), 2.6 * n_bits), squeeze=False, sharey=True)
-    for col, (name, tr) in enumerate(runs.items()):
-        steps = list(range(1, len(tr["steps"]) + 1))
-        cmap = plt.get_cmap("viridis")
-        for i, (b, _) in enumerate(tr["candidates"]):
-            ax = axes[i][col]
-            for l, layer in enumerate(tr["layers"]):
-                ax.plot(steps, [s["probs"][l][i] for s in tr["steps"]], color=cmap(l / max(len(tr["layers"]) - 1, 1)),
-                        lw=0.9)
-            ax.set_title(f"{name}: p(A{b}) per layer (colour: depth)", fontsize=9)
-            ax.set_xlabel("search step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # ---- main ----------------------------------------------------------------------------------
 
 
@@ -393,8 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, two methods, a few steps (CI)")
     p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
-    p.add_argument("--part", choices=["all", *PARTS], default="all",
-                   help="baselines: every selection against random; pairs: the supplement's Table 7 in miniature")
+    p.add_argument("--part", choices=["all", *PARTS], default="all", help="baselines: every selection against "
+                   "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds")
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
     try:
@@ -419,34 +461,48 @@ def main(argv=None) -> int:
         grid = [(part, arch, t, methods, [int(s) for s in a.seeds.split(",")]) for part, arch, t, methods, _ in grid]
     if a.only:
         grid = [g for g in grid if g[1] in a.only.split(",")]
-    epochs, fp_epochs = (3, 1) if a.quick else (EPOCHS, FP["epochs"])
+    fp_epochs = 1 if a.quick else FP["epochs"]
     torch.set_num_threads(1)  # on a shared machine, 2 OpenMP threads that wait for each other are slower
     archs = dict.fromkeys(g[1] for g in grid)
     fp = {arch: train_fp(arch, data, out / f"fp_{arch}.pth", fp_epochs, log) for arch in archs}
     for arch, top1 in fp.items():
         log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
-    def folder(arch, t, m, s):
-        return str(out / "runs" / f"{arch}_t{t:g}_{m}_s{s}")
+    fp_hash = {arch: hashlib.sha256((out / f"fp_{arch}.pth").read_bytes()).hexdigest()[:12] for arch in archs}
+    epoch_steps = sum(1 for _ in (data / "train").rglob("*.png")) // 32  # one epoch's steps at batch 32 (46)
+
+    def folder(part, arch, t, m, s):
+        return str(out / ("runs_convergence" if part == "convergence" else "runs") / f"{arch}_t{t:g}_{m}_s{s}")
 
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
-                 epochs=epochs, search_epochs=2, threads=1, part=part, out=folder(arch, t, m, s),
-                 source=folder(arch, t, SOURCE, s))
+                 epochs=3 if a.quick else PART_EPOCHS.get(part, EPOCHS), search_epochs=2, threads=1, part=part,
+                 out=folder(part, arch, t, m, s), source=folder(part, arch, t, SOURCE, s), epoch_steps=epoch_steps)
             for part, arch, t, methods, seeds in grid for s in seeds for m in methods]
     missing = {j["source"] for j in jobs if j["method"] in SELECTIONS} - {j["out"] for j in jobs}
     if missing:
         raise SystemExit(f"study_digits: error: the grid selects from runs it does not make: {sorted(missing)[0]}")
-    with ThreadPoolExecutor(max(1, a.jobs)) as ex:  # the searches first: the selections start from their meta-states
-        done_first = dict(zip([j["out"] for j in jobs if j["method"] not in SELECTIONS],
-                              ex.map(lambda j: run_one(j, log), [j for j in jobs if j["method"] not in SELECTIONS])))
-        done_then = dict(zip([j["out"] for j in jobs if j["method"] in SELECTIONS],
-                             ex.map(lambda j: run_one(j, log), [j for j in jobs if j["method"] in SELECTIONS])))
-    results = [{**done_first, **done_then}[j["out"]] for j in jobs]
+    # Seed by seed (finished seeds can be tabled while later ones run), each seed's searches before the selections
+    # made from their meta-states (a selection waits for its source, queued before it), the long searches last.
+    order = sorted(jobs, key=lambda j: (j["seed"], j["method"] in SELECTIONS, "-x16" in j["method"]))
+    finished = {j["out"]: threading.Event() for j in jobs}
+
+    def work(job):
+        if job["method"] in SELECTIONS:
+            finished[job["source"]].wait()
+        try:
+            return run_one(job, log)
+        finally:
+            finished[job["out"]].set()
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as ex:
+        done_runs = dict(zip([j["out"] for j in order], ex.map(work, order)))
+    results = [done_runs[j["out"]] for j in jobs]
     done = {part: [r for r, j in zip(results, jobs) if j["part"] == part] for part in parts}
-    keys = {"baselines": "runs", "pairs": "pairs"}  # results.json's key of each part
+    keys = {"baselines": "runs", "pairs": "pairs", "convergence": "convergence"}  # results.json's key of each part
     saved = {"fp_top1": {}}
     if (out / "results.json").exists() and not a.quick:  # keep the other parts' runs in results.json
         saved = json.loads((out / "results.json").read_text())
     saved["fp_top1"] = {**saved.get("fp_top1", {}), **fp}
+    saved["fp_sha256"] = {**saved.get("fp_sha256", {}), **fp_hash}  # which FP model every run started from
     saved.update({keys[part]: rs for part, rs in done.items()})
     fp = saved["fp_top1"]
     (out / "results.json").write_text(json.dumps(saved, indent=1))
@@ -457,15 +513,17 @@ def main(argv=None) -> int:
         print(table(results, fp))
         if plot(results, out / "top1_vs_gbops.png"):
             log(f"wrote {out / 'top1_vs_gbops.png'}")
-        _, arch, t, methods, seeds = grid[0]
-        shown = {m: out / "runs" / f"{arch}_t{t:g}_{m}_s{seeds[0]}" for m in ("metamix", "metamix-sgd",
-                                                                                  "metamix-sgd-lr0.5") if m in methods}
-        if plot_alphas(shown, out / "alphas.png"):
-            log(f"wrote {out / 'alphas.png'}")
     if done.get("pairs"):
         pairs = done["pairs"]
         (out / "table_pairs.md").write_text(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
         print(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
+    if done.get("convergence"):
+        conv = done["convergence"]
+        (out / "table_convergence.md").write_text(table_convergence(conv, fp, saved["fp_sha256"]) + "\n" +
+                                                  alpha_summary(out, conv))
+        print(table_convergence(conv, fp, saved["fp_sha256"]))
+        if plot_convergence(conv, out / "convergence.png"):
+            log(f"wrote {out / 'convergence.png'}")
     log(f"study done in {time.time() - t0:.0f}s: {len(jobs)} runs")
     return 0
 
