@@ -959,12 +959,12 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                   f"{f' search-gbops {float(gb):.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
                   f"{step * len(images) * dist.world / max(dt, 1e-9):.0f} img/s eta "
                   f"{datetime.timedelta(seconds=int(dt / step * (steps - step)))}", flush=True)
-    if searching:  # how the search ended (our rule: settled if its argmax did not change in the last quarter)
+    if searching:  # how it ended; settled (our rule): no argmax change in the last quarter, median margin >= 0.05
         top2 = torch.stack([F.softmax(al.detach().float(), 0) for al in alphas_of(model)]).topk(2, 1).values.cpu()
         margin, gb = top2[:, 0] - top2[:, 1], branches_gbops(model, argmax_branches(model))  # per layer; GBOPs
-        c = run.search = {"steps": steps, "argmax_last_changed": run.search, "settled": run.search <= 0.75 * steps,
-                          "median_margin": round(margin.quantile(0.5).item(), 6), "argmax_gbops": round(gb, 4),
-                          "min_margin": round(margin.min().item(), 6), "vs_target": round(gb / a.target_gbops - 1, 4)}
+        med, lo, last = margin.quantile(0.5).item(), margin.min().item(), run.search
+        c = run.search = {"argmax_last_changed": last, "settled": last <= 0.75 * steps and med >= 0.05, "steps": steps,
+                          "median_margin": med, "min_margin": lo, "argmax_gbops": gb, "vs_target": gb / a.target_gbops - 1}
         log(dist, f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step "
                   f"{c['argmax_last_changed']}/{steps}; top-2 margins of softmax(alpha) median {c['median_margin']:.3f}"
                   f", min {c['min_margin']:.3f}; argmax {c['argmax_gbops']:.3f} GBOPs ({c['vs_target']:+.1%})")
