@@ -962,12 +962,11 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     if searching:  # how it ended; settled (our rule): no argmax change in the last quarter, median margin >= 0.05
         top2 = torch.stack([F.softmax(al.detach().float(), 0) for al in alphas_of(model)]).topk(2, 1).values.cpu()
         margin, gb = top2[:, 0] - top2[:, 1], branches_gbops(model, argmax_branches(model))  # per layer; GBOPs
-        med, lo, last = margin.quantile(0.5).item(), margin.min().item(), run.search
+        med, lo, last, rel = margin.quantile(0.5).item(), margin.min().item(), run.search, gb / a.target_gbops - 1
         c = run.search = {"argmax_last_changed": last, "settled": last <= 0.75 * steps and med >= 0.05, "steps": steps,
-                          "median_margin": med, "min_margin": lo, "argmax_gbops": gb, "vs_target": gb / a.target_gbops - 1}
-        log(dist, f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step "
-                  f"{c['argmax_last_changed']}/{steps}; top-2 margins of softmax(alpha) median {c['median_margin']:.3f}"
-                  f", min {c['min_margin']:.3f}; argmax {c['argmax_gbops']:.3f} GBOPs ({c['vs_target']:+.1%})")
+                          "median_margin": med, "min_margin": lo, "argmax_gbops": gb, "vs_target": rel}
+        log(dist, f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step {last}/{steps}; "
+                  f"top-2 margins of softmax(alpha) median {med:.3f}, min {lo:.3f}; argmax {gb:.3f} GBOPs ({rel:+.1%})")
     return total / max(steps, 1)
 
 @torch.no_grad()

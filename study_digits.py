@@ -9,14 +9,16 @@ meta-state of the same seed's MetaMix run (SGD 0.05) and trained from it with `m
 RUN/meta_state.pth --bits-from`: the same FP model, the same meta-state, the same data order, only the
 selection different. The table reports each method's paired difference to `random`.
 
-    python study_digits.py --out runs/digits                 # the full study (docs/digits.md), about 1 h 15 min
-    python study_digits.py --out runs/digits --part pairs    # one part: baselines or pairs
-    python study_digits.py --out runs/digits-quick --quick   # one seed, MetaMix against random, a few steps
+    python study_digits.py --out runs/digits --part baselines     # every selection against random, ~50 min
+    python study_digits.py --out runs/digits --part pairs         # the supplement's Table 7 in miniature
+    python study_digits.py --out runs/digits --part convergence   # the search's variants, 8 seeds, ~2 h 20 min
+    python study_digits.py --out runs/digits-quick --quick        # one seed, MetaMix against random, a few steps
 
 Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/ (each run's
-output dir: bits.json, log.jsonl, alphas.json for the searches, selection.json for the others, figure9.json for
-the pairs part), results.json, table.md, alphas.md, top1_vs_gbops.png and alphas.png (--part baselines),
-table_pairs.md (--part pairs). scikit-learn is needed (a dependency of this study only); matplotlib is
+output dir: bits.json, log.jsonl, selection.json for the selections, figure9.json for the pairs part;
+runs_convergence/ for that part), results.json (with each FP model's SHA-256), table.md, alphas.md and
+top1_vs_gbops.png (--part baselines), table_pairs.md (--part pairs), table_convergence.md and convergence.png
+(--part convergence). scikit-learn is needed (a dependency of this study only); matplotlib is
 optional (the plots). Finished runs are kept: rerunning the command continues where it stopped.
 """
 from __future__ import annotations
@@ -53,11 +55,11 @@ ALPHA = {"adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.
          "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"]}
 SELECTIONS = ["uniform", "random", "hessian", "sensitivity"]  # baselines.py's, from SOURCE's meta-state
 SOURCE = "metamix-sgd"  # the run whose meta_state.pth the selections of its (arch, target, seed) train from
-ALL = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "metamix-unfixed", *SELECTIONS]
-HEAD = ["metamix", "metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha-optimizer question, on more seeds
+ALL = ["metamix-sgd", "metamix-sgd-lr0.5", *SELECTIONS]
+HEAD = ["metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha LR question, on more seeds
 # (arch, target GBOPs, methods, seeds): ResNet-18 {8,4,2} near the all-A2 floor (21.12) and a little under
 # uniform A4 (34.68); MobileNet-v2 {8,4,3} between all-A3 (4.16) and uniform A4 (5.31). 10 classes.
-# Every method on seeds 0-2; MetaMix with each alpha optimizer and random on three more seeds (3-5).
+# Every method on seeds 0-2; MetaMix with each alpha LR and random on three more seeds (3-5).
 GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
         ("resnet18", 33.0, ALL, [0, 1, 2]), ("resnet18", 33.0, HEAD, [3, 4, 5]),
         ("mobilenet_v2", 4.6, ALL, [0, 1, 2]), ("mobilenet_v2", 4.6, HEAD, [3, 4, 5])]
@@ -407,7 +409,7 @@ def plot(results: list[dict], path: Path) -> bool:
         return False
     archs = sorted({r["arch"] for r in results}, key=lambda a: a != "resnet18")
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4), squeeze=False)
-    marks = dict(zip(ALL, "o^<vsDxP"))
+    marks = dict(zip(ALL, "o^vsDx"))
     for ax, arch in zip(axes[0], archs):
         for method in ALL:
             rs = [r for r in results if r["arch"] == arch and r["method"] == method]

@@ -18,6 +18,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -822,8 +823,8 @@ def cmdline(pid: int) -> str:
 
 def test_single_process_outputs(ref_run):
     out = ref_run
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "alphas.json", "args.json", "bits.json",
-                                                     "checkpoint.pth", "log.jsonl", "meta_state.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "args.json", "bits.json", "checkpoint.pth", "log.jsonl",
+                                                     "meta_state.pth"]
     bits = json.loads((out / "bits.json").read_text())
     assert bits["arch"] == "resnet18" and bits["candidates"] == [[8, 4], [4, 4], [2, 4]]
     assert bits["gbops"] <= bits["target_gbops"] + 1e-6 and bits["selection"] == "metamix"
@@ -855,12 +856,39 @@ def test_single_process_outputs(ref_run):
     # the phase boundary: bit selection done, the alphas searched, bits not selected, weights in full precision
     assert meta["epoch"] == 2 and meta["selected"] is None and meta["phase"] == "bit_selection"
     assert all(not v["initialized"] for k, v in meta["model"].items() if k.endswith("weight_quant._extra_state"))
-    trace = json.loads((out / "alphas.json").read_text())
-    assert [s["step"] for s in trace] == [1, 2, 3, 4] and all(len(s["probs"]) == 19 for s in trace)
-    assert all(len(p) == 3 and abs(sum(p) - 1) < 1e-3 for s in trace for p in s["probs"])
-    assert trace[-1]["probs"] == [pytest.approx(r["probs"], abs=1e-4) for r in searched]  # the last step: bits.json's
+    # how the search ended, from bits.json's own probabilities: top-2 margins, the argmax and its GBOPs by hand
+    search = bits["search"]
+    margins = sorted(sorted(r["probs"])[-1] - sorted(r["probs"])[-2] for r in searched)
+    assert search["median_margin"] == pytest.approx(statistics.median(margins), abs=1e-5)
+    assert search["min_margin"] == pytest.approx(margins[0], abs=1e-5)
+    argmax = [[8, 4, 2][max(range(3), key=r["probs"].__getitem__)] for r in searched]
+    by_hand = sum(a * 4 * r["macs"] for a, r in zip(argmax, searched)) + sum(8 * 8 * r["macs"] for r in bits["layers"]
+                                                                             if r["fixed"])
+    assert search["argmax_gbops"] == pytest.approx(by_hand / 1e9)
+    assert search["vs_target"] == pytest.approx(by_hand / 1e9 / bits["target_gbops"] - 1)
+    assert search["steps"] == 4 and 0 <= search["argmax_last_changed"] <= 4
+    assert search["settled"] == (search["argmax_last_changed"] <= 3 and search["median_margin"] >= 0.05)
+    assert log[1]["search"] == search and all("search" not in r for r in log[:1] + log[2:])  # the search epoch's row
     stdout = (out.parent / "stdout.txt").read_text()
     assert "selected:" in stdout and "summary:" in stdout and "world size 1 on cpu" in stdout
+    assert f"settled: argmax last changed at step {search['argmax_last_changed']}/4; top-2 margins" in stdout
+
+
+@pytest.mark.parametrize("flags, settled, changed", [
+    (["--alpha-lr", "1000"], True, "early"),  # softmax saturates in a step or two: large margins, no more changes
+    (["--alpha-lr", "1e-9"], False, "early"),  # the argmax fixed at once, but on margins of almost 0
+    (["--alpha-optimizer", "adam", "--alpha-lr", "0.5", "--lam", "100", "--target-gbops", "28"], False, "late"),
+], ids=["saturated", "tiny-lr", "oscillating"])
+def test_the_search_says_whether_it_settled(tmp_path, capsys, flags, settled, changed):
+    """--search-steps 5 on 4 steps per epoch: two passes, 8 search steps. A search that settles, one whose argmax
+    stays put on margins of almost 0, and one that the budget term flips to the last step (lambda 100)."""
+    out = tmp_path / "out"
+    assert main_in_process(*TINY, "--epochs", "2", "--search-steps", "5", *flags, "--output-dir", out) == 0
+    search = read_log(out)[-1]["search"]
+    assert search["steps"] == 8 and search["settled"] is settled
+    assert (search["argmax_last_changed"] <= 2) if changed == "early" else search["argmax_last_changed"] >= 7
+    stdout = capsys.readouterr().out
+    assert "step 8/8" in stdout and ("search settled:" if settled else "search NOT settled:") in stdout
 
 
 def test_resume_is_exact_in_both_phases_and_from_the_phase_boundary(ref_run, tmp_path):
@@ -987,7 +1015,7 @@ def test_average_bits_three_readings():
     (["--bits", ""], ["--bits"]),
     (["--w-bits", "1"], ["--w-bits", "1"]),
     (["--w-bits", "8,4"], ["--w-bits 8,4", "pairs.py"]),
-    (["--first-last-bits", "17"], ["--first-last-bits", "17", "at most 16"]),
+    (["--first-last-bits", "17"], ["--first-last-bits", "invalid choice: 17"]),
     (["--stop-after-epoch", "-1"], ["--stop-after-epoch", "-1", "at least 0"]),
     (["--wd", "-1"], ["--wd", "-1", "at least 0"]),
     (["--wd", "nan"], ["--wd", "nan"]),
@@ -1084,6 +1112,14 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_in_weight_training_refuses_another_lr(capsys, ref_run, tmp_path):
+    """A changed --lr would make the resumed run another run; at the phase boundary it may change (a new optimizer)."""
+    out = copy_run(ref_run, tmp_path / "out")  # checkpoint.pth: epoch 4, weight training
+    before = fingerprint(out)
+    line = error_in_process(capsys, *REF, "--output-dir", out, "--resume", "auto", "--lr", "0.02")
+    assert "the checkpoint has --lr 0.05, not 0.02" in line and fingerprint(out) == before
 
 
 def test_resume_and_pretrained_refuse_bad_files_in_a_sentence(capsys, ref_run, tmp_path):

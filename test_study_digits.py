@@ -29,22 +29,46 @@ def test_table_pairs_each_method_with_random_per_seed():
     assert " | - | - | " in rows["random"]
 
 
-def test_alpha_summary_margins_and_the_last_change(tmp_path):
-    """Two searched layers, three steps: the argmax changes at step 3; p(A8) of the last step 0.5 and 0.2."""
-    run = tmp_path / "runs" / "mobilenet_v2_t4.6_metamix-sgd_s0"
-    run.mkdir(parents=True)
-    layers = [{"name": "first", "fixed": True}, {"name": "a", "fixed": False}, {"name": "b", "fixed": False},
-              {"name": "last", "fixed": True}]
-    (run / "bits.json").write_text(json.dumps({"candidates": [[8, 4], [4, 4], [3, 4]], "layers": layers}))
-    steps = [{"step": 1, "gbops": 5.0, "probs": [[0.4, 0.3, 0.3], [0.2, 0.5, 0.3]]},
-             {"step": 2, "gbops": 4.9, "probs": [[0.45, 0.3, 0.25], [0.2, 0.45, 0.35]]},
-             {"step": 3, "gbops": 4.7, "probs": [[0.5, 0.3, 0.2], [0.2, 0.35, 0.45]]}]
-    (run / "alphas.json").write_text(json.dumps(steps))
-    assert sd.load_alphas(run)["layers"] == ["a", "b"]
-    row = sd.alpha_summary(tmp_path, [_result("metamix-sgd", 0, 80.0)]).splitlines()[2]
-    # p(A8) 0.2 and 0.5 (median 0.35, none within 0.02 of it); top-2 margins 0.2 and 0.1 (median 0.15)
-    assert row == "| mobilenet_v2 | 4.6 | metamix-sgd | 0 | 0.20 / 0.35 / 0.50 | 0 of 2 | 0.150 | 3 of 3 |"
-    assert sd.load_alphas(tmp_path) is None  # a selection's folder has no alphas.json
+def test_alpha_summary_from_bits_json(tmp_path):
+    """Two searched layers: p(A8) 0.5 and 0.2 at the end of the search, which last changed its argmax at step 3."""
+    layers = [{"name": "first", "fixed": True}, {"name": "a", "fixed": False, "probs": [0.5, 0.3, 0.2]},
+              {"name": "b", "fixed": False, "probs": [0.2, 0.35, 0.45]}, {"name": "last", "fixed": True}]
+    (tmp_path / "bits.json").write_text(json.dumps({"candidates": [[8, 4], [4, 4], [3, 4]], "layers": layers}))
+    search = {"steps": 3, "argmax_last_changed": 3, "median_margin": 0.15}
+    row = sd.alpha_summary(tmp_path, [_result("metamix-sgd", 0, 80.0) | {"dir": str(tmp_path), "search": search},
+                                      _result("random", 0, 79.0)]).splitlines()[2:]
+    # p(A8) 0.2 and 0.5 (median 0.35, none within 0.02 of it); one row: random did not search
+    assert row == ["| mobilenet_v2 | 4.6 | metamix-sgd | 0 | 0.20 / 0.35 / 0.50 | 0 of 2 | 0.150 | 3 of 3 |"]
+
+
+def test_method_flags_name_the_variants():
+    assert sd.method_flags("metamix") == ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"]
+    assert sd.method_flags("metamix-sgd-lr0.5") == ["--alpha-optimizer", "sgd", "--alpha-lr", "0.5"]
+    assert sd.method_flags("metamix-sgd-x16", 46) == ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05",
+                                                      "--search-steps", "736"]
+    # the authors' ImageNet search, Adam 1e-4 for 5005 steps: LR x steps 0.5, here over one epoch of 46 steps
+    assert sd.method_flags("metamix-adam-matched", 46) == ["--alpha-optimizer", "adam", "--alpha-lr", "0.0108696"]
+    assert sd.method_flags("metamix-unfixed") == ["--alpha-optimizer", "adam", "--alpha-lr", "0.1", "--unfixed"]
+    assert sd.method_flags("metamix-sgd-pairs")[-2:] == ["--w-bits", "8,4,2"]
+
+
+def test_table_convergence_pairs_each_variant_with_random_and_hessian():
+    def r(method, seed, top1, search=None):
+        return _result(method, seed, top1) | {"search": search}
+
+    done = {"steps": 46, "argmax_last_changed": 10, "median_margin": 0.2, "settled": True}
+    open_ = {"steps": 46, "argmax_last_changed": 45, "median_margin": 0.01, "settled": False}
+    results = [r("random", 0, 80.0), r("random", 1, 78.0), r("random", 2, 79.0), r("hessian", 0, 83.0),
+               r("hessian", 1, 80.0), r("hessian", 2, 79.0), r("metamix-sgd", 0, 84.0, done),
+               r("metamix-sgd", 1, 78.0, open_), r("metamix-sgd", 2, 77.0, open_)]
+    rows = {x.split(" | ")[2]: x for x in sd.table_convergence(results, {"mobilenet_v2": 97.33},
+                                                               {"mobilenet_v2": "abc"}).splitlines()[2:]}
+    # vs random: +4, 0, -2 (mean 0.67, sd 3.06); vs hessian: +1, -2, -2 (mean -1, sd 1.73); 1 of 3 settled
+    assert rows["metamix SGD 0.05 (default)"] == (
+        "| mobilenet_v2 (FP 97.33, abc) | 4.6 | metamix SGD 0.05 (default) | 3 | 79.67 ± 3.79 | +0.67 ± 3.06 | "
+        "1 / 1 / 1 | -1.00 ± 1.73 | 4.500 | 1 of 3 | 0.010 | 45 / 46 |")
+    assert rows["hessian"].split(" | ")[5:9] == ["+1.67 ± 1.53", "2 / 1 / 0", "-", "4.500"]
+    assert " | - | - | " in rows["random"]
 
 
 def test_quick_mode_end_to_end(tmp_path):
