@@ -121,7 +121,7 @@ def make_image_folder(root: Path, classes: int = 3, n_train: int = 8, n_val: int
 
 @pytest.fixture(scope="session")
 def ref_run(tmp_path_factory) -> Path:
-    """REF, uninterrupted: checkpoint.pth (epoch 4), meta_state.pth (epoch 2), bits.json, alphas.json, log.jsonl.
+    """REF, uninterrupted: checkpoint.pth (epoch 4), meta_state.pth (epoch 2), bits.json, log.jsonl.
     Read it, never change it: copy_run first."""
     out = tmp_path_factory.mktemp("ref") / "out"
     p = run_cli(*REF, "--output-dir", out)
