@@ -34,11 +34,11 @@ def test_alpha_summary_from_bits_json(tmp_path):
     layers = [{"name": "first", "fixed": True}, {"name": "a", "fixed": False, "probs": [0.5, 0.3, 0.2]},
               {"name": "b", "fixed": False, "probs": [0.2, 0.35, 0.45]}, {"name": "last", "fixed": True}]
     (tmp_path / "bits.json").write_text(json.dumps({"candidates": [[8, 4], [4, 4], [3, 4]], "layers": layers}))
-    search = {"steps": 3, "argmax_last_changed": 3, "median_margin": 0.15}
+    search = {"steps": 3, "argmax_last_changed": 3, "median_margin": 0.15, "vs_target": -0.0123}
     row = sd.alpha_summary(tmp_path, [_result("metamix-sgd", 0, 80.0) | {"dir": str(tmp_path), "search": search},
                                       _result("random", 0, 79.0)]).splitlines()[2:]
     # p(A8) 0.2 and 0.5 (median 0.35, none within 0.02 of it); one row: random did not search
-    assert row == ["| mobilenet_v2 | 4.6 | metamix-sgd | 0 | 0.20 / 0.35 / 0.50 | 0 of 2 | 0.150 | 3 of 3 |"]
+    assert row == ["| mobilenet_v2 | 4.6 | metamix-sgd | 0 | 0.20 / 0.35 / 0.50 | 0 of 2 | 0.150 | 3 of 3 | -1.2% |"]
 
 
 def test_method_flags_name_the_variants():
