@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for _key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "METAMIX_DEBUG"):
     ENV.pop(_key, None)
-TINY = ["--arch", "resnet18", "--image-size", "32", "--data", "synthetic:64,32,10", "--batch-size", "16",
-        "--search-epochs", "2"]
+TINY = ["--arch", "resnet18", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:64,32,10",
+        "--batch-size", "16", "--search-epochs", "2"]
 REF = TINY + ["--epochs", "4"]  # the reference run: 2 epochs of bit selection, 2 of weight training
 METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")  # what a log.jsonl row holds
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): in-process runs then equal theirs, bit for bit

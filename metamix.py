@@ -1141,7 +1141,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
-    add("--search-steps", type=number(int, 0), default=0, help="search for at least this many steps (0: one epoch)")
+    add("--search-steps", type=number(int, 0), default=180, help="search for at least this many steps (ImageNet: "
+        "its one epoch, 5005; the digits: 4 epochs); 0: one epoch")
     add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")

@@ -71,19 +71,19 @@ PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2,
 # on 8 seeds, at two budgets per arch: tight (the all-A3 floor + 5% of the feasible range) and mid-range (+25%):
 # MobileNet-v2 4.45 and 5.6 GBOPs (range 4.16-9.93, uniform A4 5.31), MobileNet-v3-large 3.08 and 3.92 (range
 # 2.87-7.06, uniform A4 3.71). Variants: the default (SGD 0.05, one search epoch of 46 steps); the search 4x and 16x
-# longer (--search-steps; 16x at the tight budgets on seeds 0 and 1 only, a probe: one such run costs six); SGD
-# and Adam with LR x steps matched to the authors' ImageNet search (1e-4 x 5005 = 0.5: LR 0.5/46); SGD 0.5 (the
-# margins left by SGD 0.05 are ~0.01: the alphas barely move). 2 bit-selection epochs + 3 of weight training (the
+# longer (--search-steps; 16x on MobileNet-v2's tight budget, seed 0, a probe: one such run costs six); SGD and Adam
+# with LR x steps matched to the authors' ImageNet search (1e-4 x 5005 = 0.5: LR 0.5/46); on seeds 0-3, SGD 0.5
+# (the margins left by SGD 0.05 are ~0.01: the alphas barely move). 2 bit-selection epochs + 3 of weight training (the
 # other parts: 2 + 6).
-CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-lr0.5", "metamix-sgd-matched", "metamix-adam-matched", "random",
-        "hessian"]
+CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-matched", "metamix-adam-matched", "random", "hessian"]
 CONV_ORDER = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-x16", "metamix-sgd-lr0.5", "metamix-sgd-matched",
               "metamix-adam-matched", "hessian"]  # how the table and the plot list them
 SEEDS8 = list(range(8))
-CONV_GRID = [("mobilenet_v2", 4.45, CONV, SEEDS8), ("mobilenet_v2", 5.6, CONV, SEEDS8),
-             ("mobilenet_v3_large", 3.08, CONV, SEEDS8), ("mobilenet_v3_large", 3.92, CONV, SEEDS8),
-             ("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0, 1]),
-             ("mobilenet_v3_large", 3.08, ["metamix-sgd-x16"], [0, 1])]
+CONV_BUDGETS = [("mobilenet_v2", 4.45), ("mobilenet_v2", 5.6), ("mobilenet_v3_large", 3.08), ("mobilenet_v3_large", 3.92)]
+PROBES = [("metamix-sgd-lr0.5", [0, 1, 2, 3])]  # variants on fewer seeds, at every budget
+CONV_GRID = [(arch, t, CONV, SEEDS8) for arch, t in CONV_BUDGETS] + \
+    [(arch, t, [m], seeds) for m, seeds in PROBES for arch, t in CONV_BUDGETS] + \
+    [("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0])]
 MATCHED = 0.5  # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
 PART_EPOCHS = {"convergence": 5}  # the other parts: EPOCHS
 PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID}
@@ -93,9 +93,9 @@ QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default
 def label(method: str) -> str:
     """How the table and plot name a method: which optimizer and LR the alphas had, and the search's length. The run
     folders keep the short names (metamix = Adam at 0.1, metamix.py's default when the study began)."""
-    names = {"metamix": "metamix Adam 0.1", "metamix-sgd": "metamix SGD 0.05 (default)",
+    names = {"metamix": "metamix Adam 0.1", "metamix-sgd": "metamix SGD 0.05, one epoch",
              "metamix-sgd-lr0.5": "metamix SGD 0.5", "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
-             "metamix-sgd-x4": "metamix SGD 0.05, 4x longer", "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
+             "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (default)", "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
              "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
              "metamix-adam-matched": "metamix Adam, LR x steps 0.5"}
     base = method.removesuffix("-pairs")
@@ -115,7 +115,7 @@ def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
     if "matched" in words:
         lr = f"{MATCHED / (mult * epoch_steps):.6g}"
     return (["--alpha-optimizer", opt, "--alpha-lr", lr] + (["--unfixed"] if "unfixed" in words else [])
-            + (["--search-steps", str(mult * epoch_steps)] if mult > 1 else []))
+            + ["--search-steps", str(mult * epoch_steps if mult > 1 else 0)])
 
 
 # ---- data ----------------------------------------------------------------------------------

@@ -328,7 +328,7 @@ def test_train_command_repeats_the_runs_own_flags():
     """Every flag that differs from metamix's default, lists comma-joined, store_true bare; not where that run
     wrote, stopped or started from; the target exactly. Read back, it gives that run's values."""
     a = mm.resolve_args(mm.get_args_parser().parse_args(
-        ["--arch", "mobilenet_v2", "--data", "synthetic:64,32,10", "--bits", "8,4,3", "--unfixed", "--amp",
+        ["--arch", "mobilenet_v2", "--search-steps", "0", "--data", "synthetic:64,32,10", "--bits", "8,4,3", "--unfixed", "--amp",
          "--epochs", "5", "--lr", "0.02", "--seed", "3", "--stop-after-epoch", "2", "--alpha-optimizer", "adam",
          "--output-dir", "runs/m", "--workers", "8", "--wd", "0.0001"]))
     run_args = {**vars(a), "target_gbops": 5.12, "pretrained": "/weights/mbv2.pth"}

@@ -257,7 +257,7 @@ def test_export_resnet18_of_the_reference_run(ref_run, tmp_path):
     check_export(out, out / "checkpoint.pth", stdout, "resnet18", 21, "W4", 32)
     assert "(checkpoint of epoch" not in stdout
 
-MOBILENET = ["--arch", "mobilenet_v3_large", "--image-size", "32", "--data", "synthetic:16,16,10", "--batch-size",
+MOBILENET = ["--arch", "mobilenet_v3_large", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:16,16,10", "--batch-size",
              "16", "--w-bits", "8,4", "--search-epochs", "1", "--epochs", "3", "--stop-after-epoch", "2"]
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from conftest import REPO, error_line
 
 # A tiny run of (A, W) pairs (pairs.py's default --w-bits 8,4,2): one bit-selection epoch of one step, which also
 # searches, then one weight-training step (bits.json is written as weight training starts)
-PAIR = ["--arch", "resnet18", "--image-size", "32", "--data", "synthetic:16,16,10", "--batch-size", "16",
+PAIR = ["--arch", "resnet18", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:16,16,10", "--batch-size", "16",
         "--search-epochs", "1", "--epochs", "2"]
 
 

@@ -1293,7 +1293,7 @@ def test_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     that fails, in this process."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    flags = ["--arch", "mobilenet_v3_small", "--image-size", "32", "--data", "synthetic:32,16,10", "--batch-size",
+    flags = ["--arch", "mobilenet_v3_small", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:32,16,10", "--batch-size",
              "16", "--epochs", "3", "--output-dir", disk / "out"]
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root); test_full_disk_in_process covers the message")
@@ -1329,7 +1329,7 @@ def test_metamix_py_runs_alone_from_an_empty_folder_with_bf16_autocast(tmp_path)
     """Copied alone into an empty folder, it runs its smallest configuration, here with --amp (CPU bf16
     autocast exercises the casts of the GPU path)."""
     shutil.copy(REPO / "metamix.py", tmp_path / "metamix.py")
-    p = subprocess.run([sys.executable, "metamix.py", "--data", "synthetic:32,16,10", "--image-size", "32",
+    p = subprocess.run([sys.executable, "metamix.py", "--search-steps", "0", "--data", "synthetic:32,16,10", "--image-size", "32",
                         "--batch-size", "16", "--epochs", "2", "--search-epochs", "1", "--amp"], cwd=tmp_path,
                        env={**ENV, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -1344,7 +1344,7 @@ SUPPORTED = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "mobi
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_supported_architectures_end_to_end(arch, tmp_path):
     """Every architecture the README lists: bit selection with a search step and a step of weight training."""
-    assert main_in_process("--arch", arch, "--data", "synthetic:8,4,10", "--image-size", "32", "--batch-size", "4", "--lr", "0.01",
+    assert main_in_process("--arch", arch, "--search-steps", "0", "--data", "synthetic:8,4,10", "--image-size", "32", "--batch-size", "4", "--lr", "0.01",
                            "--epochs", "2", "--search-epochs", "1",
                            "--output-dir", tmp_path / "out") in (0,)
     log = read_log(tmp_path / "out")
