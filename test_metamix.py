@@ -911,7 +911,7 @@ def test_torchrun_two_ranks_on_an_image_folder(tmp_path):
     """Two ranks (gloo) on augmented ImageFolder data: one calibration batch and one signedness for both,
     each validation image counted once, one RNG state per rank; the run then finishes in one process."""
     data = make_image_folder(tmp_path / "data", textured=True)
-    flags = ["--arch", "resnet18", "--data", data, "--image-size", "32", "--batch-size", "4", "--workers", "0",
+    flags = ["--arch", "resnet18", "--search-steps", "0", "--data", data, "--image-size", "32", "--batch-size", "4", "--workers", "0",
              "--epochs", "3", "--search-epochs", "2"]
     out = tmp_path / "out"
     p = subprocess.run(torchrun_cmd(*flags, "--output-dir", out, "--stop-after-epoch", "2"), cwd=REPO, env=ENV,
