@@ -378,14 +378,22 @@ def table_convergence(results: list[dict], fp: dict, fp_hash: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def plot_convergence(results: list[dict], path: Path) -> bool:
-    """One panel per (arch, budget): each variant's paired difference to random, a point per seed, the mean a bar."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_convergence(results: list[dict], path: Path) -> bool:
+    """One panel per (arch, budget): each variant's paired difference to random, a point per seed, the mean a bar."""
+    plt = pyplot()
+    if plt is None:
         return False
     keys = sorted({(r["arch"], r["target"]) for r in results})
     order = CONV_ORDER
@@ -411,12 +419,8 @@ def plot_convergence(results: list[dict], path: Path) -> bool:
 
 
 def plot(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     archs = sorted({r["arch"] for r in results}, key=lambda a: a != "resnet18")
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4), squeeze=False)
