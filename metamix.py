@@ -58,53 +58,58 @@ from torchvision.datasets import ImageFolder
 
 # ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
 
-def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range [Qn, Qp] of a b-bit quantizer: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1]."""
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer range [Qn, Qp] of a b-bit quantizer: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1]; narrow (the
+    authors' weights): symmetric [-(2^(b-1)-1), 2^(b-1)-1], -7..7 at 4 bits."""
+    return (-(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
-    """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = weights per step, or features per sample."""
+    """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = the values one step quantizes: the weights of its output
+    channel (our choice: LSQ's balance of step and weight gradients, per step), or features per sample."""
     return 1.0 / math.sqrt(n * lsq_range(bits, signed)[1])
 
 def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """The step actually used: |s|, at least eps. Our choice: s > 0 whatever the optimizer does."""
     return step.abs().clamp_min(eps)
 
-def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool,
-                 grad_scale: float | None = None) -> torch.Tensor:
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float | None = None,
+                 narrow: bool = False) -> torch.Tensor:
     """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, as LSQ's paper writes it. With v = x/s:
         d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
         d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`)
-    The step used is positive(step); `grad_scale` defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel()."""
-    qn, qp = lsq_range(bits, signed)
+    The step used is positive(step), one per tensor or one per row of x (dim 0: a weight's output channels);
+    `grad_scale` defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel()."""
+    qn, qp = lsq_range(bits, signed, narrow)
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
-    s = positive(step)
+    s = positive(step).view(-1, *[1] * (x.dim() - 1)) if step.dim() else positive(step)
     s = s.detach() + (s * grad_scale - (s * grad_scale).detach())  # the value s, the gradient times g
     v = x / s
     v = torch.where((v >= qn) & (v <= qp), v, v.clamp(qn, qp).detach())  # clamp; its gradient passes at the ends
     return (v.round().detach() + (v - v.detach())) * s  # round with a straight-through gradient
 
 class LSQQuantizer(nn.Module):
-    """LSQ with one step per tensor (the weights), s = 2 * mean|v| / sqrt(Qp) at first use; disabled: identity."""
+    """A weight's signed LSQ, one step per output channel on the narrow range (the authors'; `channels` 1 and not
+    narrow: LSQ's own, one step per tensor); s_c = 2 * mean|W_c| / sqrt(Qp) at first use; disabled: identity."""
 
-    def __init__(self, bits: int, signed: bool = True, enabled: bool = True):
+    def __init__(self, bits: int, channels: int = 1, narrow: bool = False, enabled: bool = True):
         super().__init__()
-        self.bits, self.signed = bits, signed
-        self.step = nn.Parameter(torch.ones(()))
+        self.bits, self.narrow = bits, narrow
+        self.step = nn.Parameter(torch.ones(channels))
         self.enabled, self.initialized = enabled, False
 
-    def init_step(self, v: torch.Tensor) -> None:
+    def init_step(self, w: torch.Tensor) -> None:
         with torch.no_grad():
-            self.step.copy_(2 * v.detach().abs().mean() / math.sqrt(lsq_range(self.bits, self.signed)[1]))
+            m = w.detach().abs().reshape(len(self.step), -1).mean(1)  # per channel, or of all weights
+            self.step.copy_(2 * m / math.sqrt(lsq_range(self.bits, True, self.narrow)[1]))
         self.initialized = True
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return v
+            return w
         if not self.initialized:
-            self.init_step(v)
-        return lsq_quantize(v, self.step, self.bits, self.signed)
+            self.init_step(w)
+        return lsq_quantize(w, self.step, self.bits, True, narrow=self.narrow)
 
     def get_extra_state(self):
         return {"initialized": self.initialized}
@@ -116,8 +121,9 @@ class LSQQuantizer(nn.Module):
 
 class MultiBranchQuantizer(nn.Module):
     """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
-    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2). Signed
-    if the first batch has negatives (our choice: a signed range, not an offset); N = features per sample."""
+    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2). N =
+    features per sample. `offset` (the authors'): 3/8 for hardswish outputs, quantized on an unsigned grid as
+    Q(x + 3/8) - 3/8 (patch_model sets it); else signed if the first batch has negatives."""
 
     def __init__(self, bits: Sequence[int]):
         super().__init__()
@@ -125,6 +131,7 @@ class MultiBranchQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(len(self.bits)))
         self.alpha = nn.Parameter(torch.zeros(len(self.bits)))
         self.signed: bool | None = None  # unknown until the first batch
+        self.offset = 0.0
         self.initialized = [False] * len(self.bits)
         self.mode, self.branch = "fp", 0
 
@@ -134,17 +141,17 @@ class MultiBranchQuantizer(nn.Module):
         if todo:
             with torch.no_grad():
                 if self.signed is None:
-                    self.signed = bool(x.min() < 0)
-                m = x.detach().float().abs().mean()
+                    self.signed = not self.offset and bool(x.min() < 0)
+                m = (x.detach().float() + self.offset).abs().mean()
                 for i in todo:
                     self.step[i] = 2 * m / math.sqrt(lsq_range(self.bits[i], self.signed)[1])
                     self.initialized[i] = True
 
     def quantize(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """Q_{bits[i]}(x; s_i), branch i's LSQ (N = features per sample)."""
+        """Q_{bits[i]}(x + offset; s_i) - offset, branch i's LSQ (N = features per sample)."""
         self.init_steps(x, [i])
         g = lsq_grad_scale(x.numel() // x.shape[0], self.bits[i], self.signed)
-        return lsq_quantize(x, self.step[i], self.bits[i], self.signed, g)
+        return lsq_quantize(x + self.offset, self.step[i], self.bits[i], self.signed, g) - self.offset
 
     def mix(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Eq. 2: x_hat = sum_i p_i * Q_{bits[i]}(x; s_i)."""
@@ -158,10 +165,10 @@ class MultiBranchQuantizer(nn.Module):
         return self.mix(x, F.softmax(self.alpha, dim=0))
 
     def get_extra_state(self):
-        return {"signed": self.signed, "initialized": list(self.initialized)}
+        return {"signed": self.signed, "offset": self.offset, "initialized": list(self.initialized)}
 
     def set_extra_state(self, state):
-        self.signed, self.initialized = state["signed"], [bool(v) for v in state["initialized"]]
+        self.signed, self.offset, self.initialized = state["signed"], state["offset"], state["initialized"]
 
 class LayerOp(NamedTuple):
     """What a QuantLayer computes: "conv2d" with its geometry, or "linear" (geometry unused)."""
@@ -178,13 +185,13 @@ class LayerOp(NamedTuple):
 
 class QuantLayer(nn.Module):
     """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4): op(act(x), weight_quant(W)) + b,
-    on the original layer's own tensors. The weight's signed LSQ is off in bit selection (our choice: one step per
-    tensor). `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the last
-    Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
+    on the original layer's own tensors. The weight's LSQ (per output channel, narrow; `plain`: per tensor) is off in
+    bit selection. `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the
+    last Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
     fused = False
 
     def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0,
-                 fixed: bool = False):
+                 fixed: bool = False, plain: bool = False):
         super().__init__()
         if isinstance(layer, nn.Conv2d):
             if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
@@ -195,7 +202,7 @@ class QuantLayer(nn.Module):
         self.kind = type(layer).__name__
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
         self.act = MultiBranchQuantizer(bits)
-        self.weight_quant = LSQQuantizer(w_bits, signed=True, enabled=False)  # FP weights until weight training
+        self.weight_quant = LSQQuantizer(w_bits, 1 if plain else len(self.weight), not plain, enabled=False)
         self.candidates = [(a, int(w_bits)) for a in self.act.bits]
         self.name, self.macs, self.fixed = name, int(macs), fixed
         self.order, self.selected_branch = 0, 0  # position in forward order (patch_model sets it); the selection
@@ -293,9 +300,9 @@ def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], 
 
 # ==== 5. Model patching =============================================================================================
 
-def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, MACs) of every Conv2d/Linear in forward order, from one forward pass."""
-    seen: list[tuple[str, nn.Module, int]] = []
+def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
+    """(name, module, MACs, input values per image) of every Conv2d/Linear in forward order, from one forward pass."""
+    seen: list[tuple[str, nn.Module, int, int]] = []
     names = {m: n for n, m in model.named_modules()}
 
     def hook(mod, inp, out):
@@ -304,8 +311,8 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
             macs = out.shape[1] * (mod.in_channels // mod.groups) * kh * kw * out.shape[2] * out.shape[3]
         else:
             macs = mod.in_features * mod.out_features * (out.numel() // out.shape[-1] // out.shape[0])
-        if all(m is not mod for _, m, _ in seen):  # our choice: a layer called twice counts once (its first call)
-            seen.append((names[mod], mod, int(macs)))
+        if all(m is not mod for _, m, *_ in seen):  # our choice: a layer called twice counts once (its first call)
+            seen.append((names[mod], mod, int(macs), inp[0][0].numel()))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
@@ -316,19 +323,48 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
     model.train(was_training)
     return seen
 
+PASS_THROUGH = (nn.Dropout, nn.Identity, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+def hardswish_fed(model: nn.Module) -> set[str]:
+    """Names of the Conv2d/Linear modules whose input is a Hardswish output, directly, through pooling, dropout or a
+    reshape, or times a [0, 1] gate (squeeze-excitation): from the torch.fx graph (none if it cannot be traced)."""
+    try:
+        graph, mods = torch.fx.symbolic_trace(model).graph, dict(model.named_modules())
+    except Exception:
+        return set()
+
+    def kind(n) -> str | None:  # "hs": values in [-3/8, inf); "gate": in [0, 1]
+        if not isinstance(n, torch.fx.Node):
+            return None
+        f = mods.get(n.target) if n.op == "call_module" else n.target
+        name = getattr(f, "__name__", f) if n.op != "call_module" else ""
+        if isinstance(f, nn.Hardswish) or name == "hardswish":
+            return "hs"
+        if isinstance(f, (nn.Hardsigmoid, nn.Sigmoid)) or name in ("hardsigmoid", "sigmoid"):
+            return "gate"
+        if isinstance(f, PASS_THROUGH) or name in ("flatten", "reshape", "view", "dropout"):
+            return kind(n.args[0])
+        if name == "mul" and {kind(a) for a in n.args[:2]} == {"gate", "hs"}:
+            return "hs"
+        return None
+
+    return {str(n.target) for n in graph.nodes if n.op == "call_module" and isinstance(
+        mods.get(n.target), (nn.Conv2d, nn.Linear)) and n.args and kind(n.args[0]) == "hs"}
+
 def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits: int = 8,
-                bops_image_size: int = 224, layer_type: type = QuantLayer) -> nn.Module:
+                bops_image_size: int = 224, layer_type: type = QuantLayer, plain: bool = False) -> nn.Module:
     """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order fixed at
-    first_last_bits. `layer_type(layer, bits, w_bits, name, macs)` builds the searched layers (pairs.py's)."""
-    traced = trace_layers(model, bops_image_size)
+    first_last_bits. `layer_type(layer, bits, w_bits, name, macs, plain=)` builds the searched layers (pairs.py's).
+    Hardswish-fed inputs get the offset 3/8 unless `plain` (LSQ's per-tensor weight steps, no offset)."""
+    traced, offset = trace_layers(model, bops_image_size), set() if plain else hardswish_fed(model)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
-    for i, (name, mod, macs) in enumerate(traced):
+    for i, (name, mod, macs, in_size) in enumerate(traced):
         if i in (0, len(traced) - 1):
-            q = QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True)
+            q = QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
         else:
-            q = layer_type(mod, bits, w_bits, name, macs)
-        q.order = i
+            q = layer_type(mod, bits, w_bits, name, macs, plain=plain)
+        q.order, q.in_size, q.act.offset = i, in_size, 0.375 * (name in offset)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return model
@@ -502,12 +538,13 @@ def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None
     if wq.enabled:
         if not wq.initialized:
             wq.init_step(layer.weight)
-        w_step, w_q = positive(wq.step), _qparams(wq.bits, wq.signed, layer.weight.numel())
+        w_step = positive(wq.step).view(-1, *[1] * (layer.weight.dim() - 1))  # (C_out, 1, ...)
+        w_q = _qparams(wq.bits, True, layer.weight.numel() // len(wq.step), wq.narrow)
     return _FusedQuantOp.apply(x, positive(act.step[branches]), probs, layer.weight, w_step,
-                               layer.bias if bias else None, a_q, w_q, layer.op)
+                               layer.bias if bias else None, a_q, w_q, layer.op, act.offset)
 
-def _qparams(bits: int, signed: bool, n: int) -> tuple[int, int, float]:
-    return (*lsq_range(bits, signed), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
+def _qparams(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
+    return (*lsq_range(bits, signed, narrow), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
 
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     return (x / step).clamp_(qn, qp).round_()  # the integer codes round(clamp(x/s, Qn, Qp)), in one new buffer
@@ -523,16 +560,19 @@ def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -
         return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
     return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=out)
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))  # sum(a * b) in one pass (the steps are per tensor)
+def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(a * b): in one pass for a step per tensor; per row (output channel) in step's shape for one per row."""
+    if step is None or step.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(() if step is None else step.shape)
+    return (a * b).reshape(len(a), -1).sum(1).view_as(step)
 
 def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
     <g, q> - <g * inside, v>. Returns (grad x, in g's buffer; grad s or None); v is computed in q's buffer."""
-    gq = _dot(g, q) if need_s else None
+    gq = _dot(g, q, step) if need_s else None
     v = torch.div(x, step, out=q)
     gx = _pass_inside(g, v, qn, qp, out=g)
-    return gx, (gq - _dot(gx, v)) * grad_scale if need_s else None
+    return gx, (gq - _dot(gx, v, step)) * grad_scale if need_s else None
 
 def _mixture(x, steps, probs, a_q):
     """x_hat of Eq. 2, sum_i p_i * s_i * round(clamp(x/s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
@@ -578,26 +618,32 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
 
 class _FusedQuantOp(torch.autograd.Function):
     """out = op(sum_i p_i Q_i(x; s_i), Q_w(W; s_w)) + b; steps, a_q: the K active branches' steps and (Qn, Qp, grad
-    scale); probs: None for one branch; w_step, w_q: None for an FP weight. The op runs on integer codes, scaled after
-    (s_a s_w op(q_a, q_w) + b): exact in bf16 up to 256, so bf16 autocast rounds only the op's output (and mixture)."""
+    scale); probs: None for one branch; w_step (C_out, 1, ...), w_q: None for an FP weight; offset: the inputs' o. The
+    op runs on integer codes, scaled after (s_a s_w[c] op(q_a, q_w) + b; with o, minus o s_w[c] op(1, q_w), the
+    border map of zero padding): exact in bf16 up to 256, so bf16 autocast rounds only the op's output (and mixture)."""
 
     @staticmethod
-    def forward(ctx, x, steps, probs, weight, w_step, bias, a_q, w_q, op):
-        xf = _upcast(x)  # quantizer math in fp32, also under autocast
-        if probs is None:
-            x_in, scale = _lsq_codes(xf, steps[0], *a_q[0][:2]), steps[0]
-        else:
-            x_in, scale = _mixture(xf, steps, probs, a_q), None
-        w = weight
+    def forward(ctx, x, steps, probs, weight, w_step, bias, a_q, w_q, op, offset=0.0):
+        xf = _upcast(x) + offset if offset else _upcast(x)  # quantizer math in fp32 (also under autocast), on x + o
+        w, w_scale = weight, None
         if w_q is not None:
             w = _lsq_codes(weight, w_step, *w_q[:2])
-            scale = w_step if scale is None else scale * w_step
+            w_scale = w_step.reshape(-1, 1, 1) if op.kind == "conv2d" else w_step.reshape(-1)  # along output channels
+        if probs is None:
+            x_in, scale = _lsq_codes(xf, steps[0], *a_q[0][:2]), steps[0]
+        else:  # the mixture, sum_i p_i (s_i q_i - o)
+            x_in, scale = _mixture(xf, steps, probs, a_q), None
+            x_in = x_in.sub_(offset * probs.sum()) if offset else x_in
+        scale = w_scale if scale is None else scale if w_scale is None else scale * w_scale
         ctx.save_for_backward(x, steps, probs, weight, w_step)
-        ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias = a_q, w_q, op, bias is not None
+        ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias, ctx.offset = a_q, w_q, op, bias is not None, offset
         out = op(x_in, w)
         if scale is None and bias is None:
             return out
         y = _upcast(out) if scale is None else _upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
+        if offset and probs is None:  # s op(q - o/s, W) = s op(q, W) - o op(1, W), in fp32
+            with torch.autocast(x.device.type, enabled=False):
+                y.sub_(op(xf.new_ones(1, *x.shape[1:]), w) * (offset if w_scale is None else offset * w_scale))
         if bias is not None:
             y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
         return y.to(out.dtype)
@@ -610,13 +656,16 @@ class _FusedQuantOp(torch.autograd.Function):
         a_q, w_q, op = ctx.a_q, ctx.w_q, ctx.op
         w_codes = None if w_q is None else _lsq_codes(weight, w_step, *w_q[:2])
         w = weight if w_codes is None else w_codes * w_step
-        xf = _upcast(x)
+        o = ctx.offset
+        xf = _upcast(x) + o if o else _upcast(x)
         gx = gs = gp = g_ws = None
         if probs is None:  # one branch: bit-meta and weight training (the hot path)
             q = _lsq_codes(xf, steps[0], *a_q[0][:2])
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
-            g_in, g_w, g_b = _op_backward(g, q, w, op, need_in and not only_s, need_wgrad, need_b)
+            q_in = q - o / steps[0] if o else q  # s * q_in: the quantized input
+            g_in, g_w, g_b = _op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
+            del q_in
             if g_w is not None:
                 g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
@@ -627,15 +676,16 @@ class _FusedQuantOp(torch.autograd.Function):
                 gx, gs = _lsq_grads(_upcast(g_in), xf, q, *a_q[0][:2], steps[0], need_s, a_q[0][2])
                 gs = None if gs is None else gs.reshape(1)
         else:  # search (Eq. 2); with --unfixed the weights learn too, on the mixture
-            xm = _mixture(xf, steps, probs, a_q) if need_wgrad else xf
+            xm = _mixture(xf, steps, probs, a_q).sub_(o * probs.sum()) if need_wgrad else xf
             g_in, g_w, g_b = _op_backward(g, xm, w, op, need_in, need_wgrad, need_b)
             del xm
             if g_in is not None:
                 gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, a_q, need_s, need_p)
+                gp = gp.sub_(o * _upcast(g_in).sum()) if o and gp is not None else gp  # d/dp_i of -p_i o
         gx = gx.to(x.dtype) if gx is not None and need_x else None
         if g_w is not None and w_q is not None:  # through the weight quantizer (LSQ)
             g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
-        return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None
+        return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
 
 def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:  # the fused op, or sections 1-2's readable form
     for m in quant_layers(model):
@@ -783,7 +833,7 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
             raise BadInput(f"--pretrained {args.pretrained} is not a state dict of {args.arch} with {num_classes} "
                            f"classes ({str(e).splitlines()[0]})") from None
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
-    patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, layer_type=layer_type)
+    patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, layer_type=layer_type, plain=args.plain_lsq)
     found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if found:
         raise BadInput(f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
@@ -842,7 +892,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-2"
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
-SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "search_epochs", "unfixed", "wd")
+SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed", "wd")
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "alpha_optimizer", "alpha_lr", "bits_from", "no_budget_repair")
 
 class Run:
@@ -994,20 +1044,20 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
 
 def bits_report(model: nn.Module, args) -> dict:
     """The content of bits.json: the selected configuration, layer by layer (the data of Fig. 7)."""
-    rows = [{"name": m.name, "type": m.kind, "macs": m.macs, "fixed": m.fixed, "signed": m.act.signed,
+    rows = [{"name": m.name, "type": m.kind, "macs": m.macs, "in_size": m.in_size, "fixed": m.fixed,
+             "signed": m.act.signed, "offset": m.act.offset,
              **dict(zip(("a_bits", "w_bits"), m.candidates[0 if m.fixed else m.selected_branch])), "probs": None
              if m.fixed else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]}
             for m in quant_layers(model)]
     searched = [r for r in rows if not r["fixed"]]
-    macs = sum(r["macs"] for r in searched)
+    size = sum(r["in_size"] for r in searched)
     return {"arch": args.arch, "candidates": [list(c) for c in searched_layers(model)[0].candidates],
             "first_last_bits": args.first_last_bits, "target_gbops": args.target_gbops,
             "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
             "selection": f"bits-from {args.bits_from}" if args.bits_from else "metamix",
-            # How the paper averages its "3.85/4" is unknown (docs/choices.md); three readings:
-            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain, searched layers
-            "avg_a_bits_mac_weighted": sum(r["a_bits"] * r["macs"] for r in searched) / macs,
-            "avg_a_bits_with_first_last": sum(r["a_bits"] for r in rows) / len(rows),  # plain, every layer
+            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain mean, searched layers
+            # the authors' code (likely the paper's "3.85/4"): weighted by each input's values per image at 224 px
+            "avg_a_bits_weighted": sum(r["a_bits"] * r["in_size"] for r in searched) / size,
             "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched), "layers": rows}
 
 def layer_table(report: dict) -> str:
@@ -1019,8 +1069,8 @@ def layer_table(report: dict) -> str:
 
 def avg_bits_text(report: dict) -> str:
     w = f"; weight bits {report['avg_w_bits']:.2f}" if len({w for _, w in report["candidates"]}) > 1 else ""
-    return (f"average activation bits {report['avg_a_bits']:.2f} (MAC-weighted "
-            f"{report['avg_a_bits_mac_weighted']:.2f}, with first/last {report['avg_a_bits_with_first_last']:.2f}){w}")
+    return (f"average activation bits {report['avg_a_bits']:.2f} (weighted by input size, as the authors' code: "
+            f"{report['avg_a_bits_weighted']:.2f}){w}")
 
 def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
     """Branch indices from a bits.json or {layer name: a_bits} (pairs: [a_bits, w_bits]), set as the selection."""
@@ -1144,6 +1194,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--search-steps", type=number(int, 0), default=180, help="search for at least this many steps (ImageNet: "
         "its one epoch, 5005; the digits: 4 epochs); 0: one epoch")
     add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
+    add("--plain-lsq", action="store_true", help="LSQ's own quantizers: a weight step per tensor on -2^(b-1).., no "
+        "hardswish offset (default: the authors', a step per output channel on the narrow range, offset 3/8)")
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
     add("--batch-size", type=number(int, 1), default=64, help="images per process per step")

@@ -33,11 +33,11 @@ class PairQuantLayer(mm.QuantLayer):
     """
 
     def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int | Sequence[int], name: str = "",
-                 macs: int = 0):
+                 macs: int = 0, plain: bool = False):
         w_bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
-        super().__init__(layer, bits, w_bits[0], name, macs)
-        del self._modules["weight_quant"]  # replaced by the property below
-        self.weight_quants = nn.ModuleList(mm.LSQQuantizer(w, signed=True) for w in w_bits)
+        super().__init__(layer, bits, w_bits[0], name, macs, plain=plain)
+        wq = self._modules.pop("weight_quant")  # replaced by the property below, one quantizer of its kind per W
+        self.weight_quants = nn.ModuleList(mm.LSQQuantizer(w, len(wq.step), wq.narrow) for w in w_bits)
         self.candidates = [(a, int(w)) for a in self.act.bits for w in w_bits]
         self.act.alpha = nn.Parameter(torch.zeros(len(self.candidates)))  # one logit per pair
         self.w_branch = 0

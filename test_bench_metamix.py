@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torchvision
 
 import bench_metamix as bench
 from conftest import run_cli
@@ -22,8 +23,10 @@ def test_quick_run_reports_every_contender_and_the_fused_memory():
     for name, r in res.items():
         assert r["ms"] > 0 and math.isfinite(r["time_ratio"]) and r["time_ratio"] > 0, name
     assert res["fp"]["time_ratio"] == 1.0 and res["fp"]["saved_bytes_ratio"] == 1.0
-    # the fused op saves what a full-precision layer saves: its input and its weight (a few steps on top)
-    assert res["weight_train"]["saved_bytes_ratio"] < 1.001
+    # the fused op saves what a full-precision layer saves, its input and its weight, plus its steps: two floats
+    # per output channel for the weight's (|s| and max(|s|, eps), for positive()'s backward), a few scalars
+    convs = [m for m in torchvision.models.resnet18().modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert 0 <= res["weight_train"]["saved_bytes"] - res["fp"]["saved_bytes"] <= 8 * sum(len(m.weight) for m in convs) + 4096
     assert res["weight_train_readable"]["saved_bytes_ratio"] > 1.5  # the readable form keeps the quantized tensors
     assert abs(res["meta"]["saved_bytes_ratio"] - 1) < 1e-3  # bit-meta frees each pass before the next
     assert abs(res["search_6"]["saved_bytes"] - res["search_3"]["saved_bytes"]) < 4096  # K branches, one saved x

@@ -150,17 +150,88 @@ def test_layer_passes_gradient_at_exact_zero(mode, fused):
 
 
 def test_lsq_quantizer_module_init_and_grad_scale():
+    """plain: LSQ's own, one step per tensor on -8..7 (4 bits), N = every weight."""
     w = torch.randn(16, 8, 3, 3)
-    q = mm.LSQQuantizer(4, signed=True)
+    q = mm.LSQQuantizer(4)
     y = q(w.requires_grad_())
     qp = 7  # signed 4-bit
-    assert q.step.item() == pytest.approx(2 * w.abs().mean().item() / math.sqrt(qp), rel=1e-6)
+    assert q.step.shape == (1,) and q.step.item() == pytest.approx(2 * w.abs().mean().item() / math.sqrt(qp), rel=1e-6)
     y.sum().backward()
     # d/ds of the sum, times 1/sqrt(N * Qp) with N = numel of the weight
     _, _, ds = slow_lsq(w.detach().reshape(-1).tolist(), [q.step.item()] * w.numel(), 4, True)
     assert q.step.grad.item() == pytest.approx(sum(ds) / math.sqrt(w.numel() * qp), rel=1e-4, abs=1e-6)
     q.enabled = False
     assert q(w) is w
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (6, 1, 3, 3), (6, 10)], ids=["conv", "depthwise", "linear"])
+def test_weight_lsq_per_output_channel_on_the_narrow_range(shape):
+    """The authors' weight quantizer: s_c = 2 mean|W_c| / sqrt(7) per output channel; codes round(clamp(W/s_c,
+    -7, 7)), -8 never used; each s_c's gradient: its channel's sum of (round(v) - v inside, -7 below, 7 above),
+    times 1/sqrt(N_c * 7), N_c = the channel's weights (by hand, in float64)."""
+    g = torch.Generator().manual_seed(len(shape))
+    w = torch.randn(shape, generator=g, dtype=torch.float64) * torch.tensor([0.01, 0.1, 1, 3, 10, 0.5],
+                                                                            dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
+    flat = w.reshape(6, -1)  # a view: one weight per channel far beyond the range, on either side by turns
+    flat[:, 0] = 1000 * flat.abs().mean(1) * torch.tensor([-1.0, 1.0] * 3, dtype=torch.float64)
+    q = mm.LSQQuantizer(4, channels=6, narrow=True).double()
+    y = q(w.requires_grad_())
+    s = q.step.detach().clone()
+    for c in range(6):
+        assert s[c].item() == pytest.approx(2 * w[c].abs().mean().item() / math.sqrt(7), rel=1e-12)
+    v = w.detach() / s.view(-1, *[1] * (len(shape) - 1))
+    codes = v.clamp(-7, 7).round()
+    assert torch.equal(y.detach(), codes * s.view(-1, *[1] * (len(shape) - 1)))
+    assert codes.min() == -7 and codes.max() == 7 and (v < -7.5).any()
+    up = torch.randn(shape, generator=g, dtype=torch.float64)
+    y.backward(up)
+    ds = torch.where(v < -7, -7.0, torch.where(v > 7, 7.0, v.round() - v))
+    n_c = w[0].numel()
+    assert torch.allclose(q.step.grad, (up * ds).reshape(6, -1).sum(1) / math.sqrt(n_c * 7))
+    assert torch.allclose(w.grad, up * ((v >= -7) & (v <= 7)), rtol=1e-12, atol=0)
+
+
+def test_per_channel_steps_lose_no_depthwise_channel():
+    """A 4-bit depthwise filter bank, 240 channels of 3x3 whose scales are log-normal (sigma 1): one step per
+    tensor rounds whole channels to zero; one step per channel keeps every channel."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(240, 1, 3, 3, generator=g) * torch.exp(torch.randn(240, 1, 1, 1, generator=g))
+    with torch.no_grad():
+        per_tensor, per_channel = mm.LSQQuantizer(4)(w), mm.LSQQuantizer(4, 240, narrow=True)(w)
+    zeroed = [int((y.flatten(1) == 0).all(1).sum()) for y in (per_tensor, per_channel)]
+    err = [((y - w).flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1)) for y in (per_tensor, per_channel)]
+    assert zeroed[0] >= 10 and zeroed[1] == 0
+    assert err[1].max() < 0.3 and err[0].median() > err[1].median()
+
+
+def test_hardswish_fed_inputs_get_the_offset_grid():
+    """MobileNet-v3-large: the inputs fed by a Hardswish (directly, through pooling or dropout, or times the SE
+    gate) are 25 of its 62 searched layers and the last; they quantize on [0, 2^b - 1] as s round(clamp((x +
+    3/8)/s, 0, Qp)) - 3/8 (by hand). ReLU-fed inputs stay unsigned, the residual stream and the image signed."""
+    torch.manual_seed(0)
+    model = mm.patch_model(torchvision.models.mobilenet_v3_large(num_classes=10), [8, 4, 3], 4, bops_image_size=64)
+    layers, searched = {m.name: m for m in mm.quant_layers(model)}, mm.searched_layers(model)
+    assert len(searched) == 62 and sum(m.act.offset == 0.375 for m in searched) == 25
+    assert {n for n, m in layers.items() if m.act.offset} == mm.hardswish_fed(torchvision.models.mobilenet_v3_large())
+    hs = ["features.1.block.0.0", "features.7.block.1.0", "features.12.block.3.0", "classifier.0", "classifier.3"]
+    assert all(layers[n].act.offset == 0.375 for n in hs)  # after the stem; a depthwise; after SE; pooled; dropout
+    mm.init_quantizers(model, torch.randn(8, 3, 64, 64))
+    signed = {n: m.act.signed for n, m in layers.items()}
+    assert not any(signed[n] for n in hs)
+    assert signed["features.0.0"] and signed["features.2.block.0.0"] and signed["features.5.block.0.0"]  # image, residual
+    assert not signed["features.1.block.1.0"] and not signed["features.2.block.1.0"]  # ReLU-fed
+    assert all(m.act.offset == 0 for n, m in layers.items() if n not in mm.hardswish_fed(model) and signed[n])
+    m = layers["features.7.block.1.0"]
+    x = F.hardswish(torch.randn(2, m.weight.shape[0], 4, 4) * 3)
+    m.act.mode, m.act.branch = "branch", 1  # 4 bits
+    s = mm.positive(m.act.step.detach()[1])
+    y = m.act(x)
+    codes = (y.detach() + 0.375) / s
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= -1e-4 and codes.max() <= 15 + 1e-4
+    assert torch.allclose(y, s * torch.clamp((x + 0.375) / s, 0, 15).round() - 0.375, atol=1e-6)
+    assert (x == -0.375).any() or x.min() > -0.375  # hardswish's minimum
+    assert mm.patch_model(torchvision.models.mobilenet_v3_large(), [8, 4, 3], 4, bops_image_size=64,
+                          plain=True) and True
 
 
 def test_step_stays_positive():
@@ -264,11 +335,15 @@ def _layer_and_input(kind: str, dtype=torch.float64):
 @pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
 @pytest.mark.parametrize("mode", ["branch", "search"])
 @pytest.mark.parametrize("weights", [True, False], ids=["W4", "fp-weights"])
-def test_fused_layer_equals_readable_layer(kind, mode, x_grad, weights):
+@pytest.mark.parametrize("quantizers", ["per-channel", "per-channel+offset", "plain"])
+def test_fused_layer_equals_readable_layer(kind, mode, x_grad, weights, quantizers):
     """The speed path (section 7) == op(MultiBranchQuantizer(x), LSQQuantizer(W)) + b (sections 1-2), in
-    float64, in value and in every gradient: x, the steps, alpha, the weight, the weight step, the bias."""
+    float64, in value and in every gradient: x, the steps, alpha, the weight, the weight step (a vector per
+    output channel, or one per tensor with `plain`), the bias; with the hardswish offset 3/8 too."""
     layer, x = _layer_and_input(kind)
-    q = mm.QuantLayer(layer, [8, 4, 2], 4, "l").double()
+    q = mm.QuantLayer(layer, [8, 4, 2], 4, "l", plain=quantizers == "plain").double()
+    q.act.offset = 0.375 * quantizers.endswith("offset")
+    assert q.weight_quant.step.shape == ((1,) if quantizers == "plain" else (len(layer.weight),))
     q.set_state(mode, 2, quant_weights=weights)
     with torch.no_grad():
         q.act.alpha.copy_(torch.tensor([0.3, -0.2, 0.5]))
@@ -312,10 +387,10 @@ def test_fused_layer_saves_only_input_and_weight(mode):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         q(x)
-    # x and the raw weight Parameter; everything else is a step or a probability (<= 3 numbers).
-    # The quantized activation and the quantized weight are recomputed in backward, not stored.
+    # x and the raw weight Parameter; everything else is a step (the weight's: one per output channel, 8) or a
+    # probability (<= 3 numbers). The quantized activation and weight are recomputed in backward, not stored.
     assert any(t is x for t in saved) and any(t is q.weight for t in saved)
-    assert all(t is x or t is q.weight or t.numel() <= 3 for t in saved), [tuple(t.shape) for t in saved]
+    assert all(t is x or t is q.weight or t.numel() <= 8 for t in saved), [tuple(t.shape) for t in saved]
 
 
 def test_fused_layer_under_cpu_bf16_autocast():
@@ -987,21 +1062,24 @@ def test_default_target_is_the_papers_or_95_percent_of_uniform_a4(arch, flags, t
     assert args.target_gbops == pytest.approx(target)
 
 
-def test_average_bits_three_readings():
-    """Plain mean over searched layers, MAC-weighted, and plain over every layer, by hand."""
+def test_average_bits_plain_and_weighted_by_input_size():
+    """The plain mean over the searched layers, and the authors' reading: weighted by each searched layer's input
+    values per image at the BOPs resolution (8 px here), by hand."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+                          nn.Conv2d(4, 8, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
     mm.patch_model(model, [8, 4, 2], 4, bops_image_size=8)
     mm.apply_selection(model, [0, 2])  # A8, A2
     args = argparse_namespace(arch="custom", bits=[8, 4, 2], w_bits=4, first_last_bits=8, target_gbops=1.0,
                               bits_from=None)
     r = mm.bits_report(model, args)
-    macs = [4 * 4 * 9 * 64, 8 * 4 * 64]  # 9216, 2048
+    macs = [4 * 4 * 9 * 64, 8 * 4 * 16]  # 9216, 512
     assert [l["macs"] for l in r["layers"][1:-1]] == macs
+    assert [l["in_size"] for l in r["layers"]] == [3 * 64, 4 * 64, 4 * 64, 8]
     assert r["avg_a_bits"] == 5.0
-    assert r["avg_a_bits_mac_weighted"] == pytest.approx((8 * 9216 + 2 * 2048) / (9216 + 2048))
-    assert r["avg_a_bits_with_first_last"] == (8 + 8 + 2 + 8) / 4
-    assert r["gbops"] == pytest.approx((9216 * 8 * 4 + 2048 * 2 * 4 + (3 * 4 * 9 * 64 + 16) * 64) / 1e9)
+    assert r["avg_a_bits_weighted"] == 5.0  # two inputs of 256 values each
+    mm.searched_layers(model)[1].in_size = 768  # as if its input were three times larger
+    assert mm.bits_report(model, args)["avg_a_bits_weighted"] == (8 * 256 + 2 * 768) / 1024
+    assert r["gbops"] == pytest.approx((9216 * 8 * 4 + 512 * 2 * 4 + (3 * 4 * 9 * 64 + 16) * 64) / 1e9)
 
 
 # ---- bad input: one line, exit 2, nothing touched ------------------------------------------------
