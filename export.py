@@ -14,13 +14,16 @@ is not a checkpoint) is one line on stderr, exit status 2, and nothing is writte
     model = export.load_integer_model("runs/metamix/model_int.pth")  # torchvision model, eval mode, CPU
 
 model_int.pth (torch.load(path, weights_only=True)): per quantized layer, its weight codes packed at w_bits,
-its activation and weight steps, its bias; everything else (BN, anything not quantized) as a float state
-dict. An IntegerLayer computes what the QuantLayer computes, in integers:
-    q_a = round(clamp(x / s_a, Qn, Qp))      the activation's codes, as training computes them
-    acc = op(q_a, q_w)                       code x code, summed exactly (see IntegerLayer)
-    y   = s_a * s_w * acc + bias
-The op is bilinear, op(s_a q_a, s_w q_w) = s_a s_w op(q_a, q_w): the fake-quantized forward and this one
-differ only by float rounding. BN, activations, pooling and residual adds stay float.
+its activation step and offset, its weight steps (one per output channel c), its bias; everything else (BN,
+anything not quantized) as a float state dict. An IntegerLayer computes what the QuantLayer computes, in integers:
+    q_a = round(clamp((x + o) / s_a, Qn, Qp))    the activation's codes, as training computes them (o: 3/8 for a
+                                                 hardswish-fed input, else 0)
+    acc = op(q_a, q_w)                           code x code, summed exactly (see IntegerLayer)
+    y   = s_a * s_w[c] * acc - o * s_w[c] * op(1, q_w) + bias
+The op is bilinear, op(s_a q_a - o, s_w q_w) = s_a s_w op(q_a, q_w) - o s_w op(1, q_w): the second term is the
+offset's zero point, a map that differs from the interior's constant only at the borders, where zero padding
+(a real 0, no code) enters; it is an exact integer sum of weight codes too. The fake-quantized forward and this
+one differ only by float rounding. BN, activations, pooling and residual adds stay float.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 import metamix as mm
 import runs
 
-INT_FORMAT = "metamix-int-1"
+INT_FORMAT = "metamix-int-2"
 PACKING = ("codes stored as code - Qn; 2-bit four per byte, 3-4 bit two, 5-8 bit one, 9-16 bit two bytes (low "
            "first); first code in the low bits; row-major")
 # Our choice of what "float summation order" explains. Layer by layer, on the same input, float32 sums differ
@@ -113,29 +116,33 @@ def selected_quantizers(m: mm.QuantLayer) -> tuple[int, mm.LSQQuantizer]:
     branch, j = divmod(i, len(w_quants))
     return branch, w_quants[j]
 
+def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, steps shaped (C_out, 1, ...)) of a weight, as training computes them: `_lsq_codes` in float32."""
+    with torch.no_grad():
+        s_w = mm.positive(w_quant.step.detach()).float().view(-1, *[1] * (weight.dim() - 1))
+        return mm._lsq_codes(weight.detach().float(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
+
 def export_layer(m: mm.QuantLayer) -> dict:
     """One QuantLayer at its selected bits (weight training) as plain tensors and builtins.
 
-    Steps are the ones the forward uses, positive(s), as Python floats (a float32 value is exact in a Python
-    float). The weight codes are computed as training computes them (`_lsq_codes` on the float32 weight) and
-    packed by `pack_codes`.
+    Steps are the ones the forward uses, positive(s): the activation's as a Python float (a float32 value is
+    exact in a Python float), the weight's as a float32 tensor, one per output channel. The weight codes are
+    computed as training computes them (`_lsq_codes` on the float32 weight) and packed by `pack_codes`.
     """
     branch, w_quant = selected_quantizers(m)
     if not w_quant.enabled or not w_quant.initialized or m.act.signed is None or not m.act.initialized[branch]:
         raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
     a_bits, w_bits = m.act.bits[branch], w_quant.bits
-    with torch.no_grad():
-        a_step = mm.positive(m.act.step.detach()[branch: branch + 1]).item()
-        w_step_t = mm.positive(w_quant.step.detach())
-        qn, qp = mm.lsq_range(w_bits, True)
-        codes = mm._lsq_codes(m.weight.detach().float(), w_step_t.float(), qn, qp)
+    a_step = mm.positive(m.act.step.detach()[branch: branch + 1]).item()
+    codes, w_step_t = weight_codes(w_quant, m.weight)
     entry = {"name": m.name, "order": m.order, "kind": m.op.kind, "fixed": m.fixed,
              "weight_shape": list(m.weight.shape)}
     if m.op.kind == "conv2d":
         entry.update(stride=list(m.op.stride), padding=list(m.op.padding), dilation=list(m.op.dilation),
                      groups=m.op.groups)
-    entry.update(a_bits=a_bits, a_signed=bool(m.act.signed), a_step=a_step,
-                 w_bits=w_bits, w_signed=True, w_step=w_step_t.item(), w_packed=pack_codes(codes, w_bits, True),
+    entry.update(a_bits=a_bits, a_signed=bool(m.act.signed), a_step=a_step, a_offset=float(m.act.offset),
+                 w_bits=w_bits, w_signed=True, w_step=w_step_t.reshape(-1).cpu(),
+                 w_packed=pack_codes(codes, w_bits, True),
                  bias=None if m.bias is None else m.bias.detach().float().cpu().clone())
     return entry
 
@@ -152,11 +159,13 @@ def integer_export(model: nn.Module, arch: str, num_classes: int, bits_report: d
 # ---- the integer model -----------------------------------------------------------------
 
 class IntegerLayer(nn.Module):
-    """An exported Conv2d or Linear on integer codes: y = s_a * s_w * op(q_a, q_w) + bias.
+    """An exported Conv2d or Linear on integer codes: y = s_a * s_w[c] * op(q_a, q_w) - o * s_w[c] * op(1, q_w) + b.
 
-    The input is rounded to codes by the training formula itself (`_lsq_codes`: round(clamp(x / positive(s_a),
-    Qn, Qp)), round half to even) on a float32 step, so the same x gives the same codes. The accumulation runs
-    in float64 on integer values and is exact, as an int32 would be: every product and every partial sum is an
+    The input is rounded to codes by the training formula itself (`_lsq_codes`: round(clamp((x + o) /
+    positive(s_a), Qn, Qp)), round half to even, x + o in float32) on a float32 step, so the same x gives the same
+    codes. op(1, q_w) is the offset's zero-point map, computed at the input's size, exact like the accumulator.
+    The accumulation runs in float64 on integer values and is exact, as an int32 would be: every product and every
+    partial sum is an
     integer, and float64 represents (and adds) integers exactly below 2^53. |acc| <= fan_in * max|q_a| *
     max|q_w|; at 8-bit activations and weights that is fan_in * 255 * 128 < fan_in * 2^15, exact up to fan_in
     2^38 (int32 would hold up to 2^16; ResNet-18's largest fan-in is 4608, MobileNet-v3's 1280). The constructor
@@ -187,13 +196,15 @@ class IntegerLayer(nn.Module):
         # not persistent: the layer is rebuilt from the export entry, never from a state dict
         self.register_buffer("w_codes", codes.reshape(shape).to(torch.float64), persistent=False)
         self.register_buffer("a_step", torch.tensor(float(entry["a_step"]), dtype=torch.float32), persistent=False)
-        bias = entry["bias"]
+        bias, w_step, self.offset = entry["bias"], entry["w_step"].to(torch.float64), float(entry["a_offset"])
         self.register_buffer("bias", None if bias is None else bias.to(torch.float64), persistent=False)
-        self.scale = float(entry["a_step"]) * float(entry["w_step"])  # s_a * s_w, a float64 product
+        w_step = w_step.view(-1, 1, 1) if self.kind == "conv2d" else w_step  # along the output's channels
+        self.register_buffer("w_step", w_step, persistent=False)
+        self.register_buffer("scale", float(entry["a_step"]) * w_step, persistent=False)  # s_a * s_w[c], float64
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """q_a: the input's codes, as training computes them (float tensor of integers)."""
-        return mm._lsq_codes(mm._upcast(x), mm.positive(self.a_step), *self.a_qrange)
+        return mm._lsq_codes(mm._upcast(x) + self.offset, mm.positive(self.a_step), *self.a_qrange)
 
     def accumulate(self, q: torch.Tensor) -> torch.Tensor:
         """op(q_a, q_w) in float64, exact (the int32 accumulator); q_a as from `codes`."""
@@ -203,12 +214,15 @@ class IntegerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = mm._upcast(x).dtype
         y = self.accumulate(self.codes(x)) * self.scale
+        if self.offset:  # the zero point: o * s_w[c] * op(1, q_w), exact integers times a scale
+            y = y - self.accumulate(x.new_ones(1, *x.shape[1:])) * (self.offset * self.w_step)
         if self.bias is not None:
             y = y + (self.bias if self.kind == "linear" else self.bias[:, None, None])
         return y.to(dtype)
 
     def extra_repr(self):
-        return f"{self.kind}, A{self.a_bits}{'s' if self.a_signed else 'u'}/W{self.w_bits}, " \
+        grid = ("s" if self.a_signed else "u") + f"{-self.offset:+g}" * bool(self.offset)
+        return f"{self.kind}, A{self.a_bits}{grid}/W{self.w_bits}, " \
                f"weight {tuple(self.w_codes.shape)}"
 
 def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
@@ -290,10 +304,8 @@ def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Ten
     """
     fq, im = copy.deepcopy(model).eval(), copy.deepcopy(int_model).eval()
     for m in mm.quant_layers(fq):
-        w_quant = selected_quantizers(m)[1]
-        s_w = mm.positive(w_quant.step).float()
-        qn, qp = mm.lsq_range(w_quant.bits, True)
-        m.weight.copy_(mm._lsq_codes(m.weight.float(), s_w, qn, qp).mul_(s_w))
+        codes, s_w = weight_codes(selected_quantizers(m)[1], m.weight)
+        m.weight.copy_(codes.mul_(s_w))
     a, b = fq.double()(images.double()), im.double()(images.double())
     return (a - b).abs().max().item(), a.abs().max().item()
 
@@ -368,7 +380,8 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
     return path, p
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = mm.Parser(prog="export.py", description="Integer export of a MetaMix run (model_int.pth) and its check against the "
+    p = mm.Parser(prog="export.py", description="Integer export of a MetaMix run (model_int.pth) and its check "
+                  "against the "
                "fake-quantized model")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's --output-dir; model_int.pth is written there")
     p.add_argument("--checkpoint", metavar="FILE", help="export this checkpoint file of the run instead (default: "

@@ -60,11 +60,89 @@ class PairQuantLayer(mm.QuantLayer):
         if self.act.mode != "search":
             return super().forward(x)
         p = self.pair_probs()
-        if self.fused:  # metamix's fused op per W, with the column p[:, w] as its mixture; the bias once
+        act, wqs = self.act, self.weight_quants
+        if self.fused and len(wqs) > 1 and not any(t.requires_grad for t in [self.weight, *(wq.step for wq in wqs)]):
+            # the search (weights and their steps frozen), several W: each Q_a(x) once
+            act.init_steps(x, range(len(act.bits)))
+            for wq in wqs:
+                if not wq.initialized:
+                    wq.init_step(self.weight)
+            a_q = [mm._qparams(b, act.signed, x.numel() // x.shape[0]) for b in act.bits]
+            return _PairSearch.apply(x, mm.positive(act.step), p, self.bias, [(wq, self.weight) for wq in wqs], a_q,
+                                     self.op, act.offset)
+        if self.fused:  # --unfixed: metamix's fused op per W, with the column p[:, w] as its mixture; the bias once
             return sum(mm.fused_forward(self, x, p[:, j], wq, bias=j == 0) for j, wq in enumerate(self.weight_quants))
         xq = [self.act.quantize(x, i) for i in range(len(self.act.bits))]  # each Q_a(x) once
         return sum(self.op(sum(p[i, j] * q for i, q in enumerate(xq)), wq(self.weight), self.bias if j == 0 else None)
                    for j, wq in enumerate(self.weight_quants))
+
+
+class _PairSearch(torch.autograd.Function):
+    """The pair search with frozen weights, sum_w op(x_w, Q_w(W)) + b with x_w = sum_a p_aw (s_a q_a - o): each
+    activation's codes q_a computed once (not once per W), one op per W on the weight's codes, scaled per output
+    channel after (as metamix's fused op). Backward, with g_w = the gradient of x_w and G_a = sum_w p_aw g_w:
+    d/dx = sum_a G_a * inside_a;  d/ds_a = (<G_a, q_a> - <G_a * inside_a, v_a>) * grad scale;  d/dp_aw = <g_w,
+    s_a q_a - o>. Saves x; the weight codes are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, steps, probs, bias, weights, a_q, op, offset):
+        xf = mm._upcast(x) + offset if offset else mm._upcast(x)
+        codes = [mm._lsq_codes(xf, steps[a], qn, qp) for a, (qn, qp, _) in enumerate(a_q)]
+        y = out = None
+        for j, (wq, weight) in enumerate(weights):
+            xw = None
+            for a, q in enumerate(codes):
+                xw = q * (steps[a] * probs[a, j]) if xw is None else xw.addcmul_(q, steps[a] * probs[a, j])
+            xw = xw.sub_(offset * probs[:, j].sum()) if offset else xw
+            w_codes, w_scale = _weight_codes(wq, weight, op)
+            out = op(xw, w_codes)
+            y = mm._upcast(out).mul_(w_scale) if y is None else y.addcmul_(mm._upcast(out), w_scale)
+        del codes, xw
+        ctx.save_for_backward(x, steps, probs)
+        ctx.weights, ctx.a_q, ctx.op, ctx.offset = weights, a_q, op, offset
+        if bias is not None:
+            y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
+        return y.to(out.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, steps, probs = ctx.saved_tensors
+        a_q, op, o = ctx.a_q, ctx.op, ctx.offset
+        need_x, need_s, need_p, need_b = ctx.needs_input_grad[:4]
+        xf = mm._upcast(x) + o if o else mm._upcast(x)
+        gws = []  # g_w = op's input gradient through the dequantized weight s_w * q_w
+        for wq, weight in ctx.weights:
+            w_codes, _ = _weight_codes(wq, weight, op)
+            w = w_codes * mm.positive(wq.step).view(-1, *[1] * (weight.dim() - 1))
+            gws.append(mm._upcast(mm._op_backward(g, xf, w, op, True, False, False)[0]))
+        gx = torch.zeros_like(xf) if need_x else None
+        gs, gp = torch.zeros_like(steps), torch.zeros_like(probs)
+        sums = [gw.sum() for gw in gws] if o and need_p else None
+        v = q = G = None
+        for a, (qn, qp, grad_scale) in enumerate(a_q):
+            v = torch.div(xf, steps[a], out=v)
+            q = torch.clamp(v, qn, qp, out=q).round_()
+            for j, gw in enumerate(gws):
+                G = torch.mul(gw, probs[a, j], out=G) if j == 0 else G.addcmul_(gw, probs[a, j])
+                if need_p:
+                    gp[a, j] = steps[a] * mm._dot(gw, q) - (o * sums[j] if o else 0)
+            gq = mm._dot(G, q) if need_s else None
+            G = mm._pass_inside(G, v, qn, qp, out=G)  # G_a * inside_a
+            if need_s:
+                gs[a] = (gq - mm._dot(G, v)) * grad_scale
+            if need_x:
+                gx.add_(G)
+        g_b = (g.sum((0, 2, 3)) if op.kind == "conv2d" else g.reshape(-1, g.shape[-1]).sum(0)) if need_b else None
+        return (gx.to(x.dtype) if need_x else None, gs if need_s else None, gp if need_p else None,
+                g_b, None, None, None, None)
+
+
+def _weight_codes(wq: mm.LSQQuantizer, weight: torch.Tensor, op: mm.LayerOp):
+    """(codes of the weight at wq's bits, its steps shaped along the op's output channels)."""
+    s = mm.positive(wq.step.detach())
+    qn, qp = mm.lsq_range(wq.bits, True, wq.narrow)
+    return mm._lsq_codes(weight.detach(), s.view(-1, *[1] * (weight.dim() - 1)), qn, qp), \
+        s.view(-1, 1, 1) if op.kind == "conv2d" else s
 
 
 def get_args_parser():

@@ -12,13 +12,14 @@ selection different. The table reports each method's paired difference to `rando
     python study_digits.py --out runs/digits --part baselines     # every selection against random, ~50 min
     python study_digits.py --out runs/digits --part pairs         # the supplement's Table 7 in miniature
     python study_digits.py --out runs/digits --part convergence   # the search's variants, 8 seeds, ~2 h
+    python study_digits.py --out runs/digits --part quantizers    # the authors' quantizers against LSQ's own
     python study_digits.py --out runs/digits-quick --quick        # one seed, MetaMix against random, a few steps
 
 Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/ (each run's
 output dir: bits.json, log.jsonl, selection.json for the selections, figure9.json for the pairs part;
-runs_convergence/ for that part), results.json (with each FP model's SHA-256), table.md, alphas.md and
-top1_vs_gbops.png (--part baselines), table_pairs.md (--part pairs), table_convergence.md and convergence.png
-(--part convergence). scikit-learn is needed (a dependency of this study only); matplotlib is
+runs_convergence/ and runs_quantizers/ for those parts), results.json (with each FP model's SHA-256), table.md,
+alphas.md and top1_vs_gbops.png (--part baselines), table_pairs.md (--part pairs), table_convergence.md and
+convergence.png (--part convergence), table_quantizers.md (--part quantizers). scikit-learn is needed (a dependency of this study only); matplotlib is
 optional (the plots). Finished runs are kept: rerunning the command continues where it stopped.
 """
 from __future__ import annotations
@@ -85,8 +86,17 @@ CONV_GRID = [(arch, t, CONV, SEEDS8) for arch, t in CONV_BUDGETS] + \
     [(arch, t, [m], seeds) for m, seeds in PROBES for arch, t in CONV_BUDGETS] + \
     [("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0])]
 MATCHED = 0.5  # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
-PART_EPOCHS = {"convergence": 5}  # the other parts: EPOCHS
-PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID}
+# The quantizers: one selection (the default search's bits.json, same seed) trained from the FP model twice with
+# --bits-from, once with the authors' quantizers (a weight step per output channel on -7..7, hardswish-fed inputs on
+# the offset grid: metamix.py's default) and once with LSQ's own (--plain-lsq: a step per tensor on -8..7, a signed
+# grid), so that only the quantizers differ; and MetaMix against random under the new quantizers. W4, a budget near
+# the middle of the feasible range: MobileNet-v2 7.0 GBOPs (4.16-9.93), MobileNet-v3-large 5.0 (2.87-7.06).
+QUANT = ["metamix-sgd-x4", "random", "quant-authors", "quant-plain"]
+QUANT_GRID = [("mobilenet_v2", 7.0, QUANT, [0, 1, 2, 3]), ("mobilenet_v3_large", 5.0, QUANT, [0, 1, 2, 3])]
+FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain"]  # runs made from the bits or meta-state of a source run
+PART_EPOCHS = {"convergence": 5, "quantizers": 5}  # the other parts: EPOCHS
+PART_SOURCE = {"quantizers": "metamix-sgd-x4"}  # the other parts: SOURCE
+PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID, "quantizers": QUANT_GRID}
 QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
 
 
@@ -97,7 +107,9 @@ def label(method: str) -> str:
              "metamix-sgd-lr0.5": "metamix SGD 0.5", "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
              "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (default)", "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
              "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
-             "metamix-adam-matched": "metamix Adam, LR x steps 0.5"}
+             "metamix-adam-matched": "metamix Adam, LR x steps 0.5",
+             "quant-authors": "the authors' quantizers (per-channel W, offset for hardswish)",
+             "quant-plain": "LSQ's own quantizers (per-tensor W, signed grid)"}
     base = method.removesuffix("-pairs")
     return names.get(base, base) + (", 9 (A, W) pairs" if method.endswith("-pairs") else "")
 
@@ -217,12 +229,16 @@ def run_one(job: dict, log) -> dict:
              str(job["target"]), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]), *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
-    if job["method"] in SELECTIONS:
+    if job["method"] in ("quant-authors", "quant-plain"):  # the source's bits, trained from the FP model
+        cmds = [["metamix.py", *flags, *method_flags(job["source_method"], job["epoch_steps"]), "--bits-from",
+                 str(Path(job["source"]) / "bits.json"), *["--plain-lsq"] * (job["method"] == "quant-plain"),
+                 "--output-dir", str(out)]]
+    elif job["method"] in SELECTIONS:
         src = Path(job["source"])
         out.mkdir(parents=True)
         cmds = [["baselines.py", str(src), "--method", job["method"], "--target-gbops", str(job["target"]), "--seed",
                  str(job["seed"]), "--batches", "4", "--probes", "4", "--out", str(out / "selection.json")],
-                ["metamix.py", *flags, *method_flags(SOURCE, job["epoch_steps"]), "--resume",
+                ["metamix.py", *flags, *method_flags(job["source_method"], job["epoch_steps"]), "--resume",
                  str(src / "meta_state.pth"), "--bits-from",
                  str(out / "selection.json"), "--output-dir", str(out)]]
     if job["part"] == "pairs":  # the supplement's Figure 9 for each run, on its meta-state
@@ -239,6 +255,7 @@ def run_one(job: dict, log) -> dict:
     res = {k: job[k] for k in ("arch", "target", "method", "seed")} | {"dir": str(out)}
     res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
                gbops=bits["gbops"], avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
+               avg_bits_weighted=bits.get("avg_a_bits_weighted"), a_signed=[r["signed"] for r in searched],
                avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
                a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched],
                w_bits=[r["w_bits"] for r in searched], search=bits.get("search"),
@@ -378,6 +395,30 @@ def table_convergence(results: list[dict], fp: dict, fp_hash: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def table_quantizers(results: list[dict], fp: dict, fp_hash: dict) -> str:
+    """The same bits trained with the authors' quantizers and with LSQ's own, paired per seed; MetaMix (the default
+    search) against random under the authors' quantizers, paired per seed."""
+    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ (points) | Δ per seed | GBOPs | "
+            "avg A bits (plain / weighted by input size) |", "|---|---|---|---|---|---|---|---|---|"]
+    pair = {"quant-authors": "quant-plain", "metamix-sgd-x4": "random"}  # each method's reference
+    for arch, target in sorted({(r["arch"], r["target"]) for r in results}):
+        here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
+        for method in [m for m in ("quant-plain", "quant-authors", "random", "metamix-sgd-x4")
+                       if any(r["method"] == m for r in here)]:
+            rs = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
+            ref = {r["seed"]: r["top1"] for r in here if r["method"] == pair.get(method)}
+            top, d = [r["top1"] for r in rs], [r["top1"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+            sd = statistics.stdev(top) if len(top) > 1 else 0.0
+            vs = f"{mean_sd(d)} vs {label(pair[method])}" if d else "-"
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
+                        f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | {vs} | "
+                        f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
+                        f"{statistics.mean(r['gbops'] for r in rs):.3f} | "
+                        f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
+                        f"{statistics.mean(r['avg_bits_weighted'] for r in rs):.2f} |")
+    return "\n".join(rows) + "\n"
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are optional)."""
     try:
@@ -453,7 +494,8 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
     p.add_argument("--part", choices=["all", *PARTS], default="all", help="baselines: every selection against "
-                   "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds")
+                   "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds; "
+                   "quantizers: the authors' against LSQ's own, the same bits")
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
     try:
@@ -488,23 +530,25 @@ def main(argv=None) -> int:
     epoch_steps = sum(1 for _ in (data / "train").rglob("*.png")) // 32  # one epoch's steps at batch 32 (46)
 
     def folder(part, arch, t, m, s):
-        return str(out / ("runs_convergence" if part == "convergence" else "runs") / f"{arch}_t{t:g}_{m}_s{s}")
+        runs = f"runs_{part}" if part in ("convergence", "quantizers") else "runs"
+        return str(out / runs / f"{arch}_t{t:g}_{m}_s{s}")
 
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
                  epochs=3 if a.quick else PART_EPOCHS.get(part, EPOCHS), search_epochs=2, threads=1, part=part,
-                 out=folder(part, arch, t, m, s), source=folder(part, arch, t, SOURCE, s), epoch_steps=epoch_steps)
+                 out=folder(part, arch, t, m, s), source=folder(part, arch, t, PART_SOURCE.get(part, SOURCE), s),
+                 source_method=PART_SOURCE.get(part, SOURCE), epoch_steps=epoch_steps)
             for part, arch, t, methods, seeds in grid for s in seeds for m in methods]
-    missing = {j["source"] for j in jobs if j["method"] in SELECTIONS} - {j["out"] for j in jobs}
+    missing = {j["source"] for j in jobs if j["method"] in FROM_SOURCE} - {j["out"] for j in jobs}
     if missing:
         raise SystemExit(f"study_digits: error: the grid selects from runs it does not make: {sorted(missing)[0]}")
     # The long searches (16x) last; before them, seed by seed (finished seeds can be tabled while later ones run),
     # each seed's searches before the selections made from their meta-states (a selection waits for its source,
     # which is queued before it).
-    order = sorted(jobs, key=lambda j: ("-x16" in j["method"], j["seed"], j["method"] in SELECTIONS))
+    order = sorted(jobs, key=lambda j: ("-x16" in j["method"], j["seed"], j["method"] in FROM_SOURCE))
     finished = {j["out"]: threading.Event() for j in jobs}
 
     def work(job):
-        if job["method"] in SELECTIONS:
+        if job["method"] in FROM_SOURCE:
             finished[job["source"]].wait()
         try:
             return run_one(job, log)
@@ -515,7 +559,7 @@ def main(argv=None) -> int:
         done_runs = dict(zip([j["out"] for j in order], ex.map(work, order)))
     results = [done_runs[j["out"]] for j in jobs]
     done = {part: [r for r, j in zip(results, jobs) if j["part"] == part] for part in parts}
-    keys = {"baselines": "runs", "pairs": "pairs", "convergence": "convergence"}  # results.json's key of each part
+    keys = {"baselines": "runs", "pairs": "pairs", "convergence": "convergence", "quantizers": "quantizers"}
     saved = {"fp_top1": {}}
     if (out / "results.json").exists() and not a.quick:  # keep the other parts' runs in results.json
         saved = json.loads((out / "results.json").read_text())
@@ -542,6 +586,9 @@ def main(argv=None) -> int:
         print(table_convergence(conv, fp, saved["fp_sha256"]))
         if plot_convergence(conv, out / "convergence.png"):
             log(f"wrote {out / 'convergence.png'}")
+    if done.get("quantizers"):
+        (out / "table_quantizers.md").write_text(table_quantizers(done["quantizers"], fp, saved["fp_sha256"]))
+        print(table_quantizers(done["quantizers"], fp, saved["fp_sha256"]))
     log(f"study done in {time.time() - t0:.0f}s: {len(jobs)} runs")
     return 0
 

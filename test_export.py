@@ -61,10 +61,11 @@ def test_pack_codes_round_trip(bits, signed):
 
 # ---- the integer layer -----------------------------------------------------------------
 
-def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor) -> tuple:
+def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor, offset: float = 0.0) -> tuple:
     """A QuantLayer in weight training at (a_bits, w_bits), its steps set by LSQ's init on x, exported and
     loaded back through torch.save / torch.load(weights_only=True)."""
     q = mm.QuantLayer(layer, [8, a_bits], w_bits, name="layer")
+    q.act.offset = offset
     q.selected_branch = 1
     q.set_state("branch", 1, quant_weights=True)
     with torch.no_grad():
@@ -88,7 +89,11 @@ def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Te
     h = (q_a.shape[2] + 2 * op.padding[0] - op.dilation[0] * (kh - 1) - 1) // op.stride[0] + 1
     return out.reshape(n, cout, h, -1)
 
-INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed or not)
+INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed, relu, or hardswish: offset 3/8)
+    "conv3x3_a4_hardswish_w4": (lambda: nn.Conv2d(6, 5, 3, padding=1), 4, 4, "hardswish"),
+    "depthwise_stride2_a3_hardswish_w4": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 4,
+                                          "hardswish"),
+    "linear_a8_hardswish_w8": (lambda: nn.Linear(24, 10), 8, 8, "hardswish"),
     "conv3x3_a2u_w3": (lambda: nn.Conv2d(6, 5, 3, padding=1), 2, 3, "relu"),
     "depthwise_stride2_a3s_w8": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 8,
                                  "signed"),
@@ -105,9 +110,10 @@ def test_integer_layer_matches_quant_layer(case):
     torch.manual_seed(0)
     layer = make()
     x = torch.randn(4, 24) if isinstance(layer, nn.Linear) else torch.randn(3, 6, 9, 9)
-    x = x.relu() if kind == "relu" else x
-    q, il = _exported_layer(layer, a_bits, w_bits, x)
-    assert il.a_signed == (kind == "signed") and (il.a_bits, il.w_bits) == (a_bits, w_bits)
+    x = {"relu": x.relu(), "hardswish": F.hardswish(3 * x)}.get(kind, x)
+    o = 0.375 * (kind == "hardswish")
+    q, il = _exported_layer(layer, a_bits, w_bits, x, o)
+    assert il.a_signed == (kind == "signed") and (il.a_bits, il.w_bits, il.offset) == (a_bits, w_bits, o)
     x2 = x * 1.3 + 0.05 * (kind == "relu")  # another input, partly outside the calibrated range (clamped)
     for inp in (x, x2):
         with torch.no_grad():
@@ -120,24 +126,31 @@ def test_integer_layer_matches_quant_layer(case):
         assert (out - fused).abs().max() <= 1e-5 * ref.abs().max()
         # the codes: LSQ's own fake quantization divided by its step, and the exact accumulator
         s_a = mm.positive(q.act.step.detach()[1])
-        codes = mm.lsq_quantize(inp, s_a, a_bits, il.a_signed) / s_a
+        codes = mm.lsq_quantize(inp + o, s_a, a_bits, il.a_signed) / s_a
         assert torch.equal(il.codes(inp), codes.round()) and (codes - codes.round()).abs().max() < 1e-4
         acc = il.accumulate(il.codes(inp))
         assert acc.dtype == torch.float64
         assert torch.equal(acc, _int64_accumulator(il.codes(inp), il.w_codes, il.op).double())
-        # y = s_a * s_w * acc + bias, in float64 by hand
-        s_w = mm.positive(q.weight_quant.step.detach()).item()
-        by_hand = acc * (s_a.item() * s_w)
+        # y = s_a * s_w[c] * acc - o * s_w[c] * op(1, q_w) + bias, in float64 by hand, per output channel c
+        s_w = mm.positive(q.weight_quant.step.detach()).double()
+        s_w = s_w.view(-1, 1, 1) if q.op.kind == "conv2d" else s_w
+        ones = _int64_accumulator(torch.ones(1, *inp.shape[1:]), il.w_codes, il.op).double()
+        by_hand = acc * (s_a.item() * s_w) - o * s_w * ones
         if layer.bias is not None:
             by_hand = by_hand + (layer.bias.double() if q.op.kind == "linear" else layer.bias.double()[:, None, None])
         assert torch.equal(out, by_hand.float())
-    # the weight codes are LSQ's, at w_bits
-    s_w = mm.positive(q.weight_quant.step.detach())
-    assert torch.equal(il.w_codes.float(), mm.lsq_quantize(layer.weight.detach(), s_w, w_bits, True) / s_w)
+        if o and q.op.kind == "conv2d" and q.op.padding[0]:  # the border map differs from the interior's
+            assert (ones[..., 0, 0] != ones[..., 1, 1]).any()
+    # the weight codes are LSQ's, at w_bits, one step per output channel, on the narrow range
+    s_w = mm.positive(q.weight_quant.step.detach()).view(-1, *[1] * (layer.weight.dim() - 1))
+    assert s_w.numel() == len(layer.weight) > 1
+    qmax = 2 ** (w_bits - 1) - 1
+    assert torch.equal(il.w_codes.float(), (layer.weight.detach() / s_w).clamp(-qmax, qmax).round())
+    assert il.w_codes.abs().max() <= qmax
 
 def test_integer_layer_refuses_an_inexact_accumulator():
     entry = {"name": "big", "kind": "linear", "weight_shape": [1, 2**40], "a_bits": 8, "a_signed": False,
-             "a_step": 1.0, "w_bits": 8, "w_signed": True, "w_step": 1.0, "bias": None,
+             "a_step": 1.0, "a_offset": 0.0, "w_bits": 8, "w_signed": True, "w_step": torch.ones(1), "bias": None,
              "w_packed": torch.zeros(0, dtype=torch.uint8)}
     with pytest.raises(ValueError, match="2\\^53"):
         ex.IntegerLayer(entry)
@@ -213,7 +226,7 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     Returns (the export, the fake-quantized model)."""
     assert not list(out.glob("*.tmp.*"))
     export = torch.load(out / "model_int.pth", map_location="cpu", weights_only=True)
-    assert export["format"] == "metamix-int-1" and export["arch"] == arch and export["num_classes"] == 10
+    assert export["format"] == "metamix-int-2" and export["arch"] == arch and export["num_classes"] == 10
     assert export["bits_report"]["arch"] == arch and len(export["layers"]) == n_layers
     bits = json.loads((out / "bits.json").read_text())
     assert [(e["name"], e["a_bits"], e["a_signed"], e["w_bits"]) for e in export["layers"]] == \
@@ -221,7 +234,8 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     for e in export["layers"]:
         numel = math.prod(e["weight_shape"])
         assert e["w_packed"].numel() == -(-numel // {2: 4, 3: 2, 4: 2}.get(e["w_bits"], 1))
-        assert e["a_step"] > 0 and e["w_step"] > 0 and isinstance(e["a_step"], float)
+        assert e["a_step"] > 0 and isinstance(e["a_step"], float) and e["a_offset"] in (0.0, 0.375)
+        assert e["w_step"].shape == (e["weight_shape"][0],) and (e["w_step"] > 0).all()  # per output channel
     assert export["layers"][0]["w_bits"] == 8 and export["layers"][-1]["w_bits"] == 8
     if w_text == "W4":  # one W for every searched layer
         assert all(e["w_bits"] == 4 for e in export["layers"][1:-1])
@@ -241,6 +255,9 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     with torch.no_grad():
         a32, b32 = model(x), int_model(x)
         assert torch.equal(a32.argmax(1), b32.argmax(1))
+        for m in mm.quant_layers(model):  # float32 codes times their steps: float64 division finds the same codes
+            codes, s_w = ex.weight_codes(ex.selected_quantizers(m)[1], m.weight)
+            m.weight.copy_(codes * s_w)
         a64, b64 = model.double()(x.double()), int_model.double()(x.double())
     scale = a64.abs().max().item()
     assert (a64 - a64.mean(0)).abs().max() > 0.1 * scale, "logits that do not depend on the image prove nothing"
@@ -297,8 +314,12 @@ def test_export_mobilenet_v3_large_pairs(mobilenet_pair_run):
     assert all(isinstance(m, pairs.PairQuantLayer) for m in searched)
     assert len({m.candidates[m.selected_branch][1] for m in searched}) > 1, "one W for all proves little here"
     for m, e in zip(mm.quant_layers(model), export["layers"]):  # the exported steps are the selected W's
-        assert e["w_step"] == mm.positive(m.weight_quant.step.detach()).item()
+        assert torch.equal(e["w_step"], mm.positive(m.weight_quant.step.detach()))
         assert e["w_bits"] == m.weight_quant.bits == m.candidates[0 if m.fixed else m.selected_branch][1]
+    # hardswish-fed inputs (25 searched layers and the last) on the offset grid: exact with their zero point
+    assert [e["name"] for e in export["layers"] if e["a_offset"] == 0.375] == \
+           [m.name for m in mm.quant_layers(model) if m.name in mm.hardswish_fed(torchvision.models.mobilenet_v3_large())]
+    assert sum(e["a_offset"] == 0.375 for e in export["layers"]) == 26
     avg_w = sum(e["w_bits"] for e in export["layers"][1:-1]) / len(searched)
     assert f"per-layer W (average {avg_w:.2f})" in stdout
 

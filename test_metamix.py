@@ -408,10 +408,10 @@ def test_fused_layer_under_cpu_bf16_autocast():
     assert torch.allclose(y.float(), ref, atol=0.1, rtol=0.05)
 
 
-def _codes(x, step, bits, signed):
-    """Integer codes exactly as training forms them (fp32 division), as float64."""
-    qn, qp = mm.lsq_range(bits, signed)
-    return torch.clamp(x / step, qn, qp).round().double()
+def _codes(x, step, bits, signed, narrow=False):
+    """Integer codes exactly as training forms them (fp32 division; a weight's steps along dim 0), as float64."""
+    qn, qp = mm.lsq_range(bits, signed, narrow)
+    return torch.clamp(x / step.view(-1, *[1] * (x.dim() - 1)) if step.dim() else x / step, qn, qp).round().double()
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -429,9 +429,9 @@ def test_bf16_autocast_runs_the_op_on_integer_codes(bits, kind):
     q.fused = True
     q(x)  # LSQ init
     s_a, s_w = mm.positive(q.act.step.detach()[0]), mm.positive(q.weight_quant.step.detach())
-    qa, qw = _codes(x, s_a, bits, False), _codes(q.weight.detach(), s_w, bits, True)
+    qa, qw = _codes(x, s_a, bits, False), _codes(q.weight.detach(), s_w, bits, True, narrow=True)
     op = (lambda a, w: F.conv2d(a, w, None, 1, 1)) if kind == "conv" else (lambda a, w: F.linear(a, w))
-    core = op(qa, qw) * (s_a.double() * s_w.double())
+    core = op(qa, qw) * (s_a.double() * s_w.double().view(-1, *[1] * (kind == "conv") * 2))  # s_w[c]
     b = q.bias.detach().double()
     ref = core + (b.view(-1, 1, 1) if kind == "conv" else b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -455,7 +455,7 @@ def test_bf16_autocast_search_mixture_error_is_bounded():
     steps, s_w = mm.positive(q.act.step.detach()), mm.positive(q.weight_quant.step.detach())
     p = F.softmax(q.act.alpha.detach(), 0)
     xm = sum(p[i].double() * steps[i].double() * _codes(x, steps[i], b, False) for i, b in enumerate((8, 4, 2)))
-    w = _codes(q.weight.detach(), s_w, 4, True) * s_w.double()
+    w = _codes(q.weight.detach(), s_w, 4, True, narrow=True) * s_w.double().view(-1, 1, 1, 1)
     ref = F.conv2d(xm, w, None, 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = q(x)
@@ -747,8 +747,9 @@ def test_start_weight_training_selects_switches_and_inits_weight_steps():
     for m in mm.quant_layers(model):
         assert m.weight_quant.enabled and m.act.mode == "branch"
         assert m.act.branch == (0 if m.fixed else m.selected_branch)
-        qp = 2 ** (m.weight_quant.bits - 1) - 1
-        assert m.weight_quant.step.item() == pytest.approx(2 * m.weight.abs().mean().item() / math.sqrt(qp), rel=1e-5)
+        qp = 2 ** (m.weight_quant.bits - 1) - 1  # per output channel: 2 mean|W_c| / sqrt(Qp)
+        per_channel = 2 * m.weight.detach().abs().reshape(len(m.weight), -1).mean(1) / math.sqrt(qp)
+        assert torch.allclose(m.weight_quant.step.detach(), per_channel, rtol=1e-5)
     opt = torch.optim.SGD(mm.meta_params(model), lr=0.01)
     loss = mm.weight_training_step(model, x, y, opt)
     assert torch.isfinite(loss) and all(m.weight_quant.step.grad is not None for m in mm.quant_layers(model))

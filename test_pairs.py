@@ -34,12 +34,16 @@ def _pair_layer(kind: str, w_bits=W_LIST, dtype=torch.float64):
 @pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "no-x-grad"])
 @pytest.mark.parametrize("kind", ["conv", "grouped", "linear"])
 @pytest.mark.parametrize("mode", ["branch", "search"])
-def test_pair_layer_equals_composed_autograd(kind, mode, x_grad, fused):
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+@pytest.mark.parametrize("offset", [0.0, 0.375], ids=["", "offset"])
+def test_pair_layer_equals_composed_autograd(kind, mode, x_grad, fused, frozen, offset):
     """Value and every gradient in float64, both forms, against composed autograd written from the formula:
-    search: sum over (a, w) of p_aw * op(lsq_quantize(x, s_a), lsq_quantize(W, s_w)) + b, p = softmax over the
-    9 pairs; branch (bit-meta, weight training): the one pair (A4, W2), candidate index 1 * 3 + 2 = 5."""
+    search: sum over (a, w) of p_aw * op(lsq_quantize(x + o, s_a) - o, lsq_quantize(W, s_w)) + b, p = softmax
+    over the 9 pairs, W's steps per output channel on the narrow range; branch (bit-meta, weight training): the
+    one pair (A4, W2), candidate index 1 * 3 + 2 = 5. `frozen`: the weights, their steps and the bias do not
+    learn, as in the search step (the fused search then quantizes each A once)."""
     q, layer, x = _pair_layer(kind)
-    q.fused = fused
+    q.fused, q.act.offset = fused, offset
     assert q.candidates == [(a, w) for a in A_BITS for w in W_LIST] and q.act.alpha.shape == (9,)
     q.set_state(mode, 5)
     assert (q.act.branch, q.w_branch) == (1, 2) and q.weight_quant is q.weight_quants[2]
@@ -54,6 +58,10 @@ def test_pair_layer_equals_composed_autograd(kind, mode, x_grad, fused):
             wq.step.mul_(1 + 0.1 * j)
     params = [q.act.step, q.act.alpha, q.weight] + [wq.step for wq in q.weight_quants] + \
              ([q.bias] if q.bias is not None else [])
+    if frozen:
+        for p in params[2:]:
+            p.requires_grad_(False)
+        params = params[:2]
     x1 = x.clone().requires_grad_(x_grad)
     y1 = q(x1)
     up = torch.randn_like(y1)
@@ -61,16 +69,17 @@ def test_pair_layer_equals_composed_autograd(kind, mode, x_grad, fused):
 
     x2 = x.clone().requires_grad_(x_grad)
     per_sample = x2[0].numel()
-    signed = bool(x.min() < 0)
+    signed = bool(x.min() < 0) and not offset
 
     def op(xa, w):
         return F.linear(xa, w) if kind == "linear" else F.conv2d(xa, w, None, 2, 1, 1, layer.groups)
 
     def qa(i):
-        return mm.lsq_quantize(x2, q.act.step[i], A_BITS[i], signed, mm.lsq_grad_scale(per_sample, A_BITS[i], signed))
+        g = mm.lsq_grad_scale(per_sample, A_BITS[i], signed)
+        return mm.lsq_quantize(x2 + offset, q.act.step[i], A_BITS[i], signed, g) - offset
 
-    def qw(j):
-        return mm.lsq_quantize(q.weight, q.weight_quants[j].step, W_LIST[j], True)  # grad scale 1/sqrt(numel Qp)
+    def qw(j):  # grad scale 1/sqrt(N Qp), N = weights per output channel
+        return mm.lsq_quantize(q.weight, q.weight_quants[j].step, W_LIST[j], True, narrow=True)
 
     if mode == "search":
         p = F.softmax(q.act.alpha, 0)
@@ -101,17 +110,23 @@ class _CountConvs(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
 @pytest.mark.parametrize("w_bits, convs", [(W_LIST, 3), ([4, 2], 2), ([4], 1)])
-def test_pair_search_runs_one_convolution_per_weight_width(w_bits, convs):
-    """By linearity, 9 pairs cost one convolution per W (3), forward and backward, not one per pair (9)."""
+def test_pair_search_runs_one_convolution_per_weight_width(w_bits, convs, frozen):
+    """By linearity, 9 pairs cost one convolution per W (3), forward and backward, not one per pair (9). With
+    the weights frozen (the search step), each activation is quantized once: 3 divisions, not 3 per W."""
     q = pairs.PairQuantLayer(nn.Conv2d(3, 4, 3), A_BITS, w_bits, "c")
     q.fused = True
     q.set_state("search")
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     q(x)  # init
+    for p in [q.weight, q.bias, *(wq.step for wq in q.weight_quants)] if frozen else []:
+        p.requires_grad_(False)
     with _CountConvs() as c:
         y = q(x)
     assert c.calls.get("convolution") == convs
+    divs = c.calls.get("div", 0)  # x / s_a; the weight's codes divide too (one per W)
+    assert divs == (len(A_BITS) + len(w_bits) if frozen else len(A_BITS) * len(w_bits) + len(w_bits))
     with _CountConvs() as c:
         y.square().sum().backward()
     assert c.calls.get("convolution_backward") == convs and "convolution" not in c.calls
@@ -220,17 +235,17 @@ def test_pair_mode_set_mode_and_weight_training():
     model.train()
     mm.bit_meta_step(model, x, y)  # 4 pairs in turn: every activation and weight step learns
     for m in layers:
-        assert (m.act.step.grad != 0).all() and all(wq.step.grad is not None and wq.step.grad != 0
+        assert (m.act.step.grad != 0).all() and all(wq.step.grad is not None and wq.step.grad.any()
                                                     for wq in m.weight_quants)
         assert m.act.alpha.grad is None
-    steps = [[wq.step.item() for wq in m.weight_quants] for m in layers]
+    steps = [[wq.step.tolist() for wq in m.weight_quants] for m in layers]
     with torch.no_grad():
         for al in mm.alphas_of(model):
             al.copy_(torch.tensor([0.0, 0.0, 3.0, 0.0]))  # (2, 4)
     mm.start_weight_training(model, mm.gbops_range(model)[1])
     for m, s in zip(layers, steps):
         assert m.selected_branch == 2 and (m.act.branch, m.w_branch) == (1, 0) and m.weight_quant.bits == 4
-        assert [wq.step.item() for wq in m.weight_quants] == s  # the meta-state's W steps are kept
+        assert [wq.step.tolist() for wq in m.weight_quants] == s  # the meta-state's W steps are kept
     for m in mm.quant_layers(model):
         assert m.weight_quant.enabled and m.act.mode == "branch"
     mm.set_mode(model, "fp")
@@ -311,7 +326,7 @@ def test_pair_dry_run(capsys):
     args = mm.resolve_args(parsed, pairs.PairQuantLayer)
     lo, hi = mm.check_budget(mm.build_model(args, 1000, pairs.PairQuantLayer), args)
     assert args.w_bits == [8, 4, 2]
-    macs = [m for _, _, m in mm.trace_layers(torchvision.models.resnet18(), 224)]
+    macs = [m for _, _, m, _ in mm.trace_layers(torchvision.models.resnet18(), 224)]
     c_fixed = (macs[0] + macs[-1]) * 64 / 1e9
     assert lo == pytest.approx(sum(macs[1:-1]) * 4 / 1e9 + c_fixed)
     assert hi == pytest.approx(sum(macs[1:-1]) * 64 / 1e9 + c_fixed)
