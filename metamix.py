@@ -8,11 +8,8 @@ and every branch's LSQ step at each candidate bit-width in turn (*bit-meta*, Eq.
 multi-branch quantizer (Eq. 2), an L1 BOPs regularizer and a straight-through softmax (Eq. 3-5). Weight training
 then fine-tunes the network at argmax(alpha) bits, weights now quantized, from the meta-state.
 
-Run it:
-    python metamix.py                                  # built-in synthetic data, one process, 2 CPU cores
-    python metamix.py --arch mobilenet_v2 --dry-run    # MACs, candidates and the feasible GBOPs range
-    torchrun --nproc_per_node=8 metamix.py --arch resnet18 --data /imagenet --pretrained --target-gbops 33
-    torchrun --nnodes=2 --node_rank=$NODE --master_addr=$HOST --nproc_per_node=8 metamix.py --data /imagenet ...
+Run it: `python metamix.py` (built-in synthetic data), `python metamix.py --arch mobilenet_v2 --dry-run` (the
+feasible GBOPs range), `torchrun --nproc_per_node=8 metamix.py --data /imagenet --pretrained --target-gbops 33`.
 
 Symbols (paper -> code):
     alpha_l      per-layer logits, one per candidate     MultiBranchQuantizer.alpha   (N,)
@@ -32,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import errno
 import fcntl
@@ -59,13 +57,12 @@ from torchvision.datasets import ImageFolder
 # ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
 
 def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
-    """Integer range [Qn, Qp] of a b-bit quantizer: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1]; narrow (the
-    authors' weights): symmetric [-(2^(b-1)-1), 2^(b-1)-1], -7..7 at 4 bits."""
+    """[Qn, Qp] of b bits: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1], narrow signed [1-2^(b-1), 2^(b-1)-1]."""
     return (-(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
-    """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = the values one step quantizes: the weights of its output
-    channel (our choice: LSQ's balance of step and weight gradients, per step), or features per sample."""
+    """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = the values of one step: its output channel's weights, or
+    features per sample (our choice: LSQ's balance of step and weight gradients, kept per step)."""
     return 1.0 / math.sqrt(n * lsq_range(bits, signed)[1])
 
 def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -77,8 +74,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, g
     """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, as LSQ's paper writes it. With v = x/s:
         d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
         d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`)
-    The step used is positive(step), one per tensor or one per row of x (dim 0: a weight's output channels);
-    `grad_scale` defaults to 1/sqrt(N * Qp), N = x.numel() / step.numel()."""
+    positive(step) is used, one per tensor or per row of x (a weight's output channels); `grad_scale`: 1/sqrt(N Qp)."""
     qn, qp = lsq_range(bits, signed, narrow)
     if grad_scale is None:
         grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
@@ -88,9 +84,20 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, g
     v = torch.where((v >= qn) & (v <= qp), v, v.clamp(qn, qp).detach())  # clamp; its gradient passes at the ends
     return (v.round().detach() + (v - v.detach())) * s  # round with a straight-through gradient
 
-class LSQQuantizer(nn.Module):
+class Stateful(nn.Module):
+    """A module whose plain attributes named in `saved` are part of its state dict (its "extra state")."""
+    saved: tuple[str, ...] = ()
+
+    def get_extra_state(self):
+        return {k: copy.copy(getattr(self, k)) for k in self.saved}
+
+    def set_extra_state(self, state):
+        self.__dict__.update((k, state[k]) for k in self.saved)
+
+class LSQQuantizer(Stateful):
     """A weight's signed LSQ, one step per output channel on the narrow range (the authors'; `channels` 1 and not
     narrow: LSQ's own, one step per tensor); s_c = 2 * mean|W_c| / sqrt(Qp) at first use; disabled: identity."""
+    saved = ("initialized",)
 
     def __init__(self, bits: int, channels: int = 1, narrow: bool = False, enabled: bool = True):
         super().__init__()
@@ -111,27 +118,21 @@ class LSQQuantizer(nn.Module):
             self.init_step(w)
         return lsq_quantize(w, self.step, self.bits, True, narrow=self.narrow)
 
-    def get_extra_state(self):
-        return {"initialized": self.initialized}
-
-    def set_extra_state(self, state):
-        self.initialized = bool(state["initialized"])
-
 # ==== 2. Multi-branch block (paper Fig. 4, Eq. 2) ===================================================================
 
-class MultiBranchQuantizer(nn.Module):
+class MultiBranchQuantizer(Stateful):
     """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
     Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2). N =
-    features per sample. `offset` (the authors'): 3/8 for hardswish outputs, quantized on an unsigned grid as
-    Q(x + 3/8) - 3/8 (patch_model sets it); else signed if the first batch has negatives."""
+    features per sample. The grid, from the first batch: in [-3/8, 0), as hardswish's outputs (the authors' offset):
+    unsigned, Q(x + 3/8) - 3/8; else signed if it has negatives. `offset` 0 given: no offset grid (LSQ's own)."""
+    saved = ("signed", "offset", "initialized")
 
-    def __init__(self, bits: Sequence[int]):
+    def __init__(self, bits: Sequence[int], offset: float | None = None):
         super().__init__()
         self.bits = tuple(int(b) for b in bits)
         self.step = nn.Parameter(torch.ones(len(self.bits)))
         self.alpha = nn.Parameter(torch.zeros(len(self.bits)))
-        self.signed: bool | None = None  # unknown until the first batch
-        self.offset = 0.0
+        self.signed, self.offset = None, offset  # unknown until the first batch (unless given)
         self.initialized = [False] * len(self.bits)
         self.mode, self.branch = "fp", 0
 
@@ -141,7 +142,9 @@ class MultiBranchQuantizer(nn.Module):
         if todo:
             with torch.no_grad():
                 if self.signed is None:
-                    self.signed = not self.offset and bool(x.min() < 0)
+                    lo = float(x.min())
+                    self.offset = (0.375 if -0.375 <= lo < 0 else 0.0) if self.offset is None else self.offset
+                    self.signed = lo < 0 and not self.offset
                 m = (x.detach().float() + self.offset).abs().mean()
                 for i in todo:
                     self.step[i] = 2 * m / math.sqrt(lsq_range(self.bits[i], self.signed)[1])
@@ -153,22 +156,12 @@ class MultiBranchQuantizer(nn.Module):
         g = lsq_grad_scale(x.numel() // x.shape[0], self.bits[i], self.signed)
         return lsq_quantize(x + self.offset, self.step[i], self.bits[i], self.signed, g) - self.offset
 
-    def mix(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """Eq. 2: x_hat = sum_i p_i * Q_{bits[i]}(x; s_i)."""
-        return sum(p * self.quantize(x, i) for i, p in enumerate(probs))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "fp":
             return x
         if self.mode == "branch":
             return self.quantize(x, self.branch)
-        return self.mix(x, F.softmax(self.alpha, dim=0))
-
-    def get_extra_state(self):
-        return {"signed": self.signed, "offset": self.offset, "initialized": list(self.initialized)}
-
-    def set_extra_state(self, state):
-        self.signed, self.offset, self.initialized = state["signed"], state["offset"], state["initialized"]
+        return sum(p * self.quantize(x, i) for i, p in enumerate(F.softmax(self.alpha, dim=0)))  # Eq. 2
 
 class LayerOp(NamedTuple):
     """What a QuantLayer computes: "conv2d" with its geometry, or "linear" (geometry unused)."""
@@ -183,25 +176,23 @@ class LayerOp(NamedTuple):
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-class QuantLayer(nn.Module):
+class QuantLayer(Stateful):
     """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4): op(act(x), weight_quant(W)) + b,
     on the original layer's own tensors. The weight's LSQ (per output channel, narrow; `plain`: per tensor) is off in
     bit selection. `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the
     last Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
-    fused = False
+    fused, saved = False, ("selected_branch",)
 
     def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0,
                  fixed: bool = False, plain: bool = False):
         super().__init__()
-        if isinstance(layer, nn.Conv2d):
-            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-                raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
-            self.op = LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        else:  # nn.Linear
-            self.op = LayerOp("linear")
+        if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+            raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
+        self.op = LayerOp("linear") if isinstance(layer, nn.Linear) else \
+            LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
         self.kind = type(layer).__name__
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
-        self.act = MultiBranchQuantizer(bits)
+        self.act = MultiBranchQuantizer(bits, 0.0 if plain else None)
         self.weight_quant = LSQQuantizer(w_bits, 1 if plain else len(self.weight), not plain, enabled=False)
         self.candidates = [(a, int(w_bits)) for a in self.act.bits]
         self.name, self.macs, self.fixed = name, int(macs), fixed
@@ -217,12 +208,6 @@ class QuantLayer(nn.Module):
         if self.fused and self.act.mode != "fp":
             return fused_forward(self, x)  # section 7: the same values and gradients, less time and memory
         return self.op(self.act(x), self.weight_quant(self.weight), self.bias)
-
-    def get_extra_state(self):
-        return {"selected_branch": self.selected_branch}
-
-    def set_extra_state(self, state):
-        self.selected_branch = int(state["selected_branch"])
 
 # ==== 3. Straight-through softmax (Eq. 5) ===========================================================================
 
@@ -323,40 +308,11 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
     model.train(was_training)
     return seen
 
-PASS_THROUGH = (nn.Dropout, nn.Identity, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-
-def hardswish_fed(model: nn.Module) -> set[str]:
-    """Names of the Conv2d/Linear modules whose input is a Hardswish output, directly, through pooling, dropout or a
-    reshape, or times a [0, 1] gate (squeeze-excitation): from the torch.fx graph (none if it cannot be traced)."""
-    try:
-        graph, mods = torch.fx.symbolic_trace(model).graph, dict(model.named_modules())
-    except Exception:
-        return set()
-
-    def kind(n) -> str | None:  # "hs": values in [-3/8, inf); "gate": in [0, 1]
-        if not isinstance(n, torch.fx.Node):
-            return None
-        f = mods.get(n.target) if n.op == "call_module" else n.target
-        name = getattr(f, "__name__", f) if n.op != "call_module" else ""
-        if isinstance(f, nn.Hardswish) or name == "hardswish":
-            return "hs"
-        if isinstance(f, (nn.Hardsigmoid, nn.Sigmoid)) or name in ("hardsigmoid", "sigmoid"):
-            return "gate"
-        if isinstance(f, PASS_THROUGH) or name in ("flatten", "reshape", "view", "dropout"):
-            return kind(n.args[0])
-        if name == "mul" and {kind(a) for a in n.args[:2]} == {"gate", "hs"}:
-            return "hs"
-        return None
-
-    return {str(n.target) for n in graph.nodes if n.op == "call_module" and isinstance(
-        mods.get(n.target), (nn.Conv2d, nn.Linear)) and n.args and kind(n.args[0]) == "hs"}
-
 def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits: int = 8,
                 bops_image_size: int = 224, layer_type: type = QuantLayer, plain: bool = False) -> nn.Module:
-    """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order fixed at
-    first_last_bits. `layer_type(layer, bits, w_bits, name, macs, plain=)` builds the searched layers (pairs.py's).
-    Hardswish-fed inputs get the offset 3/8 unless `plain` (LSQ's per-tensor weight steps, no offset)."""
-    traced, offset = trace_layers(model, bops_image_size), set() if plain else hardswish_fed(model)
+    """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode, the first and last in forward order fixed at
+    first_last_bits; `layer_type` builds the searched layers (pairs.py's). plain: LSQ's quantizers, not the authors'."""
+    traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
     for i, (name, mod, macs, in_size) in enumerate(traced):
@@ -364,7 +320,7 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits
             q = QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
         else:
             q = layer_type(mod, bits, w_bits, name, macs, plain=plain)
-        q.order, q.in_size, q.act.offset = i, in_size, 0.375 * (name in offset)
+        q.order, q.in_size = i, in_size
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return model
@@ -407,12 +363,8 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #   for epoch in S+1 .. E:                         # weight training (a fresh optimizer)
 #       for images, targets in loader:
 #           weight_training_step(model, images, targets, opt)
-#
 # Each step takes `autocast` (a context factory, e.g. bf16) and `sync(params, loss)`, called between backward and
 # optimizer step (the driver all-reduces there). Nothing here knows about processes, files or printing.
-
-def _no_sync(params, loss):
-    return loss
 
 @contextlib.contextmanager
 def batch_stats_bn(model: nn.Module):
@@ -477,10 +429,9 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
 
 def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
                        lam: float = 0.0, target_gbops: float | None = None, autocast=contextlib.nullcontext,
-                       sync=_no_sync, fixed: bool = True):
+                       sync=lambda params, loss: loss, fixed: bool = True):
     """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a bit-search step
-    (Eq. 3-5) on the meta-state just updated, "given the same mini-batch". `opt` updates weights and LSQ steps,
-    `opt_alpha` the alphas. Returns (meta loss, search loss or None, argmax GBOPs or None)."""
+    (Eq. 3-5) on the meta-state just updated, "given the same mini-batch". Returns (meta loss, search loss, GBOPs)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     meta_loss = sync(params, bit_meta_step(model, images, targets, autocast))
@@ -499,8 +450,7 @@ def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *
 def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = True,
                           branches: Sequence[int] | None = None):
     """Between the phases: bits = argmax alpha (lowered to fit the target if `repair`; or `branches`), weight LSQ on
-    from the meta-state, whose weights and activation steps are kept: the paper's "mixed-precision-aware"
-    initialisation. Returns (branches, GBOPs, whether repair changed the argmax)."""
+    from the meta-state (the paper's "mixed-precision-aware" init). Returns (branches, GBOPs, whether repaired)."""
     layers, argmax = searched_layers(model), argmax_branches(model)
     if branches is None and repair:
         probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
@@ -511,7 +461,8 @@ def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = 
     set_mode(model, "selected", quant_weights=True)  # each weight step initialised at its first use: the meta-state's
     return branches, branches_gbops(model, branches), branches != argmax
 
-def weight_training_step(model: nn.Module, images, targets, opt, autocast=contextlib.nullcontext, sync=_no_sync):
+def weight_training_step(model: nn.Module, images, targets, opt, autocast=contextlib.nullcontext,
+                         sync=lambda params, loss: loss):
     """One step of weight training: ordinary training of weights and steps at the selected bits."""
     opt.zero_grad(set_to_none=True)
     with autocast():
@@ -653,10 +604,9 @@ class _FusedQuantOp(torch.autograd.Function):
         x, steps, probs, weight, w_step = ctx.saved_tensors
         need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
         need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
-        a_q, w_q, op = ctx.a_q, ctx.w_q, ctx.op
+        a_q, w_q, op, o = ctx.a_q, ctx.w_q, ctx.op, ctx.offset
         w_codes = None if w_q is None else _lsq_codes(weight, w_step, *w_q[:2])
         w = weight if w_codes is None else w_codes * w_step
-        o = ctx.offset
         xf = _upcast(x) + o if o else _upcast(x)
         gx = gs = gp = g_ws = None
         if probs is None:  # one branch: bit-meta and weight training (the hot path)
@@ -665,7 +615,6 @@ class _FusedQuantOp(torch.autograd.Function):
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
             q_in = q - o / steps[0] if o else q  # s * q_in: the quantized input
             g_in, g_w, g_b = _op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
-            del q_in
             if g_w is not None:
                 g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
@@ -833,7 +782,7 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
             raise BadInput(f"--pretrained {args.pretrained} is not a state dict of {args.arch} with {num_classes} "
                            f"classes ({str(e).splitlines()[0]})") from None
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
-    patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, layer_type=layer_type, plain=args.plain_lsq)
+    patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, 224, layer_type, args.plain_lsq)
     found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if found:
         raise BadInput(f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
@@ -890,7 +839,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
         raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
 
-CHECKPOINT_FORMAT = "metamix-checkpoint-2"
+CHECKPOINT_FORMAT = "metamix-checkpoint-3"
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed", "wd")
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "alpha_optimizer", "alpha_lr", "bits_from", "no_budget_repair")
@@ -1021,8 +970,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
-    """Top-1/top-5 over the whole validation set, each image counted once, totals all-reduced. BN's running
-    statistics are averaged over ranks first (our choice, timm's distribute_bn)."""
+    """Top-1/top-5 of the validation set, each image once; BN statistics averaged over ranks first (timm's choice)."""
     for m in model.modules() if dist.world > 1 else []:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             for t in (m.running_mean, m.running_var):
@@ -1119,9 +1067,12 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     a, model, dist = run.args, run.model, run.dist
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
-        if dist.world > 1:  # the ranks agree but for float noise
+        if dist.world > 1:  # the ranks agree but for float noise: rank 0's steps, grids and signs for all
             for t in filter(torch.is_tensor, model.state_dict().values()):
                 torch.distributed.broadcast(t, 0)
+            extra = [{k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}]
+            torch.distributed.broadcast_object_list(extra, 0)
+            model.load_state_dict(extra[0], strict=False)
         run.fp_top1 = evaluate(model, val_loader, dist, autocast)["top1"]
         log(dist, f"full-precision top-1 before quantization: {run.fp_top1:.2f}%")
     for epoch in range(run.epoch + 1, a.epochs + 1):
@@ -1183,7 +1134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="torchvision classification model")
     add("--data", default="synthetic", help="a folder with train/ and val/, or synthetic[:TRAIN,VAL,CLASSES]")
     add("--pretrained", nargs="?", const="paper", metavar="WEIGHTS|PATH", help="torchvision's weights (bare: "
-        "those closest to the paper's FP baseline), or a local state dict")
+        "nearest the paper's FP baseline), or a local state dict")
     add("--target-gbops", type=number(float, 0, above=True), help="budget (default: the paper's, else 95%% of A4)")
     add("--bits", type=bit_list, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
     add("--w-bits", type=bit_list, default="4", help="weight bits (a list searches (A, W) pairs: pairs.py)")
@@ -1191,19 +1142,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
-    add("--search-steps", type=number(int, 0), default=180, help="search for at least this many steps (ImageNet: "
-        "its one epoch, 5005; the digits: 4 epochs); 0: one epoch")
+    add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (0: one epoch)")
     add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
-    add("--plain-lsq", action="store_true", help="LSQ's own quantizers: a weight step per tensor on -2^(b-1).., no "
-        "hardswish offset (default: the authors', a step per output channel on the narrow range, offset 3/8)")
+    add("--plain-lsq", action="store_true", help="LSQ's quantizers: a weight step per tensor, no offset grid")
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
     add("--batch-size", type=number(int, 1), default=64, help="images per process per step")
     add("--lr", type=number(float, 0, above=True), help="SGD LR (default: 0.01 from --pretrained, else 0.05)")
     add("--wd", type=number(float, 0), default=1e-4, help="weight decay of conv/linear weights")
     add("--alpha-optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the alphas")
-    add("--alpha-lr", type=number(float, 0, above=True), help="alpha LR (default: sgd 0.005, adam 0.01, x10 "
-        "without --pretrained)")
+    add("--alpha-lr", type=number(float, 0, above=True), help="alpha LR (SGD .005, Adam .01; x10 from scratch)")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")
     add("--output-dir", default="runs/metamix", help="checkpoint.pth, meta_state.pth, bits.json, log.jsonl")

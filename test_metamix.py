@@ -204,23 +204,48 @@ def test_per_channel_steps_lose_no_depthwise_channel():
     assert err[1].max() < 0.3 and err[0].median() > err[1].median()
 
 
-def test_hardswish_fed_inputs_get_the_offset_grid():
-    """MobileNet-v3-large: the inputs fed by a Hardswish (directly, through pooling or dropout, or times the SE
-    gate) are 25 of its 62 searched layers and the last; they quantize on [0, 2^b - 1] as s round(clamp((x +
-    3/8)/s, 0, Qp)) - 3/8 (by hand). ReLU-fed inputs stay unsigned, the residual stream and the image signed."""
+def hardswish_fed(model: nn.Module) -> set[str]:
+    """An independent reading, from the torch.fx graph: the Conv2d/Linear modules whose input is a Hardswish output,
+    directly, through pooling, dropout or a reshape, or times a [0, 1] gate (squeeze-excitation)."""
+    graph, mods = torch.fx.symbolic_trace(model).graph, dict(model.named_modules())
+
+    def kind(n):
+        if not isinstance(n, torch.fx.Node) or n.op not in ("call_module", "call_function", "call_method"):
+            return None
+        f = mods[n.target] if n.op == "call_module" else n.target
+        name = type(f).__name__.lower() if isinstance(f, nn.Module) else getattr(f, "__name__", f)
+        if name in ("hardswish", "hardsigmoid", "sigmoid"):
+            return "hs" if name == "hardswish" else "gate"
+        if any(w in name for w in ("pool", "dropout", "flatten", "reshape", "view", "identity")):
+            return kind(n.args[0])
+        return "hs" if name == "mul" and {kind(a) for a in n.args[:2]} == {"gate", "hs"} else None
+
+    return {n.target for n in graph.nodes if n.op == "call_module" and kind(n.args[0]) == "hs"
+            and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))}
+
+
+@pytest.mark.parametrize("arch, searched, fed", [("mobilenet_v3_large", 62, 25), ("mobilenet_v3_small", 52, 26)])
+def test_hardswish_fed_inputs_get_the_offset_grid(arch, searched, fed):
+    """MobileNet-v3: the inputs that the first batch finds in [-3/8, 0) are those the graph says a Hardswish feeds
+    (directly, through pooling or dropout, or times the SE gate): 25 of the large model's 62 searched layers, and
+    the last. They quantize on [0, 2^b - 1] as s round(clamp((x + 3/8)/s, 0, Qp)) - 3/8 (by hand). ReLU-fed
+    inputs stay unsigned, the residual stream and the image signed; --plain-lsq: no offset anywhere."""
     torch.manual_seed(0)
-    model = mm.patch_model(torchvision.models.mobilenet_v3_large(num_classes=10), [8, 4, 3], 4, bops_image_size=64)
-    layers, searched = {m.name: m for m in mm.quant_layers(model)}, mm.searched_layers(model)
-    assert len(searched) == 62 and sum(m.act.offset == 0.375 for m in searched) == 25
-    assert {n for n, m in layers.items() if m.act.offset} == mm.hardswish_fed(torchvision.models.mobilenet_v3_large())
-    hs = ["features.1.block.0.0", "features.7.block.1.0", "features.12.block.3.0", "classifier.0", "classifier.3"]
-    assert all(layers[n].act.offset == 0.375 for n in hs)  # after the stem; a depthwise; after SE; pooled; dropout
+    model = mm.patch_model(torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64)
+    layers = {m.name: m for m in mm.quant_layers(model)}
+    assert all(m.act.offset is None for m in layers.values())  # decided by the first batch
     mm.init_quantizers(model, torch.randn(8, 3, 64, 64))
+    graph = hardswish_fed(torchvision.models.get_model(arch))
+    assert {n for n, m in layers.items() if m.act.offset == 0.375} == graph
+    assert len(mm.searched_layers(model)) == searched and sum(n in graph for n in list(layers)[1:-1]) == fed
+    assert all(m.act.offset == 0.0 for n, m in layers.items() if n not in graph)
     signed = {n: m.act.signed for n, m in layers.items()}
-    assert not any(signed[n] for n in hs)
-    assert signed["features.0.0"] and signed["features.2.block.0.0"] and signed["features.5.block.0.0"]  # image, residual
-    assert not signed["features.1.block.1.0"] and not signed["features.2.block.1.0"]  # ReLU-fed
-    assert all(m.act.offset == 0 for n, m in layers.items() if n not in mm.hardswish_fed(model) and signed[n])
+    assert not any(signed[n] for n in graph) and signed["features.0.0"]  # the image
+    if arch == "mobilenet_v3_large":
+        assert {"features.1.block.0.0", "features.7.block.1.0", "features.12.block.3.0", "classifier.0",
+                "classifier.3"} <= graph  # after the stem; a depthwise; after SE; pooled; dropout
+        assert signed["features.2.block.0.0"] and signed["features.5.block.0.0"]  # the residual stream
+        assert not signed["features.1.block.1.0"] and not signed["features.2.block.1.0"]  # ReLU-fed
     m = layers["features.7.block.1.0"]
     x = F.hardswish(torch.randn(2, m.weight.shape[0], 4, 4) * 3)
     m.act.mode, m.act.branch = "branch", 1  # 4 bits
@@ -229,9 +254,11 @@ def test_hardswish_fed_inputs_get_the_offset_grid():
     codes = (y.detach() + 0.375) / s
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= -1e-4 and codes.max() <= 15 + 1e-4
     assert torch.allclose(y, s * torch.clamp((x + 0.375) / s, 0, 15).round() - 0.375, atol=1e-6)
-    assert (x == -0.375).any() or x.min() > -0.375  # hardswish's minimum
-    assert mm.patch_model(torchvision.models.mobilenet_v3_large(), [8, 4, 3], 4, bops_image_size=64,
-                          plain=True) and True
+    plain = mm.patch_model(torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64,
+                           plain=True)
+    mm.init_quantizers(plain, torch.randn(8, 3, 64, 64))
+    assert all(m.act.offset == 0.0 and m.weight_quant.step.shape == (1,) for m in mm.quant_layers(plain))
+    assert [m.act.signed for m in mm.quant_layers(plain)] == [s or n in graph for n, s in signed.items()]
 
 
 def test_step_stays_positive():
