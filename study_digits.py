@@ -96,6 +96,8 @@ QUANT_GRID = [("mobilenet_v2", 7.0, QUANT, [0, 1, 2, 3]), ("mobilenet_v3_large",
 FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain"]  # runs made from the bits or meta-state of a source run
 PART_EPOCHS = {"convergence": 5, "quantizers": 5}  # the other parts: EPOCHS
 PART_SOURCE = {"quantizers": "metamix-sgd-x4"}  # the other parts: SOURCE
+# The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (--plain-lsq).
+PLAIN_PARTS = ("baselines", "pairs", "convergence")
 PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID, "quantizers": QUANT_GRID}
 QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
 
@@ -226,7 +228,8 @@ def run_one(job: dict, log) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     script = "pairs.py" if job["method"].endswith("-pairs") else "metamix.py"
     flags = ["--arch", job["arch"], "--data", job["data"], "--pretrained", job["init"], "--target-gbops",
-             str(job["target"]), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]), *COMMON]
+             str(job["target"]), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]), *COMMON,
+             *["--plain-lsq"] * (job["part"] in PLAIN_PARTS)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
     if job["method"] in ("quant-authors", "quant-plain"):  # the source's bits, trained from the FP model

@@ -85,3 +85,22 @@ def test_quick_mode_end_to_end(tmp_path):
     delta = top1["metamix-sgd"] - top1["random"]
     assert f"| {delta:+.2f} ± 0.00 | {delta:+.2f} |" in (out / "table.md").read_text()  # paired with seed 0's random
     assert "study done" in p.stdout
+
+
+def test_table_quantizers_pairs_the_same_bits_and_metamix_with_random():
+    def r(method, seed, top1, weighted=3.6):
+        return _result(method, seed, top1) | {"avg_bits_weighted": weighted}
+
+    results = [r("quant-plain", 0, 90.0), r("quant-plain", 1, 92.0), r("quant-plain", 2, 91.0),
+               r("quant-authors", 0, 93.0), r("quant-authors", 1, 92.5), r("quant-authors", 2, 95.0, 3.9),
+               r("random", 0, 88.0), r("random", 1, 89.0), r("metamix-sgd-x4", 0, 90.0), r("metamix-sgd-x4", 1, 88.0)]
+    rows = {x.split(" | ")[2]: x for x in sd.table_quantizers(results, {"mobilenet_v2": 97.33},
+                                                               {"mobilenet_v2": "abc"}).splitlines()[2:]}
+    # authors' minus plain per seed: +3, +0.5, +4 (mean 2.5, sd 1.80); weighted bits (3.6 + 3.6 + 3.9) / 3 = 3.70
+    assert rows["the authors' quantizers (per-channel W, offset for hardswish)"] == (
+        "| mobilenet_v2 (FP 97.33, abc) | 4.6 | the authors' quantizers (per-channel W, offset for hardswish) | 3 | "
+        "93.50 ± 1.32 | +2.50 ± 1.80 vs LSQ's own quantizers (per-tensor W, signed grid) | +3.00 +0.50 +4.00 | "
+        "4.500 | 3.50 / 3.70 |")
+    # MetaMix minus random: +2, -1 (mean 0.5, sd 2.12)
+    assert " | +0.50 ± 2.12 vs random | +2.00 -1.00 | " in rows["metamix SGD 0.05, 4x longer (default)"]
+    assert " | - | - | " in rows["random"] and " | - | - | " in rows["LSQ's own quantizers (per-tensor W, signed grid)"]
