@@ -384,7 +384,7 @@ def batch_stats_bn(model: nn.Module):
         model.train(was_training)
 
 def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
-    """LSQ's data-dependent init on one batch: every branch's step and each layer's signedness; then "fp" mode. Our
+    """LSQ's data-dependent init on one batch: every branch's step, each layer's grid (sign, offset); then "fp". Our
     choice: BN uses the batch's statistics (a model from scratch has running statistics 0 and 1: steps of 0)."""
     with torch.no_grad(), batch_stats_bn(model):
         for branch in range(len(searched_layers(model)[0].candidates)):
