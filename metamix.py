@@ -515,7 +515,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> 
     """sum(a * b): in one pass for a step per tensor; per row (output channel) in step's shape for one per row."""
     if step is None or step.numel() == 1:
         return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(() if step is None else step.shape)
-    return (a * b).reshape(len(a), -1).sum(1).view_as(step)
+    return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(a), -1, 1)).view_as(step)
 
 def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
