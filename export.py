@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metamix as mm
+import pairs
 import runs
 
 INT_FORMAT = "metamix-int-2"
@@ -116,12 +117,6 @@ def selected_quantizers(m: mm.QuantLayer) -> tuple[int, mm.LSQQuantizer]:
     branch, j = divmod(i, len(w_quants))
     return branch, w_quants[j]
 
-def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, steps shaped (C_out, 1, ...)) of a weight, as training computes them: `_lsq_codes` in float32."""
-    with torch.no_grad():
-        s_w = mm.positive(w_quant.step.detach()).float().view(-1, *[1] * (weight.dim() - 1))
-        return mm._lsq_codes(weight.detach().float(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
-
 def export_layer(m: mm.QuantLayer) -> dict:
     """One QuantLayer at its selected bits (weight training) as plain tensors and builtins.
 
@@ -134,7 +129,7 @@ def export_layer(m: mm.QuantLayer) -> dict:
         raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
     a_bits, w_bits = m.act.bits[branch], w_quant.bits
     a_step = mm.positive(m.act.step.detach()[branch: branch + 1]).item()
-    codes, w_step_t = weight_codes(w_quant, m.weight)
+    codes, w_step_t = pairs.weight_codes(w_quant, m.weight)
     entry = {"name": m.name, "order": m.order, "kind": m.op.kind, "fixed": m.fixed,
              "weight_shape": list(m.weight.shape)}
     if m.op.kind == "conv2d":
@@ -304,7 +299,7 @@ def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Ten
     """
     fq, im = copy.deepcopy(model).eval(), copy.deepcopy(int_model).eval()
     for m in mm.quant_layers(fq):
-        codes, s_w = weight_codes(selected_quantizers(m)[1], m.weight)
+        codes, s_w = pairs.weight_codes(selected_quantizers(m)[1], m.weight)
         m.weight.copy_(codes.mul_(s_w))
     a, b = fq.double()(images.double()), im.double()(images.double())
     return (a - b).abs().max().item(), a.abs().max().item()

@@ -94,7 +94,8 @@ class _PairSearch(torch.autograd.Function):
             for a, q in enumerate(codes):
                 xw = q * (steps[a] * probs[a, j]) if xw is None else xw.addcmul_(q, steps[a] * probs[a, j])
             xw = xw.sub_(offset * probs[:, j].sum()) if offset else xw
-            w_codes, w_scale = _weight_codes(wq, weight, op)
+            w_codes, s_w = weight_codes(wq, weight)
+            w_scale = s_w.reshape(-1, 1, 1) if op.kind == "conv2d" else s_w.reshape(-1)  # along output channels
             out = op(xw, w_codes)
             y = mm._upcast(out).mul_(w_scale) if y is None else y.addcmul_(mm._upcast(out), w_scale)
         del codes, xw
@@ -112,8 +113,8 @@ class _PairSearch(torch.autograd.Function):
         xf = mm._upcast(x) + o if o else mm._upcast(x)
         gws = []  # g_w = op's input gradient through the dequantized weight s_w * q_w
         for wq, weight in ctx.weights:
-            w_codes, _ = _weight_codes(wq, weight, op)
-            w = w_codes * mm.positive(wq.step).view(-1, *[1] * (weight.dim() - 1))
+            w_codes, s_w = weight_codes(wq, weight)
+            w = w_codes * s_w
             gws.append(mm._upcast(mm._op_backward(g, xf, w, op, True, False, False)[0]))
         gx = torch.zeros_like(xf) if need_x else None
         gs, gp = torch.zeros_like(steps), torch.zeros_like(probs)
@@ -137,12 +138,12 @@ class _PairSearch(torch.autograd.Function):
                 g_b, None, None, None, None)
 
 
-def _weight_codes(wq: mm.LSQQuantizer, weight: torch.Tensor, op: mm.LayerOp):
-    """(codes of the weight at wq's bits, its steps shaped along the op's output channels)."""
-    s = mm.positive(wq.step.detach())
-    qn, qp = mm.lsq_range(wq.bits, True, wq.narrow)
-    return mm._lsq_codes(weight.detach(), s.view(-1, *[1] * (weight.dim() - 1)), qn, qp), \
-        s.view(-1, 1, 1) if op.kind == "conv2d" else s
+def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, steps shaped (C_out, 1, ...)) of a weight, as training computes them (`_lsq_codes`, the weight's dtype);
+    export.py's integer weights too."""
+    with torch.no_grad():
+        s_w = mm.positive(w_quant.step.detach()).view(-1, *[1] * (weight.dim() - 1))
+        return mm._lsq_codes(weight.detach(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
 
 
 def get_args_parser():

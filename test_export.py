@@ -256,7 +256,7 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
         a32, b32 = model(x), int_model(x)
         assert torch.equal(a32.argmax(1), b32.argmax(1))
         for m in mm.quant_layers(model):  # float32 codes times their steps: float64 division finds the same codes
-            codes, s_w = ex.weight_codes(ex.selected_quantizers(m)[1], m.weight)
+            codes, s_w = pairs.weight_codes(ex.selected_quantizers(m)[1], m.weight)
             m.weight.copy_(codes * s_w)
         a64, b64 = model.double()(x.double()), int_model.double()(x.double())
     scale = a64.abs().max().item()
