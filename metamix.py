@@ -363,8 +363,9 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #   for epoch in S+1 .. E:                         # weight training (a fresh optimizer)
 #       for images, targets in loader:
 #           weight_training_step(model, images, targets, opt)
-# Each step takes `autocast` (a context factory, e.g. bf16) and `sync(params, loss)`, called between backward and
-# optimizer step (the driver all-reduces there). Nothing here knows about processes, files or printing.
+# Each step takes `autocast` (a context factory, e.g. bf16), `sync(params, loss)`, called between backward and
+# optimizer step (the driver all-reduces there), and `criterion(logits, targets)` (e.g. distillation_loss(teacher's
+# logits)). Nothing here knows about processes, files or printing.
 
 @contextlib.contextmanager
 def batch_stats_bn(model: nn.Module):
@@ -392,7 +393,13 @@ def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
             model(calib)
     set_mode(model, "fp")
 
-def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext) -> torch.Tensor:
+def distillation_loss(teacher_logits: torch.Tensor):
+    """The authors' loss (their code; the paper names none): the batch mean of -sum_c softmax(teacher)_c *
+    log_softmax(student)_c, a frozen teacher at temperature 1, no label term. A criterion(logits, targets)."""
+    probs = F.softmax(teacher_logits.detach().float(), 1)
+    return lambda logits, targets: F.cross_entropy(logits.float(), probs)
+
+def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached; one backward per
     candidate, gradients accumulating in .grad. Our choice: BN layers shared by all candidates."""
     n = len(searched_layers(model)[0].candidates)
@@ -400,13 +407,13 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcon
     for branch in range(n):
         set_mode(model, "meta", branch)
         with autocast():
-            loss = F.cross_entropy(model(images), targets) / n
+            loss = criterion(model(images), targets) / n
         loss.backward()
         total += loss.detach()
     return total
 
 def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops: float,
-                    autocast=contextlib.nullcontext, fixed: bool = True):
+                    autocast=contextlib.nullcontext, fixed: bool = True, criterion=F.cross_entropy):
     """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state (only the alphas learn). Our choice: BN
     uses the batch's statistics and leaves its buffers alone; dropout is off. `fixed=False`: the paper's Figure 7(a)
     ablation, "weights trained during bit-search", nothing frozen, BN and dropout as in training (the caller steps
@@ -417,7 +424,7 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
         p.requires_grad_(False)
     try:
         with batch_stats_bn(model) if fixed else contextlib.nullcontext(), autocast():
-            task = F.cross_entropy(model(images), targets)
+            task = criterion(model(images), targets)
         reg, gbops = bops_regularizer(torch.stack(alphas_of(model)), candidate_costs(model),
                                       [m.macs for m in searched_layers(model)], c_fixed_of(model), target_gbops)
         loss = task.float() + lam * reg
@@ -429,18 +436,18 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
 
 def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
                        lam: float = 0.0, target_gbops: float | None = None, autocast=contextlib.nullcontext,
-                       sync=lambda params, loss: loss, fixed: bool = True):
+                       sync=lambda params, loss: loss, fixed: bool = True, criterion=F.cross_entropy):
     """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a bit-search step
     (Eq. 3-5) on the meta-state just updated, "given the same mini-batch". Returns (meta loss, search loss, GBOPs)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
-    meta_loss = sync(params, bit_meta_step(model, images, targets, autocast))
+    meta_loss = sync(params, bit_meta_step(model, images, targets, autocast, criterion))
     opt.step()
     if not search:
         return meta_loss, None, None
     opt_alpha.zero_grad(set_to_none=True)
     opt.zero_grad(set_to_none=True)
-    loss, gbops = bit_search_step(model, images, targets, lam, target_gbops, autocast, fixed)
+    loss, gbops = bit_search_step(model, images, targets, lam, target_gbops, autocast, fixed, criterion)
     search_loss = sync(alphas_of(model) + ([] if fixed else params), loss)
     opt_alpha.step()
     if not fixed:
@@ -462,11 +469,11 @@ def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = 
     return branches, branches_gbops(model, branches), branches != argmax
 
 def weight_training_step(model: nn.Module, images, targets, opt, autocast=contextlib.nullcontext,
-                         sync=lambda params, loss: loss):
+                         sync=lambda params, loss: loss, criterion=F.cross_entropy):
     """One step of weight training: ordinary training of weights and steps at the selected bits."""
     opt.zero_grad(set_to_none=True)
     with autocast():
-        loss = F.cross_entropy(model(images), targets)
+        loss = criterion(model(images), targets)
     loss.backward()
     loss = sync([p for g in opt.param_groups for p in g["params"]], loss.detach())
     opt.step()
@@ -743,44 +750,51 @@ PAPER_SETTINGS = {
 # Our choice for the other archs (their target: 95% of uniform A4).
 OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
                   None: dict(bits="8,4,2", lam=1.0, epochs=90)}
-# Alpha LR, our choice: (from pretrained weights, from scratch); the SGD rates are the digits study's (docs/digits.md).
-ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1)}
+# LRs (from pretrained weights, from scratch). Ours: SGD (the digits study's, docs/digits.md), Adam on the alphas;
+# the authors': Adam 5e-4 (1e-4 in bit selection) on the weights, 1e-4 on the alphas (x10 from scratch, ours).
+LR = {"sgd": (0.01, 0.05), "adam": (5e-4, 5e-4)}
+ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1), "authors": (1e-4, 1e-3)}
 # What metamix can neither quantize nor count in BOPs (Swin's attention shows as Linear modules not called).
 UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention,
                torchvision.models.maxvit.RelativePositionalMultiHeadAttention)
 
-def resolve_weights(arch: str, name: str):
+def resolve_weights(arch: str, name: str, flag: str = "--pretrained"):
     """torchvision's weights enum for --pretrained NAME ("paper": those closest to the paper's FP baseline)."""
     enum = torchvision.models.get_model_weights(arch)
     try:
         return enum.verify(PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT") if name == "paper" else name)
     except (KeyError, ValueError):
-        raise BadInput(f"--pretrained {name!r}: no such file and no such weights for {arch}; give a state dict's path "
+        raise BadInput(f"{flag} {name!r}: no such file and no such weights for {arch}; give a state dict's path "
                        f"or one of: {', '.join(['DEFAULT'] + [w.name for w in enum])}") from None
 
-def local_weights(args) -> bool:
-    """--pretrained PATH: a full-precision state dict on disk, rather than torchvision's weights by name."""
-    return bool(args.pretrained) and (os.sep in args.pretrained or os.path.exists(args.pretrained))
+def local_weights(name: str | None) -> bool:
+    """A full-precision state dict on disk (a PATH), rather than torchvision's weights by name."""
+    return bool(name) and (os.sep in name or os.path.exists(name))
 
-def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Module:
-    """The torchvision model with its FP weights, patched; refused, naming the layer, unless all is counted."""
-    weights = resolve_weights(args.arch, args.pretrained) if args.pretrained and not local_weights(args) else None
+def fp_model(arch: str, name: str | None, num_classes: int, flag: str = "--pretrained") -> nn.Module:
+    """A torchvision model: torchvision's weights by name, a local state dict, or (no name) a fresh init."""
+    weights = resolve_weights(arch, name, flag) if name and not local_weights(name) else None
     if weights is not None and num_classes != 1000:
-        raise BadInput(f"--pretrained {args.pretrained} needs 1000 classes, the data has {num_classes}")
+        raise BadInput(f"{flag} {name} needs 1000 classes, the data has {num_classes}")
     kw = {} if weights else {"num_classes": num_classes}
-    if args.arch in ("googlenet", "inception_v3"):  # without their auxiliary heads, the training output is a tensor
+    if arch in ("googlenet", "inception_v3"):  # without their auxiliary heads, the training output is a tensor
         kw.update(aux_logits=False, **({} if weights else {"init_weights": True}))
     try:
-        model = torchvision.models.get_model(args.arch, weights=weights, **kw)
+        model = torchvision.models.get_model(arch, weights=weights, **kw)
     except Exception as e:
-        raise BadInput(f"cannot load {args.arch}'s weights ({type(e).__name__}: {e}); try --pretrained PATH") from None
-    if local_weights(args):
-        sd = load_checkpoint(args.pretrained, "--pretrained", "a state dict")
+        raise BadInput(f"cannot load {arch}'s weights ({type(e).__name__}: {e}); try {flag} PATH") from None
+    if local_weights(name):
+        sd = load_checkpoint(name, flag, "a state dict")
         try:
             model.load_state_dict(sd.get("model", sd))
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise BadInput(f"--pretrained {args.pretrained} is not a state dict of {args.arch} with {num_classes} "
-                           f"classes ({str(e).splitlines()[0]})") from None
+            raise BadInput(f"{flag} {name} is not a state dict of {arch} with {num_classes} classes "
+                           f"({str(e).splitlines()[0]})") from None
+    return model
+
+def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Module:
+    """The torchvision model with its FP weights, patched; refused, naming the layer, unless all is counted."""
+    model = fp_model(args.arch, args.pretrained, num_classes)
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
     patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, 224, layer_type, args.plain_lsq)
     found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
@@ -839,34 +853,46 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
         raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
 
-CHECKPOINT_FORMAT = "metamix-checkpoint-3"
+CHECKPOINT_FORMAT = "metamix-checkpoint-4"
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
-SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed", "wd")
-SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "alpha_optimizer", "alpha_lr", "bits_from", "no_budget_repair")
+SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed")
+SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "optimizer", "alpha_optimizer", "alpha_lr", "bits_from",
+                  "no_budget_repair", "teacher", "act_only_epochs")
 
 class Run:
     """Everything a run carries from epoch to epoch; save() writes it as the checkpoint."""
 
-    def __init__(self, args, dist: Dist, model: nn.Module):
-        self.args, self.dist, self.model = args, dist, model
+    def __init__(self, args, dist: Dist, model: nn.Module, steps: int = 1, teacher: nn.Module | None = None):
+        self.args, self.dist, self.model, self.steps, self.teacher = args, dist, model, steps, teacher  # steps/epoch
         self.epoch, self.selected = 0, None  # epochs finished; a branch per searched layer, once bits are selected
         self.history, self.fp_top1, self.search = [], None, None  # rows of log.jsonl; FP top-1; how the search ended
         self.build_optimizers()
 
     phase = property(lambda self: "bit_selection" if self.selected is None else "weight_training")
 
+    def weights_quantized(self) -> bool:  # in the last epoch done (after --act-only-epochs of weight training)
+        return self.selected is not None and self.epoch > self.args.search_epochs + self.args.act_only_epochs
+
     def build_optimizers(self):
-        """Our choice (the paper is silent): SGD for weights, BN and steps (decay on conv/linear weights only), SGD or
-        Adam for the alphas; a constant LR in bit selection, a fresh SGD and a cosine schedule in weight training."""
-        a, alphas = self.args, alphas_of(self.model)
-        decay = [m.weight for m in quant_layers(self.model)]
+        """The paper is silent. Ours: SGD (momentum 0.9, decay 1e-4 on conv/linear weights), a constant LR in bit
+        selection, a per-epoch cosine in weight training. The authors' (--optimizer adam): Adam, L2 5e-6 on conv
+        weights, LR/5 in bit selection, a per-step cosine, the gradients' norm clipped at 10. Each weight-training
+        stage (--act-only-epochs, then quantized weights) a fresh one. Alphas: SGD, or Adam with betas (0.5, 0.999)
+        and L2 1e-3 (the authors')."""
+        a, alphas, adam = self.args, alphas_of(self.model), self.args.optimizer == "adam"
+        decay = [m.weight for m in quant_layers(self.model) if m.weight.dim() == 4 or not adam]
         rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
-        self.opt = torch.optim.SGD([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}],
-                                   lr=a.lr, momentum=0.9)
+        groups = [{"params": decay, "weight_decay": 5e-6 if adam else 1e-4}, {"params": rest, "weight_decay": 0.0}]
+        lr = a.lr / 5 if adam and self.selected is None else a.lr
+        self.opt = torch.optim.Adam(groups, lr=lr) if adam else torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        if adam:  # this optimizer's gradients only (the authors' code clips the alphas' stale ones too)
+            self.opt.register_step_pre_hook(lambda opt, *_: (nn.utils.clip_grad_norm_(decay + rest, 10), None)[1])
         self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9) if a.alpha_optimizer == "sgd" else \
-            torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)  # the authors' Adam
+            torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        act_only = self.epoch < a.search_epochs + a.act_only_epochs  # the stage of the next epoch
+        epochs = a.act_only_epochs if act_only else a.epochs - a.search_epochs - a.act_only_epochs
         self.sched = None if self.selected is None else \
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(a.epochs - a.search_epochs, 1))
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs * (self.steps if adam else 1), 1))
 
     def load_state_dict(self, ck: dict, path: str) -> None:
         if ck.get("format") != CHECKPOINT_FORMAT:
@@ -881,7 +907,7 @@ class Run:
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
         self.epoch, self.selected, self.history, self.fp_top1 = map(ck.get, ("epoch", "selected", "history", "fp_top1"))
-        set_mode(self.model, "selected", quant_weights=self.selected is not None)  # what was evaluated last
+        set_mode(self.model, "selected", quant_weights=self.weights_quantized())  # what was evaluated last
         self.build_optimizers()
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
             if obj is not None:
@@ -943,14 +969,20 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                 raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
             return loss_v
 
+        criterion = F.cross_entropy
+        if run.teacher is not None:  # once per batch, for all of the step's passes
+            with torch.no_grad(), autocast():
+                criterion = distillation_loss(run.teacher(images))
         if selecting:
             loss_v, _, gb = bit_selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
                                                lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync,
-                                               fixed=not a.unfixed)
+                                               fixed=not a.unfixed, criterion=criterion)
             if searching and (now := argmax_branches(model)) != argmax:
                 argmax, run.search = now, step  # the last step at which the argmax configuration changed
         else:
-            loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync)
+            loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync, criterion)
+            if a.optimizer == "adam":
+                run.sched.step()  # per step (the authors'); SGD's cosine steps per epoch
         total += loss_v
         if dist.main and (step % min(100, max(1, steps // 2)) == 0 or step == steps):
             dt, kind = time.time() - t0, ("meta+search" if searching else "meta") if selecting else "train"
@@ -1054,6 +1086,7 @@ def select_bits(run: Run) -> None:
     a, model = run.args, run.model
     given = read_bits_from(model, a.bits_from, a.target_gbops) if a.bits_from else None
     run.selected, _, repaired = start_weight_training(model, a.target_gbops, not a.no_budget_repair, given)
+    set_mode(model, "selected", quant_weights=not a.act_only_epochs)  # --act-only-epochs: weights in FP first
     run.build_optimizers()
     r = {**bits_report(model, a), "search": next((h["search"] for h in run.history if "search" in h), None)}
     if run.dist.main:
@@ -1067,6 +1100,9 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     a, model, dist = run.args, run.model, run.dist
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
+        if a.alpha_optimizer == "authors":  # their init: a normal draw, std 1e-3 (ours: zeros)
+            for alpha in alphas_of(model):
+                nn.init.normal_(alpha, std=1e-3)
         if dist.world > 1:  # the ranks agree but for float noise: rank 0's steps, grids and signs for all
             for t in filter(torch.is_tensor, model.state_dict().values()):
                 torch.distributed.broadcast(t, 0)
@@ -1078,13 +1114,16 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     for epoch in range(run.epoch + 1, a.epochs + 1):
         if run.selected is None and epoch > a.search_epochs:
             select_bits(run)
+        elif a.act_only_epochs and epoch == a.search_epochs + a.act_only_epochs + 1:  # weights quantized from here,
+            set_mode(model, "selected", quant_weights=True)  # their steps from these weights; a fresh optimizer
+            run.build_optimizers()
         phase, t0 = run.phase, time.time()
         loss = train_one_epoch(run, train_loader, epoch, autocast)
         lr = run.opt.param_groups[0]["lr"]  # the rate this epoch trained with
         if phase == "bit_selection":  # evaluate the argmax configuration, weights in full precision
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
-        elif run.sched is not None:
+        elif a.optimizer == "sgd":
             run.sched.step()
         metrics = evaluate(model, val_loader, dist, autocast)
         run.history.append({"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr,
@@ -1142,15 +1181,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
+    add("--act-only-epochs", type=number(int, 0), default=0, help="weight training's first epochs with FP weights "
+        "(the authors': 18)")
     add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (0: one epoch)")
     add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
     add("--plain-lsq", action="store_true", help="LSQ's quantizers: a weight step per tensor, no offset grid")
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
     add("--batch-size", type=number(int, 1), default=64, help="images per process per step")
-    add("--lr", type=number(float, 0, above=True), help="SGD LR (default: 0.01 from --pretrained, else 0.05)")
-    add("--wd", type=number(float, 0), default=1e-4, help="weight decay of conv/linear weights")
-    add("--alpha-optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the alphas")
+    add("--teacher", metavar="ARCH[:WEIGHTS|PATH]", help="distil from this frozen torchvision model, in every phase "
+        "(the authors': resnet101:IMAGENET1K_V1; weights as --pretrained takes them, default DEFAULT)")
+    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="of the weights: ours, or the authors' Adam recipe")
+    add("--lr", type=number(float, 0, above=True), help="weights' LR (SGD 0.01 from --pretrained, else .05; Adam 5e-4)")
+    add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="of the alphas (authors': Adam "
+        "at 1e-4 from a random init)")
     add("--alpha-lr", type=number(float, 0, above=True), help="alpha LR (SGD .005, Adam .01; x10 from scratch)")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")
@@ -1173,13 +1217,22 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     args.bits, args.lam = args.bits or bit_list(d["bits"]), d["lam"] if args.lam is None else args.lam
     args.w_bits = args.w_bits[0] if len(args.w_bits) == 1 else args.w_bits
     args.epochs = (8 if synthetic else d["epochs"]) if args.epochs is None else args.epochs
-    args.lr = (0.05 if small else 0.01) if args.lr is None else args.lr
+    args.lr = LR[args.optimizer][small] if args.lr is None else args.lr
     args.alpha_lr = ALPHA_LR[args.alpha_optimizer][small] if args.alpha_lr is None else args.alpha_lr
     args.image_size = (32 if synthetic else 224) if args.image_size is None else args.image_size
-    if args.pretrained and not local_weights(args):
+    if args.pretrained and not local_weights(args.pretrained):
         args.pretrained = str(resolve_weights(args.arch, args.pretrained))  # e.g. ResNet18_Weights.IMAGENET1K_V1
     if args.epochs < args.search_epochs:
         raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
+    if args.act_only_epochs and args.act_only_epochs >= args.epochs - args.search_epochs:
+        raise BadInput(f"--act-only-epochs {args.act_only_epochs} leaves no epoch with quantized weights (--epochs "
+                       f"{args.epochs}, --search-epochs {args.search_epochs})")
+    if args.teacher:  # its weights by name resolved now (e.g. ResNet101_Weights.IMAGENET1K_V1); loaded at the start
+        arch, _, name = args.teacher.partition(":")
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise BadInput(f"--teacher {args.teacher}: {arch!r} is not a torchvision classification model")
+        weights = name if local_weights(name) else resolve_weights(arch, name or "DEFAULT", "--teacher")
+        args.teacher = f"{arch}:{weights}"
     return args
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
@@ -1247,12 +1300,13 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
+        teacher = args.teacher and fp_model(*args.teacher.split(":", 1), classes, "--teacher").to(dist.device)
         # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
         random.seed(args.seed + dist.rank)
         torch.manual_seed(args.seed + dist.rank)
         train_set, val_set, _ = build_datasets(args)  # as many classes as `classes` (train/'s folders)
         train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
-        run = Run(args, dist, model)
+        run = Run(args, dist, model, len(train_loader), teacher and teacher.eval().requires_grad_(False))
         if resume:
             run.load_state_dict(load_checkpoint(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
