@@ -1294,19 +1294,20 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         return 0
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs 2 or more images per process")
+    teacher = args.teacher and fp_model(*args.teacher.split(":", 1), classes, "--teacher")  # before any folder
     resume = prepare_output_dir(args, int(os.environ.get("RANK", "0")))
     dist = Dist()
     try:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
-        teacher = args.teacher and fp_model(*args.teacher.split(":", 1), classes, "--teacher").to(dist.device)
         # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
         random.seed(args.seed + dist.rank)
         torch.manual_seed(args.seed + dist.rank)
         train_set, val_set, _ = build_datasets(args)  # as many classes as `classes` (train/'s folders)
         train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
-        run = Run(args, dist, model, len(train_loader), teacher and teacher.eval().requires_grad_(False))
+        teacher = teacher and teacher.eval().requires_grad_(False).to(dist.device)
+        run = Run(args, dist, model, len(train_loader), teacher)
         if resume:
             run.load_state_dict(load_checkpoint(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")

@@ -330,7 +330,7 @@ def test_train_command_repeats_the_runs_own_flags():
     a = mm.resolve_args(mm.get_args_parser().parse_args(
         ["--arch", "mobilenet_v2", "--search-steps", "0", "--data", "synthetic:64,32,10", "--bits", "8,4,3", "--unfixed", "--amp",
          "--epochs", "5", "--lr", "0.02", "--seed", "3", "--stop-after-epoch", "2", "--alpha-optimizer", "adam",
-         "--output-dir", "runs/m", "--workers", "8", "--wd", "0.0001"]))
+         "--output-dir", "runs/m", "--workers", "8", "--optimizer", "sgd"]))
     run_args = {**vars(a), "target_gbops": 5.12, "pretrained": "/weights/mbv2.pth"}
     cmd = shlex.split(bl.train_command("runs/m", run_args, "runs/m/bits_random.json", "random", 4.123456789012345))
     assert cmd[:2] == ["python", os.path.relpath(mm.__file__)]
@@ -339,7 +339,7 @@ def test_train_command_repeats_the_runs_own_flags():
     assert cmd[-2:] == ["--target-gbops", "4.123456789012345"]
     text = " ".join(cmd)
     assert "--unfixed" in cmd and "--amp" in cmd and "--bits 8,4,3" in text and "--arch mobilenet_v2" in text
-    for flag in ("--stop-after-epoch", "--pretrained", "--workers", "--wd", "--w-bits", "--no-budget-repair",
+    for flag in ("--stop-after-epoch", "--pretrained", "--workers", "--optimizer", "--w-bits", "--no-budget-repair",
                  "--dry-run", "--search-epochs"):
         assert flag not in cmd, flag  # not repeated, or at metamix's default
     back = vars(mm.resolve_args(mm.get_args_parser().parse_args(cmd[2:])))

@@ -804,23 +804,55 @@ def test_readme_use_the_pieces_block_runs():
 # ---------------------------------------------------------------------------------------
 
 
-def test_run_imagenet_dry_run_prints_valid_commands():
-    env = dict(os.environ, DRY_RUN="1", DATA="/data/in1k", GPUS="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
-    p = subprocess.run(["bash", "run_imagenet.sh", "all"], capture_output=True, text=True, env=env, cwd=REPO,
+def run_imagenet(*argv, **env) -> list[list[str]]:
+    """The metamix.py words of each command `DRY_RUN=1 bash run_imagenet.sh ARGV` prints."""
+    env = dict(os.environ, DRY_RUN="1", DATA="/data/in1k", GPUS="4", NNODES="2", NODE_RANK="1",
+               MASTER_ADDR="10.0.0.1", **env)
+    p = subprocess.run(["bash", "run_imagenet.sh", *argv], capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=60)
     assert p.returncode == 0, p.stderr
-    lines = p.stdout.strip().splitlines()
-    assert len(lines) == 3
-    expect = {"resnet18": (33.0, [8, 4, 2], 0.4, 90), "mobilenet_v2": (5.12, [8, 4, 3], 1.0, 140),
-              "mobilenet_v3_large": (3.29, [8, 4, 3], 4.0, 140)}
-    for line in lines:
-        words = shlex.split(line)
+    lines = [shlex.split(line) for line in p.stdout.strip().splitlines()]
+    for words in lines:
         assert words[0] == "torchrun" and "--nnodes=2" in words and "--node_rank=1" in words
         assert "--master_addr=10.0.0.1" in words and "--nproc_per_node=4" in words
-        args = mm.resolve_args(mm.get_args_parser().parse_args(words[words.index("metamix.py") + 1:]))
-        assert args.amp and args.resume == "auto"
+    return [words[words.index("metamix.py") + 1:] for words in lines]
+
+
+@pytest.mark.parametrize("recipe", ["", "paper"])
+def test_run_imagenet_dry_run_prints_the_three_recipes(recipe):
+    """The paper's candidates, lambda, target and epochs for each model; the authors' recipe (teacher, 18
+    act-only epochs, their optimizers) by default, the paper-text one with one more word."""
+    cmds = run_imagenet("all", *[recipe] * bool(recipe))
+    assert len(cmds) == 3
+    expect = {"resnet18": (33.0, [8, 4, 2], 0.4, 90), "mobilenet_v2": (5.12, [8, 4, 3], 1.0, 140),
+              "mobilenet_v3_large": (3.29, [8, 4, 3], 4.0, 140)}
+    for words in cmds:
+        args = mm.resolve_args(mm.get_args_parser().parse_args(words))
+        assert args.amp and args.resume == "auto" and args.search_epochs == 2
         assert (args.target_gbops, args.bits, args.lam, args.epochs) == expect[args.arch]
         assert args.data == "/data/in1k" and args.batch_size == 32 and args.w_bits == 4
+        authors = (args.teacher, args.act_only_epochs, args.optimizer, args.alpha_optimizer, args.lr, args.alpha_lr)
+        assert authors == (("resnet101:ResNet101_Weights.IMAGENET1K_V1", 18, "adam", "authors", 5e-4, 1e-4)
+                           if not recipe else (None, 0, "sgd", "sgd", 0.01, 0.005))
+    bad = subprocess.run(["bash", "run_imagenet.sh", "all", "paperr"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "unknown recipe 'paperr'" in bad.stderr
+
+
+def test_run_imagenet_recipes_run_on_tiny_data(tmp_path):
+    """Each of the three commands, on tiny synthetic data for a few steps (the teacher: a local ResNet-101 with 10
+    classes, no pretrained weights; one act-only epoch, then one with W4)."""
+    teacher = tmp_path / "resnet101.pth"
+    torch.save(torchvision.models.resnet101(num_classes=10).state_dict(), teacher)
+    tiny = {"--data": "synthetic:16,8,10", "--epochs": "4", "--act-only-epochs": "1", "--batch-size": "8",
+            "--teacher": f"resnet101:{teacher}"}
+    for words in run_imagenet("all"):
+        words = [w for w in words if w != "--pretrained"]  # no weights to download here
+        for flag, value in tiny.items():
+            words[words.index(flag) + 1] = value
+        out = tmp_path / words[words.index("--arch") + 1]
+        assert main_in_process(*words, "--image-size", "32", "--search-steps", "0", "--output-dir", out) == 0
+        log = read_log(out)
+        assert [r["phase"] for r in log] == ["bit_selection"] * 2 + ["weight_training"] * 2
 
 
 # =======================================================================================
@@ -1161,8 +1193,13 @@ def test_the_weighted_average_reaches_the_papers_figures(arch, bits, target, bra
     (["--w-bits", "8,4"], ["--w-bits 8,4", "pairs.py"]),
     (["--first-last-bits", "17"], ["--first-last-bits", "invalid choice: 17"]),
     (["--stop-after-epoch", "-1"], ["--stop-after-epoch", "-1", "at least 0"]),
-    (["--wd", "-1"], ["--wd", "-1", "at least 0"]),
-    (["--wd", "nan"], ["--wd", "nan"]),
+    (["--act-only-epochs", "-1"], ["--act-only-epochs", "-1", "at least 0"]),
+    (["--act-only-epochs", "1"], ["--act-only-epochs 1", "no epoch with quantized weights", "--epochs 3"]),
+    (["--optimizer", "rmsprop"], ["--optimizer", "rmsprop"]),
+    (["--teacher", "resnet999"], ["--teacher resnet999", "not a torchvision classification model"]),
+    (["--teacher", "resnet18:V9"], ["--teacher 'V9'", "IMAGENET1K_V1"]),
+    (["--teacher", "resnet18"], ["--teacher ResNet18_Weights.IMAGENET1K_V1 needs 1000 classes", "10"]),
+    (["--teacher", "resnet18:/nonexistent/sd.pth"], ["--teacher /nonexistent/sd.pth: no such file"]),
     (["--lr", "0"], ["--lr", "above 0"]),
     (["--lr", "inf"], ["--lr", "inf"]),
     (["--lam", "-0.5"], ["--lam", "-0.5"]),
@@ -1197,8 +1234,8 @@ def test_bad_arguments(capsys, tmp_path, flags, needles):
 
 def test_one_line_on_the_real_command_line(tmp_path):
     """The same contract from a real process: argparse's own errors and the driver's (exit 2, one line)."""
-    p = run_cli("--wd", "-1", check=False)
-    assert p.returncode == 2 and error_line(p, "argument --wd", "at least 0").startswith("metamix: error:")
+    p = run_cli("--act-only-epochs", "-1", check=False)
+    assert p.returncode == 2 and error_line(p, "argument --act-only-epochs", "at least 0").startswith("metamix: error:")
     p = run_cli(*TINY, "--epochs", "3", "--target-gbops", "1", "--data", tmp_path / "nonexistent", check=False)
     line = error_line(p, "feasible range")
     assert p.returncode == 2 and "nonexistent" not in line  # the budget is checked before any data is touched
@@ -1493,3 +1530,187 @@ def test_supported_architectures_end_to_end(arch, tmp_path):
                            "--output-dir", tmp_path / "out") in (0,)
     log = read_log(tmp_path / "out")
     assert [r["phase"] for r in log] == ["bit_selection", "weight_training"] and all(r["loss"] == r["loss"] for r in log)
+
+
+# ---------------------------------------------------------------------------------------
+# The authors' recipe: distillation, act-only epochs, their optimizers
+# ---------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_by_hand():
+    """Row 1: teacher softmax (1/4, 3/4), student log-softmax (-ln 2, -ln 2): ln 2. Row 2: teacher (1/2, 1/2),
+    student softmax (3/4, 1/4): -(ln 3/4 + ln 1/4) / 2. The loss is their batch mean; the labels play no part."""
+    teacher = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]])
+    student = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]], requires_grad=True)
+    rows = [math.log(2), -(math.log(0.75) + math.log(0.25)) / 2]
+    loss = mm.distillation_loss(teacher)(student, torch.tensor([1, 0]))
+    assert loss.item() == pytest.approx(sum(rows) / 2, rel=1e-6)
+    assert loss.item() == mm.distillation_loss(teacher)(student, torch.tensor([0, 1])).item()
+    loss.backward()  # d/d logits = (softmax(student) - softmax(teacher)) / batch
+    assert torch.allclose(student.grad, torch.tensor([[0.25 / 2, -0.25 / 2], [0.25 / 2, -0.25 / 2]]), atol=1e-7)
+
+
+def _step_grads(step, model, targets) -> tuple[float, dict]:
+    out = step(model, targets)
+    loss = out[0] if isinstance(out, tuple) else out
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_distillation_leaves_the_labels_out_of_all_three_steps():
+    """With a teacher (and no label term), permuted labels give bit-identical losses and gradients in bit-meta,
+    bit-search and weight training; with labels as the criterion they differ (the test can fail)."""
+    torch.manual_seed(0)
+    base = mm.use_speed_path(mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4,
+                                            bops_image_size=32))
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    mm.init_quantizers(base, images)
+    kd = mm.distillation_loss(torch.randn(8, 10))
+    steps = {"meta": lambda m, t, c: mm.bit_meta_step(m, images, t, criterion=c),
+             "search": lambda m, t, c: mm.bit_search_step(m, images, t, 0.1, 30.0, criterion=c),
+             "train": lambda m, t, c: mm.weight_training_step(m, images, t, torch.optim.SGD(m.parameters(), lr=0.0),
+                                                               criterion=c)}
+    for name, step in steps.items():
+        if name == "train":
+            mm.apply_selection(base, [1] * len(mm.searched_layers(base)))
+            mm.set_mode(base, "selected", quant_weights=True)
+        results = {}
+        for key, targets, crit in (("kd", labels, kd), ("kd-perm", labels.flip(0), kd),
+                                   ("ce", labels, F.cross_entropy), ("ce-perm", labels.flip(0), F.cross_entropy)):
+            model = copy.deepcopy(base)
+            results[key] = _step_grads(lambda m, t: step(m, t, crit), model, targets)
+        (la, ga), (lb, gb) = results["kd"], results["kd-perm"]
+        assert la == lb and ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga), name
+        assert results["ce"][0] != results["ce-perm"][0], name
+
+
+def _tiny_teacher(path: Path, arch: str = "resnet18") -> Path:
+    torch.manual_seed(1)
+    model = torchvision.models.get_model(arch, num_classes=10)
+    model.train()(torch.randn(16, 3, 32, 32))  # BN statistics that are not the init's
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_teacher_runs_once_per_batch_frozen_and_unchanged(tmp_path, monkeypatch):
+    """The teacher is evaluated in eval mode once per training batch (not per bit-meta pass), gets no gradient,
+    and its weights and BN buffers end as they were loaded."""
+    path = _tiny_teacher(tmp_path / "teacher.pth")
+    built, calls = [], []
+    fp_model = mm.fp_model
+
+    def spy(arch, name, classes, flag="--pretrained"):
+        m = fp_model(arch, name, classes, flag)
+        if flag == "--teacher":
+            built.append(m)
+            m.register_forward_hook(lambda mod, i, o: calls.append((mod.training, torch.is_grad_enabled())))
+        return m
+
+    monkeypatch.setattr(mm, "fp_model", spy)
+    out = tmp_path / "out"
+    assert main_in_process(*REF, "--teacher", f"resnet18:{path}", "--output-dir", out) == 0
+    assert len(built) == 1 and len(calls) == 4 * 4  # 4 epochs of 4 steps (bit-meta's 3 passes share one)
+    assert all(not training and not grad for training, grad in calls)
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in built[0].state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in built[0].parameters())
+    assert json.loads((out / "args.json").read_text())["teacher"] == f"resnet18:{path}"
+
+
+def test_act_only_epochs_then_weights_from_that_moment(tmp_path, monkeypatch):
+    """--act-only-epochs 1 after 2 bit-selection epochs: epoch 3 with FP weights (no weight step initialised),
+    epoch 4 with W4, every weight step initialised at its first use from epoch 3's final weights, and a fresh
+    optimizer whose cosine restarts (SGD, per epoch: epoch 3 alone, then epochs 4-5)."""
+    flags = [*TINY, "--epochs", "5", "--act-only-epochs", "1"]
+    out = tmp_path / "out"
+    assert main_in_process(*flags, "--output-dir", out, "--stop-after-epoch", "3") == 0
+    ck3 = load_ck(out / "checkpoint.pth")
+    wq = {k: v for k, v in ck3["model"].items() if k.endswith("weight_quant._extra_state")}
+    assert wq and not any(v["initialized"] for v in wq.values())
+    inits = []
+    init_step = mm.LSQQuantizer.init_step
+
+    def spy(self, w):
+        init_step(self, w)
+        inits.append((w.detach().clone(), self.step.detach().clone(), {4: 7, 8: 127}[self.bits]))  # narrow grids
+
+    monkeypatch.setattr(mm.LSQQuantizer, "init_step", spy)
+    assert main_in_process(*flags, "--output-dir", out, "--resume", "auto") == 0
+    weights = [v for k, v in ck3["model"].items() if k.replace(".weight", ".weight_quant.step") in ck3["model"]
+               and k.endswith(".weight")]
+    assert len(inits) == len(weights) == 21
+    for w, step, qp in inits:  # each from epoch 3's weights, 2 mean|W_c| / sqrt(Qp) per output channel
+        assert any(torch.equal(w, v) for v in weights)
+        assert torch.allclose(step, 2 * w.abs().reshape(len(w), -1).mean(1) / math.sqrt(qp))
+    lr = [r["lr"] for r in read_log(out)]
+    assert lr[2] == lr[3] == 0.05 and lr[4] == pytest.approx(0.025)  # a restart at epoch 4; T_max 2 from there
+    assert all(v["initialized"] for k, v in load_ck(out / "checkpoint.pth")["model"].items() if k in wq)
+
+
+def test_the_authors_recipe_resumes_exactly_across_the_act_only_boundary(tmp_path):
+    """Teacher, act-only epoch, Adam with per-step cosine and clipping, the alphas' Adam from a random init:
+    stopped after the last act-only epoch and resumed, the run ends as the one that never stopped."""
+    path = _tiny_teacher(tmp_path / "teacher.pth", "mobilenet_v3_small")
+    flags = [*TINY, "--epochs", "5", "--act-only-epochs", "1", "--optimizer", "adam", "--alpha-optimizer", "authors",
+             "--teacher", f"mobilenet_v3_small:{path}"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert main_in_process(*flags, "--output-dir", ref) == 0
+    assert main_in_process(*flags, "--output-dir", out, "--stop-after-epoch", "3") == 0
+    assert main_in_process(*flags, "--output-dir", out, "--resume", "auto") == 0
+    assert_same_run(ref, out)
+    lr = [r["lr"] for r in read_log(ref)]
+    assert lr[:2] == pytest.approx([1e-4, 1e-4]) and lr[2] == lr[4] == pytest.approx(0, abs=1e-12)
+    assert lr[3] == pytest.approx(2.5e-4)  # per-step cosine to 0 in each stage: halfway through the second
+
+
+def test_the_authors_alpha_init_is_a_small_normal_draw(tmp_path):
+    out = tmp_path / "out"
+    assert main_in_process(*REF, "--alpha-optimizer", "authors", "--output-dir", out, "--stop-after-epoch", "1") == 0
+    alphas = torch.cat([v for k, v in load_ck(out / "checkpoint.pth")["model"].items()
+                        if k.endswith("act.alpha") and len(v) == 3])  # the searched layers' (a fixed one has one)
+    assert len(alphas) == 3 * 19 and 5e-4 < alphas.std().item() < 2e-3 and abs(alphas.mean().item()) < 5e-4
+
+
+def _run_for(tmp_path, *flags) -> mm.Run:
+    args = mm.resolve_args(mm.get_args_parser().parse_args([*TINY, *flags, "--output-dir", str(tmp_path)]))
+    torch.manual_seed(0)
+    return mm.Run(args, mm.Dist(), mm.build_model(args, 10), steps=4)
+
+
+def test_the_authors_adam_clips_its_own_gradients_at_norm_10(tmp_path):
+    run = _run_for(tmp_path, "--optimizer", "adam")
+    params = [p for g in run.opt.param_groups for p in g["params"]]
+    for p in params + mm.alphas_of(run.model):
+        p.grad = torch.full_like(p, 3.0)
+    alpha_grads = [a.grad.clone() for a in mm.alphas_of(run.model)]
+    run.opt.step()
+    norm = sum(p.grad.double().square().sum() for p in params).sqrt()
+    assert norm.item() == pytest.approx(10.0, rel=1e-5)
+    assert all(torch.equal(a.grad, g) for a, g in zip(mm.alphas_of(run.model), alpha_grads))  # not the alphas'
+    decay = run.opt.param_groups[0]
+    assert decay["weight_decay"] == 5e-6 and all(p.dim() == 4 for p in decay["params"])  # conv weights only
+    assert run.opt.param_groups[1]["weight_decay"] == 0 and decay["lr"] == pytest.approx(5e-4 / 5)  # bit selection
+    sgd = _run_for(tmp_path, "--optimizer", "sgd")
+    assert sgd.opt.param_groups[0]["weight_decay"] == 1e-4 and any(p.dim() == 2 for p in sgd.opt.param_groups[0]["params"])
+
+
+def test_the_authors_alpha_adam_first_step_by_hand(tmp_path):
+    """Adam with L2 on its first step: g' = g + 1e-3 alpha; m_hat = g', v_hat = g'^2 (bias-corrected, betas
+    0.5/0.999), so alpha -= lr * g' / (|g'| + eps), lr = 1e-4 (the authors', from pretrained weights)."""
+    run = _run_for(tmp_path, "--alpha-optimizer", "authors", "--alpha-lr", "1e-4")
+    folder = ["--data", str(tmp_path), "--pretrained", "--optimizer", "adam", "--alpha-optimizer", "authors"]
+    a = mm.resolve_args(mm.get_args_parser().parse_args(folder))
+    assert (a.lr, a.alpha_lr) == (5e-4, 1e-4)  # the authors' rates, from pretrained weights
+    alphas = mm.alphas_of(run.model)
+    with torch.no_grad():
+        for a in alphas:
+            a.normal_(0, 1e-3)
+    before = [a.detach().clone() for a in alphas]
+    grads = [torch.randn_like(a) * 1e-3 for a in alphas]
+    for a, g in zip(alphas, grads):
+        a.grad = g.clone()
+    run.opt_alpha.step()
+    for a, a0, g in zip(alphas, before, grads):
+        g2 = g.double() + 1e-3 * a0.double()
+        assert torch.allclose(a.detach().double(), a0.double() - 1e-4 * g2 / (g2.abs() + 1e-8), rtol=0, atol=1e-9)
+
+
