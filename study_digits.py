@@ -13,13 +13,15 @@ selection different. The table reports each method's paired difference to `rando
     python study_digits.py --out runs/digits --part pairs         # the supplement's Table 7 in miniature
     python study_digits.py --out runs/digits --part convergence   # the search's variants, 8 seeds, ~2 h
     python study_digits.py --out runs/digits --part quantizers    # the authors' quantizers against LSQ's own
+    python study_digits.py --out runs/digits --part recipe        # the authors' training recipe against ours
     python study_digits.py --out runs/digits-quick --quick        # one seed, MetaMix against random, a few steps
 
 Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_<method>_s<seed>/ (each run's
 output dir: bits.json, log.jsonl, selection.json for the selections, figure9.json for the pairs part;
-runs_convergence/ and runs_quantizers/ for those parts), results.json (with each FP model's SHA-256), table.md,
-alphas.md and top1_vs_gbops.png (--part baselines), table_pairs.md (--part pairs), table_convergence.md and
-convergence.png (--part convergence), table_quantizers.md (--part quantizers). scikit-learn is needed (a dependency of this study only); matplotlib is
+runs_<part>/ for the convergence, quantizers and recipe parts), results.json (with each FP model's SHA-256),
+table.md, alphas.md and top1_vs_gbops.png (--part baselines), table_pairs.md (--part pairs),
+table_convergence.md and convergence.png (--part convergence), table_quantizers.md (--part quantizers),
+table_recipe.md (--part recipe). scikit-learn is needed (a dependency of this study only); matplotlib is
 optional (the plots). Finished runs are kept: rerunning the command continues where it stopped.
 """
 from __future__ import annotations
@@ -93,12 +95,24 @@ MATCHED = 0.5  # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 
 # the middle of the feasible range: MobileNet-v2 7.0 GBOPs (4.16-9.93), MobileNet-v3-large 5.0 (2.87-7.06).
 QUANT = ["metamix-sgd-x4", "random", "quant-authors", "quant-plain"]
 QUANT_GRID = [("mobilenet_v2", 7.0, QUANT, [0, 1, 2, 3]), ("mobilenet_v3_large", 5.0, QUANT, [0, 1, 2, 3])]
-FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain"]  # runs made from the bits or meta-state of a source run
+# The training recipe: one selection (the default search's bits.json, same seed) trained from the FP model with
+# --bits-from five ways, so that only the recipe differs: ours (labels, W4 from epoch 3, SGD); distillation from
+# the study's FP model of the same architecture (the teacher; 98-99% here); the first 2 of the 6 weight-training
+# epochs with FP weights (the authors' 18 of 138, scaled up: 2 epochs are 92 steps); the authors' Adam recipe; all
+# three together (the authors' recipe). The budgets of the quantizers part, 2 + 6 epochs, seeds 0-3.
+RECIPE_FLAGS = {"recipe-ours": [], "recipe-kd": ["--teacher", "{teacher}"],
+                "recipe-actonly": ["--act-only-epochs", "2"], "recipe-adam": ["--optimizer", "adam", "--lr", "5e-4"]}
+RECIPE_FLAGS["recipe-authors"] = sum(RECIPE_FLAGS.values(), [])
+RECIPE = list(RECIPE_FLAGS)
+RECIPE_GRID = [("mobilenet_v2", 7.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3]),
+               ("mobilenet_v3_large", 5.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3])]
+FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain", *RECIPE]  # made from a source run's bits or meta-state
 PART_EPOCHS = {"convergence": 5, "quantizers": 5}  # the other parts: EPOCHS
-PART_SOURCE = {"quantizers": "metamix-sgd-x4"}  # the other parts: SOURCE
+PART_SOURCE = {"quantizers": "metamix-sgd-x4", "recipe": "metamix-sgd-x4"}  # the other parts: SOURCE
 # The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (--plain-lsq).
 PLAIN_PARTS = ("baselines", "pairs", "convergence")
-PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID, "quantizers": QUANT_GRID}
+PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID, "quantizers": QUANT_GRID,
+         "recipe": RECIPE_GRID}
 QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
 
 
@@ -111,7 +125,10 @@ def label(method: str) -> str:
              "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
              "metamix-adam-matched": "metamix Adam, LR x steps 0.5",
              "quant-authors": "the authors' quantizers (per-channel W, offset for hardswish)",
-             "quant-plain": "LSQ's own quantizers (per-tensor W, signed grid)"}
+             "quant-plain": "LSQ's own quantizers (per-tensor W, signed grid)",
+             "recipe-ours": "ours (labels, W4 from epoch 3, SGD)", "recipe-kd": "distillation (teacher: the FP model)",
+             "recipe-actonly": "2 act-only epochs first", "recipe-adam": "the authors' Adam recipe",
+             "recipe-authors": "the authors' recipe (all three)"}
     base = method.removesuffix("-pairs")
     return names.get(base, base) + (", 9 (A, W) pairs" if method.endswith("-pairs") else "")
 
@@ -232,10 +249,11 @@ def run_one(job: dict, log) -> dict:
              *["--plain-lsq"] * (job["part"] in PLAIN_PARTS)]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
-    if job["method"] in ("quant-authors", "quant-plain"):  # the source's bits, trained from the FP model
+    if job["method"] in ("quant-authors", "quant-plain", *RECIPE):  # the source's bits, trained from the FP model
+        recipe = [f.format(teacher=f"{job['arch']}:{job['init']}") for f in RECIPE_FLAGS.get(job["method"], [])]
         cmds = [["metamix.py", *flags, *method_flags(job["source_method"], job["epoch_steps"]), "--bits-from",
                  str(Path(job["source"]) / "bits.json"), *["--plain-lsq"] * (job["method"] == "quant-plain"),
-                 "--output-dir", str(out)]]
+                 *recipe, "--output-dir", str(out)]]
     elif job["method"] in SELECTIONS:
         src = Path(job["source"])
         out.mkdir(parents=True)
@@ -422,6 +440,26 @@ def table_quantizers(results: list[dict], fp: dict, fp_hash: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def table_recipe(results: list[dict], fp: dict, fp_hash: dict) -> str:
+    """The same bits trained with each recipe, paired per seed with ours."""
+    rows = ["| arch | target GBOPs | recipe | n | top-1 % (mean ± sd) | paired Δ vs ours (points) | Δ per seed | "
+            "wins / ties / losses | GBOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    for arch, target in sorted({(r["arch"], r["target"]) for r in results}):
+        here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
+        ours = {r["seed"]: r["top1"] for r in here if r["method"] == "recipe-ours"}
+        for method in [m for m in RECIPE if any(r["method"] == m for r in here)]:
+            rs = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
+            top = [r["top1"] for r in rs]
+            d = [r["top1"] - ours[r["seed"]] for r in rs if r["seed"] in ours] if method != "recipe-ours" else []
+            sd = statistics.stdev(top) if len(top) > 1 else 0.0
+            wtl = f"{sum(v > 0 for v in d)} / {sum(v == 0 for v in d)} / {sum(v < 0 for v in d)}" if d else "-"
+            rows.append(f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
+                        f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d)} | "
+                        f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | {wtl} | "
+                        f"{statistics.mean(r['gbops'] for r in rs):.3f} |")
+    return "\n".join(rows) + "\n"
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are optional)."""
     try:
@@ -498,7 +536,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
     p.add_argument("--part", choices=["all", *PARTS], default="all", help="baselines: every selection against "
                    "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds; "
-                   "quantizers: the authors' against LSQ's own, the same bits")
+                   "quantizers: the authors' against LSQ's own, the same bits; recipe: the authors' training recipe "
+                   "against ours, the same bits")
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
     try:
@@ -533,7 +572,7 @@ def main(argv=None) -> int:
     epoch_steps = sum(1 for _ in (data / "train").rglob("*.png")) // 32  # one epoch's steps at batch 32 (46)
 
     def folder(part, arch, t, m, s):
-        runs = f"runs_{part}" if part in ("convergence", "quantizers") else "runs"
+        runs = f"runs_{part}" if part in ("convergence", "quantizers", "recipe") else "runs"
         return str(out / runs / f"{arch}_t{t:g}_{m}_s{s}")
 
     jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
@@ -562,7 +601,8 @@ def main(argv=None) -> int:
         done_runs = dict(zip([j["out"] for j in order], ex.map(work, order)))
     results = [done_runs[j["out"]] for j in jobs]
     done = {part: [r for r, j in zip(results, jobs) if j["part"] == part] for part in parts}
-    keys = {"baselines": "runs", "pairs": "pairs", "convergence": "convergence", "quantizers": "quantizers"}
+    keys = {"baselines": "runs", "pairs": "pairs", "convergence": "convergence", "quantizers": "quantizers",
+            "recipe": "recipe"}
     saved = {"fp_top1": {}}
     if (out / "results.json").exists() and not a.quick:  # keep the other parts' runs in results.json
         saved = json.loads((out / "results.json").read_text())
@@ -592,6 +632,9 @@ def main(argv=None) -> int:
     if done.get("quantizers"):
         (out / "table_quantizers.md").write_text(table_quantizers(done["quantizers"], fp, saved["fp_sha256"]))
         print(table_quantizers(done["quantizers"], fp, saved["fp_sha256"]))
+    if done.get("recipe"):
+        (out / "table_recipe.md").write_text(table_recipe(done["recipe"], fp, saved["fp_sha256"]))
+        print(table_recipe(done["recipe"], fp, saved["fp_sha256"]))
     log(f"study done in {time.time() - t0:.0f}s: {len(jobs)} runs")
     return 0
 
