@@ -13,6 +13,13 @@ step, the largest). Every metamix contender runs the speed path that the driver 
     meta_pairs             bit_meta_step over (A, W) pairs (pairs.py), A x W = 3 x {8,4,2}: 9 passes
                            (also vs 9 x weight_train, and vs meta)
     search_pairs           bit_search_step over the 9 pairs: one convolution per W (also vs search_3)
+With --teacher ARCH (distillation, the authors' recipe; a frozen model in eval mode, no gradient):
+    teacher                its forward alone
+    selection              bit_selection_step in the search epoch: bit-meta (3 passes), then bit-search, same batch
+    selection_teacher      the same with the teacher: one teacher forward per batch, its output used by all 4 passes
+                           (vs selection + teacher: at most 1 when the output is reused, about 1 + 3 x teacher
+                           share if it were recomputed per pass, as the authors' code does)
+    weight_train_teacher   weight_train with the teacher (vs weight_train + teacher)
 It reports; it asserts nothing.
 
 Run it:
@@ -21,6 +28,7 @@ Run it:
     python bench_metamix.py --quick                  # smoke test: 32 px, batch 4, 1 warm-up, 2 reps, 1 thread
     python bench_metamix.py --arch resnet18 --reps 9 --threads 2
     python bench_metamix.py --device cuda --amp      # GPU: batch 128, 224 px, bf16 autocast
+    python bench_metamix.py --arch mobilenet_v3_large --teacher resnet101   # the teacher's share
 """
 from __future__ import annotations
 
@@ -57,15 +65,40 @@ def sgd(params):
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
 
-def train_step(model, images, targets, autocast):
+def criterion_of(teacher, images, autocast):
+    """The driver's loss for one batch: labels, or distillation from the teacher's one forward."""
+    if teacher is None:
+        return F.cross_entropy
+    with torch.no_grad(), autocast():
+        return metamix.distillation_loss(teacher(images))
+
+
+def train_step(model, images, targets, autocast, teacher=None):
     opt = sgd(model.parameters())
 
     def step():
+        criterion = criterion_of(teacher, images, autocast)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = F.cross_entropy(model(images), targets)
+            loss = criterion(model(images), targets)
         loss.backward()
         opt.step()
+    return step
+
+
+def teacher_step(teacher, images, autocast):
+    return lambda: criterion_of(teacher, images, autocast)
+
+
+def selection_step(model, images, targets, autocast, teacher=None):
+    """One iteration of the search epoch as the driver runs it (bit-meta, then bit-search on the same batch)."""
+    layers = metamix.searched_layers(model)
+    target = metamix.config_gbops([m.macs for m in layers], [4 * W_BITS] * len(layers), metamix.c_fixed_of(model))
+    opt, opt_alpha = sgd(metamix.meta_params(model)), sgd(metamix.alphas_of(model))
+
+    def step():
+        metamix.bit_selection_step(model, images, targets, opt, opt_alpha, search=True, lam=1.0, target_gbops=target,
+                                   autocast=autocast, criterion=criterion_of(teacher, images, autocast))
     return step
 
 
@@ -101,7 +134,7 @@ def init_steps(model, images, modes):
             model(images)
 
 
-def build(arch, images, targets, autocast, device):
+def build(arch, images, targets, autocast, device, teacher_arch=None):
     """{name: (model, step)} for the baseline and every contender; the same initial weights for all."""
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None, num_classes=1000).to(device)
@@ -136,6 +169,14 @@ def build(arch, images, targets, autocast, device):
     pairs_s = patched(bits3, W_PAIRS, pairs.PairQuantLayer)
     init_steps(pairs_s, images, [("search", {})])
     out["search_pairs"] = (pairs_s, search_step(pairs_s, images, targets, autocast))
+    if teacher_arch:
+        teacher = torchvision.models.get_model(teacher_arch, num_classes=1000).to(device).eval().requires_grad_(False)
+        out["teacher"] = (teacher, teacher_step(teacher, images, autocast))
+        for name, t in (("selection", None), ("selection_teacher", teacher)):
+            m = patched(bits3)
+            init_steps(m, images, [("meta", {"branch": b, "quant_weights": False}) for b in range(len(bits3))])
+            out[name] = (m, selection_step(m, images, targets, autocast, t))
+        out["weight_train_teacher"] = (wt_t := copy.deepcopy(wt), train_step(wt_t, images, targets, autocast, teacher))
     return out
 
 
@@ -175,7 +216,7 @@ def bench_arch(arch, args, device, autocast, sync):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device)
     targets = torch.randint(0, 1000, (args.batch_size,), generator=g).to(device)
-    steps = build(arch, images, targets, autocast, device)
+    steps = build(arch, images, targets, autocast, device, args.teacher)
     base = steps["fp"][1]
     names = [n for n in steps if n != "fp"]
     for _ in range(args.warmup):
@@ -207,6 +248,12 @@ def bench_arch(arch, args, device, autocast, sync):
         [a / b for a, b in zip(ratio["meta_pairs"], ratio["meta"])])
     res["search_pairs"]["time_ratio_vs_search_3"] = statistics.median(
         [a / b for a, b in zip(ratio["search_pairs"], ratio["search_3"])])
+    for with_t, without in (("selection_teacher", "selection"), ("weight_train_teacher", "weight_train")):
+        if with_t in res:  # the cost with the teacher against the cost without it plus one teacher forward
+            res[with_t]["time_ratio_vs_without_plus_teacher"] = statistics.median(
+                [a / (b + c) for a, b, c in zip(ratio[with_t], ratio[without], ratio["teacher"])])
+            res[with_t]["teacher_share"] = statistics.median(
+                [c / a for a, c in zip(ratio[with_t], ratio["teacher"])])
     return res
 
 
@@ -236,6 +283,11 @@ def print_table(results):
         print(f"{arch:<19}{'meta_pairs / meta':<30}{'':>9}{res['meta_pairs']['time_ratio_vs_meta']:>11.3f}")
         print(f"{arch:<19}{'search_pairs / search_3':<30}{'':>9}"
               f"{res['search_pairs']['time_ratio_vs_search_3']:>11.3f}")
+        for with_t, without in (("selection_teacher", "selection"), ("weight_train_teacher", "weight_train")):
+            if with_t in res:
+                r = res[with_t]
+                name, v = f"{with_t} / ({without} + teacher)", r["time_ratio_vs_without_plus_teacher"]
+                print(f"{arch:<19}{name:<48}{v:>7.3f}   (the teacher's share of {with_t}: {r['teacher_share']:.2f})")
 
 
 def parse_args(argv=None):
@@ -251,6 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="CI smoke test: 32 px, batch 4, 1 warm-up, 2 reps, 1 thread")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("--teacher", metavar="ARCH", help="also time distillation from this torchvision model, e.g. "
+                   "resnet101 (random weights: the time is the same)")
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
     if a.quick:

@@ -13,11 +13,12 @@ import bench_metamix as bench
 from conftest import run_cli
 
 CONTENDERS = {"fp", "weight_train", "weight_train_readable", "search_3", "search_6", "meta", "meta_pairs",
-              "search_pairs"}
+              "search_pairs", "teacher", "selection", "selection_teacher", "weight_train_teacher"}
 
 
 def test_quick_run_reports_every_contender_and_the_fused_memory():
-    p = run_cli("--quick", "--json", "--arch", "resnet18", script="bench_metamix.py", timeout=240)
+    p = run_cli("--quick", "--json", "--arch", "resnet18", "--teacher", "resnet18", script="bench_metamix.py",
+                timeout=240)
     res = json.loads(p.stdout.strip().splitlines()[-1])["resnet18"]
     assert set(res) == CONTENDERS
     for name, r in res.items():
@@ -31,6 +32,10 @@ def test_quick_run_reports_every_contender_and_the_fused_memory():
     assert abs(res["meta"]["saved_bytes_ratio"] - 1) < 1e-3  # bit-meta frees each pass before the next
     assert abs(res["search_6"]["saved_bytes"] - res["search_3"]["saved_bytes"]) < 4096  # K branches, one saved x
     assert "resnet18" in p.stdout and "weight_train" in p.stdout and "search_6 / search_3" in p.stdout
+    for name in ("selection_teacher", "weight_train_teacher"):  # reported, not asserted: times depend on the load
+        assert 0 < res[name]["teacher_share"] < 1 and res[name]["time_ratio_vs_without_plus_teacher"] > 0
+        assert f"{name} / (" in p.stdout
+    assert res["teacher"]["saved_bytes"] == 0  # no gradient: nothing saved for backward
 
 
 def test_saved_bytes_counts_each_storage_once_and_leaves_parameters_out():

@@ -104,3 +104,35 @@ def test_table_quantizers_pairs_the_same_bits_and_metamix_with_random():
     # MetaMix minus random: +2, -1 (mean 0.5, sd 2.12)
     assert " | +0.50 ± 2.12 vs random | +2.00 -1.00 | " in rows["metamix SGD 0.05, 4x longer (default)"]
     assert " | - | - | " in rows["random"] and " | - | - | " in rows["LSQ's own quantizers (per-tensor W, signed grid)"]
+
+
+def test_table_recipe_pairs_each_recipe_with_ours():
+    results = [_result("recipe-ours", 0, 90.0), _result("recipe-ours", 1, 92.0), _result("recipe-ours", 2, 91.0),
+               _result("recipe-kd", 0, 93.0), _result("recipe-kd", 1, 92.0), _result("recipe-kd", 2, 90.0),
+               _result("recipe-adam", 1, 91.5)]
+    rows = {x.split(" | ")[2]: x for x in sd.table_recipe(results, {"mobilenet_v2": 97.33},
+                                                           {"mobilenet_v2": "abc"}).splitlines()[2:]}
+    # distillation minus ours per seed: +3, 0, -1 (mean 0.67, sd 2.08); top-1 mean 91.67, sd 1.53
+    assert rows["distillation (teacher: the FP model)"] == (
+        "| mobilenet_v2 (FP 97.33, abc) | 4.6 | distillation (teacher: the FP model) | 3 | 91.67 ± 1.53 | "
+        "+0.67 ± 2.08 | +3.00 +0.00 -1.00 | 1 / 1 / 1 | 4.500 |")
+    assert " | 1 | 91.50 ± 0.00 | -0.50 ± 0.00 | -0.50 | 0 / 0 / 1 | " in rows["the authors' Adam recipe"]
+    assert " | - | - | - | " in rows["ours (labels, W4 from epoch 3, SGD)"]
+
+
+def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path):
+    """Each recipe run: metamix.py from the FP model with the source run's bits and its recipe's flags; the
+    teacher is the FP model of the same architecture."""
+    calls = []
+    monkeypatch.setattr(sd.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or pytest.fail("stop"))
+    job = dict(arch="mobilenet_v2", target=7.0, method="recipe-authors", seed=1, data="D", init="FP.pth", epochs=8,
+               search_epochs=2, threads=1, part="recipe", out=str(tmp_path / "run"), source=str(tmp_path / "src"),
+               source_method="metamix-sgd-x4", epoch_steps=46)
+    with pytest.raises(pytest.fail.Exception):
+        sd.run_one(job, print)
+    cmd = calls[0]
+    assert cmd[cmd.index("--bits-from") + 1] == str(tmp_path / "src" / "bits.json")
+    assert cmd[cmd.index("--teacher") + 1] == "mobilenet_v2:FP.pth" and cmd[cmd.index("--pretrained") + 1] == "FP.pth"
+    assert cmd[cmd.index("--act-only-epochs") + 1] == "2" and cmd[cmd.index("--optimizer") + 1] == "adam"
+    assert cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1] == "5e-4"  # the last --lr wins: the authors' 5e-4
+    assert "--plain-lsq" not in cmd
