@@ -71,13 +71,11 @@ def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float | None = None,
                  narrow: bool = False) -> torch.Tensor:
-    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, as LSQ's paper writes it. With v = x/s:
+    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s; s: positive(step), per tensor or row. v = x/s:
         d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
-        d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`)
-    positive(step) is used, one per tensor or per row of x (a weight's output channels); `grad_scale`: 1/sqrt(N Qp)."""
+        d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`, 1/sqrt(N Qp))"""
     qn, qp = lsq_range(bits, signed, narrow)
-    if grad_scale is None:
-        grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
+    grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed) if grad_scale is None else grad_scale
     s = positive(step).view(-1, *[1] * (x.dim() - 1)) if step.dim() else positive(step)
     s = s.detach() + (s * grad_scale - (s * grad_scale).detach())  # the value s, the gradient times g
     v = x / s
@@ -101,9 +99,8 @@ class LSQQuantizer(Stateful):
 
     def __init__(self, bits: int, channels: int = 1, narrow: bool = False, enabled: bool = True):
         super().__init__()
-        self.bits, self.narrow = bits, narrow
+        self.bits, self.narrow, self.enabled, self.initialized = bits, narrow, enabled, False
         self.step = nn.Parameter(torch.ones(channels))
-        self.enabled, self.initialized = enabled, False
 
     def init_step(self, w: torch.Tensor) -> None:
         with torch.no_grad():
@@ -130,16 +127,13 @@ class MultiBranchQuantizer(Stateful):
     def __init__(self, bits: Sequence[int], offset: float | None = None):
         super().__init__()
         self.bits = tuple(int(b) for b in bits)
-        self.step = nn.Parameter(torch.ones(len(self.bits)))
-        self.alpha = nn.Parameter(torch.zeros(len(self.bits)))
+        self.step, self.alpha = nn.Parameter(torch.ones(len(self.bits))), nn.Parameter(torch.zeros(len(self.bits)))
         self.signed, self.offset = None, offset  # unknown until the first batch (unless given)
-        self.initialized = [False] * len(self.bits)
-        self.mode, self.branch = "fp", 0
+        self.initialized, self.mode, self.branch = [False] * len(self.bits), "fp", 0
 
     def init_steps(self, x: torch.Tensor, branches: Sequence[int]) -> None:
         """LSQ's init from the data, s_i = 2 * mean|x| / sqrt(Qp_i), for the branches not initialised yet."""
-        todo = [i for i in branches if not self.initialized[i]]
-        if todo:
+        if todo := [i for i in branches if not self.initialized[i]]:
             with torch.no_grad():
                 if self.signed is None:
                     lo = float(x.min())
@@ -190,12 +184,11 @@ class QuantLayer(Stateful):
             raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
         self.op = LayerOp("linear") if isinstance(layer, nn.Linear) else \
             LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        self.kind = type(layer).__name__
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
         self.act = MultiBranchQuantizer(bits, 0.0 if plain else None)
         self.weight_quant = LSQQuantizer(w_bits, 1 if plain else len(self.weight), not plain, enabled=False)
         self.candidates = [(a, int(w_bits)) for a in self.act.bits]
-        self.name, self.macs, self.fixed = name, int(macs), fixed
+        self.name, self.kind, self.macs, self.fixed = name, type(layer).__name__, int(macs), fixed
         self.order, self.selected_branch = 0, 0  # position in forward order (patch_model sets it); the selection
 
     def set_state(self, mode: str, branch: int = 0, quant_weights: bool | None = None) -> None:
@@ -218,9 +211,8 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
     return y_hard - y_soft.detach() + y_soft
 
 # ==== 4. BOPs (Eq. 6) and the L1 BOPs regularizer (Eq. 4) ===========================================================
-# OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout, linear
-# in*out. BOPs = sum_l a_l * w_l * OPs_l, GBOPs = BOPs / 1e9; a candidate costs a * w bit operations per MAC
-# (the paper: w = w_bits for all). The first and last layers are fixed; their BOPs are Eq. 4's C_fixed.
+# OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout, linear in*out.
+# BOPs = sum_l a_l * w_l * OPs_l (paper: w_l = w_bits), GBOPs = BOPs / 1e9; fixed first/last layers: Eq. 4's C_fixed.
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """Quantized layers in forward order (the order patch_model recorded)."""
@@ -263,9 +255,8 @@ def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[
 
 def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], costs: Sequence[int],
                      macs: Sequence[int], c_fixed: float, target_gbops: float) -> list[int]:
-    """Our choice (the paper has none): lower bits until the configuration fits the target. Each move lowers one layer
-    to its next lower cost (the most probable of the candidates tied there); we take the move that gives up the
-    least softmax probability per BOP saved. Returns branch indices."""
+    """Our choice (the paper has none): lower bits until within the target, each time the layer whose move to its next
+    lower cost (the most probable candidate there) gives up least softmax probability per BOP saved."""
     branches, levels = list(branches), sorted(set(costs))
     while config_gbops(macs, [costs[i] for i in branches], c_fixed) > target_gbops + 1e-9:
         best = None
@@ -287,8 +278,7 @@ def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], 
 
 def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
     """(name, module, MACs, input values per image) of every Conv2d/Linear in forward order, from one forward pass."""
-    seen: list[tuple[str, nn.Module, int, int]] = []
-    names = {m: n for n, m in model.named_modules()}
+    seen, names = [], {m: n for n, m in model.named_modules()}
 
     def hook(mod, inp, out):
         if isinstance(mod, nn.Conv2d):
@@ -316,10 +306,8 @@ def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
     for i, (name, mod, macs, in_size) in enumerate(traced):
-        if i in (0, len(traced) - 1):
-            q = QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
-        else:
-            q = layer_type(mod, bits, w_bits, name, macs, plain=plain)
+        q = (QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
+             if i in (0, len(traced) - 1) else layer_type(mod, bits, w_bits, name, macs, plain=plain))
         q.order, q.in_size = i, in_size
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
@@ -357,8 +345,7 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #   init_quantizers(model, calib)                  # every branch's LSQ step, from one batch
 #   for epoch in 1 .. S:                           # bit selection
 #       for images, targets in loader:             #   Eq. 1; in epoch S also Eq. 3, same batch
-#           bit_selection_step(model, images, targets, opt, opt_alpha,
-#                              search=(epoch == S), lam=lam, target_gbops=t_bops)
+#           bit_selection_step(model, images, targets, opt, opt_alpha, search=epoch == S, lam=lam, target_gbops=t_bops)
 #   start_weight_training(model, t_bops)           # bits = argmax alpha; weight LSQ from the meta-state
 #   for epoch in S+1 .. E:                         # weight training (a fresh optimizer)
 #       for images, targets in loader:
@@ -402,8 +389,7 @@ def distillation_loss(teacher_logits: torch.Tensor):
 def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached; one backward per
     candidate, gradients accumulating in .grad. Our choice: BN layers shared by all candidates."""
-    n = len(searched_layers(model)[0].candidates)
-    total = torch.zeros((), device=images.device)
+    n, total = len(searched_layers(model)[0].candidates), torch.zeros((), device=images.device)
     for branch in range(n):
         set_mode(model, "meta", branch)
         with autocast():
@@ -494,8 +480,7 @@ def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None
     probs = F.softmax(act.alpha, dim=0) if act.mode != "branch" and probs is None else probs
     w_step = w_q = None
     if wq.enabled:
-        if not wq.initialized:
-            wq.init_step(layer.weight)
+        if not wq.initialized: wq.init_step(layer.weight)
         w_step = positive(wq.step).view(-1, *[1] * (layer.weight.dim() - 1))  # (C_out, 1, ...)
         w_q = _qparams(wq.bits, True, layer.weight.numel() // len(wq.step), wq.narrow)
     return _FusedQuantOp.apply(x, positive(act.step[branches]), probs, layer.weight, w_step,
@@ -514,8 +499,7 @@ def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:  # lo < v
 
 def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
     """g where Qn <= v <= Qp, else 0: the straight-through mask as hardtanh's backward, one pass, into `out`."""
-    if out is None:
-        return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
+    if out is None: return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
     return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=out)
 
 def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
@@ -543,8 +527,7 @@ def _mixture(x, steps, probs, a_q):
 def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
     """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation): d/dx = sum_i p_i * (g *
     inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> - <g * inside_i, v_i>) * grad scale."""
-    gs = torch.zeros_like(steps) if need_s else None
-    gp = torch.zeros_like(probs) if need_p else None
+    gs, gp = (torch.zeros_like(steps) if need_s else None), (torch.zeros_like(probs) if need_p else None)
     gx = v = q = gi = None  # buffers reused across branches
     for i, (qn, qp, grad_scale) in enumerate(a_q):
         v = torch.div(x, steps[i], out=v)
@@ -552,18 +535,15 @@ def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
         gi = _pass_inside(g, v, qn, qp, out=gi)  # g * inside_i
         gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
         gq = _dot(g, q) if need_p or need_s else None
-        if need_p:
-            gp[i] = steps[i] * gq
-        if need_s:
-            gs[i] = probs[i] * grad_scale * (gq - _dot(gi, v))
+        if need_p: gp[i] = steps[i] * gq
+        if need_s: gs[i] = probs[i] * grad_scale * (gq - _dot(gi, v))
     return gx, gs, gp
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
-    dt = g.dtype  # under autocast the forward ran in g's dtype
-    inp, w = inp.to(dt), weight.to(dt)
+    inp, w = inp.to(g.dtype), weight.to(g.dtype)  # under autocast the forward ran in g's dtype
     if op.kind == "linear":  # out = inp @ W^T + b over the last dim
         g2 = g.reshape(-1, g.shape[-1])
         g_in = (g @ w) if need_in else None
@@ -596,8 +576,7 @@ class _FusedQuantOp(torch.autograd.Function):
         ctx.save_for_backward(x, steps, probs, weight, w_step)
         ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias, ctx.offset = a_q, w_q, op, bias is not None, offset
         out = op(x_in, w)
-        if scale is None and bias is None:
-            return out
+        if scale is None and bias is None: return out
         y = _upcast(out) if scale is None else _upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
         if offset and probs is None:  # s op(q - o/s, W) = s op(q, W) - o op(1, W), in fp32
             with torch.autocast(x.device.type, enabled=False):
@@ -622,8 +601,7 @@ class _FusedQuantOp(torch.autograd.Function):
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
             q_in = q - o / steps[0] if o else q  # s * q_in: the quantized input
             g_in, g_w, g_b = _op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
-            if g_w is not None:
-                g_w.mul_(steps[0])
+            if g_w is not None: g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
                 v = xf / steps[0]  # d(s q)/ds = q - v * inside, built in q's buffer
                 r = q.sub_(_pass_inside(v, v, *a_q[0][:2], out=v))
@@ -644,8 +622,7 @@ class _FusedQuantOp(torch.autograd.Function):
         return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
 
 def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:  # the fused op, or sections 1-2's readable form
-    for m in quant_layers(model):
-        m.fused = on
+    for m in quant_layers(model): m.fused = on
     return model
 
 # ==== 8. The driver: torchrun, data, model, checkpoints, the run, the command line ==================================
@@ -667,10 +644,8 @@ class Dist:
         self.world, self.rank, local = int(env("WORLD_SIZE", "1")), int(env("RANK", "0")), int(env("LOCAL_RANK", "0"))
         self.main, self.cuda = self.rank == 0, torch.cuda.is_available()
         self.device = torch.device(f"cuda:{local}" if self.cuda else "cpu")
-        if self.cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
+        if self.cuda: torch.cuda.set_device(self.device)
+        if self.world > 1: torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
 
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
     """ONE all-reduce per step: the gradients, the loss and the stop flag (our choice instead of DDP, which handles
@@ -689,8 +664,7 @@ def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) ->
 def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     """(train images, val images, classes) of --data synthetic[:TRAIN,VAL,CLASSES]; None for a folder."""
     name, _, given = data.partition(":")
-    if name != "synthetic":
-        return None
+    if name != "synthetic": return None
     spec = [int(v) if v.isdigit() else -1 for v in given.split(",")] if given else [2560, 1000, 10]
     if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
         raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 validation image and 2 classes or more")
@@ -709,14 +683,12 @@ def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, spli
 
 def build_datasets(args):
     """(train set, val set, classes): synthetic, or ImageFolder with torchvision's reference transforms."""
-    spec = synthetic_spec(args.data)
-    if spec:
+    if spec := synthetic_spec(args.data):
         return (*(synthetic_dataset(n, spec[2], args.image_size, args.seed, s) for n, s in zip(spec, ("train", "val"))),
                 spec[2])
     if not os.path.isdir(args.data):
         raise BadInput(f"--data {args.data}: no such folder (expected train/ and val/ in it)")
-    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's mean and std
-    size = args.image_size
+    norm, size = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), args.image_size  # ImageNet's mean, std
     tf = {"train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
           "val": T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])}
     try:  # ImageFolder names a missing folder, a folder without classes, a class without images
@@ -730,8 +702,7 @@ def build_datasets(args):
 
 def build_loaders(args, dist: Dist, train_set, val_set):
     """Loaders (validation: each image once, rank r takes r, r+W, ...) and LSQ's calibration batch (from --seed)."""
-    share = len(train_set) // dist.world
-    if args.batch_size > share:
+    if args.batch_size > (share := len(train_set) // dist.world):
         raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images; use {share} or less")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     # workers are re-created each epoch (not persistent), seeded from the RNG state at its start: exact resume
@@ -750,8 +721,7 @@ PAPER_SETTINGS = {
 # Our choice for the other archs (their target: 95% of uniform A4).
 OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
                   None: dict(bits="8,4,2", lam=1.0, epochs=90)}
-# LRs (from pretrained weights, from scratch). Ours: SGD (the digits study's, docs/digits.md), Adam on the alphas;
-# the authors': Adam 5e-4 (1e-4 in bit selection) on the weights, 1e-4 on the alphas (x10 from scratch, ours).
+# LRs (from pretrained weights, from scratch): ours (SGD: the digits study's, docs/digits.md), the authors' (Adam).
 LR = {"sgd": (0.01, 0.05), "adam": (5e-4, 5e-4)}
 ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1), "authors": (1e-4, 1e-3)}
 # What metamix can neither quantize nor count in BOPs (Swin's attention shows as Linear modules not called).
@@ -823,8 +793,7 @@ def atomic_write(path: str, data: bytes) -> None:
             raise BadInput(f"no space left on device writing {path}; its previous version is intact") from None
         raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(tmp): os.remove(tmp)
 
 def saved_bytes(obj) -> bytes:  # a full disk then fails in atomic_write, naming the path, not in torch.save
     buf = io.BytesIO()
@@ -849,8 +818,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
         pickled = "weights_only" in str(e) or "Unsupported global" in str(e)
         raise BadInput(f"{flag} {path} " + ("holds pickled Python objects, which metamix does not load (weights_only)"
                        if pickled else f"is truncated or corrupt (torch.load fails with {type(e).__name__})")) from None
-    if not isinstance(ck, dict):
-        raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
+    if not isinstance(ck, dict): raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-4"
@@ -870,22 +838,17 @@ class Run:
 
     phase = property(lambda self: "bit_selection" if self.selected is None else "weight_training")
 
-    def weights_quantized(self) -> bool:  # in the last epoch done (after --act-only-epochs of weight training)
-        return self.selected is not None and self.epoch > self.args.search_epochs + self.args.act_only_epochs
-
     def build_optimizers(self):
-        """The paper is silent. Ours: SGD (momentum 0.9, decay 1e-4 on conv/linear weights), a constant LR in bit
-        selection, a per-epoch cosine in weight training. The authors' (--optimizer adam): Adam, L2 5e-6 on conv
-        weights, LR/5 in bit selection, a per-step cosine, the gradients' norm clipped at 10. Each weight-training
-        stage (--act-only-epochs, then quantized weights) a fresh one. Alphas: SGD, or Adam with betas (0.5, 0.999)
-        and L2 1e-3 (the authors')."""
+        """The paper is silent. Ours: SGD, decay 1e-4 on conv/linear weights, constant LR in bit selection, then a
+        per-epoch cosine. The authors' (--optimizer adam): Adam, L2 5e-6 on conv weights, LR/5 in bit selection, a
+        per-step cosine, clipping at norm 10. A fresh one for each weight-training stage (act-only, then W)."""
         a, alphas, adam = self.args, alphas_of(self.model), self.args.optimizer == "adam"
         decay = [m.weight for m in quant_layers(self.model) if m.weight.dim() == 4 or not adam]
         rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
         groups = [{"params": decay, "weight_decay": 5e-6 if adam else 1e-4}, {"params": rest, "weight_decay": 0.0}]
         lr = a.lr / 5 if adam and self.selected is None else a.lr
         self.opt = torch.optim.Adam(groups, lr=lr) if adam else torch.optim.SGD(groups, lr=lr, momentum=0.9)
-        if adam:  # this optimizer's gradients only (the authors' code clips the alphas' stale ones too)
+        if adam:  # before each step, this optimizer's gradients only (their code: the alphas' stale ones too)
             self.opt.register_step_pre_hook(lambda opt, *_: (nn.utils.clip_grad_norm_(decay + rest, 10), None)[1])
         self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9) if a.alpha_optimizer == "sgd" else \
             torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
@@ -907,24 +870,22 @@ class Run:
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
         self.epoch, self.selected, self.history, self.fp_top1 = map(ck.get, ("epoch", "selected", "history", "fp_top1"))
-        set_mode(self.model, "selected", quant_weights=self.weights_quantized())  # what was evaluated last
+        w_on = self.selected is not None and self.epoch > a.search_epochs + a.act_only_epochs  # after act-only epochs
+        set_mode(self.model, "selected", quant_weights=w_on)  # what was evaluated last
         self.build_optimizers()
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
-            if obj is not None:
-                obj.load_state_dict(ck[key])
+            if obj is not None: obj.load_state_dict(ck[key])
         rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        if self.dist.cuda and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
+        if self.dist.cuda and "cuda" in rng: torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
         """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (for --bits-from)."""
         state = {"torch": torch.get_rng_state(), "python": random.getstate(),
                  **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
         rng = [state] * self.dist.world  # every rank's RNG state: rank r resumes with its own
-        if self.dist.world > 1:
-            torch.distributed.all_gather_object(rng, state)
+        if self.dist.world > 1: torch.distributed.all_gather_object(rng, state)
         if self.dist.main:
             data = saved_bytes({
                 "format": CHECKPOINT_FORMAT, "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
@@ -939,13 +900,11 @@ class Run:
                          "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
 def log(dist: Dist, *msg) -> None:
-    if dist.main:
-        print(*msg, flush=True)
+    if dist.main: print(*msg, flush=True)
 
 def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     """One epoch of the current phase (section 6's steps); returns the mean loss."""
-    a, model, dist = run.args, run.model, run.dist
-    selecting = run.phase == "bit_selection"
+    a, model, dist, selecting = run.args, run.model, run.dist, run.phase == "bit_selection"
     searching = selecting and epoch == a.search_epochs and not a.bits_from  # --bits-from: the selection is given
     model.train()
     passes = max(1, -(-a.search_steps // len(loader))) if searching else 1  # the search: --search-steps or more
@@ -953,26 +912,21 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
         for p in range(passes):
             loader.sampler.set_epoch(epoch + 1000 * p)
             yield from loader
-
     steps, t0, total = len(loader) * passes, time.time(), 0.0
     argmax, run.search = (argmax_branches(model), 0) if searching else (None, None)
     for step, (images, targets) in enumerate(batches(), 1):
         images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
-
         def sync(params, loss):  # one all-reduce, then the NaN and stop checks, before the update
             loss_v, stop = sync_step(dist, params, loss)
             if not math.isfinite(loss_v):
                 last = f"epoch {run.epoch} in checkpoint.pth" if run.epoch else "none written yet"
                 raise BadInput(f"the loss is {loss_v} at epoch {epoch} step {step}/{steps}, stopped before this update "
                                f"(last good checkpoint: {last}); try a lower --lr")
-            if stop:
-                raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
+            if stop: raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
             return loss_v
 
-        criterion = F.cross_entropy
-        if run.teacher is not None:  # once per batch, for all of the step's passes
-            with torch.no_grad(), autocast():
-                criterion = distillation_loss(run.teacher(images))
+        with torch.no_grad(), autocast():  # the teacher once per batch, for all of the step's passes
+            criterion = F.cross_entropy if run.teacher is None else distillation_loss(run.teacher(images))
         if selecting:
             loss_v, _, gb = bit_selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
                                                lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync,
@@ -981,8 +935,7 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                 argmax, run.search = now, step  # the last step at which the argmax configuration changed
         else:
             loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync, criterion)
-            if a.optimizer == "adam":
-                run.sched.step()  # per step (the authors'); SGD's cosine steps per epoch
+            if a.optimizer == "adam": run.sched.step()  # per step (the authors'); SGD's cosine steps per epoch
         total += loss_v
         if dist.main and (step % min(100, max(1, steps // 2)) == 0 or step == steps):
             dt, kind = time.time() - t0, ("meta+search" if searching else "meta") if selecting else "train"
@@ -1017,8 +970,7 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         tot += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(), hit[:, 0].sum().double(),
                             hit.any(1).sum().double(), torch.tensor(len(targets), device=dist.device).double()])
-    if dist.world > 1:
-        torch.distributed.all_reduce(tot)
+    if dist.world > 1: torch.distributed.all_reduce(tot)
     loss, top1, top5, n = tot.tolist()
     return {"val_loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "n": int(n)}
 
@@ -1062,8 +1014,7 @@ def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int
         raise BadInput(f"{flag}: {'not JSON' if isinstance(e, ValueError) else 'cannot read it'} ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
         data = {r.get("name"): [r.get("a_bits"), r.get("w_bits")] for r in data["layers"] if isinstance(r, dict)}
-    if not isinstance(data, dict):
-        raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
+    if not isinstance(data, dict): raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
     layers, searched = {m.name: m for m in quant_layers(model)}, searched_layers(model)
     unknown, missing = [n for n in data if n not in layers], [m.name for m in searched if m.name not in data]
     if unknown or missing:
@@ -1101,8 +1052,7 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
         if a.alpha_optimizer == "authors":  # their init: a normal draw, std 1e-3 (ours: zeros)
-            for alpha in alphas_of(model):
-                nn.init.normal_(alpha, std=1e-3)
+            for alpha in alphas_of(model): nn.init.normal_(alpha, std=1e-3)
         if dist.world > 1:  # the ranks agree but for float noise: rank 0's steps, grids and signs for all
             for t in filter(torch.is_tensor, model.state_dict().values()):
                 torch.distributed.broadcast(t, 0)
@@ -1228,11 +1178,10 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
         raise BadInput(f"--act-only-epochs {args.act_only_epochs} leaves no epoch with quantized weights (--epochs "
                        f"{args.epochs}, --search-epochs {args.search_epochs})")
     if args.teacher:  # its weights by name resolved now (e.g. ResNet101_Weights.IMAGENET1K_V1); loaded at the start
-        arch, _, name = args.teacher.partition(":")
+        arch, _, w = args.teacher.partition(":")
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise BadInput(f"--teacher {args.teacher}: {arch!r} is not a torchvision classification model")
-        weights = name if local_weights(name) else resolve_weights(arch, name or "DEFAULT", "--teacher")
-        args.teacher = f"{arch}:{weights}"
+        args.teacher = f"{arch}:{w if local_weights(w) else resolve_weights(arch, w or 'DEFAULT', '--teacher')}"
     return args
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
@@ -1270,8 +1219,7 @@ def prepare_output_dir(args, rank: int) -> str | None:
         lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock.flush()
         _LOCKS.append(lock)
-    if args.resume == "auto":
-        return ck if os.path.exists(ck) else None
+    if args.resume == "auto": return ck if os.path.exists(ck) else None
     if not args.resume and os.path.exists(ck):
         raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto")
     return args.resume
@@ -1284,8 +1232,7 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         (sum(e.is_dir() for e in os.scandir(train_dir)) if os.path.isdir(train_dir) else 0) or 1000
     model = build_model(args, classes, layer_type)
     lo, hi = check_budget(model, args)  # before any folder is made or data is read
-    if args.bits_from:
-        read_bits_from(model, args.bits_from, args.target_gbops)
+    if args.bits_from: read_bits_from(model, args.bits_from, args.target_gbops)
     if args.dry_run:
         layers = quant_layers(model)
         print(f"{len(layers)} quantized layers, {sum(m.macs for m in layers) / 1e6:.2f} MMACs at 224 px, candidates "
@@ -1298,8 +1245,7 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
     resume = prepare_output_dir(args, int(os.environ.get("RANK", "0")))
     dist = Dist()
     try:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, _on_signal)
+        for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
         # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
         random.seed(args.seed + dist.rank)
@@ -1333,8 +1279,7 @@ def main(args, layer_type: type = QuantLayer) -> int:
         return run_main(args, layer_type)
     except (Exception, KeyboardInterrupt) as e:
         signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else 0)
-        if os.environ.get("METAMIX_DEBUG") and not signum:
-            raise
+        if os.environ.get("METAMIX_DEBUG") and not signum: raise
         ck, code = os.path.join(args.output_dir, "checkpoint.pth"), 128 + signum if signum else 2
         if signum:  # also when the signal reached the DataLoader workers first
             where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""  # the step every rank stopped at

@@ -154,4 +154,8 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    sys.exit(mm.main(get_args_parser().parse_args(), layer_type=PairQuantLayer))
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if args.act_only_epochs:  # a pair's W is quantized in every phase: there is no full-precision stage to keep
+        parser.error("--act-only-epochs: (A, W) pairs quantize the weights in every phase; use metamix.py")
+    sys.exit(mm.main(args, layer_type=PairQuantLayer))

@@ -307,14 +307,15 @@ def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
     error_line(p, "the checkpoint has --w-bits 8,4,2, not 4")
 
 
-@pytest.mark.parametrize("w_bits, needles", [
-    ("8,4,20", ["--w-bits", "8,4,20", "between 2 and 16"]),
-    ("4,4", ["--w-bits", "'4,4'", "distinct"]),
-    ("4,x", ["--w-bits", "'4,x'"]),
-], ids=["w-20", "duplicate", "not-int"])
-def test_pair_bad_w_bits(tmp_path, w_bits, needles):
+@pytest.mark.parametrize("flags, needles", [
+    (["--w-bits", "8,4,20"], ["--w-bits", "8,4,20", "between 2 and 16"]),
+    (["--w-bits", "4,4"], ["--w-bits", "'4,4'", "distinct"]),
+    (["--w-bits", "4,x"], ["--w-bits", "'4,x'"]),
+    (["--act-only-epochs", "1"], ["pairs: error: --act-only-epochs", "every phase"]),
+], ids=["w-20", "duplicate", "not-int", "act-only"])
+def test_pair_bad_flags(tmp_path, flags, needles):
     out = tmp_path / "out"
-    p = run_cli(*PAIR, "--w-bits", w_bits, "--output-dir", out, script="pairs.py", check=False, timeout=120)
+    p = run_cli(*PAIR, *flags, "--output-dir", out, script="pairs.py", check=False, timeout=120)
     error_line(p, *needles)
     assert p.returncode == 2 and not out.exists()
 
