@@ -153,9 +153,13 @@ def get_args_parser():
     return p
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     parser = get_args_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.act_only_epochs:  # a pair's W is quantized in every phase: there is no full-precision stage to keep
         parser.error("--act-only-epochs: (A, W) pairs quantize the weights in every phase; use metamix.py")
-    sys.exit(mm.main(args, layer_type=PairQuantLayer))
+    return mm.main(args, layer_type=PairQuantLayer)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

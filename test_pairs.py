@@ -311,11 +311,11 @@ def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
     (["--w-bits", "8,4,20"], ["--w-bits", "8,4,20", "between 2 and 16"]),
     (["--w-bits", "4,4"], ["--w-bits", "'4,4'", "distinct"]),
     (["--w-bits", "4,x"], ["--w-bits", "'4,x'"]),
-    (["--act-only-epochs", "1"], ["pairs: error: --act-only-epochs", "every phase"]),
+    (["--act-only-epochs", "1"], ["error: --act-only-epochs", "pairs quantize the weights in every phase"]),
 ], ids=["w-20", "duplicate", "not-int", "act-only"])
-def test_pair_bad_flags(tmp_path, flags, needles):
+def test_pair_bad_flags(call, tmp_path, flags, needles):
     out = tmp_path / "out"
-    p = run_cli(*PAIR, *flags, "--output-dir", out, script="pairs.py", check=False, timeout=120)
+    p = call(pairs.main, *PAIR, *flags, "--output-dir", out)
     error_line(p, *needles)
     assert p.returncode == 2 and not out.exists()
 
