@@ -796,8 +796,7 @@ def atomic_write(path: str, data: bytes) -> None:
         if os.path.exists(tmp): os.remove(tmp)
 
 def saved_bytes(obj) -> bytes:  # a full disk then fails in atomic_write, naming the path, not in torch.save
-    buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(obj, buf := io.BytesIO())
     return buf.getvalue()
 
 def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") -> dict:
@@ -806,8 +805,7 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
         hint = "give a file in it" + (", or --resume auto" if flag == "--resume" else "")
         raise BadInput(f"{flag} {path} is a folder, not {what}; {hint}" if os.path.isdir(path) else
                        f"{flag} {path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    with open(path, "rb") as f: head = f.read(4096)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or a legacy pickle
         text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
         kind = ("a JSON file" if head.lstrip()[:1] in b"{[" else "a text file") if text else "a file of another kind"
@@ -861,7 +859,8 @@ class Run:
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise BadInput(f"--resume {path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
         old, a = ck["args"], self.args
-        for key in SAME_RUN + (() if ck["selected"] is None and ck["epoch"] >= a.search_epochs else SAME_SELECTION):
+        boundary = ck["selected"] is None and ck["epoch"] >= a.search_epochs  # optimizers rebuilt before any step
+        for key in SAME_RUN + (() if boundary else SAME_SELECTION):
             mine, theirs = (",".join(map(str, v)) if isinstance(v, list) else v for v in (getattr(a, key), old[key]))
             if mine != theirs:
                 raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, not {mine}")
@@ -873,8 +872,10 @@ class Run:
         w_on = self.selected is not None and self.epoch > a.search_epochs + a.act_only_epochs  # after act-only epochs
         set_mode(self.model, "selected", quant_weights=w_on)  # what was evaluated last
         self.build_optimizers()
+        if a.optimizer == "adam" and self.selected is not None and len(ck["rng"]) != self.dist.world:
+            raise BadInput(f"--resume {path}: Adam's per-step schedule needs its {len(ck['rng'])} processes again")
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
-            if obj is not None: obj.load_state_dict(ck[key])
+            if obj is not None and not boundary: obj.load_state_dict(ck[key])
         rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -1067,9 +1068,8 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         elif a.act_only_epochs and epoch == a.search_epochs + a.act_only_epochs + 1:  # weights quantized from here,
             set_mode(model, "selected", quant_weights=True)  # their steps from these weights; a fresh optimizer
             run.build_optimizers()
-        phase, t0 = run.phase, time.time()
+        phase, t0, lr = run.phase, time.time(), run.opt.param_groups[0]["lr"]  # the rate this epoch starts with
         loss = train_one_epoch(run, train_loader, epoch, autocast)
-        lr = run.opt.param_groups[0]["lr"]  # the rate this epoch trained with
         if phase == "bit_selection":  # evaluate the argmax configuration, weights in full precision
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
@@ -1142,10 +1142,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--teacher", metavar="ARCH[:WEIGHTS|PATH]", help="distil from this frozen torchvision model, in every phase "
         "(the authors': resnet101:IMAGENET1K_V1; weights as --pretrained takes them, default DEFAULT)")
     add("--optimizer", choices=("sgd", "adam"), default="sgd", help="of the weights: ours, or the authors' Adam recipe")
-    add("--lr", type=number(float, 0, above=True), help="weights' LR (SGD 0.01 from --pretrained, else .05; Adam 5e-4)")
+    add("--lr", type=number(float, 0, above=True), help="LR (SGD .01 pretrained, else .05; Adam 5e-4, /5 in selection)")
     add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="of the alphas (authors': Adam "
         "at 1e-4 from a random init)")
-    add("--alpha-lr", type=number(float, 0, above=True), help="alpha LR (SGD .005, Adam .01; x10 from scratch)")
+    add("--alpha-lr", type=number(float, 0, above=True), help="SGD .005, Adam .01, authors 1e-4; x10 from scratch")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")
     add("--output-dir", default="runs/metamix", help="checkpoint.pth, meta_state.pth, bits.json, log.jsonl")

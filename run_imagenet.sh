@@ -47,7 +47,7 @@ recipe() {  # arch, target GBOPs, candidates, lambda, epochs
                --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT"
                metamix.py --arch "$arch" --data "$DATA" --pretrained --target-gbops "$gbops"
                --bits "$bits" --w-bits 4 --lam "$lam" --epochs "$epochs" --search-epochs 2
-               "${RECIPE_FLAGS[@]}" --batch-size "$BATCH" --amp --resume auto
+               ${RECIPE_FLAGS[@]+"${RECIPE_FLAGS[@]}"} --batch-size "$BATCH" --amp --resume auto
                --output-dir "$OUT/$arch-${gbops}gbops-$RECIPE")
     # shellcheck disable=SC2206
     cmd+=($EXTRA)

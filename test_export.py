@@ -328,7 +328,8 @@ def _failed(code: int, stdout: str, stderr: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["export.py"], code, stdout, stderr)
 
 def test_export_bad_input(ref_run, tmp_path):
-    """Still in bit selection, a missing or a foreign run or checkpoint: one line, exit 2, nothing written."""
+    """Still in bit selection or in the act-only epochs, a missing or a foreign run or checkpoint: one line, exit 2,
+    nothing written."""
     selecting = tmp_path / "selecting"  # a run whose checkpoint.pth is at the phase boundary (bit selection)
     selecting.mkdir()
     os.symlink(ref_run / "meta_state.pth", selecting / "checkpoint.pth")
@@ -336,6 +337,9 @@ def test_export_bad_input(ref_run, tmp_path):
     empty.mkdir()
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, foreign)
+    act_only = tmp_path / "act_only.pth"  # epoch 4 of a run whose epochs 3-4 keep the weights in full precision
+    ck = torch.load(ref_run / "checkpoint.pth", weights_only=True)
+    torch.save({**ck, "args": {**ck["args"], "act_only_epochs": 2}}, act_only)
     cases = [([selecting], ["still in bit selection", "checkpoint of epoch 2, bit selection takes 2",
                             "export a checkpoint of weight training"]),
              ([empty, "--checkpoint", ref_run / "meta_state.pth"], ["--checkpoint", "still in bit selection"]),
@@ -344,6 +348,7 @@ def test_export_bad_input(ref_run, tmp_path):
              ([empty], [str(empty), "holds no checkpoint.pth"]),
              ([empty, "--checkpoint", tmp_path / "missing.pth"], [str(tmp_path / "missing.pth"), "no such file"]),
              ([empty, "--checkpoint", foreign], [str(foreign), "not a metamix checkpoint"]),
+             ([empty, "--checkpoint", act_only], ["--act-only-epochs", "checkpoint of epoch 4", "not quantized yet"]),
              ([empty, "--checkpoint", ref_run / "bits.json"], ["bits.json", "JSON file, not a metamix checkpoint"]),
              ([empty, "--checkpoint", empty], [str(empty), "is a folder"]),
              ([], ["export: error:", "RUN_DIR"]),
@@ -376,3 +381,12 @@ def test_export_data_errors(ref_run, tmp_path, monkeypatch, error, code, needles
     result = export_in_process(out)
     error_line(_failed(*result), *needles)
     assert result[0] == code and not (out / "model_int.pth").exists()
+
+
+def test_load_run_keeps_the_weights_of_an_act_only_checkpoint_in_full_precision(ref_run, tmp_path):
+    """runs.load_run puts a checkpoint in the mode it was evaluated in: weight LSQ off in the act-only epochs."""
+    ck = torch.load(ref_run / "checkpoint.pth", weights_only=True)  # epoch 4; bits selected after epoch 2
+    for act_only, quantized in ((0, True), (1, True), (2, False)):
+        torch.save({**ck, "args": {**ck["args"], "act_only_epochs": act_only}}, tmp_path / "ck.pth")
+        _, model, _ = runs.load_run(str(tmp_path / "ck.pth"))
+        assert all(m.weight_quant.enabled == quantized for m in mm.quant_layers(model)), act_only

@@ -1282,6 +1282,15 @@ def test_resume_in_weight_training_refuses_another_lr(capsys, ref_run, tmp_path)
     before = fingerprint(out)
     line = error_in_process(capsys, *REF, "--output-dir", out, "--resume", "auto", "--lr", "0.02")
     assert "the checkpoint has --lr 0.05, not 0.02" in line and fingerprint(out) == before
+    for flags, says in ((["--optimizer", "adam", "--lr", "0.05"], "--optimizer sgd, not adam"),
+                        (["--act-only-epochs", "1"], "--act-only-epochs 0, not 1"),
+                        (["--teacher", f"resnet18:{_tiny_teacher(tmp_path / 't.pth')}"], "--teacher None, not resnet18:")):
+        assert says in error_in_process(capsys, *REF, "--output-dir", out, "--resume", "auto", *flags)
+    assert fingerprint(out) == before
+    # at the phase boundary they may change: the optimizers are rebuilt before any step (SGD's state is not Adam's)
+    fork = tmp_path / "fork"
+    assert main_in_process(*REF, "--optimizer", "adam", "--output-dir", fork, "--resume", ref_run / "meta_state.pth") == 0
+    assert [r["lr"] for r in read_log(fork)][2:] == pytest.approx([5e-4, 2.5e-4])  # a fresh Adam, per-step cosine
 
 
 def test_resume_and_pretrained_refuse_bad_files_in_a_sentence(capsys, ref_run, tmp_path):
@@ -1563,6 +1572,25 @@ def test_distillation_leaves_the_labels_out_of_all_three_steps():
         assert results["ce"][0] != results["ce-perm"][0], name
 
 
+@pytest.mark.parametrize("fixed", [True, False])
+def test_bit_selection_step_passes_the_criterion_to_every_pass(fixed):
+    """bit_selection_step in the search epoch: the criterion of each of bit-meta's 3 passes and of the search step."""
+    torch.manual_seed(0)
+    model = mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4, bops_image_size=32)
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    mm.init_quantizers(model, images)
+    calls = []
+
+    def criterion(logits, targets):
+        calls.append(targets is labels)
+        return F.cross_entropy(logits, targets)
+
+    opt, opt_alpha = (torch.optim.SGD(ps, lr=0.0) for ps in (mm.meta_params(model), mm.alphas_of(model)))
+    mm.bit_selection_step(model, images, labels, opt, opt_alpha, search=True, lam=0.1, target_gbops=30.0,
+                          fixed=fixed, criterion=criterion)
+    assert calls == [True] * 4
+
+
 def _tiny_teacher(path: Path, arch: str = "resnet18") -> Path:
     torch.manual_seed(1)
     model = torchvision.models.get_model(arch, num_classes=10)
@@ -1626,7 +1654,7 @@ def test_act_only_epochs_then_weights_from_that_moment(tmp_path, monkeypatch):
     assert all(v["initialized"] for k, v in load_ck(out / "checkpoint.pth")["model"].items() if k in wq)
 
 
-def test_the_authors_recipe_resumes_exactly_across_the_act_only_boundary(tmp_path):
+def test_the_authors_recipe_resumes_exactly_across_the_act_only_boundary(capsys, tmp_path):
     """MobileNet-v3-small (hardswish-fed inputs on the offset grid, a weight step per output channel) with the
     authors' recipe: teacher, act-only epoch, Adam with per-step cosine and clipping, the alphas' Adam from a
     random init. Stopped after the last act-only epoch and resumed, it ends as the run that never stopped, tensor
@@ -1636,26 +1664,36 @@ def test_the_authors_recipe_resumes_exactly_across_the_act_only_boundary(tmp_pat
              "--alpha-optimizer", "authors", "--teacher", f"mobilenet_v3_small:{path}", "--arch", "mobilenet_v3_small"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main_in_process(*flags, "--output-dir", ref) == 0
-    assert main_in_process(*flags, "--output-dir", out, "--stop-after-epoch", "3") == 0
+    assert main_in_process(*flags, "--output-dir", out, "--stop-after-epoch", "3") == 0  # the last act-only epoch
+    assert main_in_process(*flags, "--output-dir", out, "--resume", "auto", "--stop-after-epoch", "4") == 0
     assert main_in_process(*flags, "--output-dir", out, "--resume", "auto") == 0
     assert_same_run(ref, out)
-    lr = [r["lr"] for r in read_log(ref)]
-    assert lr[:2] == pytest.approx([1e-4, 1e-4]) and lr[2] == lr[4] == pytest.approx(0, abs=1e-12)
-    assert lr[3] == pytest.approx(2.5e-4)  # per-step cosine to 0 in each stage: halfway through the second
+    lr = [r["lr"] for r in read_log(ref)]  # each epoch's first rate: 1e-4 in bit selection, a restart per stage
+    assert lr == pytest.approx([1e-4, 1e-4, 5e-4, 5e-4, 2.5e-4])
     model = load_ck(out / "checkpoint.pth")["model"]
     offsets = {k: v["offset"] for k, v in model.items() if k.endswith("act._extra_state")}
     assert sum(o == 0.375 for o in offsets.values()) == 27 and set(offsets.values()) == {0.0, 0.375}
     steps = {k: v for k, v in model.items() if k.endswith("weight_quant.step")}
     assert steps and all(v.shape == model[k.replace("weight_quant.step", "weight")].shape[:1] for k, v in steps.items())
     assert [r["offset"] for r in json.loads((out / "bits.json").read_text())["layers"]] == list(offsets.values())
+    ck = load_ck(out / "checkpoint.pth")  # on another number of processes, Adam's per-step schedule is refused
+    torch.save({**ck, "rng": ck["rng"] * 2}, out / "two.pth")
+    line = error_in_process(capsys, *flags, "--output-dir", tmp_path / "again", "--resume", out / "two.pth")
+    assert "per-step schedule needs its 2 processes again" in line
 
 
-def test_the_authors_alpha_init_is_a_small_normal_draw(tmp_path):
+@pytest.mark.parametrize("optimizer", ["authors", "adam"])
+def test_the_authors_alpha_init_is_a_small_normal_draw(tmp_path, optimizer):
+    """--alpha-optimizer authors: a normal draw with std 1e-3; the others (adam here) start from zeros."""
     out = tmp_path / "out"
-    assert main_in_process(*REF, "--alpha-optimizer", "authors", "--output-dir", out, "--stop-after-epoch", "1") == 0
+    assert main_in_process(*REF, "--alpha-optimizer", optimizer, "--output-dir", out, "--stop-after-epoch", "1") == 0
     alphas = torch.cat([v for k, v in load_ck(out / "checkpoint.pth")["model"].items()
                         if k.endswith("act.alpha") and len(v) == 3])  # the searched layers' (a fixed one has one)
-    assert len(alphas) == 3 * 19 and 5e-4 < alphas.std().item() < 2e-3 and abs(alphas.mean().item()) < 5e-4
+    assert len(alphas) == 3 * 19
+    if optimizer == "adam":
+        assert not alphas.any()
+    else:
+        assert 5e-4 < alphas.std().item() < 2e-3 and abs(alphas.mean().item()) < 5e-4
 
 
 def _run_for(tmp_path, *flags) -> mm.Run:
@@ -1686,8 +1724,9 @@ def test_the_authors_alpha_adam_first_step_by_hand(tmp_path):
     0.5/0.999), so alpha -= lr * g' / (|g'| + eps), lr = 1e-4 (the authors', from pretrained weights)."""
     run = _run_for(tmp_path, "--alpha-optimizer", "authors", "--alpha-lr", "1e-4")
     folder = ["--data", str(tmp_path), "--pretrained", "--optimizer", "adam", "--alpha-optimizer", "authors"]
-    a = mm.resolve_args(mm.get_args_parser().parse_args(folder))
-    assert (a.lr, a.alpha_lr) == (5e-4, 1e-4)  # the authors' rates, from pretrained weights
+    args = mm.resolve_args(mm.get_args_parser().parse_args(folder))
+    assert (args.lr, args.alpha_lr) == (5e-4, 1e-4)  # the authors' rates, from pretrained weights
+    assert run.opt_alpha.param_groups[0]["betas"] == (0.5, 0.999) and run.opt_alpha.defaults["weight_decay"] == 1e-3
     alphas = mm.alphas_of(run.model)
     with torch.no_grad():
         for a in alphas:
