@@ -331,7 +331,7 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
         raise mm.BadInput(f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "
                           f"bit selection takes {ck['args']['search_epochs']}): bits are not chosen and weights not "
                           "quantized yet; export a checkpoint of weight training")
-    if ck["epoch"] <= ck["args"]["search_epochs"] + ck["args"].get("act_only_epochs", 0):
+    if not mm.weights_quantized(argparse.Namespace(**ck["args"]), ck["epoch"], ck["selected"]):
         raise mm.BadInput(f"{flag} {source}: the run is in its --act-only-epochs (checkpoint of epoch {ck['epoch']}): "
                           "weights not quantized yet; export a checkpoint of a later epoch")
     args, model, ck = runs.load_run(source)  # either kind of run, in the mode it was evaluated in

@@ -825,6 +825,9 @@ SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_ep
 SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "optimizer", "alpha_optimizer", "alpha_lr", "bits_from",
                   "no_budget_repair", "teacher", "act_only_epochs")
 
+def weights_quantized(args, epoch: int, selected) -> bool:  # after `epoch`: bits selected and act-only epochs over
+    return selected is not None and epoch > args.search_epochs + args.act_only_epochs
+
 class Run:
     """Everything a run carries from epoch to epoch; save() writes it as the checkpoint."""
 
@@ -850,8 +853,8 @@ class Run:
             self.opt.register_step_pre_hook(lambda opt, *_: (nn.utils.clip_grad_norm_(decay + rest, 10), None)[1])
         self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9) if a.alpha_optimizer == "sgd" else \
             torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
-        act_only = self.epoch < a.search_epochs + a.act_only_epochs  # the stage of the next epoch
-        epochs = a.act_only_epochs if act_only else a.epochs - a.search_epochs - a.act_only_epochs
+        w_next = weights_quantized(a, self.epoch + 1, self.selected)  # the stage of the next epoch
+        epochs = a.epochs - a.search_epochs - a.act_only_epochs if w_next else a.act_only_epochs
         self.sched = None if self.selected is None else \
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs * (self.steps if adam else 1), 1))
 
@@ -869,8 +872,7 @@ class Run:
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
         self.epoch, self.selected, self.history, self.fp_top1 = map(ck.get, ("epoch", "selected", "history", "fp_top1"))
-        w_on = self.selected is not None and self.epoch > a.search_epochs + a.act_only_epochs  # after act-only epochs
-        set_mode(self.model, "selected", quant_weights=w_on)  # what was evaluated last
+        set_mode(self.model, "selected", quant_weights=weights_quantized(a, self.epoch, self.selected))  # as evaluated
         self.build_optimizers()
         if a.optimizer == "adam" and self.selected is not None and len(ck["rng"]) != self.dist.world:
             raise BadInput(f"--resume {path}: Adam's per-step schedule needs its {len(ck['rng'])} processes again")
@@ -1131,8 +1133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
-    add("--act-only-epochs", type=number(int, 0), default=0, help="weight training's first epochs with FP weights "
-        "(the authors': 18)")
+    add("--act-only-epochs", type=number(int, 0), default=0, help="first weight-training epochs in FP (authors': 18)")
     add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (0: one epoch)")
     add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
     add("--plain-lsq", action="store_true", help="LSQ's quantizers: a weight step per tensor, no offset grid")
@@ -1143,8 +1144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(the authors': resnet101:IMAGENET1K_V1; weights as --pretrained takes them, default DEFAULT)")
     add("--optimizer", choices=("sgd", "adam"), default="sgd", help="of the weights: ours, or the authors' Adam recipe")
     add("--lr", type=number(float, 0, above=True), help="LR (SGD .01 pretrained, else .05; Adam 5e-4, /5 in selection)")
-    add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="of the alphas (authors': Adam "
-        "at 1e-4 from a random init)")
+    add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="authors': Adam, a random init")
     add("--alpha-lr", type=number(float, 0, above=True), help="SGD .005, Adam .01, authors 1e-4; x10 from scratch")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")

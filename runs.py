@@ -23,8 +23,7 @@ def load_run(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
     layer_type = pairs.PairQuantLayer if isinstance(args.w_bits, list) else mm.QuantLayer
     model = mm.build_model(args, ck["num_classes"], layer_type)
     model.load_state_dict(ck["model"])
-    act_only = ck["epoch"] <= args.search_epochs + getattr(args, "act_only_epochs", 0)  # as Run.load_state_dict
-    mm.set_mode(model, "selected", quant_weights=ck["selected"] is not None and not act_only)
+    mm.set_mode(model, "selected", quant_weights=mm.weights_quantized(args, ck["epoch"], ck["selected"]))
     return args, model, ck
 
 
