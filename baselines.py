@@ -15,6 +15,7 @@ The command baselines.py prints is the third above in full: the run's own flags,
 and the selection's --target-gbops. Under torchrun, run it with torchrun in place of python. Runs of (A, W) pairs
 (pairs.py) are refused: these methods select activation bits at one W.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,17 @@ PROXIES = ("hessian", "sensitivity")
 
 # ---- the exact knapsack ------------------------------------------------------------------
 
+
 def bops_costs(model: nn.Module) -> tuple[list[list[int]], int]:
     """Exact integer BOPs: per searched layer and candidate OPs_l * a * w, and the fixed layers' (C_fixed)."""
     costs = [[m.macs * a * w for a, w in m.candidates] for m in mm.searched_layers(model)]
     return costs, sum(m.macs * a * w for m in mm.quant_layers(model) if m.fixed for a, w in m.candidates)
 
+
 def budget_bops(target_gbops: float, fixed_bops: int) -> int:
     """The integer BOPs left to the searched layers; 1e-3 BOPs of slack absorbs the float GBOPs' rounding."""
     return math.floor(target_gbops * 1e9 + 1e-3) - fixed_bops
+
 
 def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]], budget: int) -> list[int] | None:
     """Exact multiple-choice knapsack: one choice i_l per layer, minimising sum_l scores[l][i_l]
@@ -74,8 +78,15 @@ def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]]
     frontier = [(0, 0.0)]  # (cost, score), cost ascending, score strictly descending
     back: list[list[tuple[int, int]]] = []  # per layer, per state: (index in the previous frontier, choice)
     for sc, co in zip(scores, costs):
-        cand = sorted(((c + co[i], s + float(sc[i]), k, i) for k, (c, s) in enumerate(frontier)
-                       for i in range(len(co)) if c + co[i] <= budget), key=lambda t: (t[0], t[1]))
+        cand = sorted(
+            (
+                (c + co[i], s + float(sc[i]), k, i)
+                for k, (c, s) in enumerate(frontier)
+                for i in range(len(co))
+                if c + co[i] <= budget
+            ),
+            key=lambda t: (t[0], t[1]),
+        )
         if not cand:
             return None
         new, links, best = [], [], math.inf
@@ -92,12 +103,15 @@ def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]]
         choice.append(i)
     return choice[::-1]
 
+
 # ---- uniform and random --------------------------------------------------------------------
+
 
 def uniform_budgets(model: nn.Module) -> dict[int, float]:
     """Activation bits -> GBOPs (Eq. 6) of every searched layer at that candidate."""
     n = len(mm.searched_layers(model))
     return {a: mm.branches_gbops(model, [i] * n) for i, (a, _) in enumerate(mm.searched_layers(model)[0].candidates)}
+
 
 def uniform_selection(model: nn.Module, target_gbops: float) -> list[int]:
     """Branch indices of the largest candidate that fits the target on every searched layer."""
@@ -105,10 +119,13 @@ def uniform_selection(model: nn.Module, target_gbops: float) -> list[int]:
     fits = [b for b, g in budgets.items() if g <= target_gbops + 1e-9]
     if not fits:
         listed = ", ".join(f"A{b} {g:.3f}" for b, g in sorted(budgets.items()))
-        raise mm.BadInput(f"--method uniform: no uniform configuration fits --target-gbops {target_gbops:g} "
-                          f"(uniform budgets in GBOPs: {listed})")
+        raise mm.BadInput(
+            f"--method uniform: no uniform configuration fits --target-gbops {target_gbops:g} "
+            f"(uniform budgets in GBOPs: {listed})"
+        )
     bits = [a for a, _ in mm.searched_layers(model)[0].candidates]
     return [bits.index(max(fits))] * len(mm.searched_layers(model))
+
 
 def random_selection(model: nn.Module, target_gbops: float, seed: int) -> list[int]:
     """A random configuration under the target, filled toward it (our choice of procedure).
@@ -131,22 +148,35 @@ def random_selection(model: nn.Module, target_gbops: float, seed: int) -> list[i
         l = rng.choice([l for l, r in enumerate(rank) if r > 0])
         rank[l] -= 1
     while True:
-        up = [l for l, r in enumerate(rank) if r + 1 < len(bits)
-              and total() - costs[l][order[r]] + costs[l][order[r + 1]] <= budget]
+        up = [
+            l
+            for l, r in enumerate(rank)
+            if r + 1 < len(bits) and total() - costs[l][order[r]] + costs[l][order[r + 1]] <= budget
+        ]
         if not up:
             break
         rank[rng.choice(up)] += 1
     return [order[r] for r in rank]
 
+
 # ---- training-free proxies (EMQ's family), on the meta-state --------------------------------
+
 
 @contextlib.contextmanager
 def kept_modes(model: nn.Module):
     """Restore, on exit, every quantized layer's mode (activation mode and branch, the weight width of a pair
     layer, which weight quantizers are on) and every module's train/eval flag."""
     flags = [(mod, mod.training) for mod in model.modules()]
-    layers = [(m, m.act.mode, m.act.branch, getattr(m, "w_branch", None),
-               [wq.enabled for wq in getattr(m, "weight_quants", [m.weight_quant])]) for m in mm.quant_layers(model)]
+    layers = [
+        (
+            m,
+            m.act.mode,
+            m.act.branch,
+            getattr(m, "w_branch", None),
+            [wq.enabled for wq in getattr(m, "weight_quants", [m.weight_quant])],
+        )
+        for m in mm.quant_layers(model)
+    ]
     try:
         yield
     finally:
@@ -159,10 +189,12 @@ def kept_modes(model: nn.Module):
             for wq, e in zip(getattr(m, "weight_quants", [m.weight_quant]), enabled):
                 wq.enabled = e
 
+
 def _layer_inputs(model: nn.Module, layers: Sequence[mm.QuantLayer], store: dict, replace: dict | None = None):
     """Forward pre-hooks that give each layer's input its own autograd node (a copy), so a gradient
     with respect to it flows through that layer only (a ResNet block's input also feeds its
     downsample conv); `replace` maps a layer to a tensor used instead of its input."""
+
     def hook(mod, inp):
         x = replace[mod] if replace and mod in replace else inp[0].clone()
         store[mod] = x
@@ -170,9 +202,11 @@ def _layer_inputs(model: nn.Module, layers: Sequence[mm.QuantLayer], store: dict
 
     return [m.register_forward_pre_hook(hook) for m in layers]
 
+
 def rademacher(shape, dtype, device, generator) -> torch.Tensor:
     """A vector of independent +-1 entries, each with probability 1/2 (Hutchinson's probe)."""
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype).mul_(2).sub_(1)
+
 
 def clamp_to_top_branch(model: nn.Module) -> list:
     """Forward pre-hooks that clamp each quantized layer's input to the range of its largest candidate,
@@ -184,14 +218,19 @@ def clamp_to_top_branch(model: nn.Module) -> list:
         i = max(range(len(m.act.bits)), key=lambda j: m.act.bits[j])
         qn, qp = mm.lsq_range(m.act.bits[i], m.act.signed)
         s = float(mm.positive(m.act.step.detach()[i]))
-        handles.append(m.register_forward_pre_hook(
-            lambda mod, inp, lo=qn * s, hi=qp * s: (inp[0].clamp(lo, hi),) + tuple(inp[1:])))
+        handles.append(
+            m.register_forward_pre_hook(lambda mod, inp, lo=qn * s, hi=qp * s: (inp[0].clamp(lo, hi),) + tuple(inp[1:]))
+        )
     return handles
+
 
 # PyTorch has no double backward for hardsigmoid and hardswish (MobileNet-v3): while Hessians are taken,
 # those modules compute the same functions from clamps, which it can differentiate twice.
-_TWICE_DIFFERENTIABLE = {nn.Hardsigmoid: lambda x: (x + 3).clamp(0, 6) / 6,
-                         nn.Hardswish: lambda x: x * (x + 3).clamp(0, 6) / 6}
+_TWICE_DIFFERENTIABLE = {
+    nn.Hardsigmoid: lambda x: (x + 3).clamp(0, 6) / 6,
+    nn.Hardswish: lambda x: x * (x + 3).clamp(0, 6) / 6,
+}
+
 
 @contextlib.contextmanager
 def twice_differentiable(model: nn.Module):
@@ -205,8 +244,10 @@ def twice_differentiable(model: nn.Module):
         for m in swapped:
             del m.forward
 
-def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=None, probe_fn=None,
-                      clamp: bool = False) -> torch.Tensor:
+
+def hutchinson_traces(
+    model: nn.Module, images, targets, probes: int, generator=None, probe_fn=None, clamp: bool = False
+) -> torch.Tensor:
     """Hutchinson's estimate of Tr(H_l), H_l = d^2 L / d x_l^2, for each searched layer l: the mean of
     v^T H_l v over `probes` Rademacher vectors v (E[v v^T] = I, so E[v^T H v] = Tr H), as PyHessian takes it.
 
@@ -241,6 +282,7 @@ def hutchinson_traces(model: nn.Module, images, targets, probes: int, generator=
             h.remove()
     return torch.tensor(out, dtype=torch.float64)
 
+
 def meta_state_traces(model: nn.Module, images, targets, probes: int, seed: int) -> torch.Tensor:
     """(L,) Tr(H_l) of one batch as the hessian proxy takes them: the meta-state in eval and "fp" mode, inputs
     clamped to their largest candidate (clamp_to_top_branch), a generator seeded by `seed` for each batch.
@@ -251,8 +293,10 @@ def meta_state_traces(model: nn.Module, images, targets, probes: int, seed: int)
         g = torch.Generator(device=images.device).manual_seed(seed)
         return hutchinson_traces(model, images, targets, probes, g, clamp=True)
 
-def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: int = 0,
-                 traces_out: list | None = None) -> torch.Tensor:
+
+def proxy_scores(
+    model: nn.Module, batches, method: str, probes: int = 4, seed: int = 0, traces_out: list | None = None
+) -> torch.Tensor:
     """(L, N) scores, an estimate of the rise in loss when layer l's input is at candidate bits[i].
 
     hessian:     1/2 Tr(H_l) * mean((x_l - Q_i(x_l; s_{l,i}))^2), averaged over the batches: the
@@ -304,6 +348,7 @@ def proxy_scores(model: nn.Module, batches, method: str, probes: int = 4, seed: 
                         m.act.branch = top
     return scores / max(len(batches), 1)
 
+
 def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
     """The first n batches of the run's own training loader (its DistributedSampler for one process, its
     --batch-size and --workers) in a fixed permutation, the sampler's epoch 10**6 + seed, not one that
@@ -312,8 +357,9 @@ def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
     train_set = mm.build_datasets(args)[0]
     workers = 0 if mm.synthetic_spec(args.data) else args.workers
     sampler = torch.utils.data.DistributedSampler(train_set, 1, 0, shuffle=True, seed=args.seed, drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        train_set, args.batch_size, sampler=sampler, drop_last=True, num_workers=workers
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         state = random.getstate()
@@ -326,7 +372,9 @@ def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
         raise mm.BadInput(f"the run's training set ({len(train_set)} images) holds no batch of {args.batch_size}")
     return batches
 
+
 # ---- the selection, its file and its training command --------------------------------------
+
 
 def meta_state_of(run_dir: str) -> str:
     """RUN/meta_state.pth, if there is one."""
@@ -337,24 +385,31 @@ def meta_state_of(run_dir: str) -> str:
         raise mm.BadInput(f"{run_dir} has no meta_state.pth (metamix.py writes it when bit selection ends)")
     return path
 
+
 def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
     """(args, model, checkpoint) of a meta-state of a run of one W; every problem a BadInput."""
     ck = mm.load_checkpoint(path, "checkpoint")
     run_dir = os.path.dirname(path) or "."
     w_bits = ck.get("args", {}).get("w_bits") if isinstance(ck.get("args"), dict) else None
     if isinstance(w_bits, list):
-        raise mm.BadInput(f"{run_dir} is a run of (A, W) pairs (--w-bits {','.join(map(str, w_bits))}); these methods "
-                          "select activation bits at one W and are not implemented for pairs: use its own selection, "
-                          "or metamix.py --bits-from with [a_bits, w_bits] per layer")
+        raise mm.BadInput(
+            f"{run_dir} is a run of (A, W) pairs (--w-bits {','.join(map(str, w_bits))}); these methods "
+            "select activation bits at one W and are not implemented for pairs: use its own selection, "
+            "or metamix.py --bits-from with [a_bits, w_bits] per layer"
+        )
     args, model, ck = runs.load_run(path)
     check_meta_state(ck, path)
     return args, model, ck
 
+
 def check_meta_state(ck: dict, path: str) -> None:
     """A meta-state is a checkpoint at the phase boundary: bit selection done, bits not selected yet."""
     if ck["selected"] is not None or ck["epoch"] != ck["args"]["search_epochs"]:
-        raise mm.BadInput(f"{path} is not a meta-state (the end of bit selection, epoch {ck['args']['search_epochs']}):"
-                          f" it is at epoch {ck['epoch']}" + (", bits selected" if ck["selected"] is not None else ""))
+        raise mm.BadInput(
+            f"{path} is not a meta-state (the end of bit selection, epoch {ck['args']['search_epochs']}):"
+            f" it is at epoch {ck['epoch']}" + (", bits selected" if ck["selected"] is not None else "")
+        )
+
 
 def check_target(model: nn.Module, method: str, target: float) -> None:
     """Refuse a target no configuration of `method` fits: under every uniform budget (uniform, naming them; the
@@ -363,11 +418,14 @@ def check_target(model: nn.Module, method: str, target: float) -> None:
         uniform_selection(model, target)
     lo, hi = mm.gbops_range(model)
     if not lo - 1e-6 <= target <= hi + 1e-6:
-        raise mm.BadInput(f"--target-gbops {target:g} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs of "
-                          "this run")
+        raise mm.BadInput(
+            f"--target-gbops {target:g} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs of this run"
+        )
 
-def select(model: nn.Module, args, method: str, target: float, seed: int = 0, batches: int = 4, probes: int = 4,
-           device="cpu") -> tuple[list[int], dict]:
+
+def select(
+    model: nn.Module, args, method: str, target: float, seed: int = 0, batches: int = 4, probes: int = 4, device="cpu"
+) -> tuple[list[int], dict]:
     """The selection of `method` under `target` GBOPs on a loaded meta-state: (branch indices per searched layer,
     what its bits file adds: the seed; for a proxy its settings and (L, N) scores)."""
     if method == "uniform":
@@ -385,6 +443,7 @@ def select(model: nn.Module, args, method: str, target: float, seed: int = 0, ba
     proxy = {"batches": len(data), "probes": probes if method == "hessian" else None, "seed": seed}
     return branches, {"proxy": proxy, "scores": scores.tolist()}
 
+
 def baseline_report(model: nn.Module, args, method: str, target: float, branches: Sequence[int], extra: dict) -> dict:
     """The bits file: metamix's bits.json layout (rows with name, a_bits, w_bits; GBOPs, averages) for this
     selection, "selection" the method, its target, and for a proxy each row's scores in the order of "candidates"."""
@@ -398,20 +457,31 @@ def baseline_report(model: nn.Module, args, method: str, target: float, branches
             r["scores"] = extra["scores"][i]
     return report
 
+
 # Flags of the meta-state's run that the training command does not repeat: it has its own output dir, resume,
 # selection and target; --stop-after-epoch was where that run stopped; --pretrained only chose the weights it
 # started from, which the meta-state replaces (the --lr and --alpha-lr it implied are repeated as numbers).
 NOT_REPEATED = ("output_dir", "resume", "bits_from", "target_gbops", "stop_after_epoch", "dry_run", "pretrained")
 
+
 def _flag_text(v) -> str:
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
 
 def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, target: float) -> str:
     """`python metamix.py --resume RUN/meta_state.pth --bits-from FILE --output-dir RUN-METHOD` with every flag of
     the run whose value differs from metamix's default (lists comma-joined, store_true flags bare) and the
     selection's --target-gbops (exact: the shortest text that reads back as the same float)."""
-    cmd = ["python", os.path.relpath(mm.__file__), "--resume", os.path.join(run_dir, "meta_state.pth"),
-           "--bits-from", bits_file, "--output-dir", f"{run_dir}-{method}"]
+    cmd = [
+        "python",
+        os.path.relpath(mm.__file__),
+        "--resume",
+        os.path.join(run_dir, "meta_state.pth"),
+        "--bits-from",
+        bits_file,
+        "--output-dir",
+        f"{run_dir}-{method}",
+    ]
     for action in mm.get_args_parser()._actions:
         if action.dest in NOT_REPEATED or action.dest not in run_args or not action.option_strings:
             continue
@@ -422,7 +492,9 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
             cmd += [flag, _flag_text(v)]
     return shlex.join(cmd + ["--target-gbops", repr(float(target))])
 
+
 # ---- the command line ---------------------------------------------------------------------
+
 
 def run_baseline(a: argparse.Namespace) -> int:
     run_dir = os.path.normpath(a.run)
@@ -440,31 +512,56 @@ def run_baseline(a: argparse.Namespace) -> int:
     branches, extra = select(model.to(device), args, a.method, target, seed, a.batches, a.probes, device)
     report = {**baseline_report(model, args, a.method, target, branches, extra), "meta_state": meta}
     mm.atomic_write(out, json.dumps(report, indent=1).encode())
-    cost = f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s" \
-        if "proxy" in extra else ""
-    print(f"{mm.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
-          f"{out}\ntrain it from the meta-state:\n{train_command(run_dir, ck['args'], out, a.method, target)}",
-          flush=True)
+    cost = (
+        f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s"
+        if "proxy" in extra
+        else ""
+    )
+    print(
+        f"{mm.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
+        f"{out}\ntrain it from the meta-state:\n{train_command(run_dir, ck['args'], out, a.method, target)}",
+        flush=True,
+    )
     return 0
 
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = mm.Parser(prog="baselines.py", description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
-               "writes the bits file and prints the command that trains it")
+    p = mm.Parser(
+        prog="baselines.py",
+        description="Other bit selections from a MetaMix run's meta-state (not MetaMix): "
+        "writes the bits file and prints the command that trains it",
+    )
     add = p.add_argument
     add("run", metavar="RUN", help="a metamix run's --output-dir, holding meta_state.pth")
     add("--method", required=True, choices=METHODS, help="the selection")
     add("--target-gbops", metavar="T", type=mm.number(float, 0, above=True), help="budget (default: the run's)")
-    add("--seed", metavar="S", type=mm.number(int, 0), help="seed of random and of the proxies' batches (default: "
-        "the run's)")
-    add("--batches", metavar="N", type=mm.number(int, 1), default=4, help="training batches the proxies average over "
-        "(default: 4)")
-    add("--probes", metavar="K", type=mm.number(int, 1), default=4, help="Hutchinson probes per batch, hessian "
-        "(default: 4)")
+    add(
+        "--seed",
+        metavar="S",
+        type=mm.number(int, 0),
+        help="seed of random and of the proxies' batches (default: the run's)",
+    )
+    add(
+        "--batches",
+        metavar="N",
+        type=mm.number(int, 1),
+        default=4,
+        help="training batches the proxies average over (default: 4)",
+    )
+    add(
+        "--probes",
+        metavar="K",
+        type=mm.number(int, 1),
+        default=4,
+        help="Hutchinson probes per batch, hessian (default: 4)",
+    )
     add("--out", metavar="FILE", help="the bits file (default: RUN/bits_METHOD.json)")
     return p
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     return runs.tool_main("baselines", run_baseline, get_args_parser().parse_args(argv))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,7 @@ Run it:
     python bench_metamix.py --device cuda --amp      # GPU: batch 128, 224 px, bf16 autocast
     python bench_metamix.py --arch mobilenet_v3_large --teacher resnet101   # the teacher's share
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,17 @@ BITS6 = (8, 6, 5, 4, 3, 2)
 W_BITS = 4
 W_PAIRS = (8, 4, 2)  # pair mode: the supplement's "9 cases" with 3 activation candidates
 # Targets (CPU): (resnet18, MobileNets).
-TARGETS = {"weight_train": (1.15, 1.5), "search_3": (1.3, 1.7), "search_6/search_3": (1.15, 1.2),
-           "search_pairs/search_3": (1.6, 1.6)}
+TARGETS = {
+    "weight_train": (1.15, 1.5),
+    "search_3": (1.3, 1.7),
+    "search_6/search_3": (1.15, 1.2),
+    "search_pairs/search_3": (1.6, 1.6),
+}
 SAVED_TARGETS = {"weight_train": (1.25, 1.3)}
 
 
 # ---- steps ----------------------------------------------------------------------------------
+
 
 def sgd(params):
     return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -83,6 +89,7 @@ def train_step(model, images, targets, autocast, teacher=None):
             loss = criterion(model(images), targets)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -97,8 +104,19 @@ def selection_step(model, images, targets, autocast, teacher=None):
     opt, opt_alpha = sgd(metamix.meta_params(model)), sgd(metamix.alphas_of(model))
 
     def step():
-        metamix.bit_selection_step(model, images, targets, opt, opt_alpha, search=True, lam=1.0, target_gbops=target,
-                                   autocast=autocast, criterion=criterion_of(teacher, images, autocast))
+        metamix.bit_selection_step(
+            model,
+            images,
+            targets,
+            opt,
+            opt_alpha,
+            search=True,
+            lam=1.0,
+            target_gbops=target,
+            autocast=autocast,
+            criterion=criterion_of(teacher, images, autocast),
+        )
+
     return step
 
 
@@ -109,6 +127,7 @@ def meta_step(model, images, targets, autocast):
         opt.zero_grad(set_to_none=True)
         metamix.bit_meta_step(model, images, targets, autocast)
         opt.step()
+
     return step
 
 
@@ -123,6 +142,7 @@ def search_step(model, images, targets, autocast):
         opt.zero_grad(set_to_none=True)
         metamix.bit_search_step(model, images, targets, 1.0, target, autocast)
         opt.step()
+
     return step
 
 
@@ -138,6 +158,7 @@ def build(arch, images, targets, autocast, device, teacher_arch=None):
     """{name: (model, step)} for the baseline and every contender; the same initial weights for all."""
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None, num_classes=1000).to(device)
+
     def patched(bits, w_bits=W_BITS, layer_type=metamix.QuantLayer):  # the speed path, as the driver runs it
         return metamix.use_speed_path(metamix.patch_model(copy.deepcopy(base), bits, w_bits, layer_type=layer_type))
 
@@ -181,6 +202,7 @@ def build(arch, images, targets, autocast, device, teacher_arch=None):
 
 
 # ---- measurement ----------------------------------------------------------------------------
+
 
 def saved_bytes(model: nn.Module, step) -> int:
     """Bytes saved for backward by one step: per model forward, distinct storages (by data_ptr),
@@ -231,29 +253,45 @@ def bench_arch(arch, args, device, autocast, sync):
             t[n].append(timed(steps[n][1], sync))
     ratio = {n: [x / y for x, y in zip(t[n], tb[n])] for n in names}
     n_meta = len(BITS3[arch])
-    res = {"fp": {"time_ratio": 1.0, "saved_bytes_ratio": 1.0, "ms": 1e3 * statistics.median(sum(tb.values(), [])),
-                  "saved_bytes": mem["fp"]}}
+    res = {
+        "fp": {
+            "time_ratio": 1.0,
+            "saved_bytes_ratio": 1.0,
+            "ms": 1e3 * statistics.median(sum(tb.values(), [])),
+            "saved_bytes": mem["fp"],
+        }
+    }
     for n in names:
-        res[n] = {"time_ratio": statistics.median(ratio[n]), "time_ratio_min": min(ratio[n]),
-                  "time_ratio_max": max(ratio[n]), "ms": 1e3 * statistics.median(t[n]),
-                  "saved_bytes_ratio": mem[n] / mem["fp"], "saved_bytes": mem[n]}
+        res[n] = {
+            "time_ratio": statistics.median(ratio[n]),
+            "time_ratio_min": min(ratio[n]),
+            "time_ratio_max": max(ratio[n]),
+            "ms": 1e3 * statistics.median(t[n]),
+            "saved_bytes_ratio": mem[n] / mem["fp"],
+            "saved_bytes": mem[n],
+        }
     res["search_6"]["time_ratio_vs_search_3"] = statistics.median(
-        [a / b for a, b in zip(ratio["search_6"], ratio["search_3"])])
+        [a / b for a, b in zip(ratio["search_6"], ratio["search_3"])]
+    )
     res["meta"]["time_ratio_vs_n_weight_train"] = statistics.median(
-        [a / (n_meta * b) for a, b in zip(ratio["meta"], ratio["weight_train"])])
+        [a / (n_meta * b) for a, b in zip(ratio["meta"], ratio["weight_train"])]
+    )
     n_pairs = n_meta * len(W_PAIRS)
     res["meta_pairs"]["time_ratio_vs_n_weight_train"] = statistics.median(
-        [a / (n_pairs * b) for a, b in zip(ratio["meta_pairs"], ratio["weight_train"])])
+        [a / (n_pairs * b) for a, b in zip(ratio["meta_pairs"], ratio["weight_train"])]
+    )
     res["meta_pairs"]["time_ratio_vs_meta"] = statistics.median(
-        [a / b for a, b in zip(ratio["meta_pairs"], ratio["meta"])])
+        [a / b for a, b in zip(ratio["meta_pairs"], ratio["meta"])]
+    )
     res["search_pairs"]["time_ratio_vs_search_3"] = statistics.median(
-        [a / b for a, b in zip(ratio["search_pairs"], ratio["search_3"])])
+        [a / b for a, b in zip(ratio["search_pairs"], ratio["search_3"])]
+    )
     for with_t, without in (("selection_teacher", "selection"), ("weight_train_teacher", "weight_train")):
         if with_t in res:  # the cost with the teacher against the cost without it plus one teacher forward
             res[with_t]["time_ratio_vs_without_plus_teacher"] = statistics.median(
-                [a / (b + c) for a, b, c in zip(ratio[with_t], ratio[without], ratio["teacher"])])
-            res[with_t]["teacher_share"] = statistics.median(
-                [c / a for a, c in zip(ratio[with_t], ratio["teacher"])])
+                [a / (b + c) for a, b, c in zip(ratio[with_t], ratio[without], ratio["teacher"])]
+            )
+            res[with_t]["teacher_share"] = statistics.median([c / a for a, c in zip(ratio[with_t], ratio["teacher"])])
     return res
 
 
@@ -265,24 +303,30 @@ def target_text(arch, key, table):
 
 
 def print_table(results):
-    print(f"{'arch':<19}{'contender':<30}{'ms/step':>9}{'time x fp':>11}{'[min, max]':>16}{'target':>9}"
-          f"{'saved MB':>10}{'saved x fp':>12}{'target':>9}")
+    print(
+        f"{'arch':<19}{'contender':<30}{'ms/step':>9}{'time x fp':>11}{'[min, max]':>16}{'target':>9}"
+        f"{'saved MB':>10}{'saved x fp':>12}{'target':>9}"
+    )
     for arch, res in results.items():
         for n, r in res.items():
             span = f"[{r['time_ratio_min']:.2f}, {r['time_ratio_max']:.2f}]" if "time_ratio_min" in r else ""
-            print(f"{arch:<19}{n:<30}{r['ms']:>9.1f}{r['time_ratio']:>11.3f}{span:>16}"
-                  f"{target_text(arch, n, TARGETS):>9}{r['saved_bytes'] / 2**20:>10.1f}"
-                  f"{r['saved_bytes_ratio']:>12.3f}{target_text(arch, n, SAVED_TARGETS):>9}")
-        print(f"{arch:<19}{'search_6 / search_3':<30}{'':>9}{res['search_6']['time_ratio_vs_search_3']:>11.3f}"
-              f"{'':>16}{target_text(arch, 'search_6/search_3', TARGETS):>9}")
-        print(f"{arch:<19}{'meta / (3 x weight_train)':<30}{'':>9}"
-              f"{res['meta']['time_ratio_vs_n_weight_train']:>11.3f}")
+            print(
+                f"{arch:<19}{n:<30}{r['ms']:>9.1f}{r['time_ratio']:>11.3f}{span:>16}"
+                f"{target_text(arch, n, TARGETS):>9}{r['saved_bytes'] / 2**20:>10.1f}"
+                f"{r['saved_bytes_ratio']:>12.3f}{target_text(arch, n, SAVED_TARGETS):>9}"
+            )
+        print(
+            f"{arch:<19}{'search_6 / search_3':<30}{'':>9}{res['search_6']['time_ratio_vs_search_3']:>11.3f}"
+            f"{'':>16}{target_text(arch, 'search_6/search_3', TARGETS):>9}"
+        )
+        print(f"{arch:<19}{'meta / (3 x weight_train)':<30}{'':>9}{res['meta']['time_ratio_vs_n_weight_train']:>11.3f}")
         n_pairs = len(BITS3[arch]) * len(W_PAIRS)
-        print(f"{arch:<19}{f'meta_pairs / ({n_pairs} x weight_train)':<30}{'':>9}"
-              f"{res['meta_pairs']['time_ratio_vs_n_weight_train']:>11.3f}")
+        print(
+            f"{arch:<19}{f'meta_pairs / ({n_pairs} x weight_train)':<30}{'':>9}"
+            f"{res['meta_pairs']['time_ratio_vs_n_weight_train']:>11.3f}"
+        )
         print(f"{arch:<19}{'meta_pairs / meta':<30}{'':>9}{res['meta_pairs']['time_ratio_vs_meta']:>11.3f}")
-        print(f"{arch:<19}{'search_pairs / search_3':<30}{'':>9}"
-              f"{res['search_pairs']['time_ratio_vs_search_3']:>11.3f}")
+        print(f"{arch:<19}{'search_pairs / search_3':<30}{'':>9}{res['search_pairs']['time_ratio_vs_search_3']:>11.3f}")
         for with_t, without in (("selection_teacher", "selection"), ("weight_train_teacher", "weight_train")):
             if with_t in res:
                 r = res[with_t]
@@ -291,8 +335,9 @@ def print_table(results):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated torchvision archs")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -303,8 +348,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="CI smoke test: 32 px, batch 4, 1 warm-up, 2 reps, 1 thread")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--teacher", metavar="ARCH", help="also time distillation from this torchvision model, e.g. "
-                   "resnet101 (random weights: the time is the same)")
+    p.add_argument(
+        "--teacher",
+        metavar="ARCH",
+        help="also time distillation from this torchvision model, e.g. "
+        "resnet101 (random weights: the time is the same)",
+    )
     a = p.parse_args(argv)
     cuda = a.device.startswith("cuda")
     if a.quick:
@@ -324,8 +373,10 @@ def main(argv=None):
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
-    print(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"{args.image_size} px, warm-up {args.warmup}, reps {args.reps}, amp {args.amp}")
+    print(
+        f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
+        f"{args.image_size} px, warm-up {args.warmup}, reps {args.reps}, amp {args.amp}"
+    )
     results = {}
     for arch in args.arch:
         t0 = time.perf_counter()

@@ -3,6 +3,7 @@ reference run (made once per test run) whose files the tests of metamix.py and o
 
 Every run is tiny: resnet18 at 32 px, 64 synthetic training images, batch 16 (4 steps per epoch).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,20 @@ REPO = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for _key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "METAMIX_DEBUG"):
     ENV.pop(_key, None)
-TINY = ["--arch", "resnet18", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:64,32,10",
-        "--batch-size", "16", "--search-epochs", "2"]
+TINY = [
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--search-steps",
+    "0",
+    "--data",
+    "synthetic:64,32,10",
+    "--batch-size",
+    "16",
+    "--search-epochs",
+    "2",
+]
 REF = TINY + ["--epochs", "4"]  # the reference run: 2 epochs of bit selection, 2 of weight training
 METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")  # what a log.jsonl row holds
 torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): in-process runs then equal theirs, bit for bit
@@ -51,6 +64,7 @@ def main_in_process(*argv) -> int:
 @pytest.fixture
 def call(capsys):
     """call(main, *argv): a tool's main() in this process, as a CompletedProcess (for error_line)."""
+
     def run(main, *argv) -> subprocess.CompletedProcess:
         try:
             rc = main([str(a) for a in argv])
@@ -61,14 +75,23 @@ def call(capsys):
     return run
 
 
-def run_cli(*args, script: str = "metamix.py", check: bool = True, timeout: float = 240,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args, script: str = "metamix.py", check: bool = True, timeout: float = 240, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in the repository; with check, fail on a non-zero exit."""
-    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env or ENV, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=REPO,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {p.returncode}\n"
-                             f"--- stdout (tail)\n{p.stdout[-3000:]}\n--- stderr (tail)\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"{script} {' '.join(map(str, args))} exited {p.returncode}\n"
+            f"--- stdout (tail)\n{p.stdout[-3000:]}\n--- stderr (tail)\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -96,8 +119,9 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def make_image_folder(root: Path, classes: int = 3, n_train: int = 8, n_val: int = 4, size: int = 40,
-                      textured: bool = False) -> Path:
+def make_image_folder(
+    root: Path, classes: int = 3, n_train: int = 8, n_val: int = 4, size: int = 40, textured: bool = False
+) -> Path:
     """Class k: a colour near a class colour; `textured` adds a random pattern, so that crops and flips
     change the image (augmentation of a plain colour is the identity)."""
     from PIL import Image

@@ -25,6 +25,7 @@ offset's zero point, a map that differs from the interior's constant only at the
 (a real 0, no code) enters; it is an exact integer sum of weight codes too. The fake-quantized forward and this
 one differ only by float rounding. BN, activations, pooling and residual adds stay float.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,10 @@ import pairs
 import runs
 
 INT_FORMAT = "metamix-int-2"
-PACKING = ("codes stored as code - Qn; 2-bit four per byte, 3-4 bit two, 5-8 bit one, 9-16 bit two bytes (low "
-           "first); first code in the low bits; row-major")
+PACKING = (
+    "codes stored as code - Qn; 2-bit four per byte, 3-4 bit two, 5-8 bit one, 9-16 bit two bytes (low "
+    "first); first code in the low bits; row-major"
+)
 # Our choice of what "float summation order" explains. Layer by layer, on the same input, float32 sums differ
 # from the exact ones by about 1e-7..1e-5 of the output's scale: the tolerance is 1e-4. End to end there is no
 # such bound: a code that sits on a rounding boundary flips with the last bit of an earlier sum, and the step it
@@ -55,6 +58,7 @@ LAYER_REL_TOL, FLOAT64_REL_TOL = 1e-4, 1e-9
 
 # ---- packing ---------------------------------------------------------------------------
 
+
 def _slot_bits(bits: int) -> int:
     """Bits each code occupies when packed: 2 (2-bit, four per byte), 4 (3-4 bits, two per byte),
     8 (5-8 bits, one per byte), 16 (9-16 bits, two bytes, low byte first)."""
@@ -63,10 +67,12 @@ def _slot_bits(bits: int) -> int:
             return slot
     raise ValueError(f"cannot pack {bits}-bit codes (at most 16)")
 
+
 def packed_size(numel: int, bits: int) -> int:
     """Bytes that `numel` codes of `bits` bits take once packed."""
     slot = _slot_bits(bits)
     return numel * 2 if slot == 16 else -(-numel // (8 // slot))
+
 
 def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Integer codes (any shape, any dtype holding integers in [Qn, Qp]) -> flat uint8.
@@ -90,11 +96,14 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     u = F.pad(u, (0, (-u.numel()) % per)).reshape(-1, per)
     return (u << (torch.arange(per) * slot)).sum(1).to(torch.uint8)
 
+
 def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, numel: int) -> torch.Tensor:
     """The inverse of pack_codes: flat uint8 -> (numel,) int64 codes in [Qn, Qp]."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_size(numel, bits):
-        raise ValueError(f"expected {packed_size(numel, bits)} packed bytes (uint8, flat) for {numel} {bits}-bit "
-                         f"codes, got {tuple(packed.shape)} {packed.dtype}")
+        raise ValueError(
+            f"expected {packed_size(numel, bits)} packed bytes (uint8, flat) for {numel} {bits}-bit "
+            f"codes, got {tuple(packed.shape)} {packed.dtype}"
+        )
     qn = mm.lsq_range(bits, signed)[0]
     b = packed.cpu().to(torch.int64)
     slot = _slot_bits(bits)
@@ -105,7 +114,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, signed: bool, numel: int) -> t
         u = ((b[:, None] >> (torch.arange(per) * slot)) & (2**slot - 1)).reshape(-1)
     return u[:numel] + qn
 
+
 # ---- the export ------------------------------------------------------------------------
+
 
 def selected_quantizers(m: mm.QuantLayer) -> tuple[int, mm.LSQQuantizer]:
     """(activation branch, weight quantizer) of a layer's selected candidate. Read from the selection, not from
@@ -116,6 +127,7 @@ def selected_quantizers(m: mm.QuantLayer) -> tuple[int, mm.LSQQuantizer]:
         return i, m.weight_quant
     branch, j = divmod(i, len(w_quants))
     return branch, w_quants[j]
+
 
 def export_layer(m: mm.QuantLayer) -> dict:
     """One QuantLayer at its selected bits (weight training) as plain tensors and builtins.
@@ -128,30 +140,56 @@ def export_layer(m: mm.QuantLayer) -> dict:
     if not w_quant.enabled or not w_quant.initialized or m.act.signed is None or not m.act.initialized[branch]:
         raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
     a_bits, w_bits = m.act.bits[branch], w_quant.bits
-    a_step = mm.positive(m.act.step.detach()[branch: branch + 1]).item()
+    a_step = mm.positive(m.act.step.detach()[branch : branch + 1]).item()
     codes, w_step_t = pairs.weight_codes(w_quant, m.weight)
-    entry = {"name": m.name, "order": m.order, "kind": m.op.kind, "fixed": m.fixed,
-             "weight_shape": list(m.weight.shape)}
+    entry = {
+        "name": m.name,
+        "order": m.order,
+        "kind": m.op.kind,
+        "fixed": m.fixed,
+        "weight_shape": list(m.weight.shape),
+    }
     if m.op.kind == "conv2d":
-        entry.update(stride=list(m.op.stride), padding=list(m.op.padding), dilation=list(m.op.dilation),
-                     groups=m.op.groups)
-    entry.update(a_bits=a_bits, a_signed=bool(m.act.signed), a_step=a_step, a_offset=float(m.act.offset),
-                 w_bits=w_bits, w_signed=True, w_step=w_step_t.reshape(-1).cpu(),
-                 w_packed=pack_codes(codes, w_bits, True),
-                 bias=None if m.bias is None else m.bias.detach().float().cpu().clone())
+        entry.update(
+            stride=list(m.op.stride), padding=list(m.op.padding), dilation=list(m.op.dilation), groups=m.op.groups
+        )
+    entry.update(
+        a_bits=a_bits,
+        a_signed=bool(m.act.signed),
+        a_step=a_step,
+        a_offset=float(m.act.offset),
+        w_bits=w_bits,
+        w_signed=True,
+        w_step=w_step_t.reshape(-1).cpu(),
+        w_packed=pack_codes(codes, w_bits, True),
+        bias=None if m.bias is None else m.bias.detach().float().cpu().clone(),
+    )
     return entry
+
 
 def integer_export(model: nn.Module, arch: str, num_classes: int, bits_report: dict | None = None) -> dict:
     """The content of model_int.pth: every quantized layer in forward order (export_layer), and the float state
     of the rest, keyed as in the torchvision model. Loads with weights_only=True."""
     layers = mm.quant_layers(model)
     prefixes = tuple(m.name + "." for m in layers)
-    float_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                   if torch.is_tensor(v) and not k.startswith(prefixes)}
-    return {"format": INT_FORMAT, "arch": arch, "num_classes": int(num_classes), "packing": PACKING,
-            "layers": [export_layer(m) for m in layers], "float_state": float_state, "bits_report": bits_report}
+    float_state = {
+        k: v.detach().cpu().clone()
+        for k, v in model.state_dict().items()
+        if torch.is_tensor(v) and not k.startswith(prefixes)
+    }
+    return {
+        "format": INT_FORMAT,
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "packing": PACKING,
+        "layers": [export_layer(m) for m in layers],
+        "float_state": float_state,
+        "bits_report": bits_report,
+    }
+
 
 # ---- the integer model -----------------------------------------------------------------
+
 
 class IntegerLayer(nn.Module):
     """An exported Conv2d or Linear on integer codes: y = s_a * s_w[c] * op(q_a, q_w) - o * s_w[c] * op(1, q_w) + b.
@@ -175,8 +213,13 @@ class IntegerLayer(nn.Module):
         self.name, self.kind = entry["name"], entry["kind"]
         shape = [int(v) for v in entry["weight_shape"]]
         if self.kind == "conv2d":
-            self.op = mm.LayerOp("conv2d", tuple(entry["stride"]), tuple(entry["padding"]), tuple(entry["dilation"]),
-                                 int(entry["groups"]))
+            self.op = mm.LayerOp(
+                "conv2d",
+                tuple(entry["stride"]),
+                tuple(entry["padding"]),
+                tuple(entry["dilation"]),
+                int(entry["groups"]),
+            )
         elif self.kind == "linear":
             self.op = mm.LayerOp("linear")
         else:
@@ -217,8 +260,8 @@ class IntegerLayer(nn.Module):
 
     def extra_repr(self):
         grid = ("s" if self.a_signed else "u") + f"{-self.offset:+g}" * bool(self.offset)
-        return f"{self.kind}, A{self.a_bits}{grid}/W{self.w_bits}, " \
-               f"weight {tuple(self.w_codes.shape)}"
+        return f"{self.kind}, A{self.a_bits}{grid}/W{self.w_bits}, weight {tuple(self.w_codes.shape)}"
+
 
 def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
     """The model of an export (integer_export's dict) with an IntegerLayer in place of each quantized Conv2d and
@@ -242,11 +285,14 @@ def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
     model.load_state_dict(export["float_state"])  # strict: exactly the rest of the model
     return model.eval()
 
+
 def load_integer_model(path: str, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the integer model from model_int.pth (see integer_model)."""
     return integer_model(torch.load(path, map_location="cpu", weights_only=True), model)
 
+
 # ---- the proof -------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def compare_logits(model: nn.Module, int_model: nn.Module, loader, device: torch.device | str = "cpu") -> dict:
@@ -278,16 +324,29 @@ def compare_logits(model: nn.Module, int_model: nn.Module, loader, device: torch
             images, targets = images.to(device), targets.to(device)
             a, b = model(images).float(), int_model(images).float()
             pa, pb = a.argmax(1), b.argmax(1)
-            tot += torch.stack([(pa == targets).sum(), (pb == targets).sum(), (pa != pb).sum(),
-                                torch.tensor(len(targets), device=device)]).double()
+            tot += torch.stack(
+                [
+                    (pa == targets).sum(),
+                    (pb == targets).sum(),
+                    (pa != pb).sum(),
+                    torch.tensor(len(targets), device=device),
+                ]
+            ).double()
             mx = torch.maximum(mx, torch.stack([(a - b).abs().max(), a.abs().max()]).double())
     finally:
         for h in handles:
             h.remove()
     n = max(tot[3].item(), 1.0)
-    return {"top1_fake_quant": 100 * tot[0].item() / n, "top1_integer": 100 * tot[1].item() / n,
-            "argmax_differs": int(tot[2].item()), "n": int(tot[3].item()),
-            "max_logit_diff": mx[0].item(), "max_abs_logit": mx[1].item(), "layer_rel_diff": layer_rel.item()}
+    return {
+        "top1_fake_quant": 100 * tot[0].item() / n,
+        "top1_integer": 100 * tot[1].item() / n,
+        "argmax_differs": int(tot[2].item()),
+        "n": int(tot[3].item()),
+        "max_logit_diff": mx[0].item(),
+        "max_abs_logit": mx[1].item(),
+        "layer_rel_diff": layer_rel.item(),
+    }
+
 
 @torch.no_grad()
 def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Tensor) -> tuple[float, float]:
@@ -304,36 +363,51 @@ def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Ten
     a, b = fq.double()(images.double()), im.double()(images.double())
     return (a - b).abs().max().item(), a.abs().max().item()
 
+
 def export_agrees(p: dict) -> bool:
     """Whether compare_logits' result is explained by float summation order (see LAYER_REL_TOL)."""
-    return (p["layer_rel_diff"] <= LAYER_REL_TOL and p["argmax_differs"] <= 0.01 * p["n"] + 1
-            and p.get("float64_diff", 0.0) <= FLOAT64_REL_TOL * max(p.get("float64_scale", 1.0), 1.0))
+    return (
+        p["layer_rel_diff"] <= LAYER_REL_TOL
+        and p["argmax_differs"] <= 0.01 * p["n"] + 1
+        and p.get("float64_diff", 0.0) <= FLOAT64_REL_TOL * max(p.get("float64_scale", 1.0), 1.0)
+    )
+
 
 # ---- the command -----------------------------------------------------------------------
+
 
 def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
     """Write RUN_DIR/model_int.pth from the run's checkpoint (default RUN_DIR/checkpoint.pth), then prove it:
     the integer model against the fake-quantized one on the run's validation set, and the file's size against
     FP32's. Every input problem is a BadInput raised before anything is written. Returns (path, the proof)."""
     if not os.path.isdir(run_dir):
-        raise mm.BadInput(f"{run_dir}: " + ("not a folder (give a run's --output-dir)" if os.path.exists(run_dir)
-                                            else "no such folder"))
+        raise mm.BadInput(
+            f"{run_dir}: "
+            + ("not a folder (give a run's --output-dir)" if os.path.exists(run_dir) else "no such folder")
+        )
     flag = "--checkpoint" if checkpoint else "checkpoint"
     source = checkpoint or os.path.join(run_dir, "checkpoint.pth")
     if not checkpoint and not os.path.exists(source):
-        raise mm.BadInput(f"{run_dir} holds no checkpoint.pth: not a metamix run's --output-dir, or no epoch "
-                          "finished yet")
+        raise mm.BadInput(
+            f"{run_dir} holds no checkpoint.pth: not a metamix run's --output-dir, or no epoch finished yet"
+        )
     ck = mm.load_checkpoint(source, flag)  # whole-sentence errors: no such file, not torch.save's, corrupt
     if ck.get("format") != mm.CHECKPOINT_FORMAT:
-        raise mm.BadInput(f"{flag} {source} is not a metamix checkpoint (format {ck.get('format')!r}, expected "
-                          f"{mm.CHECKPOINT_FORMAT!r})")
+        raise mm.BadInput(
+            f"{flag} {source} is not a metamix checkpoint (format {ck.get('format')!r}, expected "
+            f"{mm.CHECKPOINT_FORMAT!r})"
+        )
     if ck.get("selected") is None:
-        raise mm.BadInput(f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "
-                          f"bit selection takes {ck['args']['search_epochs']}): bits are not chosen and weights not "
-                          "quantized yet; export a checkpoint of weight training")
+        raise mm.BadInput(
+            f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "
+            f"bit selection takes {ck['args']['search_epochs']}): bits are not chosen and weights not "
+            "quantized yet; export a checkpoint of weight training"
+        )
     if not mm.weights_quantized(argparse.Namespace(**ck["args"]), ck["epoch"], ck["selected"]):
-        raise mm.BadInput(f"{flag} {source}: the run is in its --act-only-epochs (checkpoint of epoch {ck['epoch']}): "
-                          "weights not quantized yet; export a checkpoint of a later epoch")
+        raise mm.BadInput(
+            f"{flag} {source}: the run is in its --act-only-epochs (checkpoint of epoch {ck['epoch']}): "
+            "weights not quantized yet; export a checkpoint of a later epoch"
+        )
     args, model, ck = runs.load_run(source)  # either kind of run, in the mode it was evaluated in
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:  # before writing: a run whose data is gone writes nothing
@@ -356,44 +430,70 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
     first_batch = next(iter(val_loader))[0].to(device)
     p["float64_diff"], p["float64_scale"] = float64_logit_diff(model, int_model, first_batch)
 
-    fp32 = {**export["float_state"], **{f"{m.name}.{k}": t.detach().float().cpu() for m in layers
-                                        for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None}}
+    fp32 = {
+        **export["float_state"],
+        **{
+            f"{m.name}.{k}": t.detach().float().cpu()
+            for m in layers
+            for k, t in (("weight", m.weight), ("bias", m.bias))
+            if t is not None
+        },
+    }
     mib, fp32_mib = len(data) / 2**20, len(mm.saved_bytes(fp32)) / 2**20
     unfinished = "" if ck["epoch"] >= args.epochs else f" (checkpoint of epoch {ck['epoch']} of {args.epochs})"
     fl = args.first_last_bits
     w = f"W{args.w_bits}" if isinstance(args.w_bits, int) else f"per-layer W (average {report['avg_w_bits']:.2f})"
-    print(f"export: wrote {path}{unfinished}: {args.arch}, {w} with A{fl}/W{fl} first/last, average activation "
-          f"bits {report['avg_a_bits']:.2f}: {mib:.1f} MiB vs {fp32_mib:.1f} MiB FP32 ({fp32_mib / mib:.1f}x smaller)",
-          flush=True)
-    print(f"export: integer model top-1 {p['top1_integer']:.2f}% vs fake-quantized {p['top1_fake_quant']:.2f}% "
-          f"(float32) on {p['n']} images; end to end: largest logit difference {p['max_logit_diff']:.3g} (largest "
-          f"|logit| {p['max_abs_logit']:.3g}), argmax differs on {p['argmax_differs']}; layer by layer on the same "
-          f"input: largest relative difference {p['layer_rel_diff']:.2g}; end to end in float64 on one batch: "
-          f"largest logit difference {p['float64_diff']:.2g}", flush=True)
+    print(
+        f"export: wrote {path}{unfinished}: {args.arch}, {w} with A{fl}/W{fl} first/last, average activation "
+        f"bits {report['avg_a_bits']:.2f}: {mib:.1f} MiB vs {fp32_mib:.1f} MiB FP32 ({fp32_mib / mib:.1f}x smaller)",
+        flush=True,
+    )
+    print(
+        f"export: integer model top-1 {p['top1_integer']:.2f}% vs fake-quantized {p['top1_fake_quant']:.2f}% "
+        f"(float32) on {p['n']} images; end to end: largest logit difference {p['max_logit_diff']:.3g} (largest "
+        f"|logit| {p['max_abs_logit']:.3g}), argmax differs on {p['argmax_differs']}; layer by layer on the same "
+        f"input: largest relative difference {p['layer_rel_diff']:.2g}; end to end in float64 on one batch: "
+        f"largest logit difference {p['float64_diff']:.2g}",
+        flush=True,
+    )
     if not export_agrees(p):
-        print(f"export: WARNING: the integer model disagrees with the fake-quantized one beyond float summation "
-              f"order (layer by layer {p['layer_rel_diff']:.2g}, tolerance {LAYER_REL_TOL:g}; argmax differs on "
-              f"{p['argmax_differs']} of {p['n']} images; float64 {p['float64_diff']:.2g}); {path} is written "
-              "anyway", flush=True)
+        print(
+            f"export: WARNING: the integer model disagrees with the fake-quantized one beyond float summation "
+            f"order (layer by layer {p['layer_rel_diff']:.2g}, tolerance {LAYER_REL_TOL:g}; argmax differs on "
+            f"{p['argmax_differs']} of {p['n']} images; float64 {p['float64_diff']:.2g}); {path} is written "
+            "anyway",
+            flush=True,
+        )
     return path, p
 
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = mm.Parser(prog="export.py", description="Integer export of a MetaMix run (model_int.pth) and its check "
-                  "against the "
-               "fake-quantized model")
+    p = mm.Parser(
+        prog="export.py",
+        description="Integer export of a MetaMix run (model_int.pth) and its check against the fake-quantized model",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's --output-dir; model_int.pth is written there")
-    p.add_argument("--checkpoint", metavar="FILE", help="export this checkpoint file of the run instead (default: "
-                   "RUN_DIR/checkpoint.pth)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="export this checkpoint file of the run instead (default: RUN_DIR/checkpoint.pth)",
+    )
     return p
+
 
 def main(argv: list[str] | None = None) -> int:
     """Export, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
+
     def body(a) -> int:
         export_run(a.run_dir, a.checkpoint)
         return 0
 
-    return runs.tool_main("export", body, get_args_parser().parse_args(argv),
-                          "interrupted; model_int.pth, if written, is whole but unchecked")
+    return runs.tool_main(
+        "export",
+        body,
+        get_args_parser().parse_args(argv),
+        "interrupted; model_int.pth, if written, is whole but unchecked",
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ It takes the selected bits from RUN/bits.json and the network the selection was 
 and "figure9": Spearman's rank correlation of the selected A bits (pairs: also W, and a*w) with each of the two and
 with OPs. figure9.png and bits.png need matplotlib (optional). Nothing else in RUN changes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ import runs
 
 # ---- Spearman's rank correlation ---------------------------------------------------------------
 
+
 def average_ranks(values: Sequence[float]) -> list[float]:
     """1-based ranks with ties at their average rank (Spearman's convention): [8, 4, 4, 2] -> [4, 2.5, 2.5, 1]."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -51,6 +53,7 @@ def average_ranks(values: Sequence[float]) -> list[float]:
             out[order[k]] = (i + j) / 2 + 1
         i = j + 1
     return out
+
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman's rank correlation: Pearson's correlation of the average ranks. None where it is undefined:
@@ -67,7 +70,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
         return None
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
 
+
 # ---- the traces and the figure's fields ------------------------------------------------------
+
 
 def mean_hessian_traces(model: nn.Module, batches, probes: int, seed: int) -> torch.Tensor:
     """(L,) Tr(H_l) per searched layer: the mean over `batches` of the hessian proxy's own traces
@@ -75,11 +80,14 @@ def mean_hessian_traces(model: nn.Module, batches, probes: int, seed: int) -> to
     Leaves the model's modes, flags, parameters and buffers as they were, and writes no .grad."""
     return torch.stack([bl.meta_state_traces(model, x, y, probes, seed) for x, y in batches]).mean(0)
 
+
 FIGURE9_SERIES = (("hessian_trace", "Hessian trace"), ("macs", "OPs"), ("trace_per_op", "trace/OPs"))
+
 
 def is_pairs(report: dict) -> bool:
     """A report (bits.json, figure9.json) of (A, W) pairs: its candidates have more than one W."""
     return len({w for _, w in report["candidates"]}) > 1
+
 
 def figure9_fields(report: dict, traces: Sequence[float], batches: int, probes: int) -> dict:
     """Add hessian_trace and trace_per_op to each searched row of a report, and return its "figure9" entry:
@@ -91,19 +99,23 @@ def figure9_fields(report: dict, traces: Sequence[float], batches: int, probes: 
     if is_pairs(report):  # Supplement, Table 7: the selected W, and the pair's cost per OP
         selected["w_bits"] = [r["w_bits"] for r in rows]
         selected["a_times_w"] = [r["a_bits"] * r["w_bits"] for r in rows]
-    corr = {k: {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES}
-            for k, bits in selected.items()}
+    corr = {
+        k: {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES} for k, bits in selected.items()
+    }
     return {"layers": len(rows), "batches": batches, "probes": probes, "spearman": corr}
+
 
 def figure9_text(fig9: dict, cost: str = "") -> str:
     """The line figure9.py prints: the rank correlations, "n/a" where one is undefined; `cost` ends it."""
     names = {"a_bits": "selected A bits", "w_bits": "selected W bits", "a_times_w": "selected a*w"}
     parts = []
     for k, corr in fig9["spearman"].items():
-        vals = ", ".join(f"{label} {'n/a' if corr[key] is None else f'{corr[key]:+.2f}'}"
-                         for key, label in FIGURE9_SERIES)
+        vals = ", ".join(
+            f"{label} {'n/a' if corr[key] is None else f'{corr[key]:+.2f}'}" for key, label in FIGURE9_SERIES
+        )
         parts.append(f"{names[k]} with {vals}")
     return f"Figure 9: rank correlation of {'; '.join(parts)} ({fig9['layers']} layers{cost})"
+
 
 def read_selection(path: str, model: nn.Module) -> dict:
     """A run's bits.json, checked against the meta-state's model: the same searched layers, each at one of its
@@ -122,24 +134,37 @@ def read_selection(path: str, model: nn.Module) -> dict:
     layers = mm.searched_layers(model)
     for i, (mine, theirs) in enumerate(itertools.zip_longest([n for n, _ in got], [m.name for m in layers])):
         if mine != theirs:
-            raise mm.BadInput(f"{path} does not match the meta-state's model: its searched layer {i + 1} is "
-                              f"{mine!r}, the model's {theirs!r}")
+            raise mm.BadInput(
+                f"{path} does not match the meta-state's model: its searched layer {i + 1} is "
+                f"{mine!r}, the model's {theirs!r}"
+            )
     for (name, pair), m in zip(got, layers):
         if pair not in m.candidates:
-            raise mm.BadInput(f"{path}: layer {name} is at A{pair[0]}/W{pair[1]}, not one of the meta-state's "
-                              f"candidates ({', '.join(f'A{a}/W{w}' for a, w in m.candidates)})")
+            raise mm.BadInput(
+                f"{path}: layer {name} is at A{pair[0]}/W{pair[1]}, not one of the meta-state's "
+                f"candidates ({', '.join(f'A{a}/W{w}' for a, w in m.candidates)})"
+            )
     return bits
+
 
 def figure9_report(bits: dict, traces: Sequence[float], batches: int, probes: int, seed: int, sources: dict) -> dict:
     """figure9.json: the selection's searched rows with their traces, and the "figure9" correlations."""
     keep = ("name", "type", "macs", "fixed", "a_bits", "w_bits")
-    report = {"arch": bits["arch"], "selection": bits.get("selection"), "gbops": bits["gbops"],
-              "target_gbops": bits.get("target_gbops"), "candidates": bits["candidates"], **sources,
-              "layers": [{k: r[k] for k in keep if k in r} for r in bits["layers"] if not r["fixed"]]}
+    report = {
+        "arch": bits["arch"],
+        "selection": bits.get("selection"),
+        "gbops": bits["gbops"],
+        "target_gbops": bits.get("target_gbops"),
+        "candidates": bits["candidates"],
+        **sources,
+        "layers": [{k: r[k] for k in keep if k in r} for r in bits["layers"] if not r["fixed"]],
+    }
     report["figure9"] = {**figure9_fields(report, traces, batches, probes), "seed": seed}
     return report
 
+
 # ---- the plots (matplotlib, optional) -------------------------------------------------------
+
 
 def plot_figure9(report: dict, path: str) -> bool:
     """figure9.png as the supplement's Figure 9: per searched layer, the selected bits (pairs: A and W),
@@ -177,12 +202,14 @@ def plot_figure9(report: dict, path: str) -> bool:
         ax.set_title(f"{label}: Spearman with A bits {'n/a' if rho is None else f'{rho:+.2f}'}", fontsize=8)
     axes[-1].set_xticks(x)
     axes[-1].set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
-    axes[0].set_title(f"{report['arch']} ({report['selection']}, {report['gbops']:.2f} GBOPs): the supplement's "
-                      "Figure 9", fontsize=9)
+    axes[0].set_title(
+        f"{report['arch']} ({report['selection']}, {report['gbops']:.2f} GBOPs): the supplement's Figure 9", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
 
 def plot_bits(report: dict, path: str) -> bool:
     """bits.png, paper Fig. 7 as a plot: the bits (pairs: A and W) and MOPs of every layer of a bits.json.
@@ -215,7 +242,9 @@ def plot_bits(report: dict, path: str) -> bool:
     plt.close(fig)
     return True
 
+
 # ---- the command line ---------------------------------------------------------------------
+
 
 def run_figure9(a: argparse.Namespace) -> int:
     run_dir = os.path.normpath(a.run)
@@ -223,11 +252,17 @@ def run_figure9(a: argparse.Namespace) -> int:
     if not os.path.isdir(run_dir):
         raise mm.BadInput(f"{run_dir}: no such folder (expected the --output-dir of a metamix or pairs.py run)")
     if not os.path.isfile(bits_path):
-        raise mm.BadInput(f"{run_dir} has no bits.json: its bits are not selected yet (metamix.py writes it as weight "
-                          "training starts)")
+        raise mm.BadInput(
+            f"{run_dir} has no bits.json: its bits are not selected yet (metamix.py writes it as weight "
+            "training starts)"
+        )
     if not os.path.isfile(meta):
-        raise mm.BadInput(f"{meta}: no such file" if a.meta_state else f"{run_dir} has no meta_state.pth (a run "
-                          "trained from another run's meta-state with --resume: give that file with --meta-state)")
+        raise mm.BadInput(
+            f"{meta}: no such file"
+            if a.meta_state
+            else f"{run_dir} has no meta_state.pth (a run "
+            "trained from another run's meta-state with --resume: give that file with --meta-state)"
+        )
     args, model, ck = runs.load_run(meta)  # a run of one W or of (A, W) pairs
     bl.check_meta_state(ck, meta)
     bits = read_selection(bits_path, model)
@@ -235,31 +270,51 @@ def run_figure9(a: argparse.Namespace) -> int:
     t0 = time.time()
     batches = bl.proxy_batches(args, a.batches, args.seed, device)
     traces = mean_hessian_traces(model.to(device), batches, a.probes, args.seed)
-    report = figure9_report(bits, traces.tolist(), len(batches), a.probes, args.seed,
-                            {"bits": bits_path, "meta_state": meta})
-    line = figure9_text(report["figure9"], f"; traces on {len(batches)} batch(es) x {a.probes} probe(s), "
-                                           f"{time.time() - t0:.1f}s")
+    report = figure9_report(
+        bits, traces.tolist(), len(batches), a.probes, args.seed, {"bits": bits_path, "meta_state": meta}
+    )
+    line = figure9_text(
+        report["figure9"], f"; traces on {len(batches)} batch(es) x {a.probes} probe(s), {time.time() - t0:.1f}s"
+    )
     out = os.path.join(run_dir, "figure9.json")
     mm.atomic_write(out, json.dumps(report, indent=1).encode())
     plotted = plot_figure9(report, os.path.join(run_dir, "figure9.png"))
     plotted = plot_bits(bits, os.path.join(run_dir, "bits.png")) and plotted
-    print(f"{line}\nwrote {out}" + (", figure9.png and bits.png" if plotted else " (figure9.png and bits.png need "
-                                    "matplotlib, which is not installed)"), flush=True)
+    print(
+        f"{line}\nwrote {out}"
+        + (
+            ", figure9.png and bits.png"
+            if plotted
+            else " (figure9.png and bits.png need matplotlib, which is not installed)"
+        ),
+        flush=True,
+    )
     return 0
 
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = mm.Parser(prog="figure9.py", description="The supplement's Figure 9 for a MetaMix run: Hessian trace, OPs and "
-                  "trace / OPs per layer against the selected bits, with Spearman's rank correlations")
+    p = mm.Parser(
+        prog="figure9.py",
+        description="The supplement's Figure 9 for a MetaMix run: Hessian trace, OPs and "
+        "trace / OPs per layer against the selected bits, with Spearman's rank correlations",
+    )
     add = p.add_argument
     add("run", metavar="RUN", help="a metamix.py or pairs.py run's --output-dir, holding bits.json")
-    add("--batches", metavar="N", type=mm.number(int, 1), default=4, help="training batches the traces average over "
-        "(default: 4)")
+    add(
+        "--batches",
+        metavar="N",
+        type=mm.number(int, 1),
+        default=4,
+        help="training batches the traces average over (default: 4)",
+    )
     add("--probes", metavar="K", type=mm.number(int, 1), default=4, help="Hutchinson probes per batch (default: 4)")
     add("--meta-state", metavar="FILE", help="the network the selection was made on (default: RUN/meta_state.pth)")
     return p
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     return runs.tool_main("figure9", run_figure9, get_args_parser().parse_args(argv))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ Symbols (paper -> code):
 Sections 1-6: the paper, in its order; 7: the speed path the driver runs, held equal to 1-2 by tests; 8: the driver.
 Beside it: baselines.py, pairs.py, figure9.py, export.py. "Our choice" marks what the paper leaves open.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,24 +57,29 @@ from torchvision.datasets import ImageFolder
 
 # ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
 
+
 def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     """[Qn, Qp] of b bits: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1], narrow signed [1-2^(b-1), 2^(b-1)-1]."""
     return (-(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
 
 def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
     """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = the values of one step: its output channel's weights, or
     features per sample (our choice: LSQ's balance of step and weight gradients, kept per step)."""
     return 1.0 / math.sqrt(n * lsq_range(bits, signed)[1])
 
+
 def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """The step actually used: |s|, at least eps. Our choice: s > 0 whatever the optimizer does."""
     return step.abs().clamp_min(eps)
 
-def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float | None = None,
-                 narrow: bool = False) -> torch.Tensor:
+
+def lsq_quantize(
+    x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float | None = None, narrow: bool = False
+) -> torch.Tensor:
     """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s; s: positive(step), per tensor or row. v = x/s:
-        d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
-        d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`, 1/sqrt(N Qp))"""
+    d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
+    d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`, 1/sqrt(N Qp))"""
     qn, qp = lsq_range(bits, signed, narrow)
     grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed) if grad_scale is None else grad_scale
     s = positive(step).view(-1, *[1] * (x.dim() - 1)) if step.dim() else positive(step)
@@ -82,8 +88,10 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, g
     v = torch.where((v >= qn) & (v <= qp), v, v.clamp(qn, qp).detach())  # clamp; its gradient passes at the ends
     return (v.round().detach() + (v - v.detach())) * s  # round with a straight-through gradient
 
+
 class Stateful(nn.Module):
     """A module whose plain attributes named in `saved` are part of its state dict (its "extra state")."""
+
     saved: tuple[str, ...] = ()
 
     def get_extra_state(self):
@@ -92,9 +100,11 @@ class Stateful(nn.Module):
     def set_extra_state(self, state):
         self.__dict__.update((k, state[k]) for k in self.saved)
 
+
 class LSQQuantizer(Stateful):
     """A weight's signed LSQ, one step per output channel on the narrow range (the authors'; `channels` 1 and not
     narrow: LSQ's own, one step per tensor); s_c = 2 * mean|W_c| / sqrt(Qp) at first use; disabled: identity."""
+
     saved = ("initialized",)
 
     def __init__(self, bits: int, channels: int = 1, narrow: bool = False, enabled: bool = True):
@@ -115,13 +125,16 @@ class LSQQuantizer(Stateful):
             self.init_step(w)
         return lsq_quantize(w, self.step, self.bits, True, narrow=self.narrow)
 
+
 # ==== 2. Multi-branch block (paper Fig. 4, Eq. 2) ===================================================================
+
 
 class MultiBranchQuantizer(Stateful):
     """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
     Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2). N =
     features per sample. The grid, from the first batch: in [-3/8, 0), as hardswish's outputs (the authors' offset):
     unsigned, Q(x + 3/8) - 3/8; else signed if it has negatives. `offset` 0 given: no offset grid (LSQ's own)."""
+
     saved = ("signed", "offset", "initialized")
 
     def __init__(self, bits: Sequence[int], offset: float | None = None):
@@ -157,8 +170,10 @@ class MultiBranchQuantizer(Stateful):
             return self.quantize(x, self.branch)
         return sum(p * self.quantize(x, i) for i, p in enumerate(F.softmax(self.alpha, dim=0)))  # Eq. 2
 
+
 class LayerOp(NamedTuple):
     """What a QuantLayer computes: "conv2d" with its geometry, or "linear" (geometry unused)."""
+
     kind: str
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
@@ -170,20 +185,33 @@ class LayerOp(NamedTuple):
             return F.linear(x, weight, bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+
 class QuantLayer(Stateful):
     """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4): op(act(x), weight_quant(W)) + b,
     on the original layer's own tensors. The weight's LSQ (per output channel, narrow; `plain`: per tensor) is off in
     bit selection. `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the
     last Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
+
     fused, saved = False, ("selected_branch",)
 
-    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int, name: str = "", macs: int = 0,
-                 fixed: bool = False, plain: bool = False):
+    def __init__(
+        self,
+        layer: nn.Module,
+        bits: Sequence[int],
+        w_bits: int,
+        name: str = "",
+        macs: int = 0,
+        fixed: bool = False,
+        plain: bool = False,
+    ):
         super().__init__()
         if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
             raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
-        self.op = LayerOp("linear") if isinstance(layer, nn.Linear) else \
-            LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+        self.op = (
+            LayerOp("linear")
+            if isinstance(layer, nn.Linear)
+            else LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+        )
         self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
         self.act = MultiBranchQuantizer(bits, 0.0 if plain else None)
         self.weight_quant = LSQQuantizer(w_bits, 1 if plain else len(self.weight), not plain, enabled=False)
@@ -202,7 +230,9 @@ class QuantLayer(Stateful):
             return fused_forward(self, x)  # section 7: the same values and gradients, less time and memory
         return self.op(self.act(x), self.weight_quant(self.weight), self.bias)
 
+
 # ==== 3. Straight-through softmax (Eq. 5) ===========================================================================
+
 
 def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """hs(alpha): one-hot of argmax softmax(alpha) forward, softmax's gradient backward (Eq. 5)."""
@@ -210,41 +240,51 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
     y_hard = torch.zeros_like(y_soft).scatter_(dim, y_soft.argmax(dim, keepdim=True), 1.0)
     return y_hard - y_soft.detach() + y_soft
 
+
 # ==== 4. BOPs (Eq. 6) and the L1 BOPs regularizer (Eq. 4) ===========================================================
 # OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout, linear in*out.
 # BOPs = sum_l a_l * w_l * OPs_l (paper: w_l = w_bits), GBOPs = BOPs / 1e9; fixed first/last layers: Eq. 4's C_fixed.
+
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """Quantized layers in forward order (the order patch_model recorded)."""
     return sorted((m for m in model.modules() if isinstance(m, QuantLayer)), key=lambda m: m.order)
 
+
 def searched_layers(model: nn.Module) -> list[QuantLayer]:
     return [m for m in quant_layers(model) if not m.fixed]
+
 
 def candidate_costs(model: nn.Module) -> list[int]:
     """a * w of each candidate of the searched layers (they share their candidates): the paper's b * w_bits."""
     return [a * w for a, w in searched_layers(model)[0].candidates]
 
+
 def c_fixed_of(model: nn.Module) -> float:
     """C_fixed: BOPs of the first and last layers, in GBOPs."""
     return sum(m.macs * a * w for m in quant_layers(model) if m.fixed for a, w in m.candidates) / 1e9
 
+
 def config_gbops(macs: Sequence[int], costs: Sequence[int], c_fixed: float) -> float:
     """Eq. 6 for the searched layers plus C_fixed: sum_l a_l * w_l * OPs_l / 1e9 + C_fixed; costs[l] = a_l * w_l."""
     return sum(m * c for m, c in zip(macs, costs)) / 1e9 + c_fixed
+
 
 def branches_gbops(model: nn.Module, branches: Sequence[int]) -> float:
     """Eq. 6 of a configuration given as one branch index per searched layer."""
     costs = candidate_costs(model)
     return config_gbops([m.macs for m in searched_layers(model)], [costs[i] for i in branches], c_fixed_of(model))
 
+
 def gbops_range(model: nn.Module) -> tuple[float, float]:
     """Feasible budgets: every searched layer at its cheapest candidate, and at its dearest."""
     macs, costs = [m.macs for m in searched_layers(model)], candidate_costs(model)
     return tuple(config_gbops(macs, [pick(costs)] * len(macs), c_fixed_of(model)) for pick in (min, max))
 
-def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[int], c_fixed: float,
-                     target_gbops: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def bops_regularizer(
+    alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[int], c_fixed: float, target_gbops: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |, alphas (L, N),
     costs (N,) bits_i * w_bits, macs (L,) OPs_l. Our choices: GBOPs, which make the paper's lambdas sensible; Eq. 4
     literally, the distance of the *argmax* configuration. Returns (L_reg, its GBOPs), differentiable in alphas."""
@@ -253,8 +293,15 @@ def bops_regularizer(alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[
     gbops = (hs @ c * m).sum() * 1e-9 + c_fixed
     return (gbops - target_gbops).abs(), gbops
 
-def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], costs: Sequence[int],
-                     macs: Sequence[int], c_fixed: float, target_gbops: float) -> list[int]:
+
+def repair_to_budget(
+    probs: Sequence[Sequence[float]],
+    branches: Sequence[int],
+    costs: Sequence[int],
+    macs: Sequence[int],
+    c_fixed: float,
+    target_gbops: float,
+) -> list[int]:
     """Our choice (the paper has none): lower bits until within the target, each time the layer whose move to its next
     lower cost (the most probable candidate there) gives up least softmax probability per BOP saved."""
     branches, levels = list(branches), sorted(set(costs))
@@ -274,7 +321,9 @@ def repair_to_budget(probs: Sequence[Sequence[float]], branches: Sequence[int], 
         branches[best[1]] = best[2]
     return branches
 
+
 # ==== 5. Model patching =============================================================================================
+
 
 def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
     """(name, module, MACs, input values per image) of every Conv2d/Linear in forward order, from one forward pass."""
@@ -298,20 +347,32 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
     model.train(was_training)
     return seen
 
-def patch_model(model: nn.Module, bits: Sequence[int], w_bits=4, first_last_bits: int = 8,
-                bops_image_size: int = 224, layer_type: type = QuantLayer, plain: bool = False) -> nn.Module:
+
+def patch_model(
+    model: nn.Module,
+    bits: Sequence[int],
+    w_bits=4,
+    first_last_bits: int = 8,
+    bops_image_size: int = 224,
+    layer_type: type = QuantLayer,
+    plain: bool = False,
+) -> nn.Module:
     """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode, the first and last in forward order fixed at
     first_last_bits; `layer_type` builds the searched layers (pairs.py's). plain: LSQ's quantizers, not the authors'."""
     traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
     for i, (name, mod, macs, in_size) in enumerate(traced):
-        q = (QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
-             if i in (0, len(traced) - 1) else layer_type(mod, bits, w_bits, name, macs, plain=plain))
+        q = (
+            QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
+            if i in (0, len(traced) - 1)
+            else layer_type(mod, bits, w_bits, name, macs, plain=plain)
+        )
         q.order, q.in_size = i, in_size
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return model
+
 
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
     """Every layer in a phase's mode: "fp" (weights too), "meta" (searched layers at `branch`), "search" (Eq. 2),
@@ -324,20 +385,25 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
         else:
             m.set_state("branch", branch if mode == "meta" else m.selected_branch, quant_weights)
 
+
 def alphas_of(model: nn.Module) -> list[nn.Parameter]:
     return [m.act.alpha for m in searched_layers(model)]  # the architecture logits alpha_l
+
 
 def meta_params(model: nn.Module) -> list[nn.Parameter]:
     """What bit-meta and weight training update: every parameter but the alphas (weights, BN, steps)."""
     alphas = {id(a) for a in alphas_of(model)}
     return [p for p in model.parameters() if id(p) not in alphas]
 
+
 def argmax_branches(model: nn.Module) -> list[int]:
     return torch.stack(alphas_of(model)).detach().argmax(1).tolist()  # ties: the first
+
 
 def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
     for m, i in zip(searched_layers(model), branches):  # the selection, one branch per searched layer
         m.selected_branch = int(i)
+
 
 # ==== 6. The two phases (paper Table 1) =============================================================================
 # Table 1 as code. S = bit-selection epochs (2 in the paper), E = all epochs.
@@ -353,6 +419,7 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 # Each step takes `autocast` (a context factory, e.g. bf16), `sync(params, loss)`, called between backward and
 # optimizer step (the driver all-reduces there), and `criterion(logits, targets)` (e.g. distillation_loss(teacher's
 # logits)). Nothing here knows about processes, files or printing.
+
 
 @contextlib.contextmanager
 def batch_stats_bn(model: nn.Module):
@@ -371,6 +438,7 @@ def batch_stats_bn(model: nn.Module):
             m.track_running_stats = True
         model.train(was_training)
 
+
 def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
     """LSQ's data-dependent init on one batch: every branch's step, each layer's grid (sign, offset); then "fp". Our
     choice: BN uses the batch's statistics (a model from scratch has running statistics 0 and 1: steps of 0)."""
@@ -380,11 +448,13 @@ def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
             model(calib)
     set_mode(model, "fp")
 
+
 def distillation_loss(teacher_logits: torch.Tensor):
     """The authors' loss (their code; the paper names none): the batch mean of -sum_c softmax(teacher)_c *
     log_softmax(student)_c, a frozen teacher at temperature 1, no label term. A criterion(logits, targets)."""
     probs = F.softmax(teacher_logits.detach().float(), 1)
     return lambda logits, targets: F.cross_entropy(logits.float(), probs)
+
 
 def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached; one backward per
@@ -398,8 +468,17 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcon
         total += loss.detach()
     return total
 
-def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops: float,
-                    autocast=contextlib.nullcontext, fixed: bool = True, criterion=F.cross_entropy):
+
+def bit_search_step(
+    model: nn.Module,
+    images,
+    targets,
+    lam: float,
+    target_gbops: float,
+    autocast=contextlib.nullcontext,
+    fixed: bool = True,
+    criterion=F.cross_entropy,
+):
     """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state (only the alphas learn). Our choice: BN
     uses the batch's statistics and leaves its buffers alone; dropout is off. `fixed=False`: the paper's Figure 7(a)
     ablation, "weights trained during bit-search", nothing frozen, BN and dropout as in training (the caller steps
@@ -411,8 +490,13 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
     try:
         with batch_stats_bn(model) if fixed else contextlib.nullcontext(), autocast():
             task = criterion(model(images), targets)
-        reg, gbops = bops_regularizer(torch.stack(alphas_of(model)), candidate_costs(model),
-                                      [m.macs for m in searched_layers(model)], c_fixed_of(model), target_gbops)
+        reg, gbops = bops_regularizer(
+            torch.stack(alphas_of(model)),
+            candidate_costs(model),
+            [m.macs for m in searched_layers(model)],
+            c_fixed_of(model),
+            target_gbops,
+        )
         loss = task.float() + lam * reg
         loss.backward()
     finally:
@@ -420,9 +504,22 @@ def bit_search_step(model: nn.Module, images, targets, lam: float, target_gbops:
             p.requires_grad_(True)
     return loss.detach(), gbops.detach()
 
-def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *, search: bool = False,
-                       lam: float = 0.0, target_gbops: float | None = None, autocast=contextlib.nullcontext,
-                       sync=lambda params, loss: loss, fixed: bool = True, criterion=F.cross_entropy):
+
+def bit_selection_step(
+    model: nn.Module,
+    images,
+    targets,
+    opt,
+    opt_alpha=None,
+    *,
+    search: bool = False,
+    lam: float = 0.0,
+    target_gbops: float | None = None,
+    autocast=contextlib.nullcontext,
+    sync=lambda params, loss: loss,
+    fixed: bool = True,
+    criterion=F.cross_entropy,
+):
     """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a bit-search step
     (Eq. 3-5) on the meta-state just updated, "given the same mini-batch". Returns (meta loss, search loss, GBOPs)."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -440,22 +537,33 @@ def bit_selection_step(model: nn.Module, images, targets, opt, opt_alpha=None, *
         opt.step()
     return meta_loss, search_loss, gbops
 
-def start_weight_training(model: nn.Module, target_gbops: float, repair: bool = True,
-                          branches: Sequence[int] | None = None):
+
+def start_weight_training(
+    model: nn.Module, target_gbops: float, repair: bool = True, branches: Sequence[int] | None = None
+):
     """Between the phases: bits = argmax alpha (lowered to fit the target if `repair`; or `branches`), weight LSQ on
     from the meta-state (the paper's "mixed-precision-aware" init). Returns (branches, GBOPs, whether repaired)."""
     layers, argmax = searched_layers(model), argmax_branches(model)
     if branches is None and repair:
         probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
-        branches = repair_to_budget(probs, argmax, candidate_costs(model), [m.macs for m in layers],
-                                    c_fixed_of(model), target_gbops)
+        branches = repair_to_budget(
+            probs, argmax, candidate_costs(model), [m.macs for m in layers], c_fixed_of(model), target_gbops
+        )
     branches = argmax if branches is None else list(branches)
     apply_selection(model, branches)
     set_mode(model, "selected", quant_weights=True)  # each weight step initialised at its first use: the meta-state's
     return branches, branches_gbops(model, branches), branches != argmax
 
-def weight_training_step(model: nn.Module, images, targets, opt, autocast=contextlib.nullcontext,
-                         sync=lambda params, loss: loss, criterion=F.cross_entropy):
+
+def weight_training_step(
+    model: nn.Module,
+    images,
+    targets,
+    opt,
+    autocast=contextlib.nullcontext,
+    sync=lambda params, loss: loss,
+    criterion=F.cross_entropy,
+):
     """One step of weight training: ordinary training of weights and steps at the selected bits."""
     opt.zero_grad(set_to_none=True)
     with autocast():
@@ -465,13 +573,20 @@ def weight_training_step(model: nn.Module, images, targets, opt, autocast=contex
     opt.step()
     return loss
 
+
 # ==== 7. The speed path: a fused layer op (what the driver runs) ====================================================
 # A `fused` QuantLayer runs one autograd function for activation (a branch, or Eq. 2's mixture), weight and op: it
 # saves only x and the raw weight, recomputes the codes in backward and masks with hardtanh's backward. The same
 # values and gradients as sections 1-2 (tests), in less time and memory (docs/speed.md).
 
-def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None = None,
-                  wq: LSQQuantizer | None = None, bias: bool = True) -> torch.Tensor:
+
+def fused_forward(
+    layer: QuantLayer,
+    x: torch.Tensor,
+    probs: torch.Tensor | None = None,
+    wq: LSQQuantizer | None = None,
+    bias: bool = True,
+) -> torch.Tensor:
     """layer(x) through _FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
     act, wq = layer.act, wq or layer.weight_quant
     branches = [act.branch] if act.mode == "branch" else list(range(len(act.bits)))
@@ -480,33 +595,51 @@ def fused_forward(layer: QuantLayer, x: torch.Tensor, probs: torch.Tensor | None
     probs = F.softmax(act.alpha, dim=0) if act.mode != "branch" and probs is None else probs
     w_step = w_q = None
     if wq.enabled:
-        if not wq.initialized: wq.init_step(layer.weight)
+        if not wq.initialized:
+            wq.init_step(layer.weight)
         w_step = positive(wq.step).view(-1, *[1] * (layer.weight.dim() - 1))  # (C_out, 1, ...)
         w_q = _qparams(wq.bits, True, layer.weight.numel() // len(wq.step), wq.narrow)
-    return _FusedQuantOp.apply(x, positive(act.step[branches]), probs, layer.weight, w_step,
-                               layer.bias if bias else None, a_q, w_q, layer.op, act.offset)
+    return _FusedQuantOp.apply(
+        x,
+        positive(act.step[branches]),
+        probs,
+        layer.weight,
+        w_step,
+        layer.bias if bias else None,
+        a_q,
+        w_q,
+        layer.op,
+        act.offset,
+    )
+
 
 def _qparams(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
     return (*lsq_range(bits, signed, narrow), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
 
+
 def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     return (x / step).clamp_(qn, qp).round_()  # the integer codes round(clamp(x/s, Qn, Qp)), in one new buffer
+
 
 @functools.lru_cache(maxsize=None)
 def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:  # lo < v < hi exactly when Qn <= v <= Qp
     ends, out = torch.tensor([qn, qp], dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)
     return torch.nextafter(ends, out).tolist()
 
+
 def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
     """g where Qn <= v <= Qp, else 0: the straight-through mask as hardtanh's backward, one pass, into `out`."""
-    if out is None: return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
     return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=out)
+
 
 def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
     """sum(a * b): in one pass for a step per tensor; per row (output channel) in step's shape for one per row."""
     if step is None or step.numel() == 1:
         return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(() if step is None else step.shape)
     return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(a), -1, 1)).view_as(step)
+
 
 def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
@@ -516,6 +649,7 @@ def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float)
     gx = _pass_inside(g, v, qn, qp, out=g)
     return gx, (gq - _dot(gx, v, step)) * grad_scale if need_s else None
 
+
 def _mixture(x, steps, probs, a_q):
     """x_hat of Eq. 2, sum_i p_i * s_i * round(clamp(x/s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
     out = tmp = None
@@ -523,6 +657,7 @@ def _mixture(x, steps, probs, a_q):
         tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
         out = tmp * (steps[i] * probs[i]) if out is None else out.addcmul_(tmp, steps[i] * probs[i])
     return out
+
 
 def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
     """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation): d/dx = sum_i p_i * (g *
@@ -535,12 +670,16 @@ def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
         gi = _pass_inside(g, v, qn, qp, out=gi)  # g * inside_i
         gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
         gq = _dot(g, q) if need_p or need_s else None
-        if need_p: gp[i] = steps[i] * gq
-        if need_s: gs[i] = probs[i] * grad_scale * (gq - _dot(gi, v))
+        if need_p:
+            gp[i] = steps[i] * gq
+        if need_s:
+            gs[i] = probs[i] * grad_scale * (gq - _dot(gi, v))
     return gx, gs, gp
+
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
 
 def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     inp, w = inp.to(g.dtype), weight.to(g.dtype)  # under autocast the forward ran in g's dtype
@@ -550,9 +689,20 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
         g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype) if need_w else None
         return g_in, g_w, g2.sum(0).to(weight.dtype) if need_b else None
     g_in, g_w, g_b = torch.ops.aten.convolution_backward(
-        g, inp, w, [w.shape[0]] if need_b else None, op.stride, op.padding, op.dilation, False, [0, 0], op.groups,
-        [need_in, need_w, need_b])
+        g,
+        inp,
+        w,
+        [w.shape[0]] if need_b else None,
+        op.stride,
+        op.padding,
+        op.dilation,
+        False,
+        [0, 0],
+        op.groups,
+        [need_in, need_w, need_b],
+    )
     return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
+
 
 class _FusedQuantOp(torch.autograd.Function):
     """out = op(sum_i p_i Q_i(x; s_i), Q_w(W; s_w)) + b; steps, a_q: the K active branches' steps and (Qn, Qp, grad
@@ -576,7 +726,8 @@ class _FusedQuantOp(torch.autograd.Function):
         ctx.save_for_backward(x, steps, probs, weight, w_step)
         ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias, ctx.offset = a_q, w_q, op, bias is not None, offset
         out = op(x_in, w)
-        if scale is None and bias is None: return out
+        if scale is None and bias is None:
+            return out
         y = _upcast(out) if scale is None else _upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
         if offset and probs is None:  # s op(q - o/s, W) = s op(q, W) - o op(1, W), in fp32
             with torch.autocast(x.device.type, enabled=False):
@@ -601,7 +752,8 @@ class _FusedQuantOp(torch.autograd.Function):
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
             q_in = q - o / steps[0] if o else q  # s * q_in: the quantized input
             g_in, g_w, g_b = _op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
-            if g_w is not None: g_w.mul_(steps[0])
+            if g_w is not None:
+                g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
                 v = xf / steps[0]  # d(s q)/ds = q - v * inside, built in q's buffer
                 r = q.sub_(_pass_inside(v, v, *a_q[0][:2], out=v))
@@ -621,20 +773,27 @@ class _FusedQuantOp(torch.autograd.Function):
             g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
         return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
 
+
 def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:  # the fused op, or sections 1-2's readable form
-    for m in quant_layers(model): m.fused = on
+    for m in quant_layers(model):
+        m.fused = on
     return model
 
+
 # ==== 8. The driver: torchrun, data, model, checkpoints, the run, the command line ==================================
+
 
 class BadInput(Exception):
     """A problem the user can fix: one line on stderr, exit status 2, no traceback."""
 
+
 _STOP = {"signum": 0}
+
 
 def _on_signal(signum, frame):  # the first signal stops at the next step boundary; a second one at once
     _STOP["signum"] = signum
     signal.signal(signum, signal.SIG_DFL)
+
 
 class Dist:
     """torchrun's process group (nccl on GPUs, gloo on CPU); one process without torchrun."""
@@ -644,8 +803,11 @@ class Dist:
         self.world, self.rank, local = int(env("WORLD_SIZE", "1")), int(env("RANK", "0")), int(env("LOCAL_RANK", "0"))
         self.main, self.cuda = self.rank == 0, torch.cuda.is_available()
         self.device = torch.device(f"cuda:{local}" if self.cuda else "cpu")
-        if self.cuda: torch.cuda.set_device(self.device)
-        if self.world > 1: torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
+
 
 def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
     """ONE all-reduce per step: the gradients, the loss and the stop flag (our choice instead of DDP, which handles
@@ -661,14 +823,17 @@ def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) ->
     loss_v, stop = flat[:2].tolist()
     return loss_v, stop > 0
 
+
 def synthetic_spec(data: str) -> tuple[int, int, int] | None:
     """(train images, val images, classes) of --data synthetic[:TRAIN,VAL,CLASSES]; None for a folder."""
     name, _, given = data.partition(":")
-    if name != "synthetic": return None
+    if name != "synthetic":
+        return None
     spec = [int(v) if v.isdigit() else -1 for v in given.split(",")] if given else [2560, 1000, 10]
     if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
         raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 validation image and 2 classes or more")
     return tuple(spec)
+
 
 def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
     """A learnable set from the seed: its class's smooth random colour pattern, shifted, scaled, plus noise."""
@@ -681,24 +846,32 @@ def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, spli
     x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 1, 1, 1, generator=g)
     return torch.utils.data.TensorDataset((x + 0.7 * torch.randn(x.shape, generator=g)).contiguous(), labels)
 
+
 def build_datasets(args):
     """(train set, val set, classes): synthetic, or ImageFolder with torchvision's reference transforms."""
     if spec := synthetic_spec(args.data):
-        return (*(synthetic_dataset(n, spec[2], args.image_size, args.seed, s) for n, s in zip(spec, ("train", "val"))),
-                spec[2])
+        return (
+            *(synthetic_dataset(n, spec[2], args.image_size, args.seed, s) for n, s in zip(spec, ("train", "val"))),
+            spec[2],
+        )
     if not os.path.isdir(args.data):
         raise BadInput(f"--data {args.data}: no such folder (expected train/ and val/ in it)")
     norm, size = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), args.image_size  # ImageNet's mean, std
-    tf = {"train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
-          "val": T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])}
+    tf = {
+        "train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+        "val": T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm]),
+    }
     try:  # ImageFolder names a missing folder, a folder without classes, a class without images
         train, val = (ImageFolder(os.path.join(args.data, s), tf[s]) for s in ("train", "val"))
     except OSError as e:
         raise BadInput(f"--data {args.data}: {e.strerror + ': ' + e.filename if e.filename else e}") from None
     if train.classes != val.classes:
-        raise BadInput(f"--data {args.data}: train/ and val/ have different classes, e.g. "
-                       f"{sorted(set(train.classes) ^ set(val.classes))[0]}")
+        raise BadInput(
+            f"--data {args.data}: train/ and val/ have different classes, e.g. "
+            f"{sorted(set(train.classes) ^ set(val.classes))[0]}"
+        )
     return train, val, len(train.classes)
+
 
 def build_loaders(args, dist: Dist, train_set, val_set):
     """Loaders (validation: each image once, rank r takes r, r+W, ...) and LSQ's calibration batch (from --seed)."""
@@ -709,24 +882,39 @@ def build_loaders(args, dist: Dist, train_set, val_set):
     kw = dict(num_workers=0 if synthetic_spec(args.data) else args.workers, pin_memory=dist.cuda)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        calib = torch.stack([train_set[int(i)][0] for i in torch.randperm(len(train_set))[:args.batch_size]])
-    return (DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **kw),
-            DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **kw), calib)
+        calib = torch.stack([train_set[int(i)][0] for i in torch.randperm(len(train_set))[: args.batch_size]])
+    return (
+        DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **kw),
+        DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **kw),
+        calib,
+    )
+
 
 # The paper's settings (Table 1, supplement Table 8, headline targets); the torchvision weights nearest its FP models.
 PAPER_SETTINGS = {
     "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, weights="IMAGENET1K_V1"),
     "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, weights="IMAGENET1K_V1"),
-    "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, weights="IMAGENET1K_V2")}
+    "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, weights="IMAGENET1K_V2"),
+}
 # Our choice for the other archs (their target: 95% of uniform A4).
-OTHER_DEFAULTS = {"mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
-                  None: dict(bits="8,4,2", lam=1.0, epochs=90)}
+OTHER_DEFAULTS = {
+    "mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
+    None: dict(bits="8,4,2", lam=1.0, epochs=90),
+}
 # LRs (from pretrained weights, from scratch): ours (SGD: the digits study's, docs/digits.md), the authors' (Adam).
 LR = {"sgd": (0.01, 0.05), "adam": (5e-4, 5e-4)}
 ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1), "authors": (1e-4, 1e-3)}
 # What metamix can neither quantize nor count in BOPs (Swin's attention shows as Linear modules not called).
-UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.RNNBase, nn.Bilinear, nn.MultiheadAttention,
-               torchvision.models.maxvit.RelativePositionalMultiHeadAttention)
+UNSUPPORTED = (
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.modules.conv._ConvTransposeNd,
+    nn.RNNBase,
+    nn.Bilinear,
+    nn.MultiheadAttention,
+    torchvision.models.maxvit.RelativePositionalMultiHeadAttention,
+)
+
 
 def resolve_weights(arch: str, name: str, flag: str = "--pretrained"):
     """torchvision's weights enum for --pretrained NAME ("paper": those closest to the paper's FP baseline)."""
@@ -734,12 +922,16 @@ def resolve_weights(arch: str, name: str, flag: str = "--pretrained"):
     try:
         return enum.verify(PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT") if name == "paper" else name)
     except (KeyError, ValueError):
-        raise BadInput(f"{flag} {name!r}: no such file and no such weights for {arch}; give a state dict's path "
-                       f"or one of: {', '.join(['DEFAULT'] + [w.name for w in enum])}") from None
+        raise BadInput(
+            f"{flag} {name!r}: no such file and no such weights for {arch}; give a state dict's path "
+            f"or one of: {', '.join(['DEFAULT'] + [w.name for w in enum])}"
+        ) from None
+
 
 def local_weights(name: str | None) -> bool:
     """A full-precision state dict on disk (a PATH), rather than torchvision's weights by name."""
     return bool(name) and (os.sep in name or os.path.exists(name))
+
 
 def fp_model(arch: str, name: str | None, num_classes: int, flag: str = "--pretrained") -> nn.Module:
     """A torchvision model: torchvision's weights by name, a local state dict, or (no name) a fresh init."""
@@ -758,9 +950,11 @@ def fp_model(arch: str, name: str | None, num_classes: int, flag: str = "--pretr
         try:
             model.load_state_dict(sd.get("model", sd))
         except (RuntimeError, TypeError, AttributeError) as e:
-            raise BadInput(f"{flag} {name} is not a state dict of {arch} with {num_classes} classes "
-                           f"({str(e).splitlines()[0]})") from None
+            raise BadInput(
+                f"{flag} {name} is not a state dict of {arch} with {num_classes} classes ({str(e).splitlines()[0]})"
+            ) from None
     return model
+
 
 def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Module:
     """The torchvision model with its FP weights, patched; refused, naming the layer, unless all is counted."""
@@ -769,8 +963,10 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
     patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, 224, layer_type, args.plain_lsq)
     found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if found:
-        raise BadInput(f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
-                       "metamix quantizes Conv2d and Linear modules (CNNs such as resnet18, mobilenet_v2)")
+        raise BadInput(
+            f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
+            "metamix quantizes Conv2d and Linear modules (CNNs such as resnet18, mobilenet_v2)"
+        )
     for size in [args.image_size] + list(range(16, 225, 16)):  # is the crop too small for the model's pooling?
         with contextlib.suppress(RuntimeError), torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
@@ -778,6 +974,7 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
     if size != args.image_size:
         raise BadInput(f"--image-size {args.image_size} is too small for {args.arch}; use --image-size {size} or more")
     return model.train()
+
 
 def atomic_write(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file whole."""
@@ -793,19 +990,24 @@ def atomic_write(path: str, data: bytes) -> None:
             raise BadInput(f"no space left on device writing {path}; its previous version is intact") from None
         raise
     finally:
-        if os.path.exists(tmp): os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 
 def saved_bytes(obj) -> bytes:  # a full disk then fails in atomic_write, naming the path, not in torch.save
     torch.save(obj, buf := io.BytesIO())
     return buf.getvalue()
 
+
 def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") -> dict:
     """torch.load(weights_only=True); every failure a whole sentence that says what the file is."""
     if not os.path.isfile(path):
         hint = "give a file in it" + (", or --resume auto" if flag == "--resume" else "")
-        raise BadInput(f"{flag} {path} is a folder, not {what}; {hint}" if os.path.isdir(path) else
-                       f"{flag} {path}: no such file")
-    with open(path, "rb") as f: head = f.read(4096)
+        raise BadInput(
+            f"{flag} {path} is a folder, not {what}; {hint}" if os.path.isdir(path) else f"{flag} {path}: no such file"
+        )
+    with open(path, "rb") as f:
+        head = f.read(4096)
     if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or a legacy pickle
         text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
         kind = ("a JSON file" if head.lstrip()[:1] in b"{[" else "a text file") if text else "a file of another kind"
@@ -814,19 +1016,40 @@ def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") ->
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         pickled = "weights_only" in str(e) or "Unsupported global" in str(e)
-        raise BadInput(f"{flag} {path} " + ("holds pickled Python objects, which metamix does not load (weights_only)"
-                       if pickled else f"is truncated or corrupt (torch.load fails with {type(e).__name__})")) from None
-    if not isinstance(ck, dict): raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
+        raise BadInput(
+            f"{flag} {path} "
+            + (
+                "holds pickled Python objects, which metamix does not load (weights_only)"
+                if pickled
+                else f"is truncated or corrupt (torch.load fails with {type(e).__name__})"
+            )
+        ) from None
+    if not isinstance(ck, dict):
+        raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
+
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-4"
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed")
-SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "optimizer", "alpha_optimizer", "alpha_lr", "bits_from",
-                  "no_budget_repair", "teacher", "act_only_epochs")
+SAME_SELECTION = (
+    "epochs",
+    "target_gbops",
+    "lam",
+    "lr",
+    "optimizer",
+    "alpha_optimizer",
+    "alpha_lr",
+    "bits_from",
+    "no_budget_repair",
+    "teacher",
+    "act_only_epochs",
+)
+
 
 def weights_quantized(args, epoch: int, selected) -> bool:  # after `epoch`: bits selected and act-only epochs over
     return selected is not None and epoch > args.search_epochs + args.act_only_epochs
+
 
 class Run:
     """Everything a run carries from epoch to epoch; save() writes it as the checkpoint."""
@@ -851,12 +1074,20 @@ class Run:
         self.opt = torch.optim.Adam(groups, lr=lr) if adam else torch.optim.SGD(groups, lr=lr, momentum=0.9)
         if adam:  # before each step, this optimizer's gradients only (their code: the alphas' stale ones too)
             self.opt.register_step_pre_hook(lambda opt, *_: (nn.utils.clip_grad_norm_(decay + rest, 10), None)[1])
-        self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9) if a.alpha_optimizer == "sgd" else \
-            torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        self.opt_alpha = (
+            torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9)
+            if a.alpha_optimizer == "sgd"
+            else torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        )
         w_next = weights_quantized(a, self.epoch + 1, self.selected)  # the stage of the next epoch
         epochs = a.epochs - a.search_epochs - a.act_only_epochs if w_next else a.act_only_epochs
-        self.sched = None if self.selected is None else \
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs * (self.steps if adam else 1), 1))
+        self.sched = (
+            None
+            if self.selected is None
+            else torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.opt, T_max=max(epochs * (self.steps if adam else 1), 1)
+            )
+        )
 
     def load_state_dict(self, ck: dict, path: str) -> None:
         if ck.get("format") != CHECKPOINT_FORMAT:
@@ -877,33 +1108,55 @@ class Run:
         if a.optimizer == "adam" and self.selected is not None and len(ck["rng"]) != self.dist.world:
             raise BadInput(f"--resume {path}: Adam's per-step schedule needs its {len(ck['rng'])} processes again")
         for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
-            if obj is not None and not boundary: obj.load_state_dict(ck[key])
+            if obj is not None and not boundary:
+                obj.load_state_dict(ck[key])
         rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        if self.dist.cuda and "cuda" in rng: torch.cuda.set_rng_state(rng["cuda"])
+        if self.dist.cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
         """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (for --bits-from)."""
-        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                 **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {})}
+        state = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {}),
+        }
         rng = [state] * self.dist.world  # every rank's RNG state: rank r resumes with its own
-        if self.dist.world > 1: torch.distributed.all_gather_object(rng, state)
+        if self.dist.world > 1:
+            torch.distributed.all_gather_object(rng, state)
         if self.dist.main:
-            data = saved_bytes({
-                "format": CHECKPOINT_FORMAT, "args": vars(self.args), "epoch": self.epoch, "phase": self.phase,
-                "selected": self.selected, "num_classes": quant_layers(self.model)[-1].weight.shape[0],
-                "model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched and
-                self.sched.state_dict(), "opt_alpha": self.opt_alpha.state_dict(), "history": self.history,
-                "fp_top1": self.fp_top1, "rng": rng})
+            data = saved_bytes(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "args": vars(self.args),
+                    "epoch": self.epoch,
+                    "phase": self.phase,
+                    "selected": self.selected,
+                    "num_classes": quant_layers(self.model)[-1].weight.shape[0],
+                    "model": self.model.state_dict(),
+                    "opt": self.opt.state_dict(),
+                    "sched": self.sched and self.sched.state_dict(),
+                    "opt_alpha": self.opt_alpha.state_dict(),
+                    "history": self.history,
+                    "fp_top1": self.fp_top1,
+                    "rng": rng,
+                }
+            )
             boundary = self.selected is None and self.epoch == self.args.search_epochs
             for name in ["meta_state.pth"] * boundary + ["checkpoint.pth"]:
                 atomic_write(os.path.join(self.args.output_dir, name), data)
-            atomic_write(os.path.join(self.args.output_dir, "log.jsonl"),
-                         "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            atomic_write(
+                os.path.join(self.args.output_dir, "log.jsonl"),
+                "".join(json.dumps(r) + "\n" for r in self.history).encode(),
+            )
+
 
 def log(dist: Dist, *msg) -> None:
-    if dist.main: print(*msg, flush=True)
+    if dist.main:
+        print(*msg, flush=True)
+
 
 def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     """One epoch of the current phase (section 6's steps); returns the mean loss."""
@@ -911,50 +1164,82 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
     searching = selecting and epoch == a.search_epochs and not a.bits_from  # --bits-from: the selection is given
     model.train()
     passes = max(1, -(-a.search_steps // len(loader))) if searching else 1  # the search: --search-steps or more
+
     def batches():  # each pass over the data in an order of its own (the first: the epoch's, as without passes)
         for p in range(passes):
             loader.sampler.set_epoch(epoch + 1000 * p)
             yield from loader
+
     steps, t0, total = len(loader) * passes, time.time(), 0.0
     argmax, run.search = (argmax_branches(model), 0) if searching else (None, None)
     for step, (images, targets) in enumerate(batches(), 1):
         images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
+
         def sync(params, loss):  # one all-reduce, then the NaN and stop checks, before the update
             loss_v, stop = sync_step(dist, params, loss)
             if not math.isfinite(loss_v):
                 last = f"epoch {run.epoch} in checkpoint.pth" if run.epoch else "none written yet"
-                raise BadInput(f"the loss is {loss_v} at epoch {epoch} step {step}/{steps}, stopped before this update "
-                               f"(last good checkpoint: {last}); try a lower --lr")
-            if stop: raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
+                raise BadInput(
+                    f"the loss is {loss_v} at epoch {epoch} step {step}/{steps}, stopped before this update "
+                    f"(last good checkpoint: {last}); try a lower --lr"
+                )
+            if stop:
+                raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
             return loss_v
 
         with torch.no_grad(), autocast():  # the teacher once per batch, for all of the step's passes
             criterion = F.cross_entropy if run.teacher is None else distillation_loss(run.teacher(images))
         if selecting:
-            loss_v, _, gb = bit_selection_step(model, images, targets, run.opt, run.opt_alpha, search=searching,
-                                               lam=a.lam, target_gbops=a.target_gbops, autocast=autocast, sync=sync,
-                                               fixed=not a.unfixed, criterion=criterion)
+            loss_v, _, gb = bit_selection_step(
+                model,
+                images,
+                targets,
+                run.opt,
+                run.opt_alpha,
+                search=searching,
+                lam=a.lam,
+                target_gbops=a.target_gbops,
+                autocast=autocast,
+                sync=sync,
+                fixed=not a.unfixed,
+                criterion=criterion,
+            )
             if searching and (now := argmax_branches(model)) != argmax:
                 argmax, run.search = now, step  # the last step at which the argmax configuration changed
         else:
             loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync, criterion)
-            if a.optimizer == "adam": run.sched.step()  # per step (the authors'); SGD's cosine steps per epoch
+            if a.optimizer == "adam":
+                run.sched.step()  # per step (the authors'); SGD's cosine steps per epoch
         total += loss_v
         if dist.main and (step % min(100, max(1, steps // 2)) == 0 or step == steps):
             dt, kind = time.time() - t0, ("meta+search" if searching else "meta") if selecting else "train"
-            print(f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}"
-                  f"{f' search-gbops {float(gb):.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
-                  f"{step * len(images) * dist.world / max(dt, 1e-9):.0f} img/s eta "
-                  f"{datetime.timedelta(seconds=int(dt / step * (steps - step)))}", flush=True)
+            print(
+                f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}"
+                f"{f' search-gbops {float(gb):.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
+                f"{step * len(images) * dist.world / max(dt, 1e-9):.0f} img/s eta "
+                f"{datetime.timedelta(seconds=int(dt / step * (steps - step)))}",
+                flush=True,
+            )
     if searching:  # how it ended; settled (our rule): no argmax change in the last quarter, median margin >= 0.05
         top2 = torch.stack([F.softmax(al.detach().float(), 0) for al in alphas_of(model)]).topk(2, 1).values.cpu()
         margin, gb = top2[:, 0] - top2[:, 1], branches_gbops(model, argmax_branches(model))  # per layer; GBOPs
         med, lo, last, rel = margin.quantile(0.5).item(), margin.min().item(), run.search, gb / a.target_gbops - 1
-        c = run.search = {"argmax_last_changed": last, "settled": last <= 0.75 * steps and med >= 0.05, "steps": steps,
-                          "median_margin": med, "min_margin": lo, "argmax_gbops": gb, "vs_target": rel}
-        log(dist, f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step {last}/{steps}; "
-                  f"top-2 margins of softmax(alpha) median {med:.3f}, min {lo:.3f}; argmax {gb:.3f} GBOPs ({rel:+.1%})")
+        c = run.search = {
+            "argmax_last_changed": last,
+            "settled": last <= 0.75 * steps and med >= 0.05,
+            "steps": steps,
+            "median_margin": med,
+            "min_margin": lo,
+            "argmax_gbops": gb,
+            "vs_target": rel,
+        }
+        log(
+            dist,
+            f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step {last}/{steps}; "
+            f"top-2 margins of softmax(alpha) median {med:.3f}, min {lo:.3f}; argmax {gb:.3f} GBOPs ({rel:+.1%})",
+        )
     return total / max(steps, 1)
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
@@ -971,41 +1256,76 @@ def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
         with autocast():
             logits = model(images).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-        tot += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(), hit[:, 0].sum().double(),
-                            hit.any(1).sum().double(), torch.tensor(len(targets), device=dist.device).double()])
-    if dist.world > 1: torch.distributed.all_reduce(tot)
+        tot += torch.stack(
+            [
+                F.cross_entropy(logits, targets, reduction="sum").double(),
+                hit[:, 0].sum().double(),
+                hit.any(1).sum().double(),
+                torch.tensor(len(targets), device=dist.device).double(),
+            ]
+        )
+    if dist.world > 1:
+        torch.distributed.all_reduce(tot)
     loss, top1, top5, n = tot.tolist()
     return {"val_loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "n": int(n)}
 
+
 def bits_report(model: nn.Module, args) -> dict:
     """The content of bits.json: the selected configuration, layer by layer (the data of Fig. 7)."""
-    rows = [{"name": m.name, "type": m.kind, "macs": m.macs, "in_size": m.in_size, "fixed": m.fixed,
-             "signed": m.act.signed, "offset": m.act.offset,
-             **dict(zip(("a_bits", "w_bits"), m.candidates[0 if m.fixed else m.selected_branch])), "probs": None
-             if m.fixed else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]}
-            for m in quant_layers(model)]
+    rows = [
+        {
+            "name": m.name,
+            "type": m.kind,
+            "macs": m.macs,
+            "in_size": m.in_size,
+            "fixed": m.fixed,
+            "signed": m.act.signed,
+            "offset": m.act.offset,
+            **dict(zip(("a_bits", "w_bits"), m.candidates[0 if m.fixed else m.selected_branch])),
+            "probs": None
+            if m.fixed
+            else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()],
+        }
+        for m in quant_layers(model)
+    ]
     searched = [r for r in rows if not r["fixed"]]
     size = sum(r["in_size"] for r in searched)
-    return {"arch": args.arch, "candidates": [list(c) for c in searched_layers(model)[0].candidates],
-            "first_last_bits": args.first_last_bits, "target_gbops": args.target_gbops,
-            "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
-            "selection": f"bits-from {args.bits_from}" if args.bits_from else "metamix",
-            "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain mean, searched layers
-            # the authors' code (likely the paper's "3.85/4"): weighted by each input's values per image at 224 px
-            "avg_a_bits_weighted": sum(r["a_bits"] * r["in_size"] for r in searched) / size,
-            "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched), "layers": rows}
+    return {
+        "arch": args.arch,
+        "candidates": [list(c) for c in searched_layers(model)[0].candidates],
+        "first_last_bits": args.first_last_bits,
+        "target_gbops": args.target_gbops,
+        "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
+        "selection": f"bits-from {args.bits_from}" if args.bits_from else "metamix",
+        "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain mean, searched layers
+        # the authors' code (likely the paper's "3.85/4"): weighted by each input's values per image at 224 px
+        "avg_a_bits_weighted": sum(r["a_bits"] * r["in_size"] for r in searched) / size,
+        "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched),
+        "layers": rows,
+    }
+
 
 def layer_table(report: dict) -> str:
     """bits.json as text (Fig. 7): a row per layer, its MOPs and a bar of its activation bits."""
     pairs = len({w for _, w in report["candidates"]}) > 1  # the supplement's (A, W) pairs: each layer's own W
-    return "\n".join([f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"] + [
-        f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
-        + (f"/W{r['w_bits']}" if pairs else "") + (" (fixed)" if r["fixed"] else "") for r in report["layers"]])
+    return "\n".join(
+        [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"]
+        + [
+            f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
+            + (f"/W{r['w_bits']}" if pairs else "")
+            + (" (fixed)" if r["fixed"] else "")
+            for r in report["layers"]
+        ]
+    )
+
 
 def avg_bits_text(report: dict) -> str:
     w = f"; weight bits {report['avg_w_bits']:.2f}" if len({w for _, w in report["candidates"]}) > 1 else ""
-    return (f"average activation bits {report['avg_a_bits']:.2f} (weighted by input size, as the authors' code: "
-            f"{report['avg_a_bits_weighted']:.2f}){w}")
+    return (
+        f"average activation bits {report['avg_a_bits']:.2f} (weighted by input size, as the authors' code: "
+        f"{report['avg_a_bits_weighted']:.2f}){w}"
+    )
+
 
 def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
     """Branch indices from a bits.json or {layer name: a_bits} (pairs: [a_bits, w_bits]), set as the selection."""
@@ -1017,23 +1337,33 @@ def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int
         raise BadInput(f"{flag}: {'not JSON' if isinstance(e, ValueError) else 'cannot read it'} ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
         data = {r.get("name"): [r.get("a_bits"), r.get("w_bits")] for r in data["layers"] if isinstance(r, dict)}
-    if not isinstance(data, dict): raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
+    if not isinstance(data, dict):
+        raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
     layers, searched = {m.name: m for m in quant_layers(model)}, searched_layers(model)
     unknown, missing = [n for n in data if n not in layers], [m.name for m in searched if m.name not in data]
     if unknown or missing:
-        raise BadInput(f"{flag}: " + (f"unknown layer {unknown[0]!r}" if unknown else
-                                      f"no bits for layer {missing[0]} ({len(missing)} of {len(searched)} missing)"))
+        raise BadInput(
+            f"{flag}: "
+            + (
+                f"unknown layer {unknown[0]!r}"
+                if unknown
+                else f"no bits for layer {missing[0]} ({len(missing)} of {len(searched)} missing)"
+            )
+        )
     for name, b in data.items():
         m, widths = layers[name], {w for _, w in layers[name].candidates}
         pair = tuple(b) if isinstance(b, list) else (b, *widths) if len(widths) == 1 else b
         if pair not in m.candidates or any(isinstance(v, bool) for v in pair):
-            raise BadInput(f"{flag}: layer {name} has {json.dumps(b)}, not one of its candidates: " +
-                           ", ".join(f"[{a}, {w}]" for a, w in m.candidates))
+            raise BadInput(
+                f"{flag}: layer {name} has {json.dumps(b)}, not one of its candidates: "
+                + ", ".join(f"[{a}, {w}]" for a, w in m.candidates)
+            )
         m.selected_branch = m.candidates.index(pair)
     branches = [m.selected_branch for m in searched]
     if (gb := branches_gbops(model, branches)) > target_gbops + 1e-9:
         raise BadInput(f"{flag}: the configuration costs {gb:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
     return branches
+
 
 def select_bits(run: Run) -> None:
     """Between the phases (Table 1): start_weight_training (or --bits-from); prints Fig. 7 as text, writes bits.json."""
@@ -1044,10 +1374,16 @@ def select_bits(run: Run) -> None:
     run.build_optimizers()
     r = {**bits_report(model, a), "search": next((h["search"] for h in run.history if "search" in h), None)}
     if run.dist.main:
-        print(layer_table(r), f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
-              + (" (argmax lowered by budget repair)" if repaired and not a.bits_from else "")
-              + f"; {avg_bits_text(r)}", sep="\n", flush=True)
+        print(
+            layer_table(r),
+            f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
+            + (" (argmax lowered by budget repair)" if repaired and not a.bits_from else "")
+            + f"; {avg_bits_text(r)}",
+            sep="\n",
+            flush=True,
+        )
         atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(r, indent=1).encode())
+
 
 def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     """Both phases, from wherever the run stands (fresh or resumed)."""
@@ -1055,7 +1391,8 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
         if a.alpha_optimizer == "authors":  # their init: a normal draw, std 1e-3 (ours: zeros)
-            for alpha in alphas_of(model): nn.init.normal_(alpha, std=1e-3)
+            for alpha in alphas_of(model):
+                nn.init.normal_(alpha, std=1e-3)
         if dist.world > 1:  # the ranks agree but for float noise: rank 0's steps, grids and signs for all
             for t in filter(torch.is_tensor, model.state_dict().values()):
                 torch.distributed.broadcast(t, 0)
@@ -1078,25 +1415,42 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
         elif a.optimizer == "sgd":
             run.sched.step()
         metrics = evaluate(model, val_loader, dist, autocast)
-        run.history.append({"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr,
-                            "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
-                            "seconds": round(time.time() - t0, 3), "world_size": dist.world,
-                            **({"search": run.search} if run.search else {})})
+        run.history.append(
+            {
+                "epoch": epoch,
+                "phase": phase,
+                "loss": loss,
+                **metrics,
+                "lr": lr,
+                "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
+                "seconds": round(time.time() - t0, 3),
+                "world_size": dist.world,
+                **({"search": run.search} if run.search else {}),
+            }
+        )
         run.epoch = epoch
         run.save()
-        log(dist, f"epoch {epoch}/{a.epochs} {phase}: loss {loss:.4f} top-1 {metrics['top1']:.2f}% top-5 "
-                  f"{metrics['top5']:.2f}% {run.history[-1]['gbops']:.3f} GBOPs ({time.time() - t0:.1f}s)")
+        log(
+            dist,
+            f"epoch {epoch}/{a.epochs} {phase}: loss {loss:.4f} top-1 {metrics['top1']:.2f}% top-5 "
+            f"{metrics['top5']:.2f}% {run.history[-1]['gbops']:.3f} GBOPs ({time.time() - t0:.1f}s)",
+        )
         if a.stop_after_epoch and a.stop_after_epoch <= epoch < a.epochs:
             return log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
     if dist.main and run.selected is not None and run.history:
         last, took = run.history[-1], datetime.timedelta(seconds=int(sum(h["seconds"] for h in run.history)))
-        print(f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
-              f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
-              f"{avg_bits_text(bits_report(model, a))}; {took} in all", flush=True)
+        print(
+            f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
+            f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
+            f"{avg_bits_text(bits_report(model, a))}; {took} in all",
+            flush=True,
+        )
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2, like every other bad input (argparse adds its usage)
         self.exit(2, f"{self.prog.removesuffix('.py')}: error: {message}\n")
+
 
 def bit_list(text: str) -> list[int]:
     """argparse type of --bits and --w-bits: comma-separated distinct bit-widths in 2..16."""
@@ -1105,8 +1459,10 @@ def bit_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected distinct bit-widths between 2 and 16, such as 8,4,2")
     return bits
 
+
 def number(kind: type, lo: float, above: bool = False):
     """argparse type of a numeric flag: a finite `kind` from lo on (above: lo itself excluded)."""
+
     def parse(text: str):
         try:
             v = kind(text)
@@ -1115,17 +1471,31 @@ def number(kind: type, lo: float, above: bool = False):
         if not (lo < v if above else lo <= v) or not math.isfinite(v):
             raise argparse.ArgumentTypeError(f"{text} must be {'above' if above else 'at least'} {lo:g}")
         return v
+
     return parse
 
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(description="MetaMix mixed-precision activation quantization (AAAI 2024)",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        description="MetaMix mixed-precision activation quantization (AAAI 2024)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add = p.add_argument
-    add("--arch", default="resnet18", metavar="ARCH", choices=torchvision.models.list_models(module=torchvision.models),
-        help="torchvision classification model")
+    add(
+        "--arch",
+        default="resnet18",
+        metavar="ARCH",
+        choices=torchvision.models.list_models(module=torchvision.models),
+        help="torchvision classification model",
+    )
     add("--data", default="synthetic", help="a folder with train/ and val/, or synthetic[:TRAIN,VAL,CLASSES]")
-    add("--pretrained", nargs="?", const="paper", metavar="WEIGHTS|PATH", help="torchvision's weights (bare: "
-        "nearest the paper's FP baseline), or a local state dict")
+    add(
+        "--pretrained",
+        nargs="?",
+        const="paper",
+        metavar="WEIGHTS|PATH",
+        help="torchvision's weights (bare: nearest the paper's FP baseline), or a local state dict",
+    )
     add("--target-gbops", type=number(float, 0, above=True), help="budget (default: the paper's, else 95%% of A4)")
     add("--bits", type=bit_list, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
     add("--w-bits", type=bit_list, default="4", help="weight bits (a list searches (A, W) pairs: pairs.py)")
@@ -1140,8 +1510,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
     add("--batch-size", type=number(int, 1), default=64, help="images per process per step")
-    add("--teacher", metavar="ARCH[:WEIGHTS|PATH]", help="distil from this frozen torchvision model, in every phase "
-        "(the authors': resnet101:IMAGENET1K_V1; weights as --pretrained takes them, default DEFAULT)")
+    add(
+        "--teacher",
+        metavar="ARCH[:WEIGHTS|PATH]",
+        help="distil from this frozen torchvision model, in every phase "
+        "(the authors': resnet101:IMAGENET1K_V1; weights as --pretrained takes them, default DEFAULT)",
+    )
     add("--optimizer", choices=("sgd", "adam"), default="sgd", help="of the weights: ours, or the authors' Adam recipe")
     add("--lr", type=number(float, 0, above=True), help="LR (SGD .01 pretrained, else .05; Adam 5e-4, /5 in selection)")
     add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="authors': Adam, a random init")
@@ -1156,6 +1530,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--seed", type=number(int, 0), default=0, help="seed of everything (data order, synthetic data, init)")
     add("--amp", action="store_true", help="bf16 autocast (the quantizer math stays in fp32)")
     return p
+
 
 def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
@@ -1175,14 +1550,17 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
     if args.epochs < args.search_epochs:
         raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
     if args.act_only_epochs and args.act_only_epochs >= args.epochs - args.search_epochs:
-        raise BadInput(f"--act-only-epochs {args.act_only_epochs} leaves no epoch with quantized weights (--epochs "
-                       f"{args.epochs}, --search-epochs {args.search_epochs})")
+        raise BadInput(
+            f"--act-only-epochs {args.act_only_epochs} leaves no epoch with quantized weights (--epochs "
+            f"{args.epochs}, --search-epochs {args.search_epochs})"
+        )
     if args.teacher:  # its weights by name resolved now (e.g. ResNet101_Weights.IMAGENET1K_V1); loaded at the start
         arch, _, w = args.teacher.partition(":")
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise BadInput(f"--teacher {args.teacher}: {arch!r} is not a torchvision classification model")
         args.teacher = f"{arch}:{w if local_weights(w) else resolve_weights(arch, w or 'DEFAULT', '--teacher')}"
     return args
+
 
 def check_budget(model: nn.Module, args) -> tuple[float, float]:
     """The feasible range; the default target: the paper's in its setting, else (our choice) 95% of uniform A4."""
@@ -1195,11 +1573,15 @@ def check_budget(model: nn.Module, args) -> tuple[float, float]:
         args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
     if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
         what = f"--target-gbops {args.target_gbops:.4g}" + ("" if given else " (the default; set --target-gbops)")
-        raise BadInput(f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs for {args.arch} with bits "
-                       f"{','.join(map(str, args.bits))}, w-bits {args.w_bits}, first/last at {args.first_last_bits}")
+        raise BadInput(
+            f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs for {args.arch} with bits "
+            f"{','.join(map(str, args.bits))}, w-bits {args.w_bits}, first/last at {args.first_last_bits}"
+        )
     return lo, hi
 
+
 _LOCKS: list = []  # this process's lock on its output dir, held until it exits (the kernel drops it even on kill -9)
+
 
 def prepare_output_dir(args, rank: int) -> str | None:
     """Create and lock the output folder (rank 0; a second run is refused); return the checkpoint to resume."""
@@ -1219,25 +1601,33 @@ def prepare_output_dir(args, rank: int) -> str | None:
         lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
         lock.flush()
         _LOCKS.append(lock)
-    if args.resume == "auto": return ck if os.path.exists(ck) else None
+    if args.resume == "auto":
+        return ck if os.path.exists(ck) else None
     if not args.resume and os.path.exists(ck):
         raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto")
     return args.resume
+
 
 def run_main(args, layer_type: type = QuantLayer) -> int:
     args = resolve_args(args, layer_type)
     torch.manual_seed(args.seed)
     spec, train_dir = synthetic_spec(args.data), os.path.join(args.data, "train")  # classes before reading the data
-    classes = (1000 if args.dry_run else spec[2]) if spec else \
-        (sum(e.is_dir() for e in os.scandir(train_dir)) if os.path.isdir(train_dir) else 0) or 1000
+    classes = (
+        (1000 if args.dry_run else spec[2])
+        if spec
+        else (sum(e.is_dir() for e in os.scandir(train_dir)) if os.path.isdir(train_dir) else 0) or 1000
+    )
     model = build_model(args, classes, layer_type)
     lo, hi = check_budget(model, args)  # before any folder is made or data is read
-    if args.bits_from: read_bits_from(model, args.bits_from, args.target_gbops)
+    if args.bits_from:
+        read_bits_from(model, args.bits_from, args.target_gbops)
     if args.dry_run:
         layers = quant_layers(model)
-        print(f"{len(layers)} quantized layers, {sum(m.macs for m in layers) / 1e6:.2f} MMACs at 224 px, candidates "
-              f"{' '.join(f'A{a}/W{w}' for a, w in layers[1].candidates)}; feasible range {lo:.3f} .. {hi:.3f} "
-              f"GBOPs; target {args.target_gbops:.3f}")
+        print(
+            f"{len(layers)} quantized layers, {sum(m.macs for m in layers) / 1e6:.2f} MMACs at 224 px, candidates "
+            f"{' '.join(f'A{a}/W{w}' for a, w in layers[1].candidates)}; feasible range {lo:.3f} .. {hi:.3f} "
+            f"GBOPs; target {args.target_gbops:.3f}"
+        )
         return 0
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs 2 or more images per process")
@@ -1245,7 +1635,8 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
     resume = prepare_output_dir(args, int(os.environ.get("RANK", "0")))
     dist = Dist()
     try:
-        for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, _on_signal)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
         # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
         random.seed(args.seed + dist.rank)
@@ -1259,9 +1650,12 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
         if dist.main:
             atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
-            print(f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, target {args.target_gbops:.3f} GBOPs "
-                  f"(feasible {lo:.3f} .. {hi:.3f}), world size {dist.world} on {dist.device.type}; all flags in "
-                  f"{args.output_dir}/args.json", flush=True)
+            print(
+                f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, target {args.target_gbops:.3f} GBOPs "
+                f"(feasible {lo:.3f} .. {hi:.3f}), world size {dist.world} on {dist.device.type}; all flags in "
+                f"{args.output_dir}/args.json",
+                flush=True,
+            )
         autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16, enabled=args.amp)
         train(run, train_loader, val_loader, calib, autocast)
         return 0
@@ -1269,9 +1663,11 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+
 def one_line(e: BaseException) -> str:  # an error as one line (from a DataLoader worker: its last line)
     text = str(e).strip() or type(e).__name__
     return (text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text).splitlines()[0]
+
 
 def main(args, layer_type: type = QuantLayer) -> int:
     """Run, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
@@ -1279,13 +1675,16 @@ def main(args, layer_type: type = QuantLayer) -> int:
         return run_main(args, layer_type)
     except (Exception, KeyboardInterrupt) as e:
         signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else 0)
-        if os.environ.get("METAMIX_DEBUG") and not signum: raise
+        if os.environ.get("METAMIX_DEBUG") and not signum:
+            raise
         ck, code = os.path.join(args.output_dir, "checkpoint.pth"), 128 + signum if signum else 2
         if signum:  # also when the signal reached the DataLoader workers first
             where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""  # the step every rank stopped at
-            line = f"interrupted by {signal.Signals(signum).name}{where}" + \
-                (f"; the last checkpoint is {ck}; continue with --resume auto" if os.path.exists(ck) else
-                 "; no checkpoint was written yet; run the command again to start over")
+            line = f"interrupted by {signal.Signals(signum).name}{where}" + (
+                f"; the last checkpoint is {ck}; continue with --resume auto"
+                if os.path.exists(ck)
+                else "; no checkpoint was written yet; run the command again to start over"
+            )
         elif isinstance(e, (BadInput, OSError)):  # OSError: a file or folder, e.g. an image that cannot be read
             line = f"error: {one_line(e)}"
         else:
@@ -1295,6 +1694,7 @@ def main(args, layer_type: type = QuantLayer) -> int:
     finally:
         while _LOCKS:
             _LOCKS.pop().close()  # the output dir is free again (the kernel frees it at exit anyway)
+
 
 if __name__ == "__main__":
     sys.exit(main(get_args_parser().parse_args()))

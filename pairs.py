@@ -9,6 +9,7 @@ driver and its outputs serve pairs unchanged. Same flags as metamix.py:
     torchrun --nproc_per_node=8 pairs.py --arch resnet18 --data /imagenet --pretrained --target-gbops 30
     python pairs.py --resume auto --output-dir runs/metamix       # as metamix.py's --resume
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,8 +33,15 @@ class PairQuantLayer(mm.QuantLayer):
         sum_{a,w} p_aw op(Q_a(x), Q_w(W)) = sum_w op(sum_a p_aw Q_a(x), Q_w(W)).
     """
 
-    def __init__(self, layer: nn.Module, bits: Sequence[int], w_bits: int | Sequence[int], name: str = "",
-                 macs: int = 0, plain: bool = False):
+    def __init__(
+        self,
+        layer: nn.Module,
+        bits: Sequence[int],
+        w_bits: int | Sequence[int],
+        name: str = "",
+        macs: int = 0,
+        plain: bool = False,
+    ):
         w_bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
         super().__init__(layer, bits, w_bits[0], name, macs, plain=plain)
         wq = self._modules.pop("weight_quant")  # replaced by the property below, one quantizer of its kind per W
@@ -68,13 +76,16 @@ class PairQuantLayer(mm.QuantLayer):
                 if not wq.initialized:
                     wq.init_step(self.weight)
             a_q = [mm._qparams(b, act.signed, x.numel() // x.shape[0]) for b in act.bits]
-            return _PairSearch.apply(x, mm.positive(act.step), p, self.bias, [(wq, self.weight) for wq in wqs], a_q,
-                                     self.op, act.offset)
+            return _PairSearch.apply(
+                x, mm.positive(act.step), p, self.bias, [(wq, self.weight) for wq in wqs], a_q, self.op, act.offset
+            )
         if self.fused:  # --unfixed: metamix's fused op per W, with the column p[:, w] as its mixture; the bias once
             return sum(mm.fused_forward(self, x, p[:, j], wq, bias=j == 0) for j, wq in enumerate(self.weight_quants))
         xq = [self.act.quantize(x, i) for i in range(len(self.act.bits))]  # each Q_a(x) once
-        return sum(self.op(sum(p[i, j] * q for i, q in enumerate(xq)), wq(self.weight), self.bias if j == 0 else None)
-                   for j, wq in enumerate(self.weight_quants))
+        return sum(
+            self.op(sum(p[i, j] * q for i, q in enumerate(xq)), wq(self.weight), self.bias if j == 0 else None)
+            for j, wq in enumerate(self.weight_quants)
+        )
 
 
 class _PairSearch(torch.autograd.Function):
@@ -134,8 +145,16 @@ class _PairSearch(torch.autograd.Function):
             if need_x:
                 gx.add_(G)
         g_b = (g.sum((0, 2, 3)) if op.kind == "conv2d" else g.reshape(-1, g.shape[-1]).sum(0)) if need_b else None
-        return (gx.to(x.dtype) if need_x else None, gs if need_s else None, gp if need_p else None,
-                g_b, None, None, None, None)
+        return (
+            gx.to(x.dtype) if need_x else None,
+            gs if need_s else None,
+            gp if need_p else None,
+            g_b,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """A run's files, for the tools beside metamix.py (baselines.py, figure9.py, export.py): the model of a
 checkpoint rebuilt and loaded, a run's layer table, and the tools' one-line errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,11 @@ def tool_main(tool: str, body, a: argparse.Namespace, interrupted: str = "interr
         if os.environ.get("METAMIX_DEBUG"):
             raise
         bad = isinstance(e, mm.BadInput) or "BadInput" in str(e)
-        print(f"{tool}: error: " + (mm.one_line(e) if bad else f"{type(e).__name__}: {mm.one_line(e)} (METAMIX_DEBUG=1 "
-                                    "shows the traceback)"), file=sys.stderr)
+        print(
+            f"{tool}: error: "
+            + (
+                mm.one_line(e) if bad else f"{type(e).__name__}: {mm.one_line(e)} (METAMIX_DEBUG=1 shows the traceback)"
+            ),
+            file=sys.stderr,
+        )
         return 2 if bad else 1

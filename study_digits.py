@@ -24,6 +24,7 @@ table_convergence.md and convergence.png (--part convergence), table_quantizers.
 table_recipe.md (--part recipe). scikit-learn is needed (a dependency of this study only); matplotlib is
 optional (the plots). Finished runs are kept: rerunning the command continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,23 @@ IMAGE_SIZE = 16  # the training crop from the 32 px files; 8x8 scans lose nothin
 # The full-precision model: SGD, cosine, 40 epochs, crops of 35-100% of the image, no flip (a flipped
 # digit is another shape); 98.7% (ResNet-18) and 97.3% (MobileNet-v2) on the validation set.
 FP = dict(epochs=40, lr=0.05, batch_size=64, wd=5e-4, crop_scale=0.35)
-COMMON = ["--image-size", str(IMAGE_SIZE), "--batch-size", "32", "--workers", "0", "--lr", "0.01",
-          "--search-epochs", "2"]
+COMMON = [
+    "--image-size",
+    str(IMAGE_SIZE),
+    "--batch-size",
+    "32",
+    "--workers",
+    "0",
+    "--lr",
+    "0.01",
+    "--search-epochs",
+    "2",
+]
 EPOCHS = 8  # 2 bit selection (46 steps each) + 6 weight training
-ALPHA = {"adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.py's small-data defaults
-         "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"]}
+ALPHA = {
+    "adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.py's small-data defaults
+    "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"],
+}
 SELECTIONS = ["uniform", "random", "hessian", "sensitivity"]  # baselines.py's, from SOURCE's meta-state
 SOURCE = "metamix-sgd"  # the run whose meta_state.pth the selections of its (arch, target, seed) train from
 ALL = ["metamix-sgd", "metamix-sgd-lr0.5", *SELECTIONS]
@@ -63,9 +76,14 @@ HEAD = ["metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha LR question, 
 # (arch, target GBOPs, methods, seeds): ResNet-18 {8,4,2} near the all-A2 floor (21.12) and a little under
 # uniform A4 (34.68); MobileNet-v2 {8,4,3} between all-A3 (4.16) and uniform A4 (5.31). 10 classes.
 # Every method on seeds 0-2; MetaMix with each alpha LR and random on three more seeds (3-5).
-GRID = [("resnet18", 23.0, ALL, [0, 1, 2]), ("resnet18", 23.0, HEAD, [3, 4, 5]),
-        ("resnet18", 33.0, ALL, [0, 1, 2]), ("resnet18", 33.0, HEAD, [3, 4, 5]),
-        ("mobilenet_v2", 4.6, ALL, [0, 1, 2]), ("mobilenet_v2", 4.6, HEAD, [3, 4, 5])]
+GRID = [
+    ("resnet18", 23.0, ALL, [0, 1, 2]),
+    ("resnet18", 23.0, HEAD, [3, 4, 5]),
+    ("resnet18", 33.0, ALL, [0, 1, 2]),
+    ("resnet18", 33.0, HEAD, [3, 4, 5]),
+    ("mobilenet_v2", 4.6, ALL, [0, 1, 2]),
+    ("mobilenet_v2", 4.6, HEAD, [3, 4, 5]),
+]
 # Supplement, Table 7 in miniature: A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs (30 GBOPs:
 # uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> run by pairs.py (--w-bits 8,4,2).
 PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
@@ -79,14 +97,28 @@ PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2,
 # (the margins left by SGD 0.05 are ~0.01: the alphas barely move). 2 bit-selection epochs + 3 of weight training (the
 # other parts: 2 + 6).
 CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-matched", "metamix-adam-matched", "random", "hessian"]
-CONV_ORDER = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-x16", "metamix-sgd-lr0.5", "metamix-sgd-matched",
-              "metamix-adam-matched", "hessian"]  # how the table and the plot list them
+CONV_ORDER = [
+    "metamix-sgd",
+    "metamix-sgd-x4",
+    "metamix-sgd-x16",
+    "metamix-sgd-lr0.5",
+    "metamix-sgd-matched",
+    "metamix-adam-matched",
+    "hessian",
+]  # how the table and the plot list them
 SEEDS8 = list(range(8))
-CONV_BUDGETS = [("mobilenet_v2", 4.45), ("mobilenet_v2", 5.6), ("mobilenet_v3_large", 3.08), ("mobilenet_v3_large", 3.92)]
+CONV_BUDGETS = [
+    ("mobilenet_v2", 4.45),
+    ("mobilenet_v2", 5.6),
+    ("mobilenet_v3_large", 3.08),
+    ("mobilenet_v3_large", 3.92),
+]
 PROBES = [("metamix-sgd-lr0.5", [0, 1, 2, 3])]  # variants on fewer seeds, at every budget
-CONV_GRID = [(arch, t, CONV, SEEDS8) for arch, t in CONV_BUDGETS] + \
-    [(arch, t, [m], seeds) for m, seeds in PROBES for arch, t in CONV_BUDGETS] + \
-    [("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0])]
+CONV_GRID = (
+    [(arch, t, CONV, SEEDS8) for arch, t in CONV_BUDGETS]
+    + [(arch, t, [m], seeds) for m, seeds in PROBES for arch, t in CONV_BUDGETS]
+    + [("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0])]
+)
 MATCHED = 0.5  # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
 # The quantizers: one selection (the default search's bits.json, same seed) trained from the FP model twice with
 # --bits-from, once with the authors' quantizers (a weight step per output channel on -7..7, hardswish-fed inputs on
@@ -100,35 +132,53 @@ QUANT_GRID = [("mobilenet_v2", 7.0, QUANT, [0, 1, 2, 3]), ("mobilenet_v3_large",
 # the study's FP model of the same architecture (the teacher; 98-99% here); the first 2 of the 6 weight-training
 # epochs with FP weights (the authors' 18 of 138, scaled up: 2 epochs are 92 steps); the authors' Adam recipe; all
 # three together (the authors' recipe). The budgets of the quantizers part, 2 + 6 epochs, seeds 0-3.
-RECIPE_FLAGS = {"recipe-ours": [], "recipe-kd": ["--teacher", "{teacher}"],
-                "recipe-actonly": ["--act-only-epochs", "2"], "recipe-adam": ["--optimizer", "adam", "--lr", "5e-4"]}
+RECIPE_FLAGS = {
+    "recipe-ours": [],
+    "recipe-kd": ["--teacher", "{teacher}"],
+    "recipe-actonly": ["--act-only-epochs", "2"],
+    "recipe-adam": ["--optimizer", "adam", "--lr", "5e-4"],
+}
 RECIPE_FLAGS["recipe-authors"] = sum(RECIPE_FLAGS.values(), [])
 RECIPE = list(RECIPE_FLAGS)
-RECIPE_GRID = [("mobilenet_v2", 7.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3]),
-               ("mobilenet_v3_large", 5.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3])]
+RECIPE_GRID = [
+    ("mobilenet_v2", 7.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3]),
+    ("mobilenet_v3_large", 5.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3]),
+]
 FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain", *RECIPE]  # made from a source run's bits or meta-state
 PART_EPOCHS = {"convergence": 5, "quantizers": 5}  # the other parts: EPOCHS
 PART_SOURCE = {"quantizers": "metamix-sgd-x4", "recipe": "metamix-sgd-x4"}  # the other parts: SOURCE
 # The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (--plain-lsq).
 PLAIN_PARTS = ("baselines", "pairs", "convergence")
-PARTS = {"baselines": GRID, "pairs": PAIR_GRID, "convergence": CONV_GRID, "quantizers": QUANT_GRID,
-         "recipe": RECIPE_GRID}
+PARTS = {
+    "baselines": GRID,
+    "pairs": PAIR_GRID,
+    "convergence": CONV_GRID,
+    "quantizers": QUANT_GRID,
+    "recipe": RECIPE_GRID,
+}
 QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
 
 
 def label(method: str) -> str:
     """How the table and plot name a method: which optimizer and LR the alphas had, and the search's length. The run
     folders keep the short names (metamix = Adam at 0.1, metamix.py's default when the study began)."""
-    names = {"metamix": "metamix Adam 0.1", "metamix-sgd": "metamix SGD 0.05, one epoch",
-             "metamix-sgd-lr0.5": "metamix SGD 0.5", "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
-             "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (default)", "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
-             "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
-             "metamix-adam-matched": "metamix Adam, LR x steps 0.5",
-             "quant-authors": "the authors' quantizers (per-channel W, offset for hardswish)",
-             "quant-plain": "LSQ's own quantizers (per-tensor W, signed grid)",
-             "recipe-ours": "ours (labels, W4 from epoch 3, SGD)", "recipe-kd": "distillation (teacher: the FP model)",
-             "recipe-actonly": "2 act-only epochs first", "recipe-adam": "the authors' Adam recipe",
-             "recipe-authors": "the authors' recipe (all three)"}
+    names = {
+        "metamix": "metamix Adam 0.1",
+        "metamix-sgd": "metamix SGD 0.05, one epoch",
+        "metamix-sgd-lr0.5": "metamix SGD 0.5",
+        "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
+        "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (default)",
+        "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
+        "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
+        "metamix-adam-matched": "metamix Adam, LR x steps 0.5",
+        "quant-authors": "the authors' quantizers (per-channel W, offset for hardswish)",
+        "quant-plain": "LSQ's own quantizers (per-tensor W, signed grid)",
+        "recipe-ours": "ours (labels, W4 from epoch 3, SGD)",
+        "recipe-kd": "distillation (teacher: the FP model)",
+        "recipe-actonly": "2 act-only epochs first",
+        "recipe-adam": "the authors' Adam recipe",
+        "recipe-authors": "the authors' recipe (all three)",
+    }
     base = method.removesuffix("-pairs")
     return names.get(base, base) + (", 9 (A, W) pairs" if method.endswith("-pairs") else "")
 
@@ -145,8 +195,11 @@ def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
     lr = next((w[2:] for w in words if w.startswith("lr")), ALPHA[opt][-1])
     if "matched" in words:
         lr = f"{MATCHED / (mult * epoch_steps):.6g}"
-    return (["--alpha-optimizer", opt, "--alpha-lr", lr] + (["--unfixed"] if "unfixed" in words else [])
-            + ["--search-steps", str(mult * epoch_steps if mult > 1 else 0)])
+    return (
+        ["--alpha-optimizer", opt, "--alpha-lr", lr]
+        + (["--unfixed"] if "unfixed" in words else [])
+        + ["--search-steps", str(mult * epoch_steps if mult > 1 else 0)]
+    )
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -194,9 +247,16 @@ def train_fp(arch: str, data: Path, path: Path, epochs: int, log) -> float:
     from torchvision.datasets import ImageFolder
 
     _, val_set, classes = datasets(data)
-    train_set = ImageFolder(str(data / "train"), T.Compose([
-        T.RandomResizedCrop(IMAGE_SIZE, scale=(FP["crop_scale"], 1.0)), T.ToTensor(),
-        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]))  # metamix's normalisation
+    train_set = ImageFolder(
+        str(data / "train"),
+        T.Compose(
+            [
+                T.RandomResizedCrop(IMAGE_SIZE, scale=(FP["crop_scale"], 1.0)),
+                T.ToTensor(),
+                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        ),
+    )  # metamix's normalisation
     if path.exists():
         model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -244,24 +304,71 @@ def run_one(job: dict, log) -> dict:
         return json.loads((out / "result.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     script = "pairs.py" if job["method"].endswith("-pairs") else "metamix.py"
-    flags = ["--arch", job["arch"], "--data", job["data"], "--pretrained", job["init"], "--target-gbops",
-             str(job["target"]), "--seed", str(job["seed"]), "--epochs", str(job["epochs"]), *COMMON,
-             *["--plain-lsq"] * (job["part"] in PLAIN_PARTS)]
+    flags = [
+        "--arch",
+        job["arch"],
+        "--data",
+        job["data"],
+        "--pretrained",
+        job["init"],
+        "--target-gbops",
+        str(job["target"]),
+        "--seed",
+        str(job["seed"]),
+        "--epochs",
+        str(job["epochs"]),
+        *COMMON,
+        *["--plain-lsq"] * (job["part"] in PLAIN_PARTS),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
     if job["method"] in ("quant-authors", "quant-plain", *RECIPE):  # the source's bits, trained from the FP model
         recipe = [f.format(teacher=f"{job['arch']}:{job['init']}") for f in RECIPE_FLAGS.get(job["method"], [])]
-        cmds = [["metamix.py", *flags, *method_flags(job["source_method"], job["epoch_steps"]), "--bits-from",
-                 str(Path(job["source"]) / "bits.json"), *["--plain-lsq"] * (job["method"] == "quant-plain"),
-                 *recipe, "--output-dir", str(out)]]
+        cmds = [
+            [
+                "metamix.py",
+                *flags,
+                *method_flags(job["source_method"], job["epoch_steps"]),
+                "--bits-from",
+                str(Path(job["source"]) / "bits.json"),
+                *["--plain-lsq"] * (job["method"] == "quant-plain"),
+                *recipe,
+                "--output-dir",
+                str(out),
+            ]
+        ]
     elif job["method"] in SELECTIONS:
         src = Path(job["source"])
         out.mkdir(parents=True)
-        cmds = [["baselines.py", str(src), "--method", job["method"], "--target-gbops", str(job["target"]), "--seed",
-                 str(job["seed"]), "--batches", "4", "--probes", "4", "--out", str(out / "selection.json")],
-                ["metamix.py", *flags, *method_flags(job["source_method"], job["epoch_steps"]), "--resume",
-                 str(src / "meta_state.pth"), "--bits-from",
-                 str(out / "selection.json"), "--output-dir", str(out)]]
+        cmds = [
+            [
+                "baselines.py",
+                str(src),
+                "--method",
+                job["method"],
+                "--target-gbops",
+                str(job["target"]),
+                "--seed",
+                str(job["seed"]),
+                "--batches",
+                "4",
+                "--probes",
+                "4",
+                "--out",
+                str(out / "selection.json"),
+            ],
+            [
+                "metamix.py",
+                *flags,
+                *method_flags(job["source_method"], job["epoch_steps"]),
+                "--resume",
+                str(src / "meta_state.pth"),
+                "--bits-from",
+                str(out / "selection.json"),
+                "--output-dir",
+                str(out),
+            ],
+        ]
     if job["part"] == "pairs":  # the supplement's Figure 9 for each run, on its meta-state
         cmds.append(["figure9.py", str(out), "--batches", "4", "--probes", "4"])
     t0 = time.time()
@@ -274,17 +381,27 @@ def run_one(job: dict, log) -> dict:
     fig9 = json.loads((out / "figure9.json").read_text()) if (out / "figure9.json").exists() else {}
     searched = [r for r in bits["layers"] if not r["fixed"]]
     res = {k: job[k] for k in ("arch", "target", "method", "seed")} | {"dir": str(out)}
-    res.update(top1=logs[-1]["top1"], top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
-               gbops=bits["gbops"], avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
-               avg_bits_weighted=bits.get("avg_a_bits_weighted"), a_signed=[r["signed"] for r in searched],
-               avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
-               a_bits=[r["a_bits"] for r in searched], macs=[r["macs"] for r in searched],
-               w_bits=[r["w_bits"] for r in searched], search=bits.get("search"),
-               avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched), figure9=fig9.get("figure9"),
-               seconds=round(time.time() - t0, 1))
+    res.update(
+        top1=logs[-1]["top1"],
+        top1_after_selection=logs[job["search_epochs"] - 1]["top1"],
+        gbops=bits["gbops"],
+        avg_bits=sum(r["a_bits"] for r in searched) / len(searched),
+        avg_bits_weighted=bits.get("avg_a_bits_weighted"),
+        a_signed=[r["signed"] for r in searched],
+        avg_bits_mac=sum(r["a_bits"] * r["macs"] for r in searched) / sum(r["macs"] for r in searched),
+        a_bits=[r["a_bits"] for r in searched],
+        macs=[r["macs"] for r in searched],
+        w_bits=[r["w_bits"] for r in searched],
+        search=bits.get("search"),
+        avg_w_bits=sum(r["w_bits"] for r in searched) / len(searched),
+        figure9=fig9.get("figure9"),
+        seconds=round(time.time() - t0, 1),
+    )
     (out / "result.json").write_text(json.dumps(res))
-    log(f"{out.name}: top-1 {res['top1']:.2f}% at {res['gbops']:.3f} GBOPs, avg bits {res['avg_bits']:.2f} "
-        f"({res['seconds']:.0f}s)")
+    log(
+        f"{out.name}: top-1 {res['top1']:.2f}% at {res['gbops']:.3f} GBOPs, avg bits {res['avg_bits']:.2f} "
+        f"({res['seconds']:.0f}s)"
+    )
     return res
 
 
@@ -299,9 +416,11 @@ def mean_sd(xs: list[float]) -> str:
 
 
 def table(results: list[dict], fp: dict) -> str:
-    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs random (points) | "
-            "Δ per seed | GBOPs | avg A bits (plain / MAC-weighted) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs random (points) | "
+        "Δ per seed | GBOPs | avg A bits (plain / MAC-weighted) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["arch"], r["target"]) for r in results}, key=lambda k: (k[0] != "resnet18", k))
     for arch, target in keys:
         here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
@@ -311,21 +430,26 @@ def table(results: list[dict], fp: dict) -> str:
             top = [r["top1"] for r in rs]
             d = [r["top1"] - rand[r["seed"]] for r in rs if r["seed"] in rand]
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {label(method)} | {len(rs)} | "
-                        f"{statistics.mean(top):.2f} ± {sd:.2f} | "
-                        f"{'-' if method == 'random' else mean_sd(d)} | "
-                        f"{'-' if method == 'random' else ' '.join(f'{v:+.2f}' for v in d)} | "
-                        f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
-                        f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
-                        f"{statistics.mean(r['avg_bits_mac'] for r in rs):.2f} |")
+            rows.append(
+                f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {label(method)} | {len(rs)} | "
+                f"{statistics.mean(top):.2f} ± {sd:.2f} | "
+                f"{'-' if method == 'random' else mean_sd(d)} | "
+                f"{'-' if method == 'random' else ' '.join(f'{v:+.2f}' for v in d)} | "
+                f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
+                f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
+                f"{statistics.mean(r['avg_bits_mac'] for r in rs):.2f} |"
+            )
     return "\n".join(rows) + "\n"
 
 
 def table_pairs(results: list[dict], fp: dict) -> str:
     """Supplement, Table 7 in miniature: each "-pairs" method against its activation-only (W4) self, paired
     per seed, with the average A and W bits (figure9_summary gives the runs' Figure 9 correlations)."""
-    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs W4 (points) | Δ per seed | "
-            "GBOPs | avg A bits | avg W bits (MAC-weighted) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ vs W4 (points) | Δ per seed | "
+        "GBOPs | avg A bits | avg W bits (MAC-weighted) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     keys = sorted({(r["arch"], r["target"]) for r in results})
     for arch, target in keys:
         here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
@@ -336,20 +460,24 @@ def table_pairs(results: list[dict], fp: dict) -> str:
             d = [r["top1"] - ref[r["seed"]] for r in rs if r["seed"] in ref] if method.endswith("-pairs") else []
             w_mac = [sum(w * m for w, m in zip(r["w_bits"], r["macs"])) / sum(r["macs"]) for r in rs]
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {label(method)} | {len(rs)} | "
-                        f"{statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d) if d else '-'} | "
-                        f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
-                        f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
-                        f"{statistics.mean(r['avg_bits'] for r in rs):.2f} | "
-                        f"{statistics.mean(r['avg_w_bits'] for r in rs):.2f} ({statistics.mean(w_mac):.2f}) |")
+            rows.append(
+                f"| {arch} (FP {fp[arch]:.2f}) | {target:g} | {label(method)} | {len(rs)} | "
+                f"{statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d) if d else '-'} | "
+                f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
+                f"{statistics.mean(r['gbops'] for r in rs):.2f} | "
+                f"{statistics.mean(r['avg_bits'] for r in rs):.2f} | "
+                f"{statistics.mean(r['avg_w_bits'] for r in rs):.2f} ({statistics.mean(w_mac):.2f}) |"
+            )
     return "\n".join(rows) + "\n"
 
 
 def figure9_summary(results: list[dict]) -> str:
     """The supplement's Figure 9 over the runs that carry bits.json's "figure9": per method and selected series,
     Spearman's rank correlation with the Hessian trace, the OPs and the trace per OP (mean ± sd over seeds)."""
-    rows = ["| method | selected | n | ρ with Hessian trace | ρ with OPs | ρ with trace / OPs |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| method | selected | n | ρ with Hessian trace | ρ with OPs | ρ with trace / OPs |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in sorted({r["method"] for r in results}, key=lambda m: (m.endswith("-pairs"), m)):
         rs = [r for r in results if r["method"] == method and (r.get("figure9") or {}).get("spearman")]
         for sel in ("a_bits", "w_bits", "a_times_w"):
@@ -368,9 +496,11 @@ def alpha_summary(out: Path, results: list[dict]) -> str:
     """Per searching run, how its search ended (bits.json): p(largest candidate) across layers (min / median / max,
     and how many layers lie within 0.02 of the median), the median top-2 margin of softmax(alpha), the last
     step at which the argmax changed, and the argmax configuration's GBOPs against the target."""
-    rows = ["| arch | target | method | seed | p(A_max) min / median / max | layers within 0.02 of the median | "
-            "median top-2 margin | argmax last changed at step | argmax GBOPs vs target |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | target | method | seed | p(A_max) min / median / max | layers within 0.02 of the median | "
+        "median top-2 margin | argmax last changed at step | argmax GBOPs vs target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if not r.get("search") or r["method"] in SELECTIONS:  # a selection's bits.json: its meta-state's search
             continue
@@ -378,19 +508,24 @@ def alpha_summary(out: Path, results: list[dict]) -> str:
         top = max(range(len(bits["candidates"])), key=lambda i: bits["candidates"][i][0] * bits["candidates"][i][1])
         p_top = sorted(layer["probs"][top] for layer in bits["layers"] if not layer["fixed"])
         med, c = statistics.median(p_top), r["search"]
-        rows.append(f"| {r['arch']} | {r['target']:g} | {r['method']} | {r['seed']} | {p_top[0]:.2f} / {med:.2f} / "
-                    f"{p_top[-1]:.2f} | {sum(abs(p - med) <= 0.02 for p in p_top)} of {len(p_top)} | "
-                    f"{c['median_margin']:.3f} | {c['argmax_last_changed']} of {c['steps']} | "
-                    f"{c['vs_target']:+.1%} |")
+        rows.append(
+            f"| {r['arch']} | {r['target']:g} | {r['method']} | {r['seed']} | {p_top[0]:.2f} / {med:.2f} / "
+            f"{p_top[-1]:.2f} | {sum(abs(p - med) <= 0.02 for p in p_top)} of {len(p_top)} | "
+            f"{c['median_margin']:.3f} | {c['argmax_last_changed']} of {c['steps']} | "
+            f"{c['vs_target']:+.1%} |"
+        )
     return "\n".join(rows) + "\n"
 
 
 def table_convergence(results: list[dict], fp: dict, fp_hash: dict) -> str:
     """Each variant paired per seed with random and with the Hessian proxy (both from the default's meta-state):
     mean ± sd of the difference, the seeds it wins / ties / loses against random, and how its searches ended."""
-    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | Δ vs random (points) | wins / ties / losses "
-            "vs random | Δ vs hessian (points) | GBOPs | searches settled | median top-2 margin | argmax last changed "
-            "(median step / steps) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | target GBOPs | method | n | top-1 % (mean ± sd) | Δ vs random (points) | wins / ties / losses "
+        "vs random | Δ vs hessian (points) | GBOPs | searches settled | median top-2 margin | argmax last changed "
+        "(median step / steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     order = ["random", *CONV_ORDER]
     for arch, target in sorted({(r["arch"], r["target"]) for r in results}):
         here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
@@ -400,50 +535,71 @@ def table_convergence(results: list[dict], fp: dict, fp_hash: dict) -> str:
             top = [r["top1"] for r in rs]
             d = {m: [r["top1"] - ref[m][r["seed"]] for r in rs if r["seed"] in ref[m]] for m in ref}
             dr = d["random"]
-            wins = "-" if method == "random" else f"{sum(v > 0 for v in dr)} / {sum(v == 0 for v in dr)} / " \
-                                                  f"{sum(v < 0 for v in dr)}"
+            wins = (
+                "-"
+                if method == "random"
+                else f"{sum(v > 0 for v in dr)} / {sum(v == 0 for v in dr)} / {sum(v < 0 for v in dr)}"
+            )
             se = [r["search"] for r in rs if r.get("search") and method not in SELECTIONS]  # theirs: the source's
-            conv = (f"{sum(c['settled'] for c in se)} of {len(se)} | "
+            conv = (
+                (
+                    f"{sum(c['settled'] for c in se)} of {len(se)} | "
                     f"{statistics.median(c['median_margin'] for c in se):.3f} | "
-                    f"{statistics.median(c['argmax_last_changed'] for c in se):g} / {se[0]['steps']}") if se else \
-                "- | - | -"
+                    f"{statistics.median(c['argmax_last_changed'] for c in se):g} / {se[0]['steps']}"
+                )
+                if se
+                else "- | - | -"
+            )
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
-                        f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | "
-                        f"{'-' if method == 'random' else mean_sd(d['random'])} | {wins} | "
-                        f"{'-' if method == 'hessian' else mean_sd(d['hessian'])} | "
-                        f"{statistics.mean(r['gbops'] for r in rs):.3f} | {conv} |")
+            rows.append(
+                f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
+                f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | "
+                f"{'-' if method == 'random' else mean_sd(d['random'])} | {wins} | "
+                f"{'-' if method == 'hessian' else mean_sd(d['hessian'])} | "
+                f"{statistics.mean(r['gbops'] for r in rs):.3f} | {conv} |"
+            )
     return "\n".join(rows) + "\n"
 
 
 def table_quantizers(results: list[dict], fp: dict, fp_hash: dict) -> str:
     """The same bits trained with the authors' quantizers and with LSQ's own, paired per seed; MetaMix (the default
     search) against random under the authors' quantizers, paired per seed."""
-    rows = ["| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ (points) | Δ per seed | GBOPs | "
-            "avg A bits (plain / weighted by input size) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | target GBOPs | method | n | top-1 % (mean ± sd) | paired Δ (points) | Δ per seed | GBOPs | "
+        "avg A bits (plain / weighted by input size) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     pair = {"quant-authors": "quant-plain", "metamix-sgd-x4": "random"}  # each method's reference
     for arch, target in sorted({(r["arch"], r["target"]) for r in results}):
         here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
-        for method in [m for m in ("quant-plain", "quant-authors", "random", "metamix-sgd-x4")
-                       if any(r["method"] == m for r in here)]:
+        for method in [
+            m
+            for m in ("quant-plain", "quant-authors", "random", "metamix-sgd-x4")
+            if any(r["method"] == m for r in here)
+        ]:
             rs = sorted((r for r in here if r["method"] == method), key=lambda r: r["seed"])
             ref = {r["seed"]: r["top1"] for r in here if r["method"] == pair.get(method)}
             top, d = [r["top1"] for r in rs], [r["top1"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
             vs = f"{mean_sd(d)} vs {label(pair[method])}" if d else "-"
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
-                        f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | {vs} | "
-                        f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
-                        f"{statistics.mean(r['gbops'] for r in rs):.3f} | "
-                        f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
-                        f"{statistics.mean(r['avg_bits_weighted'] for r in rs):.2f} |")
+            rows.append(
+                f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
+                f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | {vs} | "
+                f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | "
+                f"{statistics.mean(r['gbops'] for r in rs):.3f} | "
+                f"{statistics.mean(r['avg_bits'] for r in rs):.2f} / "
+                f"{statistics.mean(r['avg_bits_weighted'] for r in rs):.2f} |"
+            )
     return "\n".join(rows) + "\n"
 
 
 def table_recipe(results: list[dict], fp: dict, fp_hash: dict) -> str:
     """The same bits trained with each recipe, paired per seed with ours."""
-    rows = ["| arch | target GBOPs | recipe | n | top-1 % (mean ± sd) | paired Δ vs ours (points) | Δ per seed | "
-            "wins / ties / losses | GBOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | target GBOPs | recipe | n | top-1 % (mean ± sd) | paired Δ vs ours (points) | Δ per seed | "
+        "wins / ties / losses | GBOPs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for arch, target in sorted({(r["arch"], r["target"]) for r in results}):
         here = [r for r in results if (r["arch"], r["target"]) == (arch, target)]
         ours = {r["seed"]: r["top1"] for r in here if r["method"] == "recipe-ours"}
@@ -453,10 +609,12 @@ def table_recipe(results: list[dict], fp: dict, fp_hash: dict) -> str:
             d = [r["top1"] - ours[r["seed"]] for r in rs if r["seed"] in ours] if method != "recipe-ours" else []
             sd = statistics.stdev(top) if len(top) > 1 else 0.0
             wtl = f"{sum(v > 0 for v in d)} / {sum(v == 0 for v in d)} / {sum(v < 0 for v in d)}" if d else "-"
-            rows.append(f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
-                        f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d)} | "
-                        f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | {wtl} | "
-                        f"{statistics.mean(r['gbops'] for r in rs):.3f} |")
+            rows.append(
+                f"| {arch} (FP {fp[arch]:.2f}, {fp_hash.get(arch, '?')}) | {target:g} | {label(method)} | "
+                f"{len(rs)} | {statistics.mean(top):.2f} ± {sd:.2f} | {mean_sd(d)} | "
+                f"{' '.join(f'{v:+.2f}' for v in d) if d else '-'} | {wtl} | "
+                f"{statistics.mean(r['gbops'] for r in rs):.3f} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -490,8 +648,13 @@ def plot_convergence(results: list[dict], path: Path) -> bool:
             if d:
                 ax.hlines(statistics.mean(d), x - 0.3, x + 0.3, color="black", lw=1.5)
         ax.axhline(0, color="grey", lw=0.8, ls=":")
-        ax.set_xticks(range(len(methods)), [label(m).replace("metamix ", "") for m in methods], rotation=60,
-                      ha="right", fontsize=7)
+        ax.set_xticks(
+            range(len(methods)),
+            [label(m).replace("metamix ", "") for m in methods],
+            rotation=60,
+            ha="right",
+            fontsize=7,
+        )
         ax.set_title(f"{arch} at {target:g} GBOPs", fontsize=9)
     axes[0][0].set_ylabel("top-1 minus random's, same seed (points)")
     fig.tight_layout()
@@ -511,8 +674,13 @@ def plot(results: list[dict], path: Path) -> bool:
         for method in ALL:
             rs = [r for r in results if r["arch"] == arch and r["method"] == method]
             if rs:
-                ax.scatter([r["gbops"] for r in rs], [r["top1"] for r in rs], marker=marks[method],
-                           label=label(method), alpha=0.75)
+                ax.scatter(
+                    [r["gbops"] for r in rs],
+                    [r["top1"] for r in rs],
+                    marker=marks[method],
+                    label=label(method),
+                    alpha=0.75,
+                )
         for t in sorted({r["target"] for r in results if r["arch"] == arch}):
             ax.axvline(t, color="grey", lw=0.6, ls=":")
         ax.set_title(f"{arch} on digits (each point one seed)")
@@ -534,10 +702,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one seed, two methods, a few steps (CI)")
     p.add_argument("--jobs", type=int, default=2, help="metamix.py runs at a time (1 thread each)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds for every entry (default: the grid's own)")
-    p.add_argument("--part", choices=["all", *PARTS], default="all", help="baselines: every selection against "
-                   "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds; "
-                   "quantizers: the authors' against LSQ's own, the same bits; recipe: the authors' training recipe "
-                   "against ours, the same bits")
+    p.add_argument(
+        "--part",
+        choices=["all", *PARTS],
+        default="all",
+        help="baselines: every selection against "
+        "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds; "
+        "quantizers: the authors' against LSQ's own, the same bits; recipe: the authors' training recipe "
+        "against ours, the same bits",
+    )
     p.add_argument("--only", default=None, help="run only these archs (comma-separated), e.g. resnet18")
     a = p.parse_args(argv)
     try:
@@ -575,11 +748,27 @@ def main(argv=None) -> int:
         runs = f"runs_{part}" if part in ("convergence", "quantizers", "recipe") else "runs"
         return str(out / runs / f"{arch}_t{t:g}_{m}_s{s}")
 
-    jobs = [dict(arch=arch, target=t, method=m, seed=s, data=str(data), init=str(out / f"fp_{arch}.pth"),
-                 epochs=3 if a.quick else PART_EPOCHS.get(part, EPOCHS), search_epochs=2, threads=1, part=part,
-                 out=folder(part, arch, t, m, s), source=folder(part, arch, t, PART_SOURCE.get(part, SOURCE), s),
-                 source_method=PART_SOURCE.get(part, SOURCE), epoch_steps=epoch_steps)
-            for part, arch, t, methods, seeds in grid for s in seeds for m in methods]
+    jobs = [
+        dict(
+            arch=arch,
+            target=t,
+            method=m,
+            seed=s,
+            data=str(data),
+            init=str(out / f"fp_{arch}.pth"),
+            epochs=3 if a.quick else PART_EPOCHS.get(part, EPOCHS),
+            search_epochs=2,
+            threads=1,
+            part=part,
+            out=folder(part, arch, t, m, s),
+            source=folder(part, arch, t, PART_SOURCE.get(part, SOURCE), s),
+            source_method=PART_SOURCE.get(part, SOURCE),
+            epoch_steps=epoch_steps,
+        )
+        for part, arch, t, methods, seeds in grid
+        for s in seeds
+        for m in methods
+    ]
     missing = {j["source"] for j in jobs if j["method"] in FROM_SOURCE} - {j["out"] for j in jobs}
     if missing:
         raise SystemExit(f"study_digits: error: the grid selects from runs it does not make: {sorted(missing)[0]}")
@@ -601,8 +790,13 @@ def main(argv=None) -> int:
         done_runs = dict(zip([j["out"] for j in order], ex.map(work, order)))
     results = [done_runs[j["out"]] for j in jobs]
     done = {part: [r for r, j in zip(results, jobs) if j["part"] == part] for part in parts}
-    keys = {"baselines": "runs", "pairs": "pairs", "convergence": "convergence", "quantizers": "quantizers",
-            "recipe": "recipe"}
+    keys = {
+        "baselines": "runs",
+        "pairs": "pairs",
+        "convergence": "convergence",
+        "quantizers": "quantizers",
+        "recipe": "recipe",
+    }
     saved = {"fp_top1": {}}
     if (out / "results.json").exists() and not a.quick:  # keep the other parts' runs in results.json
         saved = json.loads((out / "results.json").read_text())
@@ -624,8 +818,9 @@ def main(argv=None) -> int:
         print(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
     if done.get("convergence"):
         conv = done["convergence"]
-        (out / "table_convergence.md").write_text(table_convergence(conv, fp, saved["fp_sha256"]) + "\n" +
-                                                  alpha_summary(out, conv))
+        (out / "table_convergence.md").write_text(
+            table_convergence(conv, fp, saved["fp_sha256"]) + "\n" + alpha_summary(out, conv)
+        )
         print(table_convergence(conv, fp, saved["fp_sha256"]))
         if plot_convergence(conv, out / "convergence.png"):
             log(f"wrote {out / 'convergence.png'}")

@@ -5,6 +5,7 @@ The pieces against brute force, exact Hessians and hand values; each method on t
 (in this process); the workflow end to end: metamix.py --resume RUN/meta_state.pth --bits-from FILE reproduces
 the run from its own bits, and trains a baseline's bits with the command baselines.py prints.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,8 +70,10 @@ def test_knapsack_matches_brute_force_on_random_instances():
     for trial in range(300):
         n_layers, n_choices = rng.randint(1, 6), rng.randint(1, 4)
         costs = [[rng.randint(0, 12) for _ in range(n_choices)] for _ in range(n_layers)]
-        scores = [[rng.choice([rng.uniform(-1, 2), float(rng.randint(0, 3))]) for _ in range(n_choices)]
-                  for _ in range(n_layers)]  # integer scores make ties
+        scores = [
+            [rng.choice([rng.uniform(-1, 2), float(rng.randint(0, 3))]) for _ in range(n_choices)]
+            for _ in range(n_layers)
+        ]  # integer scores make ties
         budget = rng.randint(0, 12 * n_layers)
         got = bl.mckp_exact(scores, costs, budget)
         want = _brute_force_mckp(scores, costs, budget)
@@ -100,15 +103,27 @@ def test_knapsack_on_resnet18_equals_a_dense_dp_over_the_gcd_grid():
             dp = [min((dp[c - k // g] + s for s, k in zip(sc, co) if k // g <= c), default=inf) for c in range(cap + 1)]
         got = bl.mckp_exact(scores, costs, budget)
         assert sum(c[i] for c, i in zip(costs, got)) <= budget
-        assert mm.config_gbops([m.macs for m in mm.searched_layers(model)], [[32, 16, 8][i] for i in got],
-                               mm.c_fixed_of(model)) <= target + 1e-9
+        assert (
+            mm.config_gbops(
+                [m.macs for m in mm.searched_layers(model)], [[32, 16, 8][i] for i in got], mm.c_fixed_of(model)
+            )
+            <= target + 1e-9
+        )
         assert sum(s[i] for s, i in zip(scores, got)) == pytest.approx(dp[cap], abs=1e-9)
 
 
 def _two_layer_model(w_bits, layer_type=mm.QuantLayer):
     """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=layer_type)
 
 
@@ -134,8 +149,11 @@ def test_uniform_and_random_selections():
     assert budgets[4] == pytest.approx(34.714, abs=1e-3)  # the README's dry-run table
     assert bl.uniform_selection(model, budgets[4]) == [1] * 19
     assert bl.uniform_selection(model, budgets[4] - 0.01) == [2] * 19
-    with pytest.raises(mm.BadInput, match=r"--method uniform: no uniform .* \(uniform budgets in GBOPs: "
-                                          r"A2 21\.150, A4 34\.714, A8 61\.843\)"):
+    with pytest.raises(
+        mm.BadInput,
+        match=r"--method uniform: no uniform .* \(uniform budgets in GBOPs: "
+        r"A2 21\.150, A4 34\.714, A8 61\.843\)",
+    ):
         bl.uniform_selection(model, 21.0)
     costs, fixed = bl.bops_costs(model)
     seen = set()
@@ -165,8 +183,16 @@ def _tiny_mlp():
     """Flatten -> Linear(3,4) [fixed] -> Tanh -> Linear(4,3) -> Tanh -> Linear(3,3) -> Tanh -> Linear(3,2) [fixed],
     float64; patched at a 1x1 'image' so the searched layers' inputs have 4 and 3 features per sample."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3),
-                          nn.Tanh(), nn.Linear(3, 2))
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3, 4),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+        nn.Tanh(),
+        nn.Linear(3, 3),
+        nn.Tanh(),
+        nn.Linear(3, 2),
+    )
     mm.patch_model(model, [8, 4, 2], 4, bops_image_size=1)
     model.double()
     mm.set_mode(model, "fp")
@@ -248,8 +274,18 @@ def test_proxy_scores_by_hand(meta):
         model(x)
     for h in hs:
         h.remove()
-    mse = [(xs[m] - mm._lsq_codes(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed))
-            .mul_(mm.positive(m.act.step.detach()[i]))).pow(2).mean().item() for i, b in enumerate(m.act.bits)]
+    mse = [
+        (
+            xs[m]
+            - mm._lsq_codes(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed)).mul_(
+                mm.positive(m.act.step.detach()[i])
+            )
+        )
+        .pow(2)
+        .mean()
+        .item()
+        for i, b in enumerate(m.act.bits)
+    ]
     assert mse[0] < mse[1] < mse[2]
     assert (hess[3, 2] / hess[3, 1]).item() == pytest.approx(mse[2] / mse[1], rel=1e-5)
     assert hess[3, 1].item() == pytest.approx(0.5 * traces[0][3].item() * mse[1], rel=1e-5)
@@ -308,8 +344,9 @@ def test_each_method_on_the_meta_state(meta, tmp_path, method):
         # the selection is the knapsack's optimum of those scores, under the exact BOPs
         costs, fixed = bl.bops_costs(model)
         best = bl.mckp_exact([r["scores"] for r in searched], costs, bl.budget_bops(28, fixed))
-        assert sum(r["scores"][i] for r, i in zip(searched, best)) == \
-            sum(r["scores"][i] for r, i in zip(searched, branches))
+        assert sum(r["scores"][i] for r, i in zip(searched, best)) == sum(
+            r["scores"][i] for r, i in zip(searched, branches)
+        )
         if method == "sensitivity":
             assert all(r["scores"][0] == 0 for r in searched)
     else:
@@ -327,20 +364,62 @@ def test_each_method_on_the_meta_state(meta, tmp_path, method):
 def test_train_command_repeats_the_runs_own_flags():
     """Every flag that differs from metamix's default, lists comma-joined, store_true bare; not where that run
     wrote, stopped or started from; the target exactly. Read back, it gives that run's values."""
-    a = mm.resolve_args(mm.get_args_parser().parse_args(
-        ["--arch", "mobilenet_v2", "--search-steps", "0", "--data", "synthetic:64,32,10", "--bits", "8,4,3", "--unfixed", "--amp",
-         "--epochs", "5", "--lr", "0.02", "--seed", "3", "--stop-after-epoch", "2", "--alpha-optimizer", "adam",
-         "--output-dir", "runs/m", "--workers", "8", "--optimizer", "sgd"]))
+    a = mm.resolve_args(
+        mm.get_args_parser().parse_args(
+            [
+                "--arch",
+                "mobilenet_v2",
+                "--search-steps",
+                "0",
+                "--data",
+                "synthetic:64,32,10",
+                "--bits",
+                "8,4,3",
+                "--unfixed",
+                "--amp",
+                "--epochs",
+                "5",
+                "--lr",
+                "0.02",
+                "--seed",
+                "3",
+                "--stop-after-epoch",
+                "2",
+                "--alpha-optimizer",
+                "adam",
+                "--output-dir",
+                "runs/m",
+                "--workers",
+                "8",
+                "--optimizer",
+                "sgd",
+            ]
+        )
+    )
     run_args = {**vars(a), "target_gbops": 5.12, "pretrained": "/weights/mbv2.pth"}
     cmd = shlex.split(bl.train_command("runs/m", run_args, "runs/m/bits_random.json", "random", 4.123456789012345))
     assert cmd[:2] == ["python", os.path.relpath(mm.__file__)]
-    assert cmd[2:8] == ["--resume", "runs/m/meta_state.pth", "--bits-from", "runs/m/bits_random.json",
-                        "--output-dir", "runs/m-random"]
+    assert cmd[2:8] == [
+        "--resume",
+        "runs/m/meta_state.pth",
+        "--bits-from",
+        "runs/m/bits_random.json",
+        "--output-dir",
+        "runs/m-random",
+    ]
     assert cmd[-2:] == ["--target-gbops", "4.123456789012345"]
     text = " ".join(cmd)
     assert "--unfixed" in cmd and "--amp" in cmd and "--bits 8,4,3" in text and "--arch mobilenet_v2" in text
-    for flag in ("--stop-after-epoch", "--pretrained", "--workers", "--optimizer", "--w-bits", "--no-budget-repair",
-                 "--dry-run", "--search-epochs"):
+    for flag in (
+        "--stop-after-epoch",
+        "--pretrained",
+        "--workers",
+        "--optimizer",
+        "--w-bits",
+        "--no-budget-repair",
+        "--dry-run",
+        "--search-epochs",
+    ):
         assert flag not in cmd, flag  # not repeated, or at metamix's default
     back = vars(mm.resolve_args(mm.get_args_parser().parse_args(cmd[2:])))
     for key, v in run_args.items():
@@ -358,8 +437,12 @@ def test_meta_state_with_its_own_bits_reproduces_the_run(ref_run, tmp_path):
     """metamix.py --resume RUN/meta_state.pth --bits-from RUN/bits.json (the run's flags) retraces the run's weight
     training bit for bit: the same model tensors and the same metrics in epochs 3 and 4."""
     out = tmp_path / "again"
-    assert main_in_process(*REF, "--resume", ref_run / "meta_state.pth", "--bits-from", ref_run / "bits.json",
-                           "--output-dir", out) == 0
+    assert (
+        main_in_process(
+            *REF, "--resume", ref_run / "meta_state.pth", "--bits-from", ref_run / "bits.json", "--output-dir", out
+        )
+        == 0
+    )
     a, b = load_ck(ref_run / "checkpoint.pth")["model"], load_ck(out / "checkpoint.pth")["model"]
     assert a.keys() == b.keys()
     differ = [k for k in a if not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])]
@@ -385,14 +468,21 @@ def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_pat
     assert f"random: {want['gbops']:.3f} GBOPs vs target 33.000; wrote {bits_file}" in p.stdout
     cmd = shlex.split(p.stdout.strip().splitlines()[-1])
     assert cmd[0] == "python" and (Path.cwd() / cmd[1]).resolve() == REPO / "metamix.py"
-    assert cmd[2:8] == ["--resume", str(run / "meta_state.pth"), "--bits-from", str(bits_file), "--output-dir",
-                        f"{run}-random"]
+    assert cmd[2:8] == [
+        "--resume",
+        str(run / "meta_state.pth"),
+        "--bits-from",
+        str(bits_file),
+        "--output-dir",
+        f"{run}-random",
+    ]
     assert "--seed" not in cmd  # the run's seed is metamix's default; --seed 5 was the selection's
     run_cli(*cmd[2:])
     new = Path(f"{run}-random")
     got = json.loads((new / "bits.json").read_text())
-    assert [(r["name"], r["a_bits"], r["w_bits"]) for r in got["layers"]] == \
-        [(r["name"], r["a_bits"], r["w_bits"]) for r in want["layers"]]
+    assert [(r["name"], r["a_bits"], r["w_bits"]) for r in got["layers"]] == [
+        (r["name"], r["a_bits"], r["w_bits"]) for r in want["layers"]
+    ]
     assert got["gbops"] == want["gbops"] and got["selection"] == f"bits-from {bits_file}"
     log = read_log(new)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4] and log[:2] == read_log(ref_run)[:2]
@@ -411,24 +501,40 @@ def _layer_map(a_bits=4):
 def _rows(**w_bits):
     """A bits.json's "layers": every searched layer A4/W4, first and last A8/W8; `w_bits` {name (dots as __): W}."""
     rows = [{"name": "conv1", "a_bits": 8, "w_bits": 8}, {"name": "fc", "a_bits": 8, "w_bits": 8}]
-    return {"layers": rows + [{"name": k, "a_bits": 4, "w_bits": w_bits.get(k.replace(".", "__"), 4)}
-                              for k in _layer_map()]}
+    return {
+        "layers": rows + [{"name": k, "a_bits": 4, "w_bits": w_bits.get(k.replace(".", "__"), 4)} for k in _layer_map()]
+    }
 
 
-@pytest.mark.parametrize("content, needles", [
-    ({**_layer_map(), "layer9.conv": 4}, ["unknown layer 'layer9.conv'"]),
-    ({k: v for k, v in _layer_map().items() if k != "layer3.1.conv2"}, ["no bits for layer layer3.1.conv2"]),
-    ({**_layer_map(), "layer2.0.conv1": 3}, ["layer layer2.0.conv1 has 3", "candidates: [8, 4], [4, 4], [2, 4]"]),
-    ({**_layer_map(), "fc": 4}, ["layer fc has 4", "candidates: [8, 8]"]),
-    (_layer_map(8), ["61.811 GBOPs", "over --target-gbops 33.000"]),
-    ("not json", ["not JSON"]),
-    ([1, 2], ["expected a bits.json"]),
-    ({**_layer_map(), "layer3.0.conv2": [4, 8]}, ["layer layer3.0.conv2 has [4, 8]", "[8, 4], [4, 4], [2, 4]"]),
-    (_rows(layer4__1__conv1=2), ["layer layer4.1.conv1 has [4, 2]"]),
-    ({**_layer_map(), "fc": [8, 4]}, ["layer fc has [8, 4]", "candidates: [8, 8]"]),
-    ({**_layer_map(), "layer1.0.conv1": True}, ["layer layer1.0.conv1 has true"]),
-], ids=["unknown-name", "missing-layer", "bits-not-candidate", "fixed-layer", "over-target", "not-json", "list",
-        "w-not-the-runs", "bits-json-w", "fixed-w", "bool"])
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        ({**_layer_map(), "layer9.conv": 4}, ["unknown layer 'layer9.conv'"]),
+        ({k: v for k, v in _layer_map().items() if k != "layer3.1.conv2"}, ["no bits for layer layer3.1.conv2"]),
+        ({**_layer_map(), "layer2.0.conv1": 3}, ["layer layer2.0.conv1 has 3", "candidates: [8, 4], [4, 4], [2, 4]"]),
+        ({**_layer_map(), "fc": 4}, ["layer fc has 4", "candidates: [8, 8]"]),
+        (_layer_map(8), ["61.811 GBOPs", "over --target-gbops 33.000"]),
+        ("not json", ["not JSON"]),
+        ([1, 2], ["expected a bits.json"]),
+        ({**_layer_map(), "layer3.0.conv2": [4, 8]}, ["layer layer3.0.conv2 has [4, 8]", "[8, 4], [4, 4], [2, 4]"]),
+        (_rows(layer4__1__conv1=2), ["layer layer4.1.conv1 has [4, 2]"]),
+        ({**_layer_map(), "fc": [8, 4]}, ["layer fc has [8, 4]", "candidates: [8, 8]"]),
+        ({**_layer_map(), "layer1.0.conv1": True}, ["layer layer1.0.conv1 has true"]),
+    ],
+    ids=[
+        "unknown-name",
+        "missing-layer",
+        "bits-not-candidate",
+        "fixed-layer",
+        "over-target",
+        "not-json",
+        "list",
+        "w-not-the-runs",
+        "bits-json-w",
+        "fixed-w",
+        "bool",
+    ],
+)
 def test_bits_from_refuses_a_bad_bits_file(meta, tmp_path, content, needles):
     """The files metamix.py --bits-from takes (read_bits_from): each problem named, at the run's target."""
     f = tmp_path / "bits.json"
@@ -461,8 +567,11 @@ def test_bits_from_takes_a_map_and_refuses_before_the_output_dir(meta, ref_run, 
 
 def test_check_target(meta):
     model = meta[1]
-    with pytest.raises(mm.BadInput, match=r"--method uniform: no uniform configuration fits --target-gbops 21 "
-                                          r"\(uniform budgets in GBOPs: A2 21\.118, A4 34\.682, A8 61\.811\)"):
+    with pytest.raises(
+        mm.BadInput,
+        match=r"--method uniform: no uniform configuration fits --target-gbops 21 "
+        r"\(uniform budgets in GBOPs: A2 21\.118, A4 34\.682, A8 61\.811\)",
+    ):
         bl.check_target(model, "uniform", 21.0)
     for method in ("random", "hessian"):
         with pytest.raises(mm.BadInput, match=r"--target-gbops 21 is outside the feasible range \[21\.118, 61\.811\]"):
@@ -479,8 +588,10 @@ def test_bad_input(ref_run, tmp_path, call):
     ck = load_ck(ref_run / "meta_state.pth")
     pair = tmp_path / "pair"
     pair.mkdir()
-    torch.save({"format": mm.CHECKPOINT_FORMAT, "args": {**ck["args"], "w_bits": [8, 4, 2]}, "selected": None,
-                "epoch": 2}, pair / "meta_state.pth")
+    torch.save(
+        {"format": mm.CHECKPOINT_FORMAT, "args": {**ck["args"], "w_bits": [8, 4, 2]}, "selected": None, "epoch": 2},
+        pair / "meta_state.pth",
+    )
     later = tmp_path / "later"
     later.mkdir()
     (later / "meta_state.pth").symlink_to(ref_run / "checkpoint.pth")  # a checkpoint after bits were selected
@@ -490,11 +601,15 @@ def test_bad_input(ref_run, tmp_path, call):
         ([run, "--method", "greedy"], ["argument --method: invalid choice: 'greedy'", "sensitivity"]),
         ([run, "--method", "hessian", "--batches", "0"], ["--batches", "0 must be at least 1"]),
         ([run, "--method", "random", "--out", tmp_path / "no" / "b.json"], ["--out", "its folder does not exist"]),
-        ([pair, "--method", "uniform"], ["a run of (A, W) pairs (--w-bits 8,4,2)", "not implemented for pairs",
-                                         "--bits-from"]),
+        (
+            [pair, "--method", "uniform"],
+            ["a run of (A, W) pairs (--w-bits 8,4,2)", "not implemented for pairs", "--bits-from"],
+        ),
         ([later, "--method", "random"], ["is not a meta-state", "at epoch 4, bits selected"]),
-        ([run, "--method", "uniform", "--target-gbops", "21"], ["no uniform configuration fits",
-                                                                "A2 21.118, A4 34.682, A8 61.811"]),
+        (
+            [run, "--method", "uniform", "--target-gbops", "21"],
+            ["no uniform configuration fits", "A2 21.118, A4 34.682, A8 61.811"],
+        ),
     ]
     for argv, needles in cases:
         before = {d: files_of(d) for d in (run, pair, later)}

@@ -1,5 +1,6 @@
 """bench_metamix.py: it runs, reports every contender, and its memory figures say what section 7 promises.
 Times are reported, never asserted (they depend on the machine and its load)."""
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,26 @@ import torchvision
 import bench_metamix as bench
 from conftest import run_cli
 
-CONTENDERS = {"fp", "weight_train", "weight_train_readable", "search_3", "search_6", "meta", "meta_pairs",
-              "search_pairs", "teacher", "selection", "selection_teacher", "weight_train_teacher"}
+CONTENDERS = {
+    "fp",
+    "weight_train",
+    "weight_train_readable",
+    "search_3",
+    "search_6",
+    "meta",
+    "meta_pairs",
+    "search_pairs",
+    "teacher",
+    "selection",
+    "selection_teacher",
+    "weight_train_teacher",
+}
 
 
 def test_quick_run_reports_every_contender_and_the_fused_memory():
-    p = run_cli("--quick", "--json", "--arch", "resnet18", "--teacher", "resnet18", script="bench_metamix.py",
-                timeout=240)
+    p = run_cli(
+        "--quick", "--json", "--arch", "resnet18", "--teacher", "resnet18", script="bench_metamix.py", timeout=240
+    )
     res = json.loads(p.stdout.strip().splitlines()[-1])["resnet18"]
     assert set(res) == CONTENDERS
     for name, r in res.items():
@@ -27,7 +41,11 @@ def test_quick_run_reports_every_contender_and_the_fused_memory():
     # the fused op saves what a full-precision layer saves, its input and its weight, plus its steps: two floats
     # per output channel for the weight's (|s| and max(|s|, eps), for positive()'s backward), a few scalars
     convs = [m for m in torchvision.models.resnet18().modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert 0 <= res["weight_train"]["saved_bytes"] - res["fp"]["saved_bytes"] <= 8 * sum(len(m.weight) for m in convs) + 4096
+    assert (
+        0
+        <= res["weight_train"]["saved_bytes"] - res["fp"]["saved_bytes"]
+        <= 8 * sum(len(m.weight) for m in convs) + 4096
+    )
     assert res["weight_train_readable"]["saved_bytes_ratio"] > 1.5  # the readable form keeps the quantized tensors
     assert abs(res["meta"]["saved_bytes_ratio"] - 1) < 1e-3  # bit-meta frees each pass before the next
     assert abs(res["search_6"]["saved_bytes"] - res["search_3"]["saved_bytes"]) < 4096  # K branches, one saved x

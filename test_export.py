@@ -3,6 +3,7 @@
 The packing and the integer layer against values computed by hand or by an independent formula; the export
 of the shared reference run (resnet18), of a MobileNet-v3-large run of (A, W) pairs, and bad input.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ from conftest import copy_run, error_line, run_cli
 
 # ---- packing ---------------------------------------------------------------------------
 
+
 def test_pack_codes_by_hand():
     # 2-bit unsigned, four per byte, first code in the low bits: 1 | 2<<2 | 3<<4 | 0<<6 = 57, then 1
     assert ex.pack_codes(torch.tensor([1, 2, 3, 0, 1]), 2, signed=False).tolist() == [57, 1]
@@ -42,6 +44,7 @@ def test_pack_codes_by_hand():
         ex.pack_codes(torch.tensor([4]), 3, signed=True)
     with pytest.raises(ValueError, match="integers"):
         ex.pack_codes(torch.tensor([0.5]), 4, signed=False)
+
 
 @pytest.mark.parametrize("bits,signed", list(itertools.product([2, 3, 4, 5, 6, 7, 8, 12, 16], [False, True])))
 def test_pack_codes_round_trip(bits, signed):
@@ -59,7 +62,9 @@ def test_pack_codes_round_trip(bits, signed):
     with pytest.raises(ValueError, match="packed bytes"):
         ex.unpack_codes(packed[:-1], bits, signed, n)
 
+
 # ---- the integer layer -----------------------------------------------------------------
+
 
 def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor, offset: float = 0.0) -> tuple:
     """A QuantLayer in weight training at (a_bits, w_bits), its steps set by LSQ's init on x, exported and
@@ -75,6 +80,7 @@ def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor,
     buf.seek(0)
     return q, ex.IntegerLayer(torch.load(buf, weights_only=True))
 
+
 def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Tensor:
     """op(q_a, q_w) in int64, independently of the float64 convolution: unfold + integer matmul per group."""
     qa, qw = q_a.round().long(), w_codes.round().long()
@@ -89,20 +95,29 @@ def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Te
     h = (q_a.shape[2] + 2 * op.padding[0] - op.dilation[0] * (kh - 1) - 1) // op.stride[0] + 1
     return out.reshape(n, cout, h, -1)
 
+
 INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed, relu, or hardswish: offset 3/8)
     "conv3x3_a4_hardswish_w4": (lambda: nn.Conv2d(6, 5, 3, padding=1), 4, 4, "hardswish"),
-    "depthwise_stride2_a3_hardswish_w4": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 4,
-                                          "hardswish"),
+    "depthwise_stride2_a3_hardswish_w4": (
+        lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False),
+        3,
+        4,
+        "hardswish",
+    ),
     "linear_a8_hardswish_w8": (lambda: nn.Linear(24, 10), 8, 8, "hardswish"),
     "conv3x3_a2u_w3": (lambda: nn.Conv2d(6, 5, 3, padding=1), 2, 3, "relu"),
-    "depthwise_stride2_a3s_w8": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 8,
-                                 "signed"),
-    "grouped_strided_dilated_a8u_w2": (lambda: nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2), 8, 2,
-                                       "relu"),
+    "depthwise_stride2_a3s_w8": (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), 3, 8, "signed"),
+    "grouped_strided_dilated_a8u_w2": (
+        lambda: nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+        8,
+        2,
+        "relu",
+    ),
     "conv1x1_stride2_a2s_w4": (lambda: nn.Conv2d(6, 7, 1, stride=2, bias=False), 2, 4, "signed"),
     "linear_a8s_w8": (lambda: nn.Linear(24, 10), 8, 8, "signed"),
     "linear_a3u_w2": (lambda: nn.Linear(24, 10, bias=False), 3, 2, "relu"),
 }
+
 
 @pytest.mark.parametrize("case", list(INT_LAYER_CASES))
 def test_integer_layer_matches_quant_layer(case):
@@ -148,18 +163,42 @@ def test_integer_layer_matches_quant_layer(case):
     assert torch.equal(il.w_codes.float(), (layer.weight.detach() / s_w).clamp(-qmax, qmax).round())
     assert il.w_codes.abs().max() <= qmax
 
+
 def test_integer_layer_refuses_an_inexact_accumulator():
-    entry = {"name": "big", "kind": "linear", "weight_shape": [1, 2**40], "a_bits": 8, "a_signed": False,
-             "a_step": 1.0, "a_offset": 0.0, "w_bits": 8, "w_signed": True, "w_step": torch.ones(1), "bias": None,
-             "w_packed": torch.zeros(0, dtype=torch.uint8)}
+    entry = {
+        "name": "big",
+        "kind": "linear",
+        "weight_shape": [1, 2**40],
+        "a_bits": 8,
+        "a_signed": False,
+        "a_step": 1.0,
+        "a_offset": 0.0,
+        "w_bits": 8,
+        "w_signed": True,
+        "w_step": torch.ones(1),
+        "bias": None,
+        "w_packed": torch.zeros(0, dtype=torch.uint8),
+    }
     with pytest.raises(ValueError, match="2\\^53"):
         ex.IntegerLayer(entry)
 
+
 def _tiny_net():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 5),
+    )
+
 
 def test_export_of_any_model_and_the_disagreement_check(tmp_path):
     """integer_model on a model that is not torchvision's; compare_logits finds a wrong scale."""
@@ -196,12 +235,18 @@ def test_export_of_any_model_and_the_disagreement_check(tmp_path):
     with pytest.raises(ValueError, match="not a metamix integer export"):
         ex.integer_model({"format": "other"})
 
+
 # ---- the export of a run ---------------------------------------------------------------
+
 
 def fingerprint(d: Path) -> dict:
     """name -> (size, mtime_ns, inode) of every file in d: a rewrite (atomic_write: a new file) changes it."""
-    return {str(f.relative_to(d)): (f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ino)
-            for f in sorted(Path(d).rglob("*")) if f.is_file()}
+    return {
+        str(f.relative_to(d)): (f.stat().st_size, f.stat().st_mtime_ns, f.stat().st_ino)
+        for f in sorted(Path(d).rglob("*"))
+        if f.is_file()
+    }
+
 
 def export_in_process(*argv) -> tuple[int, str, str]:
     """export.py's main in this process (no interpreter start): (exit status, stdout, stderr)."""
@@ -213,12 +258,14 @@ def export_in_process(*argv) -> tuple[int, str, str]:
             code = e.code
     return code, out.getvalue(), err.getvalue()
 
+
 def _fake_quant_from_checkpoint(path: Path) -> tuple:
     """The trained fake-quantized model rebuilt from a checkpoint file (either kind of run), readable form,
     and the run's validation images."""
     args, model, _ = runs.load_run(str(path))
     val = mm.build_datasets(args)[1]
     return model.eval(), torch.stack([val[i][0] for i in range(len(val))])
+
 
 def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int, w_text: str, n_val: int) -> tuple:
     """model_int.pth: plain types, every layer packed at its width; the integer model's logits equal the
@@ -229,8 +276,9 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     assert export["format"] == "metamix-int-2" and export["arch"] == arch and export["num_classes"] == 10
     assert export["bits_report"]["arch"] == arch and len(export["layers"]) == n_layers
     bits = json.loads((out / "bits.json").read_text())
-    assert [(e["name"], e["a_bits"], e["a_signed"], e["w_bits"]) for e in export["layers"]] == \
-        [(r["name"], r["a_bits"], r["signed"], r["w_bits"]) for r in bits["layers"]]
+    assert [(e["name"], e["a_bits"], e["a_signed"], e["w_bits"]) for e in export["layers"]] == [
+        (r["name"], r["a_bits"], r["signed"], r["w_bits"]) for r in bits["layers"]
+    ]
     for e in export["layers"]:
         numel = math.prod(e["weight_shape"])
         assert e["w_packed"].numel() == -(-numel // {2: 4, 3: 2, 4: 2}.get(e["w_bits"], 1))
@@ -265,6 +313,7 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     assert torch.equal(a64.argmax(1), b64.argmax(1))
     return export, model.float()
 
+
 def test_export_resnet18_of_the_reference_run(ref_run, tmp_path):
     out = copy_run(ref_run, tmp_path / "out")
     before = fingerprint(out)
@@ -274,8 +323,28 @@ def test_export_resnet18_of_the_reference_run(ref_run, tmp_path):
     check_export(out, out / "checkpoint.pth", stdout, "resnet18", 21, "W4", 32)
     assert "(checkpoint of epoch" not in stdout
 
-MOBILENET = ["--arch", "mobilenet_v3_large", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:16,16,10", "--batch-size",
-             "16", "--w-bits", "8,4", "--search-epochs", "1", "--epochs", "3", "--stop-after-epoch", "2"]
+
+MOBILENET = [
+    "--arch",
+    "mobilenet_v3_large",
+    "--image-size",
+    "32",
+    "--search-steps",
+    "0",
+    "--data",
+    "synthetic:16,16,10",
+    "--batch-size",
+    "16",
+    "--w-bits",
+    "8,4",
+    "--search-epochs",
+    "1",
+    "--epochs",
+    "3",
+    "--stop-after-epoch",
+    "2",
+]
+
 
 @pytest.fixture(scope="module")
 def mobilenet_pair_run(tmp_path_factory) -> tuple[Path, Path, str]:
@@ -304,6 +373,7 @@ def mobilenet_pair_run(tmp_path_factory) -> tuple[Path, Path, str]:
     assert code == 0 and not stderr, stderr
     return out, ck, stdout
 
+
 def test_export_mobilenet_v3_large_pairs(mobilenet_pair_run):
     """Each layer at its own selected (A, W) pair, through hardswish, squeeze-excitation and depthwise convs."""
     out, ck, stdout = mobilenet_pair_run
@@ -322,10 +392,13 @@ def test_export_mobilenet_v3_large_pairs(mobilenet_pair_run):
     avg_w = sum(e["w_bits"] for e in export["layers"][1:-1]) / len(searched)
     assert f"per-layer W (average {avg_w:.2f})" in stdout
 
+
 # ---- bad input -------------------------------------------------------------------------
+
 
 def _failed(code: int, stdout: str, stderr: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["export.py"], code, stdout, stderr)
+
 
 def test_export_bad_input(ref_run, tmp_path):
     """Still in bit selection or in the act-only epochs, a missing or a foreign run or checkpoint: one line, exit 2,
@@ -340,19 +413,27 @@ def test_export_bad_input(ref_run, tmp_path):
     act_only = tmp_path / "act_only.pth"  # epoch 4 of a run whose epochs 3-4 keep the weights in full precision
     ck = torch.load(ref_run / "checkpoint.pth", weights_only=True)
     torch.save({**ck, "args": {**ck["args"], "act_only_epochs": 2}}, act_only)
-    cases = [([selecting], ["still in bit selection", "checkpoint of epoch 2, bit selection takes 2",
-                            "export a checkpoint of weight training"]),
-             ([empty, "--checkpoint", ref_run / "meta_state.pth"], ["--checkpoint", "still in bit selection"]),
-             ([tmp_path / "missing"], [str(tmp_path / "missing"), "no such folder"]),
-             ([foreign], [str(foreign), "not a folder"]),
-             ([empty], [str(empty), "holds no checkpoint.pth"]),
-             ([empty, "--checkpoint", tmp_path / "missing.pth"], [str(tmp_path / "missing.pth"), "no such file"]),
-             ([empty, "--checkpoint", foreign], [str(foreign), "not a metamix checkpoint"]),
-             ([empty, "--checkpoint", act_only], ["--act-only-epochs", "checkpoint of epoch 4", "not quantized yet"]),
-             ([empty, "--checkpoint", ref_run / "bits.json"], ["bits.json", "JSON file, not a metamix checkpoint"]),
-             ([empty, "--checkpoint", empty], [str(empty), "is a folder"]),
-             ([], ["export: error:", "RUN_DIR"]),
-             ([empty, "--epochs", "3"], ["export: error:", "--epochs"])]
+    cases = [
+        (
+            [selecting],
+            [
+                "still in bit selection",
+                "checkpoint of epoch 2, bit selection takes 2",
+                "export a checkpoint of weight training",
+            ],
+        ),
+        ([empty, "--checkpoint", ref_run / "meta_state.pth"], ["--checkpoint", "still in bit selection"]),
+        ([tmp_path / "missing"], [str(tmp_path / "missing"), "no such folder"]),
+        ([foreign], [str(foreign), "not a folder"]),
+        ([empty], [str(empty), "holds no checkpoint.pth"]),
+        ([empty, "--checkpoint", tmp_path / "missing.pth"], [str(tmp_path / "missing.pth"), "no such file"]),
+        ([empty, "--checkpoint", foreign], [str(foreign), "not a metamix checkpoint"]),
+        ([empty, "--checkpoint", act_only], ["--act-only-epochs", "checkpoint of epoch 4", "not quantized yet"]),
+        ([empty, "--checkpoint", ref_run / "bits.json"], ["bits.json", "JSON file, not a metamix checkpoint"]),
+        ([empty, "--checkpoint", empty], [str(empty), "is a folder"]),
+        ([], ["export: error:", "RUN_DIR"]),
+        ([empty, "--epochs", "3"], ["export: error:", "--epochs"]),
+    ]
     before = fingerprint(ref_run), fingerprint(tmp_path)
     for argv, needles in cases:
         code, stdout, stderr = export_in_process(*argv)
@@ -364,9 +445,14 @@ def test_export_bad_input(ref_run, tmp_path):
     error_line(p, "export: error:", "still in bit selection")
     assert p.returncode == 2 and not p.stdout and [f.name for f in selecting.iterdir()] == ["checkpoint.pth"]
 
-@pytest.mark.parametrize("error, code, needles", [
-    (mm.BadInput("--data /gone: no such folder"), 2, ["cannot read the run's validation set: --data /gone"]),
-    (OSError("disk on fire"), 1, ["export: error: OSError: disk on fire", "METAMIX_DEBUG=1"])])
+
+@pytest.mark.parametrize(
+    "error, code, needles",
+    [
+        (mm.BadInput("--data /gone: no such folder"), 2, ["cannot read the run's validation set: --data /gone"]),
+        (OSError("disk on fire"), 1, ["export: error: OSError: disk on fire", "METAMIX_DEBUG=1"]),
+    ],
+)
 def test_export_data_errors(ref_run, tmp_path, monkeypatch, error, code, needles):
     """The run's data cannot be read: one line (exit 2 for the user's problem, 1 for any other) and nothing
     written, since the data is read before the file is written."""

@@ -4,6 +4,7 @@ selected bits). Run: python -m pytest -q test_figure9.py
 Spearman's correlation against hand values and an independent formula; the traces are the hessian proxy's own
 and disturb nothing; figure9.py on the reference run and on a tiny run of (A, W) pairs; bad input.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,22 @@ from conftest import REPO, error_line
 
 # A tiny run of (A, W) pairs (pairs.py's default --w-bits 8,4,2): one bit-selection epoch of one step, which also
 # searches, then one weight-training step (bits.json is written as weight training starts)
-PAIR = ["--arch", "resnet18", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:16,16,10", "--batch-size", "16",
-        "--search-epochs", "1", "--epochs", "2"]
+PAIR = [
+    "--arch",
+    "resnet18",
+    "--image-size",
+    "32",
+    "--search-steps",
+    "0",
+    "--data",
+    "synthetic:16,16,10",
+    "--batch-size",
+    "16",
+    "--search-epochs",
+    "1",
+    "--epochs",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +110,9 @@ def test_spearman_equals_an_independent_formula():
             continue
 
         def ranks(v):
-            return torch.tensor([sum(u < w for u in v) + (sum(u == w for u in v) + 1) / 2 for w in v],
-                                dtype=torch.float64)
+            return torch.tensor(
+                [sum(u < w for u in v) + (sum(u == w for u in v) + 1) / 2 for w in v], dtype=torch.float64
+            )
 
         ref = torch.corrcoef(torch.stack([ranks(x), ranks(y)]))[0, 1].item()
         assert f9.spearman(x, y) == pytest.approx(ref, abs=1e-12)
@@ -107,11 +123,15 @@ def test_spearman_equals_an_independent_formula():
 
 
 def test_figure9_text_says_n_a_for_a_constant_series():
-    report = {"layers": [{"name": "conv1", "fixed": True, "macs": 5, "a_bits": 8, "w_bits": 8},
-                         {"name": "a", "fixed": False, "macs": 10, "a_bits": 4, "w_bits": 4},
-                         {"name": "b", "fixed": False, "macs": 30, "a_bits": 4, "w_bits": 2},
-                         {"name": "c", "fixed": False, "macs": 20, "a_bits": 4, "w_bits": 8}],
-              "candidates": [[4, 8], [4, 4], [4, 2]]}
+    report = {
+        "layers": [
+            {"name": "conv1", "fixed": True, "macs": 5, "a_bits": 8, "w_bits": 8},
+            {"name": "a", "fixed": False, "macs": 10, "a_bits": 4, "w_bits": 4},
+            {"name": "b", "fixed": False, "macs": 30, "a_bits": 4, "w_bits": 2},
+            {"name": "c", "fixed": False, "macs": 20, "a_bits": 4, "w_bits": 8},
+        ],
+        "candidates": [[4, 8], [4, 4], [4, 2]],
+    }
     fig = f9.figure9_fields(report, [3.0, 1.0, 2.0], batches=2, probes=4)
     assert [r.get("trace_per_op") for r in report["layers"]] == [None, 0.3, 1 / 30, 0.1]
     assert fig["spearman"]["a_bits"] == {"hessian_trace": None, "macs": None, "trace_per_op": None}
@@ -167,8 +187,9 @@ def _check_figure9(run: Path, bits_file: Path, stdout: str, pairs: bool) -> dict
     bits, fig = json.loads(bits_file.read_text()), json.loads((run / "figure9.json").read_text())
     searched = [r for r in bits["layers"] if not r["fixed"]]
     rows = fig["layers"]
-    assert [(r["name"], r["macs"], r["a_bits"], r["w_bits"]) for r in rows] == \
-        [(r["name"], r["macs"], r["a_bits"], r["w_bits"]) for r in searched]
+    assert [(r["name"], r["macs"], r["a_bits"], r["w_bits"]) for r in rows] == [
+        (r["name"], r["macs"], r["a_bits"], r["w_bits"]) for r in searched
+    ]
     for r in rows:
         assert math.isfinite(r["hessian_trace"]) and r["trace_per_op"] == pytest.approx(r["hessian_trace"] / r["macs"])
     assert (fig["arch"], fig["gbops"], fig["selection"]) == (bits["arch"], bits["gbops"], bits["selection"])
@@ -190,8 +211,11 @@ def _check_figure9(run: Path, bits_file: Path, stdout: str, pairs: bool) -> dict
     assert f"Hessian trace {fmt['hessian_trace']}, OPs {fmt['macs']}, trace/OPs {fmt['trace_per_op']}" in lines[0]
     assert ("selected W bits with" in lines[0] and "selected a*w with" in lines[0]) == pairs
     if importlib.util.find_spec("matplotlib") is None:  # optional: the analysis runs without it
-        assert lines[1] == f"wrote {run / 'figure9.json'} (figure9.png and bits.png need matplotlib, which is not " \
-                           "installed)" and not (run / "figure9.png").exists()
+        assert (
+            lines[1]
+            == f"wrote {run / 'figure9.json'} (figure9.png and bits.png need matplotlib, which is not installed)"
+            and not (run / "figure9.png").exists()
+        )
         return fig
     assert lines[1] == f"wrote {run / 'figure9.json'}, figure9.png and bits.png"
     for png in ("figure9.png", "bits.png"):
@@ -215,8 +239,7 @@ def test_figure9_of_a_run_of_one_w(ref_run, meta, tmp_path, call):
     assert {k: after[k] for k in before} == before and set(after) - set(before) == {"figure9.json", *pictures}
     args, model, _ = meta
     traces: list = []
-    bl.proxy_scores(model, bl.proxy_batches(args, 1, args.seed), "hessian", probes=1, seed=args.seed,
-                    traces_out=traces)
+    bl.proxy_scores(model, bl.proxy_batches(args, 1, args.seed), "hessian", probes=1, seed=args.seed, traces_out=traces)
     assert [r["hessian_trace"] for r in fig["layers"]] == traces[0].tolist()  # exactly the proxy's
 
 

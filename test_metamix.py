@@ -5,6 +5,7 @@ equal to the readable form, value and every gradient.
 Tier 2: the real script on tiny synthetic data (in this process, in a subprocess, torchrun with two ranks).
 Tier 3: save, resume, compare; bad input and faults, with real processes for signals, locks and a full disk.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,20 @@ import torch.nn.functional as F
 import torchvision
 
 import metamix as mm
-from conftest import (ENV, METRICS, REF, REPO, TINY, copy_run, error_line, load_ck, main_in_process, make_image_folder,
-                      read_log, run_cli)
+from conftest import (
+    ENV,
+    METRICS,
+    REF,
+    REPO,
+    TINY,
+    copy_run,
+    error_line,
+    load_ck,
+    main_in_process,
+    make_image_folder,
+    read_log,
+    run_cli,
+)
 
 # ---------------------------------------------------------------------------------------
 # Tier 1: LSQ (Esser et al. 2020)
@@ -84,11 +97,18 @@ def test_lsq_matches_slow_formula(bits, signed, per_channel):
     g = torch.Generator().manual_seed(bits * 10 + signed * 2 + per_channel)
     C = 3
     qn, qp = mm.lsq_range(bits, signed)
-    step = (torch.rand(C, 1, 1, generator=g, dtype=torch.float64) + 0.2) if per_channel else \
-        torch.tensor(0.7, dtype=torch.float64)
+    step = (
+        (torch.rand(C, 1, 1, generator=g, dtype=torch.float64) + 0.2)
+        if per_channel
+        else torch.tensor(0.7, dtype=torch.float64)
+    )
     # codes spread over [Qn - 2, Qp + 2] plus one value surely below, inside and above the range
-    v = torch.cat([torch.rand(27, generator=g, dtype=torch.float64) * (qp - qn + 4) + qn - 2,
-                   torch.tensor([qn - 1.5, (qn + qp) / 2 + 0.3, qp + 1.5], dtype=torch.float64)])
+    v = torch.cat(
+        [
+            torch.rand(27, generator=g, dtype=torch.float64) * (qp - qn + 4) + qn - 2,
+            torch.tensor([qn - 1.5, (qn + qp) / 2 + 0.3, qp + 1.5], dtype=torch.float64),
+        ]
+    )
     x = (v.reshape(C, 2, 5) * step).requires_grad_()
     step.requires_grad_()
     up = torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -127,8 +147,9 @@ def test_lsq_range_ends_count_as_inside(dtype, bits, signed, fused):
     x = (torch.cat([ends, beyond]) * s).requires_grad_()
     if fused:
         eye = torch.eye(4, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)  # the op upcasts bf16 input
-        mm._FusedQuantOp.apply(x.view(1, 4), s.view(1).to(eye.dtype), None, eye, None, None, [(qn, qp, 1.0)], None,
-                               mm.LayerOp("linear")).sum().backward()
+        mm._FusedQuantOp.apply(
+            x.view(1, 4), s.view(1).to(eye.dtype), None, eye, None, None, [(qn, qp, 1.0)], None, mm.LayerOp("linear")
+        ).sum().backward()
     else:
         mm.lsq_quantize(x, s, bits, signed).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
@@ -220,8 +241,11 @@ def hardswish_fed(model: nn.Module) -> set[str]:
             return kind(n.args[0])
         return "hs" if name == "mul" and {kind(a) for a in n.args[:2]} == {"gate", "hs"} else None
 
-    return {n.target for n in graph.nodes if n.op == "call_module" and kind(n.args[0]) == "hs"
-            and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))}
+    return {
+        n.target
+        for n in graph.nodes
+        if n.op == "call_module" and kind(n.args[0]) == "hs" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))
+    }
 
 
 @pytest.mark.parametrize("arch, searched, fed", [("mobilenet_v3_large", 62, 25), ("mobilenet_v3_small", 52, 26)])
@@ -242,8 +266,13 @@ def test_hardswish_fed_inputs_get_the_offset_grid(arch, searched, fed):
     signed = {n: m.act.signed for n, m in layers.items()}
     assert not any(signed[n] for n in graph) and signed["features.0.0"]  # the image
     if arch == "mobilenet_v3_large":
-        assert {"features.1.block.0.0", "features.7.block.1.0", "features.12.block.3.0", "classifier.0",
-                "classifier.3"} <= graph  # after the stem; a depthwise; after SE; pooled; dropout
+        assert {
+            "features.1.block.0.0",
+            "features.7.block.1.0",
+            "features.12.block.3.0",
+            "classifier.0",
+            "classifier.3",
+        } <= graph  # after the stem; a depthwise; after SE; pooled; dropout
         assert signed["features.2.block.0.0"] and signed["features.5.block.0.0"]  # the residual stream
         assert not signed["features.1.block.1.0"] and not signed["features.2.block.1.0"]  # ReLU-fed
     m = layers["features.7.block.1.0"]
@@ -254,8 +283,9 @@ def test_hardswish_fed_inputs_get_the_offset_grid(arch, searched, fed):
     codes = (y.detach() + 0.375) / s
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.min() >= -1e-4 and codes.max() <= 15 + 1e-4
     assert torch.allclose(y, s * torch.clamp((x + 0.375) / s, 0, 15).round() - 0.375, atol=1e-6)
-    plain = mm.patch_model(torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64,
-                           plain=True)
+    plain = mm.patch_model(
+        torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64, plain=True
+    )
     mm.init_quantizers(plain, torch.randn(8, 3, 64, 64))
     assert all(m.act.offset == 0.0 and m.weight_quant.step.shape == (1,) for m in mm.quant_layers(plain))
     assert [m.act.signed for m in mm.quant_layers(plain)] == [s or n in graph for n, s in signed.items()]
@@ -352,8 +382,15 @@ def _layer_and_input(kind: str, dtype=torch.float64):
     if kind == "linear":
         layer, x = nn.Linear(12, 5), torch.randn(3, 12)
     else:
-        layer = nn.Conv2d(4, 6 if kind == "conv" else 4, 3, stride=2, padding=1, groups=1 if kind == "conv" else 4,
-                          bias=kind == "conv")
+        layer = nn.Conv2d(
+            4,
+            6 if kind == "conv" else 4,
+            3,
+            stride=2,
+            padding=1,
+            groups=1 if kind == "conv" else 4,
+            bias=kind == "conv",
+        )
         x = torch.randn(2, 4, 7, 7)
     return layer.to(dtype), x.to(dtype)
 
@@ -506,9 +543,12 @@ def test_straight_through_softmax():
     assert torch.allclose(logits.grad, ref.grad)
 
 
-ARCH_ENDS = {"resnet18": ("conv1", "fc"), "mobilenet_v2": ("features.0.0", "classifier.1"),
-             "mobilenet_v3_large": ("features.0.0", "classifier.3"),
-             "mobilenet_v3_small": ("features.0.0", "classifier.3")}
+ARCH_ENDS = {
+    "resnet18": ("conv1", "fc"),
+    "mobilenet_v2": ("features.0.0", "classifier.1"),
+    "mobilenet_v3_large": ("features.0.0", "classifier.3"),
+    "mobilenet_v3_small": ("features.0.0", "classifier.3"),
+}
 
 
 def independent_macs(model):
@@ -518,8 +558,11 @@ def independent_macs(model):
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model.eval()(torch.zeros(1, 3, 224, 224))
     counts = fc.get_flop_counts()
-    return {name: sum(counts[f"{type(model).__name__}.{name}"].values()) // 2 for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {
+        name: sum(counts[f"{type(model).__name__}.{name}"].values()) // 2
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "mobilenet_v3_large"])
@@ -536,8 +579,9 @@ def test_bops_against_independent_count(arch):
     searched = [n for n in macs if n not in (first.name, last.name)]
     assert mm.candidate_costs(model) == [b * 4 for b in bits]
     uniform = sum(macs[n] for n in searched) * 4 * 4 / 1e9 + fixed  # uniform W4A4
-    assert mm.config_gbops([macs[n] for n in searched], [16] * len(searched), mm.c_fixed_of(model)) == \
-        pytest.approx(uniform)
+    assert mm.config_gbops([macs[n] for n in searched], [16] * len(searched), mm.c_fixed_of(model)) == pytest.approx(
+        uniform
+    )
     lo, hi = mm.gbops_range(model)
     assert hi == pytest.approx(sum(macs[n] for n in searched) * 8 * 4 / 1e9 + fixed)
     assert lo == pytest.approx(sum(macs[n] for n in searched) * min(bits) * 4 / 1e9 + fixed)
@@ -546,16 +590,18 @@ def test_bops_against_independent_count(arch):
     mixed = sum(macs[n] * bits[i] for n, i in zip(searched, idx)) * 4 / 1e9 + fixed
     assert mm.branches_gbops(model, idx) == pytest.approx(mixed)
     alphas = F.one_hot(torch.tensor(idx), 3).float() * 5
-    _, gb = mm.bops_regularizer(alphas, mm.candidate_costs(model), [m.macs for m in layers[1:-1]],
-                                mm.c_fixed_of(model), 0.0)
+    _, gb = mm.bops_regularizer(
+        alphas, mm.candidate_costs(model), [m.macs for m in layers[1:-1]], mm.c_fixed_of(model), 0.0
+    )
     assert gb.item() == pytest.approx(mixed, rel=1e-5)
     if arch == "resnet18":  # by hand: conv1 = 64 * 3 * 7 * 7 * 112 * 112, fc = 512 * 1000
         assert first.macs == 64 * 3 * 49 * 112 * 112 and last.macs == 512 * 1000
 
 
 def test_depthwise_conv_counts_groups():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(),
-                          nn.LazyLinear(2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.LazyLinear(2)
+    )
     model(torch.zeros(1, 3, 224, 224))
     mm.patch_model(model, [8, 4], 4)
     assert model[1].macs == 8 * 1 * 9 * 224 * 224
@@ -573,8 +619,9 @@ def test_regularizer_value_and_gradient_by_hand():
         p = [v / sum(e) for v in e]
         mean_b = sum(pi * b for pi, b in zip(p, bits))
         for j in range(3):  # d|.|/d alpha_lj = sign * w * macs_l / 1e9 * p_j * (b_j - sum_b p_b b)
-            assert a.grad[l, j].item() == pytest.approx(+1 * w_bits * macs[l] / 1e9 * p[j] * (bits[j] - mean_b),
-                                                        rel=1e-5)
+            assert a.grad[l, j].item() == pytest.approx(
+                +1 * w_bits * macs[l] / 1e9 * p[j] * (bits[j] - mean_b), rel=1e-5
+            )
 
 
 def test_budget_repair_lowers_least_probable_per_bop():
@@ -639,8 +686,7 @@ def test_state_dict_round_trip(tmp_path):
     # a full-precision checkpoint of the unpatched model loads into the patched one
     plain = torchvision.models.resnet18(num_classes=10).state_dict()
     missing, unexpected = b.load_state_dict(plain, strict=False)
-    assert not unexpected and all(".act." in k or ".weight_quant." in k or k.endswith("_extra_state")
-                                  for k in missing)
+    assert not unexpected and all(".act." in k or ".weight_quant." in k or k.endswith("_extra_state") for k in missing)
 
 
 def _tiny_patched(fused=True):
@@ -675,8 +721,9 @@ def test_bit_meta_step_trains_weights_and_steps_not_alphas():
 def test_bit_search_step_trains_only_alphas():
     model, x, y = _tiny_patched()
     model.train()
-    bn_before = {k: v.clone() for k, v in model.state_dict().items()
-                 if torch.is_tensor(v) and ("running" in k or "batches" in k)}
+    bn_before = {
+        k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v) and ("running" in k or "batches" in k)
+    }
     loss, gb = mm.bit_search_step(model, x, y, 0.4, 30.0)
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
@@ -697,8 +744,18 @@ def test_unfixed_search_step_trains_the_meta_state_too():
     opt_alpha = torch.optim.SGD(mm.alphas_of(model), lr=0.05, momentum=0.9)
     before = copy.deepcopy(model.state_dict())
     params = []
-    mm.bit_selection_step(model, x, y, opt, opt_alpha, search=True, lam=0.4, target_gbops=30.0, fixed=False,
-                          sync=lambda p, loss: params.append(len(p)) or loss)
+    mm.bit_selection_step(
+        model,
+        x,
+        y,
+        opt,
+        opt_alpha,
+        search=True,
+        lam=0.4,
+        target_gbops=30.0,
+        fixed=False,
+        sync=lambda p, loss: params.append(len(p)) or loss,
+    )
     assert params == [len(mm.meta_params(model)), len(mm.alphas_of(model)) + len(mm.meta_params(model))]
     fixed_model, _, _ = _tiny_patched()
     fixed_model.train()
@@ -727,8 +784,10 @@ def test_init_quantizers_uses_batch_statistics_and_leaves_bn_alone():
 
 
 def _optimizers(model):
-    return (torch.optim.SGD(mm.meta_params(model), lr=0.05, momentum=0.9),
-            torch.optim.Adam(mm.alphas_of(model), lr=0.1, betas=(0.5, 0.999)))
+    return (
+        torch.optim.SGD(mm.meta_params(model), lr=0.05, momentum=0.9),
+        torch.optim.Adam(mm.alphas_of(model), lr=0.1, betas=(0.5, 0.999)),
+    )
 
 
 def test_bit_selection_step_is_meta_then_search_on_the_same_batch():
@@ -739,8 +798,17 @@ def test_bit_selection_step_is_meta_then_search_on_the_same_batch():
     opt, opt_alpha = _optimizers(model)
     ropt, ropt_alpha = _optimizers(ref)
     seen = []
-    meta, search, gb = mm.bit_selection_step(model, x, y, opt, opt_alpha, search=True, lam=0.4, target_gbops=30.0,
-                                             sync=lambda params, loss: seen.append(len(params)) or loss)
+    meta, search, gb = mm.bit_selection_step(
+        model,
+        x,
+        y,
+        opt,
+        opt_alpha,
+        search=True,
+        lam=0.4,
+        target_gbops=30.0,
+        sync=lambda params, loss: seen.append(len(params)) or loss,
+    )
     assert seen == [len(mm.meta_params(model)), len(mm.alphas_of(model))]  # sync before each update
     ropt.zero_grad()
     ref_meta = mm.bit_meta_step(ref, x, y)
@@ -767,8 +835,11 @@ def test_start_weight_training_selects_switches_and_inits_weight_steps():
     target = (lo + hi) / 2
     branches, gbops, repaired = mm.start_weight_training(model, target)
     assert repaired and gbops <= target and branches == [m.selected_branch for m in mm.searched_layers(model)]
-    assert gbops == pytest.approx(mm.config_gbops([m.macs for m in mm.searched_layers(model)],
-                                                  [(32, 16, 8)[i] for i in branches], mm.c_fixed_of(model)))
+    assert gbops == pytest.approx(
+        mm.config_gbops(
+            [m.macs for m in mm.searched_layers(model)], [(32, 16, 8)[i] for i in branches], mm.c_fixed_of(model)
+        )
+    )
     with torch.no_grad():
         model(x)  # the first forward sets each weight step from the weights of this moment (the meta-state's)
     for m in mm.quant_layers(model):
@@ -806,16 +877,18 @@ def test_readme_use_the_pieces_block_runs():
 
 def run_imagenet(*argv, **env) -> list[list[str]]:
     """The metamix.py words of each command `DRY_RUN=1 bash run_imagenet.sh ARGV` prints."""
-    env = dict(os.environ, DRY_RUN="1", DATA="/data/in1k", GPUS="4", NNODES="2", NODE_RANK="1",
-               MASTER_ADDR="10.0.0.1", **env)
-    p = subprocess.run(["bash", "run_imagenet.sh", *argv], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=60)
+    env = dict(
+        os.environ, DRY_RUN="1", DATA="/data/in1k", GPUS="4", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", **env
+    )
+    p = subprocess.run(
+        ["bash", "run_imagenet.sh", *argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=60
+    )
     assert p.returncode == 0, p.stderr
     lines = [shlex.split(line) for line in p.stdout.strip().splitlines()]
     for words in lines:
         assert words[0] == "torchrun" and "--nnodes=2" in words and "--node_rank=1" in words
         assert "--master_addr=10.0.0.1" in words and "--nproc_per_node=4" in words
-    return [words[words.index("metamix.py") + 1:] for words in lines]
+    return [words[words.index("metamix.py") + 1 :] for words in lines]
 
 
 @pytest.mark.parametrize("recipe", ["", "paper"])
@@ -824,16 +897,22 @@ def test_run_imagenet_dry_run_prints_the_three_recipes(recipe):
     act-only epochs, their optimizers) by default, the paper-text one with one more word."""
     cmds = run_imagenet("all", *[recipe] * bool(recipe))
     assert len(cmds) == 3
-    expect = {"resnet18": (33.0, [8, 4, 2], 0.4, 90), "mobilenet_v2": (5.12, [8, 4, 3], 1.0, 140),
-              "mobilenet_v3_large": (3.29, [8, 4, 3], 4.0, 140)}
+    expect = {
+        "resnet18": (33.0, [8, 4, 2], 0.4, 90),
+        "mobilenet_v2": (5.12, [8, 4, 3], 1.0, 140),
+        "mobilenet_v3_large": (3.29, [8, 4, 3], 4.0, 140),
+    }
     for words in cmds:
         args = mm.resolve_args(mm.get_args_parser().parse_args(words))
         assert args.amp and args.resume == "auto" and args.search_epochs == 2
         assert (args.target_gbops, args.bits, args.lam, args.epochs) == expect[args.arch]
         assert args.data == "/data/in1k" and args.batch_size == 32 and args.w_bits == 4
         authors = (args.teacher, args.act_only_epochs, args.optimizer, args.alpha_optimizer, args.lr, args.alpha_lr)
-        assert authors == (("resnet101:ResNet101_Weights.IMAGENET1K_V1", 18, "adam", "authors", 5e-4, 1e-4)
-                           if not recipe else (None, 0, "sgd", "sgd", 0.01, 0.005))
+        assert authors == (
+            ("resnet101:ResNet101_Weights.IMAGENET1K_V1", 18, "adam", "authors", 5e-4, 1e-4)
+            if not recipe
+            else (None, 0, "sgd", "sgd", 0.01, 0.005)
+        )
     bad = subprocess.run(["bash", "run_imagenet.sh", "all", "paperr"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "unknown recipe 'paperr'" in bad.stderr
 
@@ -842,8 +921,13 @@ def test_run_imagenet_recipes_run_on_tiny_data(tmp_path):
     """Each of the three commands, on tiny synthetic data for a few steps (the teacher: a local model with 10
     classes, no pretrained weights; one act-only epoch, then one with W4)."""
     teacher = _tiny_teacher(tmp_path / "resnet18.pth")  # in place of ResNet-101: the same code, less time
-    tiny = {"--data": "synthetic:16,8,10", "--epochs": "4", "--act-only-epochs": "1", "--batch-size": "8",
-            "--teacher": f"resnet18:{teacher}"}
+    tiny = {
+        "--data": "synthetic:16,8,10",
+        "--epochs": "4",
+        "--act-only-epochs": "1",
+        "--batch-size": "8",
+        "--teacher": f"resnet18:{teacher}",
+    }
     for words in run_imagenet("all"):
         words = [w for w in words if w != "--pretrained"]  # no weights to download here
         for flag, value in tiny.items():
@@ -872,8 +956,11 @@ def error_in_process(capsys, *argv) -> str:
 
 def fingerprint(d: Path) -> dict:
     """name -> (bytes, mtime_ns) of every file in d but the lock."""
-    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(Path(d).iterdir())
-            if f.is_file() and f.name != ".lock"}
+    return {
+        f.name: (f.read_bytes(), f.stat().st_mtime_ns)
+        for f in sorted(Path(d).iterdir())
+        if f.is_file() and f.name != ".lock"
+    }
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -907,8 +994,15 @@ def wait_for(cond, proc: subprocess.Popen | None, timeout: float, what: str, pol
 
 
 def popen_cli(*args, cwd=REPO) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "metamix.py", *map(str, args)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "metamix.py", *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -924,8 +1018,16 @@ def torchrun_cmd(*args, nproc: int = 2) -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-            f"--master_port={port}", "metamix.py", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "metamix.py",
+        *map(str, args),
+    ]
 
 
 def descendants(pid: int) -> list[int]:
@@ -957,8 +1059,14 @@ def cmdline(pid: int) -> str:
 
 def test_single_process_outputs(ref_run):
     out = ref_run
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "args.json", "bits.json", "checkpoint.pth", "log.jsonl",
-                                                     "meta_state.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "args.json",
+        "bits.json",
+        "checkpoint.pth",
+        "log.jsonl",
+        "meta_state.pth",
+    ]
     bits = json.loads((out / "bits.json").read_text())
     assert bits["arch"] == "resnet18" and bits["candidates"] == [[8, 4], [4, 4], [2, 4]]
     assert bits["gbops"] <= bits["target_gbops"] + 1e-6 and bits["selection"] == "metamix"
@@ -985,8 +1093,9 @@ def test_single_process_outputs(ref_run):
     assert args["target_gbops"] == pytest.approx(bits["target_gbops"])
     ck, meta = load_ck(out / "checkpoint.pth"), load_ck(out / "meta_state.pth")
     assert ck["format"] == mm.CHECKPOINT_FORMAT and ck["epoch"] == 4 and ck["phase"] == "weight_training"
-    assert len(ck["history"]) == 4 and ck["selected"] == [m.get("a_bits") and [8, 4, 2].index(m["a_bits"])
-                                                         for m in searched]
+    assert len(ck["history"]) == 4 and ck["selected"] == [
+        m.get("a_bits") and [8, 4, 2].index(m["a_bits"]) for m in searched
+    ]
     # the phase boundary: bit selection done, the alphas searched, bits not selected, weights in full precision
     assert meta["epoch"] == 2 and meta["selected"] is None and meta["phase"] == "bit_selection"
     assert all(not v["initialized"] for k, v in meta["model"].items() if k.endswith("weight_quant._extra_state"))
@@ -996,8 +1105,9 @@ def test_single_process_outputs(ref_run):
     assert search["median_margin"] == pytest.approx(statistics.median(margins), abs=1e-5)
     assert search["min_margin"] == pytest.approx(margins[0], abs=1e-5)
     argmax = [[8, 4, 2][max(range(3), key=r["probs"].__getitem__)] for r in searched]
-    by_hand = sum(a * 4 * r["macs"] for a, r in zip(argmax, searched)) + sum(8 * 8 * r["macs"] for r in bits["layers"]
-                                                                             if r["fixed"])
+    by_hand = sum(a * 4 * r["macs"] for a, r in zip(argmax, searched)) + sum(
+        8 * 8 * r["macs"] for r in bits["layers"] if r["fixed"]
+    )
     assert search["argmax_gbops"] == pytest.approx(by_hand / 1e9)
     assert search["vs_target"] == pytest.approx(by_hand / 1e9 / bits["target_gbops"] - 1)
     assert search["steps"] == 4 and 0 <= search["argmax_last_changed"] <= 4
@@ -1008,11 +1118,15 @@ def test_single_process_outputs(ref_run):
     assert f"settled: argmax last changed at step {search['argmax_last_changed']}/4; top-2 margins" in stdout
 
 
-@pytest.mark.parametrize("flags, settled, changed", [
-    (["--alpha-lr", "1000"], True, "early"),  # softmax saturates in a step or two: large margins, no more changes
-    (["--alpha-lr", "1e-9"], False, "early"),  # the argmax fixed at once, but on margins of almost 0
-    (["--alpha-optimizer", "adam", "--alpha-lr", "0.5", "--lam", "100", "--target-gbops", "28"], False, "late"),
-], ids=["saturated", "tiny-lr", "oscillating"])
+@pytest.mark.parametrize(
+    "flags, settled, changed",
+    [
+        (["--alpha-lr", "1000"], True, "early"),  # softmax saturates in a step or two: large margins, no more changes
+        (["--alpha-lr", "1e-9"], False, "early"),  # the argmax fixed at once, but on margins of almost 0
+        (["--alpha-optimizer", "adam", "--alpha-lr", "0.5", "--lam", "100", "--target-gbops", "28"], False, "late"),
+    ],
+    ids=["saturated", "tiny-lr", "oscillating"],
+)
 def test_the_search_says_whether_it_settled(tmp_path, capsys, flags, settled, changed):
     """--search-steps 5 on 4 steps per epoch: two passes, 8 search steps. A search that settles, one whose argmax
     stays put on margins of almost 0, and one that the budget term flips to the last step (lambda 100)."""
@@ -1046,11 +1160,33 @@ def test_torchrun_two_ranks_on_an_image_folder(tmp_path):
     (sign, offset) for both, each validation image counted once, one RNG state per rank; the run then finishes in
     one process."""
     data = make_image_folder(tmp_path / "data", textured=True)
-    flags = ["--arch", "mobilenet_v3_small", "--search-steps", "0", "--data", data, "--image-size", "32",
-             "--batch-size", "4", "--workers", "0", "--epochs", "3", "--search-epochs", "2"]
+    flags = [
+        "--arch",
+        "mobilenet_v3_small",
+        "--search-steps",
+        "0",
+        "--data",
+        data,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--epochs",
+        "3",
+        "--search-epochs",
+        "2",
+    ]
     out = tmp_path / "out"
-    p = subprocess.run(torchrun_cmd(*flags, "--output-dir", out, "--stop-after-epoch", "2"), cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        torchrun_cmd(*flags, "--output-dir", out, "--stop-after-epoch", "2"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     assert "world size 2" in p.stdout
     log = read_log(out)
@@ -1071,8 +1207,11 @@ def test_torchrun_two_ranks_on_an_image_folder(tmp_path):
 def test_calibration_batch_is_the_same_on_every_rank(tmp_path):
     """LSQ's calibration batch does not depend on the rank's RNG stream, and leaves it untouched."""
     data = make_image_folder(tmp_path / "data", textured=True)
-    args = mm.resolve_args(mm.get_args_parser().parse_args(["--data", str(data), "--image-size", "32",
-                                                            "--batch-size", "6", "--workers", "0"]))
+    args = mm.resolve_args(
+        mm.get_args_parser().parse_args(
+            ["--data", str(data), "--image-size", "32", "--batch-size", "6", "--workers", "0"]
+        )
+    )
     train, val, _ = mm.build_datasets(args)
     batches = []
     for rank in (0, 1):
@@ -1103,17 +1242,28 @@ def test_dry_run(capsys):
     text = capsys.readouterr().out
     args, lo, hi = dry_budget()
     mmacs = sum(independent_macs(torchvision.models.resnet18()).values()) / 1e6
-    assert f"21 quantized layers, {mmacs:.2f} MMACs at 224 px, candidates A8/W4 A4/W4 A2/W4; feasible range " \
-           f"{lo:.3f} .. {hi:.3f} GBOPs; target {args.target_gbops:.3f}" in text and 0 < lo < args.target_gbops < hi
+    assert (
+        f"21 quantized layers, {mmacs:.2f} MMACs at 224 px, candidates A8/W4 A4/W4 A2/W4; feasible range "
+        f"{lo:.3f} .. {hi:.3f} GBOPs; target {args.target_gbops:.3f}"
+        in text
+        and 0 < lo < args.target_gbops < hi
+    )
     line = error_in_process(capsys, "--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4", "--dry-run")
     args = mm.resolve_args(mm.get_args_parser().parse_args(["--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4"]))
     lo, _ = mm.gbops_range(mm.build_model(args, 1000))
     assert f"outside the feasible range [{lo:.3f}, {lo:.3f}]" in line and "set --target-gbops" in line
 
 
-@pytest.mark.parametrize("arch, flags, target", [
-    ("resnet18", [], 33.0), ("mobilenet_v2", [], 5.12), ("mobilenet_v3_large", [], 3.29),
-    ("resnet18", ["--w-bits", "3"], None), ("mobilenet_v3_small", [], None)])
+@pytest.mark.parametrize(
+    "arch, flags, target",
+    [
+        ("resnet18", [], 33.0),
+        ("mobilenet_v2", [], 5.12),
+        ("mobilenet_v3_large", [], 3.29),
+        ("resnet18", ["--w-bits", "3"], None),
+        ("mobilenet_v3_small", [], None),
+    ],
+)
 def test_default_target_is_the_papers_or_95_percent_of_uniform_a4(arch, flags, target):
     args, _, _ = dry_budget("--arch", arch, *flags)
     if target is None:  # outside the paper's setting: 95% of uniform A4, computed independently here
@@ -1125,12 +1275,21 @@ def test_default_target_is_the_papers_or_95_percent_of_uniform_a4(arch, flags, t
 def test_average_bits_plain_and_weighted_by_input_size():
     """The plain mean over the searched layers, and the authors' reading: weighted by each searched layer's input
     values per image at the BOPs resolution (8 px here), by hand."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(4, 8, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 1, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     mm.patch_model(model, [8, 4, 2], 4, bops_image_size=8)
     mm.apply_selection(model, [0, 2])  # A8, A2
-    args = argparse_namespace(arch="custom", bits=[8, 4, 2], w_bits=4, first_last_bits=8, target_gbops=1.0,
-                              bits_from=None)
+    args = argparse_namespace(
+        arch="custom", bits=[8, 4, 2], w_bits=4, first_last_bits=8, target_gbops=1.0, bits_from=None
+    )
     r = mm.bits_report(model, args)
     macs = [4 * 4 * 9 * 64, 8 * 4 * 16]  # 9216, 512
     assert [l["macs"] for l in r["layers"][1:-1]] == macs
@@ -1142,11 +1301,21 @@ def test_average_bits_plain_and_weighted_by_input_size():
     assert r["gbops"] == pytest.approx((9216 * 8 * 4 + 512 * 2 * 4 + (3 * 4 * 9 * 64 + 16) * 64) / 1e9)
 
 
-@pytest.mark.parametrize("arch, bits, target, branches, weighted, plain", [
-    ("resnet18", [8, 4, 2], 33.0, [2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 0, 1, 1], 3.85, 4.0),
-    ("mobilenet_v3_large", [8, 4, 3], 3.29,
-     [int(c) for c in "22211211211112211222212211112221121202122011111212212122211121"], 3.83, 3.66),
-], ids=["resnet18", "mobilenet_v3_large"])
+@pytest.mark.parametrize(
+    "arch, bits, target, branches, weighted, plain",
+    [
+        ("resnet18", [8, 4, 2], 33.0, [2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 0, 1, 1], 3.85, 4.0),
+        (
+            "mobilenet_v3_large",
+            [8, 4, 3],
+            3.29,
+            [int(c) for c in "22211211211112211222212211112221121202122011111212212122211121"],
+            3.83,
+            3.66,
+        ),
+    ],
+    ids=["resnet18", "mobilenet_v3_large"],
+)
 def test_the_weighted_average_reaches_the_papers_figures(arch, bits, target, branches, weighted, plain):
     """The paper's "3.85/4" (ResNet-18, 33 GBOPs) and "3.83/4" (MobileNet-v3-large, 3.29 GBOPs): out of reach of
     the plain mean (19 layers of even bits: 72/19 or 74/19; no sum over 62 layers), reached by the authors' reading
@@ -1164,46 +1333,50 @@ def test_the_weighted_average_reaches_the_papers_figures(arch, bits, target, bra
 # ---- bad input: one line, exit 2, nothing touched ------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, needles", [
-    (["--arch", "resnet999"], ["resnet999", "resnet18", "mobilenet_v2"]),
-    (["--bits", "8,x"], ["--bits", "8,x"]),
-    (["--bits", "1,4"], ["--bits", "1,4", "between 2 and 16"]),
-    (["--bits", "4,4"], ["--bits", "4,4", "distinct"]),
-    (["--bits", ""], ["--bits"]),
-    (["--w-bits", "1"], ["--w-bits", "1"]),
-    (["--w-bits", "8,4"], ["--w-bits 8,4", "pairs.py"]),
-    (["--first-last-bits", "17"], ["--first-last-bits", "invalid choice: 17"]),
-    (["--stop-after-epoch", "-1"], ["--stop-after-epoch", "-1", "at least 0"]),
-    (["--act-only-epochs", "-1"], ["--act-only-epochs", "-1", "at least 0"]),
-    (["--act-only-epochs", "1"], ["--act-only-epochs 1", "no epoch with quantized weights", "--epochs 3"]),
-    (["--optimizer", "rmsprop"], ["--optimizer", "rmsprop"]),
-    (["--teacher", "resnet999"], ["--teacher resnet999", "not a torchvision classification model"]),
-    (["--teacher", "resnet18:V9"], ["--teacher 'V9'", "IMAGENET1K_V1"]),
-    (["--teacher", "resnet18"], ["--teacher ResNet18_Weights.IMAGENET1K_V1 needs 1000 classes", "10"]),
-    (["--teacher", "resnet18:/nonexistent/sd.pth"], ["--teacher /nonexistent/sd.pth: no such file"]),
-    (["--lr", "0"], ["--lr", "above 0"]),
-    (["--lr", "inf"], ["--lr", "inf"]),
-    (["--lam", "-0.5"], ["--lam", "-0.5"]),
-    (["--alpha-lr", "x"], ["--alpha-lr", "'x' is not a number"]),
-    (["--batch-size", "0"], ["--batch-size", "at least 1"]),
-    (["--epochs", "2.5"], ["--epochs", "'2.5' is not an integer"]),
-    (["--target-gbops", "-3"], ["--target-gbops", "above 0"]),
-    (["--image-size", "4"], ["--image-size", "at least 8"]),
-    (["--seed", "-1"], ["--seed", "at least 0"]),
-    (["--alpha-optimizer", "rmsprop"], ["--alpha-optimizer", "rmsprop"]),
-    (["--epochs", "1"], ["--epochs 1", "--search-epochs 2"]),
-    (["--pretrained", "V9"], ["--pretrained 'V9'", "IMAGENET1K_V1"]),
-    (["--bits", "16,12"], ["(the default; set --target-gbops)", "16,12"]),
-    (["--target-gbops", "1"], ["--target-gbops 1", "feasible range"]),
-    (["--data", "synthetic:64,0"], ["--data synthetic:64,0", "1 validation image"]),
-    (["--batch-size", "1"], ["--batch-size 1", "BatchNorm", "2 or more"]),
-    (["--batch-size", "100000"], ["--batch-size 100000", "64 training images", "64 or less"]),
-    (["--arch", "vit_b_16"], ["--arch vit_b_16", "MultiheadAttention", "outside the BOPs"]),
-    (["--arch", "swin_t"], ["--arch swin_t", "not called as a module"]),
-    (["--arch", "maxvit_t"], ["--arch maxvit_t", "RelativePositionalMultiHeadAttention", "outside the BOPs"]),
-    (["--arch", "inception_v3", "--target-gbops", "30"], ["--image-size 32", "too small", "inception_v3"]),
-    (["--resume", "auto", "--dry-run"], ["--dry-run: not allowed with argument --resume"]),
-], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--arch", "resnet999"], ["resnet999", "resnet18", "mobilenet_v2"]),
+        (["--bits", "8,x"], ["--bits", "8,x"]),
+        (["--bits", "1,4"], ["--bits", "1,4", "between 2 and 16"]),
+        (["--bits", "4,4"], ["--bits", "4,4", "distinct"]),
+        (["--bits", ""], ["--bits"]),
+        (["--w-bits", "1"], ["--w-bits", "1"]),
+        (["--w-bits", "8,4"], ["--w-bits 8,4", "pairs.py"]),
+        (["--first-last-bits", "17"], ["--first-last-bits", "invalid choice: 17"]),
+        (["--stop-after-epoch", "-1"], ["--stop-after-epoch", "-1", "at least 0"]),
+        (["--act-only-epochs", "-1"], ["--act-only-epochs", "-1", "at least 0"]),
+        (["--act-only-epochs", "1"], ["--act-only-epochs 1", "no epoch with quantized weights", "--epochs 3"]),
+        (["--optimizer", "rmsprop"], ["--optimizer", "rmsprop"]),
+        (["--teacher", "resnet999"], ["--teacher resnet999", "not a torchvision classification model"]),
+        (["--teacher", "resnet18:V9"], ["--teacher 'V9'", "IMAGENET1K_V1"]),
+        (["--teacher", "resnet18"], ["--teacher ResNet18_Weights.IMAGENET1K_V1 needs 1000 classes", "10"]),
+        (["--teacher", "resnet18:/nonexistent/sd.pth"], ["--teacher /nonexistent/sd.pth: no such file"]),
+        (["--lr", "0"], ["--lr", "above 0"]),
+        (["--lr", "inf"], ["--lr", "inf"]),
+        (["--lam", "-0.5"], ["--lam", "-0.5"]),
+        (["--alpha-lr", "x"], ["--alpha-lr", "'x' is not a number"]),
+        (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+        (["--epochs", "2.5"], ["--epochs", "'2.5' is not an integer"]),
+        (["--target-gbops", "-3"], ["--target-gbops", "above 0"]),
+        (["--image-size", "4"], ["--image-size", "at least 8"]),
+        (["--seed", "-1"], ["--seed", "at least 0"]),
+        (["--alpha-optimizer", "rmsprop"], ["--alpha-optimizer", "rmsprop"]),
+        (["--epochs", "1"], ["--epochs 1", "--search-epochs 2"]),
+        (["--pretrained", "V9"], ["--pretrained 'V9'", "IMAGENET1K_V1"]),
+        (["--bits", "16,12"], ["(the default; set --target-gbops)", "16,12"]),
+        (["--target-gbops", "1"], ["--target-gbops 1", "feasible range"]),
+        (["--data", "synthetic:64,0"], ["--data synthetic:64,0", "1 validation image"]),
+        (["--batch-size", "1"], ["--batch-size 1", "BatchNorm", "2 or more"]),
+        (["--batch-size", "100000"], ["--batch-size 100000", "64 training images", "64 or less"]),
+        (["--arch", "vit_b_16"], ["--arch vit_b_16", "MultiheadAttention", "outside the BOPs"]),
+        (["--arch", "swin_t"], ["--arch swin_t", "not called as a module"]),
+        (["--arch", "maxvit_t"], ["--arch maxvit_t", "RelativePositionalMultiHeadAttention", "outside the BOPs"]),
+        (["--arch", "inception_v3", "--target-gbops", "30"], ["--image-size 32", "too small", "inception_v3"]),
+        (["--resume", "auto", "--dry-run"], ["--dry-run: not allowed with argument --resume"]),
+    ],
+    ids=lambda v: "_".join(v) if isinstance(v, list) else None,
+)
 def test_bad_arguments(capsys, tmp_path, flags, needles):
     out = tmp_path / "out"
     args = [f for f in ["--epochs", "3", *TINY] if True]
@@ -1224,8 +1397,23 @@ def test_one_line_on_the_real_command_line(tmp_path):
 
 def _folder_error(capsys, tmp_path, data, *needles, workers=0) -> str:
     out = tmp_path / "out"
-    line = error_in_process(capsys, "--arch", "resnet18", "--data", data, "--image-size", "32", "--batch-size", "4",
-                            "--workers", workers, "--epochs", "3", "--output-dir", out)
+    line = error_in_process(
+        capsys,
+        "--arch",
+        "resnet18",
+        "--data",
+        data,
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        workers,
+        "--epochs",
+        "3",
+        "--output-dir",
+        out,
+    )
     for n in needles:
         assert n in line, (n, line)
     assert not (out / "checkpoint.pth").exists() and not (out / "bits.json").exists()
@@ -1282,14 +1470,18 @@ def test_resume_in_weight_training_refuses_another_lr(capsys, ref_run, tmp_path)
     before = fingerprint(out)
     line = error_in_process(capsys, *REF, "--output-dir", out, "--resume", "auto", "--lr", "0.02")
     assert "the checkpoint has --lr 0.05, not 0.02" in line and fingerprint(out) == before
-    for flags, says in ((["--optimizer", "adam", "--lr", "0.05"], "--optimizer sgd, not adam"),
-                        (["--act-only-epochs", "1"], "--act-only-epochs 0, not 1"),
-                        (["--teacher", f"resnet18:{_tiny_teacher(tmp_path / 't.pth')}"], "--teacher None, not resnet18:")):
+    for flags, says in (
+        (["--optimizer", "adam", "--lr", "0.05"], "--optimizer sgd, not adam"),
+        (["--act-only-epochs", "1"], "--act-only-epochs 0, not 1"),
+        (["--teacher", f"resnet18:{_tiny_teacher(tmp_path / 't.pth')}"], "--teacher None, not resnet18:"),
+    ):
         assert says in error_in_process(capsys, *REF, "--output-dir", out, "--resume", "auto", *flags)
     assert fingerprint(out) == before
     # at the phase boundary they may change: the optimizers are rebuilt before any step (SGD's state is not Adam's)
     fork = tmp_path / "fork"
-    assert main_in_process(*REF, "--optimizer", "adam", "--output-dir", fork, "--resume", ref_run / "meta_state.pth") == 0
+    assert (
+        main_in_process(*REF, "--optimizer", "adam", "--output-dir", fork, "--resume", ref_run / "meta_state.pth") == 0
+    )
     assert [r["lr"] for r in read_log(fork)][2:] == pytest.approx([5e-4, 2.5e-4])  # a fresh Adam, per-step cosine
 
 
@@ -1325,7 +1517,7 @@ def test_resume_and_pretrained_refuse_bad_files_in_a_sentence(capsys, ref_run, t
         args = [a for a in REF]
         if "--arch" in extra:
             i = args.index("--arch")
-            del args[i: i + 2]
+            del args[i : i + 2]
         line = error_in_process(capsys, *args, "--output-dir", out, *extra)
         for n in needles:
             assert n in line, (extra, n, line)
@@ -1428,19 +1620,33 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
     finally:
         kill_group(first)
     before = load_ck(out / "checkpoint.pth")["epoch"]
-    assert main_in_process(*TINY, "--epochs", "50", "--output-dir", out, "--resume", "auto",
-                           "--stop-after-epoch", str(before + 1)) == 0
+    assert (
+        main_in_process(
+            *TINY, "--epochs", "50", "--output-dir", out, "--resume", "auto", "--stop-after-epoch", str(before + 1)
+        )
+        == 0
+    )
     assert load_ck(out / "checkpoint.pth")["epoch"] == before + 1
 
 
 def test_torchrun_rank_death_does_not_hang(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(torchrun_cmd(*TINY, "--epochs", "200", "--output-dir", out), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun_cmd(*TINY, "--epochs", "200", "--output-dir", out),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for((out / "checkpoint.pth").exists, proc, 180, "the first checkpoint")
-        workers = [pid for pid in descendants(proc.pid)
-                   if "metamix.py" in cmdline(pid) and "torch.distributed.run" not in cmdline(pid)]
+        workers = [
+            pid
+            for pid in descendants(proc.pid)
+            if "metamix.py" in cmdline(pid) and "torch.distributed.run" not in cmdline(pid)
+        ]
         assert len(workers) >= 2, [(w, cmdline(w)) for w in workers]
         os.kill(workers[-1], signal.SIGKILL)
         try:
@@ -1449,8 +1655,11 @@ def test_torchrun_rank_death_does_not_hang(tmp_path):
             pytest.fail("torchrun still running 90 s after a rank was killed")
         assert proc.returncode != 0
         time.sleep(1)
-        left = [pid for pid in workers if Path(f"/proc/{pid}").exists()
-                and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+        left = [
+            pid
+            for pid in workers
+            if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        ]
         assert not left, f"workers still alive: {left}"
     finally:
         kill_group(proc)
@@ -1463,8 +1672,22 @@ def test_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     that fails, in this process."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    flags = ["--arch", "mobilenet_v3_small", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:32,16,10", "--batch-size",
-             "16", "--epochs", "3", "--output-dir", disk / "out"]
+    flags = [
+        "--arch",
+        "mobilenet_v3_small",
+        "--image-size",
+        "32",
+        "--search-steps",
+        "0",
+        "--data",
+        "synthetic:32,16,10",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "3",
+        "--output-dir",
+        disk / "out",
+    ]
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root); test_full_disk_in_process covers the message")
     try:
@@ -1499,26 +1722,74 @@ def test_metamix_py_runs_alone_from_an_empty_folder_with_bf16_autocast(tmp_path)
     """Copied alone into an empty folder, it runs its smallest configuration, here with --amp (CPU bf16
     autocast exercises the casts of the GPU path)."""
     shutil.copy(REPO / "metamix.py", tmp_path / "metamix.py")
-    p = subprocess.run([sys.executable, "metamix.py", "--search-steps", "0", "--data", "synthetic:32,16,10", "--image-size", "32",
-                        "--batch-size", "16", "--epochs", "2", "--search-epochs", "1", "--amp"], cwd=tmp_path,
-                       env={**ENV, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "metamix.py",
+            "--search-steps",
+            "0",
+            "--data",
+            "synthetic:32,16,10",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--search-epochs",
+            "1",
+            "--amp",
+        ],
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "summary:" in p.stdout and sorted(os.listdir(tmp_path)) == ["metamix.py", "runs"]
     assert read_log(tmp_path / "runs" / "metamix")[-1]["epoch"] == 2
 
 
-SUPPORTED = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0",
-             "shufflenet_v2_x0_5", "googlenet"]
+SUPPORTED = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "shufflenet_v2_x0_5",
+    "googlenet",
+]
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_supported_architectures_end_to_end(arch, tmp_path):
     """Every architecture the README lists: bit selection with a search step and a step of weight training."""
-    assert main_in_process("--arch", arch, "--search-steps", "0", "--data", "synthetic:8,4,10", "--image-size", "32", "--batch-size", "4", "--lr", "0.01",
-                           "--epochs", "2", "--search-epochs", "1",
-                           "--output-dir", tmp_path / "out") in (0,)
+    assert main_in_process(
+        "--arch",
+        arch,
+        "--search-steps",
+        "0",
+        "--data",
+        "synthetic:8,4,10",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "2",
+        "--search-epochs",
+        "1",
+        "--output-dir",
+        tmp_path / "out",
+    ) in (0,)
     log = read_log(tmp_path / "out")
-    assert [r["phase"] for r in log] == ["bit_selection", "weight_training"] and all(r["loss"] == r["loss"] for r in log)
+    assert [r["phase"] for r in log] == ["bit_selection", "weight_training"] and all(
+        r["loss"] == r["loss"] for r in log
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1549,22 +1820,30 @@ def test_distillation_leaves_the_labels_out_of_all_three_steps():
     """With a teacher (and no label term), permuted labels give bit-identical losses and gradients in bit-meta,
     bit-search and weight training; with labels as the criterion they differ (the test can fail)."""
     torch.manual_seed(0)
-    base = mm.use_speed_path(mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4,
-                                            bops_image_size=32))
+    base = mm.use_speed_path(
+        mm.patch_model(torchvision.models.resnet18(num_classes=10), [8, 4, 2], 4, bops_image_size=32)
+    )
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
     mm.init_quantizers(base, images)
     kd = mm.distillation_loss(torch.randn(8, 10))
-    steps = {"meta": lambda m, t, c: mm.bit_meta_step(m, images, t, criterion=c),
-             "search": lambda m, t, c: mm.bit_search_step(m, images, t, 0.1, 30.0, criterion=c),
-             "train": lambda m, t, c: mm.weight_training_step(m, images, t, torch.optim.SGD(m.parameters(), lr=0.0),
-                                                               criterion=c)}
+    steps = {
+        "meta": lambda m, t, c: mm.bit_meta_step(m, images, t, criterion=c),
+        "search": lambda m, t, c: mm.bit_search_step(m, images, t, 0.1, 30.0, criterion=c),
+        "train": lambda m, t, c: mm.weight_training_step(
+            m, images, t, torch.optim.SGD(m.parameters(), lr=0.0), criterion=c
+        ),
+    }
     for name, step in steps.items():
         if name == "train":
             mm.apply_selection(base, [1] * len(mm.searched_layers(base)))
             mm.set_mode(base, "selected", quant_weights=True)
         results = {}
-        for key, targets, crit in (("kd", labels, kd), ("kd-perm", labels.flip(0), kd),
-                                   ("ce", labels, F.cross_entropy), ("ce-perm", labels.flip(0), F.cross_entropy)):
+        for key, targets, crit in (
+            ("kd", labels, kd),
+            ("kd-perm", labels.flip(0), kd),
+            ("ce", labels, F.cross_entropy),
+            ("ce-perm", labels.flip(0), F.cross_entropy),
+        ):
             model = copy.deepcopy(base)
             results[key] = _step_grads(lambda m, t: step(m, t, crit), model, targets)
         (la, ga), (lb, gb) = results["kd"], results["kd-perm"]
@@ -1586,8 +1865,9 @@ def test_bit_selection_step_passes_the_criterion_to_every_pass(fixed):
         return F.cross_entropy(logits, targets)
 
     opt, opt_alpha = (torch.optim.SGD(ps, lr=0.0) for ps in (mm.meta_params(model), mm.alphas_of(model)))
-    mm.bit_selection_step(model, images, labels, opt, opt_alpha, search=True, lam=0.1, target_gbops=30.0,
-                          fixed=fixed, criterion=criterion)
+    mm.bit_selection_step(
+        model, images, labels, opt, opt_alpha, search=True, lam=0.1, target_gbops=30.0, fixed=fixed, criterion=criterion
+    )
     assert calls == [True] * 4
 
 
@@ -1643,8 +1923,11 @@ def test_act_only_epochs_then_weights_from_that_moment(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mm.LSQQuantizer, "init_step", spy)
     assert main_in_process(*flags, "--output-dir", out, "--resume", "auto") == 0
-    weights = [v for k, v in ck3["model"].items() if k.replace(".weight", ".weight_quant.step") in ck3["model"]
-               and k.endswith(".weight")]
+    weights = [
+        v
+        for k, v in ck3["model"].items()
+        if k.replace(".weight", ".weight_quant.step") in ck3["model"] and k.endswith(".weight")
+    ]
     assert len(inits) == len(weights) == 21
     for w, step, qp in inits:  # each from epoch 3's weights, 2 mean|W_c| / sqrt(Qp) per output channel
         assert any(torch.equal(w, v) for v in weights)
@@ -1660,8 +1943,23 @@ def test_the_authors_recipe_resumes_exactly_across_the_act_only_boundary(capsys,
     random init. Stopped after the last act-only epoch and resumed, it ends as the run that never stopped, tensor
     for tensor; the checkpoint carries each layer's offset and one weight step per output channel."""
     path = _tiny_teacher(tmp_path / "teacher.pth", "mobilenet_v3_small")
-    flags = [*TINY, "--data", "synthetic:32,16,10", "--epochs", "5", "--act-only-epochs", "1", "--optimizer", "adam",
-             "--alpha-optimizer", "authors", "--teacher", f"mobilenet_v3_small:{path}", "--arch", "mobilenet_v3_small"]
+    flags = [
+        *TINY,
+        "--data",
+        "synthetic:32,16,10",
+        "--epochs",
+        "5",
+        "--act-only-epochs",
+        "1",
+        "--optimizer",
+        "adam",
+        "--alpha-optimizer",
+        "authors",
+        "--teacher",
+        f"mobilenet_v3_small:{path}",
+        "--arch",
+        "mobilenet_v3_small",
+    ]
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main_in_process(*flags, "--output-dir", ref) == 0
     assert main_in_process(*flags, "--output-dir", out, "--stop-after-epoch", "3") == 0  # the last act-only epoch
@@ -1687,8 +1985,9 @@ def test_the_authors_alpha_init_is_a_small_normal_draw(tmp_path, optimizer):
     """--alpha-optimizer authors: a normal draw with std 1e-3; the others (adam here) start from zeros."""
     out = tmp_path / "out"
     assert main_in_process(*REF, "--alpha-optimizer", optimizer, "--output-dir", out, "--stop-after-epoch", "1") == 0
-    alphas = torch.cat([v for k, v in load_ck(out / "checkpoint.pth")["model"].items()
-                        if k.endswith("act.alpha") and len(v) == 3])  # the searched layers' (a fixed one has one)
+    alphas = torch.cat(
+        [v for k, v in load_ck(out / "checkpoint.pth")["model"].items() if k.endswith("act.alpha") and len(v) == 3]
+    )  # the searched layers' (a fixed one has one)
     assert len(alphas) == 3 * 19
     if optimizer == "adam":
         assert not alphas.any()
@@ -1716,7 +2015,9 @@ def test_the_authors_adam_clips_its_own_gradients_at_norm_10(tmp_path):
     assert decay["weight_decay"] == 5e-6 and all(p.dim() == 4 for p in decay["params"])  # conv weights only
     assert run.opt.param_groups[1]["weight_decay"] == 0 and decay["lr"] == pytest.approx(5e-4 / 5)  # bit selection
     sgd = _run_for(tmp_path, "--optimizer", "sgd")
-    assert sgd.opt.param_groups[0]["weight_decay"] == 1e-4 and any(p.dim() == 2 for p in sgd.opt.param_groups[0]["params"])
+    assert sgd.opt.param_groups[0]["weight_decay"] == 1e-4 and any(
+        p.dim() == 2 for p in sgd.opt.param_groups[0]["params"]
+    )
 
 
 def test_the_authors_alpha_adam_first_step_by_hand(tmp_path):
@@ -1739,5 +2040,3 @@ def test_the_authors_alpha_adam_first_step_by_hand(tmp_path):
     for a, a0, g in zip(alphas, before, grads):
         g2 = g.double() + 1e-3 * a0.double()
         assert torch.allclose(a.detach().double(), a0.double() - 1e-4 * g2 / (g2.abs() + 1e-8), rtol=0, atol=1e-9)
-
-

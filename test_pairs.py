@@ -1,4 +1,5 @@
 """Tests for pairs.py, the supplement's (A, W) pairs beside metamix.py. Run: python -m pytest -q test_pairs.py"""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ def _pair_layer(kind: str, w_bits=W_LIST, dtype=torch.float64):
     if kind == "linear":
         layer, x = nn.Linear(12, 5), torch.randn(3, 12, dtype=dtype)
     else:
-        layer = nn.Conv2d(4, 6 if kind == "conv" else 4, 3, stride=2, padding=1, groups=1 if kind == "conv" else 4,
-                          bias=kind == "conv")
+        layer = nn.Conv2d(
+            4,
+            6 if kind == "conv" else 4,
+            3,
+            stride=2,
+            padding=1,
+            groups=1 if kind == "conv" else 4,
+            bias=kind == "conv",
+        )
         x = torch.randn(2, 4, 7, 7, dtype=dtype)
     return pairs.PairQuantLayer(layer.to(dtype), A_BITS, w_bits, "l").to(dtype), layer, x
 
@@ -56,8 +64,11 @@ def test_pair_layer_equals_composed_autograd(kind, mode, x_grad, fused, frozen, 
     with torch.no_grad():  # distinct steps, so that a mixed-up step cannot go unnoticed
         for j, wq in enumerate(q.weight_quants):
             wq.step.mul_(1 + 0.1 * j)
-    params = [q.act.step, q.act.alpha, q.weight] + [wq.step for wq in q.weight_quants] + \
-             ([q.bias] if q.bias is not None else [])
+    params = (
+        [q.act.step, q.act.alpha, q.weight]
+        + [wq.step for wq in q.weight_quants]
+        + ([q.bias] if q.bias is not None else [])
+    )
     if frozen:
         for p in params[2:]:
             p.requires_grad_(False)
@@ -134,8 +145,16 @@ def test_pair_search_runs_one_convolution_per_weight_width(w_bits, convs, frozen
 
 def _two_layer_model(w_bits):
     """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(4, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
     return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=pairs.PairQuantLayer)
 
 
@@ -199,13 +218,15 @@ def test_one_weight_width_is_the_papers_layer_bit_for_bit(monkeypatch):
     a pair's weights are quantized from the start of bit selection; with the paper's layer's on as well, LSQ
     init and two bit-selection steps (meta and search) end with the same tensors, bit for bit."""
     orig = mm.set_mode
-    monkeypatch.setattr(mm, "set_mode", lambda model, mode, branch=None, quant_weights=None:
-                        orig(model, mode, branch, mode != "fp"))
+    monkeypatch.setattr(
+        mm, "set_mode", lambda model, mode, branch=None, quant_weights=None: orig(model, mode, branch, mode != "fp")
+    )
     results = []
     for layer_type in (mm.QuantLayer, pairs.PairQuantLayer):
         torch.manual_seed(0)
-        model = mm.patch_model(torchvision.models.resnet18(num_classes=4), [8, 4, 2], 4, bops_image_size=32,
-                               layer_type=layer_type)
+        model = mm.patch_model(
+            torchvision.models.resnet18(num_classes=4), [8, 4, 2], 4, bops_image_size=32, layer_type=layer_type
+        )
         mm.use_speed_path(model)
         x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
         mm.init_quantizers(model, x)
@@ -235,8 +256,9 @@ def test_pair_mode_set_mode_and_weight_training():
     model.train()
     mm.bit_meta_step(model, x, y)  # 4 pairs in turn: every activation and weight step learns
     for m in layers:
-        assert (m.act.step.grad != 0).all() and all(wq.step.grad is not None and wq.step.grad.any()
-                                                    for wq in m.weight_quants)
+        assert (m.act.step.grad != 0).all() and all(
+            wq.step.grad is not None and wq.step.grad.any() for wq in m.weight_quants
+        )
         assert m.act.alpha.grad is None
     steps = [[wq.step.tolist() for wq in m.weight_quants] for m in layers]
     with torch.no_grad():
@@ -282,15 +304,17 @@ def test_pair_run_outputs(pair_run):
     assert len({r["w_bits"] for r in searched}) > 1, "a search that never picks another W proves little here"
     macs = [r["macs"] for r in searched]
     c_fixed = sum(r["macs"] * 64 for r in bits["layers"] if r["fixed"]) / 1e9
-    assert bits["gbops"] == pytest.approx(sum(r["a_bits"] * r["w_bits"] * m for r, m in zip(searched, macs)) / 1e9
-                                          + c_fixed)
+    assert bits["gbops"] == pytest.approx(
+        sum(r["a_bits"] * r["w_bits"] * m for r, m in zip(searched, macs)) / 1e9 + c_fixed
+    )
     assert bits["avg_w_bits"] == pytest.approx(sum(r["w_bits"] for r in searched) / 19)
     assert read_log(out)[-1]["gbops"] == pytest.approx(bits["gbops"])
     # the default target with pairs: 95% of uniform A4/W4 (the paper's 33 applies to its single-W setting only)
     assert bits["target_gbops"] == pytest.approx(0.95 * (sum(macs) * 16 / 1e9 + c_fixed))
     args, model, ck = runs.load_run(out / "checkpoint.pth")  # each layer at its own selected pair
-    assert [m.candidates[m.selected_branch] for m in mm.searched_layers(model)] == \
-        [(r["a_bits"], r["w_bits"]) for r in searched]
+    assert [m.candidates[m.selected_branch] for m in mm.searched_layers(model)] == [
+        (r["a_bits"], r["w_bits"]) for r in searched
+    ]
 
 
 def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
@@ -307,12 +331,16 @@ def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
     error_line(p, "the checkpoint has --w-bits 8,4,2, not 4")
 
 
-@pytest.mark.parametrize("flags, needles", [
-    (["--w-bits", "8,4,20"], ["--w-bits", "8,4,20", "between 2 and 16"]),
-    (["--w-bits", "4,4"], ["--w-bits", "'4,4'", "distinct"]),
-    (["--w-bits", "4,x"], ["--w-bits", "'4,x'"]),
-    (["--act-only-epochs", "1"], ["error: --act-only-epochs", "pairs quantize the weights in every phase"]),
-], ids=["w-20", "duplicate", "not-int", "act-only"])
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--w-bits", "8,4,20"], ["--w-bits", "8,4,20", "between 2 and 16"]),
+        (["--w-bits", "4,4"], ["--w-bits", "'4,4'", "distinct"]),
+        (["--w-bits", "4,x"], ["--w-bits", "'4,x'"]),
+        (["--act-only-epochs", "1"], ["error: --act-only-epochs", "pairs quantize the weights in every phase"]),
+    ],
+    ids=["w-20", "duplicate", "not-int", "act-only"],
+)
 def test_pair_bad_flags(call, tmp_path, flags, needles):
     out = tmp_path / "out"
     p = call(pairs.main, *PAIR, *flags, "--output-dir", out)
@@ -342,10 +370,11 @@ def test_bits_from_with_pairs_in_process(tmp_path):
     f = tmp_path / "b.json"
     f.write_text(json.dumps({names[0]: [2, 4], names[1]: [4, 2]}))
     assert mm.read_bits_from(model, str(f), 1.0) == [2, 1]
-    for content, needle in [({names[0]: 4, names[1]: [4, 2]}, "not one of its candidates"),
-                            ({names[0]: [8, 4], names[1]: [4, 2]}, "[8, 4]"),
-                            ({names[0]: [4, 4], names[1]: [4, 4]}, "over --target-gbops")]:
+    for content, needle in [
+        ({names[0]: 4, names[1]: [4, 2]}, "not one of its candidates"),
+        ({names[0]: [8, 4], names[1]: [4, 2]}, "[8, 4]"),
+        ({names[0]: [4, 4], names[1]: [4, 4]}, "over --target-gbops"),
+    ]:
         f.write_text(json.dumps(content))
         with pytest.raises(mm.BadInput, match=re.escape(needle)):
             mm.read_bits_from(model, str(f), 1e-4)
-

@@ -1,5 +1,6 @@
 """study_digits.py: its tables against values computed by hand, and its quick mode end to end (real digits,
 real runs of metamix.py and baselines.py)."""
+
 from __future__ import annotations
 
 import json
@@ -13,40 +14,74 @@ pytest.importorskip("sklearn")
 
 
 def _result(method, seed, top1, gbops=4.5, bits=3.5, bits_mac=3.4):
-    return dict(arch="mobilenet_v2", target=4.6, method=method, seed=seed, top1=top1, gbops=gbops, avg_bits=bits,
-                avg_bits_mac=bits_mac)
+    return dict(
+        arch="mobilenet_v2",
+        target=4.6,
+        method=method,
+        seed=seed,
+        top1=top1,
+        gbops=gbops,
+        avg_bits=bits,
+        avg_bits_mac=bits_mac,
+    )
 
 
 def test_table_pairs_each_method_with_random_per_seed():
-    results = [_result("random", 0, 80.0), _result("random", 1, 78.0), _result("random", 2, 79.0),
-               _result("metamix-sgd", 0, 84.0, bits=4.0), _result("metamix-sgd", 1, 80.0, bits=3.0),
-               _result("metamix-sgd", 2, 79.0, bits=3.5), _result("hessian", 1, 82.0)]
+    results = [
+        _result("random", 0, 80.0),
+        _result("random", 1, 78.0),
+        _result("random", 2, 79.0),
+        _result("metamix-sgd", 0, 84.0, bits=4.0),
+        _result("metamix-sgd", 1, 80.0, bits=3.0),
+        _result("metamix-sgd", 2, 79.0, bits=3.5),
+        _result("hessian", 1, 82.0),
+    ]
     rows = {r.split(" | ")[2]: r for r in sd.table(results, {"mobilenet_v2": 97.33}).splitlines()[2:]}
     # MetaMix minus random per seed: +4, +2, +0; mean 2, sd 2; top-1 mean 81.00, sd 2.65; its mean bits 3.50
-    assert rows["metamix SGD 0.05, one epoch"] == ("| mobilenet_v2 (FP 97.33) | 4.6 | metamix SGD 0.05, one epoch | 3 | "
-                                                  "81.00 ± 2.65 | +2.00 ± 2.00 | +4.00 +2.00 +0.00 | 4.50 | 3.50 / 3.40 |")
+    assert rows["metamix SGD 0.05, one epoch"] == (
+        "| mobilenet_v2 (FP 97.33) | 4.6 | metamix SGD 0.05, one epoch | 3 | "
+        "81.00 ± 2.65 | +2.00 ± 2.00 | +4.00 +2.00 +0.00 | 4.50 | 3.50 / 3.40 |"
+    )
     assert " | 1 | 82.00 ± 0.00 | +4.00 ± 0.00 | +4.00 | " in rows["hessian"]  # paired with seed 1's random only
     assert " | - | - | " in rows["random"]
 
 
 def test_alpha_summary_from_bits_json(tmp_path):
     """Two searched layers: p(A8) 0.5 and 0.2 at the end of the search, which last changed its argmax at step 3."""
-    layers = [{"name": "first", "fixed": True}, {"name": "a", "fixed": False, "probs": [0.5, 0.3, 0.2]},
-              {"name": "b", "fixed": False, "probs": [0.2, 0.35, 0.45]}, {"name": "last", "fixed": True}]
+    layers = [
+        {"name": "first", "fixed": True},
+        {"name": "a", "fixed": False, "probs": [0.5, 0.3, 0.2]},
+        {"name": "b", "fixed": False, "probs": [0.2, 0.35, 0.45]},
+        {"name": "last", "fixed": True},
+    ]
     (tmp_path / "bits.json").write_text(json.dumps({"candidates": [[8, 4], [4, 4], [3, 4]], "layers": layers}))
     search = {"steps": 3, "argmax_last_changed": 3, "median_margin": 0.15, "vs_target": -0.0123}
-    row = sd.alpha_summary(tmp_path, [_result("metamix-sgd", 0, 80.0) | {"dir": str(tmp_path), "search": search},
-                                      _result("random", 0, 79.0)]).splitlines()[2:]
+    row = sd.alpha_summary(
+        tmp_path,
+        [_result("metamix-sgd", 0, 80.0) | {"dir": str(tmp_path), "search": search}, _result("random", 0, 79.0)],
+    ).splitlines()[2:]
     # p(A8) 0.2 and 0.5 (median 0.35, none within 0.02 of it); one row: random did not search
     assert row == ["| mobilenet_v2 | 4.6 | metamix-sgd | 0 | 0.20 / 0.35 / 0.50 | 0 of 2 | 0.150 | 3 of 3 | -1.2% |"]
 
 
 def test_method_flags_name_the_variants():
     assert sd.method_flags("metamix") == ["--alpha-optimizer", "adam", "--alpha-lr", "0.1", "--search-steps", "0"]
-    assert sd.method_flags("metamix-sgd-lr0.5") == ["--alpha-optimizer", "sgd", "--alpha-lr", "0.5", "--search-steps",
-                                                    "0"]
-    assert sd.method_flags("metamix-sgd-x16", 46) == ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05",
-                                                      "--search-steps", "736"]
+    assert sd.method_flags("metamix-sgd-lr0.5") == [
+        "--alpha-optimizer",
+        "sgd",
+        "--alpha-lr",
+        "0.5",
+        "--search-steps",
+        "0",
+    ]
+    assert sd.method_flags("metamix-sgd-x16", 46) == [
+        "--alpha-optimizer",
+        "sgd",
+        "--alpha-lr",
+        "0.05",
+        "--search-steps",
+        "736",
+    ]
     # the authors' ImageNet search, Adam 1e-4 for 5005 steps: LR x steps 0.5, here over one epoch of 46 steps
     assert sd.method_flags("metamix-adam-matched", 46)[:4] == ["--alpha-optimizer", "adam", "--alpha-lr", "0.0108696"]
     assert sd.method_flags("metamix-unfixed")[4] == "--unfixed"
@@ -59,15 +94,26 @@ def test_table_convergence_pairs_each_variant_with_random_and_hessian():
 
     done = {"steps": 46, "argmax_last_changed": 10, "median_margin": 0.2, "settled": True}
     open_ = {"steps": 46, "argmax_last_changed": 45, "median_margin": 0.01, "settled": False}
-    results = [r("random", 0, 80.0), r("random", 1, 78.0), r("random", 2, 79.0), r("hessian", 0, 83.0),
-               r("hessian", 1, 80.0), r("hessian", 2, 79.0), r("metamix-sgd", 0, 84.0, done),
-               r("metamix-sgd", 1, 78.0, open_), r("metamix-sgd", 2, 77.0, open_)]
-    rows = {x.split(" | ")[2]: x for x in sd.table_convergence(results, {"mobilenet_v2": 97.33},
-                                                               {"mobilenet_v2": "abc"}).splitlines()[2:]}
+    results = [
+        r("random", 0, 80.0),
+        r("random", 1, 78.0),
+        r("random", 2, 79.0),
+        r("hessian", 0, 83.0),
+        r("hessian", 1, 80.0),
+        r("hessian", 2, 79.0),
+        r("metamix-sgd", 0, 84.0, done),
+        r("metamix-sgd", 1, 78.0, open_),
+        r("metamix-sgd", 2, 77.0, open_),
+    ]
+    rows = {
+        x.split(" | ")[2]: x
+        for x in sd.table_convergence(results, {"mobilenet_v2": 97.33}, {"mobilenet_v2": "abc"}).splitlines()[2:]
+    }
     # vs random: +4, 0, -2 (mean 0.67, sd 3.06); vs hessian: +1, -2, -2 (mean -1, sd 1.73); 1 of 3 settled
     assert rows["metamix SGD 0.05, one epoch"] == (
         "| mobilenet_v2 (FP 97.33, abc) | 4.6 | metamix SGD 0.05, one epoch | 3 | 79.67 ± 3.79 | +0.67 ± 3.06 | "
-        "1 / 1 / 1 | -1.00 ± 1.73 | 4.500 | 1 of 3 | 0.010 | 45 / 46 |")
+        "1 / 1 / 1 | -1.00 ± 1.73 | 4.500 | 1 of 3 | 0.010 | 45 / 46 |"
+    )
     assert rows["hessian"].split(" | ")[5:9] == ["+1.67 ± 1.53", "2 / 1 / 0", "-", "4.500"]
     assert " | - | - | " in rows["random"]
 
@@ -91,31 +137,52 @@ def test_table_quantizers_pairs_the_same_bits_and_metamix_with_random():
     def r(method, seed, top1, weighted=3.6):
         return _result(method, seed, top1) | {"avg_bits_weighted": weighted}
 
-    results = [r("quant-plain", 0, 90.0), r("quant-plain", 1, 92.0), r("quant-plain", 2, 91.0),
-               r("quant-authors", 0, 93.0), r("quant-authors", 1, 92.5), r("quant-authors", 2, 95.0, 3.9),
-               r("random", 0, 88.0), r("random", 1, 89.0), r("metamix-sgd-x4", 0, 90.0), r("metamix-sgd-x4", 1, 88.0)]
-    rows = {x.split(" | ")[2]: x for x in sd.table_quantizers(results, {"mobilenet_v2": 97.33},
-                                                               {"mobilenet_v2": "abc"}).splitlines()[2:]}
+    results = [
+        r("quant-plain", 0, 90.0),
+        r("quant-plain", 1, 92.0),
+        r("quant-plain", 2, 91.0),
+        r("quant-authors", 0, 93.0),
+        r("quant-authors", 1, 92.5),
+        r("quant-authors", 2, 95.0, 3.9),
+        r("random", 0, 88.0),
+        r("random", 1, 89.0),
+        r("metamix-sgd-x4", 0, 90.0),
+        r("metamix-sgd-x4", 1, 88.0),
+    ]
+    rows = {
+        x.split(" | ")[2]: x
+        for x in sd.table_quantizers(results, {"mobilenet_v2": 97.33}, {"mobilenet_v2": "abc"}).splitlines()[2:]
+    }
     # authors' minus plain per seed: +3, +0.5, +4 (mean 2.5, sd 1.80); weighted bits (3.6 + 3.6 + 3.9) / 3 = 3.70
     assert rows["the authors' quantizers (per-channel W, offset for hardswish)"] == (
         "| mobilenet_v2 (FP 97.33, abc) | 4.6 | the authors' quantizers (per-channel W, offset for hardswish) | 3 | "
         "93.50 ± 1.32 | +2.50 ± 1.80 vs LSQ's own quantizers (per-tensor W, signed grid) | +3.00 +0.50 +4.00 | "
-        "4.500 | 3.50 / 3.70 |")
+        "4.500 | 3.50 / 3.70 |"
+    )
     # MetaMix minus random: +2, -1 (mean 0.5, sd 2.12)
     assert " | +0.50 ± 2.12 vs random | +2.00 -1.00 | " in rows["metamix SGD 0.05, 4x longer (default)"]
     assert " | - | - | " in rows["random"] and " | - | - | " in rows["LSQ's own quantizers (per-tensor W, signed grid)"]
 
 
 def test_table_recipe_pairs_each_recipe_with_ours():
-    results = [_result("recipe-ours", 0, 90.0), _result("recipe-ours", 1, 92.0), _result("recipe-ours", 2, 91.0),
-               _result("recipe-kd", 0, 93.0), _result("recipe-kd", 1, 92.0), _result("recipe-kd", 2, 90.0),
-               _result("recipe-adam", 1, 91.5)]
-    rows = {x.split(" | ")[2]: x for x in sd.table_recipe(results, {"mobilenet_v2": 97.33},
-                                                           {"mobilenet_v2": "abc"}).splitlines()[2:]}
+    results = [
+        _result("recipe-ours", 0, 90.0),
+        _result("recipe-ours", 1, 92.0),
+        _result("recipe-ours", 2, 91.0),
+        _result("recipe-kd", 0, 93.0),
+        _result("recipe-kd", 1, 92.0),
+        _result("recipe-kd", 2, 90.0),
+        _result("recipe-adam", 1, 91.5),
+    ]
+    rows = {
+        x.split(" | ")[2]: x
+        for x in sd.table_recipe(results, {"mobilenet_v2": 97.33}, {"mobilenet_v2": "abc"}).splitlines()[2:]
+    }
     # distillation minus ours per seed: +3, 0, -1 (mean 0.67, sd 2.08); top-1 mean 91.67, sd 1.53
     assert rows["distillation (teacher: the FP model)"] == (
         "| mobilenet_v2 (FP 97.33, abc) | 4.6 | distillation (teacher: the FP model) | 3 | 91.67 ± 1.53 | "
-        "+0.67 ± 2.08 | +3.00 +0.00 -1.00 | 1 / 1 / 1 | 4.500 |")
+        "+0.67 ± 2.08 | +3.00 +0.00 -1.00 | 1 / 1 / 1 | 4.500 |"
+    )
     assert " | 1 | 91.50 ± 0.00 | -0.50 ± 0.00 | -0.50 | 0 / 0 / 1 | " in rows["the authors' Adam recipe"]
     assert " | - | - | - | " in rows["ours (labels, W4 from epoch 3, SGD)"]
 
@@ -125,9 +192,22 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
     teacher is the FP model of the same architecture."""
     calls = []
     monkeypatch.setattr(sd.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or pytest.fail("stop"))
-    job = dict(arch="mobilenet_v2", target=7.0, method="recipe-authors", seed=1, data="D", init="FP.pth", epochs=8,
-               search_epochs=2, threads=1, part="recipe", out=str(tmp_path / "run"), source=str(tmp_path / "src"),
-               source_method="metamix-sgd-x4", epoch_steps=46)
+    job = dict(
+        arch="mobilenet_v2",
+        target=7.0,
+        method="recipe-authors",
+        seed=1,
+        data="D",
+        init="FP.pth",
+        epochs=8,
+        search_epochs=2,
+        threads=1,
+        part="recipe",
+        out=str(tmp_path / "run"),
+        source=str(tmp_path / "src"),
+        source_method="metamix-sgd-x4",
+        epoch_steps=46,
+    )
     with pytest.raises(pytest.fail.Exception):
         sd.run_one(job, print)
     cmd = calls[0]
