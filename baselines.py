@@ -333,7 +333,7 @@ def proxy_scores(
                     x = xs[m].float()
                     for i, b in enumerate(bits):
                         s = mm.positive(m.act.step.detach()[i])
-                        mse = (x - mm._lsq_codes(x, s, *mm.lsq_range(b, m.act.signed)).mul_(s)).pow(2).mean().item()
+                        mse = (x - mm.lsq_codes(x, s, *mm.lsq_range(b, m.act.signed)).mul_(s)).pow(2).mean().item()
                         scores[l, i] += 0.5 * traces[l] * mse
             else:
                 mm.set_mode(model, "meta", top, quant_weights=False)

@@ -134,7 +134,7 @@ def export_layer(m: mm.QuantLayer) -> dict:
 
     Steps are the ones the forward uses, positive(s): the activation's as a Python float (a float32 value is
     exact in a Python float), the weight's as a float32 tensor, one per output channel. The weight codes are
-    computed as training computes them (`_lsq_codes` on the float32 weight) and packed by `pack_codes`.
+    computed as training computes them (`lsq_codes` on the float32 weight) and packed by `pack_codes`.
     """
     branch, w_quant = selected_quantizers(m)
     if not w_quant.enabled or not w_quant.initialized or m.act.signed is None or not m.act.initialized[branch]:
@@ -194,7 +194,7 @@ def integer_export(model: nn.Module, arch: str, num_classes: int, bits_report: d
 class IntegerLayer(nn.Module):
     """An exported Conv2d or Linear on integer codes: y = s_a * s_w[c] * op(q_a, q_w) - o * s_w[c] * op(1, q_w) + b.
 
-    The input is rounded to codes by the training formula itself (`_lsq_codes`: round(clamp((x + o) /
+    The input is rounded to codes by the training formula itself (`lsq_codes`: round(clamp((x + o) /
     positive(s_a), Qn, Qp)), round half to even, x + o in float32) on a float32 step, so the same x gives the same
     codes. op(1, q_w) is the offset's zero-point map, computed at the input's size, exact like the accumulator.
     The accumulation runs in float64 on integer values and is exact, as an int32 would be: every product and every
@@ -242,7 +242,7 @@ class IntegerLayer(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """q_a: the input's codes, as training computes them (float tensor of integers)."""
-        return mm._lsq_codes(mm._upcast(x) + self.offset, mm.positive(self.a_step), *self.a_qrange)
+        return mm.lsq_codes(mm.upcast(x) + self.offset, mm.positive(self.a_step), *self.a_qrange)
 
     def accumulate(self, q: torch.Tensor) -> torch.Tensor:
         """op(q_a, q_w) in float64, exact (the int32 accumulator); q_a as from `codes`."""
@@ -250,7 +250,7 @@ class IntegerLayer(nn.Module):
             return self.op(q.to(torch.float64), self.w_codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = mm._upcast(x).dtype
+        dtype = mm.upcast(x).dtype
         y = self.accumulate(self.codes(x)) * self.scale
         if self.offset:  # the zero point: o * s_w[c] * op(1, q_w), exact integers times a scale
             y = y - self.accumulate(x.new_ones(1, *x.shape[1:])) * (self.offset * self.w_step)

@@ -587,19 +587,19 @@ def fused_forward(
     wq: LSQQuantizer | None = None,
     bias: bool = True,
 ) -> torch.Tensor:
-    """layer(x) through _FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
+    """layer(x) through FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
     act, wq = layer.act, wq or layer.weight_quant
     branches = [act.branch] if act.mode == "branch" else list(range(len(act.bits)))
     act.init_steps(x, branches)
-    a_q = [_qparams(act.bits[i], act.signed, x.numel() // x.shape[0]) for i in branches]
+    a_q = [quant_params(act.bits[i], act.signed, x.numel() // x.shape[0]) for i in branches]
     probs = F.softmax(act.alpha, dim=0) if act.mode != "branch" and probs is None else probs
     w_step = w_q = None
     if wq.enabled:
         if not wq.initialized:
             wq.init_step(layer.weight)
         w_step = positive(wq.step).view(-1, *[1] * (layer.weight.dim() - 1))  # (C_out, 1, ...)
-        w_q = _qparams(wq.bits, True, layer.weight.numel() // len(wq.step), wq.narrow)
-    return _FusedQuantOp.apply(
+        w_q = quant_params(wq.bits, True, layer.weight.numel() // len(wq.step), wq.narrow)
+    return FusedQuantOp.apply(
         x,
         positive(act.step[branches]),
         probs,
@@ -613,11 +613,11 @@ def fused_forward(
     )
 
 
-def _qparams(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
+def quant_params(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
     return (*lsq_range(bits, signed, narrow), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
 
 
-def _lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+def lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
     return (x / step).clamp_(qn, qp).round_()  # the integer codes round(clamp(x/s, Qn, Qp)), in one new buffer
 
 
@@ -627,14 +627,14 @@ def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:  # lo < v
     return torch.nextafter(ends, out).tolist()
 
 
-def _pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
+def pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
     """g where Qn <= v <= Qp, else 0: the straight-through mask as hardtanh's backward, one pass, into `out`."""
     if out is None:
         return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
     return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=out)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+def sum_product(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
     """sum(a * b): in one pass for a step per tensor; per row (output channel) in step's shape for one per row."""
     if step is None or step.numel() == 1:
         return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(() if step is None else step.shape)
@@ -644,10 +644,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> 
 def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
     <g, q> - <g * inside, v>. Returns (grad x, in g's buffer; grad s or None); v is computed in q's buffer."""
-    gq = _dot(g, q, step) if need_s else None
+    gq = sum_product(g, q, step) if need_s else None
     v = torch.div(x, step, out=q)
-    gx = _pass_inside(g, v, qn, qp, out=g)
-    return gx, (gq - _dot(gx, v, step)) * grad_scale if need_s else None
+    gx = pass_inside(g, v, qn, qp, out=g)
+    return gx, (gq - sum_product(gx, v, step)) * grad_scale if need_s else None
 
 
 def _mixture(x, steps, probs, a_q):
@@ -667,21 +667,21 @@ def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
     for i, (qn, qp, grad_scale) in enumerate(a_q):
         v = torch.div(x, steps[i], out=v)
         q = torch.clamp(v, qn, qp, out=q).round_()
-        gi = _pass_inside(g, v, qn, qp, out=gi)  # g * inside_i
+        gi = pass_inside(g, v, qn, qp, out=gi)  # g * inside_i
         gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
-        gq = _dot(g, q) if need_p or need_s else None
+        gq = sum_product(g, q) if need_p or need_s else None
         if need_p:
             gp[i] = steps[i] * gq
         if need_s:
-            gs[i] = probs[i] * grad_scale * (gq - _dot(gi, v))
+            gs[i] = probs[i] * grad_scale * (gq - sum_product(gi, v))
     return gx, gs, gp
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
+def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
+def op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     inp, w = inp.to(g.dtype), weight.to(g.dtype)  # under autocast the forward ran in g's dtype
     if op.kind == "linear":  # out = inp @ W^T + b over the last dim
         g2 = g.reshape(-1, g.shape[-1])
@@ -704,7 +704,7 @@ def _op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
 
 
-class _FusedQuantOp(torch.autograd.Function):
+class FusedQuantOp(torch.autograd.Function):
     """out = op(sum_i p_i Q_i(x; s_i), Q_w(W; s_w)) + b; steps, a_q: the K active branches' steps and (Qn, Qp, grad
     scale); probs: None for one branch; w_step (C_out, 1, ...), w_q: None for an FP weight; offset: the inputs' o. The
     op runs on integer codes, scaled after (s_a s_w[c] op(q_a, q_w) + b; with o, minus o s_w[c] op(1, q_w), the
@@ -712,13 +712,13 @@ class _FusedQuantOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, steps, probs, weight, w_step, bias, a_q, w_q, op, offset=0.0):
-        xf = _upcast(x) + offset if offset else _upcast(x)  # quantizer math in fp32 (also under autocast), on x + o
+        xf = upcast(x) + offset if offset else upcast(x)  # quantizer math in fp32 (also under autocast), on x + o
         w, w_scale = weight, None
         if w_q is not None:
-            w = _lsq_codes(weight, w_step, *w_q[:2])
+            w = lsq_codes(weight, w_step, *w_q[:2])
             w_scale = w_step.reshape(-1, 1, 1) if op.kind == "conv2d" else w_step.reshape(-1)  # along output channels
         if probs is None:
-            x_in, scale = _lsq_codes(xf, steps[0], *a_q[0][:2]), steps[0]
+            x_in, scale = lsq_codes(xf, steps[0], *a_q[0][:2]), steps[0]
         else:  # the mixture, sum_i p_i (s_i q_i - o)
             x_in, scale = _mixture(xf, steps, probs, a_q), None
             x_in = x_in.sub_(offset * probs.sum()) if offset else x_in
@@ -728,7 +728,7 @@ class _FusedQuantOp(torch.autograd.Function):
         out = op(x_in, w)
         if scale is None and bias is None:
             return out
-        y = _upcast(out) if scale is None else _upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
+        y = upcast(out) if scale is None else upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
         if offset and probs is None:  # s op(q - o/s, W) = s op(q, W) - o op(1, W), in fp32
             with torch.autocast(x.device.type, enabled=False):
                 y.sub_(op(xf.new_ones(1, *x.shape[1:]), w) * (offset if w_scale is None else offset * w_scale))
@@ -742,32 +742,32 @@ class _FusedQuantOp(torch.autograd.Function):
         need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
         need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
         a_q, w_q, op, o = ctx.a_q, ctx.w_q, ctx.op, ctx.offset
-        w_codes = None if w_q is None else _lsq_codes(weight, w_step, *w_q[:2])
+        w_codes = None if w_q is None else lsq_codes(weight, w_step, *w_q[:2])
         w = weight if w_codes is None else w_codes * w_step
-        xf = _upcast(x) + o if o else _upcast(x)
+        xf = upcast(x) + o if o else upcast(x)
         gx = gs = gp = g_ws = None
         if probs is None:  # one branch: bit-meta and weight training (the hot path)
-            q = _lsq_codes(xf, steps[0], *a_q[0][:2])
+            q = lsq_codes(xf, steps[0], *a_q[0][:2])
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
             only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
             q_in = q - o / steps[0] if o else q  # s * q_in: the quantized input
-            g_in, g_w, g_b = _op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
+            g_in, g_w, g_b = op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
             if g_w is not None:
                 g_w.mul_(steps[0])
             if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
                 v = xf / steps[0]  # d(s q)/ds = q - v * inside, built in q's buffer
-                r = q.sub_(_pass_inside(v, v, *a_q[0][:2], out=v))
-                gs = (_dot(_upcast(g), op(r, w)) * a_q[0][2]).reshape(1)
+                r = q.sub_(pass_inside(v, v, *a_q[0][:2], out=v))
+                gs = (sum_product(upcast(g), op(r, w)) * a_q[0][2]).reshape(1)
             elif g_in is not None:
-                gx, gs = _lsq_grads(_upcast(g_in), xf, q, *a_q[0][:2], steps[0], need_s, a_q[0][2])
+                gx, gs = _lsq_grads(upcast(g_in), xf, q, *a_q[0][:2], steps[0], need_s, a_q[0][2])
                 gs = None if gs is None else gs.reshape(1)
         else:  # search (Eq. 2); with --unfixed the weights learn too, on the mixture
             xm = _mixture(xf, steps, probs, a_q).sub_(o * probs.sum()) if need_wgrad else xf
-            g_in, g_w, g_b = _op_backward(g, xm, w, op, need_in, need_wgrad, need_b)
+            g_in, g_w, g_b = op_backward(g, xm, w, op, need_in, need_wgrad, need_b)
             del xm
             if g_in is not None:
-                gx, gs, gp = _mixture_grads(_upcast(g_in), xf, steps, probs, a_q, need_s, need_p)
-                gp = gp.sub_(o * _upcast(g_in).sum()) if o and gp is not None else gp  # d/dp_i of -p_i o
+                gx, gs, gp = _mixture_grads(upcast(g_in), xf, steps, probs, a_q, need_s, need_p)
+                gp = gp.sub_(o * upcast(g_in).sum()) if o and gp is not None else gp  # d/dp_i of -p_i o
         gx = gx.to(x.dtype) if gx is not None and need_x else None
         if g_w is not None and w_q is not None:  # through the weight quantizer (LSQ)
             g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
@@ -1664,36 +1664,62 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
             torch.distributed.destroy_process_group()
 
 
-def one_line(e: BaseException) -> str:  # an error as one line (from a DataLoader worker: its last line)
+def one_line(e: BaseException) -> str:
+    """An error as one line; from a DataLoader worker (which wraps it in a traceback), its last line."""
     text = str(e).strip() or type(e).__name__
-    return (text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text).splitlines()[0]
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0]
+
+
+def guarded(prog: str, body, *args, interrupted=lambda: "") -> int:
+    """The error contract of metamix.py and of every tool beside it: body(*args), and any failure becomes one line on
+    stderr, `prog: ...`, with no traceback, and an exit status.
+
+    Bad input, which the user can fix (a BadInput, or an OSError: a file or folder named, a full disk), exits 2; a
+    signal (SIGINT, SIGTERM) exits 128 + its number, and `interrupted()` adds what survived it; anything else is a
+    bug of ours and exits 1 with its exception's name. METAMIX_DEBUG=1 shows the traceback instead.
+    """
+    try:
+        return body(*args)
+    except (Exception, KeyboardInterrupt) as e:
+        # The signal handler records the signal; a signal that reached a DataLoader worker first arrives here
+        # as some other exception, so the record, not the exception's type, says whether we were interrupted.
+        signum = _STOP["signum"]
+        if not signum and isinstance(e, KeyboardInterrupt):
+            signum = signal.SIGINT
+        if os.environ.get("METAMIX_DEBUG") and not signum:
+            raise
+        if signum:
+            # A KeyboardInterrupt raised by the step's sync names the step at which every rank stopped.
+            where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""
+            line = f"interrupted by {signal.Signals(signum).name}{where}{interrupted()}"
+            code = 128 + signum
+        elif isinstance(e, (BadInput, OSError)):
+            line = f"error: {one_line(e)}"
+            code = 2
+        else:
+            line = f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)"
+            code = 1
+        print(f"{prog}: {line}", file=sys.stderr)
+        return code
 
 
 def main(args, layer_type: type = QuantLayer) -> int:
-    """Run, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
+    """Run, under the error contract (`guarded`); the output folder's lock is released whatever happens."""
+
+    def what_survived() -> str:
+        ck = os.path.join(args.output_dir, "checkpoint.pth")
+        if os.path.exists(ck):
+            return f"; the last checkpoint is {ck}; continue with --resume auto"
+        return "; no checkpoint was written yet; run the command again to start over"
+
     try:
-        return run_main(args, layer_type)
-    except (Exception, KeyboardInterrupt) as e:
-        signum = _STOP["signum"] or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else 0)
-        if os.environ.get("METAMIX_DEBUG") and not signum:
-            raise
-        ck, code = os.path.join(args.output_dir, "checkpoint.pth"), 128 + signum if signum else 2
-        if signum:  # also when the signal reached the DataLoader workers first
-            where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""  # the step every rank stopped at
-            line = f"interrupted by {signal.Signals(signum).name}{where}" + (
-                f"; the last checkpoint is {ck}; continue with --resume auto"
-                if os.path.exists(ck)
-                else "; no checkpoint was written yet; run the command again to start over"
-            )
-        elif isinstance(e, (BadInput, OSError)):  # OSError: a file or folder, e.g. an image that cannot be read
-            line = f"error: {one_line(e)}"
-        else:
-            line, code = f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)", 1
-        print(f"metamix: {line}", file=sys.stderr)
-        return code
+        return guarded("metamix", run_main, args, layer_type, interrupted=what_survived)
     finally:
+        # The output folder is free again (the kernel would free it at exit anyway).
         while _LOCKS:
-            _LOCKS.pop().close()  # the output dir is free again (the kernel frees it at exit anyway)
+            _LOCKS.pop().close()
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class PairQuantLayer(mm.QuantLayer):
             for wq in wqs:
                 if not wq.initialized:
                     wq.init_step(self.weight)
-            a_q = [mm._qparams(b, act.signed, x.numel() // x.shape[0]) for b in act.bits]
+            a_q = [mm.quant_params(b, act.signed, x.numel() // x.shape[0]) for b in act.bits]
             return _PairSearch.apply(
                 x, mm.positive(act.step), p, self.bias, [(wq, self.weight) for wq in wqs], a_q, self.op, act.offset
             )
@@ -97,8 +97,8 @@ class _PairSearch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, steps, probs, bias, weights, a_q, op, offset):
-        xf = mm._upcast(x) + offset if offset else mm._upcast(x)
-        codes = [mm._lsq_codes(xf, steps[a], qn, qp) for a, (qn, qp, _) in enumerate(a_q)]
+        xf = mm.upcast(x) + offset if offset else mm.upcast(x)
+        codes = [mm.lsq_codes(xf, steps[a], qn, qp) for a, (qn, qp, _) in enumerate(a_q)]
         y = out = None
         for j, (wq, weight) in enumerate(weights):
             xw = None
@@ -108,7 +108,7 @@ class _PairSearch(torch.autograd.Function):
             w_codes, s_w = weight_codes(wq, weight)
             w_scale = s_w.reshape(-1, 1, 1) if op.kind == "conv2d" else s_w.reshape(-1)  # along output channels
             out = op(xw, w_codes)
-            y = mm._upcast(out).mul_(w_scale) if y is None else y.addcmul_(mm._upcast(out), w_scale)
+            y = mm.upcast(out).mul_(w_scale) if y is None else y.addcmul_(mm.upcast(out), w_scale)
         del codes, xw
         ctx.save_for_backward(x, steps, probs)
         ctx.weights, ctx.a_q, ctx.op, ctx.offset = weights, a_q, op, offset
@@ -121,12 +121,12 @@ class _PairSearch(torch.autograd.Function):
         x, steps, probs = ctx.saved_tensors
         a_q, op, o = ctx.a_q, ctx.op, ctx.offset
         need_x, need_s, need_p, need_b = ctx.needs_input_grad[:4]
-        xf = mm._upcast(x) + o if o else mm._upcast(x)
+        xf = mm.upcast(x) + o if o else mm.upcast(x)
         gws = []  # g_w = op's input gradient through the dequantized weight s_w * q_w
         for wq, weight in ctx.weights:
             w_codes, s_w = weight_codes(wq, weight)
             w = w_codes * s_w
-            gws.append(mm._upcast(mm._op_backward(g, xf, w, op, True, False, False)[0]))
+            gws.append(mm.upcast(mm.op_backward(g, xf, w, op, True, False, False)[0]))
         gx = torch.zeros_like(xf) if need_x else None
         gs, gp = torch.zeros_like(steps), torch.zeros_like(probs)
         sums = [gw.sum() for gw in gws] if o and need_p else None
@@ -137,11 +137,11 @@ class _PairSearch(torch.autograd.Function):
             for j, gw in enumerate(gws):
                 G = torch.mul(gw, probs[a, j], out=G) if j == 0 else G.addcmul_(gw, probs[a, j])
                 if need_p:
-                    gp[a, j] = steps[a] * mm._dot(gw, q) - (o * sums[j] if o else 0)
-            gq = mm._dot(G, q) if need_s else None
-            G = mm._pass_inside(G, v, qn, qp, out=G)  # G_a * inside_a
+                    gp[a, j] = steps[a] * mm.sum_product(gw, q) - (o * sums[j] if o else 0)
+            gq = mm.sum_product(G, q) if need_s else None
+            G = mm.pass_inside(G, v, qn, qp, out=G)  # G_a * inside_a
             if need_s:
-                gs[a] = (gq - mm._dot(G, v)) * grad_scale
+                gs[a] = (gq - mm.sum_product(G, v)) * grad_scale
             if need_x:
                 gx.add_(G)
         g_b = (g.sum((0, 2, 3)) if op.kind == "conv2d" else g.reshape(-1, g.shape[-1]).sum(0)) if need_b else None
@@ -158,11 +158,11 @@ class _PairSearch(torch.autograd.Function):
 
 
 def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, steps shaped (C_out, 1, ...)) of a weight, as training computes them (`_lsq_codes`, the weight's dtype);
+    """(codes, steps shaped (C_out, 1, ...)) of a weight, as training computes them (`lsq_codes`, the weight's dtype);
     export.py's integer weights too."""
     with torch.no_grad():
         s_w = mm.positive(w_quant.step.detach()).view(-1, *[1] * (weight.dim() - 1))
-        return mm._lsq_codes(weight.detach(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
+        return mm.lsq_codes(weight.detach(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
 
 
 def get_args_parser():

@@ -277,7 +277,7 @@ def test_proxy_scores_by_hand(meta):
     mse = [
         (
             xs[m]
-            - mm._lsq_codes(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed)).mul_(
+            - mm.lsq_codes(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed)).mul_(
                 mm.positive(m.act.step.detach()[i])
             )
         )

@@ -147,7 +147,7 @@ def test_lsq_range_ends_count_as_inside(dtype, bits, signed, fused):
     x = (torch.cat([ends, beyond]) * s).requires_grad_()
     if fused:
         eye = torch.eye(4, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)  # the op upcasts bf16 input
-        mm._FusedQuantOp.apply(
+        mm.FusedQuantOp.apply(
             x.view(1, 4), s.view(1).to(eye.dtype), None, eye, None, None, [(qn, qp, 1.0)], None, mm.LayerOp("linear")
         ).sum().backward()
     else:
