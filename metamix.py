@@ -8,8 +8,11 @@ and every branch's LSQ step at each candidate bit-width in turn (*bit-meta*, Eq.
 multi-branch quantizer (Eq. 2), an L1 BOPs regularizer and a straight-through softmax (Eq. 3-5). Weight training
 then fine-tunes the network at argmax(alpha) bits, weights now quantized, from the meta-state.
 
-Run it: `python metamix.py` (built-in synthetic data), `python metamix.py --arch mobilenet_v2 --dry-run` (the
-feasible GBOPs range), `torchrun --nproc_per_node=8 metamix.py --data /imagenet --pretrained --target-gbops 33`.
+Run it:
+    python metamix.py                                        # built-in synthetic data, a few minutes on a CPU
+    python metamix.py --arch mobilenet_v2 --dry-run          # the feasible GBOPs range, nothing trained
+    torchrun --nproc_per_node=8 metamix.py --data /imagenet --pretrained --target-gbops 33
+    torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 metamix.py --data /imagenet ...
 
 Symbols (paper -> code):
     alpha_l      per-layer logits, one per candidate     MultiBranchQuantizer.alpha   (N,)
@@ -23,7 +26,9 @@ Symbols (paper -> code):
     b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
 
 Sections 1-6: the paper, in its order; 7: the speed path the driver runs, held equal to 1-2 by tests; 8: the driver.
-Beside it: baselines.py, pairs.py, figure9.py, export.py. "Our choice" marks what the paper leaves open.
+"Our choice" marks what the paper leaves open; "the authors'" what their public code does where the paper is silent.
+Left out, beside this file (each imports it): other selections and proxies (baselines.py), the supplement's (A, W)
+pairs (pairs.py), its Figure 9 (figure9.py), integer export (export.py), the benchmark and the digits study.
 """
 
 from __future__ import annotations
@@ -56,16 +61,28 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 # ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
+# MetaMix quantizes with LSQ: a value is divided by a learned step s, clamped to the b-bit integer range [Qn, Qp],
+# rounded and multiplied back. The paper takes LSQ as it is; what LSQ's paper says is written here, and where the
+# authors' code differs from it (a step per output channel for weights, a narrow weight range), the code says so.
 
 
 def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
-    """[Qn, Qp] of b bits: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1], narrow signed [1-2^(b-1), 2^(b-1)-1]."""
-    return (-(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    """[Qn, Qp] of b bits: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1], narrow signed [1-2^(b-1), 2^(b-1)-1].
+
+    The narrow range is the authors' for weights: symmetric about 0, so -7..7 at 4 bits.
+    """
+    if not signed:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1
 
 
 def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
-    """LSQ's step-gradient scale g = 1/sqrt(N * Qp); N = the values of one step: its output channel's weights, or
-    features per sample (our choice: LSQ's balance of step and weight gradients, kept per step)."""
+    """LSQ's step-gradient scale g = 1/sqrt(N * Qp), N the number of values that share the step.
+
+    LSQ scales the step's gradient so that it is as large, relative to the step, as a weight's gradient is to the
+    weight. N is a weight tensor's size, or an activation's features per sample. Our choice: with a step per output
+    channel, N is that channel's weights, which keeps LSQ's balance per step (the authors use the whole tensor's N).
+    """
     return 1.0 / math.sqrt(n * lsq_range(bits, signed)[1])
 
 
@@ -77,20 +94,36 @@ def positive(step: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def lsq_quantize(
     x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool, grad_scale: float | None = None, narrow: bool = False
 ) -> torch.Tensor:
-    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s; s: positive(step), per tensor or row. v = x/s:
-    d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
-    d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`, 1/sqrt(N Qp))"""
+    """LSQ fake quantization q(x; s) = round(clamp(x/s, Qn, Qp)) * s, with LSQ's gradients (v = x/s):
+
+        d q / d x = 1 if Qn <= v <= Qp else 0                  (straight-through round)
+        d q / d s = round(v) - v inside, Qn below, Qp above    (times `grad_scale`, 1/sqrt(N Qp))
+
+    `step` is one value (a tensor's step) or one per row (an output channel's); the step used is positive(step).
+    This is the readable form, written as LSQ's paper writes it; section 7 computes the same in fewer passes.
+    """
     qn, qp = lsq_range(bits, signed, narrow)
-    grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed) if grad_scale is None else grad_scale
-    s = positive(step).view(-1, *[1] * (x.dim() - 1)) if step.dim() else positive(step)
-    s = s.detach() + (s * grad_scale - (s * grad_scale).detach())  # the value s, the gradient times g
+    if grad_scale is None:
+        grad_scale = lsq_grad_scale(x.numel() // step.numel(), bits, signed)
+    s = positive(step)
+    if step.dim():
+        # One step per row: broadcast along the remaining dimensions.
+        s = s.view(-1, *[1] * (x.dim() - 1))
+    # The value s, the gradient times g.
+    s = s.detach() + (s * grad_scale - (s * grad_scale).detach())
     v = x / s
-    v = torch.where((v >= qn) & (v <= qp), v, v.clamp(qn, qp).detach())  # clamp; its gradient passes at the ends
-    return (v.round().detach() + (v - v.detach())) * s  # round with a straight-through gradient
+    # Clamp, letting the gradient with respect to s pass at the ends (Qn below, Qp above).
+    v = torch.where((v >= qn) & (v <= qp), v, v.clamp(qn, qp).detach())
+    # Round, with a straight-through gradient.
+    return (v.round().detach() + (v - v.detach())) * s
 
 
 class Stateful(nn.Module):
-    """A module whose plain attributes named in `saved` are part of its state dict (its "extra state")."""
+    """A module whose plain attributes named in `saved` are part of its state dict (its "extra state").
+
+    The quantizers decide a few things from the data (whether a step is initialised, the grid's sign and offset);
+    saving them with the weights is what makes a resumed run, or a loaded meta-state, identical to the one saved.
+    """
 
     saved: tuple[str, ...] = ()
 
@@ -102,19 +135,28 @@ class Stateful(nn.Module):
 
 
 class LSQQuantizer(Stateful):
-    """A weight's signed LSQ, one step per output channel on the narrow range (the authors'; `channels` 1 and not
-    narrow: LSQ's own, one step per tensor); s_c = 2 * mean|W_c| / sqrt(Qp) at first use; disabled: identity."""
+    """A weight's signed LSQ. Disabled (bit selection), it is the identity.
+
+    The paper quantizes the weights only in weight training, at one bit-width (W4), "initialised from the
+    meta-state": each step is set at its first use, s = 2 * mean|W| / sqrt(Qp) (LSQ's init), from the weights of
+    that moment. The authors' code, which we follow by default, keeps one step per output channel (`channels`) on the
+    narrow range; `channels=1, narrow=False` is LSQ's own, one step per tensor on [-2^(b-1), 2^(b-1)-1].
+    """
 
     saved = ("initialized",)
 
     def __init__(self, bits: int, channels: int = 1, narrow: bool = False, enabled: bool = True):
         super().__init__()
-        self.bits, self.narrow, self.enabled, self.initialized = bits, narrow, enabled, False
+        self.bits = bits
+        self.narrow = narrow
+        self.enabled = enabled
+        self.initialized = False
         self.step = nn.Parameter(torch.ones(channels))
 
     def init_step(self, w: torch.Tensor) -> None:
         with torch.no_grad():
-            m = w.detach().abs().reshape(len(self.step), -1).mean(1)  # per channel, or of all weights
+            # mean|W| per output channel (or of all weights, with one step)
+            m = w.detach().abs().reshape(len(self.step), -1).mean(1)
             self.step.copy_(2 * m / math.sqrt(lsq_range(self.bits, True, self.narrow)[1]))
         self.initialized = True
 
@@ -127,35 +169,53 @@ class LSQQuantizer(Stateful):
 
 
 # ==== 2. Multi-branch block (paper Fig. 4, Eq. 2) ===================================================================
+# Every quantized layer gets one activation quantizer per candidate bit-width (a *branch*, with its own LSQ step)
+# and one logit alpha per branch; the weights are shared by all branches (Fig. 4). A layer's bits are the bits of
+# its *input*. Bit-meta runs one branch at a time; bit-search runs the softmax(alpha)-weighted sum of all (Eq. 2).
 
 
 class MultiBranchQuantizer(Stateful):
-    """Activation quantizer with one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
-    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training), "search" (Eq. 2). N =
-    features per sample. The grid, from the first batch: in [-3/8, 0), as hardswish's outputs (the authors' offset):
-    unsigned, Q(x + 3/8) - 3/8; else signed if it has negatives. `offset` 0 given: no offset grid (LSQ's own)."""
+    """Activation quantizer: one LSQ branch per candidate bit-width and one logit alpha per branch (Fig. 4).
+
+    Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training) and "search", Eq. 2:
+        x_hat = sum_b softmax(alpha)_b * Q_b(x; s_b)
+    The grid is decided from the first batch the layer sees (LSQ's init uses that batch anyway). An input whose
+    minimum lies in [-3/8, 0), as hardswish's outputs do, gets the authors' grid: unsigned, shifted by 3/8,
+    Q(x + 3/8) - 3/8, which spends no level on values below hardswish's minimum. Any other input with negatives
+    (the image, a residual stream) is signed; the rest (after ReLU) unsigned. `offset=0` given: no shifted grid
+    (LSQ's own). N in LSQ's gradient scale is the features per sample.
+    """
 
     saved = ("signed", "offset", "initialized")
 
     def __init__(self, bits: Sequence[int], offset: float | None = None):
         super().__init__()
         self.bits = tuple(int(b) for b in bits)
-        self.step, self.alpha = nn.Parameter(torch.ones(len(self.bits))), nn.Parameter(torch.zeros(len(self.bits)))
-        self.signed, self.offset = None, offset  # unknown until the first batch (unless given)
-        self.initialized, self.mode, self.branch = [False] * len(self.bits), "fp", 0
+        self.step = nn.Parameter(torch.ones(len(self.bits)))
+        self.alpha = nn.Parameter(torch.zeros(len(self.bits)))
+        # The grid: unknown until the first batch, unless an offset is given.
+        self.signed = None
+        self.offset = offset
+        self.initialized = [False] * len(self.bits)
+        self.mode = "fp"
+        self.branch = 0
 
     def init_steps(self, x: torch.Tensor, branches: Sequence[int]) -> None:
         """LSQ's init from the data, s_i = 2 * mean|x| / sqrt(Qp_i), for the branches not initialised yet."""
-        if todo := [i for i in branches if not self.initialized[i]]:
-            with torch.no_grad():
-                if self.signed is None:
-                    lo = float(x.min())
-                    self.offset = (0.375 if -0.375 <= lo < 0 else 0.0) if self.offset is None else self.offset
-                    self.signed = lo < 0 and not self.offset
-                m = (x.detach().float() + self.offset).abs().mean()
-                for i in todo:
-                    self.step[i] = 2 * m / math.sqrt(lsq_range(self.bits[i], self.signed)[1])
-                    self.initialized[i] = True
+        todo = [i for i in branches if not self.initialized[i]]
+        if not todo:
+            return
+        with torch.no_grad():
+            if self.signed is None:
+                lo = float(x.min())
+                if self.offset is None:
+                    hardswish_like = -0.375 <= lo < 0
+                    self.offset = 0.375 if hardswish_like else 0.0
+                self.signed = lo < 0 and not self.offset
+            m = (x.detach().float() + self.offset).abs().mean()
+            for i in todo:
+                self.step[i] = 2 * m / math.sqrt(lsq_range(self.bits[i], self.signed)[1])
+                self.initialized[i] = True
 
     def quantize(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Q_{bits[i]}(x + offset; s_i) - offset, branch i's LSQ (N = features per sample)."""
@@ -168,7 +228,9 @@ class MultiBranchQuantizer(Stateful):
             return x
         if self.mode == "branch":
             return self.quantize(x, self.branch)
-        return sum(p * self.quantize(x, i) for i, p in enumerate(F.softmax(self.alpha, dim=0)))  # Eq. 2
+        # Eq. 2: the softmax-weighted mixture of every branch
+        probs = F.softmax(self.alpha, dim=0)
+        return sum(p * self.quantize(x, i) for i, p in enumerate(probs))
 
 
 class LayerOp(NamedTuple):
@@ -187,12 +249,18 @@ class LayerOp(NamedTuple):
 
 
 class QuantLayer(Stateful):
-    """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4): op(act(x), weight_quant(W)) + b,
-    on the original layer's own tensors. The weight's LSQ (per output channel, narrow; `plain`: per tensor) is off in
-    bit selection. `candidates[i]`: branch i's (activation bits, weight bits); a `fixed` layer (the first conv, the
-    last Linear) has one. `macs`: OPs_l. `selected_branch`: bit selection's choice. `fused`: section 7's speed path."""
+    """A Conv2d or Linear whose input activation and weight are quantized (Fig. 4): op(act(x), weight_quant(W)) + b.
 
-    fused, saved = False, ("selected_branch",)
+    It holds the original layer's own weight and bias Parameters, so an optimizer built before patching, or a state
+    dict of the FP model, still reaches them. The weight's LSQ is off in bit selection (the paper trains FP weights
+    there) and on in weight training. `candidates[i]` is branch i's (activation bits, weight bits); a `fixed` layer
+    (the first conv and the last Linear, at 8 bits in the paper) has one. `macs` is OPs_l of Eq. 4;
+    `selected_branch` is bit selection's choice; `fused` turns on section 7's speed path. `plain`: LSQ's own
+    quantizers (a weight step per tensor, no shifted grid) instead of the authors'.
+    """
+
+    fused = False
+    saved = ("selected_branch",)
 
     def __init__(
         self,
@@ -207,35 +275,51 @@ class QuantLayer(Stateful):
         super().__init__()
         if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
             raise ValueError(f"{name}: only zero padding with explicit sizes is supported")
-        self.op = (
-            LayerOp("linear")
-            if isinstance(layer, nn.Linear)
-            else LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
-        )
-        self.weight, self.bias = layer.weight, layer.bias  # the very same Parameters
-        self.act = MultiBranchQuantizer(bits, 0.0 if plain else None)
-        self.weight_quant = LSQQuantizer(w_bits, 1 if plain else len(self.weight), not plain, enabled=False)
+        if isinstance(layer, nn.Linear):
+            self.op = LayerOp("linear")
+        else:
+            self.op = LayerOp("conv2d", tuple(layer.stride), tuple(layer.padding), tuple(layer.dilation), layer.groups)
+        # The very same Parameters as the original layer's.
+        self.weight = layer.weight
+        self.bias = layer.bias
+        if plain:
+            self.act = MultiBranchQuantizer(bits, offset=0.0)
+            self.weight_quant = LSQQuantizer(w_bits, channels=1, narrow=False, enabled=False)
+        else:
+            self.act = MultiBranchQuantizer(bits)
+            self.weight_quant = LSQQuantizer(w_bits, channels=len(self.weight), narrow=True, enabled=False)
         self.candidates = [(a, int(w_bits)) for a in self.act.bits]
-        self.name, self.kind, self.macs, self.fixed = name, type(layer).__name__, int(macs), fixed
-        self.order, self.selected_branch = 0, 0  # position in forward order (patch_model sets it); the selection
+        self.name = name
+        self.kind = type(layer).__name__
+        self.macs = int(macs)
+        self.fixed = fixed
+        # The position in forward order (patch_model sets it), and the selection.
+        self.order = 0
+        self.selected_branch = 0
 
     def set_state(self, mode: str, branch: int = 0, quant_weights: bool | None = None) -> None:
-        """The activation quantizer's mode and branch; weight LSQ on or off (None: as it is; off in "fp")."""
-        self.act.mode, self.act.branch = mode, branch
-        if mode == "fp" or quant_weights is not None:
-            self.weight_quant.enabled = mode != "fp" and bool(quant_weights)
+        """The activation quantizer's mode and branch; weight LSQ on or off (None: as it is; always off in "fp")."""
+        self.act.mode = mode
+        self.act.branch = branch
+        if mode == "fp":
+            self.weight_quant.enabled = False
+        elif quant_weights is not None:
+            self.weight_quant.enabled = bool(quant_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.act.mode != "fp":
-            return fused_forward(self, x)  # section 7: the same values and gradients, less time and memory
+            # Section 7: the same values and gradients, in less time and memory.
+            return fused_forward(self, x)
         return self.op(self.act(x), self.weight_quant(self.weight), self.bias)
 
 
 # ==== 3. Straight-through softmax (Eq. 5) ===========================================================================
+# The budget term must see the configuration that will be deployed, one bit-width per layer, yet give the alphas a
+# gradient: forward the one-hot argmax, backward the softmax's gradient (the straight-through estimator).
 
 
 def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """hs(alpha): one-hot of argmax softmax(alpha) forward, softmax's gradient backward (Eq. 5)."""
+    """hs(alpha) of Eq. 5: one-hot of argmax softmax(alpha) forward, softmax's gradient backward."""
     y_soft = F.softmax(logits, dim=dim)
     y_hard = torch.zeros_like(y_soft).scatter_(dim, y_soft.argmax(dim, keepdim=True), 1.0)
     return y_hard - y_soft.detach() + y_soft
@@ -244,14 +328,18 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
 # ==== 4. BOPs (Eq. 6) and the L1 BOPs regularizer (Eq. 4) ===========================================================
 # OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout, linear in*out.
 # BOPs = sum_l a_l * w_l * OPs_l (paper: w_l = w_bits), GBOPs = BOPs / 1e9; fixed first/last layers: Eq. 4's C_fixed.
+# BOPs describe the deployed network, so they are counted at 224 px whatever the training crop. BN, activations,
+# additions and pooling are not counted, as in the paper's convention.
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """Quantized layers in forward order (the order patch_model recorded)."""
-    return sorted((m for m in model.modules() if isinstance(m, QuantLayer)), key=lambda m: m.order)
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    return sorted(layers, key=lambda m: m.order)
 
 
 def searched_layers(model: nn.Module) -> list[QuantLayer]:
+    """The quantized layers whose bits are searched: all but the fixed first and last."""
     return [m for m in quant_layers(model) if not m.fixed]
 
 
@@ -262,7 +350,8 @@ def candidate_costs(model: nn.Module) -> list[int]:
 
 def c_fixed_of(model: nn.Module) -> float:
     """C_fixed: BOPs of the first and last layers, in GBOPs."""
-    return sum(m.macs * a * w for m in quant_layers(model) if m.fixed for a, w in m.candidates) / 1e9
+    fixed = [m for m in quant_layers(model) if m.fixed]
+    return sum(m.macs * a * w for m in fixed for a, w in m.candidates) / 1e9
 
 
 def config_gbops(macs: Sequence[int], costs: Sequence[int], c_fixed: float) -> float:
@@ -273,23 +362,33 @@ def config_gbops(macs: Sequence[int], costs: Sequence[int], c_fixed: float) -> f
 def branches_gbops(model: nn.Module, branches: Sequence[int]) -> float:
     """Eq. 6 of a configuration given as one branch index per searched layer."""
     costs = candidate_costs(model)
-    return config_gbops([m.macs for m in searched_layers(model)], [costs[i] for i in branches], c_fixed_of(model))
+    macs = [m.macs for m in searched_layers(model)]
+    return config_gbops(macs, [costs[i] for i in branches], c_fixed_of(model))
 
 
 def gbops_range(model: nn.Module) -> tuple[float, float]:
     """Feasible budgets: every searched layer at its cheapest candidate, and at its dearest."""
-    macs, costs = [m.macs for m in searched_layers(model)], candidate_costs(model)
-    return tuple(config_gbops(macs, [pick(costs)] * len(macs), c_fixed_of(model)) for pick in (min, max))
+    macs = [m.macs for m in searched_layers(model)]
+    costs = candidate_costs(model)
+    lowest = config_gbops(macs, [min(costs)] * len(macs), c_fixed_of(model))
+    highest = config_gbops(macs, [max(costs)] * len(macs), c_fixed_of(model))
+    return lowest, highest
 
 
 def bops_regularizer(
     alphas: torch.Tensor, costs: Sequence[int], macs: Sequence[int], c_fixed: float, target_gbops: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |, alphas (L, N),
-    costs (N,) bits_i * w_bits, macs (L,) OPs_l. Our choices: GBOPs, which make the paper's lambdas sensible; Eq. 4
-    literally, the distance of the *argmax* configuration. Returns (L_reg, its GBOPs), differentiable in alphas."""
-    hs = straight_through_softmax(alphas, dim=-1)  # (L, N), one-hot forward
-    c, m = (torch.as_tensor(v, dtype=hs.dtype, device=hs.device) for v in (costs, macs))
+    """Eq. 4: L_reg = | sum_l sum_i hs(alpha_l)_i * bits_i * w_bits * OPs_l / 1e9 + C_fixed - t_bops |.
+
+    alphas (L, N); costs (N,) bits_i * w_bits; macs (L,) OPs_l. Returns (L_reg, its GBOPs), differentiable in the
+    alphas. Our choices: the unit is GBOPs, which makes the paper's lambdas (0.4 to 4) sensible against a task loss
+    near 1; and Eq. 4 read literally, so L_reg is the distance of the *argmax* configuration from the target, not
+    of an expected cost: the straight-through softmax (Eq. 5) passes the gradient to every logit.
+    """
+    # (L, N), one-hot forward
+    hs = straight_through_softmax(alphas, dim=-1)
+    c = torch.as_tensor(costs, dtype=hs.dtype, device=hs.device)
+    m = torch.as_tensor(macs, dtype=hs.dtype, device=hs.device)
     gbops = (hs @ c * m).sum() * 1e-9 + c_fixed
     return (gbops - target_gbops).abs(), gbops
 
@@ -302,20 +401,27 @@ def repair_to_budget(
     c_fixed: float,
     target_gbops: float,
 ) -> list[int]:
-    """Our choice (the paper has none): lower bits until within the target, each time the layer whose move to its next
-    lower cost (the most probable candidate there) gives up least softmax probability per BOP saved."""
-    branches, levels = list(branches), sorted(set(costs))
+    """Our choice (the paper has none): lower bits until the configuration is within the target.
+
+    The L1 term pulls the argmax towards the target from both sides, so it can end a little over. Each move lowers
+    one layer to its next lower cost (the most probable candidate at that cost), the layer that gives up the least
+    softmax probability per BOP saved, until the configuration fits.
+    """
+    branches = list(branches)
+    levels = sorted(set(costs))
     while config_gbops(macs, [costs[i] for i in branches], c_fixed) > target_gbops + 1e-9:
         best = None
-        for l, i in enumerate(branches):
+        for layer, i in enumerate(branches):
             k = levels.index(costs[i])
             if k == 0:
                 continue
+            p = probs[layer]
             tied = [j for j in range(len(costs)) if costs[j] == levels[k - 1]]
-            lower = max(tied, key=lambda j: (probs[l][j], -j))  # the most probable; ties: the first
-            c = (probs[l][i] - probs[l][lower]) / ((costs[i] - costs[lower]) * macs[l])
+            # the most probable candidate at the lower cost; ties: the first
+            lower = max(tied, key=lambda j, p=p: (p[j], -j))
+            c = (p[i] - p[lower]) / ((costs[i] - costs[lower]) * macs[layer])
             if best is None or c < best[0]:
-                best = (c, l, lower)
+                best = (c, layer, lower)
         if best is None:
             break
         branches[best[1]] = best[2]
@@ -323,19 +429,26 @@ def repair_to_budget(
 
 
 # ==== 5. Model patching =============================================================================================
+# MetaMix quantizes every convolution and linear layer of a CNN; the paper keeps the first conv and the last Linear
+# at 8 bits ("fully quantized network") and searches the rest. "First" and "last" mean in the order the forward
+# pass calls them, which a hook records; the module order of the definition can differ (e.g. torchvision's SE
+# blocks), so nothing here depends on it.
 
 
 def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
     """(name, module, MACs, input values per image) of every Conv2d/Linear in forward order, from one forward pass."""
-    seen, names = [], {m: n for n, m in model.named_modules()}
+    seen = []
+    names = {m: n for n, m in model.named_modules()}
 
     def hook(mod, inp, out):
         if isinstance(mod, nn.Conv2d):
             kh, kw = mod.kernel_size
             macs = out.shape[1] * (mod.in_channels // mod.groups) * kh * kw * out.shape[2] * out.shape[3]
         else:
-            macs = mod.in_features * mod.out_features * (out.numel() // out.shape[-1] // out.shape[0])
-        if all(m is not mod for _, m, *_ in seen):  # our choice: a layer called twice counts once (its first call)
+            positions = out.numel() // out.shape[-1] // out.shape[0]
+            macs = mod.in_features * mod.out_features * positions
+        # Our choice: a layer called twice counts once (its first call).
+        if all(m is not mod for _, m, *_ in seen):
             seen.append((names[mod], mod, int(macs), inp[0][0].numel()))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -357,37 +470,48 @@ def patch_model(
     layer_type: type = QuantLayer,
     plain: bool = False,
 ) -> nn.Module:
-    """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode, the first and last in forward order fixed at
-    first_last_bits; `layer_type` builds the searched layers (pairs.py's). plain: LSQ's quantizers, not the authors'."""
+    """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order are fixed
+    at first_last_bits. `layer_type` builds the searched layers (pairs.py passes its own); `plain`: LSQ's
+    quantizers, not the authors'."""
     traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
     for i, (name, mod, macs, in_size) in enumerate(traced):
-        q = (
-            QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
-            if i in (0, len(traced) - 1)
-            else layer_type(mod, bits, w_bits, name, macs, plain=plain)
-        )
-        q.order, q.in_size = i, in_size
+        if i in (0, len(traced) - 1):
+            q = QuantLayer(mod, [first_last_bits], first_last_bits, name, macs, fixed=True, plain=plain)
+        else:
+            q = layer_type(mod, bits, w_bits, name, macs, plain=plain)
+        q.order = i
+        q.in_size = in_size
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        setattr(model.get_submodule(parent), child, q)
     return model
 
 
 def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
-    """Every layer in a phase's mode: "fp" (weights too), "meta" (searched layers at `branch`), "search" (Eq. 2),
-    "selected"; fixed layers quantized but in "fp" (our choice). `quant_weights`: weight LSQ on/off (None: as is)."""
+    """Every layer in a phase's mode; `quant_weights` turns weight LSQ on or off (None: as it is).
+
+    "fp": everything in full precision, weights too (the FP model's own evaluation); "meta": the searched layers at
+    branch `branch` (bit-meta, Eq. 1); "search": the searched layers on Eq. 2's mixture; "selected": each at its
+    selected branch. Our choice: the fixed layers stay quantized in every mode but "fp", so that the meta-state and
+    the search see the network that will be deployed.
+    """
     for m in quant_layers(model):
         if mode == "fp":
             m.set_state("fp")
-        elif m.fixed or mode == "search":
-            m.set_state("branch" if m.fixed else "search", 0, quant_weights)
+        elif m.fixed:
+            m.set_state("branch", 0, quant_weights)
+        elif mode == "search":
+            m.set_state("search", 0, quant_weights)
+        elif mode == "meta":
+            m.set_state("branch", branch, quant_weights)
         else:
-            m.set_state("branch", branch if mode == "meta" else m.selected_branch, quant_weights)
+            m.set_state("branch", m.selected_branch, quant_weights)
 
 
 def alphas_of(model: nn.Module) -> list[nn.Parameter]:
-    return [m.act.alpha for m in searched_layers(model)]  # the architecture logits alpha_l
+    """The architecture logits alpha_l, one vector per searched layer."""
+    return [m.act.alpha for m in searched_layers(model)]
 
 
 def meta_params(model: nn.Module) -> list[nn.Parameter]:
@@ -397,11 +521,13 @@ def meta_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def argmax_branches(model: nn.Module) -> list[int]:
-    return torch.stack(alphas_of(model)).detach().argmax(1).tolist()  # ties: the first
+    """The argmax configuration, a branch per searched layer (ties: the first)."""
+    return torch.stack(alphas_of(model)).detach().argmax(1).tolist()
 
 
 def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
-    for m, i in zip(searched_layers(model), branches):  # the selection, one branch per searched layer
+    """The selection, one branch per searched layer."""
+    for m, i in zip(searched_layers(model), branches):
         m.selected_branch = int(i)
 
 
@@ -416,9 +542,20 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #   for epoch in S+1 .. E:                         # weight training (a fresh optimizer)
 #       for images, targets in loader:
 #           weight_training_step(model, images, targets, opt)
+#
+# Why two phases: a searched layer's input distribution depends on the bits of the layers before it, so a search
+# run while the weights also train on a changing mixture sees statistics that no single configuration has
+# ("activation instability"). Bit-meta first trains a *meta-state*, weights good at every candidate bit-width;
+# bit-search then learns the alphas on that frozen meta-state; weight training starts from it.
+#
 # Each step takes `autocast` (a context factory, e.g. bf16), `sync(params, loss)`, called between backward and
 # optimizer step (the driver all-reduces there), and `criterion(logits, targets)` (e.g. distillation_loss(teacher's
 # logits)). Nothing here knows about processes, files or printing.
+
+
+def no_sync(params, loss):
+    """The default `sync` of the step functions: one process, nothing to reduce."""
+    return loss
 
 
 @contextlib.contextmanager
@@ -426,8 +563,9 @@ def batch_stats_bn(model: nn.Module):
     """BN normalises with the batch's statistics and leaves its running buffers alone; dropout off."""
     was_training = model.training
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    # Train-mode BN without tracking uses the batch's statistics and leaves the buffers alone.
     for m in bns:
-        m.track_running_stats = False  # train-mode BN then uses batch statistics and leaves the buffers alone
+        m.track_running_stats = False
     for m in model.train().modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()
@@ -440,8 +578,12 @@ def batch_stats_bn(model: nn.Module):
 
 
 def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
-    """LSQ's data-dependent init on one batch: every branch's step, each layer's grid (sign, offset); then "fp". Our
-    choice: BN uses the batch's statistics (a model from scratch has running statistics 0 and 1: steps of 0)."""
+    """LSQ's data-dependent init on one batch: every branch's step, each layer's grid (sign, offset); then "fp".
+
+    Each branch is initialised from the inputs it sees when the whole network runs at its bit-width, as in bit-meta.
+    Our choice: BN uses the batch's statistics, since a model trained from scratch has running statistics 0 and 1,
+    which would give steps of 0.
+    """
     with torch.no_grad(), batch_stats_bn(model):
         for branch in range(len(searched_layers(model)[0].candidates)):
             set_mode(model, "meta", branch)
@@ -450,16 +592,29 @@ def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
 
 
 def distillation_loss(teacher_logits: torch.Tensor):
-    """The authors' loss (their code; the paper names none): the batch mean of -sum_c softmax(teacher)_c *
-    log_softmax(student)_c, a frozen teacher at temperature 1, no label term. A criterion(logits, targets)."""
+    """The authors' loss (their code; the paper names none), as a criterion(logits, targets).
+
+    The batch mean of -sum_c softmax(teacher)_c * log_softmax(student)_c: a frozen teacher at temperature 1, and no
+    label term (the targets are not used).
+    """
     probs = F.softmax(teacher_logits.detach().float(), 1)
-    return lambda logits, targets: F.cross_entropy(logits.float(), probs)
+
+    def criterion(logits, targets):
+        return F.cross_entropy(logits.float(), probs)
+
+    return criterion
 
 
 def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
-    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached; one backward per
-    candidate, gradients accumulating in .grad. Our choice: BN layers shared by all candidates."""
-    n, total = len(searched_layers(model)[0].candidates), torch.zeros((), device=images.device)
+    """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached.
+
+    One forward and backward per candidate, the gradients accumulating in .grad, so that one optimizer step follows
+    the mean: a backward per candidate keeps one graph in memory at a time. (The authors' code calls backward on the
+    last candidate's loss only, which trains an 8-bit model; Eq. 1 and the text say the mean.) Our choice: BN layers
+    are shared by all candidates, as the paper's Fig. 4 shows no per-branch BN.
+    """
+    n = len(searched_layers(model)[0].candidates)
+    total = torch.zeros((), device=images.device)
     for branch in range(n):
         set_mode(model, "meta", branch)
         with autocast():
@@ -479,24 +634,26 @@ def bit_search_step(
     fixed: bool = True,
     criterion=F.cross_entropy,
 ):
-    """Eq. 3: L = L_task + lambda * L_reg (Eq. 4) on the frozen meta-state (only the alphas learn). Our choice: BN
-    uses the batch's statistics and leaves its buffers alone; dropout is off. `fixed=False`: the paper's Figure 7(a)
-    ablation, "weights trained during bit-search", nothing frozen, BN and dropout as in training (the caller steps
-    the meta optimizer too). Returns (L, GBOPs of the argmax configuration), detached."""
-    frozen = [p for p in meta_params(model) if p.requires_grad] if fixed else []
+    """Eq. 3: L = L_task + lambda * L_reg (Eq. 4), on the frozen meta-state: only the alphas learn.
+
+    Returns (L, GBOPs of the argmax configuration), detached. Our choice: BN uses the batch's statistics and leaves
+    its buffers alone, and dropout is off, so that the search changes nothing of the meta-state (the authors' code
+    lets BN update its buffers here). `fixed=False` is the paper's Figure 7(a) ablation, "weights trained during
+    bit-search": nothing frozen, BN and dropout as in training, and the caller steps the meta optimizer too.
+    """
+    frozen = []
+    if fixed:
+        frozen = [p for p in meta_params(model) if p.requires_grad]
     set_mode(model, "search")
     for p in frozen:
         p.requires_grad_(False)
+    bn_mode = batch_stats_bn(model) if fixed else contextlib.nullcontext()
     try:
-        with batch_stats_bn(model) if fixed else contextlib.nullcontext(), autocast():
+        with bn_mode, autocast():
             task = criterion(model(images), targets)
-        reg, gbops = bops_regularizer(
-            torch.stack(alphas_of(model)),
-            candidate_costs(model),
-            [m.macs for m in searched_layers(model)],
-            c_fixed_of(model),
-            target_gbops,
-        )
+        alphas = torch.stack(alphas_of(model))
+        macs = [m.macs for m in searched_layers(model)]
+        reg, gbops = bops_regularizer(alphas, candidate_costs(model), macs, c_fixed_of(model), target_gbops)
         loss = task.float() + lam * reg
         loss.backward()
     finally:
@@ -516,12 +673,15 @@ def bit_selection_step(
     lam: float = 0.0,
     target_gbops: float | None = None,
     autocast=contextlib.nullcontext,
-    sync=lambda params, loss: loss,
+    sync=no_sync,
     fixed: bool = True,
     criterion=F.cross_entropy,
 ):
-    """One iteration of bit selection (Table 1): a bit-meta step (Eq. 1) and, in the search epoch, a bit-search step
-    (Eq. 3-5) on the meta-state just updated, "given the same mini-batch". Returns (meta loss, search loss, GBOPs)."""
+    """One iteration of bit selection (Table 1); returns (meta loss, search loss, GBOPs).
+
+    A bit-meta step (Eq. 1) and, in the search epoch, a bit-search step (Eq. 3-5) on the meta-state just updated,
+    "given the same mini-batch", as the paper alternates them.
+    """
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     meta_loss = sync(params, bit_meta_step(model, images, targets, autocast, criterion))
@@ -531,7 +691,10 @@ def bit_selection_step(
     opt_alpha.zero_grad(set_to_none=True)
     opt.zero_grad(set_to_none=True)
     loss, gbops = bit_search_step(model, images, targets, lam, target_gbops, autocast, fixed, criterion)
-    search_loss = sync(alphas_of(model) + ([] if fixed else params), loss)
+    learned = alphas_of(model)
+    if not fixed:
+        learned = learned + params
+    search_loss = sync(learned, loss)
     opt_alpha.step()
     if not fixed:
         opt.step()
@@ -541,17 +704,23 @@ def bit_selection_step(
 def start_weight_training(
     model: nn.Module, target_gbops: float, repair: bool = True, branches: Sequence[int] | None = None
 ):
-    """Between the phases: bits = argmax alpha (lowered to fit the target if `repair`; or `branches`), weight LSQ on
-    from the meta-state (the paper's "mixed-precision-aware" init). Returns (branches, GBOPs, whether repaired)."""
-    layers, argmax = searched_layers(model), argmax_branches(model)
+    """Between the phases: the bits are fixed and the weights quantized. Returns (branches, GBOPs, repaired).
+
+    The bits are argmax alpha (lowered to fit the target if `repair`), or the given `branches`. Weight LSQ is turned
+    on here, each step initialised at its first use from the meta-state's weights: the paper's
+    "mixed-precision-aware" initialisation, which keeps the meta-state's weights and selected steps.
+    """
+    layers = searched_layers(model)
+    argmax = argmax_branches(model)
     if branches is None and repair:
         probs = [F.softmax(m.act.alpha.detach().float(), 0).tolist() for m in layers]
-        branches = repair_to_budget(
-            probs, argmax, candidate_costs(model), [m.macs for m in layers], c_fixed_of(model), target_gbops
-        )
-    branches = argmax if branches is None else list(branches)
+        macs = [m.macs for m in layers]
+        branches = repair_to_budget(probs, argmax, candidate_costs(model), macs, c_fixed_of(model), target_gbops)
+    if branches is None:
+        branches = argmax
+    branches = list(branches)
     apply_selection(model, branches)
-    set_mode(model, "selected", quant_weights=True)  # each weight step initialised at its first use: the meta-state's
+    set_mode(model, "selected", quant_weights=True)
     return branches, branches_gbops(model, branches), branches != argmax
 
 
@@ -561,7 +730,7 @@ def weight_training_step(
     targets,
     opt,
     autocast=contextlib.nullcontext,
-    sync=lambda params, loss: loss,
+    sync=no_sync,
     criterion=F.cross_entropy,
 ):
     """One step of weight training: ordinary training of weights and steps at the selected bits."""
@@ -569,15 +738,18 @@ def weight_training_step(
     with autocast():
         loss = criterion(model(images), targets)
     loss.backward()
-    loss = sync([p for g in opt.param_groups for p in g["params"]], loss.detach())
+    params = [p for g in opt.param_groups for p in g["params"]]
+    loss = sync(params, loss.detach())
     opt.step()
     return loss
 
 
 # ==== 7. The speed path: a fused layer op (what the driver runs) ====================================================
-# A `fused` QuantLayer runs one autograd function for activation (a branch, or Eq. 2's mixture), weight and op: it
-# saves only x and the raw weight, recomputes the codes in backward and masks with hardtanh's backward. The same
-# values and gradients as sections 1-2 (tests), in less time and memory (docs/speed.md).
+# Not the paper: machinery that computes sections 1-2 faster. A `fused` QuantLayer runs one autograd function for
+# activation (a branch, or Eq. 2's mixture), weight and op. Autograd through sections 1-2 keeps every intermediate
+# of the quantizers (x/s, the clamp, the round, the mixture's terms) for backward; the fused op saves only x and the
+# raw weight, recomputes the integer codes in backward and masks with hardtanh's backward, in one pass each. Tests
+# hold it equal to sections 1-2, value and every gradient; docs/speed.md has its time and memory.
 
 
 def fused_forward(
@@ -588,88 +760,111 @@ def fused_forward(
     bias: bool = True,
 ) -> torch.Tensor:
     """layer(x) through FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
-    act, wq = layer.act, wq or layer.weight_quant
-    branches = [act.branch] if act.mode == "branch" else list(range(len(act.bits)))
+    act = layer.act
+    if wq is None:
+        wq = layer.weight_quant
+    if act.mode == "branch":
+        branches = [act.branch]
+    else:
+        branches = list(range(len(act.bits)))
+        if probs is None:
+            probs = F.softmax(act.alpha, dim=0)
     act.init_steps(x, branches)
     a_q = [quant_params(act.bits[i], act.signed, x.numel() // x.shape[0]) for i in branches]
-    probs = F.softmax(act.alpha, dim=0) if act.mode != "branch" and probs is None else probs
-    w_step = w_q = None
+    w_step = None
+    w_q = None
     if wq.enabled:
         if not wq.initialized:
             wq.init_step(layer.weight)
-        w_step = positive(wq.step).view(-1, *[1] * (layer.weight.dim() - 1))  # (C_out, 1, ...)
+        # (C_out, 1, ...)
+        w_step = positive(wq.step).view(-1, *[1] * (layer.weight.dim() - 1))
         w_q = quant_params(wq.bits, True, layer.weight.numel() // len(wq.step), wq.narrow)
-    return FusedQuantOp.apply(
-        x,
-        positive(act.step[branches]),
-        probs,
-        layer.weight,
-        w_step,
-        layer.bias if bias else None,
-        a_q,
-        w_q,
-        layer.op,
-        act.offset,
-    )
+    layer_bias = layer.bias if bias else None
+    steps = positive(act.step[branches])
+    return FusedQuantOp.apply(x, steps, probs, layer.weight, w_step, layer_bias, a_q, w_q, layer.op, act.offset)
 
 
 def quant_params(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
-    return (*lsq_range(bits, signed, narrow), lsq_grad_scale(n, bits, signed))  # (Qn, Qp, LSQ's gradient scale)
+    """(Qn, Qp, LSQ's gradient scale) of a quantizer whose step is shared by n values."""
+    qn, qp = lsq_range(bits, signed, narrow)
+    return qn, qp, lsq_grad_scale(n, bits, signed)
 
 
 def lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    return (x / step).clamp_(qn, qp).round_()  # the integer codes round(clamp(x/s, Qn, Qp)), in one new buffer
+    """The integer codes round(clamp(x/s, Qn, Qp)), in one new buffer."""
+    return (x / step).clamp_(qn, qp).round_()
 
 
 @functools.lru_cache(maxsize=None)
-def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:  # lo < v < hi exactly when Qn <= v <= Qp
-    ends, out = torch.tensor([qn, qp], dtype=dtype), torch.tensor([-math.inf, math.inf], dtype=dtype)
-    return torch.nextafter(ends, out).tolist()
+def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:
+    """(lo, hi) with lo < v < hi exactly when Qn <= v <= Qp: hardtanh's backward passes the open interval."""
+    ends = torch.tensor([qn, qp], dtype=dtype)
+    outwards = torch.tensor([-math.inf, math.inf], dtype=dtype)
+    return torch.nextafter(ends, outwards).tolist()
 
 
 def pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
     """g where Qn <= v <= Qp, else 0: the straight-through mask as hardtanh's backward, one pass, into `out`."""
+    lo, hi = _open_bounds(qn, qp, v.dtype)
     if out is None:
-        return torch.ops.aten.hardtanh_backward(g, v, *_open_bounds(qn, qp, v.dtype))
-    return torch.ops.aten.hardtanh_backward.grad_input(g, v, *_open_bounds(qn, qp, v.dtype), grad_input=out)
+        return torch.ops.aten.hardtanh_backward(g, v, lo, hi)
+    return torch.ops.aten.hardtanh_backward.grad_input(g, v, lo, hi, grad_input=out)
 
 
 def sum_product(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
-    """sum(a * b): in one pass for a step per tensor; per row (output channel) in step's shape for one per row."""
+    """sum(a * b) without a product buffer: one value (in step's shape, if given), or one per row if step has one
+    value per row (an output channel's)."""
     if step is None or step.numel() == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(() if step is None else step.shape)
+        shape = () if step is None else step.shape
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
     return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(a), -1, 1)).view_as(step)
 
 
 def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
     <g, q> - <g * inside, v>. Returns (grad x, in g's buffer; grad s or None); v is computed in q's buffer."""
-    gq = sum_product(g, q, step) if need_s else None
+    gq = None
+    if need_s:
+        gq = sum_product(g, q, step)
     v = torch.div(x, step, out=q)
     gx = pass_inside(g, v, qn, qp, out=g)
-    return gx, (gq - sum_product(gx, v, step)) * grad_scale if need_s else None
+    if not need_s:
+        return gx, None
+    return gx, (gq - sum_product(gx, v, step)) * grad_scale
 
 
 def _mixture(x, steps, probs, a_q):
     """x_hat of Eq. 2, sum_i p_i * s_i * round(clamp(x/s_i, Qn_i, Qp_i)): 4 passes per branch, one scratch buffer."""
-    out = tmp = None
+    out = None
+    tmp = None
     for i, (qn, qp, _) in enumerate(a_q):
         tmp = torch.div(x, steps[i], out=tmp).clamp_(qn, qp).round_()
-        out = tmp * (steps[i] * probs[i]) if out is None else out.addcmul_(tmp, steps[i] * probs[i])
+        if out is None:
+            out = tmp * (steps[i] * probs[i])
+        else:
+            out.addcmul_(tmp, steps[i] * probs[i])
     return out
 
 
 def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
-    """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation): d/dx = sum_i p_i * (g *
-    inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> - <g * inside_i, v_i>) * grad scale."""
-    gs, gp = (torch.zeros_like(steps) if need_s else None), (torch.zeros_like(probs) if need_p else None)
-    gx = v = q = gi = None  # buffers reused across branches
+    """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation):
+    d/dx = sum_i p_i * (g * inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> - <g * inside_i, v_i>) * g_s.
+    """
+    gs = torch.zeros_like(steps) if need_s else None
+    gp = torch.zeros_like(probs) if need_p else None
+    # Buffers reused across branches.
+    gx = v = q = gi = None
     for i, (qn, qp, grad_scale) in enumerate(a_q):
         v = torch.div(x, steps[i], out=v)
         q = torch.clamp(v, qn, qp, out=q).round_()
-        gi = pass_inside(g, v, qn, qp, out=gi)  # g * inside_i
-        gx = gi * probs[i] if gx is None else gx.addcmul_(gi, probs[i])
-        gq = sum_product(g, q) if need_p or need_s else None
+        # g * inside_i
+        gi = pass_inside(g, v, qn, qp, out=gi)
+        if gx is None:
+            gx = gi * probs[i]
+        else:
+            gx.addcmul_(gi, probs[i])
+        if need_p or need_s:
+            gq = sum_product(g, q)
         if need_p:
             gp[i] = steps[i] * gq
         if need_s:
@@ -678,60 +873,92 @@ def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    """A half-precision tensor in fp32 (the quantizer math runs in fp32 under autocast too); others as they are."""
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
 
 
 def op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
-    inp, w = inp.to(g.dtype), weight.to(g.dtype)  # under autocast the forward ran in g's dtype
-    if op.kind == "linear":  # out = inp @ W^T + b over the last dim
+    """(grad input, grad weight, grad bias) of op(inp, weight) + b given g; each None where not needed."""
+    # Under autocast the forward ran in g's dtype.
+    inp = inp.to(g.dtype)
+    w = weight.to(g.dtype)
+    if op.kind == "linear":
+        # out = inp @ W^T + b over the last dimension
         g2 = g.reshape(-1, g.shape[-1])
-        g_in = (g @ w) if need_in else None
-        g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype) if need_w else None
-        return g_in, g_w, g2.sum(0).to(weight.dtype) if need_b else None
+        g_in = g_w = g_b = None
+        if need_in:
+            g_in = g @ w
+        if need_w:
+            g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype)
+        if need_b:
+            g_b = g2.sum(0).to(weight.dtype)
+        return g_in, g_w, g_b
+    bias_sizes = [w.shape[0]] if need_b else None
     g_in, g_w, g_b = torch.ops.aten.convolution_backward(
-        g,
-        inp,
-        w,
-        [w.shape[0]] if need_b else None,
-        op.stride,
-        op.padding,
-        op.dilation,
-        False,
-        [0, 0],
-        op.groups,
-        [need_in, need_w, need_b],
+        g, inp, w, bias_sizes, op.stride, op.padding, op.dilation, False, [0, 0], op.groups, [need_in, need_w, need_b]
     )
-    return g_in, *(t.to(weight.dtype) if t is not None else None for t in (g_w, g_b))
+    if g_w is not None:
+        g_w = g_w.to(weight.dtype)
+    if g_b is not None:
+        g_b = g_b.to(weight.dtype)
+    return g_in, g_w, g_b
 
 
 class FusedQuantOp(torch.autograd.Function):
-    """out = op(sum_i p_i Q_i(x; s_i), Q_w(W; s_w)) + b; steps, a_q: the K active branches' steps and (Qn, Qp, grad
-    scale); probs: None for one branch; w_step (C_out, 1, ...), w_q: None for an FP weight; offset: the inputs' o. The
-    op runs on integer codes, scaled after (s_a s_w[c] op(q_a, q_w) + b; with o, minus o s_w[c] op(1, q_w), the
-    border map of zero padding): exact in bf16 up to 256, so bf16 autocast rounds only the op's output (and mixture)."""
+    """out = op(sum_i p_i Q_i(x; s_i), Q_w(W; s_w)) + b, sections 1-2 in one autograd function.
+
+    steps, a_q: the K active branches' steps and (Qn, Qp, grad scale); probs: None for one branch; w_step
+    (C_out, 1, ...) and w_q: None for an FP weight; offset: the inputs' o. The op runs on integer codes and is
+    scaled after, s_a s_w[c] op(q_a, q_w) + b (with o, minus o s_w[c] op(1, q_w), the border map of zero padding):
+    the codes are exact in bf16 up to 256, so bf16 autocast rounds only the op's output (and the mixture).
+    """
 
     @staticmethod
     def forward(ctx, x, steps, probs, weight, w_step, bias, a_q, w_q, op, offset=0.0):
-        xf = upcast(x) + offset if offset else upcast(x)  # quantizer math in fp32 (also under autocast), on x + o
-        w, w_scale = weight, None
+        # The quantizer math in fp32 (also under autocast), on x + o.
+        xf = upcast(x)
+        if offset:
+            xf = xf + offset
+        w = weight
+        w_scale = None
         if w_q is not None:
             w = lsq_codes(weight, w_step, *w_q[:2])
-            w_scale = w_step.reshape(-1, 1, 1) if op.kind == "conv2d" else w_step.reshape(-1)  # along output channels
+            # s_w along the output channels
+            if op.kind == "conv2d":
+                w_scale = w_step.reshape(-1, 1, 1)
+            else:
+                w_scale = w_step.reshape(-1)
         if probs is None:
-            x_in, scale = lsq_codes(xf, steps[0], *a_q[0][:2]), steps[0]
-        else:  # the mixture, sum_i p_i (s_i q_i - o)
-            x_in, scale = _mixture(xf, steps, probs, a_q), None
-            x_in = x_in.sub_(offset * probs.sum()) if offset else x_in
-        scale = w_scale if scale is None else scale if w_scale is None else scale * w_scale
+            x_in = lsq_codes(xf, steps[0], *a_q[0][:2])
+            scale = steps[0]
+            if w_scale is not None:
+                scale = scale * w_scale
+        else:
+            # the mixture, sum_i p_i (s_i q_i - o), already scaled by the activation steps
+            x_in = _mixture(xf, steps, probs, a_q)
+            if offset:
+                x_in = x_in.sub_(offset * probs.sum())
+            scale = w_scale
         ctx.save_for_backward(x, steps, probs, weight, w_step)
-        ctx.a_q, ctx.w_q, ctx.op, ctx.has_bias, ctx.offset = a_q, w_q, op, bias is not None, offset
+        ctx.a_q = a_q
+        ctx.w_q = w_q
+        ctx.op = op
+        ctx.has_bias = bias is not None
+        ctx.offset = offset
         out = op(x_in, w)
         if scale is None and bias is None:
             return out
-        y = upcast(out) if scale is None else upcast(out).mul_(scale)  # in fp32, one rounding to out's dtype
-        if offset and probs is None:  # s op(q - o/s, W) = s op(q, W) - o op(1, W), in fp32
+        # In fp32, then one rounding to out's dtype.
+        y = upcast(out)
+        if scale is not None:
+            y = y.mul_(scale)
+        if offset and probs is None:
+            # s op(q - o/s, W) = s op(q, W) - o op(1, W), in fp32
+            border = offset if w_scale is None else offset * w_scale
             with torch.autocast(x.device.type, enabled=False):
-                y.sub_(op(xf.new_ones(1, *x.shape[1:]), w) * (offset if w_scale is None else offset * w_scale))
+                y.sub_(op(xf.new_ones(1, *x.shape[1:]), w) * border)
         if bias is not None:
             y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
         return y.to(out.dtype)
@@ -740,57 +967,93 @@ class FusedQuantOp(torch.autograd.Function):
     def backward(ctx, g):
         x, steps, probs, weight, w_step = ctx.saved_tensors
         need_x, need_s, need_p, need_w, need_ws, need_b = ctx.needs_input_grad[:6]
-        need_in, need_wgrad, need_b = need_x or need_s or need_p, need_w or need_ws, need_b and ctx.has_bias
-        a_q, w_q, op, o = ctx.a_q, ctx.w_q, ctx.op, ctx.offset
-        w_codes = None if w_q is None else lsq_codes(weight, w_step, *w_q[:2])
-        w = weight if w_codes is None else w_codes * w_step
-        xf = upcast(x) + o if o else upcast(x)
+        need_in = need_x or need_s or need_p
+        need_wgrad = need_w or need_ws
+        need_b = need_b and ctx.has_bias
+        a_q = ctx.a_q
+        w_q = ctx.w_q
+        op = ctx.op
+        o = ctx.offset
+        w_codes = None
+        w = weight
+        if w_q is not None:
+            w_codes = lsq_codes(weight, w_step, *w_q[:2])
+            w = w_codes * w_step
+        xf = upcast(x)
+        if o:
+            xf = xf + o
         gx = gs = gp = g_ws = None
-        if probs is None:  # one branch: bit-meta and weight training (the hot path)
-            q = lsq_codes(xf, steps[0], *a_q[0][:2])
+        if probs is None:
+            # One branch: bit-meta and weight training (the hot path).
+            qn, qp, grad_scale = a_q[0]
+            q = lsq_codes(xf, steps[0], qn, qp)
             # The op is linear in its input: grad_W(s * q) = s * grad_W(q), so the codes serve as input.
-            only_s = need_s and not need_x  # e.g. the image's quantizer in the first layer
-            q_in = q - o / steps[0] if o else q  # s * q_in: the quantized input
+            # Only the step needs a gradient, e.g. the image's quantizer in the first layer.
+            only_s = need_s and not need_x
+            # s * q_in is the quantized input.
+            q_in = q - o / steps[0] if o else q
             g_in, g_w, g_b = op_backward(g, q_in, w, op, need_in and not only_s, need_wgrad, need_b)
             if g_w is not None:
                 g_w.mul_(steps[0])
-            if only_s:  # <g_in, r> = <g, op(r, W)> (adjoint): one forward op instead of an input gradient
-                v = xf / steps[0]  # d(s q)/ds = q - v * inside, built in q's buffer
-                r = q.sub_(pass_inside(v, v, *a_q[0][:2], out=v))
-                gs = (sum_product(upcast(g), op(r, w)) * a_q[0][2]).reshape(1)
+            if only_s:
+                # <g_in, r> = <g, op(r, W)> (the adjoint): one forward op instead of an input gradient, with
+                # r = d(s q)/ds = q - v * inside, built in q's buffer.
+                v = xf / steps[0]
+                r = q.sub_(pass_inside(v, v, qn, qp, out=v))
+                gs = (sum_product(upcast(g), op(r, w)) * grad_scale).reshape(1)
             elif g_in is not None:
-                gx, gs = _lsq_grads(upcast(g_in), xf, q, *a_q[0][:2], steps[0], need_s, a_q[0][2])
-                gs = None if gs is None else gs.reshape(1)
-        else:  # search (Eq. 2); with --unfixed the weights learn too, on the mixture
-            xm = _mixture(xf, steps, probs, a_q).sub_(o * probs.sum()) if need_wgrad else xf
+                gx, gs = _lsq_grads(upcast(g_in), xf, q, qn, qp, steps[0], need_s, grad_scale)
+                if gs is not None:
+                    gs = gs.reshape(1)
+        else:
+            # The search (Eq. 2); with --unfixed the weights learn too, on the mixture.
+            xm = xf
+            if need_wgrad:
+                xm = _mixture(xf, steps, probs, a_q).sub_(o * probs.sum())
             g_in, g_w, g_b = op_backward(g, xm, w, op, need_in, need_wgrad, need_b)
             del xm
             if g_in is not None:
                 gx, gs, gp = _mixture_grads(upcast(g_in), xf, steps, probs, a_q, need_s, need_p)
-                gp = gp.sub_(o * upcast(g_in).sum()) if o and gp is not None else gp  # d/dp_i of -p_i o
-        gx = gx.to(x.dtype) if gx is not None and need_x else None
-        if g_w is not None and w_q is not None:  # through the weight quantizer (LSQ)
+                if o and gp is not None:
+                    # d/dp_i of -p_i o
+                    gp = gp.sub_(o * upcast(g_in).sum())
+        if gx is not None and need_x:
+            gx = gx.to(x.dtype)
+        else:
+            gx = None
+        if g_w is not None and w_q is not None:
+            # Through the weight quantizer (LSQ).
             g_w, g_ws = _lsq_grads(g_w, weight, w_codes, *w_q[:2], w_step, need_ws, w_q[2])
-        return gx, gs, gp, (g_w if need_w else None), g_ws, g_b, None, None, None, None
+        if not need_w:
+            g_w = None
+        return gx, gs, gp, g_w, g_ws, g_b, None, None, None, None
 
 
-def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:  # the fused op, or sections 1-2's readable form
+def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
+    """The fused op in every quantized layer (on), or sections 1-2's readable form (off)."""
     for m in quant_layers(model):
         m.fused = on
     return model
 
 
 # ==== 8. The driver: torchrun, data, model, checkpoints, the run, the command line ==================================
+# Not the paper: what it takes to run sections 1-6 on ImageNet with torchrun and on CPU. Its contract with the
+# user: bad input ends in one line naming the problem (BadInput, exit 2) before anything heavy happens; a resumed
+# run continues bit-exactly (the checkpoint holds every rank's RNG state and the data order follows the epoch);
+# a killed run loses at most the epoch in progress (files are written whole or not at all); one run at a time
+# per output folder (a lock).
 
 
 class BadInput(Exception):
     """A problem the user can fix: one line on stderr, exit status 2, no traceback."""
 
 
+# The signal that asked this process to stop, 0 if none.
 _STOP = {"signum": 0}
 
 
-def _on_signal(signum, frame):  # the first signal stops at the next step boundary; a second one at once
+def _on_signal(signum, frame):
+    """The first SIGINT or SIGTERM stops at the next step boundary, on every rank; a second one at once."""
     _STOP["signum"] = signum
     signal.signal(signum, signal.SIG_DFL)
 
@@ -799,43 +1062,54 @@ class Dist:
     """torchrun's process group (nccl on GPUs, gloo on CPU); one process without torchrun."""
 
     def __init__(self):
-        env = os.environ.get
-        self.world, self.rank, local = int(env("WORLD_SIZE", "1")), int(env("RANK", "0")), int(env("LOCAL_RANK", "0"))
-        self.main, self.cuda = self.rank == 0, torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{local}" if self.cuda else "cpu")
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+        self.cuda = torch.cuda.is_available()
         if self.cuda:
+            self.device = torch.device(f"cuda:{local_rank}")
             torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
         if self.world > 1:
             torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
 
 
-def sync_step(dist: Dist, params: Sequence[nn.Parameter], loss: torch.Tensor) -> tuple[float, bool]:
-    """ONE all-reduce per step: the gradients, the loss and the stop flag (our choice instead of DDP, which handles
-    bit-meta's unused branches only with find_unused_parameters). Returns (mean loss, whether a rank was signalled)."""
+def sync_step(dist, params, loss):
+    """ONE all-reduce per step: the gradients, the loss and the stop flag. Returns (mean loss, a rank signalled).
+
+    Our choice instead of DistributedDataParallel: bit-meta leaves the other branches' steps without gradients in
+    each pass, which DDP handles only with find_unused_parameters and a second traversal. One flat all-reduce is
+    also where every rank learns that one of them was signalled, so that all stop at the same step.
+    """
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.stack([loss.float().reshape(()), torch.tensor(float(_STOP["signum"] > 0), device=loss.device)])
+    stop = torch.tensor(float(_STOP["signum"] > 0), device=loss.device)
+    flat = torch.stack([loss.float().reshape(()), stop])
     if dist.world > 1:
         flat = torch.cat([flat] + [g.reshape(-1).float() for g in grads])
         torch.distributed.all_reduce(flat)
         flat /= dist.world
         for g, mean in zip(grads, flat[2:].split([g.numel() for g in grads])):
             g.copy_(mean.view_as(g))
-    loss_v, stop = flat[:2].tolist()
-    return loss_v, stop > 0
+    loss_v, stop_v = flat[:2].tolist()
+    return loss_v, stop_v > 0
 
 
-def synthetic_spec(data: str) -> tuple[int, int, int] | None:
+def synthetic_spec(data):
     """(train images, val images, classes) of --data synthetic[:TRAIN,VAL,CLASSES]; None for a folder."""
     name, _, given = data.partition(":")
     if name != "synthetic":
         return None
-    spec = [int(v) if v.isdigit() else -1 for v in given.split(",")] if given else [2560, 1000, 10]
+    spec = [2560, 1000, 10]
+    if given:
+        spec = [int(v) if v.isdigit() else -1 for v in given.split(",")]
     if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
         raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 validation image and 2 classes or more")
     return tuple(spec)
 
 
-def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, split: str):
+def synthetic_dataset(n, num_classes, image_size, seed, split):
     """A learnable set from the seed: its class's smooth random colour pattern, shifted, scaled, plus noise."""
     g = torch.Generator().manual_seed(seed)
     templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear")
@@ -843,51 +1117,59 @@ def synthetic_dataset(n: int, num_classes: int, image_size: int, seed: int, spli
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
     shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n, 2), generator=g)
     x = torch.stack([torch.roll(t, (int(s[0]), int(s[1])), (1, 2)) for t, s in zip(templates[labels], shifts)])
-    x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 1, 1, 1, generator=g)
-    return torch.utils.data.TensorDataset((x + 0.7 * torch.randn(x.shape, generator=g)).contiguous(), labels)
+    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
+    brightness = 0.3 * torch.randn(n, 1, 1, 1, generator=g)
+    x = x * contrast + brightness
+    noisy = x + 0.7 * torch.randn(x.shape, generator=g)
+    return torch.utils.data.TensorDataset(noisy.contiguous(), labels)
 
 
 def build_datasets(args):
     """(train set, val set, classes): synthetic, or ImageFolder with torchvision's reference transforms."""
-    if spec := synthetic_spec(args.data):
-        return (
-            *(synthetic_dataset(n, spec[2], args.image_size, args.seed, s) for n, s in zip(spec, ("train", "val"))),
-            spec[2],
-        )
+    spec = synthetic_spec(args.data)
+    if spec:
+        train_images, val_images, classes = spec
+        train = synthetic_dataset(train_images, classes, args.image_size, args.seed, "train")
+        val = synthetic_dataset(val_images, classes, args.image_size, args.seed, "val")
+        return train, val, classes
     if not os.path.isdir(args.data):
         raise BadInput(f"--data {args.data}: no such folder (expected train/ and val/ in it)")
-    norm, size = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), args.image_size  # ImageNet's mean, std
-    tf = {
-        "train": T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
-        "val": T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm]),
-    }
-    try:  # ImageFolder names a missing folder, a folder without classes, a class without images
-        train, val = (ImageFolder(os.path.join(args.data, s), tf[s]) for s in ("train", "val"))
+    # ImageNet's mean and standard deviation
+    norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    size = args.image_size
+    train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), norm])
+    # ImageFolder names a missing folder, a folder without classes, a class without images.
+    try:
+        train = ImageFolder(os.path.join(args.data, "train"), train_tf)
+        val = ImageFolder(os.path.join(args.data, "val"), val_tf)
     except OSError as e:
-        raise BadInput(f"--data {args.data}: {e.strerror + ': ' + e.filename if e.filename else e}") from None
+        problem = f"{e.strerror}: {e.filename}" if e.filename else e
+        raise BadInput(f"--data {args.data}: {problem}") from None
     if train.classes != val.classes:
-        raise BadInput(
-            f"--data {args.data}: train/ and val/ have different classes, e.g. "
-            f"{sorted(set(train.classes) ^ set(val.classes))[0]}"
-        )
+        example = sorted(set(train.classes) ^ set(val.classes))[0]
+        raise BadInput(f"--data {args.data}: train/ and val/ have different classes, e.g. {example}")
     return train, val, len(train.classes)
 
 
-def build_loaders(args, dist: Dist, train_set, val_set):
+def build_loaders(args, dist, train_set, val_set):
     """Loaders (validation: each image once, rank r takes r, r+W, ...) and LSQ's calibration batch (from --seed)."""
-    if args.batch_size > (share := len(train_set) // dist.world):
+    share = len(train_set) // dist.world
+    if args.batch_size > share:
         raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images; use {share} or less")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
-    # workers are re-created each epoch (not persistent), seeded from the RNG state at its start: exact resume
-    kw = dict(num_workers=0 if synthetic_spec(args.data) else args.workers, pin_memory=dist.cuda)
+    # Workers are re-created each epoch (not persistent) and seeded from the RNG state at its start: exact resume.
+    workers = 0 if synthetic_spec(args.data) else args.workers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        calib = torch.stack([train_set[int(i)][0] for i in torch.randperm(len(train_set))[: args.batch_size]])
-    return (
-        DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **kw),
-        DataLoader(val_set, args.batch_size, sampler=range(dist.rank, len(val_set), dist.world), **kw),
-        calib,
+        picked = torch.randperm(len(train_set))[: args.batch_size]
+        calib = torch.stack([train_set[int(i)][0] for i in picked])
+    train_loader = DataLoader(
+        train_set, args.batch_size, sampler=sampler, drop_last=True, num_workers=workers, pin_memory=dist.cuda
     )
+    val_sampler = range(dist.rank, len(val_set), dist.world)
+    val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, num_workers=workers, pin_memory=dist.cuda)
+    return train_loader, val_loader, calib
 
 
 # The paper's settings (Table 1, supplement Table 8, headline targets); the torchvision weights nearest its FP models.
@@ -901,9 +1183,6 @@ OTHER_DEFAULTS = {
     "mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
     None: dict(bits="8,4,2", lam=1.0, epochs=90),
 }
-# LRs (from pretrained weights, from scratch): ours (SGD: the digits study's, docs/digits.md), the authors' (Adam).
-LR = {"sgd": (0.01, 0.05), "adam": (5e-4, 5e-4)}
-ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1), "authors": (1e-4, 1e-3)}
 # What metamix can neither quantize nor count in BOPs (Swin's attention shows as Linear modules not called).
 UNSUPPORTED = (
     nn.Conv1d,
@@ -916,31 +1195,40 @@ UNSUPPORTED = (
 )
 
 
-def resolve_weights(arch: str, name: str, flag: str = "--pretrained"):
+def resolve_weights(arch, name, flag="--pretrained"):
     """torchvision's weights enum for --pretrained NAME ("paper": those closest to the paper's FP baseline)."""
     enum = torchvision.models.get_model_weights(arch)
+    if name == "paper":
+        name = PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT")
     try:
-        return enum.verify(PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT") if name == "paper" else name)
+        return enum.verify(name)
     except (KeyError, ValueError):
+        names = ", ".join(w.name for w in enum)
         raise BadInput(
-            f"{flag} {name!r}: no such file and no such weights for {arch}; give a state dict's path "
-            f"or one of: {', '.join(['DEFAULT'] + [w.name for w in enum])}"
+            f"{flag} {name!r}: no such file and no such weights for {arch}; give a state dict's path or one of: "
+            f"DEFAULT, {names}"
         ) from None
 
 
-def local_weights(name: str | None) -> bool:
+def local_weights(name):
     """A full-precision state dict on disk (a PATH), rather than torchvision's weights by name."""
     return bool(name) and (os.sep in name or os.path.exists(name))
 
 
-def fp_model(arch: str, name: str | None, num_classes: int, flag: str = "--pretrained") -> nn.Module:
+def fp_model(arch, name, num_classes, flag="--pretrained"):
     """A torchvision model: torchvision's weights by name, a local state dict, or (no name) a fresh init."""
-    weights = resolve_weights(arch, name, flag) if name and not local_weights(name) else None
-    if weights is not None and num_classes != 1000:
-        raise BadInput(f"{flag} {name} needs 1000 classes, the data has {num_classes}")
-    kw = {} if weights else {"num_classes": num_classes}
-    if arch in ("googlenet", "inception_v3"):  # without their auxiliary heads, the training output is a tensor
-        kw.update(aux_logits=False, **({} if weights else {"init_weights": True}))
+    weights = None
+    kw = {"num_classes": num_classes}
+    if name and not local_weights(name):
+        weights = resolve_weights(arch, name, flag)
+        if num_classes != 1000:
+            raise BadInput(f"{flag} {name} needs 1000 classes, the data has {num_classes}")
+        kw = {}
+    if arch in ("googlenet", "inception_v3"):
+        # Without their auxiliary heads, the training output is a tensor.
+        kw["aux_logits"] = False
+        if weights is None:
+            kw["init_weights"] = True
     try:
         model = torchvision.models.get_model(arch, weights=weights, **kw)
     except Exception as e:
@@ -950,24 +1238,29 @@ def fp_model(arch: str, name: str | None, num_classes: int, flag: str = "--pretr
         try:
             model.load_state_dict(sd.get("model", sd))
         except (RuntimeError, TypeError, AttributeError) as e:
+            reason = str(e).splitlines()[0]
             raise BadInput(
-                f"{flag} {name} is not a state dict of {arch} with {num_classes} classes ({str(e).splitlines()[0]})"
+                f"{flag} {name} is not a state dict of {arch} with {num_classes} classes ({reason})"
             ) from None
     return model
 
 
-def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Module:
+def build_model(args, num_classes, layer_type=QuantLayer):
     """The torchvision model with its FP weights, patched; refused, naming the layer, unless all is counted."""
     model = fp_model(args.arch, args.pretrained, num_classes)
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
     patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, 224, layer_type, args.plain_lsq)
-    found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    # A Conv2d or Linear still there was not called as a module in the forward pass (e.g. attention's projections).
+    for n, m in model.named_modules():
+        if type(m) in (nn.Conv2d, nn.Linear):
+            found.append(f"{n} (not called as a module)")
     if found:
         raise BadInput(
             f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
             "metamix quantizes Conv2d and Linear modules (CNNs such as resnet18, mobilenet_v2)"
         )
-    for size in [args.image_size] + list(range(16, 225, 16)):  # is the crop too small for the model's pooling?
+    # Is the crop too small for the model's pooling? The smallest size that runs, to name in the error.
+    for size in [args.image_size] + list(range(16, 225, 16)):
         with contextlib.suppress(RuntimeError), torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
             break
@@ -976,7 +1269,7 @@ def build_model(args, num_classes: int, layer_type: type = QuantLayer) -> nn.Mod
     return model.train()
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path, data):
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file whole."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -994,42 +1287,61 @@ def atomic_write(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def saved_bytes(obj) -> bytes:  # a full disk then fails in atomic_write, naming the path, not in torch.save
-    torch.save(obj, buf := io.BytesIO())
+def saved_bytes(obj):
+    """torch.save into memory: a full disk then fails in atomic_write, which names the path, not in torch.save."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     return buf.getvalue()
 
 
-def load_checkpoint(path: str, flag: str, what: str = "a metamix checkpoint") -> dict:
+def file_kind(head):
+    """What a file that torch.save did not write looks like, from its first bytes."""
+    if not head:
+        return "empty"
+    if not all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        return "a file of another kind"
+    if head.lstrip()[:1] in b"{[":
+        return "a JSON file"
+    return "a text file"
+
+
+def load_checkpoint(path, flag, what="a metamix checkpoint"):
     """torch.load(weights_only=True); every failure a whole sentence that says what the file is."""
+    if os.path.isdir(path):
+        hint = "give a file in it"
+        if flag == "--resume":
+            hint += ", or --resume auto"
+        raise BadInput(f"{flag} {path} is a folder, not {what}; {hint}")
     if not os.path.isfile(path):
-        hint = "give a file in it" + (", or --resume auto" if flag == "--resume" else "")
-        raise BadInput(
-            f"{flag} {path} is a folder, not {what}; {hint}" if os.path.isdir(path) else f"{flag} {path}: no such file"
-        )
+        raise BadInput(f"{flag} {path}: no such file")
     with open(path, "rb") as f:
         head = f.read(4096)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or a legacy pickle
-        text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
-        kind = ("a JSON file" if head.lstrip()[:1] in b"{[" else "a text file") if text else "a file of another kind"
-        raise BadInput(f"{flag} {path} is {kind if head else 'empty'}, not {what} (a file written by torch.save)")
+    # torch.save's zip format, or a legacy pickle
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise BadInput(f"{flag} {path} is {file_kind(head)}, not {what} (a file written by torch.save)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        pickled = "weights_only" in str(e) or "Unsupported global" in str(e)
-        raise BadInput(
-            f"{flag} {path} "
-            + (
-                "holds pickled Python objects, which metamix does not load (weights_only)"
-                if pickled
-                else f"is truncated or corrupt (torch.load fails with {type(e).__name__})"
-            )
-        ) from None
+        problem = f"is truncated or corrupt (torch.load fails with {type(e).__name__})"
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            problem = "holds pickled Python objects, which metamix does not load (weights_only)"
+        raise BadInput(f"{flag} {path} {problem}") from None
     if not isinstance(ck, dict):
         raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
     return ck
 
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-4"
+
+
+def load_run_checkpoint(path, flag):
+    """A checkpoint of this metamix (checkpoint.pth, meta_state.pth): load_checkpoint, then its format checked."""
+    ck = load_checkpoint(path, flag)
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise BadInput(f"{flag} {path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
+    return ck
+
+
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed")
 SAME_SELECTION = (
@@ -1045,72 +1357,140 @@ SAME_SELECTION = (
     "teacher",
     "act_only_epochs",
 )
+# The recipes' default rates, (from pretrained weights, from scratch). Ours for the weights, SGD: the digits study's
+# (docs/digits.md); the authors', Adam: their code's. The alphas: ours SGD, Adam with the authors' betas and L2, and
+# the authors' whole recipe (their rate and their random init).
+LR = {"sgd": (0.01, 0.05), "adam": (5e-4, 5e-4)}
+ALPHA_LR = {"sgd": (0.005, 0.05), "adam": (0.01, 0.1), "authors": (1e-4, 1e-3)}
 
 
-def weights_quantized(args, epoch: int, selected) -> bool:  # after `epoch`: bits selected and act-only epochs over
+def weights_quantized(args, epoch, selected):
+    """Whether the weights are quantized after `epoch`: the bits are selected and the act-only epochs are over."""
     return selected is not None and epoch > args.search_epochs + args.act_only_epochs
 
 
 class Run:
-    """Everything a run carries from epoch to epoch; save() writes it as the checkpoint."""
+    """Everything a run carries from epoch to epoch; save() writes it as the checkpoint.
 
-    def __init__(self, args, dist: Dist, model: nn.Module, steps: int = 1, teacher: nn.Module | None = None):
-        self.args, self.dist, self.model, self.steps, self.teacher = args, dist, model, steps, teacher  # steps/epoch
-        self.epoch, self.selected = 0, None  # epochs finished; a branch per searched layer, once bits are selected
-        self.history, self.fp_top1, self.search = [], None, None  # rows of log.jsonl; FP top-1; how the search ended
+    Exact resume (our choice, as timm's and torchvision's references approximate it): the checkpoint holds the model,
+    the optimizers and schedule, the history and every rank's RNG states; the data order is a function of the seed
+    and the epoch, and DataLoader workers are re-created each epoch, so a run stopped after any epoch and resumed
+    computes bit for bit what the uninterrupted run computes.
+    """
+
+    def __init__(self, args, dist, model, steps=1, teacher=None):
+        self.args = args
+        self.dist = dist
+        self.model = model
+        # Steps per epoch, for a schedule stepped per step.
+        self.steps = steps
+        self.teacher = teacher
+        # The epochs finished.
+        self.epoch = 0
+        # A branch per searched layer, once the bits are selected.
+        self.selected = None
+        # The rows of log.jsonl, the FP model's top-1, how the search ended.
+        self.history = []
+        self.fp_top1 = None
+        self.search = None
         self.build_optimizers()
 
-    phase = property(lambda self: "bit_selection" if self.selected is None else "weight_training")
+    @property
+    def phase(self):
+        if self.selected is None:
+            return "bit_selection"
+        return "weight_training"
 
     def build_optimizers(self):
-        """The paper is silent. Ours: SGD, decay 1e-4 on conv/linear weights, constant LR in bit selection, then a
-        per-epoch cosine. The authors' (--optimizer adam): Adam, L2 5e-6 on conv weights, LR/5 in bit selection, a
-        per-step cosine, clipping at norm 10. A fresh one for each weight-training stage (act-only, then W)."""
-        a, alphas, adam = self.args, alphas_of(self.model), self.args.optimizer == "adam"
-        decay = [m.weight for m in quant_layers(self.model) if m.weight.dim() == 4 or not adam]
-        rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
-        groups = [{"params": decay, "weight_decay": 5e-6 if adam else 1e-4}, {"params": rest, "weight_decay": 0.0}]
-        lr = a.lr / 5 if adam and self.selected is None else a.lr
-        self.opt = torch.optim.Adam(groups, lr=lr) if adam else torch.optim.SGD(groups, lr=lr, momentum=0.9)
-        if adam:  # before each step, this optimizer's gradients only (their code: the alphas' stale ones too)
-            self.opt.register_step_pre_hook(lambda opt, *_: (nn.utils.clip_grad_norm_(decay + rest, 10), None)[1])
-        self.opt_alpha = (
-            torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9)
-            if a.alpha_optimizer == "sgd"
-            else torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
-        )
-        w_next = weights_quantized(a, self.epoch + 1, self.selected)  # the stage of the next epoch
-        epochs = a.epochs - a.search_epochs - a.act_only_epochs if w_next else a.act_only_epochs
-        self.sched = (
-            None
-            if self.selected is None
-            else torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.opt, T_max=max(epochs * (self.steps if adam else 1), 1)
-            )
-        )
+        """The training recipes, ours and the authors', each in one branch (the paper names neither).
 
-    def load_state_dict(self, ck: dict, path: str) -> None:
-        if ck.get("format") != CHECKPOINT_FORMAT:
-            raise BadInput(f"--resume {path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
-        old, a = ck["args"], self.args
-        boundary = ck["selected"] is None and ck["epoch"] >= a.search_epochs  # optimizers rebuilt before any step
-        for key in SAME_RUN + (() if boundary else SAME_SELECTION):
-            mine, theirs = (",".join(map(str, v)) if isinstance(v, list) else v for v in (getattr(a, key), old[key]))
+        A fresh optimizer and schedule for each stage: bit selection, weight training with FP weights (the act-only
+        epochs, if any), weight training with quantized weights. `sched_per_step` says whether the schedule steps
+        after every step or after every epoch.
+        """
+        a = self.args
+        alphas = alphas_of(self.model)
+
+        def groups(decay, rate):
+            rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
+            return [{"params": decay, "weight_decay": rate}, {"params": rest, "weight_decay": 0.0}]
+
+        if a.optimizer == "sgd":
+            # Ours: SGD, momentum 0.9, decay 1e-4 on every conv and linear weight, a constant LR in bit selection,
+            # then a cosine stepped per epoch.
+            decay = [m.weight for m in quant_layers(self.model)]
+            self.opt = torch.optim.SGD(groups(decay, 1e-4), lr=a.lr, momentum=0.9)
+            self.sched_per_step = False
+        elif a.optimizer == "adam":
+            # The authors': Adam, L2 5e-6 on the 4-D conv weights only, LR/5 in bit selection, a cosine stepped per
+            # step, and the gradient norm clipped at 10 before each step: this optimizer's gradients only (their
+            # code clips the alphas' stale gradients too).
+            decay = [m.weight for m in quant_layers(self.model) if m.weight.dim() == 4]
+            lr = a.lr
+            if self.selected is None:
+                lr = a.lr / 5
+            self.opt = torch.optim.Adam(groups(decay, 5e-6), lr=lr)
+            clipped = [p for g in self.opt.param_groups for p in g["params"]]
+
+            def clip(optimizer, args, kwargs):
+                nn.utils.clip_grad_norm_(clipped, 10)
+
+            self.opt.register_step_pre_hook(clip)
+            self.sched_per_step = True
+        else:
+            raise ValueError(f"--optimizer {a.optimizer}: unknown")
+        if a.alpha_optimizer == "sgd":
+            # Ours: SGD with momentum, alphas from zero (every candidate equally likely).
+            self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9)
+        elif a.alpha_optimizer in ("adam", "authors"):
+            # The authors' Adam: betas (0.5, 0.999), L2 1e-3; "authors" also draws the alphas at random (train).
+            self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
+        else:
+            raise ValueError(f"--alpha-optimizer {a.alpha_optimizer}: unknown")
+        self.sched = None
+        if self.selected is not None:
+            # A cosine over the stage the next epoch belongs to.
+            epochs = a.act_only_epochs
+            if weights_quantized(a, self.epoch + 1, self.selected):
+                epochs = a.epochs - a.search_epochs - a.act_only_epochs
+            if self.sched_per_step:
+                epochs *= self.steps
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs, 1))
+
+    def load_state_dict(self, ck, path):
+        """Continue from a checkpoint (load_run_checkpoint's), refusing one of another run or number of processes."""
+        a = self.args
+        # At the phase boundary the optimizers are rebuilt before any step, so their flags may change.
+        boundary = ck["selected"] is None and ck["epoch"] >= a.search_epochs
+        keys = SAME_RUN
+        if not boundary:
+            keys = SAME_RUN + SAME_SELECTION
+        for key in keys:
+            mine = flag_text(getattr(a, key))
+            theirs = flag_text(ck["args"][key])
             if mine != theirs:
                 raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, not {mine}")
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
             raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
-        self.epoch, self.selected, self.history, self.fp_top1 = map(ck.get, ("epoch", "selected", "history", "fp_top1"))
-        set_mode(self.model, "selected", quant_weights=weights_quantized(a, self.epoch, self.selected))  # as evaluated
+        self.epoch = ck["epoch"]
+        self.selected = ck["selected"]
+        self.history = ck["history"]
+        self.fp_top1 = ck["fp_top1"]
+        # The mode the checkpoint's epoch was evaluated in.
+        set_mode(self.model, "selected", quant_weights=weights_quantized(a, self.epoch, self.selected))
         self.build_optimizers()
-        if a.optimizer == "adam" and self.selected is not None and len(ck["rng"]) != self.dist.world:
-            raise BadInput(f"--resume {path}: Adam's per-step schedule needs its {len(ck['rng'])} processes again")
-        for obj, key in ((self.opt, "opt"), (self.opt_alpha, "opt_alpha"), (self.sched, "sched")):
-            if obj is not None and not boundary:
-                obj.load_state_dict(ck[key])
-        rng = ck["rng"][min(self.dist.rank, len(ck["rng"]) - 1)]  # another world size: valid, but not bit-exact
+        processes = len(ck["rng"])
+        if self.sched_per_step and self.selected is not None and processes != self.dist.world:
+            raise BadInput(f"--resume {path}: Adam's per-step schedule needs its {processes} processes again")
+        if not boundary:
+            self.opt.load_state_dict(ck["opt"])
+            self.opt_alpha.load_state_dict(ck["opt_alpha"])
+            if self.sched is not None:
+                self.sched.load_state_dict(ck["sched"])
+        # Another world size is valid, but not bit-exact: the ranks beyond the saved ones take the last one's.
+        rng = ck["rng"][min(self.dist.rank, processes - 1)]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if self.dist.cuda and "cuda" in rng:
@@ -1118,64 +1498,110 @@ class Run:
 
     def save(self):
         """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (for --bits-from)."""
-        state = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            **({"cuda": torch.cuda.get_rng_state()} if self.dist.cuda else {}),
-        }
-        rng = [state] * self.dist.world  # every rank's RNG state: rank r resumes with its own
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.dist.cuda:
+            state["cuda"] = torch.cuda.get_rng_state()
+        # Every rank's RNG state: rank r resumes with its own.
+        rng = [state] * self.dist.world
         if self.dist.world > 1:
             torch.distributed.all_gather_object(rng, state)
-        if self.dist.main:
-            data = saved_bytes(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "args": vars(self.args),
-                    "epoch": self.epoch,
-                    "phase": self.phase,
-                    "selected": self.selected,
-                    "num_classes": quant_layers(self.model)[-1].weight.shape[0],
-                    "model": self.model.state_dict(),
-                    "opt": self.opt.state_dict(),
-                    "sched": self.sched and self.sched.state_dict(),
-                    "opt_alpha": self.opt_alpha.state_dict(),
-                    "history": self.history,
-                    "fp_top1": self.fp_top1,
-                    "rng": rng,
-                }
-            )
-            boundary = self.selected is None and self.epoch == self.args.search_epochs
-            for name in ["meta_state.pth"] * boundary + ["checkpoint.pth"]:
-                atomic_write(os.path.join(self.args.output_dir, name), data)
-            atomic_write(
-                os.path.join(self.args.output_dir, "log.jsonl"),
-                "".join(json.dumps(r) + "\n" for r in self.history).encode(),
-            )
+        if not self.dist.main:
+            return
+        sched = None
+        if self.sched is not None:
+            sched = self.sched.state_dict()
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "args": vars(self.args),
+            "epoch": self.epoch,
+            "phase": self.phase,
+            "selected": self.selected,
+            "num_classes": quant_layers(self.model)[-1].weight.shape[0],
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": sched,
+            "opt_alpha": self.opt_alpha.state_dict(),
+            "history": self.history,
+            "fp_top1": self.fp_top1,
+            "rng": rng,
+        }
+        data = saved_bytes(checkpoint)
+        out = self.args.output_dir
+        if self.selected is None and self.epoch == self.args.search_epochs:
+            # The end of bit selection: the meta-state, kept for other selections (baselines.py, --bits-from).
+            atomic_write(os.path.join(out, "meta_state.pth"), data)
+        atomic_write(os.path.join(out, "checkpoint.pth"), data)
+        log_lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write(os.path.join(out, "log.jsonl"), log_lines.encode())
 
 
-def log(dist: Dist, *msg) -> None:
+def flag_text(value):
+    """A flag's value as the command line writes it: a list as 8,4,2."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return value
+
+
+def log(dist, *msg):
+    """Print on the main process only."""
     if dist.main:
         print(*msg, flush=True)
 
 
-def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
-    """One epoch of the current phase (section 6's steps); returns the mean loss."""
-    a, model, dist, selecting = run.args, run.model, run.dist, run.phase == "bit_selection"
-    searching = selecting and epoch == a.search_epochs and not a.bits_from  # --bits-from: the selection is given
-    model.train()
-    passes = max(1, -(-a.search_steps // len(loader))) if searching else 1  # the search: --search-steps or more
+def search_report(model, last_change, steps, target_gbops):
+    """How the search ended. Settled (our rule): the argmax configuration did not change in the last quarter of the
+    steps, and the median top-2 margin of softmax(alpha) over the searched layers is 0.05 or more."""
+    probs = torch.stack([F.softmax(alpha.detach().float(), 0) for alpha in alphas_of(model)])
+    top2 = probs.topk(2, 1).values.cpu()
+    # per layer
+    margin = top2[:, 0] - top2[:, 1]
+    median = margin.quantile(0.5).item()
+    gbops = branches_gbops(model, argmax_branches(model))
+    return {
+        "argmax_last_changed": last_change,
+        "settled": last_change <= 0.75 * steps and median >= 0.05,
+        "steps": steps,
+        "median_margin": median,
+        "min_margin": margin.min().item(),
+        "argmax_gbops": gbops,
+        "vs_target": gbops / target_gbops - 1,
+    }
 
-    def batches():  # each pass over the data in an order of its own (the first: the epoch's, as without passes)
+
+def train_one_epoch(run, loader, epoch, autocast):
+    """One epoch of the current phase (section 6's steps); returns the mean loss."""
+    a = run.args
+    model = run.model
+    dist = run.dist
+    selecting = run.phase == "bit_selection"
+    # With --bits-from the selection is given: bit selection trains the meta-state only.
+    searching = selecting and epoch == a.search_epochs and not a.bits_from
+    model.train()
+    # The search makes --search-steps steps or more: passes over the data, each in an order of its own (the first
+    # in the epoch's, as without passes). ImageNet's epoch is longer than the default, so it keeps one pass.
+    passes = 1
+    if searching:
+        passes = max(1, -(-a.search_steps // len(loader)))
+
+    def batches():
         for p in range(passes):
             loader.sampler.set_epoch(epoch + 1000 * p)
             yield from loader
 
-    steps, t0, total = len(loader) * passes, time.time(), 0.0
-    argmax, run.search = (argmax_branches(model), 0) if searching else (None, None)
+    steps = len(loader) * passes
+    t0 = time.time()
+    total = 0.0
+    argmax = None
+    run.search = None
+    if searching:
+        argmax = argmax_branches(model)
+        run.search = 0
     for step, (images, targets) in enumerate(batches(), 1):
-        images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
+        images = images.to(dist.device, non_blocking=True)
+        targets = targets.to(dist.device, non_blocking=True)
 
-        def sync(params, loss):  # one all-reduce, then the NaN and stop checks, before the update
+        def sync(params, loss, step=step):
+            """One all-reduce, then the NaN and stop checks, before the update: nothing bad is ever saved."""
             loss_v, stop = sync_step(dist, params, loss)
             if not math.isfinite(loss_v):
                 last = f"epoch {run.epoch} in checkpoint.pth" if run.epoch else "none written yet"
@@ -1184,13 +1610,17 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                     f"(last good checkpoint: {last}); try a lower --lr"
                 )
             if stop:
-                raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")  # on every rank at this step
+                # On every rank at this step.
+                raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")
             return loss_v
 
-        with torch.no_grad(), autocast():  # the teacher once per batch, for all of the step's passes
-            criterion = F.cross_entropy if run.teacher is None else distillation_loss(run.teacher(images))
+        # The teacher runs once per batch, for all of the step's passes.
+        criterion = F.cross_entropy
+        if run.teacher is not None:
+            with torch.no_grad(), autocast():
+                criterion = distillation_loss(run.teacher(images))
         if selecting:
-            loss_v, _, gb = bit_selection_step(
+            loss_v, _, gbops = bit_selection_step(
                 model,
                 images,
                 targets,
@@ -1204,90 +1634,88 @@ def train_one_epoch(run: Run, loader, epoch: int, autocast) -> float:
                 fixed=not a.unfixed,
                 criterion=criterion,
             )
-            if searching and (now := argmax_branches(model)) != argmax:
-                argmax, run.search = now, step  # the last step at which the argmax configuration changed
+            if searching and argmax_branches(model) != argmax:
+                # The last step at which the argmax configuration changed.
+                argmax = argmax_branches(model)
+                run.search = step
         else:
             loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync, criterion)
-            if a.optimizer == "adam":
-                run.sched.step()  # per step (the authors'); SGD's cosine steps per epoch
+            if run.sched_per_step:
+                run.sched.step()
         total += loss_v
         if dist.main and (step % min(100, max(1, steps // 2)) == 0 or step == steps):
-            dt, kind = time.time() - t0, ("meta+search" if searching else "meta") if selecting else "train"
+            dt = time.time() - t0
+            kind = "train"
+            search_gbops = ""
+            if searching:
+                kind = "meta+search"
+                search_gbops = f" search-gbops {float(gbops):.2f}"
+            elif selecting:
+                kind = "meta"
+            lr = run.opt.param_groups[0]["lr"]
+            speed = step * len(images) * dist.world / max(dt, 1e-9)
+            eta = datetime.timedelta(seconds=int(dt / step * (steps - step)))
             print(
-                f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}"
-                f"{f' search-gbops {float(gb):.2f}' if searching else ''} lr {run.opt.param_groups[0]['lr']:.4g} "
-                f"{step * len(images) * dist.world / max(dt, 1e-9):.0f} img/s eta "
-                f"{datetime.timedelta(seconds=int(dt / step * (steps - step)))}",
+                f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}{search_gbops} "
+                f"lr {lr:.4g} {speed:.0f} img/s eta {eta}",
                 flush=True,
             )
-    if searching:  # how it ended; settled (our rule): no argmax change in the last quarter, median margin >= 0.05
-        top2 = torch.stack([F.softmax(al.detach().float(), 0) for al in alphas_of(model)]).topk(2, 1).values.cpu()
-        margin, gb = top2[:, 0] - top2[:, 1], branches_gbops(model, argmax_branches(model))  # per layer; GBOPs
-        med, lo, last, rel = margin.quantile(0.5).item(), margin.min().item(), run.search, gb / a.target_gbops - 1
-        c = run.search = {
-            "argmax_last_changed": last,
-            "settled": last <= 0.75 * steps and med >= 0.05,
-            "steps": steps,
-            "median_margin": med,
-            "min_margin": lo,
-            "argmax_gbops": gb,
-            "vs_target": rel,
-        }
+    if searching:
+        report = search_report(model, run.search, steps, a.target_gbops)
+        run.search = report
+        settled = "settled" if report["settled"] else "NOT settled"
         log(
             dist,
-            f"search {'settled' if c['settled'] else 'NOT settled'}: argmax last changed at step {last}/{steps}; "
-            f"top-2 margins of softmax(alpha) median {med:.3f}, min {lo:.3f}; argmax {gb:.3f} GBOPs ({rel:+.1%})",
+            f"search {settled}: argmax last changed at step {report['argmax_last_changed']}/{steps}; top-2 margins of "
+            f"softmax(alpha) median {report['median_margin']:.3f}, min {report['min_margin']:.3f}; argmax "
+            f"{report['argmax_gbops']:.3f} GBOPs ({report['vs_target']:+.1%})",
         )
     return total / max(steps, 1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: Dist, autocast) -> dict:
+def evaluate(model, loader, dist, autocast):
     """Top-1/top-5 of the validation set, each image once; BN statistics averaged over ranks first (timm's choice)."""
-    for m in model.modules() if dist.world > 1 else []:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for t in (m.running_mean, m.running_var):
-                torch.distributed.all_reduce(t)
-                t.div_(dist.world)
+    if dist.world > 1:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for t in (m.running_mean, m.running_var):
+                    torch.distributed.all_reduce(t)
+                    t.div_(dist.world)
     model.eval()
-    tot = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss sum, top-1 hits, top-5 hits, images
+    # loss sum, top-1 hits, top-5 hits, images
+    tot = torch.zeros(4, dtype=torch.float64, device=dist.device)
     for images, targets in loader:
-        images, targets = images.to(dist.device, non_blocking=True), targets.to(dist.device, non_blocking=True)
+        images = images.to(dist.device, non_blocking=True)
+        targets = targets.to(dist.device, non_blocking=True)
         with autocast():
             logits = model(images).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-        tot += torch.stack(
-            [
-                F.cross_entropy(logits, targets, reduction="sum").double(),
-                hit[:, 0].sum().double(),
-                hit.any(1).sum().double(),
-                torch.tensor(len(targets), device=dist.device).double(),
-            ]
-        )
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum").double()
+        count = torch.tensor(len(targets), device=dist.device).double()
+        tot += torch.stack([loss_sum, hit[:, 0].sum().double(), hit.any(1).sum().double(), count])
     if dist.world > 1:
         torch.distributed.all_reduce(tot)
     loss, top1, top5, n = tot.tolist()
-    return {"val_loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "n": int(n)}
+    n = max(n, 1)
+    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}
 
 
-def bits_report(model: nn.Module, args) -> dict:
+def bits_report(model, args):
     """The content of bits.json: the selected configuration, layer by layer (the data of Fig. 7)."""
-    rows = [
-        {
-            "name": m.name,
-            "type": m.kind,
-            "macs": m.macs,
-            "in_size": m.in_size,
-            "fixed": m.fixed,
-            "signed": m.act.signed,
-            "offset": m.act.offset,
-            **dict(zip(("a_bits", "w_bits"), m.candidates[0 if m.fixed else m.selected_branch])),
-            "probs": None
-            if m.fixed
-            else [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()],
-        }
-        for m in quant_layers(model)
-    ]
+    rows = []
+    for m in quant_layers(model):
+        row = {"name": m.name, "type": m.kind, "macs": m.macs, "in_size": m.in_size, "fixed": m.fixed}
+        row["signed"] = m.act.signed
+        row["offset"] = m.act.offset
+        if m.fixed:
+            row["a_bits"], row["w_bits"] = m.candidates[0]
+            row["probs"] = None
+        else:
+            row["a_bits"], row["w_bits"] = m.candidates[m.selected_branch]
+            probs = F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()
+            row["probs"] = [round(p, 6) for p in probs]
+        rows.append(row)
     searched = [r for r in rows if not r["fixed"]]
     size = sum(r["in_size"] for r in searched)
     return {
@@ -1297,148 +1725,172 @@ def bits_report(model: nn.Module, args) -> dict:
         "target_gbops": args.target_gbops,
         "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
         "selection": f"bits-from {args.bits_from}" if args.bits_from else "metamix",
-        "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),  # plain mean, searched layers
-        # the authors' code (likely the paper's "3.85/4"): weighted by each input's values per image at 224 px
+        # The plain mean over the searched layers.
+        "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),
+        # The authors' code (likely the paper's "3.85/4"): weighted by each input's values per image at 224 px.
         "avg_a_bits_weighted": sum(r["a_bits"] * r["in_size"] for r in searched) / size,
         "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched),
         "layers": rows,
     }
 
 
-def layer_table(report: dict) -> str:
+def mixed_weights(report):
+    """Whether a report is of (A, W) pairs (the supplement's, pairs.py): each layer has its own weight bits."""
+    return len({w for _, w in report["candidates"]}) > 1
+
+
+def layer_table(report):
     """bits.json as text (Fig. 7): a row per layer, its MOPs and a bar of its activation bits."""
-    pairs = len({w for _, w in report["candidates"]}) > 1  # the supplement's (A, W) pairs: each layer's own W
-    return "\n".join(
-        [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"]
-        + [
-            f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
-            + (f"/W{r['w_bits']}" if pairs else "")
-            + (" (fixed)" if r["fixed"] else "")
-            for r in report["layers"]
-        ]
-    )
+    lines = [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"]
+    for r in report["layers"]:
+        line = f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
+        if mixed_weights(report):
+            line += f"/W{r['w_bits']}"
+        if r["fixed"]:
+            line += " (fixed)"
+        lines.append(line)
+    return "\n".join(lines)
 
 
-def avg_bits_text(report: dict) -> str:
-    w = f"; weight bits {report['avg_w_bits']:.2f}" if len({w for _, w in report["candidates"]}) > 1 else ""
-    return (
+def avg_bits_text(report):
+    """The average bits of a report, as one phrase."""
+    text = (
         f"average activation bits {report['avg_a_bits']:.2f} (weighted by input size, as the authors' code: "
-        f"{report['avg_a_bits_weighted']:.2f}){w}"
+        f"{report['avg_a_bits_weighted']:.2f})"
     )
+    if mixed_weights(report):
+        text += f"; weight bits {report['avg_w_bits']:.2f}"
+    return text
 
 
-def read_bits_from(model: nn.Module, path: str, target_gbops: float) -> list[int]:
+def read_bits_from(model, path, target_gbops):
     """Branch indices from a bits.json or {layer name: a_bits} (pairs: [a_bits, w_bits]), set as the selection."""
     flag = f"--bits-from {path}"
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{flag}: {'not JSON' if isinstance(e, ValueError) else 'cannot read it'} ({e})") from None
+    except OSError as e:
+        raise BadInput(f"{flag}: cannot read it ({e})") from None
+    except ValueError as e:
+        raise BadInput(f"{flag}: not JSON ({e})") from None
     if isinstance(data, dict) and isinstance(data.get("layers"), list):
         data = {r.get("name"): [r.get("a_bits"), r.get("w_bits")] for r in data["layers"] if isinstance(r, dict)}
     if not isinstance(data, dict):
         raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
-    layers, searched = {m.name: m for m in quant_layers(model)}, searched_layers(model)
-    unknown, missing = [n for n in data if n not in layers], [m.name for m in searched if m.name not in data]
-    if unknown or missing:
-        raise BadInput(
-            f"{flag}: "
-            + (
-                f"unknown layer {unknown[0]!r}"
-                if unknown
-                else f"no bits for layer {missing[0]} ({len(missing)} of {len(searched)} missing)"
-            )
-        )
+    layers = {m.name: m for m in quant_layers(model)}
+    searched = searched_layers(model)
+    unknown = [n for n in data if n not in layers]
+    if unknown:
+        raise BadInput(f"{flag}: unknown layer {unknown[0]!r}")
+    missing = [m.name for m in searched if m.name not in data]
+    if missing:
+        raise BadInput(f"{flag}: no bits for layer {missing[0]} ({len(missing)} of {len(searched)} missing)")
     for name, b in data.items():
-        m, widths = layers[name], {w for _, w in layers[name].candidates}
-        pair = tuple(b) if isinstance(b, list) else (b, *widths) if len(widths) == 1 else b
+        m = layers[name]
+        widths = {w for _, w in m.candidates}
+        pair = b
+        if isinstance(b, list):
+            pair = tuple(b)
+        elif len(widths) == 1:
+            # activation bits alone: the layer's one weight bit-width
+            pair = (b, *widths)
         if pair not in m.candidates or any(isinstance(v, bool) for v in pair):
-            raise BadInput(
-                f"{flag}: layer {name} has {json.dumps(b)}, not one of its candidates: "
-                + ", ".join(f"[{a}, {w}]" for a, w in m.candidates)
-            )
+            candidates = ", ".join(f"[{a}, {w}]" for a, w in m.candidates)
+            raise BadInput(f"{flag}: layer {name} has {json.dumps(b)}, not one of its candidates: {candidates}")
         m.selected_branch = m.candidates.index(pair)
     branches = [m.selected_branch for m in searched]
-    if (gb := branches_gbops(model, branches)) > target_gbops + 1e-9:
-        raise BadInput(f"{flag}: the configuration costs {gb:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
+    gbops = branches_gbops(model, branches)
+    if gbops > target_gbops + 1e-9:
+        raise BadInput(f"{flag}: the configuration costs {gbops:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
     return branches
 
 
-def select_bits(run: Run) -> None:
+def select_bits(run):
     """Between the phases (Table 1): start_weight_training (or --bits-from); prints Fig. 7 as text, writes bits.json."""
-    a, model = run.args, run.model
-    given = read_bits_from(model, a.bits_from, a.target_gbops) if a.bits_from else None
+    a = run.args
+    model = run.model
+    given = None
+    if a.bits_from:
+        given = read_bits_from(model, a.bits_from, a.target_gbops)
     run.selected, _, repaired = start_weight_training(model, a.target_gbops, not a.no_budget_repair, given)
-    set_mode(model, "selected", quant_weights=not a.act_only_epochs)  # --act-only-epochs: weights in FP first
+    # With --act-only-epochs the weights stay in FP first.
+    set_mode(model, "selected", quant_weights=not a.act_only_epochs)
     run.build_optimizers()
-    r = {**bits_report(model, a), "search": next((h["search"] for h in run.history if "search" in h), None)}
+    report = bits_report(model, a)
+    report["search"] = next((h["search"] for h in run.history if "search" in h), None)
     if run.dist.main:
-        print(
-            layer_table(r),
-            f"selected: {r['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}"
-            + (" (argmax lowered by budget repair)" if repaired and not a.bits_from else "")
-            + f"; {avg_bits_text(r)}",
-            sep="\n",
-            flush=True,
-        )
-        atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(r, indent=1).encode())
+        note = ""
+        if repaired and not a.bits_from:
+            note = " (argmax lowered by budget repair)"
+        print(layer_table(report), flush=True)
+        summary = f"{report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{note}; {avg_bits_text(report)}"
+        print(f"selected: {summary}", flush=True)
+        atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(report, indent=1).encode())
 
 
-def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
+def broadcast_quantizers(model):
+    """Rank 0's steps, grids and signs for all ranks (they computed them from the same batch, but for float noise)."""
+    for t in filter(torch.is_tensor, model.state_dict().values()):
+        torch.distributed.broadcast(t, 0)
+    extra = [{k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}]
+    torch.distributed.broadcast_object_list(extra, 0)
+    model.load_state_dict(extra[0], strict=False)
+
+
+def train(run, train_loader, val_loader, calib, autocast):
     """Both phases, from wherever the run stands (fresh or resumed)."""
-    a, model, dist = run.args, run.model, run.dist
+    a = run.args
+    model = run.model
+    dist = run.dist
     if run.epoch == 0:
-        init_quantizers(model, calib.to(dist.device))  # on every rank from the same batch, then rank 0's for all
-        if a.alpha_optimizer == "authors":  # their init: a normal draw, std 1e-3 (ours: zeros)
+        init_quantizers(model, calib.to(dist.device))
+        if a.alpha_optimizer == "authors":
+            # The authors' init: a normal draw, std 1e-3 (ours: zeros); rank 0's draw is broadcast.
             for alpha in alphas_of(model):
                 nn.init.normal_(alpha, std=1e-3)
-        if dist.world > 1:  # the ranks agree but for float noise: rank 0's steps, grids and signs for all
-            for t in filter(torch.is_tensor, model.state_dict().values()):
-                torch.distributed.broadcast(t, 0)
-            extra = [{k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}]
-            torch.distributed.broadcast_object_list(extra, 0)
-            model.load_state_dict(extra[0], strict=False)
+        if dist.world > 1:
+            broadcast_quantizers(model)
         run.fp_top1 = evaluate(model, val_loader, dist, autocast)["top1"]
         log(dist, f"full-precision top-1 before quantization: {run.fp_top1:.2f}%")
     for epoch in range(run.epoch + 1, a.epochs + 1):
         if run.selected is None and epoch > a.search_epochs:
             select_bits(run)
-        elif a.act_only_epochs and epoch == a.search_epochs + a.act_only_epochs + 1:  # weights quantized from here,
-            set_mode(model, "selected", quant_weights=True)  # their steps from these weights; a fresh optimizer
+        elif a.act_only_epochs and epoch == a.search_epochs + a.act_only_epochs + 1:
+            # The weights are quantized from here, their steps set from these weights; a fresh optimizer.
+            set_mode(model, "selected", quant_weights=True)
             run.build_optimizers()
-        phase, t0, lr = run.phase, time.time(), run.opt.param_groups[0]["lr"]  # the rate this epoch starts with
+        phase = run.phase
+        t0 = time.time()
+        # The rate this epoch starts with.
+        lr = run.opt.param_groups[0]["lr"]
         loss = train_one_epoch(run, train_loader, epoch, autocast)
-        if phase == "bit_selection":  # evaluate the argmax configuration, weights in full precision
+        if phase == "bit_selection":
+            # Evaluate the argmax configuration, weights in full precision.
             apply_selection(model, argmax_branches(model))
             set_mode(model, "selected", quant_weights=False)
-        elif a.optimizer == "sgd":
+        elif not run.sched_per_step:
             run.sched.step()
         metrics = evaluate(model, val_loader, dist, autocast)
-        run.history.append(
-            {
-                "epoch": epoch,
-                "phase": phase,
-                "loss": loss,
-                **metrics,
-                "lr": lr,
-                "gbops": branches_gbops(model, [m.selected_branch for m in searched_layers(model)]),
-                "seconds": round(time.time() - t0, 3),
-                "world_size": dist.world,
-                **({"search": run.search} if run.search else {}),
-            }
-        )
+        gbops = branches_gbops(model, [m.selected_branch for m in searched_layers(model)])
+        row = {"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr, "gbops": gbops}
+        row["seconds"] = round(time.time() - t0, 3)
+        row["world_size"] = dist.world
+        if run.search:
+            row["search"] = run.search
+        run.history.append(row)
         run.epoch = epoch
         run.save()
         log(
             dist,
             f"epoch {epoch}/{a.epochs} {phase}: loss {loss:.4f} top-1 {metrics['top1']:.2f}% top-5 "
-            f"{metrics['top5']:.2f}% {run.history[-1]['gbops']:.3f} GBOPs ({time.time() - t0:.1f}s)",
+            f"{metrics['top5']:.2f}% {gbops:.3f} GBOPs ({time.time() - t0:.1f}s)",
         )
         if a.stop_after_epoch and a.stop_after_epoch <= epoch < a.epochs:
-            return log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
+            log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
+            return
     if dist.main and run.selected is not None and run.history:
-        last, took = run.history[-1], datetime.timedelta(seconds=int(sum(h["seconds"] for h in run.history)))
+        last = run.history[-1]
+        took = datetime.timedelta(seconds=int(sum(h["seconds"] for h in run.history)))
         print(
             f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
             f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
@@ -1448,11 +1900,13 @@ def train(run: Run, train_loader, val_loader, calib, autocast) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like every other bad input (argparse adds its usage)
+    """argparse, whose errors are one line and exit 2 like every other bad input (argparse adds its usage)."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog.removesuffix('.py')}: error: {message}\n")
 
 
-def bit_list(text: str) -> list[int]:
+def bit_list(text):
     """argparse type of --bits and --w-bits: comma-separated distinct bit-widths in 2..16."""
     bits = [int(t) if t.strip().isdigit() else 0 for t in text.split(",")]
     if not all(2 <= b <= 16 for b in bits) or len(set(bits)) != len(bits):
@@ -1460,22 +1914,25 @@ def bit_list(text: str) -> list[int]:
     return bits
 
 
-def number(kind: type, lo: float, above: bool = False):
+def number(kind, lo, above=False):
     """argparse type of a numeric flag: a finite `kind` from lo on (above: lo itself excluded)."""
 
-    def parse(text: str):
+    def parse(text):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (lo < v if above else lo <= v) or not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{text} must be {'above' if above else 'at least'} {lo:g}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        inside = lo < v if above else lo <= v
+        if not inside or not math.isfinite(v):
+            bound = "above" if above else "at least"
+            raise argparse.ArgumentTypeError(f"{text} must be {bound} {lo:g}")
         return v
 
     return parse
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser():
     p = Parser(
         description="MetaMix mixed-precision activation quantization (AAAI 2024)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1532,21 +1989,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
+def resolve_args(args, layer_type=QuantLayer):
     """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
     if len(args.w_bits) > 1 and layer_type is QuantLayer:
-        raise BadInput(f"--w-bits {','.join(map(str, args.w_bits))}: a list searches (A, W) pairs; run pairs.py")
+        raise BadInput(f"--w-bits {flag_text(args.w_bits)}: a list searches (A, W) pairs; run pairs.py")
     d = PAPER_SETTINGS.get(args.arch) or OTHER_DEFAULTS.get(args.arch) or OTHER_DEFAULTS[None]
     synthetic = synthetic_spec(args.data) is not None
-    small = synthetic or not args.pretrained  # our choice: small data (no pretrained weights) gets larger rates
-    args.bits, args.lam = args.bits or bit_list(d["bits"]), d["lam"] if args.lam is None else args.lam
-    args.w_bits = args.w_bits[0] if len(args.w_bits) == 1 else args.w_bits
-    args.epochs = (8 if synthetic else d["epochs"]) if args.epochs is None else args.epochs
-    args.lr = LR[args.optimizer][small] if args.lr is None else args.lr
-    args.alpha_lr = ALPHA_LR[args.alpha_optimizer][small] if args.alpha_lr is None else args.alpha_lr
-    args.image_size = (32 if synthetic else 224) if args.image_size is None else args.image_size
+    # Our choice: small data (no pretrained weights) gets larger rates.
+    small = synthetic or not args.pretrained
+    if args.bits is None:
+        args.bits = bit_list(d["bits"])
+    if args.lam is None:
+        args.lam = d["lam"]
+    if len(args.w_bits) == 1:
+        args.w_bits = args.w_bits[0]
+    if args.epochs is None:
+        args.epochs = 8 if synthetic else d["epochs"]
+    if args.lr is None:
+        args.lr = LR[args.optimizer][small]
+    if args.alpha_lr is None:
+        args.alpha_lr = ALPHA_LR[args.alpha_optimizer][small]
+    if args.image_size is None:
+        args.image_size = 32 if synthetic else 224
     if args.pretrained and not local_weights(args.pretrained):
-        args.pretrained = str(resolve_weights(args.arch, args.pretrained))  # e.g. ResNet18_Weights.IMAGENET1K_V1
+        # e.g. ResNet18_Weights.IMAGENET1K_V1, as args.json records it
+        args.pretrained = str(resolve_weights(args.arch, args.pretrained))
     if args.epochs < args.search_epochs:
         raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
     if args.act_only_epochs and args.act_only_epochs >= args.epochs - args.search_epochs:
@@ -1554,99 +2021,129 @@ def resolve_args(args, layer_type: type = QuantLayer) -> argparse.Namespace:
             f"--act-only-epochs {args.act_only_epochs} leaves no epoch with quantized weights (--epochs "
             f"{args.epochs}, --search-epochs {args.search_epochs})"
         )
-    if args.teacher:  # its weights by name resolved now (e.g. ResNet101_Weights.IMAGENET1K_V1); loaded at the start
-        arch, _, w = args.teacher.partition(":")
+    if args.teacher:
+        # Its weights by name are resolved now (e.g. ResNet101_Weights.IMAGENET1K_V1); it is loaded at the start.
+        arch, _, weights = args.teacher.partition(":")
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise BadInput(f"--teacher {args.teacher}: {arch!r} is not a torchvision classification model")
-        args.teacher = f"{arch}:{w if local_weights(w) else resolve_weights(arch, w or 'DEFAULT', '--teacher')}"
+        if not local_weights(weights):
+            weights = resolve_weights(arch, weights or "DEFAULT", "--teacher")
+        args.teacher = f"{arch}:{weights}"
     return args
 
 
-def check_budget(model: nn.Module, args) -> tuple[float, float]:
+def check_budget(model, args):
     """The feasible range; the default target: the paper's in its setting, else (our choice) 95% of uniform A4."""
     lo, hi = gbops_range(model)
-    given, paper = args.target_gbops is not None, PAPER_SETTINGS.get(args.arch, {})
-    if not given and (paper.get("bits"), 4, 8) == (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits):
+    given = args.target_gbops is not None
+    paper = PAPER_SETTINGS.get(args.arch, {})
+    papers_setting = (paper.get("bits"), 4, 8) == (flag_text(args.bits), args.w_bits, args.first_last_bits)
+    if not given and papers_setting:
         args.target_gbops = paper["target_gbops"]
     elif not given:
-        layers, w = searched_layers(model), args.w_bits if isinstance(args.w_bits, int) else 4
+        layers = searched_layers(model)
+        w = args.w_bits if isinstance(args.w_bits, int) else 4
         args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
     if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
-        what = f"--target-gbops {args.target_gbops:.4g}" + ("" if given else " (the default; set --target-gbops)")
+        what = f"--target-gbops {args.target_gbops:.4g}"
+        if not given:
+            what += " (the default; set --target-gbops)"
         raise BadInput(
             f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs for {args.arch} with bits "
-            f"{','.join(map(str, args.bits))}, w-bits {args.w_bits}, first/last at {args.first_last_bits}"
+            f"{flag_text(args.bits)}, w-bits {args.w_bits}, first/last at {args.first_last_bits}"
         )
     return lo, hi
 
 
-_LOCKS: list = []  # this process's lock on its output dir, held until it exits (the kernel drops it even on kill -9)
+# This process's lock on its output folder, held until it exits (the kernel drops it even on kill -9).
+_LOCKS: list = []
 
 
-def prepare_output_dir(args, rank: int) -> str | None:
-    """Create and lock the output folder (rank 0; a second run is refused); return the checkpoint to resume."""
-    out, ck = args.output_dir, os.path.join(args.output_dir, "checkpoint.pth")
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-            lock = open(os.path.join(out, ".lock"), "a+")
-        except OSError as e:
-            raise BadInput(f"--output-dir {out}: not writable ({e.strerror or e})") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            raise BadInput(f"--output-dir {out} is in use by {lock.read().strip() or 'another process'}") from None
-        lock.truncate(0)
-        lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
-        lock.flush()
-        _LOCKS.append(lock)
+def lock_output_dir(out):
+    """Create the output folder and lock it: a second run into the same folder is refused, naming the first.
+
+    Two runs writing one checkpoint would each overwrite the other's; an advisory lock (flock) is dropped by the
+    kernel when the process ends however it ends, so a killed run never leaves a stale lock behind.
+    """
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")  # noqa: SIM115 (held open until the process ends)
+    except OSError as e:
+        raise BadInput(f"--output-dir {out}: not writable ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise BadInput(f"--output-dir {out} is in use by {holder}") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    lock.flush()
+    _LOCKS.append(lock)
+
+
+def checkpoint_to_resume(args):
+    """--resume's checkpoint ('auto': the output folder's, if any); a folder with a checkpoint needs --resume."""
+    ck = os.path.join(args.output_dir, "checkpoint.pth")
     if args.resume == "auto":
         return ck if os.path.exists(ck) else None
     if not args.resume and os.path.exists(ck):
-        raise BadInput(f"--output-dir {out} already holds checkpoint.pth; continue it with --resume auto")
+        raise BadInput(f"--output-dir {args.output_dir} already holds checkpoint.pth; continue it with --resume auto")
     return args.resume
 
 
-def run_main(args, layer_type: type = QuantLayer) -> int:
+def count_classes(args):
+    """The classes, before the data is read: the synthetic set's, or train/'s folders (1000 if none is there)."""
+    spec = synthetic_spec(args.data)
+    if spec and not args.dry_run:
+        return spec[2]
+    train_dir = os.path.join(args.data, "train")
+    if not spec and os.path.isdir(train_dir):
+        return sum(e.is_dir() for e in os.scandir(train_dir)) or 1000
+    return 1000
+
+
+def run_main(args, layer_type=QuantLayer):
+    """Everything that can be refused is refused before a folder is made or data is read; then the run."""
     args = resolve_args(args, layer_type)
     torch.manual_seed(args.seed)
-    spec, train_dir = synthetic_spec(args.data), os.path.join(args.data, "train")  # classes before reading the data
-    classes = (
-        (1000 if args.dry_run else spec[2])
-        if spec
-        else (sum(e.is_dir() for e in os.scandir(train_dir)) if os.path.isdir(train_dir) else 0) or 1000
-    )
+    classes = count_classes(args)
     model = build_model(args, classes, layer_type)
-    lo, hi = check_budget(model, args)  # before any folder is made or data is read
+    lo, hi = check_budget(model, args)
     if args.bits_from:
         read_bits_from(model, args.bits_from, args.target_gbops)
     if args.dry_run:
         layers = quant_layers(model)
+        mmacs = sum(m.macs for m in layers) / 1e6
+        candidates = " ".join(f"A{a}/W{w}" for a, w in layers[1].candidates)
         print(
-            f"{len(layers)} quantized layers, {sum(m.macs for m in layers) / 1e6:.2f} MMACs at 224 px, candidates "
-            f"{' '.join(f'A{a}/W{w}' for a, w in layers[1].candidates)}; feasible range {lo:.3f} .. {hi:.3f} "
-            f"GBOPs; target {args.target_gbops:.3f}"
+            f"{len(layers)} quantized layers, {mmacs:.2f} MMACs at 224 px, candidates {candidates}; feasible range "
+            f"{lo:.3f} .. {hi:.3f} GBOPs; target {args.target_gbops:.3f}"
         )
         return 0
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs 2 or more images per process")
-    teacher = args.teacher and fp_model(*args.teacher.split(":", 1), classes, "--teacher")  # before any folder
-    resume = prepare_output_dir(args, int(os.environ.get("RANK", "0")))
+    teacher = None
+    if args.teacher:
+        teacher = fp_model(*args.teacher.split(":", 1), classes, "--teacher")
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock_output_dir(args.output_dir)
+    resume = checkpoint_to_resume(args)
     dist = Dist()
     try:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
-        # the model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed
+        # The model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed.
         random.seed(args.seed + dist.rank)
         torch.manual_seed(args.seed + dist.rank)
-        train_set, val_set, _ = build_datasets(args)  # as many classes as `classes` (train/'s folders)
+        train_set, val_set, _ = build_datasets(args)
         train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
-        teacher = teacher and teacher.eval().requires_grad_(False).to(dist.device)
+        if teacher is not None:
+            teacher = teacher.eval().requires_grad_(False).to(dist.device)
         run = Run(args, dist, model, len(train_loader), teacher)
         if resume:
-            run.load_state_dict(load_checkpoint(resume, "--resume"), resume)
+            run.load_state_dict(load_run_checkpoint(resume, "--resume"), resume)
             log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
         if dist.main:
             atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
@@ -1664,7 +2161,7 @@ def run_main(args, layer_type: type = QuantLayer) -> int:
             torch.distributed.destroy_process_group()
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e):
     """An error as one line; from a DataLoader worker (which wraps it in a traceback), its last line."""
     text = str(e).strip() or type(e).__name__
     if "Original Traceback" in text:
@@ -1672,7 +2169,7 @@ def one_line(e: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def guarded(prog: str, body, *args, interrupted=lambda: "") -> int:
+def guarded(prog, body, *args, interrupted=lambda: ""):
     """The error contract of metamix.py and of every tool beside it: body(*args), and any failure becomes one line on
     stderr, `prog: ...`, with no traceback, and an exit status.
 
@@ -1705,10 +2202,10 @@ def guarded(prog: str, body, *args, interrupted=lambda: "") -> int:
         return code
 
 
-def main(args, layer_type: type = QuantLayer) -> int:
+def main(args, layer_type=QuantLayer):
     """Run, under the error contract (`guarded`); the output folder's lock is released whatever happens."""
 
-    def what_survived() -> str:
+    def what_survived():
         ck = os.path.join(args.output_dir, "checkpoint.pth")
         if os.path.exists(ck):
             return f"; the last checkpoint is {ck}; continue with --resume auto"
