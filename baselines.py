@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import math
+import operator
 import os
 import random
 import shlex
@@ -56,7 +57,9 @@ PROXIES = ("hessian", "sensitivity")
 def bops_costs(model: nn.Module) -> tuple[list[list[int]], int]:
     """Exact integer BOPs: per searched layer and candidate OPs_l * a * w, and the fixed layers' (C_fixed)."""
     costs = [[m.macs * a * w for a, w in m.candidates] for m in mm.searched_layers(model)]
-    return costs, sum(m.macs * a * w for m in mm.quant_layers(model) if m.fixed for a, w in m.candidates)
+    fixed = [m for m in mm.quant_layers(model) if m.fixed]
+    fixed_bops = sum(m.macs * a * w for m in fixed for a, w in m.candidates)
+    return costs, fixed_bops
 
 
 def budget_bops(target_gbops: float, fixed_bops: int) -> int:
@@ -75,27 +78,33 @@ def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]]
     states at most the number of distinct reachable costs under the budget (a few thousand for
     ResNet-18 or MobileNet-v2 with 3 candidates). Ties go to the lower cost.
     """
-    frontier = [(0, 0.0)]  # (cost, score), cost ascending, score strictly descending
-    back: list[list[tuple[int, int]]] = []  # per layer, per state: (index in the previous frontier, choice)
+    # (cost, score), cost ascending, score strictly descending
+    frontier = [(0, 0.0)]
+    # per layer, per state: (index in the previous frontier, choice)
+    back: list[list[tuple[int, int]]] = []
     for sc, co in zip(scores, costs):
-        cand = sorted(
-            (
-                (c + co[i], s + float(sc[i]), k, i)
-                for k, (c, s) in enumerate(frontier)
-                for i in range(len(co))
-                if c + co[i] <= budget
-            ),
-            key=lambda t: (t[0], t[1]),
+        # (cost, score, index in the frontier, choice) of every state under the budget, by cost then score
+        reachable = (
+            (c + co[i], s + float(sc[i]), k, i)
+            for k, (c, s) in enumerate(frontier)
+            for i in range(len(co))
+            if c + co[i] <= budget
         )
+        cand = sorted(reachable, key=operator.itemgetter(0, 1))
         if not cand:
             return None
-        new, links, best = [], [], math.inf
+        new = []
+        links = []
+        best = math.inf
         for c, s, k, i in cand:
-            if s < best:  # cheaper states come first: keep it only if it scores strictly better
+            # cheaper states come first: keep it only if it scores strictly better
+            if s < best:
                 best = s
                 new.append((c, s))
                 links.append((k, i))
-        frontier, back = new, back + [links]
+        frontier = new
+        back.append(links)
+    # the best score; of equal scores, the lower cost
     k = min(range(len(frontier)), key=lambda j: (frontier[j][1], frontier[j][0]))
     choice = []
     for links in reversed(back):
@@ -109,8 +118,11 @@ def mckp_exact(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[int]]
 
 def uniform_budgets(model: nn.Module) -> dict[int, float]:
     """Activation bits -> GBOPs (Eq. 6) of every searched layer at that candidate."""
-    n = len(mm.searched_layers(model))
-    return {a: mm.branches_gbops(model, [i] * n) for i, (a, _) in enumerate(mm.searched_layers(model)[0].candidates)}
+    layers = mm.searched_layers(model)
+    budgets = {}
+    for i, (a, _) in enumerate(layers[0].candidates):
+        budgets[a] = mm.branches_gbops(model, [i] * len(layers))
+    return budgets
 
 
 def uniform_selection(model: nn.Module, target_gbops: float) -> list[int]:
@@ -138,21 +150,26 @@ def random_selection(model: nn.Module, target_gbops: float, seed: int) -> list[i
     costs, fixed = bops_costs(model)
     budget = budget_bops(target_gbops, fixed)
     bits = [a for a, _ in mm.searched_layers(model)[0].candidates]
-    order = sorted(range(len(bits)), key=lambda i: bits[i])  # branch indices, smallest bits first
-    rank = [rng.randrange(len(bits)) for _ in costs]  # position in `order`, per layer
+    # branch indices, smallest bits first
+    order = sorted(range(len(bits)), key=lambda i: bits[i])
+    # position in `order`, per layer
+    rank = [rng.randrange(len(bits)) for _ in costs]
 
     def total():
         return sum(c[order[r]] for c, r in zip(costs, rank))
 
+    def fits_one_up(layer: int) -> bool:
+        r = rank[layer]
+        if r + 1 >= len(bits):
+            return False
+        raised = total() - costs[layer][order[r]] + costs[layer][order[r + 1]]
+        return raised <= budget
+
     while total() > budget:
-        l = rng.choice([l for l, r in enumerate(rank) if r > 0])
-        rank[l] -= 1
+        layer = rng.choice([j for j, r in enumerate(rank) if r > 0])
+        rank[layer] -= 1
     while True:
-        up = [
-            l
-            for l, r in enumerate(rank)
-            if r + 1 < len(bits) and total() - costs[l][order[r]] + costs[l][order[r + 1]] <= budget
-        ]
+        up = [j for j in range(len(rank)) if fits_one_up(j)]
         if not up:
             break
         rank[rng.choice(up)] += 1
@@ -167,30 +184,30 @@ def kept_modes(model: nn.Module):
     """Restore, on exit, every quantized layer's mode (activation mode and branch, the weight width of a pair
     layer, which weight quantizers are on) and every module's train/eval flag."""
     flags = [(mod, mod.training) for mod in model.modules()]
-    layers = [
-        (
-            m,
-            m.act.mode,
-            m.act.branch,
-            getattr(m, "w_branch", None),
-            [wq.enabled for wq in getattr(m, "weight_quants", [m.weight_quant])],
-        )
-        for m in mm.quant_layers(model)
-    ]
+    layers = []
+    for m in mm.quant_layers(model):
+        enabled = [wq.enabled for wq in weight_quantizers(m)]
+        layers.append((m, m.act.mode, m.act.branch, getattr(m, "w_branch", None), enabled))
     try:
         yield
     finally:
         for mod, training in flags:
             mod.training = training
         for m, mode, branch, w_branch, enabled in layers:
-            m.act.mode, m.act.branch = mode, branch
+            m.act.mode = mode
+            m.act.branch = branch
             if w_branch is not None:
                 m.w_branch = w_branch
-            for wq, e in zip(getattr(m, "weight_quants", [m.weight_quant]), enabled):
+            for wq, e in zip(weight_quantizers(m), enabled):
                 wq.enabled = e
 
 
-def _layer_inputs(model: nn.Module, layers: Sequence[mm.QuantLayer], store: dict, replace: dict | None = None):
+def weight_quantizers(m: mm.QuantLayer) -> list:
+    """A layer's weight quantizers: one per W for a layer of (A, W) pairs, else its one."""
+    return list(getattr(m, "weight_quants", [m.weight_quant]))
+
+
+def layer_inputs(model: nn.Module, layers: Sequence[mm.QuantLayer], store: dict, replace: dict | None = None):
     """Forward pre-hooks that give each layer's input its own autograd node (a copy), so a gradient
     with respect to it flows through that layer only (a ResNet block's input also feeds its
     downsample conv); `replace` maps a layer to a tensor used instead of its input."""
@@ -212,24 +229,36 @@ def clamp_to_top_branch(model: nn.Module) -> list:
     """Forward pre-hooks that clamp each quantized layer's input to the range of its largest candidate,
     [Qn * s, Qp * s]: the meta-state at its largest bits with rounding taken as the identity (LSQ's
     straight-through estimator), a network that autograd can differentiate twice. Use in "fp" mode.
-    Registered after `_layer_inputs`' hooks, they clamp the copy that those record."""
+    Registered after `layer_inputs`' hooks, they clamp the copy that those record."""
     handles = []
     for m in mm.quant_layers(model):
         i = max(range(len(m.act.bits)), key=lambda j: m.act.bits[j])
         qn, qp = mm.lsq_range(m.act.bits[i], m.act.signed)
         s = float(mm.positive(m.act.step.detach()[i]))
-        handles.append(
-            m.register_forward_pre_hook(lambda mod, inp, lo=qn * s, hi=qp * s: (inp[0].clamp(lo, hi),) + tuple(inp[1:]))
-        )
+        handles.append(m.register_forward_pre_hook(clamp_hook(qn * s, qp * s)))
     return handles
+
+
+def clamp_hook(lo: float, hi: float):
+    """A forward pre-hook that clamps a layer's input to [lo, hi]."""
+
+    def hook(mod, inp):
+        return (inp[0].clamp(lo, hi),) + tuple(inp[1:])
+
+    return hook
 
 
 # PyTorch has no double backward for hardsigmoid and hardswish (MobileNet-v3): while Hessians are taken,
 # those modules compute the same functions from clamps, which it can differentiate twice.
-_TWICE_DIFFERENTIABLE = {
-    nn.Hardsigmoid: lambda x: (x + 3).clamp(0, 6) / 6,
-    nn.Hardswish: lambda x: x * (x + 3).clamp(0, 6) / 6,
-}
+def hardsigmoid_by_clamp(x: torch.Tensor) -> torch.Tensor:
+    return (x + 3).clamp(0, 6) / 6
+
+
+def hardswish_by_clamp(x: torch.Tensor) -> torch.Tensor:
+    return x * (x + 3).clamp(0, 6) / 6
+
+
+_TWICE_DIFFERENTIABLE = {nn.Hardsigmoid: hardsigmoid_by_clamp, nn.Hardswish: hardswish_by_clamp}
 
 
 @contextlib.contextmanager
@@ -237,7 +266,8 @@ def twice_differentiable(model: nn.Module):
     """Swap the forward of every module in _TWICE_DIFFERENTIABLE for its clamp form; restored on exit."""
     swapped = [m for m in model.modules() if type(m) in _TWICE_DIFFERENTIABLE]
     for m in swapped:
-        m.forward = _TWICE_DIFFERENTIABLE[type(m)]  # an instance attribute shadows the class's forward
+        # an instance attribute shadows the class's forward
+        m.forward = _TWICE_DIFFERENTIABLE[type(m)]
     try:
         yield
     finally:
@@ -261,7 +291,7 @@ def hutchinson_traces(
     probe_fn = probe_fn or rademacher
     layers = mm.searched_layers(model)
     xs: dict = {}
-    handles = _layer_inputs(model, layers, xs)
+    handles = layer_inputs(model, layers, xs)
     if clamp:
         handles += clamp_to_top_branch(model)
     try:
@@ -324,27 +354,29 @@ def proxy_scores(
                     traces_out.append(traces)
                 mm.set_mode(model, "fp")
                 xs: dict = {}
-                handles = _layer_inputs(model, layers, xs)
+                handles = layer_inputs(model, layers, xs)
                 with torch.no_grad():
                     model(images)
                 for h in handles:
                     h.remove()
-                for l, m in enumerate(layers):
+                for j, m in enumerate(layers):
                     x = xs[m].float()
                     for i, b in enumerate(bits):
                         s = mm.positive(m.act.step.detach()[i])
-                        mse = (x - mm.lsq_codes(x, s, *mm.lsq_range(b, m.act.signed)).mul_(s)).pow(2).mean().item()
-                        scores[l, i] += 0.5 * traces[l] * mse
+                        qrange = mm.lsq_range(b, m.act.signed)
+                        dequantized = mm.lsq_codes(x, s, *qrange).mul_(s)
+                        mse = (x - dequantized).pow(2).mean().item()
+                        scores[j, i] += 0.5 * traces[j] * mse
             else:
                 mm.set_mode(model, "meta", top, quant_weights=False)
                 with torch.no_grad():
                     base = F.cross_entropy(model(images), targets).item()
-                    for l, m in enumerate(layers):
+                    for j, m in enumerate(layers):
                         for i in range(len(bits)):
                             if i == top:
                                 continue
                             m.act.branch = i
-                            scores[l, i] += F.cross_entropy(model(images), targets).item() - base
+                            scores[j, i] += F.cross_entropy(model(images), targets).item() - base
                         m.act.branch = top
     return scores / max(len(batches), 1)
 
@@ -355,7 +387,9 @@ def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
     training uses; augmentation included, drawn in a forked RNG seeded by `seed`: they depend on nothing
     else, and nothing else is drawn from any global random stream."""
     train_set = mm.build_datasets(args)[0]
-    workers = 0 if mm.synthetic_spec(args.data) else args.workers
+    workers = args.workers
+    if mm.synthetic_spec(args.data):
+        workers = 0
     sampler = torch.utils.data.DistributedSampler(train_set, 1, 0, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         train_set, args.batch_size, sampler=sampler, drop_last=True, num_workers=workers
@@ -376,39 +410,21 @@ def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
 # ---- the selection, its file and its training command --------------------------------------
 
 
-def meta_state_of(run_dir: str) -> str:
-    """RUN/meta_state.pth, if there is one."""
-    path = os.path.join(run_dir, "meta_state.pth")
-    if not os.path.isdir(run_dir):
-        raise mm.BadInput(f"{run_dir}: no such folder (expected the --output-dir of a metamix run)")
-    if not os.path.isfile(path):
-        raise mm.BadInput(f"{run_dir} has no meta_state.pth (metamix.py writes it when bit selection ends)")
-    return path
-
-
 def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
-    """(args, model, checkpoint) of a meta-state of a run of one W; every problem a BadInput."""
-    ck = mm.load_checkpoint(path, "checkpoint")
+    """(args, model, checkpoint) of a meta-state of a run of one W, loaded once; every problem a BadInput."""
+    ck = runs.read_checkpoint(path)
     run_dir = os.path.dirname(path) or "."
-    w_bits = ck.get("args", {}).get("w_bits") if isinstance(ck.get("args"), dict) else None
+    w_bits = ck["args"].get("w_bits")
     if isinstance(w_bits, list):
+        listed = ",".join(map(str, w_bits))
         raise mm.BadInput(
-            f"{run_dir} is a run of (A, W) pairs (--w-bits {','.join(map(str, w_bits))}); these methods "
+            f"{run_dir} is a run of (A, W) pairs (--w-bits {listed}); these methods "
             "select activation bits at one W and are not implemented for pairs: use its own selection, "
             "or metamix.py --bits-from with [a_bits, w_bits] per layer"
         )
-    args, model, ck = runs.load_run(path)
-    check_meta_state(ck, path)
+    runs.check_meta_state(ck, path)
+    args, model = runs.run_model(ck)
     return args, model, ck
-
-
-def check_meta_state(ck: dict, path: str) -> None:
-    """A meta-state is a checkpoint at the phase boundary: bit selection done, bits not selected yet."""
-    if ck["selected"] is not None or ck["epoch"] != ck["args"]["search_epochs"]:
-        raise mm.BadInput(
-            f"{path} is not a meta-state (the end of bit selection, epoch {ck['args']['search_epochs']}):"
-            f" it is at epoch {ck['epoch']}" + (", bits selected" if ck["selected"] is not None else "")
-        )
 
 
 def check_target(model: nn.Module, method: str, target: float) -> None:
@@ -438,9 +454,13 @@ def select(
     scores = proxy_scores(model, data, method, probes, seed)
     costs, fixed = bops_costs(model)
     branches = mckp_exact(scores.tolist(), costs, budget_bops(target, fixed))
-    if branches is None:  # check_target makes this impossible; kept as a clear failure
+    # check_target makes this impossible; kept as a clear failure
+    if branches is None:
         raise mm.BadInput(f"--target-gbops {target:g}: no configuration fits")
-    proxy = {"batches": len(data), "probes": probes if method == "hessian" else None, "seed": seed}
+    proxy_probes = None
+    if method == "hessian":
+        proxy_probes = probes
+    proxy = {"batches": len(data), "probes": proxy_probes, "seed": seed}
     return branches, {"proxy": proxy, "scores": scores.tolist()}
 
 
@@ -449,10 +469,12 @@ def baseline_report(model: nn.Module, args, method: str, target: float, branches
     selection, "selection" the method, its target, and for a proxy each row's scores in the order of "candidates"."""
     mm.apply_selection(model, branches)
     report = mm.bits_report(model, argparse.Namespace(**{**vars(args), "target_gbops": target, "bits_from": None}))
-    report.update(selection=method, **{k: v for k, v in extra.items() if k != "scores"})
+    settings = {k: v for k, v in extra.items() if k != "scores"}
+    report.update(selection=method, **settings)
     searched = [r for r in report["layers"] if not r["fixed"]]
     for i, r in enumerate(searched):
-        r["probs"] = None  # the alphas are MetaMix's search, which this selection does not follow
+        # the alphas are MetaMix's search, which this selection does not follow
+        r["probs"] = None
         if "scores" in extra:
             r["scores"] = extra["scores"][i]
     return report
@@ -464,8 +486,15 @@ def baseline_report(model: nn.Module, args, method: str, target: float, branches
 NOT_REPEATED = ("output_dir", "resume", "bits_from", "target_gbops", "stop_after_epoch", "dry_run", "pretrained")
 
 
+# metamix.py, as the printed command names it: relative to the current folder
+METAMIX_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metamix.py")
+
+
 def _flag_text(v) -> str:
-    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    """A flag's value as the command line gives it: a list comma-joined."""
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
 
 
 def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, target: float) -> str:
@@ -474,7 +503,7 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
     selection's --target-gbops (exact: the shortest text that reads back as the same float)."""
     cmd = [
         "python",
-        os.path.relpath(mm.__file__),
+        os.path.relpath(METAMIX_PY),
         "--resume",
         os.path.join(run_dir, "meta_state.pth"),
         "--bits-from",
@@ -485,12 +514,15 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
     for action in mm.get_args_parser()._actions:
         if action.dest in NOT_REPEATED or action.dest not in run_args or not action.option_strings:
             continue
-        v, flag = run_args[action.dest], action.option_strings[0]
-        if action.nargs == 0:  # store_true
-            cmd += [flag] if v else []
-        elif v is not None and _flag_text(v) != _flag_text(action.default):
+        v = run_args[action.dest]
+        flag = action.option_strings[0]
+        store_true = action.nargs == 0
+        if store_true and v:
+            cmd.append(flag)
+        elif not store_true and v is not None and _flag_text(v) != _flag_text(action.default):
             cmd += [flag, _flag_text(v)]
-    return shlex.join(cmd + ["--target-gbops", repr(float(target))])
+    cmd += ["--target-gbops", repr(float(target))]
+    return shlex.join(cmd)
 
 
 # ---- the command line ---------------------------------------------------------------------
@@ -498,28 +530,34 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
 
 def run_baseline(a: argparse.Namespace) -> int:
     run_dir = os.path.normpath(a.run)
+    # RUN-METHOD needs a folder name
     if run_dir in (".", ".."):
-        run_dir = os.path.abspath(run_dir)  # RUN-METHOD needs a folder name
-    meta, out = meta_state_of(run_dir), a.out or os.path.join(run_dir, f"bits_{a.method}.json")
+        run_dir = os.path.abspath(run_dir)
+    meta = runs.run_file(run_dir, "meta_state.pth")
+    out = a.out or os.path.join(run_dir, f"bits_{a.method}.json")
     if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
         raise mm.BadInput(f"--out {out}: its folder does not exist")
     args, model, ck = load_meta_state(meta)
-    target = args.target_gbops if a.target_gbops is None else a.target_gbops
+    target = a.target_gbops
+    if target is None:
+        target = args.target_gbops
     check_target(model, a.method, target)
-    seed = args.seed if a.seed is None else a.seed
+    seed = a.seed
+    if seed is None:
+        seed = args.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     branches, extra = select(model.to(device), args, a.method, target, seed, a.batches, a.probes, device)
-    report = {**baseline_report(model, args, a.method, target, branches, extra), "meta_state": meta}
+    report = baseline_report(model, args, a.method, target, branches, extra)
+    report["meta_state"] = meta
     mm.atomic_write(out, json.dumps(report, indent=1).encode())
-    cost = (
-        f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s"
-        if "proxy" in extra
-        else ""
-    )
+    cost = ""
+    if "proxy" in extra:
+        cost = f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s"
+    command = train_command(run_dir, ck["args"], out, a.method, target)
     print(
         f"{mm.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
-        f"{out}\ntrain it from the meta-state:\n{train_command(run_dir, ck['args'], out, a.method, target)}",
+        f"{out}\ntrain it from the meta-state:\n{command}",
         flush=True,
     )
     return 0
@@ -560,7 +598,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return runs.tool_main("baselines", run_baseline, get_args_parser().parse_args(argv))
+    a = get_args_parser().parse_args(argv)
+    return mm.guarded("baselines", run_baseline, a)
 
 
 if __name__ == "__main__":

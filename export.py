@@ -54,7 +54,8 @@ PACKING = (
 # their scale, no layer differing by more than 1e-6; since it sums codes too, we measured 1e-7). So end to end
 # we only ask that the argmax agree on all but 1% of the images (and one more); a wrong scale, code, bias or BN
 # state changes most of them. In float64 (float64_logit_diff) the two agree to about 1e-15.
-LAYER_REL_TOL, FLOAT64_REL_TOL = 1e-4, 1e-9
+LAYER_REL_TOL = 1e-4
+FLOAT64_REL_TOL = 1e-9
 
 # ---- packing ---------------------------------------------------------------------------
 
@@ -71,7 +72,9 @@ def _slot_bits(bits: int) -> int:
 def packed_size(numel: int, bits: int) -> int:
     """Bytes that `numel` codes of `bits` bits take once packed."""
     slot = _slot_bits(bits)
-    return numel * 2 if slot == 16 else -(-numel // (8 // slot))
+    if slot == 16:
+        return numel * 2
+    return -(-numel // (8 // slot))
 
 
 def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
@@ -88,7 +91,8 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
         raise ValueError("codes must be integers")
     u = c.to(torch.int64) - qn
     if u.numel() and (int(u.min()) < 0 or int(u.max()) > qp - qn):
-        raise ValueError(f"codes outside [{qn}, {qp}] for {bits}-bit {'signed' if signed else 'unsigned'}")
+        kind = "signed" if signed else "unsigned"
+        raise ValueError(f"codes outside [{qn}, {qp}] for {bits}-bit {kind}")
     slot = _slot_bits(bits)
     if slot == 16:
         return torch.stack([u & 255, u >> 8], 1).reshape(-1).to(torch.uint8)
@@ -122,7 +126,8 @@ def selected_quantizers(m: mm.QuantLayer) -> tuple[int, mm.LSQQuantizer]:
     """(activation branch, weight quantizer) of a layer's selected candidate. Read from the selection, not from
     the mode. A layer of (A, W) pairs (pairs.py) holds one weight quantizer per W; its candidate i is the pair
     (bits[i // len(W)], W[i % len(W)])."""
-    i, w_quants = 0 if m.fixed else m.selected_branch, getattr(m, "weight_quants", None)
+    i = 0 if m.fixed else m.selected_branch
+    w_quants = getattr(m, "weight_quants", None)
     if w_quants is None:
         return i, m.weight_quant
     branch, j = divmod(i, len(w_quants))
@@ -139,9 +144,13 @@ def export_layer(m: mm.QuantLayer) -> dict:
     branch, w_quant = selected_quantizers(m)
     if not w_quant.enabled or not w_quant.initialized or m.act.signed is None or not m.act.initialized[branch]:
         raise ValueError(f"{m.name}: not in weight training (weights not quantized yet); nothing to export")
-    a_bits, w_bits = m.act.bits[branch], w_quant.bits
+    a_bits = m.act.bits[branch]
+    w_bits = w_quant.bits
     a_step = mm.positive(m.act.step.detach()[branch : branch + 1]).item()
     codes, w_step_t = pairs.weight_codes(w_quant, m.weight)
+    bias = None
+    if m.bias is not None:
+        bias = m.bias.detach().float().cpu().clone()
     entry = {
         "name": m.name,
         "order": m.order,
@@ -162,7 +171,7 @@ def export_layer(m: mm.QuantLayer) -> dict:
         w_signed=True,
         w_step=w_step_t.reshape(-1).cpu(),
         w_packed=pack_codes(codes, w_bits, True),
-        bias=None if m.bias is None else m.bias.detach().float().cpu().clone(),
+        bias=bias,
     )
     return entry
 
@@ -210,7 +219,8 @@ class IntegerLayer(nn.Module):
 
     def __init__(self, entry: dict):
         super().__init__()
-        self.name, self.kind = entry["name"], entry["kind"]
+        self.name = entry["name"]
+        self.kind = entry["kind"]
         shape = [int(v) for v in entry["weight_shape"]]
         if self.kind == "conv2d":
             self.op = mm.LayerOp(
@@ -224,21 +234,33 @@ class IntegerLayer(nn.Module):
             self.op = mm.LayerOp("linear")
         else:
             raise ValueError(f"{self.name}: unknown layer kind {self.kind!r}")
-        self.a_bits, self.a_signed, self.w_bits = int(entry["a_bits"]), bool(entry["a_signed"]), int(entry["w_bits"])
+        self.a_bits = int(entry["a_bits"])
+        self.a_signed = bool(entry["a_signed"])
+        self.w_bits = int(entry["w_bits"])
         self.a_qrange = mm.lsq_range(self.a_bits, self.a_signed)
         fan_in = math.prod(shape[1:])
-        bound = fan_in * max(abs(v) for v in self.a_qrange) * max(abs(v) for v in mm.lsq_range(self.w_bits, True))
+        largest_a = max(abs(v) for v in self.a_qrange)
+        largest_w = max(abs(v) for v in mm.lsq_range(self.w_bits, True))
+        bound = fan_in * largest_a * largest_w
         if bound >= 2**53:
             raise ValueError(f"{self.name}: |accumulator| may reach {bound} >= 2^53, not exact in float64")
         codes = unpack_codes(entry["w_packed"], self.w_bits, bool(entry["w_signed"]), math.prod(shape))
+        self.offset = float(entry["a_offset"])
+        a_step = float(entry["a_step"])
+        bias = entry["bias"]
+        if bias is not None:
+            bias = bias.to(torch.float64)
+        w_step = entry["w_step"].to(torch.float64)
+        # along the output's channels
+        if self.kind == "conv2d":
+            w_step = w_step.view(-1, 1, 1)
         # not persistent: the layer is rebuilt from the export entry, never from a state dict
         self.register_buffer("w_codes", codes.reshape(shape).to(torch.float64), persistent=False)
-        self.register_buffer("a_step", torch.tensor(float(entry["a_step"]), dtype=torch.float32), persistent=False)
-        bias, w_step, self.offset = entry["bias"], entry["w_step"].to(torch.float64), float(entry["a_offset"])
-        self.register_buffer("bias", None if bias is None else bias.to(torch.float64), persistent=False)
-        w_step = w_step.view(-1, 1, 1) if self.kind == "conv2d" else w_step  # along the output's channels
+        self.register_buffer("a_step", torch.tensor(a_step, dtype=torch.float32), persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
         self.register_buffer("w_step", w_step, persistent=False)
-        self.register_buffer("scale", float(entry["a_step"]) * w_step, persistent=False)  # s_a * s_w[c], float64
+        # s_a * s_w[c], float64
+        self.register_buffer("scale", a_step * w_step, persistent=False)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """q_a: the input's codes, as training computes them (float tensor of integers)."""
@@ -252,15 +274,23 @@ class IntegerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = mm.upcast(x).dtype
         y = self.accumulate(self.codes(x)) * self.scale
-        if self.offset:  # the zero point: o * s_w[c] * op(1, q_w), exact integers times a scale
-            y = y - self.accumulate(x.new_ones(1, *x.shape[1:])) * (self.offset * self.w_step)
+        # the zero point: o * s_w[c] * op(1, q_w), exact integers times a scale
+        if self.offset:
+            ones = x.new_ones(1, *x.shape[1:])
+            y = y - self.accumulate(ones) * (self.offset * self.w_step)
         if self.bias is not None:
-            y = y + (self.bias if self.kind == "linear" else self.bias[:, None, None])
+            bias = self.bias
+            if self.kind != "linear":
+                bias = bias[:, None, None]
+            y = y + bias
         return y.to(dtype)
 
     def extra_repr(self):
-        grid = ("s" if self.a_signed else "u") + f"{-self.offset:+g}" * bool(self.offset)
-        return f"{self.kind}, A{self.a_bits}{grid}/W{self.w_bits}, weight {tuple(self.w_codes.shape)}"
+        grid = "s" if self.a_signed else "u"
+        if self.offset:
+            grid += f"{-self.offset:+g}"
+        shape = tuple(self.w_codes.shape)
+        return f"{self.kind}, A{self.a_bits}{grid}/W{self.w_bits}, weight {shape}"
 
 
 def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
@@ -273,7 +303,9 @@ def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
         import torchvision
 
         # as mm.build_model (one output); no init, every value is replaced
-        kw = {"aux_logits": False, "init_weights": False} if export["arch"] in ("googlenet", "inception_v3") else {}
+        kw = {}
+        if export["arch"] in ("googlenet", "inception_v3"):
+            kw = {"aux_logits": False, "init_weights": False}
         model = torchvision.models.get_model(export["arch"], weights=None, num_classes=export["num_classes"], **kw)
     for entry in export["layers"]:
         name = entry["name"]
@@ -281,8 +313,10 @@ def integer_model(export: dict, model: nn.Module | None = None) -> nn.Module:
         if not isinstance(old, (nn.Conv2d, nn.Linear)) or list(old.weight.shape) != list(entry["weight_shape"]):
             raise ValueError(f"{name}: the export's layer does not fit the model's {type(old).__name__}")
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, IntegerLayer(entry))
-    model.load_state_dict(export["float_state"])  # strict: exactly the rest of the model
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, IntegerLayer(entry))
+    # strict: exactly the rest of the model
+    model.load_state_dict(export["float_state"])
     return model.eval()
 
 
@@ -310,29 +344,32 @@ def compare_logits(model: nn.Module, int_model: nn.Module, loader, device: torch
     int_layers = {m.name: m for m in int_model.modules() if isinstance(m, IntegerLayer)}
     layer_rel = torch.zeros((), dtype=torch.float64, device=device)
 
-    def same_input(mod, inp, out):  # forward hook on each QuantLayer
+    # a forward hook on each QuantLayer
+    def same_input(mod, inp, out):
         nonlocal layer_rel
         ref = out.float()
-        d = (int_layers[mod.name](inp[0]).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)
+        diff = (int_layers[mod.name](inp[0]).float() - ref).abs().max()
+        d = diff / ref.abs().max().clamp_min(1e-30)
         layer_rel = torch.maximum(layer_rel, d.double())
 
     handles = [m.register_forward_hook(same_input) for m in mm.quant_layers(model)]
-    tot = torch.zeros(4, dtype=torch.float64, device=device)  # top1 fake-quantized, top1 integer, argmax differs, n
-    mx = torch.zeros(2, dtype=torch.float64, device=device)  # largest |difference|, largest |logit|
+    # top1 fake-quantized, top1 integer, argmax differs, n
+    tot = torch.zeros(4, dtype=torch.float64, device=device)
+    # largest |difference|, largest |logit|
+    mx = torch.zeros(2, dtype=torch.float64, device=device)
     try:
         for images, targets in loader:
-            images, targets = images.to(device), targets.to(device)
-            a, b = model(images).float(), int_model(images).float()
-            pa, pb = a.argmax(1), b.argmax(1)
-            tot += torch.stack(
-                [
-                    (pa == targets).sum(),
-                    (pb == targets).sum(),
-                    (pa != pb).sum(),
-                    torch.tensor(len(targets), device=device),
-                ]
-            ).double()
-            mx = torch.maximum(mx, torch.stack([(a - b).abs().max(), a.abs().max()]).double())
+            images = images.to(device)
+            targets = targets.to(device)
+            a = model(images).float()
+            b = int_model(images).float()
+            pa = a.argmax(1)
+            pb = b.argmax(1)
+            n = torch.tensor(len(targets), device=device)
+            counts = [(pa == targets).sum(), (pb == targets).sum(), (pa != pb).sum(), n]
+            tot += torch.stack(counts).double()
+            largest = [(a - b).abs().max(), a.abs().max()]
+            mx = torch.maximum(mx, torch.stack(largest).double())
     finally:
         for h in handles:
             h.remove()
@@ -356,21 +393,23 @@ def float64_logit_diff(model: nn.Module, int_model: nn.Module, images: torch.Ten
     model end to end (BN, residual adds, wiring). The fake-quantized copy's weights are set to s_w * q_w with the
     float32 codes, so that its own float64 division finds the same codes.
     """
-    fq, im = copy.deepcopy(model).eval(), copy.deepcopy(int_model).eval()
+    fq = copy.deepcopy(model).eval()
+    im = copy.deepcopy(int_model).eval()
     for m in mm.quant_layers(fq):
         codes, s_w = pairs.weight_codes(selected_quantizers(m)[1], m.weight)
         m.weight.copy_(codes.mul_(s_w))
-    a, b = fq.double()(images.double()), im.double()(images.double())
+    a = fq.double()(images.double())
+    b = im.double()(images.double())
     return (a - b).abs().max().item(), a.abs().max().item()
 
 
 def export_agrees(p: dict) -> bool:
     """Whether compare_logits' result is explained by float summation order (see LAYER_REL_TOL)."""
-    return (
-        p["layer_rel_diff"] <= LAYER_REL_TOL
-        and p["argmax_differs"] <= 0.01 * p["n"] + 1
-        and p.get("float64_diff", 0.0) <= FLOAT64_REL_TOL * max(p.get("float64_scale", 1.0), 1.0)
-    )
+    layers_agree = p["layer_rel_diff"] <= LAYER_REL_TOL
+    argmax_agrees = p["argmax_differs"] <= 0.01 * p["n"] + 1
+    float64_tol = FLOAT64_REL_TOL * max(p.get("float64_scale", 1.0), 1.0)
+    float64_agrees = p.get("float64_diff", 0.0) <= float64_tol
+    return layers_agree and argmax_agrees and float64_agrees
 
 
 # ---- the command -----------------------------------------------------------------------
@@ -380,23 +419,14 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
     """Write RUN_DIR/model_int.pth from the run's checkpoint (default RUN_DIR/checkpoint.pth), then prove it:
     the integer model against the fake-quantized one on the run's validation set, and the file's size against
     FP32's. Every input problem is a BadInput raised before anything is written. Returns (path, the proof)."""
-    if not os.path.isdir(run_dir):
-        raise mm.BadInput(
-            f"{run_dir}: "
-            + ("not a folder (give a run's --output-dir)" if os.path.exists(run_dir) else "no such folder")
-        )
-    flag = "--checkpoint" if checkpoint else "checkpoint"
-    source = checkpoint or os.path.join(run_dir, "checkpoint.pth")
-    if not checkpoint and not os.path.exists(source):
-        raise mm.BadInput(
-            f"{run_dir} holds no checkpoint.pth: not a metamix run's --output-dir, or no epoch finished yet"
-        )
-    ck = mm.load_checkpoint(source, flag)  # whole-sentence errors: no such file, not torch.save's, corrupt
-    if ck.get("format") != mm.CHECKPOINT_FORMAT:
-        raise mm.BadInput(
-            f"{flag} {source} is not a metamix checkpoint (format {ck.get('format')!r}, expected "
-            f"{mm.CHECKPOINT_FORMAT!r})"
-        )
+    runs.run_folder(run_dir)
+    source = checkpoint
+    flag = "--checkpoint"
+    if checkpoint is None:
+        source = runs.run_file(run_dir, "checkpoint.pth")
+        flag = "checkpoint"
+    # whole-sentence errors: no such file, not torch.save's, corrupt, not of this metamix
+    ck = runs.read_checkpoint(source, flag)
     if ck.get("selected") is None:
         raise mm.BadInput(
             f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "
@@ -408,18 +438,23 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
             f"{flag} {source}: the run is in its --act-only-epochs (checkpoint of epoch {ck['epoch']}): "
             "weights not quantized yet; export a checkpoint of a later epoch"
         )
-    args, model, ck = runs.load_run(source)  # either kind of run, in the mode it was evaluated in
+    # either kind of run, in the mode it was evaluated in
+    args, model = runs.run_model(ck)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:  # before writing: a run whose data is gone writes nothing
+    # before writing: a run whose data is gone writes nothing
+    try:
         _, val_set, _ = mm.build_datasets(args)
     except mm.BadInput as e:
         raise mm.BadInput(f"cannot read the run's validation set: {e}") from None
     val_loader = torch.utils.data.DataLoader(val_set, args.batch_size)
-    mm.use_speed_path(model.to(device).eval())  # the fused op, as training computed it
+    # the fused op, as training computed it
+    mm.use_speed_path(model.to(device).eval())
 
-    layers, report = mm.quant_layers(model), mm.bits_report(model, args)
+    layers = mm.quant_layers(model)
+    report = mm.bits_report(model, args)
     export = integer_export(model, args.arch, ck["num_classes"], report)
-    data, path = mm.saved_bytes(export), os.path.join(run_dir, "model_int.pth")
+    data = mm.saved_bytes(export)
+    path = os.path.join(run_dir, "model_int.pth")
     try:
         mm.atomic_write(path, data)
     except OSError as e:
@@ -430,19 +465,20 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
     first_batch = next(iter(val_loader))[0].to(device)
     p["float64_diff"], p["float64_scale"] = float64_logit_diff(model, int_model, first_batch)
 
-    fp32 = {
-        **export["float_state"],
-        **{
-            f"{m.name}.{k}": t.detach().float().cpu()
-            for m in layers
-            for k, t in (("weight", m.weight), ("bias", m.bias))
-            if t is not None
-        },
-    }
-    mib, fp32_mib = len(data) / 2**20, len(mm.saved_bytes(fp32)) / 2**20
-    unfinished = "" if ck["epoch"] >= args.epochs else f" (checkpoint of epoch {ck['epoch']} of {args.epochs})"
+    fp32 = dict(export["float_state"])
+    for m in layers:
+        for k, t in (("weight", m.weight), ("bias", m.bias)):
+            if t is not None:
+                fp32[f"{m.name}.{k}"] = t.detach().float().cpu()
+    mib = len(data) / 2**20
+    fp32_mib = len(mm.saved_bytes(fp32)) / 2**20
+    unfinished = ""
+    if ck["epoch"] < args.epochs:
+        unfinished = f" (checkpoint of epoch {ck['epoch']} of {args.epochs})"
     fl = args.first_last_bits
-    w = f"W{args.w_bits}" if isinstance(args.w_bits, int) else f"per-layer W (average {report['avg_w_bits']:.2f})"
+    w = f"W{args.w_bits}"
+    if not isinstance(args.w_bits, int):
+        w = f"per-layer W (average {report['avg_w_bits']:.2f})"
     print(
         f"export: wrote {path}{unfinished}: {args.arch}, {w} with A{fl}/W{fl} first/last, average activation "
         f"bits {report['avg_a_bits']:.2f}: {mib:.1f} MiB vs {fp32_mib:.1f} MiB FP32 ({fp32_mib / mib:.1f}x smaller)",
@@ -481,19 +517,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_export(a: argparse.Namespace) -> int:
+    export_run(a.run_dir, a.checkpoint)
+    return 0
+
+
+def what_survived() -> str:
+    """What an interrupted export leaves: the end of the `interrupted by SIGINT` line."""
+    return "; model_int.pth, if written, is whole but unchecked"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Export, and turn every failure into one line on stderr and an exit status (METAMIX_DEBUG=1: tracebacks)."""
-
-    def body(a) -> int:
-        export_run(a.run_dir, a.checkpoint)
-        return 0
-
-    return runs.tool_main(
-        "export",
-        body,
-        get_args_parser().parse_args(argv),
-        "interrupted; model_int.pth, if written, is whole but unchecked",
-    )
+    """Export, under metamix's error contract (mm.guarded): every failure one line on stderr and an exit status."""
+    a = get_args_parser().parse_args(argv)
+    return mm.guarded("export", run_export, a, interrupted=what_survived)
 
 
 if __name__ == "__main__":

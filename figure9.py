@@ -49,7 +49,8 @@ def average_ranks(values: Sequence[float]) -> list[float]:
         j = i
         while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
             j += 1
-        for k in range(i, j + 1):  # positions i..j (0-based) share the rank (i + j) / 2 + 1
+        # positions i..j (0-based) share the rank (i + j) / 2 + 1
+        for k in range(i, j + 1):
             out[order[k]] = (i + j) / 2 + 1
         i = j + 1
     return out
@@ -62,10 +63,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
         raise ValueError(f"spearman: {len(x)} and {len(y)} values")
     if len(x) < 2 or not all(math.isfinite(v) for v in list(x) + list(y)):
         return None
-    rx, ry = average_ranks(x), average_ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    rx = average_ranks(x)
+    ry = average_ranks(y)
+    mx = sum(rx) / len(rx)
+    my = sum(ry) / len(ry)
     sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
     if sxx == 0 or syy == 0:
         return None
     return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
@@ -94,15 +98,24 @@ def figure9_fields(report: dict, traces: Sequence[float], batches: int, probes: 
     the Spearman correlation of the selected bits (pairs: also W and a*w) with each series."""
     rows = [r for r in report["layers"] if not r["fixed"]]
     for r, t in zip(rows, traces):
-        r["hessian_trace"], r["trace_per_op"] = float(t), float(t) / r["macs"]
+        r["hessian_trace"] = float(t)
+        r["trace_per_op"] = float(t) / r["macs"]
     selected = {"a_bits": [r["a_bits"] for r in rows]}
-    if is_pairs(report):  # Supplement, Table 7: the selected W, and the pair's cost per OP
+    # Supplement, Table 7: the selected W, and the pair's cost per OP
+    if is_pairs(report):
         selected["w_bits"] = [r["w_bits"] for r in rows]
         selected["a_times_w"] = [r["a_bits"] * r["w_bits"] for r in rows]
-    corr = {
-        k: {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES} for k, bits in selected.items()
-    }
+    corr = {}
+    for k, bits in selected.items():
+        corr[k] = {key: spearman(bits, [r[key] for r in rows]) for key, _ in FIGURE9_SERIES}
     return {"layers": len(rows), "batches": batches, "probes": probes, "spearman": corr}
+
+
+def rho_text(rho: float | None) -> str:
+    """A rank correlation as printed: signed, two decimals; "n/a" where it is undefined."""
+    if rho is None:
+        return "n/a"
+    return f"{rho:+.2f}"
 
 
 def figure9_text(fig9: dict, cost: str = "") -> str:
@@ -110,9 +123,7 @@ def figure9_text(fig9: dict, cost: str = "") -> str:
     names = {"a_bits": "selected A bits", "w_bits": "selected W bits", "a_times_w": "selected a*w"}
     parts = []
     for k, corr in fig9["spearman"].items():
-        vals = ", ".join(
-            f"{label} {'n/a' if corr[key] is None else f'{corr[key]:+.2f}'}" for key, label in FIGURE9_SERIES
-        )
+        vals = ", ".join(f"{label} {rho_text(corr[key])}" for key, label in FIGURE9_SERIES)
         parts.append(f"{names[k]} with {vals}")
     return f"Figure 9: rank correlation of {'; '.join(parts)} ({fig9['layers']} layers{cost})"
 
@@ -195,11 +206,11 @@ def plot_figure9(report: dict, path: str) -> bool:
         ax.plot(x, vals, "o-", color=colour, ms=3)
         if min(vals) > 0:
             ax.set_yscale("log")
-        elif any(vals):  # linear within the smallest nonzero magnitude, log beyond it
+        elif any(vals):
+            # linear within the smallest nonzero magnitude, log beyond it
             ax.set_yscale("symlog", linthresh=min(abs(v) for v in vals if v))
-        rho = corr[key]
         ax.set_ylabel(label)
-        ax.set_title(f"{label}: Spearman with A bits {'n/a' if rho is None else f'{rho:+.2f}'}", fontsize=8)
+        ax.set_title(f"{label}: Spearman with A bits {rho_text(corr[key])}", fontsize=8)
     axes[-1].set_xticks(x)
     axes[-1].set_xticklabels([r["name"] for r in rows], rotation=90, fontsize=6)
     axes[0].set_title(
@@ -224,7 +235,8 @@ def plot_bits(report: dict, path: str) -> bool:
     layers = report["layers"]
     x = list(range(len(layers)))
     fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.25), 3.5))
-    if is_pairs(report):  # each layer's activation and weight bits side by side
+    # each layer's activation and weight bits side by side
+    if is_pairs(report):
         ax.bar([i - 0.2 for i in x], [r["a_bits"] for r in layers], width=0.4, color="tab:blue", label="A")
         ax.bar([i + 0.2 for i in x], [r["w_bits"] for r in layers], width=0.4, color="tab:green", label="W")
         ax.legend(loc="upper left", fontsize=7)
@@ -246,49 +258,39 @@ def plot_bits(report: dict, path: str) -> bool:
 # ---- the command line ---------------------------------------------------------------------
 
 
+# Why a run may have no meta_state.pth of its own.
+NO_META_STATE = "a run trained from another run's meta-state with --resume: give that file with --meta-state"
+
+
 def run_figure9(a: argparse.Namespace) -> int:
     run_dir = os.path.normpath(a.run)
-    bits_path, meta = os.path.join(run_dir, "bits.json"), a.meta_state or os.path.join(run_dir, "meta_state.pth")
-    if not os.path.isdir(run_dir):
-        raise mm.BadInput(f"{run_dir}: no such folder (expected the --output-dir of a metamix or pairs.py run)")
-    if not os.path.isfile(bits_path):
-        raise mm.BadInput(
-            f"{run_dir} has no bits.json: its bits are not selected yet (metamix.py writes it as weight "
-            "training starts)"
-        )
-    if not os.path.isfile(meta):
-        raise mm.BadInput(
-            f"{meta}: no such file"
-            if a.meta_state
-            else f"{run_dir} has no meta_state.pth (a run "
-            "trained from another run's meta-state with --resume: give that file with --meta-state)"
-        )
-    args, model, ck = runs.load_run(meta)  # a run of one W or of (A, W) pairs
-    bl.check_meta_state(ck, meta)
+    bits_path = runs.run_file(run_dir, "bits.json")
+    meta = a.meta_state
+    flag = "--meta-state"
+    if meta is None:
+        meta = runs.run_file(run_dir, "meta_state.pth", NO_META_STATE)
+        flag = "meta-state"
+    # a run of one W or of (A, W) pairs
+    ck = runs.read_checkpoint(meta, flag)
+    runs.check_meta_state(ck, meta)
+    args, model = runs.run_model(ck)
     bits = read_selection(bits_path, model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     batches = bl.proxy_batches(args, a.batches, args.seed, device)
     traces = mean_hessian_traces(model.to(device), batches, a.probes, args.seed)
-    report = figure9_report(
-        bits, traces.tolist(), len(batches), a.probes, args.seed, {"bits": bits_path, "meta_state": meta}
-    )
-    line = figure9_text(
-        report["figure9"], f"; traces on {len(batches)} batch(es) x {a.probes} probe(s), {time.time() - t0:.1f}s"
-    )
+    sources = {"bits": bits_path, "meta_state": meta}
+    report = figure9_report(bits, traces.tolist(), len(batches), a.probes, args.seed, sources)
+    cost = f"; traces on {len(batches)} batch(es) x {a.probes} probe(s), {time.time() - t0:.1f}s"
+    line = figure9_text(report["figure9"], cost)
     out = os.path.join(run_dir, "figure9.json")
     mm.atomic_write(out, json.dumps(report, indent=1).encode())
-    plotted = plot_figure9(report, os.path.join(run_dir, "figure9.png"))
-    plotted = plot_bits(bits, os.path.join(run_dir, "bits.png")) and plotted
-    print(
-        f"{line}\nwrote {out}"
-        + (
-            ", figure9.png and bits.png"
-            if plotted
-            else " (figure9.png and bits.png need matplotlib, which is not installed)"
-        ),
-        flush=True,
-    )
+    figure_plotted = plot_figure9(report, os.path.join(run_dir, "figure9.png"))
+    bits_plotted = plot_bits(bits, os.path.join(run_dir, "bits.png"))
+    pictures = ", figure9.png and bits.png"
+    if not (figure_plotted and bits_plotted):
+        pictures = " (figure9.png and bits.png need matplotlib, which is not installed)"
+    print(f"{line}\nwrote {out}{pictures}", flush=True)
     return 0
 
 
@@ -313,7 +315,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return runs.tool_main("figure9", run_figure9, get_args_parser().parse_args(argv))
+    a = get_args_parser().parse_args(argv)
+    return mm.guarded("figure9", run_figure9, a)
 
 
 if __name__ == "__main__":

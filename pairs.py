@@ -42,12 +42,16 @@ class PairQuantLayer(mm.QuantLayer):
         macs: int = 0,
         plain: bool = False,
     ):
-        w_bits = [w_bits] if isinstance(w_bits, int) else list(w_bits)
+        if isinstance(w_bits, int):
+            w_bits = [w_bits]
+        w_bits = list(w_bits)
         super().__init__(layer, bits, w_bits[0], name, macs, plain=plain)
-        wq = self._modules.pop("weight_quant")  # replaced by the property below, one quantizer of its kind per W
+        # replaced by the property below, one quantizer of its kind per W
+        wq = self._modules.pop("weight_quant")
         self.weight_quants = nn.ModuleList(mm.LSQQuantizer(w, len(wq.step), wq.narrow) for w in w_bits)
         self.candidates = [(a, int(w)) for a in self.act.bits for w in w_bits]
-        self.act.alpha = nn.Parameter(torch.zeros(len(self.candidates)))  # one logit per pair
+        # one logit per pair
+        self.act.alpha = nn.Parameter(torch.zeros(len(self.candidates)))
         self.w_branch = 0
 
     @property
@@ -68,24 +72,32 @@ class PairQuantLayer(mm.QuantLayer):
         if self.act.mode != "search":
             return super().forward(x)
         p = self.pair_probs()
-        act, wqs = self.act, self.weight_quants
-        if self.fused and len(wqs) > 1 and not any(t.requires_grad for t in [self.weight, *(wq.step for wq in wqs)]):
+        act = self.act
+        wqs = self.weight_quants
+        trained = [self.weight, *(wq.step for wq in wqs)]
+        frozen = not any(t.requires_grad for t in trained)
+        if self.fused and len(wqs) > 1 and frozen:
             # the search (weights and their steps frozen), several W: each Q_a(x) once
             act.init_steps(x, range(len(act.bits)))
             for wq in wqs:
                 if not wq.initialized:
                     wq.init_step(self.weight)
-            a_q = [mm.quant_params(b, act.signed, x.numel() // x.shape[0]) for b in act.bits]
-            return _PairSearch.apply(
-                x, mm.positive(act.step), p, self.bias, [(wq, self.weight) for wq in wqs], a_q, self.op, act.offset
-            )
-        if self.fused:  # --unfixed: metamix's fused op per W, with the column p[:, w] as its mixture; the bias once
-            return sum(mm.fused_forward(self, x, p[:, j], wq, bias=j == 0) for j, wq in enumerate(self.weight_quants))
-        xq = [self.act.quantize(x, i) for i in range(len(self.act.bits))]  # each Q_a(x) once
-        return sum(
-            self.op(sum(p[i, j] * q for i, q in enumerate(xq)), wq(self.weight), self.bias if j == 0 else None)
-            for j, wq in enumerate(self.weight_quants)
-        )
+            per_sample = x.numel() // x.shape[0]
+            a_q = [mm.quant_params(b, act.signed, per_sample) for b in act.bits]
+            weights = [(wq, self.weight) for wq in wqs]
+            return _PairSearch.apply(x, mm.positive(act.step), p, self.bias, weights, a_q, self.op, act.offset)
+        if self.fused:
+            # --unfixed: metamix's fused op per W, with the column p[:, w] as its mixture; the bias once
+            outs = [mm.fused_forward(self, x, p[:, j], wq, bias=j == 0) for j, wq in enumerate(wqs)]
+            return sum(outs)
+        # each Q_a(x) once
+        xq = [act.quantize(x, i) for i in range(len(act.bits))]
+        y = 0
+        for j, wq in enumerate(wqs):
+            mixed = sum(p[i, j] * q for i, q in enumerate(xq))
+            bias = self.bias if j == 0 else None
+            y = y + self.op(mixed, wq(self.weight), bias)
+        return y
 
 
 class _PairSearch(torch.autograd.Function):
@@ -97,39 +109,63 @@ class _PairSearch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, steps, probs, bias, weights, a_q, op, offset):
-        xf = mm.upcast(x) + offset if offset else mm.upcast(x)
+        xf = mm.upcast(x)
+        if offset:
+            xf = xf + offset
         codes = [mm.lsq_codes(xf, steps[a], qn, qp) for a, (qn, qp, _) in enumerate(a_q)]
-        y = out = None
+        y = None
+        out = None
         for j, (wq, weight) in enumerate(weights):
             xw = None
             for a, q in enumerate(codes):
-                xw = q * (steps[a] * probs[a, j]) if xw is None else xw.addcmul_(q, steps[a] * probs[a, j])
-            xw = xw.sub_(offset * probs[:, j].sum()) if offset else xw
+                weight_of_a = steps[a] * probs[a, j]
+                xw = q * weight_of_a if xw is None else xw.addcmul_(q, weight_of_a)
+            if offset:
+                xw = xw.sub_(offset * probs[:, j].sum())
             w_codes, s_w = weight_codes(wq, weight)
-            w_scale = s_w.reshape(-1, 1, 1) if op.kind == "conv2d" else s_w.reshape(-1)  # along output channels
+            # along output channels
+            w_scale = s_w.reshape(-1)
+            if op.kind == "conv2d":
+                w_scale = s_w.reshape(-1, 1, 1)
             out = op(xw, w_codes)
             y = mm.upcast(out).mul_(w_scale) if y is None else y.addcmul_(mm.upcast(out), w_scale)
         del codes, xw
         ctx.save_for_backward(x, steps, probs)
-        ctx.weights, ctx.a_q, ctx.op, ctx.offset = weights, a_q, op, offset
+        ctx.weights = weights
+        ctx.a_q = a_q
+        ctx.op = op
+        ctx.offset = offset
         if bias is not None:
-            y.add_(bias.view(-1, 1, 1) if op.kind == "conv2d" else bias)
+            if op.kind == "conv2d":
+                bias = bias.view(-1, 1, 1)
+            y.add_(bias)
         return y.to(out.dtype)
 
     @staticmethod
     def backward(ctx, g):
         x, steps, probs = ctx.saved_tensors
-        a_q, op, o = ctx.a_q, ctx.op, ctx.offset
+        a_q = ctx.a_q
+        op = ctx.op
+        o = ctx.offset
         need_x, need_s, need_p, need_b = ctx.needs_input_grad[:4]
-        xf = mm.upcast(x) + o if o else mm.upcast(x)
-        gws = []  # g_w = op's input gradient through the dequantized weight s_w * q_w
+        xf = mm.upcast(x)
+        if o:
+            xf = xf + o
+        # g_w = op's input gradient through the dequantized weight s_w * q_w
+        gws = []
         for wq, weight in ctx.weights:
             w_codes, s_w = weight_codes(wq, weight)
             w = w_codes * s_w
             gws.append(mm.upcast(mm.op_backward(g, xf, w, op, True, False, False)[0]))
-        gx = torch.zeros_like(xf) if need_x else None
-        gs, gp = torch.zeros_like(steps), torch.zeros_like(probs)
-        sums = [gw.sum() for gw in gws] if o and need_p else None
+        gx = None
+        if need_x:
+            gx = torch.zeros_like(xf)
+        gs = torch.zeros_like(steps)
+        gp = torch.zeros_like(probs)
+        # the offset's share of d/dp_aw: o * sum(g_w)
+        offset_terms = [0] * len(gws)
+        if o and need_p:
+            offset_terms = [o * gw.sum() for gw in gws]
         v = q = G = None
         for a, (qn, qp, grad_scale) in enumerate(a_q):
             v = torch.div(xf, steps[a], out=v)
@@ -137,24 +173,33 @@ class _PairSearch(torch.autograd.Function):
             for j, gw in enumerate(gws):
                 G = torch.mul(gw, probs[a, j], out=G) if j == 0 else G.addcmul_(gw, probs[a, j])
                 if need_p:
-                    gp[a, j] = steps[a] * mm.sum_product(gw, q) - (o * sums[j] if o else 0)
-            gq = mm.sum_product(G, q) if need_s else None
-            G = mm.pass_inside(G, v, qn, qp, out=G)  # G_a * inside_a
+                    gp[a, j] = steps[a] * mm.sum_product(gw, q) - offset_terms[j]
+            gq = None
+            if need_s:
+                gq = mm.sum_product(G, q)
+            # G_a * inside_a
+            G = mm.pass_inside(G, v, qn, qp, out=G)
             if need_s:
                 gs[a] = (gq - mm.sum_product(G, v)) * grad_scale
             if need_x:
                 gx.add_(G)
-        g_b = (g.sum((0, 2, 3)) if op.kind == "conv2d" else g.reshape(-1, g.shape[-1]).sum(0)) if need_b else None
         return (
             gx.to(x.dtype) if need_x else None,
             gs if need_s else None,
             gp if need_p else None,
-            g_b,
+            bias_grad(g, op) if need_b else None,
             None,
             None,
             None,
             None,
         )
+
+
+def bias_grad(g: torch.Tensor, op: mm.LayerOp) -> torch.Tensor:
+    """The bias's gradient: the output's gradient summed over every dimension but the channels."""
+    if op.kind == "conv2d":
+        return g.sum((0, 2, 3))
+    return g.reshape(-1, g.shape[-1]).sum(0)
 
 
 def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +220,8 @@ def get_args_parser():
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.act_only_epochs:  # a pair's W is quantized in every phase: there is no full-precision stage to keep
+    # a pair's W is quantized in every phase: there is no full-precision stage to keep
+    if args.act_only_epochs:
         parser.error("--act-only-epochs: (A, W) pairs quantize the weights in every phase; use metamix.py")
     return mm.main(args, layer_type=PairQuantLayer)
 

@@ -1,50 +1,81 @@
-"""A run's files, for the tools beside metamix.py (baselines.py, figure9.py, export.py): the model of a
-checkpoint rebuilt and loaded, a run's layer table, and the tools' one-line errors."""
+"""A run's folder, for the tools beside metamix.py (baselines.py, figure9.py, export.py): its files found (one-line
+BadInput errors), a checkpoint loaded once with its format checked, its model rebuilt, and the meta-state check.
+
+The tools' error contract is metamix.guarded: one line on stderr, exit 2 for bad input."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch.nn as nn
 
 import metamix as mm
 import pairs
 
+# Why a run's folder may lack one of its files: the end of the tools' one-line error.
+WHY_MISSING = {
+    "checkpoint.pth": "not a metamix run's --output-dir, or no epoch finished yet",
+    "meta_state.pth": "metamix.py writes it when bit selection ends",
+    "bits.json": "its bits are not selected yet: metamix.py writes it as weight training starts",
+}
 
-def load_run(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
-    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth), of one W or of (A, W)
-    pairs: the model rebuilt without downloading anything (the checkpoint holds its weights), loaded, in the
-    mode it was evaluated in."""
-    ck = mm.load_checkpoint(path, "checkpoint")
-    if ck.get("format") != mm.CHECKPOINT_FORMAT:
-        raise mm.BadInput(f"{path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
+
+def run_folder(run_dir: str) -> str:
+    """A run's --output-dir, as given; a BadInput if it is not a folder."""
+    if os.path.isdir(run_dir):
+        return run_dir
+    if os.path.exists(run_dir):
+        raise mm.BadInput(f"{run_dir}: not a folder (give a run's --output-dir)")
+    raise mm.BadInput(f"{run_dir}: no such folder (expected the --output-dir of a metamix or pairs.py run)")
+
+
+def run_file(run_dir: str, name: str, why: str | None = None) -> str:
+    """RUN/name (checkpoint.pth, meta_state.pth, bits.json); a BadInput, saying `why` (default: WHY_MISSING's), if
+    the folder or the file is missing."""
+    path = os.path.join(run_folder(run_dir), name)
+    if not os.path.exists(path):
+        reason = why or WHY_MISSING[name]
+        raise mm.BadInput(f"{run_dir} has no {name} ({reason})")
+    return path
+
+
+def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
+    """A checkpoint file of this metamix, loaded once, its format checked (metamix.load_run_checkpoint)."""
+    return mm.load_run_checkpoint(path, flag)
+
+
+def run_model(ck: dict) -> tuple[argparse.Namespace, nn.Module]:
+    """(args, model) of a loaded checkpoint, of one W or of (A, W) pairs: the model rebuilt without downloading
+    anything (the checkpoint holds its weights), loaded, in the mode it was evaluated in."""
     args = argparse.Namespace(**{**ck["args"], "pretrained": None, "dry_run": False})
-    layer_type = pairs.PairQuantLayer if isinstance(args.w_bits, list) else mm.QuantLayer
+    layer_type = mm.QuantLayer
+    if isinstance(args.w_bits, list):
+        layer_type = pairs.PairQuantLayer
     model = mm.build_model(args, ck["num_classes"], layer_type)
     model.load_state_dict(ck["model"])
-    mm.set_mode(model, "selected", quant_weights=mm.weights_quantized(args, ck["epoch"], ck["selected"]))
+    quantized = mm.weights_quantized(args, ck["epoch"], ck["selected"])
+    mm.set_mode(model, "selected", quant_weights=quantized)
+    return args, model
+
+
+def load_run(path: str, flag: str = "checkpoint") -> tuple[argparse.Namespace, nn.Module, dict]:
+    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth): read_checkpoint, then
+    run_model."""
+    ck = read_checkpoint(path, flag)
+    args, model = run_model(ck)
     return args, model, ck
 
 
-def tool_main(tool: str, body, a: argparse.Namespace, interrupted: str = "interrupted") -> int:
-    """Run body(a); every failure one line on stderr (`tool: error: ...`), exit 2 for bad input, 1 otherwise
-    (METAMIX_DEBUG=1: tracebacks)."""
-    try:
-        return body(a)
-    except KeyboardInterrupt:
-        print(f"{tool}: {interrupted}", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("METAMIX_DEBUG"):
-            raise
-        bad = isinstance(e, mm.BadInput) or "BadInput" in str(e)
-        print(
-            f"{tool}: error: "
-            + (
-                mm.one_line(e) if bad else f"{type(e).__name__}: {mm.one_line(e)} (METAMIX_DEBUG=1 shows the traceback)"
-            ),
-            file=sys.stderr,
-        )
-        return 2 if bad else 1
+def check_meta_state(ck: dict, path: str) -> None:
+    """A meta-state is a checkpoint at the phase boundary: bit selection done, bits not selected yet."""
+    search_epochs = ck["args"]["search_epochs"]
+    if ck["selected"] is None and ck["epoch"] == search_epochs:
+        return
+    selected = ""
+    if ck["selected"] is not None:
+        selected = ", bits selected"
+    raise mm.BadInput(
+        f"{path} is not a meta-state (the end of bit selection, epoch {search_epochs}):"
+        f" it is at epoch {ck['epoch']}{selected}"
+    )

@@ -48,7 +48,8 @@ sys.path.insert(0, str(HERE))
 import metamix as mm  # noqa: E402  (the study uses metamix's own data pipeline and transforms)
 
 # The training settings (our choice, stated in the README).
-IMAGE_SIZE = 16  # the training crop from the 32 px files; 8x8 scans lose nothing at 16 px, and it is 4x cheaper
+# the training crop from the 32 px files; 8x8 scans lose nothing at 16 px, and it is 4x cheaper
+IMAGE_SIZE = 16
 # The full-precision model: SGD, cosine, 40 epochs, crops of 35-100% of the image, no flip (a flipped
 # digit is another shape); 98.7% (ResNet-18) and 97.3% (MobileNet-v2) on the validation set.
 FP = dict(epochs=40, lr=0.05, batch_size=64, wd=5e-4, crop_scale=0.35)
@@ -64,15 +65,20 @@ COMMON = [
     "--search-epochs",
     "2",
 ]
-EPOCHS = 8  # 2 bit selection (46 steps each) + 6 weight training
+# 2 bit selection (46 steps each) + 6 weight training
+EPOCHS = 8
 ALPHA = {
-    "adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],  # metamix.py's small-data defaults
+    # metamix.py's small-data defaults
+    "adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],
     "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"],
 }
-SELECTIONS = ["uniform", "random", "hessian", "sensitivity"]  # baselines.py's, from SOURCE's meta-state
-SOURCE = "metamix-sgd"  # the run whose meta_state.pth the selections of its (arch, target, seed) train from
+# baselines.py's, from SOURCE's meta-state
+SELECTIONS = ["uniform", "random", "hessian", "sensitivity"]
+# the run whose meta_state.pth the selections of its (arch, target, seed) train from
+SOURCE = "metamix-sgd"
 ALL = ["metamix-sgd", "metamix-sgd-lr0.5", *SELECTIONS]
-HEAD = ["metamix-sgd", "metamix-sgd-lr0.5", "random"]  # the alpha LR question, on more seeds
+# the alpha LR question, on more seeds
+HEAD = ["metamix-sgd", "metamix-sgd-lr0.5", "random"]
 # (arch, target GBOPs, methods, seeds): ResNet-18 {8,4,2} near the all-A2 floor (21.12) and a little under
 # uniform A4 (34.68); MobileNet-v2 {8,4,3} between all-A3 (4.16) and uniform A4 (5.31). 10 classes.
 # Every method on seeds 0-2; MetaMix with each alpha LR and random on three more seeds (3-5).
@@ -86,7 +92,8 @@ GRID = [
 ]
 # Supplement, Table 7 in miniature: A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs (30 GBOPs:
 # uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> run by pairs.py (--w-bits 8,4,2).
-PAIR_METHOD = "metamix-sgd"  # the default alpha optimizer and LR (SGD at 0.05 on small data)
+# the default alpha optimizer and LR (SGD at 0.05 on small data)
+PAIR_METHOD = "metamix-sgd"
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
 # Does the search converge? MetaMix's variants against random and the Hessian proxy (from the default's meta-state)
 # on 8 seeds, at two budgets per arch: tight (the all-A3 floor + 5% of the feasible range) and mid-range (+25%):
@@ -97,6 +104,7 @@ PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2,
 # (the margins left by SGD 0.05 are ~0.01: the alphas barely move). 2 bit-selection epochs + 3 of weight training (the
 # other parts: 2 + 6).
 CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-matched", "metamix-adam-matched", "random", "hessian"]
+# how the table and the plot list them
 CONV_ORDER = [
     "metamix-sgd",
     "metamix-sgd-x4",
@@ -105,7 +113,7 @@ CONV_ORDER = [
     "metamix-sgd-matched",
     "metamix-adam-matched",
     "hessian",
-]  # how the table and the plot list them
+]
 SEEDS8 = list(range(8))
 CONV_BUDGETS = [
     ("mobilenet_v2", 4.45),
@@ -113,13 +121,15 @@ CONV_BUDGETS = [
     ("mobilenet_v3_large", 3.08),
     ("mobilenet_v3_large", 3.92),
 ]
-PROBES = [("metamix-sgd-lr0.5", [0, 1, 2, 3])]  # variants on fewer seeds, at every budget
+# variants on fewer seeds, at every budget
+PROBES = [("metamix-sgd-lr0.5", [0, 1, 2, 3])]
 CONV_GRID = (
     [(arch, t, CONV, SEEDS8) for arch, t in CONV_BUDGETS]
     + [(arch, t, [m], seeds) for m, seeds in PROBES for arch, t in CONV_BUDGETS]
     + [("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0])]
 )
-MATCHED = 0.5  # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
+# the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
+MATCHED = 0.5
 # The quantizers: one selection (the default search's bits.json, same seed) trained from the FP model twice with
 # --bits-from, once with the authors' quantizers (a weight step per output channel on -7..7, hardswish-fed inputs on
 # the offset grid: metamix.py's default) and once with LSQ's own (--plain-lsq: a step per tensor on -8..7, a signed
@@ -144,7 +154,8 @@ RECIPE_GRID = [
     ("mobilenet_v2", 7.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3]),
     ("mobilenet_v3_large", 5.0, ["metamix-sgd-x4", *RECIPE], [0, 1, 2, 3]),
 ]
-FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain", *RECIPE]  # made from a source run's bits or meta-state
+# made from a source run's bits or meta-state
+FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain", *RECIPE]
 PART_EPOCHS = {"convergence": 5, "quantizers": 5}  # the other parts: EPOCHS
 PART_SOURCE = {"quantizers": "metamix-sgd-x4", "recipe": "metamix-sgd-x4"}  # the other parts: SOURCE
 # The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (--plain-lsq).
@@ -156,7 +167,8 @@ PARTS = {
     "quantizers": QUANT_GRID,
     "recipe": RECIPE_GRID,
 }
-QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]  # the default alpha optimizer against random
+# the default alpha optimizer against random
+QUICK_GRID = [("resnet18", 28.0, ["metamix-sgd", "random"], [0])]
 
 
 def label(method: str) -> str:
@@ -187,7 +199,8 @@ def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
     """metamix.py's flags of a MetaMix variant (the selections take SOURCE's): metamix[-sgd|-adam][-lrLR|-matched]
     [-xK][-unfixed][-pairs]; without -sgd the alphas have Adam at 0.1; -xK searches K epochs' steps (--search-steps);
     -matched: alpha LR = MATCHED / search steps. epoch_steps: the search steps of one epoch (46 on the digits)."""
-    if method.endswith("-pairs"):  # the same method over the product set A x W (one softmax over 9 pairs)
+    # the same method over the product set A x W (one softmax over 9 pairs)
+    if method.endswith("-pairs"):
         return [*method_flags(method[: -len("-pairs")], epoch_steps), "--w-bits", "8,4,2"]
     words = method.split("-")[1:]
     opt = "sgd" if "sgd" in words else "adam"
@@ -212,7 +225,9 @@ def write_digits(root: Path, size: int = 32, n_val_per_class: int = 30, n_train_
     if (root / "done").exists():
         return
     from PIL import Image
-    from sklearn.datasets import load_digits  # the study's optional dependency
+
+    # the study's optional dependency
+    from sklearn.datasets import load_digits
 
     d = load_digits()
     order = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0)).tolist()
@@ -233,7 +248,8 @@ def write_digits(root: Path, size: int = 32, n_val_per_class: int = 30, n_train_
 
 def datasets(data: Path):
     args = argparse.Namespace(data=str(data), image_size=IMAGE_SIZE)
-    return mm.build_datasets(args)  # metamix's transforms: RandomResizedCrop + flip; resize + centre crop
+    # metamix's transforms: RandomResizedCrop + flip; resize + centre crop
+    return mm.build_datasets(args)
 
 
 # ---- the full-precision model (plain PyTorch) ------------------------------------------------------
@@ -268,7 +284,7 @@ def train_fp(arch: str, data: Path, path: Path, epochs: int, log) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=FP["lr"], momentum=0.9, weight_decay=FP["wd"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader))
     t0 = time.time()
-    for epoch in range(epochs):
+    for _ in range(epochs):
         model.train()
         for x, y in loader:
             opt.zero_grad()
@@ -322,7 +338,8 @@ def run_one(job: dict, log) -> dict:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
-    if job["method"] in ("quant-authors", "quant-plain", *RECIPE):  # the source's bits, trained from the FP model
+    # the source's bits, trained from the FP model
+    if job["method"] in ("quant-authors", "quant-plain", *RECIPE):
         recipe = [f.format(teacher=f"{job['arch']}:{job['init']}") for f in RECIPE_FLAGS.get(job["method"], [])]
         cmds = [
             [
@@ -369,7 +386,8 @@ def run_one(job: dict, log) -> dict:
                 str(out),
             ],
         ]
-    if job["part"] == "pairs":  # the supplement's Figure 9 for each run, on its meta-state
+    # the supplement's Figure 9 for each run, on its meta-state
+    if job["part"] == "pairs":
         cmds.append(["figure9.py", str(out), "--batches", "4", "--probes", "4"])
     t0 = time.time()
     for cmd in cmds:
@@ -502,7 +520,8 @@ def alpha_summary(out: Path, results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        if not r.get("search") or r["method"] in SELECTIONS:  # a selection's bits.json: its meta-state's search
+        # a selection's bits.json: its meta-state's search
+        if not r.get("search") or r["method"] in SELECTIONS:
             continue
         bits = json.loads((Path(r["dir"]) / "bits.json").read_text())
         top = max(range(len(bits["candidates"])), key=lambda i: bits["candidates"][i][0] * bits["candidates"][i][1])
@@ -729,20 +748,28 @@ def main(argv=None) -> int:
     t0 = time.time()
     data = out / "data"
     write_digits(data, **(dict(n_val_per_class=10, n_train_per_class=20) if a.quick else {}))
-    parts = {"baselines": QUICK_GRID} if a.quick else PARTS if a.part == "all" else {a.part: PARTS[a.part]}
+    if a.quick:
+        parts = {"baselines": QUICK_GRID}
+    elif a.part == "all":
+        parts = PARTS
+    else:
+        parts = {a.part: PARTS[a.part]}
     grid = [(part, *g) for part, entries in parts.items() for g in entries]
-    if a.seeds:  # the same seeds for every entry of the grid
+    # the same seeds for every entry of the grid
+    if a.seeds:
         grid = [(part, arch, t, methods, [int(s) for s in a.seeds.split(",")]) for part, arch, t, methods, _ in grid]
     if a.only:
         grid = [g for g in grid if g[1] in a.only.split(",")]
     fp_epochs = 1 if a.quick else FP["epochs"]
-    torch.set_num_threads(1)  # on a shared machine, 2 OpenMP threads that wait for each other are slower
+    # on a shared machine, 2 OpenMP threads that wait for each other are slower
+    torch.set_num_threads(1)
     archs = dict.fromkeys(g[1] for g in grid)
     fp = {arch: train_fp(arch, data, out / f"fp_{arch}.pth", fp_epochs, log) for arch in archs}
     for arch, top1 in fp.items():
         log(f"FP {arch}: top-1 {top1:.2f}% on {sum(1 for _ in (data / 'val').rglob('*.png'))} validation images")
     fp_hash = {arch: hashlib.sha256((out / f"fp_{arch}.pth").read_bytes()).hexdigest()[:12] for arch in archs}
-    epoch_steps = sum(1 for _ in (data / "train").rglob("*.png")) // 32  # one epoch's steps at batch 32 (46)
+    # one epoch's steps at batch 32 (46)
+    epoch_steps = sum(1 for _ in (data / "train").rglob("*.png")) // 32
 
     def folder(part, arch, t, m, s):
         runs = f"runs_{part}" if part in ("convergence", "quantizers", "recipe") else "runs"
@@ -798,10 +825,12 @@ def main(argv=None) -> int:
         "recipe": "recipe",
     }
     saved = {"fp_top1": {}}
-    if (out / "results.json").exists() and not a.quick:  # keep the other parts' runs in results.json
+    # keep the other parts' runs in results.json
+    if (out / "results.json").exists() and not a.quick:
         saved = json.loads((out / "results.json").read_text())
     saved["fp_top1"] = {**saved.get("fp_top1", {}), **fp}
-    saved["fp_sha256"] = {**saved.get("fp_sha256", {}), **fp_hash}  # which FP model every run started from
+    # which FP model every run started from
+    saved["fp_sha256"] = {**saved.get("fp_sha256", {}), **fp_hash}
     saved.update({keys[part]: rs for part, rs in done.items()})
     fp = saved["fp_top1"]
     (out / "results.json").write_text(json.dumps(saved, indent=1))
