@@ -1,26 +1,35 @@
 """What every test file shares: the real scripts run in subprocesses on tiny synthetic data, and one tiny
-reference run (made once per test run) whose files the tests of metamix.py and of the tools beside it read.
+reference run (made once per test run) whose files the tests of metamix.py and of the tools beside it read;
+the helpers that run, stop and compare runs; and the independent references the tier-1 tests check against
+(LSQ element by element, PyTorch's FLOP counter, the hardswish-fed layers read from the torch.fx graph).
 
 Every run is tiny: resnet18 at 32 px, 64 synthetic training images, batch 16 (4 steps per epoch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
+import torchvision
 
 import metamix as mm
 
 REPO = Path(__file__).resolve().parent
+# metamix.py itself, for the tests that copy or run the file
+METAMIX = REPO / "metamix.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 for _key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "METAMIX_DEBUG"):
     ENV.pop(_key, None)
@@ -38,14 +47,21 @@ TINY = [
     "--search-epochs",
     "2",
 ]
-REF = TINY + ["--epochs", "4"]  # the reference run: 2 epochs of bit selection, 2 of weight training
-METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")  # what a log.jsonl row holds
-torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): in-process runs then equal theirs, bit for bit
+# the reference run: 2 epochs of bit selection, 2 of weight training
+REF = TINY + ["--epochs", "4"]
+# what a log.jsonl row holds
+METRICS = ("loss", "val_loss", "top1", "top5", "gbops", "lr", "phase", "epoch")
+# as the subprocesses (OMP_NUM_THREADS=1): in-process runs then equal theirs, bit for bit
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def no_debug(monkeypatch):
-    monkeypatch.delenv("METAMIX_DEBUG", raising=False)  # one-line errors, not tracebacks, in this process too
+    # one-line errors, not tracebacks, in this process too
+    monkeypatch.delenv("METAMIX_DEBUG", raising=False)
+
+
+# ---- running the scripts: in this process, in a subprocess, under torchrun ---------------------------------
 
 
 def main_in_process(*argv) -> int:
@@ -54,7 +70,8 @@ def main_in_process(*argv) -> int:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return mm.main(mm.get_args_parser().parse_args([str(a) for a in argv]))
-    except SystemExit as e:  # argparse's own errors
+    # argparse's own errors
+    except SystemExit as e:
         return e.code
     finally:
         for s, h in handlers.items():
@@ -68,7 +85,8 @@ def call(capsys):
     def run(main, *argv) -> subprocess.CompletedProcess:
         try:
             rc = main([str(a) for a in argv])
-        except SystemExit as e:  # argparse
+        # argparse
+        except SystemExit as e:
             rc = e.code
         return subprocess.CompletedProcess(argv, rc, *capsys.readouterr())
 
@@ -95,6 +113,92 @@ def run_cli(
     return p
 
 
+def popen_cli(*args, cwd=REPO) -> subprocess.Popen:
+    """`python metamix.py ARGS` started in its own process group (kill_group ends it and its children)."""
+    return subprocess.Popen(
+        [sys.executable, "metamix.py", *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def torchrun_cmd(*args, nproc: int = 2) -> list[str]:
+    """The torchrun command line of metamix.py ARGS on one node, with a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        "metamix.py",
+        *map(str, args),
+    ]
+
+
+def wait_for(cond, proc: subprocess.Popen | None, timeout: float, what: str, poll: float = 0.05):
+    """cond()'s first true value within timeout seconds; fail if proc exits first."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process exited {proc.returncode} before {what}\n{out[-2000:]}\n{err[-2000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """kill -9 the process group of a popen_cli process that still runs, and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        # the parent's pid: the second field after the command name, which may hold spaces and parentheses
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(d))
+    out = []
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line ("" once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+# ---- the one-line error contract -----------------------------------------------------------------------------
+
+
 def error_line(p: subprocess.CompletedProcess, *needles: str) -> str:
     """The one-line contract: non-zero exit, exactly one non-blank stderr line, no traceback."""
     assert p.returncode != 0, f"expected a failure, got exit 0\nstdout:\n{p.stdout[-2000:]}"
@@ -106,17 +210,66 @@ def error_line(p: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+def error_in_process(capsys, *argv) -> str:
+    """The one-line contract of metamix.py's main in this process: exit 2, one stderr line, no traceback; returns
+    the line."""
+    capsys.readouterr()
+    code = main_in_process(*argv)
+    out, err = capsys.readouterr()
+    line = error_line(subprocess.CompletedProcess(argv, code, out, err))
+    assert code == 2, (code, err)
+    return line
+
+
+# ---- a run's files ----------------------------------------------------------------------------------------------
+
+
 def load_ck(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_log(d: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines() if line.strip()]
+    text = (Path(d) / "log.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
     return dst
+
+
+def fingerprint(d: Path) -> dict:
+    """name -> (bytes, mtime_ns) of every file in d but the lock."""
+    files = [f for f in sorted(Path(d).iterdir()) if f.is_file() and f.name != ".lock"]
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same model, tensor for tensor (and the same extra states)."""
+    ma = load_ck(a)["model"]
+    mb = load_ck(b)["model"]
+    assert ma.keys() == mb.keys()
+    diff = []
+    for k in ma:
+        same = torch.equal(ma[k], mb[k]) if torch.is_tensor(ma[k]) else ma[k] == mb[k]
+        if not same:
+            diff.append(k)
+    assert not diff, f"{len(diff)} model tensors differ, e.g. {diff[:5]}"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two output dirs hold the same result: model tensors, per-epoch metrics, selected bits."""
+    assert_same_model(a / "checkpoint.pth", b / "checkpoint.pth")
+    metrics_a = [{k: r[k] for k in METRICS} for r in read_log(a)]
+    metrics_b = [{k: r[k] for k in METRICS} for r in read_log(b)]
+    assert metrics_a == metrics_b
+    bits_a = json.loads((a / "bits.json").read_text())
+    bits_b = json.loads((b / "bits.json").read_text())
+    assert [(r["name"], r["a_bits"]) for r in bits_a["layers"]] == [(r["name"], r["a_bits"]) for r in bits_b["layers"]]
+    assert bits_a["gbops"] == bits_b["gbops"]
+
+
+# ---- inputs: image folders, a teacher, a pickle that must not load -----------------------------------------------
 
 
 def make_image_folder(
@@ -137,10 +290,104 @@ def make_image_folder(
                 colour = tuple(min(255, max(0, v + rng.randint(-30, 30))) for v in base)
                 img = Image.new("RGB", (size, size), colour)
                 if textured:
-                    pattern = torch.tensor(colour).view(1, 1, 3) + 60 * torch.randn(size, size, 3, generator=g)
+                    noise = 60 * torch.randn(size, size, 3, generator=g)
+                    pattern = torch.tensor(colour).view(1, 1, 3) + noise
                     img = Image.fromarray(pattern.clamp(0, 255).to(torch.uint8).numpy())
                 img.save(d / f"img_{i}.png")
     return root
+
+
+def tiny_teacher(path: Path, arch: str = "resnet18") -> Path:
+    """A 10-class torchvision model's state dict at path (for --teacher ARCH:PATH), with BN statistics that are
+    not the init's."""
+    torch.manual_seed(1)
+    model = torchvision.models.get_model(arch, num_classes=10)
+    model.train()(torch.randn(16, 3, 32, 32))
+    torch.save(model.state_dict(), path)
+    return path
+
+
+class Evil:
+    """Unpickling this runs a shell command: a loader with weights_only=True must refuse it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ---- independent references for the tier-1 tests ---------------------------------------------------------------
+
+
+def slow_lsq(x, s, bits, signed):
+    """LSQ forward and d/dx, d/ds element by element in plain Python floats (independent of torch ops)."""
+    if signed:
+        qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        qn, qp = 0, 2**bits - 1
+    out, dx, ds = [], [], []
+    for v, sv in zip(x, s):
+        r = v / sv
+        if r < qn:
+            out.append(qn * sv)
+            dx.append(0.0)
+            ds.append(float(qn))
+        elif r > qp:
+            out.append(qp * sv)
+            dx.append(0.0)
+            ds.append(float(qp))
+        else:
+            # round half to even, like torch
+            q = float(torch.round(torch.tensor(r, dtype=torch.float64)))
+            out.append(q * sv)
+            dx.append(1.0)
+            ds.append(q - r)
+    return out, dx, ds
+
+
+def independent_macs(model: nn.Module) -> dict[str, int]:
+    """Per-module MACs from PyTorch's own FLOP counter (FLOPs / 2) at 224x224."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    counts = fc.get_flop_counts()
+    prefix = type(model).__name__
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return {name: sum(counts[f"{prefix}.{name}"].values()) // 2 for name in layers}
+
+
+def hardswish_fed(model: nn.Module) -> set[str]:
+    """An independent reading, from the torch.fx graph: the Conv2d/Linear modules whose input is a Hardswish output,
+    directly, through pooling, dropout or a reshape, or times a [0, 1] gate (squeeze-excitation)."""
+    graph = torch.fx.symbolic_trace(model).graph
+    mods = dict(model.named_modules())
+    passing = ("pool", "dropout", "flatten", "reshape", "view", "identity")
+
+    def kind(n):
+        if not isinstance(n, torch.fx.Node) or n.op not in ("call_module", "call_function", "call_method"):
+            return None
+        f = mods[n.target] if n.op == "call_module" else n.target
+        if isinstance(f, nn.Module):
+            name = type(f).__name__.lower()
+        else:
+            name = getattr(f, "__name__", f)
+        if name == "hardswish":
+            return "hs"
+        if name in ("hardsigmoid", "sigmoid"):
+            return "gate"
+        if any(w in name for w in passing):
+            return kind(n.args[0])
+        if name == "mul" and {kind(a) for a in n.args[:2]} == {"gate", "hs"}:
+            return "hs"
+        return None
+
+    layers = [n for n in graph.nodes if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
+    return {n.target for n in layers if kind(n.args[0]) == "hs"}
+
+
+# ---- the reference run ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -150,5 +397,6 @@ def ref_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "out"
     p = run_cli(*REF, "--output-dir", out)
     assert "summary:" in p.stdout
-    (out.parent / "stdout.txt").write_text(p.stdout)  # beside the run, not in it
+    # beside the run, not in it
+    (out.parent / "stdout.txt").write_text(p.stdout)
     return out

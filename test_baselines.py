@@ -9,6 +9,7 @@ the run from its own bits, and trains a baseline's bits with the command baselin
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import json
 import math
@@ -66,6 +67,7 @@ def _brute_force_mckp(scores, costs, budget):
 
 
 def test_knapsack_matches_brute_force_on_random_instances():
+    """mckp_exact, the exact multiple-choice knapsack, against enumeration of every choice on small instances."""
     rng = random.Random(0)
     for trial in range(300):
         n_layers, n_choices = rng.randint(1, 6), rng.randint(1, 4)
@@ -98,7 +100,8 @@ def test_knapsack_on_resnet18_equals_a_dense_dp_over_the_gcd_grid():
         scores = [[0.0, rng.uniform(0, 1), rng.uniform(0.5, 3)] for _ in costs]  # A8 free, A2 dear
         cap = budget // g
         inf = float("inf")
-        dp = [0.0] * (cap + 1)  # dp[c]: best score with total reduced cost <= c
+        # dp[c]: best score with total reduced cost <= c
+        dp = [0.0] * (cap + 1)
         for sc, co in zip(scores, costs):
             dp = [min((dp[c - k // g] + s for s, k in zip(sc, co) if k // g <= c), default=inf) for c in range(cap + 1)]
         got = bl.mckp_exact(scores, costs, budget)
@@ -144,6 +147,7 @@ def test_bops_costs_by_hand_one_w_and_pairs():
 
 
 def test_uniform_and_random_selections():
+    """uniform: the largest candidate under the target; random: seeded, under the target, filled toward it."""
     model = mm.patch_model(torchvision.models.resnet18(), [8, 4, 2], 4)
     budgets = bl.uniform_budgets(model)
     assert budgets[4] == pytest.approx(34.714, abs=1e-3)  # the README's dry-run table
@@ -164,9 +168,10 @@ def test_uniform_and_random_selections():
         assert mm.branches_gbops(model, sel) <= target + 1e-9
         total = sum(c[i] for c, i in zip(costs, sel))
         budget = bl.budget_bops(target, fixed)
-        for l, i in enumerate(sel):  # filled: no layer can go one candidate up without going over
+        # filled: no layer can go one candidate up without going over
+        for j, i in enumerate(sel):
             if i > 0:
-                assert total - costs[l][i] + costs[l][i - 1] > budget
+                assert total - costs[j][i] + costs[j][i - 1] > budget
         seen.add(tuple(sel))
     assert len(seen) == 20
     state = random.getstate()
@@ -208,7 +213,11 @@ def test_hutchinson_equals_exact_hessian_trace_in_float64():
     exact = []
     for m in layers:
         rec = {}
-        h = m.register_forward_pre_hook(lambda mod, inp: rec.update(x=inp[0].detach().clone()))
+
+        def record(mod, inp, rec=rec):
+            rec["x"] = inp[0].detach().clone()
+
+        h = m.register_forward_pre_hook(record)
         model(x)
         h.remove()
 
@@ -221,7 +230,8 @@ def test_hutchinson_equals_exact_hessian_trace_in_float64():
 
         H = torch.autograd.functional.hessian(loss_of, rec["x"])
         exact.append(H.reshape(rec["x"].numel(), -1).diagonal().sum().item())
-    assert all(abs(t) > 1e-4 for t in exact)  # a test that can fail: the traces are not zero
+    # a test that can fail: the traces are not zero
+    assert all(abs(t) > 1e-4 for t in exact)
 
     # all 2^n sign vectors of each input's shape, handed out in order, cycling (n = 8 and 6 elements)
     counters = {}
@@ -246,7 +256,8 @@ def test_proxy_scores_by_hand(meta):
     args, model, _ = meta
     model = copy.deepcopy(model)
     x, y = bl.proxy_batches(args, 1, 0)[0]
-    x, y = x[:4], y[:4]  # small: the Hessian costs a double backward per layer
+    # small: the Hessian costs a double backward per layer
+    x, y = x[:4], y[:4]
     layers = mm.searched_layers(model)
     modes = [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in layers]
     sens = bl.proxy_scores(model, [(x, y)], "sensitivity")
@@ -263,29 +274,23 @@ def test_proxy_scores_by_hand(meta):
     traces: list = []
     hess = bl.proxy_scores(model, [(x, y)], "hessian", probes=1, traces_out=traces)
     assert len(traces) == 1 and traces[0].abs().sum() > 0
-    assert (hess * traces[0][:, None] >= 0).all()  # 1/2 Tr(H) times a mean square: the trace's sign
+    # 1/2 Tr(H) times a mean square: the trace's sign
+    assert (hess * traces[0][:, None] >= 0).all()
     assert (hess[:, 0].abs() < hess[:, 1].abs()).all() and (hess[:, 1].abs() < hess[:, 2].abs()).all()  # A8, A4, A2
     m = layers[3]
     xs = {}
-    hs = bl._layer_inputs(model, layers, xs)
+    hs = bl.layer_inputs(model, layers, xs)
     model.eval()
     mm.set_mode(model, "fp")
     with torch.no_grad():
         model(x)
     for h in hs:
         h.remove()
-    mse = [
-        (
-            xs[m]
-            - mm.lsq_codes(xs[m], mm.positive(m.act.step.detach()[i]), *mm.lsq_range(b, m.act.signed)).mul_(
-                mm.positive(m.act.step.detach()[i])
-            )
-        )
-        .pow(2)
-        .mean()
-        .item()
-        for i, b in enumerate(m.act.bits)
-    ]
+    mse = []
+    for i, b in enumerate(m.act.bits):
+        s = mm.positive(m.act.step.detach()[i])
+        dequantized = mm.lsq_codes(xs[m], s, *mm.lsq_range(b, m.act.signed)).mul_(s)
+        mse.append((xs[m] - dequantized).pow(2).mean().item())
     assert mse[0] < mse[1] < mse[2]
     assert (hess[3, 2] / hess[3, 1]).item() == pytest.approx(mse[2] / mse[1], rel=1e-5)
     assert hess[3, 1].item() == pytest.approx(0.5 * traces[0][3].item() * mse[1], rel=1e-5)
@@ -311,13 +316,15 @@ def test_twice_differentiable_hard_activations():
 
 
 def test_proxy_batches_are_fixed_and_disturb_nothing(meta):
+    """proxy_batches: the same batches for the same seed, another permutation for another, no global RNG drawn."""
     args = meta[0]
     rng, py = torch.get_rng_state(), random.getstate()
     a, b = bl.proxy_batches(args, 2, 0), bl.proxy_batches(args, 2, 0)
     assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
     assert len(a) == 2 and all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(a, b))
     assert a[0][0].shape == (16, 3, 32, 32)
-    assert not torch.equal(bl.proxy_batches(args, 1, 1)[0][0], a[0][0])  # another seed, another permutation
+    # another seed, another permutation
+    assert not torch.equal(bl.proxy_batches(args, 1, 1)[0][0], a[0][0])
     assert len(bl.proxy_batches(args, 99, 0)) == 4  # 64 images in batches of 16
 
 
@@ -328,6 +335,7 @@ def test_proxy_batches_are_fixed_and_disturb_nothing(meta):
 
 @pytest.mark.parametrize("method", bl.METHODS)
 def test_each_method_on_the_meta_state(meta, tmp_path, method):
+    """Each method's selection fits the target (Eq. 6) and its bits file has metamix's bits.json layout."""
     args, model, _ = meta
     model = copy.deepcopy(model)
     branches, extra = bl.select(model, args, method, 28.0, seed=3, batches=1, probes=1)
@@ -337,7 +345,8 @@ def test_each_method_on_the_meta_state(meta, tmp_path, method):
     searched = [r for r in report["layers"] if not r["fixed"]]
     assert len(searched) == 19 and [r["name"] for r in searched] == [m.name for m in mm.searched_layers(model)]
     assert [(r["a_bits"], r["w_bits"]) for r in searched] == [[(8, 4), (4, 4), (2, 4)][i] for i in branches]
-    assert all(r["probs"] is None for r in report["layers"])  # the alphas are not this selection's
+    # the alphas are not this selection's
+    assert all(r["probs"] is None for r in report["layers"])
     if method in bl.PROXIES:
         assert report["proxy"] == {"batches": 1, "probes": 1 if method == "hessian" else None, "seed": 3}
         assert all(len(r["scores"]) == 3 and all(math.isfinite(v) for v in r["scores"]) for r in searched)
@@ -398,7 +407,7 @@ def test_train_command_repeats_the_runs_own_flags():
     )
     run_args = {**vars(a), "target_gbops": 5.12, "pretrained": "/weights/mbv2.pth"}
     cmd = shlex.split(bl.train_command("runs/m", run_args, "runs/m/bits_random.json", "random", 4.123456789012345))
-    assert cmd[:2] == ["python", os.path.relpath(mm.__file__)]
+    assert cmd[:2] == ["python", os.path.relpath(inspect.getfile(mm))]
     assert cmd[2:8] == [
         "--resume",
         "runs/m/meta_state.pth",
@@ -420,7 +429,8 @@ def test_train_command_repeats_the_runs_own_flags():
         "--dry-run",
         "--search-epochs",
     ):
-        assert flag not in cmd, flag  # not repeated, or at metamix's default
+        # not repeated, or at metamix's default
+        assert flag not in cmd, flag
     back = vars(mm.resolve_args(mm.get_args_parser().parse_args(cmd[2:])))
     for key, v in run_args.items():
         if key not in bl.NOT_REPEATED:
@@ -476,7 +486,8 @@ def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_pat
         "--output-dir",
         f"{run}-random",
     ]
-    assert "--seed" not in cmd  # the run's seed is metamix's default; --seed 5 was the selection's
+    # the run's seed is metamix's default; --seed 5 was the selection's
+    assert "--seed" not in cmd
     run_cli(*cmd[2:])
     new = Path(f"{run}-random")
     got = json.loads((new / "bits.json").read_text())
@@ -487,7 +498,8 @@ def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_pat
     log = read_log(new)
     assert [r["epoch"] for r in log] == [1, 2, 3, 4] and log[:2] == read_log(ref_run)[:2]
     assert log[-1]["gbops"] == pytest.approx(want["gbops"]) and log[-1]["phase"] == "weight_training"
-    assert sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]  # the run's folder gained the selection
+    # the run's folder gained the selection
+    assert sorted(os.listdir(run)) == ["bits_random.json", "meta_state.pth"]
 
 
 # resnet18's searched layers: its Conv2d and Linear modules but the first and the last (module order is forward order)
@@ -566,6 +578,7 @@ def test_bits_from_takes_a_map_and_refuses_before_the_output_dir(meta, ref_run, 
 
 
 def test_check_target(meta):
+    """A target outside the feasible range, or under every uniform budget for uniform, is a BadInput naming them."""
     model = meta[1]
     with pytest.raises(
         mm.BadInput,
@@ -579,11 +592,22 @@ def test_check_target(meta):
     with pytest.raises(mm.BadInput, match=r"--target-gbops 70 is outside the feasible range \[21\.118, 61\.811\]"):
         bl.check_target(model, "uniform", 70.0)
     bl.check_target(model, "uniform", 21.118)
+
+
+def test_check_meta_state_refuses_a_checkpoint_after_bit_selection():
+    """runs.check_meta_state, which baselines.py and figure9.py use: a meta-state is at the phase boundary."""
+    later = {"selected": [0] * 19, "epoch": 4, "args": {"search_epochs": 2}}
     with pytest.raises(mm.BadInput, match="is not a meta-state .* at epoch 4, bits selected"):
-        bl.check_meta_state({"selected": [0] * 19, "epoch": 4, "args": {"search_epochs": 2}}, "x/checkpoint.pth")
+        runs.check_meta_state(later, "x/checkpoint.pth")
+    runs.check_meta_state({"selected": None, "epoch": 2, "args": {"search_epochs": 2}}, "x/meta_state.pth")
+    with pytest.raises(
+        mm.BadInput, match=r"is not a meta-state \(the end of bit selection, epoch 2\): it is at epoch 1$"
+    ):
+        runs.check_meta_state({"selected": None, "epoch": 1, "args": {"search_epochs": 2}}, "x/checkpoint.pth")
 
 
 def test_bad_input(ref_run, tmp_path, call):
+    """Bad input (no run, no meta-state, a run of pairs, a later checkpoint, a bad target): one line, exit 2."""
     run = linked_run(ref_run, tmp_path / "run")
     ck = load_ck(ref_run / "meta_state.pth")
     pair = tmp_path / "pair"
@@ -594,7 +618,8 @@ def test_bad_input(ref_run, tmp_path, call):
     )
     later = tmp_path / "later"
     later.mkdir()
-    (later / "meta_state.pth").symlink_to(ref_run / "checkpoint.pth")  # a checkpoint after bits were selected
+    # a checkpoint after bits were selected
+    (later / "meta_state.pth").symlink_to(ref_run / "checkpoint.pth")
     cases = [
         ([tmp_path / "nowhere", "--method", "random"], ["nowhere: no such folder"]),
         ([tmp_path, "--method", "random"], [f"{tmp_path} has no meta_state.pth"]),

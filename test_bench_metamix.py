@@ -46,14 +46,18 @@ def test_quick_run_reports_every_contender_and_the_fused_memory():
         <= res["weight_train"]["saved_bytes"] - res["fp"]["saved_bytes"]
         <= 8 * sum(len(m.weight) for m in convs) + 4096
     )
-    assert res["weight_train_readable"]["saved_bytes_ratio"] > 1.5  # the readable form keeps the quantized tensors
-    assert abs(res["meta"]["saved_bytes_ratio"] - 1) < 1e-3  # bit-meta frees each pass before the next
+    # the readable form keeps the quantized tensors
+    assert res["weight_train_readable"]["saved_bytes_ratio"] > 1.5
+    # bit-meta frees each pass before the next
+    assert abs(res["meta"]["saved_bytes_ratio"] - 1) < 1e-3
     assert abs(res["search_6"]["saved_bytes"] - res["search_3"]["saved_bytes"]) < 4096  # K branches, one saved x
     assert "resnet18" in p.stdout and "weight_train" in p.stdout and "search_6 / search_3" in p.stdout
-    for name in ("selection_teacher", "weight_train_teacher"):  # reported, not asserted: times depend on the load
+    # reported, not asserted: times depend on the load
+    for name in ("selection_teacher", "weight_train_teacher"):
         assert 0 < res[name]["teacher_share"] < 1 and res[name]["time_ratio_vs_without_plus_teacher"] > 0
         assert f"{name} / (" in p.stdout
-    assert res["teacher"]["saved_bytes"] == 0  # no gradient: nothing saved for backward
+    # no gradient: nothing saved for backward
+    assert res["teacher"]["saved_bytes"] == 0
 
 
 def test_saved_bytes_counts_each_storage_once_and_leaves_parameters_out():

@@ -32,6 +32,7 @@ from conftest import copy_run, error_line, run_cli
 
 
 def test_pack_codes_by_hand():
+    """pack_codes' layout by hand: code - Qn, first code in the low bits, four 2-bit or two 4-bit codes a byte."""
     # 2-bit unsigned, four per byte, first code in the low bits: 1 | 2<<2 | 3<<4 | 0<<6 = 57, then 1
     assert ex.pack_codes(torch.tensor([1, 2, 3, 0, 1]), 2, signed=False).tolist() == [57, 1]
     # 4-bit signed, stored as code - Qn = code + 8: [-8, 7, -1] -> [0, 15, 7] -> 0 | 15<<4 = 240, then 7
@@ -48,6 +49,7 @@ def test_pack_codes_by_hand():
 
 @pytest.mark.parametrize("bits,signed", list(itertools.product([2, 3, 4, 5, 6, 7, 8, 12, 16], [False, True])))
 def test_pack_codes_round_trip(bits, signed):
+    """unpack_codes inverts pack_codes at every width and signedness; out-of-range codes are refused."""
     qn, qp = mm.lsq_range(bits, signed)
     per_byte = {2: 4, 3: 2, 4: 2}.get(bits, 1)
     g = torch.Generator().manual_seed(bits)
@@ -74,7 +76,8 @@ def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor,
     q.selected_branch = 1
     q.set_state("branch", 1, quant_weights=True)
     with torch.no_grad():
-        q(x)  # LSQ init of the activation and weight steps
+        # LSQ init of the activation and weight steps
+        q(x)
     buf = io.BytesIO()
     torch.save(ex.export_layer(q), buf)
     buf.seek(0)
@@ -83,7 +86,8 @@ def _exported_layer(layer: nn.Module, a_bits: int, w_bits: int, x: torch.Tensor,
 
 def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Tensor:
     """op(q_a, q_w) in int64, independently of the float64 convolution: unfold + integer matmul per group."""
-    qa, qw = q_a.round().long(), w_codes.round().long()
+    qa = q_a.round().long()
+    qw = w_codes.round().long()
     if op.kind == "linear":
         return qa @ qw.t()
     n, (cout, cin_g, kh, kw) = qa.shape[0], qw.shape
@@ -96,7 +100,8 @@ def _int64_accumulator(q_a: torch.Tensor, w_codes: torch.Tensor, op) -> torch.Te
     return out.reshape(n, cout, h, -1)
 
 
-INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed, relu, or hardswish: offset 3/8)
+# layer, activation bits, weight bits, input (signed, relu, or hardswish: offset 3/8)
+INT_LAYER_CASES = {
     "conv3x3_a4_hardswish_w4": (lambda: nn.Conv2d(6, 5, 3, padding=1), 4, 4, "hardswish"),
     "depthwise_stride2_a3_hardswish_w4": (
         lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False),
@@ -121,6 +126,7 @@ INT_LAYER_CASES = {  # layer, activation bits, weight bits, input (signed, relu,
 
 @pytest.mark.parametrize("case", list(INT_LAYER_CASES))
 def test_integer_layer_matches_quant_layer(case):
+    """IntegerLayer's y = s_a s_w[c] op(q_a, q_w) - o s_w[c] op(1, q_w) + b equals the QuantLayer's output."""
     make, a_bits, w_bits, kind = INT_LAYER_CASES[case]
     torch.manual_seed(0)
     layer = make()
@@ -128,21 +134,27 @@ def test_integer_layer_matches_quant_layer(case):
     x = {"relu": x.relu(), "hardswish": F.hardswish(3 * x)}.get(kind, x)
     o = 0.375 * (kind == "hardswish")
     q, il = _exported_layer(layer, a_bits, w_bits, x, o)
-    assert il.a_signed == (kind == "signed") and (il.a_bits, il.w_bits, il.offset) == (a_bits, w_bits, o)
-    x2 = x * 1.3 + 0.05 * (kind == "relu")  # another input, partly outside the calibrated range (clamped)
+    assert il.a_signed == (kind == "signed")
+    assert (il.a_bits, il.w_bits, il.offset) == (a_bits, w_bits, o)
+    # another input, partly outside the calibrated range (clamped)
+    x2 = x * 1.3 + 0.05 * (kind == "relu")
     for inp in (x, x2):
         with torch.no_grad():
-            ref = q(inp)  # the fake-quantized forward (float32), readable form
-            fused = mm.use_speed_path(q)(inp)  # and the speed path, which training runs
+            # the fake-quantized forward (float32), readable form
+            ref = q(inp)
+            # and the speed path, which training runs
+            fused = mm.use_speed_path(q)(inp)
             mm.use_speed_path(q, False)
             out = il(inp)
-        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert out.dtype == ref.dtype
+        assert out.shape == ref.shape
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
         assert (out - fused).abs().max() <= 1e-5 * ref.abs().max()
         # the codes: LSQ's own fake quantization divided by its step, and the exact accumulator
         s_a = mm.positive(q.act.step.detach()[1])
         codes = mm.lsq_quantize(inp + o, s_a, a_bits, il.a_signed) / s_a
-        assert torch.equal(il.codes(inp), codes.round()) and (codes - codes.round()).abs().max() < 1e-4
+        assert torch.equal(il.codes(inp), codes.round())
+        assert (codes - codes.round()).abs().max() < 1e-4
         acc = il.accumulate(il.codes(inp))
         assert acc.dtype == torch.float64
         assert torch.equal(acc, _int64_accumulator(il.codes(inp), il.w_codes, il.op).double())
@@ -154,7 +166,8 @@ def test_integer_layer_matches_quant_layer(case):
         if layer.bias is not None:
             by_hand = by_hand + (layer.bias.double() if q.op.kind == "linear" else layer.bias.double()[:, None, None])
         assert torch.equal(out, by_hand.float())
-        if o and q.op.kind == "conv2d" and q.op.padding[0]:  # the border map differs from the interior's
+        # the border map differs from the interior's
+        if o and q.op.kind == "conv2d" and q.op.padding[0]:
             assert (ones[..., 0, 0] != ones[..., 1, 1]).any()
     # the weight codes are LSQ's, at w_bits, one step per output channel, on the narrow range
     s_w = mm.positive(q.weight_quant.step.detach()).view(-1, *[1] * (layer.weight.dim() - 1))
@@ -165,6 +178,7 @@ def test_integer_layer_matches_quant_layer(case):
 
 
 def test_integer_layer_refuses_an_inexact_accumulator():
+    """A layer whose |accumulator| bound reaches 2^53 (not exact in float64) is refused."""
     entry = {
         "name": "big",
         "kind": "linear",
@@ -207,7 +221,8 @@ def test_export_of_any_model_and_the_disagreement_check(tmp_path):
     x = torch.randn(16, 3, 16, 16)
     mm.init_quantizers(model, x)
     mm.start_weight_training(model, mm.gbops_range(model)[1])
-    model.eval()(x)  # the first forward sets each weight step from the meta-state weights
+    # the first forward sets each weight step from the meta-state weights
+    model.eval()(x)
     with pytest.raises(ValueError, match="not in weight training"):
         ex.export_layer(mm.QuantLayer(nn.Linear(3, 3), [4], 4))
     export = ex.integer_export(model, "tiny", 5)
@@ -217,19 +232,29 @@ def test_export_of_any_model_and_the_disagreement_check(tmp_path):
     assert sum(isinstance(m, ex.IntegerLayer) for m in int_model.modules()) == 4
     loader = [(x[:8], torch.arange(8) % 5), (x[8:], torch.arange(8) % 5)]
     p = ex.compare_logits(model, int_model, loader)
-    assert p["n"] == 16 and p["argmax_differs"] == 0 and p["top1_integer"] == p["top1_fake_quant"]
-    assert p["layer_rel_diff"] < 1e-5 and p["max_logit_diff"] <= 1e-5 * p["max_abs_logit"] and ex.export_agrees(p)
+    assert p["n"] == 16
+    assert p["argmax_differs"] == 0
+    assert p["top1_integer"] == p["top1_fake_quant"]
+    assert p["layer_rel_diff"] < 1e-5
+    assert p["max_logit_diff"] <= 1e-5 * p["max_abs_logit"]
+    assert ex.export_agrees(p)
     diff64, scale64 = ex.float64_logit_diff(model, int_model, x)
-    assert diff64 <= 1e-12 * scale64 and ex.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
-    assert next(model.parameters()).dtype == torch.float32  # the copies were made float64, not the models
-    int_model[3].scale *= 1.001  # a wrong scale in the depthwise layer
+    assert diff64 <= 1e-12 * scale64
+    assert ex.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
+    # the copies were made float64, not the models
+    assert next(model.parameters()).dtype == torch.float32
+    # a wrong scale in the depthwise layer
+    int_model[3].scale *= 1.001
     p = ex.compare_logits(model, int_model, loader)
-    assert p["layer_rel_diff"] > 5e-4 and not ex.export_agrees(p)
+    assert p["layer_rel_diff"] > 5e-4
+    assert not ex.export_agrees(p)
     int_model[3].scale /= 1.001
-    int_model[4].running_mean += 0.5  # wrong float state: layer by layer cannot see it, float64 does
+    # wrong float state: layer by layer cannot see it, float64 does
+    int_model[4].running_mean += 0.5
     p = ex.compare_logits(model, int_model, loader)
     diff64, scale64 = ex.float64_logit_diff(model, int_model, x)
-    assert p["layer_rel_diff"] < 1e-5 and not ex.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
+    assert p["layer_rel_diff"] < 1e-5
+    assert not ex.export_agrees({**p, "float64_diff": diff64, "float64_scale": scale64})
     assert not ex.export_agrees({"layer_rel_diff": 0.0, "argmax_differs": 3, "n": 100})
     assert ex.export_agrees({"layer_rel_diff": 1e-6, "argmax_differs": 2, "n": 100})
     with pytest.raises(ValueError, match="not a metamix integer export"):
@@ -250,7 +275,8 @@ def fingerprint(d: Path) -> dict:
 
 def export_in_process(*argv) -> tuple[int, str, str]:
     """export.py's main in this process (no interpreter start): (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
+    out = io.StringIO()
+    err = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = ex.main([str(a) for a in argv])
@@ -273,8 +299,11 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     Returns (the export, the fake-quantized model)."""
     assert not list(out.glob("*.tmp.*"))
     export = torch.load(out / "model_int.pth", map_location="cpu", weights_only=True)
-    assert export["format"] == "metamix-int-2" and export["arch"] == arch and export["num_classes"] == 10
-    assert export["bits_report"]["arch"] == arch and len(export["layers"]) == n_layers
+    assert export["format"] == "metamix-int-2"
+    assert export["arch"] == arch
+    assert export["num_classes"] == 10
+    assert export["bits_report"]["arch"] == arch
+    assert len(export["layers"]) == n_layers
     bits = json.loads((out / "bits.json").read_text())
     assert [(e["name"], e["a_bits"], e["a_signed"], e["w_bits"]) for e in export["layers"]] == [
         (r["name"], r["a_bits"], r["signed"], r["w_bits"]) for r in bits["layers"]
@@ -282,31 +311,43 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
     for e in export["layers"]:
         numel = math.prod(e["weight_shape"])
         assert e["w_packed"].numel() == -(-numel // {2: 4, 3: 2, 4: 2}.get(e["w_bits"], 1))
-        assert e["a_step"] > 0 and isinstance(e["a_step"], float) and e["a_offset"] in (0.0, 0.375)
-        assert e["w_step"].shape == (e["weight_shape"][0],) and (e["w_step"] > 0).all()  # per output channel
-    assert export["layers"][0]["w_bits"] == 8 and export["layers"][-1]["w_bits"] == 8
-    if w_text == "W4":  # one W for every searched layer
+        assert e["a_step"] > 0
+        assert isinstance(e["a_step"], float)
+        assert e["a_offset"] in (0.0, 0.375)
+        assert e["w_step"].shape == (e["weight_shape"][0],)
+        assert (e["w_step"] > 0).all()  # per output channel
+    assert export["layers"][0]["w_bits"] == 8
+    assert export["layers"][-1]["w_bits"] == 8
+    # one W for every searched layer
+    if w_text == "W4":
         assert all(e["w_bits"] == 4 for e in export["layers"][1:-1])
     assert not any(k.startswith(export["layers"][0]["name"] + ".") for k in export["float_state"])
 
     lines = [line for line in stdout.splitlines() if line.startswith("export:")]
     assert len(lines) == 2, stdout[-3000:]  # no WARNING line
-    assert f"{arch}, {w_text}" in lines[0] and "with A8/W8 first/last" in lines[0] and "MiB FP32" in lines[0]
+    assert f"{arch}, {w_text}" in lines[0]
+    assert "with A8/W8 first/last" in lines[0]
+    assert "MiB FP32" in lines[0]
     mib, fp32_mib = map(float, re.findall(r"([\d.]+) MiB", lines[0]))
-    assert mib == pytest.approx((out / "model_int.pth").stat().st_size / 2**20, abs=0.051) and fp32_mib > 5 * mib
+    assert mib == pytest.approx((out / "model_int.pth").stat().st_size / 2**20, abs=0.051)
+    assert fp32_mib > 5 * mib
     top1_int, top1_fq = map(float, re.search(r"top-1 ([\d.]+)% vs fake-quantized ([\d.]+)%", lines[1]).groups())
-    assert top1_int == top1_fq and f"on {n_val} images" in lines[1]
+    assert top1_int == top1_fq
+    assert f"on {n_val} images" in lines[1]
     assert float(re.search(r"float64 on one batch: largest logit difference (\S+)", lines[1]).group(1)) < 1e-9
 
     model, x = _fake_quant_from_checkpoint(ck_path)
     int_model = ex.load_integer_model(str(out / "model_int.pth"))
     with torch.no_grad():
-        a32, b32 = model(x), int_model(x)
+        a32 = model(x)
+        b32 = int_model(x)
         assert torch.equal(a32.argmax(1), b32.argmax(1))
-        for m in mm.quant_layers(model):  # float32 codes times their steps: float64 division finds the same codes
+        # float32 codes times their steps: float64 division finds the same codes
+        for m in mm.quant_layers(model):
             codes, s_w = pairs.weight_codes(ex.selected_quantizers(m)[1], m.weight)
             m.weight.copy_(codes * s_w)
-        a64, b64 = model.double()(x.double()), int_model.double()(x.double())
+        a64 = model.double()(x.double())
+        b64 = int_model.double()(x.double())
     scale = a64.abs().max().item()
     assert (a64 - a64.mean(0)).abs().max() > 0.1 * scale, "logits that do not depend on the image prove nothing"
     assert (a64 - b64).abs().max() <= 1e-9 * scale
@@ -315,10 +356,12 @@ def check_export(out: Path, ck_path: Path, stdout: str, arch: str, n_layers: int
 
 
 def test_export_resnet18_of_the_reference_run(ref_run, tmp_path):
+    """export.py RUN on the reference ResNet-18 run: model_int.pth agrees with the fake-quantized model."""
     out = copy_run(ref_run, tmp_path / "out")
     before = fingerprint(out)
     code, stdout, stderr = export_in_process(out)
-    assert code == 0 and not stderr, stderr
+    assert code == 0, stderr
+    assert not stderr, stderr
     assert {k: v for k, v in fingerprint(out).items() if k != "model_int.pth"} == before, "export changed the run"
     check_export(out, out / "checkpoint.pth", stdout, "resnet18", 21, "W4", 32)
     assert "(checkpoint of epoch" not in stdout
@@ -357,12 +400,14 @@ def mobilenet_pair_run(tmp_path_factory) -> tuple[Path, Path, str]:
     fp = torchvision.models.mobilenet_v3_large(num_classes=10)
     bns = [m for m in fp.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in bns:
-        m.momentum = None  # a cumulative average over one pass
+        # a cumulative average over one pass
+        m.momentum = None
     ds = mm.synthetic_dataset(16, 10, 32, 0, "train")  # the run's training images
     with torch.no_grad():
         fp.train()(ds.tensors[0])
     for m in bns:
-        m.momentum = 0.01  # torchvision's for MobileNet-v3
+        # torchvision's for MobileNet-v3
+        m.momentum = 0.01
     torch.save(fp.state_dict(), tmp / "init.pth")
     out = tmp / "out"
     p = run_cli(*MOBILENET, "--pretrained", tmp / "init.pth", "--output-dir", out, script="pairs.py")
@@ -370,20 +415,23 @@ def mobilenet_pair_run(tmp_path_factory) -> tuple[Path, Path, str]:
     ck = tmp / "epoch2.pth"
     os.replace(out / "checkpoint.pth", ck)
     code, stdout, stderr = export_in_process(out, "--checkpoint", ck)
-    assert code == 0 and not stderr, stderr
+    assert code == 0, stderr
+    assert not stderr, stderr
     return out, ck, stdout
 
 
 def test_export_mobilenet_v3_large_pairs(mobilenet_pair_run):
     """Each layer at its own selected (A, W) pair, through hardswish, squeeze-excitation and depthwise convs."""
     out, ck, stdout = mobilenet_pair_run
-    assert not (out / "checkpoint.pth").exists()  # the export read the file given, not the folder's
+    # the export read the file given, not the folder's
+    assert not (out / "checkpoint.pth").exists()
     export, model = check_export(out, ck, stdout, "mobilenet_v3_large", 64, "per-layer W (average", 16)
     assert "(checkpoint of epoch 2 of 3)" in stdout
     searched = mm.searched_layers(model)
     assert all(isinstance(m, pairs.PairQuantLayer) for m in searched)
     assert len({m.candidates[m.selected_branch][1] for m in searched}) > 1, "one W for all proves little here"
-    for m, e in zip(mm.quant_layers(model), export["layers"]):  # the exported steps are the selected W's
+    # the exported steps are the selected W's
+    for m, e in zip(mm.quant_layers(model), export["layers"]):
         assert torch.equal(e["w_step"], mm.positive(m.weight_quant.step.detach()))
         assert e["w_bits"] == m.weight_quant.bits == m.candidates[0 if m.fixed else m.selected_branch][1]
     # hardswish-fed inputs (25 searched layers and the last) on the offset grid: exact with their zero point
@@ -403,14 +451,16 @@ def _failed(code: int, stdout: str, stderr: str) -> subprocess.CompletedProcess:
 def test_export_bad_input(ref_run, tmp_path):
     """Still in bit selection or in the act-only epochs, a missing or a foreign run or checkpoint: one line, exit 2,
     nothing written."""
-    selecting = tmp_path / "selecting"  # a run whose checkpoint.pth is at the phase boundary (bit selection)
+    # a run whose checkpoint.pth is at the phase boundary (bit selection)
+    selecting = tmp_path / "selecting"
     selecting.mkdir()
     os.symlink(ref_run / "meta_state.pth", selecting / "checkpoint.pth")
     empty = tmp_path / "empty"
     empty.mkdir()
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, foreign)
-    act_only = tmp_path / "act_only.pth"  # epoch 4 of a run whose epochs 3-4 keep the weights in full precision
+    # epoch 4 of a run whose epochs 3-4 keep the weights in full precision
+    act_only = tmp_path / "act_only.pth"
     ck = torch.load(ref_run / "checkpoint.pth", weights_only=True)
     torch.save({**ck, "args": {**ck["args"], "act_only_epochs": 2}}, act_only)
     cases = [
@@ -425,9 +475,9 @@ def test_export_bad_input(ref_run, tmp_path):
         ([empty, "--checkpoint", ref_run / "meta_state.pth"], ["--checkpoint", "still in bit selection"]),
         ([tmp_path / "missing"], [str(tmp_path / "missing"), "no such folder"]),
         ([foreign], [str(foreign), "not a folder"]),
-        ([empty], [str(empty), "holds no checkpoint.pth"]),
+        ([empty], [str(empty), "has no checkpoint.pth"]),
         ([empty, "--checkpoint", tmp_path / "missing.pth"], [str(tmp_path / "missing.pth"), "no such file"]),
-        ([empty, "--checkpoint", foreign], [str(foreign), "not a metamix checkpoint"]),
+        ([empty, "--checkpoint", foreign], [str(foreign), "not a checkpoint of this metamix"]),
         ([empty, "--checkpoint", act_only], ["--act-only-epochs", "checkpoint of epoch 4", "not quantized yet"]),
         ([empty, "--checkpoint", ref_run / "bits.json"], ["bits.json", "JSON file, not a metamix checkpoint"]),
         ([empty, "--checkpoint", empty], [str(empty), "is a folder"]),
@@ -438,24 +488,35 @@ def test_export_bad_input(ref_run, tmp_path):
     for argv, needles in cases:
         code, stdout, stderr = export_in_process(*argv)
         line = error_line(_failed(code, stdout, stderr), *needles)
-        assert code == 2 and line.startswith("export: error: ") and not stdout, (argv, stdout)
+        assert code == 2, (argv, stdout)
+        assert line.startswith("export: error: "), (argv, stdout)
+        assert not stdout, (argv, stdout)
     assert (fingerprint(ref_run), fingerprint(tmp_path)) == before
     # the script itself: the same one line and exit status
     p = run_cli(selecting, script="export.py", check=False)
     error_line(p, "export: error:", "still in bit selection")
-    assert p.returncode == 2 and not p.stdout and [f.name for f in selecting.iterdir()] == ["checkpoint.pth"]
+    assert p.returncode == 2
+    assert not p.stdout
+    assert [f.name for f in selecting.iterdir()] == ["checkpoint.pth"]
 
 
 @pytest.mark.parametrize(
     "error, code, needles",
     [
         (mm.BadInput("--data /gone: no such folder"), 2, ["cannot read the run's validation set: --data /gone"]),
-        (OSError("disk on fire"), 1, ["export: error: OSError: disk on fire", "METAMIX_DEBUG=1"]),
+        (OSError("disk on fire"), 2, ["export: error: disk on fire"]),
+        (ValueError("a bug"), 1, ["export: error: ValueError: a bug", "METAMIX_DEBUG=1"]),
+        (
+            KeyboardInterrupt(),
+            130,
+            ["export: interrupted by SIGINT; model_int.pth, if written, is whole but unchecked"],
+        ),
     ],
 )
 def test_export_data_errors(ref_run, tmp_path, monkeypatch, error, code, needles):
-    """The run's data cannot be read: one line (exit 2 for the user's problem, 1 for any other) and nothing
-    written, since the data is read before the file is written."""
+    """mm.guarded's contract when the run's data cannot be read: one line (exit 2 for the user's problem, a BadInput
+    or an OSError; 1 for any other; 130 for SIGINT, saying what survived) and nothing written, since the data is
+    read before the file is written."""
     out = tmp_path / "out"
     out.mkdir()
     os.symlink(ref_run / "checkpoint.pth", out / "checkpoint.pth")
@@ -466,13 +527,16 @@ def test_export_data_errors(ref_run, tmp_path, monkeypatch, error, code, needles
     monkeypatch.setattr(mm, "build_datasets", broken)
     result = export_in_process(out)
     error_line(_failed(*result), *needles)
-    assert result[0] == code and not (out / "model_int.pth").exists()
+    assert result[0] == code
+    assert not (out / "model_int.pth").exists()
 
 
 def test_load_run_keeps_the_weights_of_an_act_only_checkpoint_in_full_precision(ref_run, tmp_path):
     """runs.load_run puts a checkpoint in the mode it was evaluated in: weight LSQ off in the act-only epochs."""
-    ck = torch.load(ref_run / "checkpoint.pth", weights_only=True)  # epoch 4; bits selected after epoch 2
-    for act_only, quantized in ((1, True), (2, False)):  # W4 from epoch 4, or from epoch 5
+    # epoch 4; bits selected after epoch 2
+    ck = torch.load(ref_run / "checkpoint.pth", weights_only=True)
+    # W4 from epoch 4, or from epoch 5
+    for act_only, quantized in ((1, True), (2, False)):
         torch.save({**ck, "args": {**ck["args"], "act_only_epochs": act_only}}, tmp_path / "ck.pth")
         _, model, _ = runs.load_run(str(tmp_path / "ck.pth"))
         assert all(m.weight_quant.enabled == quantized for m in mm.quant_layers(model)), act_only

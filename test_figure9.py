@@ -70,7 +70,11 @@ def pair_run(tmp_path_factory) -> Path:
 
 def files_of(d: Path) -> dict:
     """name -> (size, mtime_ns) of everything in d, links as links."""
-    return {str(f.relative_to(d)): (f.lstat().st_size, f.lstat().st_mtime_ns) for f in sorted(d.rglob("*"))}
+    listing = {}
+    for f in sorted(d.rglob("*")):
+        info = f.lstat()
+        listing[str(f.relative_to(d))] = (info.st_size, info.st_mtime_ns)
+    return listing
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,18 +83,24 @@ def files_of(d: Path) -> dict:
 
 
 def test_spearman_by_hand_with_ties():
+    """Spearman's rank correlation with ties at their average rank, against hand values."""
     assert f9.average_ranks([8, 4, 4, 2]) == [4, 2.5, 2.5, 1]
     assert f9.average_ranks([2, 2, 2, 8, 2]) == [2.5, 2.5, 2.5, 5, 2.5]
     # ranks (4, 2.5, 2.5, 1) against (1, 2, 3, 4): deviations (1.5, 0, 0, -1.5) and (-1.5, -.5, .5, 1.5),
     # covariance sum -4.5, squares 4.5 and 5: -4.5 / sqrt(22.5) = -3 / sqrt(10)
-    assert f9.spearman([8, 4, 4, 2], [1, 2, 3, 4]) == pytest.approx(-3 / math.sqrt(10), rel=1e-12)
+    want = -3 / math.sqrt(10)
+    assert f9.spearman([8, 4, 4, 2], [1, 2, 3, 4]) == pytest.approx(want, rel=1e-12)
     # ties on both sides: ranks (1.5, 1.5, 3, 4) and (1, 2.5, 2.5, 4), deviations (-1, -1, .5, 1.5) and
     # (-1.5, 0, 0, 1.5): 3.75 / sqrt(4.5 * 4.5)
-    assert f9.spearman([2, 2, 4, 8], [0.1, 0.5, 0.5, 3.0]) == pytest.approx(3.75 / 4.5, rel=1e-12)
-    assert f9.spearman([1, 2, 3], [10, 20, 300]) == 1.0 and f9.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    want = 3.75 / 4.5
+    assert f9.spearman([2, 2, 4, 8], [0.1, 0.5, 0.5, 3.0]) == pytest.approx(want, rel=1e-12)
+    assert f9.spearman([1, 2, 3], [10, 20, 300]) == 1.0
+    assert f9.spearman([1, 2, 3], [3, 2, 1]) == -1.0
     # undefined: a constant series (every layer at one width), too few values, a NaN
-    assert f9.spearman([4, 4, 4], [1, 2, 3]) is None and f9.spearman([1, 2, 3], [5, 5, 5]) is None
-    assert f9.spearman([4], [1]) is None and f9.spearman([1, 2, float("nan")], [1, 2, 3]) is None
+    assert f9.spearman([4, 4, 4], [1, 2, 3]) is None
+    assert f9.spearman([1, 2, 3], [5, 5, 5]) is None
+    assert f9.spearman([4], [1]) is None
+    assert f9.spearman([1, 2, float("nan")], [1, 2, 3]) is None
     with pytest.raises(ValueError):
         f9.spearman([1, 2], [1, 2, 3])
 
@@ -117,12 +127,16 @@ def test_spearman_equals_an_independent_formula():
         ref = torch.corrcoef(torch.stack([ranks(x), ranks(y)]))[0, 1].item()
         assert f9.spearman(x, y) == pytest.approx(ref, abs=1e-12)
         distinct = torch.randperm(n, generator=g).tolist()
-        d2 = sum((a - b) ** 2 for a, b in zip(ranks(distinct).tolist(), ranks(y).tolist()))
+        rd = ranks(distinct).tolist()
+        ry = ranks(y).tolist()
+        d2 = sum((a - b) ** 2 for a, b in zip(rd, ry))
         if len(set(y)) == n:
-            assert f9.spearman(distinct, y) == pytest.approx(1 - 6 * d2 / (n * (n * n - 1)), abs=1e-12)
+            textbook = 1 - 6 * d2 / (n * (n * n - 1))
+            assert f9.spearman(distinct, y) == pytest.approx(textbook, abs=1e-12)
 
 
 def test_figure9_text_says_n_a_for_a_constant_series():
+    """figure9_fields' traces per OP and correlations by hand; figure9_text prints n/a where one is undefined."""
     report = {
         "layers": [
             {"name": "conv1", "fixed": True, "macs": 5, "a_bits": 8, "w_bits": 8},
@@ -156,26 +170,33 @@ def test_figure9_traces_are_the_hessian_proxys_and_change_nothing(meta):
     args, model, _ = meta
     model = copy.deepcopy(model)
     x, y = bl.proxy_batches(args, 1, 0)[0]
-    batches = [(x[:2], y[:2]), (x[2:4], y[2:4])]
+    first = (x[:2], y[:2])
+    second = (x[2:4], y[2:4])
+    batches = [first, second]
     mm.apply_selection(model, [0, 1, 2] * 6 + [1])
     mm.set_mode(model, "selected", quant_weights=True)
     model.train()
-    model.layer2[0].bn1.eval()  # a module whose flag differs from the model's: restored as it was
+    # a module whose flag differs from the model's: restored as it was
+    model.layer2[0].bn1.eval()
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     modes = [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in mm.quant_layers(model)]
     flags = [mod.training for mod in model.modules()]
-    rng, py = torch.get_rng_state(), random.getstate()
+    rng = torch.get_rng_state()
+    py = random.getstate()
     got = f9.mean_hessian_traces(model, batches, probes=1, seed=3)
-    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert random.getstate() == py
     assert [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in mm.quant_layers(model)] == modes
     assert [mod.training for mod in model.modules()] == flags
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
-    assert got.shape == (19,) and got.abs().sum() > 0
+    assert got.shape == (19,)
+    assert got.abs().sum() > 0
     traces: list = []
     bl.proxy_scores(model, batches, "hessian", probes=1, seed=3, traces_out=traces)
-    assert len(traces) == 2 and torch.equal(torch.stack(traces).mean(0), got)
+    assert len(traces) == 2
+    assert torch.equal(torch.stack(traces).mean(0), got)
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,38 +205,48 @@ def test_figure9_traces_are_the_hessian_proxys_and_change_nothing(meta):
 
 
 def _check_figure9(run: Path, bits_file: Path, stdout: str, pairs: bool) -> dict:
-    bits, fig = json.loads(bits_file.read_text()), json.loads((run / "figure9.json").read_text())
+    bits = json.loads(bits_file.read_text())
+    fig = json.loads((run / "figure9.json").read_text())
     searched = [r for r in bits["layers"] if not r["fixed"]]
     rows = fig["layers"]
     assert [(r["name"], r["macs"], r["a_bits"], r["w_bits"]) for r in rows] == [
         (r["name"], r["macs"], r["a_bits"], r["w_bits"]) for r in searched
     ]
     for r in rows:
-        assert math.isfinite(r["hessian_trace"]) and r["trace_per_op"] == pytest.approx(r["hessian_trace"] / r["macs"])
-    assert (fig["arch"], fig["gbops"], fig["selection"]) == (bits["arch"], bits["gbops"], bits["selection"])
+        assert math.isfinite(r["hessian_trace"])
+        assert r["trace_per_op"] == pytest.approx(r["hessian_trace"] / r["macs"])
+    for key in ("arch", "gbops", "selection"):
+        assert fig[key] == bits[key]
     f = fig["figure9"]
-    assert (f["layers"], f["batches"], f["probes"], f["seed"]) == (19, 1, 1, 0)
+    settings = (f["layers"], f["batches"], f["probes"], f["seed"])
+    assert settings == (19, 1, 1, 0)
     series = {"a_bits": [r["a_bits"] for r in rows]}
     if pairs:
-        series.update(w_bits=[r["w_bits"] for r in rows], a_times_w=[r["a_bits"] * r["w_bits"] for r in rows])
+        series["w_bits"] = [r["w_bits"] for r in rows]
+        series["a_times_w"] = [r["a_bits"] * r["w_bits"] for r in rows]
     assert f["spearman"].keys() == series.keys()
     for k, sel in series.items():
         for key in ("hessian_trace", "macs", "trace_per_op"):
             want = f9.spearman(sel, [r[key] for r in rows])
-            assert f["spearman"][k][key] == (None if want is None else pytest.approx(want, abs=1e-12))
+            if want is None:
+                assert f["spearman"][k][key] is None
+            else:
+                assert f["spearman"][k][key] == pytest.approx(want, abs=1e-12)
     lines = stdout.strip().splitlines()
-    assert lines[0].startswith("Figure 9: rank correlation of selected A bits with ") and len(lines) == 2, stdout
+    assert lines[0].startswith("Figure 9: rank correlation of selected A bits with "), stdout
+    assert len(lines) == 2, stdout
     assert "(19 layers; traces on 1 batch(es) x 1 probe(s), " in lines[0]
     c = f["spearman"]["a_bits"]
     fmt = {key: "n/a" if c[key] is None else f"{c[key]:+.2f}" for key in c}
     assert f"Hessian trace {fmt['hessian_trace']}, OPs {fmt['macs']}, trace/OPs {fmt['trace_per_op']}" in lines[0]
     assert ("selected W bits with" in lines[0] and "selected a*w with" in lines[0]) == pairs
-    if importlib.util.find_spec("matplotlib") is None:  # optional: the analysis runs without it
+    # optional: the analysis runs without it
+    if importlib.util.find_spec("matplotlib") is None:
         assert (
             lines[1]
             == f"wrote {run / 'figure9.json'} (figure9.png and bits.png need matplotlib, which is not installed)"
-            and not (run / "figure9.png").exists()
         )
+        assert not (run / "figure9.png").exists()
         return fig
     assert lines[1] == f"wrote {run / 'figure9.json'}, figure9.png and bits.png"
     for png in ("figure9.png", "bits.png"):
@@ -231,32 +262,40 @@ def test_figure9_of_a_run_of_one_w(ref_run, meta, tmp_path, call):
     (run / "bits.json").write_bytes((ref_run / "bits.json").read_bytes())
     before = files_of(run)
     p = call(f9.main, run, "--batches", "1", "--probes", "1", "--meta-state", ref_run / "meta_state.pth")
-    assert p.returncode == 0 and not p.stderr, p.stderr
+    assert p.returncode == 0, p.stderr
+    assert not p.stderr, p.stderr
     fig = _check_figure9(run, run / "bits.json", p.stdout, pairs=False)
-    assert fig["bits"] == str(run / "bits.json") and fig["meta_state"] == str(ref_run / "meta_state.pth")
+    assert fig["bits"] == str(run / "bits.json")
+    assert fig["meta_state"] == str(ref_run / "meta_state.pth")
     after = files_of(run)
     pictures = {"figure9.png", "bits.png"} if importlib.util.find_spec("matplotlib") else set()
-    assert {k: after[k] for k in before} == before and set(after) - set(before) == {"figure9.json", *pictures}
+    assert {k: after[k] for k in before} == before
+    assert set(after) - set(before) == {"figure9.json", *pictures}
     args, model, _ = meta
     traces: list = []
-    bl.proxy_scores(model, bl.proxy_batches(args, 1, args.seed), "hessian", probes=1, seed=args.seed, traces_out=traces)
+    batches = bl.proxy_batches(args, 1, args.seed)
+    bl.proxy_scores(model, batches, "hessian", probes=1, seed=args.seed, traces_out=traces)
     assert [r["hessian_trace"] for r in fig["layers"]] == traces[0].tolist()  # exactly the proxy's
 
 
 def test_figure9_of_a_run_of_pairs(pair_run, call):
     """pairs.py's run: the W bits and a*w correlate too; the per-layer W of bits.json varies."""
     p = call(f9.main, pair_run, "--batches", "1", "--probes", "1")
-    assert p.returncode == 0 and not p.stderr, p.stderr
+    assert p.returncode == 0, p.stderr
+    assert not p.stderr, p.stderr
     fig = _check_figure9(pair_run, pair_run / "bits.json", p.stdout, pairs=True)
-    assert fig["meta_state"] == str(pair_run / "meta_state.pth") and len(fig["candidates"]) == 9
+    assert fig["meta_state"] == str(pair_run / "meta_state.pth")
+    assert len(fig["candidates"]) == 9
 
 
 def test_plots_are_optional(pair_run, tmp_path, monkeypatch):
     """Without matplotlib, no figure9.png or bits.png and no failure (figure9.json is written before them)."""
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
     fig = json.loads((pair_run / "figure9.json").read_text())
     bits = json.loads((pair_run / "bits.json").read_text())
-    assert not f9.plot_figure9(fig, str(tmp_path / "figure9.png")) and not f9.plot_bits(bits, str(tmp_path / "b.png"))
+    assert not f9.plot_figure9(fig, str(tmp_path / "figure9.png"))
+    assert not f9.plot_bits(bits, str(tmp_path / "b.png"))
     assert not any(tmp_path.iterdir())
 
 
@@ -266,6 +305,7 @@ def test_plots_are_optional(pair_run, tmp_path, monkeypatch):
 
 
 def test_bad_input(ref_run, tmp_path, call):
+    """Bad input (runs.run_file's missing files, a foreign bits.json, a later checkpoint): one line, exit 2."""
     only_bits, only_meta, foreign, later = (tmp_path / n for n in ("only_bits", "only_meta", "foreign", "later"))
     for d in (only_bits, only_meta, foreign, later):
         d.mkdir()
@@ -276,7 +316,8 @@ def test_bad_input(ref_run, tmp_path, call):
     (foreign / "bits.json").write_text(json.dumps(bits))
     (foreign / "meta_state.pth").symlink_to(ref_run / "meta_state.pth")
     (later / "bits.json").write_bytes((ref_run / "bits.json").read_bytes())
-    (later / "meta_state.pth").symlink_to(ref_run / "checkpoint.pth")  # a checkpoint after bits were selected
+    # a checkpoint after bits were selected
+    (later / "meta_state.pth").symlink_to(ref_run / "checkpoint.pth")
     cases = [
         ([tmp_path / "nowhere"], ["nowhere: no such folder"]),
         ([only_meta], [f"{only_meta} has no bits.json"]),
@@ -289,7 +330,8 @@ def test_bad_input(ref_run, tmp_path, call):
     for argv, needles in cases:
         before = files_of(tmp_path)
         p = call(f9.main, *argv)
-        assert error_line(p, *needles).startswith("figure9: error: ") and p.returncode == 2, argv
+        assert error_line(p, *needles).startswith("figure9: error: "), argv
+        assert p.returncode == 2, argv
         assert files_of(tmp_path) == before
 
 
@@ -299,5 +341,6 @@ def test_bad_input_from_the_command_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(REPO / "figure9.py"), run_name="__main__")
     p = subprocess.CompletedProcess(sys.argv, e.value.code, *capsys.readouterr())
-    assert error_line(p, f"figure9: error: {tmp_path} has no bits.json") and p.returncode == 2
+    assert error_line(p, f"figure9: error: {tmp_path} has no bits.json")
+    assert p.returncode == 2
     assert not any(tmp_path.iterdir())

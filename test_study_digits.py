@@ -42,7 +42,8 @@ def test_table_pairs_each_method_with_random_per_seed():
         "| mobilenet_v2 (FP 97.33) | 4.6 | metamix SGD 0.05, one epoch | 3 | "
         "81.00 ± 2.65 | +2.00 ± 2.00 | +4.00 +2.00 +0.00 | 4.50 | 3.50 / 3.40 |"
     )
-    assert " | 1 | 82.00 ± 0.00 | +4.00 ± 0.00 | +4.00 | " in rows["hessian"]  # paired with seed 1's random only
+    # paired with seed 1's random only
+    assert " | 1 | 82.00 ± 0.00 | +4.00 ± 0.00 | +4.00 | " in rows["hessian"]
     assert " | - | - | " in rows["random"]
 
 
@@ -214,5 +215,6 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
     assert cmd[cmd.index("--bits-from") + 1] == str(tmp_path / "src" / "bits.json")
     assert cmd[cmd.index("--teacher") + 1] == "mobilenet_v2:FP.pth" and cmd[cmd.index("--pretrained") + 1] == "FP.pth"
     assert cmd[cmd.index("--act-only-epochs") + 1] == "2" and cmd[cmd.index("--optimizer") + 1] == "adam"
-    assert cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1] == "5e-4"  # the last --lr wins: the authors' 5e-4
+    # the last --lr wins: the authors' 5e-4
+    assert cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1] == "5e-4"
     assert "--plain-lsq" not in cmd
