@@ -4,8 +4,9 @@ Per architecture, in one process, each contender alternates with the full-precis
 after a warm-up; the time ratio is contender / baseline within one A B pair and the reported value is the
 median over repetitions. Memory is the bytes saved for backward (torch.autograd.graph.saved_tensors_hooks;
 each storage counted once, parameters and buffers excluded in every model; for several forwards in one
-step, the largest). Every metamix contender runs the speed path that the driver runs (section 7), except
-`weight_train_readable`. Contenders:
+step, the largest); on CUDA also each step's peak of allocated memory (torch.cuda.max_memory_allocated,
+above what was allocated before the step). Every metamix contender runs the speed path that the driver runs
+(section 7), except `weight_train_readable`. Contenders:
     weight_train           W4, mixed activation bits (candidates cycled over layers), weight LSQ on
     weight_train_readable  the same step through the readable form of sections 1-2 (plain LSQ, composed ops)
     search_3               bit_search_step, 3 candidates;   search_6: 8,6,5,4,3,2 (also vs search_3)
@@ -53,7 +54,8 @@ ARCHS = ("resnet18", "mobilenet_v2", "mobilenet_v3_large")
 BITS3 = {"resnet18": (8, 4, 2), "mobilenet_v2": (8, 4, 3), "mobilenet_v3_large": (8, 4, 3)}
 BITS6 = (8, 6, 5, 4, 3, 2)
 W_BITS = 4
-W_PAIRS = (8, 4, 2)  # pair mode: the supplement's "9 cases" with 3 activation candidates
+# pair mode: the supplement's "9 cases" with 3 activation candidates
+W_PAIRS = (8, 4, 2)
 # Targets (CPU): (resnet18, MobileNets).
 TARGETS = {
     "weight_train": (1.15, 1.5),
@@ -159,7 +161,8 @@ def build(arch, images, targets, autocast, device, teacher_arch=None):
     torch.manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None, num_classes=1000).to(device)
 
-    def patched(bits, w_bits=W_BITS, layer_type=metamix.QuantLayer):  # the speed path, as the driver runs it
+    # the speed path, as the driver runs it
+    def patched(bits, w_bits=W_BITS, layer_type=metamix.QuantLayer):
         return metamix.use_speed_path(metamix.patch_model(copy.deepcopy(base), bits, w_bits, layer_type=layer_type))
 
     bits3 = BITS3[arch]
@@ -208,7 +211,8 @@ def saved_bytes(model: nn.Module, step) -> int:
     """Bytes saved for backward by one step: per model forward, distinct storages (by data_ptr),
     parameters and buffers excluded; the largest over the step's forwards (bit-meta runs N)."""
     state = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    buckets, held = [], []  # held keeps storages alive so that no pointer is reused during the step
+    # held keeps storages alive so that no pointer is reused during the step
+    buckets, held = [], []
 
     def pack(t):
         held.append(t)
@@ -245,10 +249,21 @@ def bench_arch(arch, args, device, autocast, sync):
         for n in ["fp", *names]:
             steps[n][1]()
     mem = {n: saved_bytes(m, s) for n, (m, s) in steps.items()}
+    # on CUDA also the step's peak of allocated memory above what was allocated before it (torch's allocator)
+    peak = {}
+    if device.type == "cuda":
+        for n, (_, s) in steps.items():
+            sync()
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            s()
+            sync()
+            peak[n] = torch.cuda.max_memory_allocated(device) - before
     t = {n: [] for n in names}
     tb = {n: [] for n in names}
     for _ in range(args.reps):
-        for n in names:  # A B A B: the baseline right before each contender
+        # A B A B: the baseline right before each contender
+        for n in names:
             tb[n].append(timed(base, sync))
             t[n].append(timed(steps[n][1], sync))
     ratio = {n: [x / y for x, y in zip(t[n], tb[n])] for n in names}
@@ -261,6 +276,8 @@ def bench_arch(arch, args, device, autocast, sync):
             "saved_bytes": mem["fp"],
         }
     }
+    if peak:
+        res["fp"]["peak_step_bytes"] = peak["fp"]
     for n in names:
         res[n] = {
             "time_ratio": statistics.median(ratio[n]),
@@ -270,6 +287,9 @@ def bench_arch(arch, args, device, autocast, sync):
             "saved_bytes_ratio": mem[n] / mem["fp"],
             "saved_bytes": mem[n],
         }
+        if peak:
+            res[n]["peak_step_bytes"] = peak[n]
+            res[n]["peak_step_bytes_ratio"] = peak[n] / peak["fp"]
     res["search_6"]["time_ratio_vs_search_3"] = statistics.median(
         [a / b for a, b in zip(ratio["search_6"], ratio["search_3"])]
     )
@@ -287,7 +307,8 @@ def bench_arch(arch, args, device, autocast, sync):
         [a / b for a, b in zip(ratio["search_pairs"], ratio["search_3"])]
     )
     for with_t, without in (("selection_teacher", "selection"), ("weight_train_teacher", "weight_train")):
-        if with_t in res:  # the cost with the teacher against the cost without it plus one teacher forward
+        # the cost with the teacher against the cost without it plus one teacher forward
+        if with_t in res:
             res[with_t]["time_ratio_vs_without_plus_teacher"] = statistics.median(
                 [a / (b + c) for a, b, c in zip(ratio[with_t], ratio[without], ratio["teacher"])]
             )
@@ -330,7 +351,8 @@ def print_table(results):
         for with_t, without in (("selection_teacher", "selection"), ("weight_train_teacher", "weight_train")):
             if with_t in res:
                 r = res[with_t]
-                name, v = f"{with_t} / ({without} + teacher)", r["time_ratio_vs_without_plus_teacher"]
+                name = f"{with_t} / ({without} + teacher)"
+                v = r["time_ratio_vs_without_plus_teacher"]
                 print(f"{arch:<19}{name:<48}{v:>7.3f}   (the teacher's share of {with_t}: {r['teacher_share']:.2f})")
 
 
@@ -339,7 +361,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated torchvision archs")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models and tensors run")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32 cpu, 128 cuda)")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: 112 cpu, 224 cuda)")
@@ -358,7 +380,8 @@ def parse_args(argv=None):
     cuda = a.device.startswith("cuda")
     if a.quick:
         a.batch_size, a.image_size, a.warmup, a.reps = a.batch_size or 4, a.image_size or 32, 1, 2
-        a.threads = a.threads or 1  # one thread: no OpenMP stalls when CI shares the cores
+        # one thread: no OpenMP stalls when CI shares the cores
+        a.threads = a.threads or 1
     a.batch_size = a.batch_size or (128 if cuda else 32)
     a.image_size = a.image_size or (224 if cuda else 112)
     a.arch = [s.strip() for s in a.arch.split(",") if s.strip()]
