@@ -832,6 +832,29 @@ def test_readme_use_the_pieces_block_runs():
     assert all(m.act.mode == "branch" for m in mm.quant_layers(model))
 
 
+def test_readme_first_command_lines_exact_on_every_cpu(tmp_path, monkeypatch, capsys):
+    """The README's first-command block: the lines it calls exact on every CPU are what the command prints (the
+    header, the FP model's top-1 before quantization, the layers' names and MOPs); the rest varies with the CPU."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## What the first command prints", 1)[1]
+    readme = section.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    # The first command as written, in an empty folder (its default --output-dir is relative), stopped after the
+    # first epoch: its first two lines come before any training.
+    monkeypatch.chdir(tmp_path)
+    assert main_in_process("--stop-after-epoch", "1") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == readme[0]
+    assert printed[1] == readme[1]
+    # The layer table's names, types and MOPs (the bits are the search's): the model of the first command.
+    args = mm.resolve_args(mm.get_args_parser().parse_args([]))
+    model = mm.build_model(args, 10)
+    mm.check_budget(model, args)
+    table = mm.layer_table(mm.bits_report(model, args)).splitlines()
+    start = readme.index(table[0])
+    columns = len(table[0].removesuffix("bits"))
+    assert [line[:columns] for line in readme[start : start + len(table)]] == [line[:columns] for line in table]
+
+
 # ---- the authors' recipe: the teacher (distillation), act-only epochs, their optimizers ------------------
 
 
