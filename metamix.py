@@ -786,8 +786,7 @@ def fused_forward(
 
 def quant_params(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
     """(Qn, Qp, LSQ's gradient scale) of a quantizer whose step is shared by n values."""
-    qn, qp = lsq_range(bits, signed, narrow)
-    return qn, qp, lsq_grad_scale(n, bits, signed)
+    return (*lsq_range(bits, signed, narrow), lsq_grad_scale(n, bits, signed))
 
 
 def lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
@@ -887,13 +886,9 @@ def op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
     if op.kind == "linear":
         # out = inp @ W^T + b over the last dimension
         g2 = g.reshape(-1, g.shape[-1])
-        g_in = g_w = g_b = None
-        if need_in:
-            g_in = g @ w
-        if need_w:
-            g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype)
-        if need_b:
-            g_b = g2.sum(0).to(weight.dtype)
+        g_in = g @ w if need_in else None
+        g_w = (g2.t() @ inp.reshape(-1, inp.shape[-1])).to(weight.dtype) if need_w else None
+        g_b = g2.sum(0).to(weight.dtype) if need_b else None
         return g_in, g_w, g_b
     bias_sizes = [w.shape[0]] if need_b else None
     g_in, g_w, g_b = torch.ops.aten.convolution_backward(
@@ -1159,16 +1154,14 @@ def build_loaders(args, dist, train_set, val_set):
         raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images; use {share} or less")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     # Workers are re-created each epoch (not persistent) and seeded from the RNG state at its start: exact resume.
-    workers = 0 if synthetic_spec(args.data) else args.workers
+    loading = {"num_workers": 0 if synthetic_spec(args.data) else args.workers, "pin_memory": dist.cuda}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         picked = torch.randperm(len(train_set))[: args.batch_size]
         calib = torch.stack([train_set[int(i)][0] for i in picked])
-    train_loader = DataLoader(
-        train_set, args.batch_size, sampler=sampler, drop_last=True, num_workers=workers, pin_memory=dist.cuda
-    )
+    train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loading)
     val_sampler = range(dist.rank, len(val_set), dist.world)
-    val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, num_workers=workers, pin_memory=dist.cuda)
+    val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, **loading)
     return train_loader, val_loader, calib
 
 
@@ -1457,6 +1450,13 @@ class Run:
                 epochs *= self.steps
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs, 1))
 
+    def init_alphas(self):
+        """The alphas' start, part of the alpha recipe: ours zeros (every candidate equally likely); the authors' a
+        normal draw, std 1e-3, a random initial argmax per layer (rank 0's draw reaches every rank)."""
+        if self.args.alpha_optimizer == "authors":
+            for alpha in alphas_of(self.model):
+                nn.init.normal_(alpha, std=1e-3)
+
     def load_state_dict(self, ck, path):
         """Continue from a checkpoint (load_run_checkpoint's), refusing one of another run or number of processes."""
         a = self.args
@@ -1697,8 +1697,8 @@ def evaluate(model, loader, dist, autocast):
     if dist.world > 1:
         torch.distributed.all_reduce(tot)
     loss, top1, top5, n = tot.tolist()
-    n = max(n, 1)
-    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}
+    count = max(n, 1)
+    return {"val_loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count, "n": int(n)}
 
 
 def bits_report(model, args):
@@ -1706,8 +1706,8 @@ def bits_report(model, args):
     rows = []
     for m in quant_layers(model):
         row = {"name": m.name, "type": m.kind, "macs": m.macs, "in_size": m.in_size, "fixed": m.fixed}
-        row["signed"] = m.act.signed
-        row["offset"] = m.act.offset
+        # the grid: signed or not, and its offset
+        row.update(signed=m.act.signed, offset=m.act.offset)
         if m.fixed:
             row["a_bits"], row["w_bits"] = m.candidates[0]
             row["probs"] = None
@@ -1844,10 +1844,7 @@ def train(run, train_loader, val_loader, calib, autocast):
     dist = run.dist
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))
-        if a.alpha_optimizer == "authors":
-            # The authors' init: a normal draw, std 1e-3 (ours: zeros); rank 0's draw is broadcast.
-            for alpha in alphas_of(model):
-                nn.init.normal_(alpha, std=1e-3)
+        run.init_alphas()
         if dist.world > 1:
             broadcast_quantizers(model)
         run.fp_top1 = evaluate(model, val_loader, dist, autocast)["top1"]
