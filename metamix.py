@@ -329,7 +329,7 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
 # OPs_l = MACs of layer l at the deployment resolution (224): conv Cout*(Cin/groups)*kh*kw*Hout*Wout, linear in*out.
 # BOPs = sum_l a_l * w_l * OPs_l (paper: w_l = w_bits), GBOPs = BOPs / 1e9; fixed first/last layers: Eq. 4's C_fixed.
 # BOPs describe the deployed network, so they are counted at 224 px whatever the training crop. BN, activations,
-# additions and pooling are not counted, as in the paper's convention.
+# additions and pooling are not counted (the usual BOPs convention).
 
 
 def quant_layers(model: nn.Module) -> list[QuantLayer]:
@@ -431,8 +431,8 @@ def repair_to_budget(
 # ==== 5. Model patching =============================================================================================
 # MetaMix quantizes every convolution and linear layer of a CNN; the paper keeps the first conv and the last Linear
 # at 8 bits ("fully quantized network") and searches the rest. "First" and "last" mean in the order the forward
-# pass calls them, which a hook records; the module order of the definition can differ (e.g. torchvision's SE
-# blocks), so nothing here depends on it.
+# pass calls them, which a hook records: the order in which a model defines its modules need not be the order in
+# which it calls them, so nothing here depends on it.
 
 
 def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
@@ -611,7 +611,8 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcon
     One forward and backward per candidate, the gradients accumulating in .grad, so that one optimizer step follows
     the mean: a backward per candidate keeps one graph in memory at a time. (The authors' code calls backward on the
     last candidate's loss only, which trains an 8-bit model; Eq. 1 and the text say the mean.) Our choice: BN layers
-    are shared by all candidates, as the paper's Fig. 4 shows no per-branch BN.
+    are shared by all candidates, as the weights are (Fig. 4 branches only the quantizer): the meta-state is one
+    network whose statistics should suit every bit-width (Figs. 2 and 6).
     """
     n = len(searched_layers(model)[0].candidates)
     total = torch.zeros((), device=images.device)
@@ -1365,10 +1366,10 @@ def weights_quantized(args, epoch, selected):
 class Run:
     """Everything a run carries from epoch to epoch; save() writes it as the checkpoint.
 
-    Exact resume (our choice, as timm's and torchvision's references approximate it): the checkpoint holds the model,
-    the optimizers and schedule, the history and every rank's RNG states; the data order is a function of the seed
-    and the epoch, and DataLoader workers are re-created each epoch, so a run stopped after any epoch and resumed
-    computes bit for bit what the uninterrupted run computes.
+    Exact resume (our choice): the checkpoint holds the model, the optimizers and schedule, the history and every
+    rank's RNG states; the data order is a function of the seed and the epoch, and DataLoader workers are re-created
+    each epoch, so a run stopped after any epoch and resumed computes bit for bit what the uninterrupted run
+    computes.
     """
 
     def __init__(self, args, dist, model, steps=1, teacher=None):
