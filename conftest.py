@@ -26,6 +26,7 @@ import torch.nn as nn
 import torchvision
 
 import metamix as mm
+import runs
 
 REPO = Path(__file__).resolve().parent
 # metamix.py itself, for the tests that copy or run the file
@@ -64,12 +65,17 @@ def no_debug(monkeypatch):
 # ---- running the scripts: in this process, in a subprocess, under torchrun ---------------------------------
 
 
-def main_in_process(*argv) -> int:
-    """metamix.py's main on argv in this process (no interpreter start-up): its exit status (argparse's too); the
-    signal handlers it installs are put back."""
+def metamix_main(argv: list[str]) -> int:
+    """metamix.py's main on argv, taken as the tools' main functions take it (pairs.main)."""
+    return mm.main(mm.get_args_parser().parse_args(argv))
+
+
+def main_in_process(*argv, main=metamix_main) -> int:
+    """A script's main (metamix.py's unless given, e.g. pairs.main) on argv in this process (no interpreter
+    start-up): its exit status (argparse's too); the signal handlers it installs are put back."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return mm.main(mm.get_args_parser().parse_args([str(a) for a in argv]))
+        return main([str(a) for a in argv])
     # argparse's own errors
     except SystemExit as e:
         return e.code
@@ -115,8 +121,14 @@ def run_cli(
 
 def popen_cli(*args, cwd=REPO) -> subprocess.Popen:
     """`python metamix.py ARGS` started in its own process group (kill_group ends it and its children)."""
+    return popen_group([sys.executable, "metamix.py", *map(str, args)], cwd=cwd)
+
+
+def popen_group(cmd: list[str], cwd=REPO) -> subprocess.Popen:
+    """The command line cmd started in its own process group, its output piped (kill_group ends it and its
+    children)."""
     return subprocess.Popen(
-        [sys.executable, "metamix.py", *map(str, args)],
+        cmd,
         cwd=cwd,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -158,7 +170,7 @@ def wait_for(cond, proc: subprocess.Popen | None, timeout: float, what: str, pol
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """kill -9 the process group of a popen_cli process that still runs, and reap it."""
+    """kill -9 the process group of a popen_group process that still runs, and reap it."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -225,15 +237,18 @@ def error_in_process(capsys, *argv) -> str:
 
 
 def load_ck(path: Path) -> dict:
+    """A checkpoint's dict, on the CPU, loaded as the scripts load it (weights only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_log(d: Path) -> list[dict]:
+    """A run's log.jsonl, a dict per row."""
     text = (Path(d) / "log.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of the run folder src at dst (without its lock): dst."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
     return dst
 
@@ -242,6 +257,15 @@ def fingerprint(d: Path) -> dict:
     """name -> (bytes, mtime_ns) of every file in d but the lock."""
     files = [f for f in sorted(Path(d).iterdir()) if f.is_file() and f.name != ".lock"]
     return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+
+
+def files_of(d: Path) -> dict:
+    """name -> (size, mtime_ns) of everything in d, links as links."""
+    listing = {}
+    for f in sorted(d.rglob("*")):
+        info = f.lstat()
+        listing[str(f.relative_to(d))] = (info.st_size, info.st_mtime_ns)
+    return listing
 
 
 def assert_same_model(a: Path, b: Path) -> None:
@@ -269,7 +293,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert bits_a["gbops"] == bits_b["gbops"]
 
 
-# ---- inputs: image folders, a teacher, a pickle that must not load -----------------------------------------------
+# ---- inputs: image folders, a teacher, a pickle that must not load, a two-layer model -------------------------
 
 
 def make_image_folder(
@@ -315,6 +339,22 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def two_layer_model(w_bits, layer_type: type[nn.Module]) -> nn.Module:
+    """conv (fixed) -> conv A -> conv B -> linear (fixed), patched with layer_type (mm.QuantLayer,
+    pairs.PairQuantLayer) at 8 px: two searched layers with MACs counted by hand (9216 and 2048)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=layer_type)
 
 
 # ---- independent references for the tier-1 tests ---------------------------------------------------------------
@@ -400,3 +440,10 @@ def ref_run(tmp_path_factory) -> Path:
     # beside the run, not in it
     (out.parent / "stdout.txt").write_text(p.stdout)
     return out
+
+
+@pytest.fixture(scope="module")
+def meta(ref_run):
+    """(args, model, checkpoint) of the reference run's meta-state, loaded once per test file; deep-copy the model
+    to change it."""
+    return runs.load_run(str(ref_run / "meta_state.pth"))

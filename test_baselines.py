@@ -31,13 +31,18 @@ import baselines as bl
 import metamix as mm
 import runs
 import pairs
-from conftest import METRICS, REF, REPO, error_line, load_ck, main_in_process, read_log, run_cli
-
-
-@pytest.fixture(scope="module")
-def meta(ref_run):
-    """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""
-    return runs.load_run(str(ref_run / "meta_state.pth"))
+from conftest import (
+    METRICS,
+    REF,
+    REPO,
+    error_line,
+    files_of,
+    load_ck,
+    main_in_process,
+    read_log,
+    run_cli,
+    two_layer_model,
+)
 
 
 def linked_run(ref_run: Path, d: Path) -> Path:
@@ -47,17 +52,13 @@ def linked_run(ref_run: Path, d: Path) -> Path:
     return d
 
 
-def files_of(d: Path) -> dict:
-    """name -> (size, mtime_ns) of everything in d, links as links."""
-    return {str(f.relative_to(d)): (f.lstat().st_size, f.lstat().st_mtime_ns) for f in sorted(d.rglob("*"))}
-
-
 # ---------------------------------------------------------------------------------------
 # The exact knapsack
 # ---------------------------------------------------------------------------------------
 
 
 def _brute_force_mckp(scores, costs, budget):
+    """The least total score of a choice per layer within budget, by trying every choice."""
     best = None
     for choice in itertools.product(*[range(len(c)) for c in costs]):
         if sum(c[i] for c, i in zip(costs, choice)) <= budget:
@@ -115,28 +116,13 @@ def test_knapsack_on_resnet18_equals_a_dense_dp_over_the_gcd_grid():
         assert sum(s[i] for s, i in zip(scores, got)) == pytest.approx(dp[cap], abs=1e-9)
 
 
-def _two_layer_model(w_bits, layer_type=mm.QuantLayer):
-    """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 2),
-    )
-    return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=layer_type)
-
-
 def test_bops_costs_by_hand_one_w_and_pairs():
     """Exact BOPs per candidate, a * w * MACs: conv A 4*4*9*64 = 9216 MACs, conv B 8*4*64 = 2048; the fixed
     layers (3*4*9*64 + 8*2 MACs) at 8 x 8 bits. With (A, W) pairs each pair costs its own a * w."""
-    costs, fixed = bl.bops_costs(_two_layer_model(4))
+    costs, fixed = bl.bops_costs(two_layer_model(4, mm.QuantLayer))
     assert costs == [[9216 * c for c in (16, 8)], [2048 * c for c in (16, 8)]]
     assert fixed == (3 * 4 * 9 * 64 + 8 * 2) * 64
-    costs, fixed = bl.bops_costs(_two_layer_model([4, 2], pairs.PairQuantLayer))
+    costs, fixed = bl.bops_costs(two_layer_model([4, 2], pairs.PairQuantLayer))
     assert costs == [[9216 * c for c in (16, 8, 8, 4)], [2048 * c for c in (16, 8, 8, 4)]]
     assert fixed == (3 * 4 * 9 * 64 + 8 * 2) * 64
 
@@ -507,6 +493,7 @@ SEARCHED = [n for n, m in torchvision.models.resnet18().named_modules() if isins
 
 
 def _layer_map(a_bits=4):
+    """{searched layer: a_bits} for every searched layer of resnet18."""
     return {name: a_bits for name in SEARCHED}
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import random
 import runpy
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,23 +23,20 @@ import torch
 import baselines as bl
 import figure9 as f9
 import metamix as mm
-import runs
 import pairs
-from conftest import REPO, error_line
+from conftest import (
+    REPO,
+    TINY,
+    error_line,
+    files_of,
+    main_in_process,
+)
 
-# A tiny run of (A, W) pairs (pairs.py's default --w-bits 8,4,2): one bit-selection epoch of one step, which also
-# searches, then one weight-training step (bits.json is written as weight training starts)
-PAIR = [
-    "--arch",
-    "resnet18",
-    "--image-size",
-    "32",
-    "--search-steps",
-    "0",
+# A tiny run of (A, W) pairs (pairs.py's default --w-bits 8,4,2): TINY with one bit-selection epoch of one step,
+# which also searches, then one weight-training step (bits.json is written as weight training starts)
+PAIR = TINY + [
     "--data",
     "synthetic:16,16,10",
-    "--batch-size",
-    "16",
     "--search-epochs",
     "1",
     "--epochs",
@@ -49,32 +45,11 @@ PAIR = [
 
 
 @pytest.fixture(scope="module")
-def meta(ref_run):
-    """(args, model, checkpoint) of the reference run's meta-state, loaded once; deep-copy the model to change it."""
-    return runs.load_run(str(ref_run / "meta_state.pth"))
-
-
-@pytest.fixture(scope="module")
 def pair_run(tmp_path_factory) -> Path:
-    """pairs.py PAIR, its main run in this process (no interpreter start-up); its signal handlers put back."""
+    """pairs.py PAIR, its main run in this process (no interpreter start-up)."""
     out = tmp_path_factory.mktemp("pair") / "out"
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        args = pairs.get_args_parser().parse_args([*PAIR, "--output-dir", str(out)])
-        assert mm.main(args, layer_type=pairs.PairQuantLayer) == 0
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    assert main_in_process(*PAIR, "--output-dir", out, main=pairs.main) == 0
     return out
-
-
-def files_of(d: Path) -> dict:
-    """name -> (size, mtime_ns) of everything in d, links as links."""
-    listing = {}
-    for f in sorted(d.rglob("*")):
-        info = f.lstat()
-        listing[str(f.relative_to(d))] = (info.st_size, info.st_mtime_ns)
-    return listing
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,6 +139,11 @@ def test_figure9_text_says_n_a_for_a_constant_series():
 # ---------------------------------------------------------------------------------------
 
 
+def layer_modes(model) -> list[tuple]:
+    """Each quantized layer's (activation mode, branch, weights quantized or not)."""
+    return [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in mm.quant_layers(model)]
+
+
 def test_figure9_traces_are_the_hessian_proxys_and_change_nothing(meta):
     """mean_hessian_traces gives the hessian proxy's own traces, and leaves the model, every mode, every
     train/eval flag, the .grad fields and the global RNG as they were (here: a model in weight training)."""
@@ -179,14 +159,14 @@ def test_figure9_traces_are_the_hessian_proxys_and_change_nothing(meta):
     # a module whose flag differs from the model's: restored as it was
     model.layer2[0].bn1.eval()
     before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
-    modes = [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in mm.quant_layers(model)]
+    modes = layer_modes(model)
     flags = [mod.training for mod in model.modules()]
     rng = torch.get_rng_state()
     py = random.getstate()
     got = f9.mean_hessian_traces(model, batches, probes=1, seed=3)
     assert torch.equal(torch.get_rng_state(), rng)
     assert random.getstate() == py
-    assert [(m.act.mode, m.act.branch, m.weight_quant.enabled) for m in mm.quant_layers(model)] == modes
+    assert layer_modes(model) == modes
     assert [mod.training for mod in model.modules()] == flags
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -205,6 +185,7 @@ def test_figure9_traces_are_the_hessian_proxys_and_change_nothing(meta):
 
 
 def _check_figure9(run: Path, bits_file: Path, stdout: str, pairs: bool) -> dict:
+    """figure9.py's figure9.json and two stdout lines for run, against bits_file: the figure9.json."""
     bits = json.loads(bits_file.read_text())
     fig = json.loads((run / "figure9.json").read_text())
     searched = [r for r in bits["layers"] if not r["fixed"]]

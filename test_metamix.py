@@ -59,6 +59,7 @@ from conftest import (
     main_in_process,
     make_image_folder,
     popen_cli,
+    popen_group,
     read_log,
     run_cli,
     slow_lsq,
@@ -2072,15 +2073,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path):
 def test_torchrun_rank_death_does_not_hang(tmp_path):
     """A rank killed (-9) under torchrun: the run ends within 90 s, no worker left, the checkpoint whole."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        torchrun_cmd(*TINY, "--epochs", "200", "--output-dir", out),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = popen_group(torchrun_cmd(*TINY, "--epochs", "200", "--output-dir", out))
     try:
         wait_for((out / "checkpoint.pth").exists, proc, 180, "the first checkpoint")
         workers = []

@@ -15,13 +15,22 @@ import torchvision
 import metamix as mm
 import runs
 import pairs
-from conftest import TINY, error_line, load_ck, read_log, run_cli
+from conftest import (
+    TINY,
+    error_line,
+    load_ck,
+    main_in_process,
+    read_log,
+    run_cli,
+    two_layer_model,
+)
 
 A_BITS = [8, 4, 2]
 W_LIST = [8, 4, 2]
 
 
 def _pair_layer(kind: str, w_bits=W_LIST, dtype=torch.float64):
+    """(PairQuantLayer over A_BITS x w_bits, the layer it wraps, an input) for a conv, grouped conv or linear layer."""
     torch.manual_seed(3)
     if kind == "linear":
         layer = nn.Linear(12, 5)
@@ -171,25 +180,10 @@ def test_pair_search_runs_one_convolution_per_weight_width(w_bits, convs, frozen
     assert "convolution" not in c.calls
 
 
-def _two_layer_model(w_bits):
-    """conv (fixed) -> conv A -> conv B -> linear (fixed): two searched layers with MACs counted by hand."""
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(4, 8, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 2),
-    )
-    return mm.patch_model(model, [4, 2], w_bits, first_last_bits=8, bops_image_size=8, layer_type=pairs.PairQuantLayer)
-
-
 def test_pair_bops_and_regularizer_by_hand_two_layers():
     """Eq. 4 and Eq. 6 with a * w * OPs per pair, on a model with two searched layers, against hand values."""
     # candidates (4,4) (4,2) (2,4) (2,2): 16, 8, 8, 4 bit-ops per MAC
-    model = _two_layer_model([4, 2])
+    model = two_layer_model([4, 2], pairs.PairQuantLayer)
     layers = mm.searched_layers(model)
     macs = [4 * 4 * 9 * 64, 8 * 4 * 64]  # 9216, 2048
     # first conv and the linear at A8/W8
@@ -292,7 +286,7 @@ def test_one_weight_width_is_the_papers_layer_bit_for_bit(monkeypatch):
 
 def test_pair_mode_set_mode_and_weight_training():
     """A pair's weights are quantized at its W in bit-meta and search; weight training keeps the W step."""
-    model = _two_layer_model([4, 2])
+    model = two_layer_model([4, 2], pairs.PairQuantLayer)
     x = torch.randn(4, 3, 8, 8)
     y = torch.tensor([0, 1, 0, 1])
     mm.init_quantizers(model, x)
@@ -333,12 +327,6 @@ def test_pair_mode_set_mode_and_weight_training():
 # ---- the driver with pairs ------------------------------------------------------------------------
 
 PAIR = TINY + ["--epochs", "3"]
-
-
-def pairs_in_process(*argv) -> int:
-    """pairs.py's main on argv in this process (no interpreter start-up): its exit status."""
-    args = pairs.get_args_parser().parse_args([str(a) for a in argv])
-    return mm.main(args, layer_type=pairs.PairQuantLayer)
 
 
 def same_entry(u, v) -> bool:
@@ -394,9 +382,9 @@ def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
     """--resume auto inside bit selection reproduces the uninterrupted run of pairs exactly."""
     ref, _ = pair_run
     out = tmp_path / "out"
-    assert pairs_in_process(*PAIR, "--output-dir", out, "--stop-after-epoch", "1") == 0
+    assert main_in_process(*PAIR, "--output-dir", out, "--stop-after-epoch", "1", main=pairs.main) == 0
     assert load_ck(out / "checkpoint.pth")["epoch"] == 1
-    assert pairs_in_process(*PAIR, "--output-dir", out, "--resume", "auto") == 0
+    assert main_in_process(*PAIR, "--output-dir", out, "--resume", "auto", main=pairs.main) == 0
     a = load_ck(ref / "checkpoint.pth")["model"]
     b = load_ck(out / "checkpoint.pth")["model"]
     assert all(same_entry(a[k], b[k]) for k in a)
@@ -447,7 +435,7 @@ def test_pair_dry_run(capsys):
 def test_bits_from_with_pairs_in_process(tmp_path):
     """--bits-from with pairs: {layer: [a, w]} and bits.json rows map to the pair's index; an int, a pair that is
     no candidate, or a configuration over the target is refused in a sentence."""
-    model = _two_layer_model([4, 2])
+    model = two_layer_model([4, 2], pairs.PairQuantLayer)
     names = [m.name for m in mm.searched_layers(model)]
     f = tmp_path / "b.json"
     bits_map = {names[0]: [2, 4], names[1]: [4, 2]}

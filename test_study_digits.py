@@ -14,6 +14,7 @@ pytest.importorskip("sklearn")
 
 
 def _result(method, seed, top1, gbops=4.5, bits=3.5, bits_mac=3.4):
+    """One run's row of a study's results (mobilenet_v2 at target 4.6)."""
     return dict(
         arch="mobilenet_v2",
         target=4.6,
@@ -26,6 +27,12 @@ def _result(method, seed, top1, gbops=4.5, bits=3.5, bits_mac=3.4):
     )
 
 
+def _rows(table, results, *fp_hash) -> dict[str, str]:
+    """The rows of a study table of results (FP mobilenet_v2 97.33; fp_hash: the FP weights' hashes, for the tables
+    that take them) by their method column; the header left out."""
+    return {x.split(" | ")[2]: x for x in table(results, {"mobilenet_v2": 97.33}, *fp_hash).splitlines()[2:]}
+
+
 def test_table_pairs_each_method_with_random_per_seed():
     results = [
         _result("random", 0, 80.0),
@@ -36,7 +43,7 @@ def test_table_pairs_each_method_with_random_per_seed():
         _result("metamix-sgd", 2, 79.0, bits=3.5),
         _result("hessian", 1, 82.0),
     ]
-    rows = {r.split(" | ")[2]: r for r in sd.table(results, {"mobilenet_v2": 97.33}).splitlines()[2:]}
+    rows = _rows(sd.table, results)
     # MetaMix minus random per seed: +4, +2, +0; mean 2, sd 2; top-1 mean 81.00, sd 2.65; its mean bits 3.50
     assert rows["metamix SGD 0.05, one epoch"] == (
         "| mobilenet_v2 (FP 97.33) | 4.6 | metamix SGD 0.05, one epoch | 3 | "
@@ -106,10 +113,7 @@ def test_table_convergence_pairs_each_variant_with_random_and_hessian():
         r("metamix-sgd", 1, 78.0, open_),
         r("metamix-sgd", 2, 77.0, open_),
     ]
-    rows = {
-        x.split(" | ")[2]: x
-        for x in sd.table_convergence(results, {"mobilenet_v2": 97.33}, {"mobilenet_v2": "abc"}).splitlines()[2:]
-    }
+    rows = _rows(sd.table_convergence, results, {"mobilenet_v2": "abc"})
     # vs random: +4, 0, -2 (mean 0.67, sd 3.06); vs hessian: +1, -2, -2 (mean -1, sd 1.73); 1 of 3 settled
     assert rows["metamix SGD 0.05, one epoch"] == (
         "| mobilenet_v2 (FP 97.33, abc) | 4.6 | metamix SGD 0.05, one epoch | 3 | 79.67 ± 3.79 | +0.67 ± 3.06 | "
@@ -150,10 +154,7 @@ def test_table_quantizers_pairs_the_same_bits_and_metamix_with_random():
         r("metamix-sgd-x4", 0, 90.0),
         r("metamix-sgd-x4", 1, 88.0),
     ]
-    rows = {
-        x.split(" | ")[2]: x
-        for x in sd.table_quantizers(results, {"mobilenet_v2": 97.33}, {"mobilenet_v2": "abc"}).splitlines()[2:]
-    }
+    rows = _rows(sd.table_quantizers, results, {"mobilenet_v2": "abc"})
     # authors' minus plain per seed: +3, +0.5, +4 (mean 2.5, sd 1.80); weighted bits (3.6 + 3.6 + 3.9) / 3 = 3.70
     assert rows["the authors' quantizers (per-channel W, offset for hardswish)"] == (
         "| mobilenet_v2 (FP 97.33, abc) | 4.6 | the authors' quantizers (per-channel W, offset for hardswish) | 3 | "
@@ -175,10 +176,7 @@ def test_table_recipe_pairs_each_recipe_with_ours():
         _result("recipe-kd", 2, 90.0),
         _result("recipe-adam", 1, 91.5),
     ]
-    rows = {
-        x.split(" | ")[2]: x
-        for x in sd.table_recipe(results, {"mobilenet_v2": 97.33}, {"mobilenet_v2": "abc"}).splitlines()[2:]
-    }
+    rows = _rows(sd.table_recipe, results, {"mobilenet_v2": "abc"})
     # distillation minus ours per seed: +3, 0, -1 (mean 0.67, sd 2.08); top-1 mean 91.67, sd 1.53
     assert rows["distillation (teacher: the FP model)"] == (
         "| mobilenet_v2 (FP 97.33, abc) | 4.6 | distillation (teacher: the FP model) | 3 | 91.67 ± 1.53 | "
