@@ -6,7 +6,8 @@ MetaMix picks one activation bit-width per layer under a BOPs budget. Bit select
 and every branch's LSQ step at each candidate bit-width in turn (*bit-meta*, Eq. 1); in epoch 2, step by step, a
 *bit-search* step freezes that "meta-state" and learns per-layer logits alpha through a softmax-weighted
 multi-branch quantizer (Eq. 2), an L1 BOPs regularizer and a straight-through softmax (Eq. 3-5). Weight training
-then fine-tunes the network at argmax(alpha) bits, weights now quantized, from the meta-state.
+then fine-tunes the network at argmax(alpha) bits (lowered to the budget if over it: our choice), weights now
+quantized, from the meta-state.
 
 Run it:
     python metamix.py                                        # built-in synthetic data, a few minutes on a CPU
@@ -61,9 +62,11 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 # ==== 1. LSQ quantizer (Esser et al., "Learned Step Size Quantization", ICLR 2020) ==================================
-# MetaMix quantizes with LSQ: a value is divided by a learned step s, clamped to the b-bit integer range [Qn, Qp],
-# rounded and multiplied back. The paper takes LSQ as it is; what LSQ's paper says is written here, and where the
-# authors' code differs from it (a step per output channel for weights, a narrow weight range), the code says so.
+# The paper trains step sizes without naming its quantizer; we use LSQ, as the authors' code does: a value is
+# divided by a learned step s, clamped to the b-bit integer range [Qn, Qp], rounded and multiplied back. What LSQ's
+# paper says is written here; where the authors' code differs from it, the code says so. Two of their differences
+# we do not follow: signed activations on the narrow range (ours: the full range), and an activation step's
+# gradient scale from the whole batch's size (ours: per sample, as LSQ's paper).
 
 
 def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
@@ -137,10 +140,11 @@ class Stateful(nn.Module):
 class LSQQuantizer(Stateful):
     """A weight's signed LSQ. Disabled (bit selection), it is the identity.
 
-    The paper quantizes the weights only in weight training, at one bit-width (W4), "initialised from the
-    meta-state": each step is set at its first use, s = 2 * mean|W| / sqrt(Qp) (LSQ's init), from the weights of
-    that moment. The authors' code, which we follow by default, keeps one step per output channel (`channels`) on the
-    narrow range; `channels=1, narrow=False` is LSQ's own, one step per tensor on [-2^(b-1), 2^(b-1)-1].
+    The paper quantizes the weights only in weight training, at one bit-width (W4 in its main results), with a
+    "mixed-precision-aware initialization": each step is set at its first use, s = 2 * mean|W| / sqrt(Qp) (LSQ's
+    init), from the weights of that moment. QuantLayer builds it the authors' way, one step per output channel on
+    the narrow range, unless `plain`; the constructor's defaults, `channels=1, narrow=False`, are LSQ's own, one step
+    per tensor on [-2^(b-1), 2^(b-1)-1].
     """
 
     saved = ("initialized",)
@@ -183,7 +187,8 @@ class MultiBranchQuantizer(Stateful):
     minimum lies in [-3/8, 0), as hardswish's outputs do, gets the authors' grid: unsigned, shifted by 3/8,
     Q(x + 3/8) - 3/8, which spends no level on values below hardswish's minimum. Any other input with negatives
     (the image, a residual stream) is signed; the rest (after ReLU) unsigned. `offset=0` given: no shifted grid
-    (LSQ's own). N in LSQ's gradient scale is the features per sample.
+    (LSQ's own). N in LSQ's gradient scale is the features per sample. Our choice: the grid is read from the first
+    batch, where the authors' code marks the hardswish-fed layers from the graph.
     """
 
     saved = ("signed", "offset", "initialized")
@@ -253,10 +258,10 @@ class QuantLayer(Stateful):
 
     It holds the original layer's own weight and bias Parameters, so an optimizer built before patching, or a state
     dict of the FP model, still reaches them. The weight's LSQ is off in bit selection (the paper trains FP weights
-    there) and on in weight training. `candidates[i]` is branch i's (activation bits, weight bits); a `fixed` layer
-    (the first conv and the last Linear, at 8 bits in the paper) has one. `macs` is OPs_l of Eq. 4;
-    `selected_branch` is bit selection's choice; `fused` turns on section 7's speed path. `plain`: LSQ's own
-    quantizers (a weight step per tensor, no shifted grid) instead of the authors'.
+    there) and on in weight training (after the --act-only-epochs, if any). `candidates[i]` is branch i's
+    (activation bits, weight bits); a `fixed` layer (the first conv and the last Linear, at 8 bits in the paper) has
+    one. `macs` is OPs_l of Eq. 4; `selected_branch` is bit selection's choice; `fused` turns on section 7's speed
+    path. `plain`: LSQ's own quantizers (a weight step per tensor, no shifted grid) instead of the authors'.
     """
 
     fused = False
@@ -493,8 +498,8 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
 
     "fp": everything in full precision, weights too (the FP model's own evaluation); "meta": the searched layers at
     branch `branch` (bit-meta, Eq. 1); "search": the searched layers on Eq. 2's mixture; "selected": each at its
-    selected branch. Our choice: the fixed layers stay quantized in every mode but "fp", so that the meta-state and
-    the search see the network that will be deployed.
+    selected branch. Our choice: the fixed layers' inputs stay at 8 bits in every mode but "fp", so that the
+    meta-state and the search see the inputs of the network that will be deployed.
     """
     for m in quant_layers(model):
         if mode == "fp":
@@ -538,14 +543,14 @@ def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
 #   for epoch in 1 .. S:                           # bit selection
 #       for images, targets in loader:             #   Eq. 1; in epoch S also Eq. 3, same batch
 #           bit_selection_step(model, images, targets, opt, opt_alpha, search=epoch == S, lam=lam, target_gbops=t_bops)
-#   start_weight_training(model, t_bops)           # bits = argmax alpha; weight LSQ from the meta-state
+#   start_weight_training(model, t_bops)           # bits = argmax alpha (fit to t_bops); weights quantized
 #   for epoch in S+1 .. E:                         # weight training (a fresh optimizer)
 #       for images, targets in loader:
 #           weight_training_step(model, images, targets, opt)
 #
-# Why two phases: a searched layer's input distribution depends on the bits of the layers before it, so a search
-# run while the weights also train on a changing mixture sees statistics that no single configuration has
-# ("activation instability"). Bit-meta first trains a *meta-state*, weights good at every candidate bit-width;
+# Why bit-meta and bit-search: a searched layer's input distribution depends on the bits of the layers before it,
+# so a search run while the weights also train on a changing mixture sees statistics that no single configuration
+# has ("activation instability"). Bit-meta first trains a *meta-state*, weights good at every candidate bit-width;
 # bit-search then learns the alphas on that frozen meta-state; weight training starts from it.
 #
 # Each step takes `autocast` (a context factory, e.g. bf16), `sync(params, loss)`, called between backward and
@@ -639,8 +644,8 @@ def bit_search_step(
 
     Returns (L, GBOPs of the argmax configuration), detached. Our choice: BN uses the batch's statistics and leaves
     its buffers alone, and dropout is off, so that the search changes nothing of the meta-state (the authors' code
-    lets BN update its buffers here). `fixed=False` is the paper's Figure 7(a) ablation, "weights trained during
-    bit-search": nothing frozen, BN and dropout as in training, and the caller steps the meta optimizer too.
+    lets BN update its buffers here). `fixed=False` is the paper's Figure 7(a) ablation, which trains the weights
+    during bit-search: nothing frozen, BN and dropout as in training, and the caller steps the meta optimizer too.
     """
     frozen = []
     if fixed:
@@ -705,11 +710,13 @@ def bit_selection_step(
 def start_weight_training(
     model: nn.Module, target_gbops: float, repair: bool = True, branches: Sequence[int] | None = None
 ):
-    """Between the phases: the bits are fixed and the weights quantized. Returns (branches, GBOPs, repaired).
+    """Between the phases: the bits are fixed and the weights quantized. Returns (branches, GBOPs, changed), changed
+    when the branches differ from the argmax.
 
     The bits are argmax alpha (lowered to fit the target if `repair`), or the given `branches`. Weight LSQ is turned
     on here, each step initialised at its first use from the meta-state's weights: the paper's
-    "mixed-precision-aware" initialisation, which keeps the meta-state's weights and selected steps.
+    "mixed-precision-aware initialization", which keeps the meta-state's weights and selected steps. (The driver's
+    --act-only-epochs turns it off again, and on after them, from the weights of that moment.)
     """
     layers = searched_layers(model)
     argmax = argmax_branches(model)
@@ -754,12 +761,12 @@ def weight_training_step(
 
 
 def fused_forward(
-    layer: QuantLayer,
-    x: torch.Tensor,
-    probs: torch.Tensor | None = None,
-    wq: LSQQuantizer | None = None,
-    bias: bool = True,
-) -> torch.Tensor:
+    layer,
+    x,
+    probs=None,
+    wq=None,
+    bias=True,
+):
     """layer(x) through FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
     act = layer.act
     if wq is None:
@@ -785,25 +792,25 @@ def fused_forward(
     return FusedQuantOp.apply(x, steps, probs, layer.weight, w_step, layer_bias, a_q, w_q, layer.op, act.offset)
 
 
-def quant_params(bits: int, signed: bool, n: int, narrow: bool = False) -> tuple[int, int, float]:
+def quant_params(bits, signed, n, narrow=False):
     """(Qn, Qp, LSQ's gradient scale) of a quantizer whose step is shared by n values."""
     return (*lsq_range(bits, signed, narrow), lsq_grad_scale(n, bits, signed))
 
 
-def lsq_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+def lsq_codes(x, step, qn, qp):
     """The integer codes round(clamp(x/s, Qn, Qp)), in one new buffer."""
     return (x / step).clamp_(qn, qp).round_()
 
 
 @functools.lru_cache(maxsize=None)
-def _open_bounds(qn: int, qp: int, dtype: torch.dtype) -> list[float]:
+def _open_bounds(qn, qp, dtype):
     """(lo, hi) with lo < v < hi exactly when Qn <= v <= Qp: hardtanh's backward passes the open interval."""
     ends = torch.tensor([qn, qp], dtype=dtype)
     outwards = torch.tensor([-math.inf, math.inf], dtype=dtype)
     return torch.nextafter(ends, outwards).tolist()
 
 
-def pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) -> torch.Tensor:
+def pass_inside(g, v, qn, qp, out=None):
     """g where Qn <= v <= Qp, else 0: the straight-through mask as hardtanh's backward, one pass, into `out`."""
     lo, hi = _open_bounds(qn, qp, v.dtype)
     if out is None:
@@ -811,7 +818,7 @@ def pass_inside(g: torch.Tensor, v: torch.Tensor, qn: int, qp: int, out=None) ->
     return torch.ops.aten.hardtanh_backward.grad_input(g, v, lo, hi, grad_input=out)
 
 
-def sum_product(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+def sum_product(a, b, step=None):
     """sum(a * b) without a product buffer: one value (in step's shape, if given), or one per row if step has one
     value per row (an output channel's)."""
     if step is None or step.numel() == 1:
@@ -820,7 +827,7 @@ def sum_product(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor | None = No
     return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(a), -1, 1)).view_as(step)
 
 
-def _lsq_grads(g, x, q, qn: int, qp: int, step, need_s: bool, grad_scale: float):
+def _lsq_grads(g, x, q, qn, qp, step, need_s, grad_scale):
     """LSQ's backward for out = q * s given the codes q: d out/d s = q - v * inside, so sum(g * d out/d s) =
     <g, q> - <g * inside, v>. Returns (grad x, in g's buffer; grad s or None); v is computed in q's buffer."""
     gq = None
@@ -846,7 +853,7 @@ def _mixture(x, steps, probs, a_q):
     return out
 
 
-def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
+def _mixture_grads(g, x, steps, probs, a_q, need_s, need_p):
     """Gradients of sum_i p_i * s_i * q_i(x) given g = dL/d(mixed activation):
     d/dx = sum_i p_i * (g * inside_i); d/dp_i = s_i <g, q_i>; d/ds_i = p_i * (<g, q_i> - <g * inside_i, v_i>) * g_s.
     """
@@ -872,14 +879,14 @@ def _mixture_grads(g, x, steps, probs, a_q, need_s: bool, need_p: bool):
     return gx, gs, gp
 
 
-def upcast(t: torch.Tensor) -> torch.Tensor:
+def upcast(t):
     """A half-precision tensor in fp32 (the quantizer math runs in fp32 under autocast too); others as they are."""
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.float()
     return t
 
 
-def op_backward(g, inp, weight, op: LayerOp, need_in, need_w, need_b):
+def op_backward(g, inp, weight, op, need_in, need_w, need_b):
     """(grad input, grad weight, grad bias) of op(inp, weight) + b given g; each None where not needed."""
     # Under autocast the forward ran in g's dtype.
     inp = inp.to(g.dtype)
@@ -908,7 +915,8 @@ class FusedQuantOp(torch.autograd.Function):
     steps, a_q: the K active branches' steps and (Qn, Qp, grad scale); probs: None for one branch; w_step
     (C_out, 1, ...) and w_q: None for an FP weight; offset: the inputs' o. The op runs on integer codes and is
     scaled after, s_a s_w[c] op(q_a, q_w) + b (with o, minus o s_w[c] op(1, q_w), the border map of zero padding):
-    the codes are exact in bf16 up to 256, so bf16 autocast rounds only the op's output (and the mixture).
+    the codes are exact in bf16 up to 256, so with one branch bf16 autocast rounds only the op's output (and FP
+    weights); the search's mixture is real-valued, rounded too.
     """
 
     @staticmethod
@@ -1025,7 +1033,7 @@ class FusedQuantOp(torch.autograd.Function):
         return gx, gs, gp, g_w, g_ws, g_b, None, None, None, None
 
 
-def use_speed_path(model: nn.Module, on: bool = True) -> nn.Module:
+def use_speed_path(model, on=True):
     """The fused op in every quantized layer (on), or sections 1-2's readable form (off)."""
     for m in quant_layers(model):
         m.fused = on
@@ -1166,7 +1174,8 @@ def build_loaders(args, dist, train_set, val_set):
     return train_loader, val_loader, calib
 
 
-# The paper's settings (Table 1, supplement Table 8, headline targets); the torchvision weights nearest its FP models.
+# The paper's settings (Table 1, supplement Table 8); targets: its reported GBOPs (ResNet-18's 32.86 as 33, our
+# choice); the torchvision weights nearest its FP models.
 PAPER_SETTINGS = {
     "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, weights="IMAGENET1K_V1"),
     "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, weights="IMAGENET1K_V1"),
@@ -1459,7 +1468,8 @@ class Run:
                 nn.init.normal_(alpha, std=1e-3)
 
     def load_state_dict(self, ck, path):
-        """Continue from a checkpoint (load_run_checkpoint's), refusing one of another run or number of processes."""
+        """Continue from a checkpoint (load_run_checkpoint's), refusing one of another run, or, with Adam's per-step
+        schedule, of another number of processes."""
         a = self.args
         # At the phase boundary the optimizers are rebuilt before any step, so their flags may change.
         boundary = ck["selected"] is None and ck["epoch"] >= a.search_epochs
@@ -1960,7 +1970,7 @@ def get_args_parser():
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
     add("--act-only-epochs", type=number(int, 0), default=0, help="first weight-training epochs in FP (authors': 18)")
     add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (0: one epoch)")
-    add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: weights trained in bit-search")
+    add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: train the weights in bit-search")
     add("--plain-lsq", action="store_true", help="LSQ's quantizers: a weight step per tensor, no offset grid")
     add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
     add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
@@ -1997,6 +2007,9 @@ def resolve_args(args, layer_type=QuantLayer):
     small = synthetic or not args.pretrained
     if args.bits is None:
         args.bits = bit_list(d["bits"])
+    # Candidates: the activation bits, or with pairs.py each (A, W) pair.
+    if len(args.bits) * len(args.w_bits) < 2:
+        raise BadInput(f"--bits {flag_text(args.bits)}: a search needs two candidates or more")
     if args.lam is None:
         args.lam = d["lam"]
     if len(args.w_bits) == 1:
@@ -2091,7 +2104,8 @@ def checkpoint_to_resume(args):
 
 
 def count_classes(args):
-    """The classes, before the data is read: the synthetic set's, or train/'s folders (1000 if none is there)."""
+    """The classes, before the data is read: the synthetic set's (--dry-run: 1000, ImageNet's), or train/'s folders
+    (1000 if none is there)."""
     spec = synthetic_spec(args.data)
     if spec and not args.dry_run:
         return spec[2]
@@ -2102,7 +2116,8 @@ def count_classes(args):
 
 
 def run_main(args, layer_type=QuantLayer):
-    """Everything that can be refused is refused before a folder is made or data is read; then the run."""
+    """Flag, model and budget problems are refused before the output folder is made; data, batch-size and --resume
+    problems just after, before any training; then the run."""
     args = resolve_args(args, layer_type)
     torch.manual_seed(args.seed)
     classes = count_classes(args)
@@ -2132,7 +2147,8 @@ def run_main(args, layer_type=QuantLayer):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, _on_signal)
         use_speed_path(model.to(dist.device))
-        # The model was built from the common seed; data order, augmentation, workers and dropout get a rank's seed.
+        # The model was built from the common seed; augmentation, workers and dropout get a rank's seed (the data
+        # order comes from --seed and the epoch, split by rank).
         random.seed(args.seed + dist.rank)
         torch.manual_seed(args.seed + dist.rank)
         train_set, val_set, _ = build_datasets(args)

@@ -1753,6 +1753,7 @@ def test_the_weighted_average_reaches_the_papers_figures(arch, bits, target, bra
         (["--bits", "8,x"], ["--bits", "8,x"]),
         (["--bits", "1,4"], ["--bits", "1,4", "between 2 and 16"]),
         (["--bits", "4,4"], ["--bits", "4,4", "distinct"]),
+        (["--bits", "8"], ["--bits 8", "two candidates or more"]),
         (["--bits", ""], ["--bits"]),
         (["--w-bits", "1"], ["--w-bits", "1"]),
         (["--w-bits", "8,4"], ["--w-bits 8,4", "pairs.py"]),
