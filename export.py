@@ -3,6 +3,11 @@ computes what the fake-quantized network computes. Our choice, not the paper's (
 
     python export.py runs/metamix                                    # writes runs/metamix/model_int.pth
     python export.py runs/metamix --checkpoint runs/metamix/old.pth  # another checkpoint file of that run
+    python export.py runs/metamix --onnx                             # also runs/metamix/model.onnx (QDQ), checked
+
+--onnx (needs onnx and onnxruntime, optional) writes the torchvision graph in opset 21 with each quantized
+layer as QuantizeLinear / Clip / DequantizeLinear and integer weight initializers, and checks it in
+onnxruntime against the fake-quantized model (one line, exit 1, if they disagree beyond float rounding).
 
 The run must be in weight training (its bits chosen, its weights quantized); runs of (A, W) pairs (pairs.py)
 export each layer at its own selected pair. After writing, the file is loaded back and its integer model runs
@@ -36,6 +41,7 @@ import sys
 
 import torch
 import torch.nn as nn
+import torch.fx
 import torch.nn.functional as F
 
 import metamix as mm
@@ -412,13 +418,416 @@ def export_agrees(p: dict) -> bool:
     return layers_agree and argmax_agrees and float64_agrees
 
 
+# ---- ONNX (optional: onnx and onnxruntime) --------------------------------------------
+
+
+# Opset 21: the first with INT4 initializers in DequantizeLinear and int16 QuantizeLinear; onnxruntime 1.32
+# runs both on CPU. The Clip on integer codes needs opset 12 or later.
+ONNX_OPSET = 21
+ONNX_INSTALL = "pip install onnx onnxruntime"
+# (ONNX element type name, numpy dtype, [lo, hi]) of the integer tensor that holds b-bit codes
+INT_TYPES = {
+    (4, True): ("INT4", "int8", (-8, 7)),
+    (8, True): ("INT8", "int8", (-128, 127)),
+    (8, False): ("UINT8", "uint8", (0, 255)),
+    (16, True): ("INT16", "int16", (-(2**15), 2**15 - 1)),
+    (16, False): ("UINT16", "uint16", (0, 2**16 - 1)),
+}
+# What a code may differ by, end to end, between onnxruntime and PyTorch (see compare_onnx_codes): the share of
+# a layer's codes, at most. On the same float input the codes are equal (a test holds them so).
+CODE_SHARE_TOL = 0.01
+
+
+class OnnxDisagrees(Exception):
+    """onnxruntime's model.onnx computes something else than the fake-quantized model (exit 1: a bug of ours)."""
+
+
+def onnx_modules() -> tuple:
+    """(onnx, onnxruntime), imported here only: metamix.py and the rest of export.py need neither.
+    Without them a BadInput naming what to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise mm.BadInput(f"--onnx needs onnx and onnxruntime, optional ({e}): {ONNX_INSTALL}") from None
+    return onnx, onnxruntime
+
+
+def code_type(bits: int, signed: bool, int4: bool = False) -> tuple:
+    """INT_TYPES' entry of the smallest type that holds b-bit codes (INT4 only where `int4`: weights)."""
+    widths = [w for w in (4, 8, 16) if bits <= w and (w != 4 or int4)]
+    if not widths or bits < 1:
+        raise mm.BadInput(f"no ONNX integer type holds {bits}-bit codes")
+    return INT_TYPES[(widths[0], signed or widths[0] == 4)]
+
+
+class LeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer with each QuantLayer a leaf: the graph is the torchvision model's, one node per layer."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, mm.QuantLayer) or super().is_leaf_module(m, qualname)
+
+
+def pair(v) -> tuple:
+    """A size of nn.Conv2d's or a pool's, (h, w)."""
+    if isinstance(v, (tuple, list)):
+        return tuple(v)
+    return (v, v)
+
+
+class OnnxBuilder:
+    """The ONNX graph of a fake-quantized model, node by node from its torch.fx trace (see onnx_graph).
+
+    Every QuantLayer becomes QDQ: its input through QuantizeLinear (scale s_a, zero point 0), a Clip to [Qn, Qp]
+    unless that is the type's own range, DequantizeLinear; the offset o as an Add before and a Sub after. Its
+    weight is an integer initializer of its codes, dequantized per output channel (axis 0). Everything else is
+    the float operator of the module or function. `codes`: each layer's input and codes are extra outputs.
+    """
+
+    def __init__(self, onnx, codes: bool = False):
+        self.onnx = onnx
+        self.helper = onnx.helper
+        self.nodes = []
+        self.inits = []
+        self.outputs = []
+        self.codes = codes
+        self.used = set()
+
+    def fresh(self, name: str) -> str:
+        """A tensor or node name not used yet."""
+        base = name
+        i = 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+    def init(self, name: str, value, dtype: str = "float32") -> str:
+        """A constant: an initializer of `value` (a number, a list or a tensor) as numpy's `dtype`."""
+        import numpy as np
+
+        if torch.is_tensor(value):
+            value = value.detach().cpu().double().numpy()
+        array = np.asarray(value).astype(dtype)
+        name = self.fresh(name)
+        self.inits.append(self.onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list, name: str, **attrs) -> str:
+        """One node with one output, named after `name`; its output's name."""
+        out = self.fresh(name)
+        self.nodes.append(self.helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def output(self, x: str, name: str, elem: str, rank: int) -> None:
+        """An extra graph output `name` (an Identity of x), of ONNX element type `elem` and rank `rank`."""
+        self.outputs.append((self.node("Identity", [x], name), elem, rank))
+
+    def int_weight(self, name: str, codes: torch.Tensor, bits: int) -> str:
+        """An integer initializer of weight codes: INT4 (two per byte, first code in the low nibble) up to
+        4 bits, INT8 up to 8, INT16 above."""
+        type_name, np_type, _ = code_type(bits, True, int4=True)
+        name = self.fresh(name)
+        c = codes.detach().cpu().to(torch.int64).reshape(-1)
+        dims = list(codes.shape)
+        if type_name != "INT4":
+            raw = c.numpy().astype(np_type).tobytes()
+        else:
+            nibbles = F.pad(c & 15, (0, c.numel() % 2)).reshape(-1, 2)
+            raw = (nibbles[:, 0] | (nibbles[:, 1] << 4)).to(torch.uint8).numpy().tobytes()
+        elem = getattr(self.onnx.TensorProto, type_name)
+        self.inits.append(self.helper.make_tensor(name, elem, dims, raw, raw=True))
+        return name
+
+    def quant_input(self, m: mm.QuantLayer, x: str) -> str:
+        """A layer's input at its selected bits: [Add o], QuantizeLinear, [Clip], DequantizeLinear, [Sub o]."""
+        branch = selected_quantizers(m)[0]
+        bits = m.act.bits[branch]
+        signed = bool(m.act.signed)
+        qn, qp = mm.lsq_range(bits, signed)
+        _, np_type, type_range = code_type(bits, signed)
+        offset = float(m.act.offset)
+        if self.codes:
+            self.output(x, f"{m.name}.input", "FLOAT", m.weight.dim())
+        scale = self.init(f"{m.name}.act_step", mm.positive(m.act.step.detach()[branch]))
+        zero = self.init(f"{m.name}.act_zero_point", 0, np_type)
+        if offset:
+            x = self.node("Add", [x, self.init(f"{m.name}.act_offset", offset)], f"{m.name}.add_offset")
+        q = self.node("QuantizeLinear", [x, scale, zero], f"{m.name}.act_codes")
+        if (qn, qp) != type_range:
+            bounds = [self.init(f"{m.name}.act_{k}", v, np_type) for k, v in (("qn", qn), ("qp", qp))]
+            q = self.node("Clip", [q, *bounds], f"{m.name}.act_clip")
+        if self.codes:
+            self.output(q, f"{m.name}.codes", np_type.upper(), m.weight.dim())
+        x = self.node("DequantizeLinear", [q, scale, zero], f"{m.name}.act_dequant")
+        if offset:
+            x = self.node("Sub", [x, self.init(f"{m.name}.act_offset", offset)], f"{m.name}.sub_offset")
+        return x
+
+    def quant_layer(self, m: mm.QuantLayer, x: str) -> str:
+        """A QuantLayer: its quantized input, its dequantized integer weight, Conv or Gemm, its float bias."""
+        x = self.quant_input(m, x)
+        w_quant = selected_quantizers(m)[1]
+        codes, s_w = pairs.weight_codes(w_quant, m.weight)
+        w = self.int_weight(f"{m.name}.weight_codes", codes, w_quant.bits)
+        scale = self.init(f"{m.name}.weight_step", s_w.reshape(-1))
+        axis = {}
+        if s_w.numel() == 1:
+            scale = self.init(f"{m.name}.weight_step", s_w.reshape(()))
+        else:
+            axis = {"axis": 0}
+        w = self.node("DequantizeLinear", [w, scale], f"{m.name}.weight", **axis)
+        inputs = [x, w]
+        if m.bias is not None:
+            inputs.append(self.init(f"{m.name}.bias", m.bias))
+        if m.op.kind == "linear":
+            return self.node("Gemm", inputs, m.name, transB=1)
+        op = m.op
+        attrs = {
+            "kernel_shape": list(m.weight.shape[2:]),
+            "strides": list(op.stride),
+            "pads": list(op.padding) * 2,
+            "dilations": list(op.dilation),
+            "group": op.groups,
+        }
+        return self.node("Conv", inputs, m.name, **attrs)
+
+    def module(self, name: str, m: nn.Module, x: str) -> str:
+        """A leaf module (not quantized) as its float ONNX operator; a BadInput for one this builder lacks."""
+        if isinstance(m, mm.QuantLayer):
+            return self.quant_layer(m, x)
+        if isinstance(m, nn.BatchNorm2d):
+            stats = [m.weight, m.bias, m.running_mean, m.running_var]
+            inputs = [self.init(f"{name}.{k}", t) for k, t in zip(("weight", "bias", "mean", "var"), stats)]
+            return self.node("BatchNormalization", [x, *inputs], name, epsilon=m.eps)
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            return x
+        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            return self.node("GlobalAveragePool", [x], name)
+        if isinstance(m, nn.Flatten) and m.end_dim == -1:
+            return self.node("Flatten", [x], name, axis=m.start_dim)
+        if isinstance(m, nn.ReLU6):
+            return self.node("Clip", [x, self.init(f"{name}.min", 0.0), self.init(f"{name}.max", 6.0)], name)
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            return self.pool(name, m, x)
+        simple = {
+            nn.ReLU: ("Relu", {}),
+            nn.Hardswish: ("HardSwish", {}),
+            nn.Hardsigmoid: ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}),
+            nn.Sigmoid: ("Sigmoid", {}),
+        }
+        if type(m) in simple:
+            op, attrs = simple[type(m)]
+            return self.node(op, [x], name, **attrs)
+        if isinstance(m, nn.SiLU):
+            return self.node("Mul", [x, self.node("Sigmoid", [x], f"{name}.sigmoid")], name)
+        raise mm.BadInput(f"{name}: no ONNX export of {type(m).__name__} ({m})")
+
+    def pool(self, name: str, m: nn.Module, x: str) -> str:
+        """MaxPool2d or AvgPool2d (square or not, ceil_mode as the module's)."""
+        attrs = {
+            "kernel_shape": list(pair(m.kernel_size)),
+            "strides": list(pair(m.stride)),
+            "pads": list(pair(m.padding)) * 2,
+            "ceil_mode": int(m.ceil_mode),
+        }
+        if isinstance(m, nn.MaxPool2d):
+            return self.node("MaxPool", [x], name, dilations=list(pair(m.dilation)), **attrs)
+        return self.node("AveragePool", [x], name, count_include_pad=int(m.count_include_pad), **attrs)
+
+    def function(self, n: torch.fx.Node, args: list) -> str:
+        """A call_function or call_method node (add, mul, cat, flatten, relu, pooling to 1) as its operator."""
+        target = n.target
+        if not isinstance(target, str):
+            target = getattr(target, "__name__", str(target))
+        binary = {"add": "Add", "iadd": "Add", "mul": "Mul", "imul": "Mul"}
+        if target in binary and len(args) == 2:
+            inputs = [self.operand(n.name, a) for a in args]
+            return self.node(binary[target], inputs, n.name)
+        if target == "cat":
+            axis = n.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            return self.node("Concat", list(args[0]), n.name, axis=axis)
+        if target == "flatten":
+            start = n.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+            end = n.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+            if end == -1:
+                return self.node("Flatten", [args[0]], n.name, axis=start)
+        if target in ("relu", "relu_"):
+            return self.node("Relu", [args[0]], n.name)
+        if target == "adaptive_avg_pool2d" and args[1] in (1, (1, 1), [1, 1]):
+            return self.node("GlobalAveragePool", [args[0]], n.name)
+        if target == "dropout":
+            return args[0]
+        raise mm.BadInput(f"{n.name}: no ONNX export of {target}{tuple(n.args)}")
+
+    def operand(self, name: str, a) -> str:
+        """A tensor's name, or a number as a float initializer."""
+        if isinstance(a, str):
+            return a
+        return self.init(f"{name}.const", float(a))
+
+
+def onnx_graph(model: nn.Module, onnx, codes: bool = False):
+    """The ONNX model (opset ONNX_OPSET) of a fake-quantized model at its selected bits (OnnxBuilder), from its
+    torch.fx trace. Input "input" (N, C, H, W) float32, output "logits"; with `codes`, each layer's input (float)
+    and codes (integers) too, in forward order."""
+    model = model.eval()
+    try:
+        graph = LeafTracer().trace(model)
+    except Exception as e:
+        raise mm.BadInput(f"cannot trace {type(model).__name__} with torch.fx for ONNX: {mm.one_line(e)}") from None
+    b = OnnxBuilder(onnx, codes)
+    names = {}
+    helper = onnx.helper
+    inputs = []
+    outputs = []
+    for n in graph.nodes:
+        args = torch.fx.node.map_arg(n.args, lambda a: names[a])
+        if n.op == "placeholder":
+            names[n] = b.fresh("input")
+            dims = ["N", m_channels(model), "H", "W"]
+            inputs.append(helper.make_tensor_value_info(names[n], onnx.TensorProto.FLOAT, dims))
+        elif n.op == "call_module":
+            names[n] = b.module(n.target, model.get_submodule(n.target), args[0])
+        elif n.op in ("call_function", "call_method"):
+            names[n] = b.function(n, list(args))
+        elif n.op == "output":
+            logits = b.node("Identity", [args[0]], "logits")
+            outputs.append(helper.make_tensor_value_info(logits, onnx.TensorProto.FLOAT, ["N", "classes"]))
+        else:
+            raise mm.BadInput(f"{n.name}: no ONNX export of a {n.op} node ({n.target})")
+    for name, elem, rank in b.outputs:
+        outputs.append(helper.make_tensor_value_info(name, getattr(onnx.TensorProto, elem), [None] * rank))
+    g = helper.make_graph(b.nodes, "metamix", inputs, outputs, b.inits)
+    opsets = [helper.make_opsetid("", ONNX_OPSET)]
+    m = helper.make_model(g, opset_imports=opsets, producer_name="metamix export.py")
+    onnx.checker.check_model(m)
+    return m
+
+
+def m_channels(model: nn.Module) -> int:
+    """The input's channels: the first quantized layer's (3 for the torchvision models)."""
+    return mm.quant_layers(model)[0].weight.shape[1]
+
+
+def onnx_session(ort, model_bytes: bytes, optimize: bool):
+    """An onnxruntime CPU session of a model: graph optimisations off, or all of them on; torch's thread count."""
+    so = ort.SessionOptions()
+    levels = ort.GraphOptimizationLevel
+    so.graph_optimization_level = levels.ORT_DISABLE_ALL
+    if optimize:
+        so.graph_optimization_level = levels.ORT_ENABLE_ALL
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, images: torch.Tensor, names: list | None = None) -> list[torch.Tensor]:
+    """The session's outputs (all, or those named) on a float32 batch, as tensors."""
+    feed = {"input": images.detach().cpu().float().numpy()}
+    return [torch.from_numpy(v) for v in session.run(names, feed)]
+
+
+@torch.no_grad()
+def compare_onnx(model: nn.Module, sessions: dict, loader) -> dict:
+    """The fake-quantized model (float32, on the CPU) against each onnxruntime session on the whole validation set:
+    top-1 of each, and per session the largest logit difference and on how many images the argmax differs."""
+    model.eval()
+    n = 0
+    correct = 0
+    largest = 0.0
+    per = {k: {"correct": 0, "max_logit_diff": 0.0, "argmax_differs": 0} for k in sessions}
+    for images, targets in loader:
+        a = model(images.cpu()).float()
+        n += len(targets)
+        correct += int((a.argmax(1) == targets).sum())
+        largest = max(largest, a.abs().max().item())
+        for k, s in sessions.items():
+            b = run_session(s, images, ["logits"])[0]
+            p = per[k]
+            p["correct"] += int((b.argmax(1) == targets).sum())
+            p["argmax_differs"] += int((b.argmax(1) != a.argmax(1)).sum())
+            p["max_logit_diff"] = max(p["max_logit_diff"], (a - b).abs().max().item())
+    for p in per.values():
+        p["top1"] = 100 * p.pop("correct") / max(n, 1)
+    return {"n": n, "top1_fake_quant": 100 * correct / max(n, 1), "max_abs_logit": largest, "sessions": per}
+
+
+@torch.no_grad()
+def torch_codes(model: nn.Module, images: torch.Tensor) -> dict:
+    """name -> the codes of each quantized layer's input in the fake-quantized model's forward, as training
+    computes them (`lsq_codes` of x + o on the selected step)."""
+    codes = {}
+
+    def hook(m, inp, out):
+        branch = selected_quantizers(m)[0]
+        qrange = mm.lsq_range(m.act.bits[branch], bool(m.act.signed))
+        codes[m.name] = layer_codes(m, inp[0], branch, qrange)
+
+    handles = [m.register_forward_hook(hook) for m in mm.quant_layers(model)]
+    try:
+        model.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return codes
+
+
+def layer_codes(m: mm.QuantLayer, x: torch.Tensor, branch: int, qrange: tuple) -> torch.Tensor:
+    """round(clamp((x + o) / s_a, Qn, Qp)) of a layer's branch, in float32 as training computes it."""
+    step = mm.positive(m.act.step.detach()[branch])
+    return mm.lsq_codes(mm.upcast(x) + m.act.offset, step, *qrange)
+
+
+@torch.no_grad()
+def compare_onnx_codes(model: nn.Module, session, images: torch.Tensor) -> dict:
+    """Each layer's input codes in onnxruntime (a session of onnx_graph(..., codes=True)) against PyTorch's.
+
+    On the same input (onnxruntime's own float input to the layer, rounded by the training formula) they must be
+    equal: that is QuantizeLinear + Clip against lsq_codes. End to end (each from its own forward) a code may
+    differ: a value x/s on a rounding boundary (k + 1/2) goes the other way after a last-bit difference in an
+    earlier float sum, and the step it moves by changes later layers' inputs. Returns the codes that differ on
+    the same input, and end to end: how many differ, of how many, the largest share in one layer and the largest
+    difference."""
+    ref = torch_codes(model, images)
+    layers = mm.quant_layers(model)
+    names = [f"{m.name}.{k}" for m in layers for k in ("input", "codes")]
+    outs = dict(zip(names, run_session(session, images, names)))
+    p = {"same_input_differs": 0, "differs": 0, "codes": 0, "worst_share": 0.0, "max_diff": 0.0}
+    for m in layers:
+        branch = selected_quantizers(m)[0]
+        qrange = mm.lsq_range(m.act.bits[branch], bool(m.act.signed))
+        q = outs[f"{m.name}.codes"].float()
+        own = layer_codes(m, outs[f"{m.name}.input"], branch, qrange)
+        p["same_input_differs"] += int((own != q).sum())
+        differs = int((ref[m.name] != q).sum())
+        p["differs"] += differs
+        p["codes"] += q.numel()
+        p["worst_share"] = max(p["worst_share"], differs / q.numel())
+        p["max_diff"] = max(p["max_diff"], (ref[m.name] - q).abs().max().item())
+    return p
+
+
+def onnx_agrees(p: dict, c: dict) -> bool:
+    """Whether onnxruntime agrees with the fake-quantized model within float rounding: codes equal on the same
+    input, end to end at most CODE_SHARE_TOL of a layer's codes differ, and each session's argmax agrees on all but
+    1% of the images (and one more), as export_agrees asks of the integer model."""
+    argmax_agrees = all(s["argmax_differs"] <= 0.01 * p["n"] + 1 for s in p["sessions"].values())
+    return argmax_agrees and c["same_input_differs"] == 0 and c["worst_share"] <= CODE_SHARE_TOL
+
+
 # ---- the command -----------------------------------------------------------------------
 
 
-def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
+def export_run(run_dir: str, checkpoint: str | None = None, onnx: bool = False) -> tuple[str, dict]:
     """Write RUN_DIR/model_int.pth from the run's checkpoint (default RUN_DIR/checkpoint.pth), then prove it:
     the integer model against the fake-quantized one on the run's validation set, and the file's size against
-    FP32's. Every input problem is a BadInput raised before anything is written. Returns (path, the proof)."""
+    FP32's. With `onnx`, RUN_DIR/model.onnx too, checked in onnxruntime (export_onnx). Every input problem is a
+    BadInput raised before anything is written. Returns (path, the proof)."""
+    onnx_libs = None
+    if onnx:
+        onnx_libs = onnx_modules()
     runs.run_folder(run_dir)
     source = checkpoint
     flag = "--checkpoint"
@@ -500,7 +909,54 @@ def export_run(run_dir: str, checkpoint: str | None = None) -> tuple[str, dict]:
             "anyway",
             flush=True,
         )
+    if onnx_libs:
+        sizes = {"model_int.pth": mib, "FP32": fp32_mib}
+        export_onnx(run_dir, model.cpu(), val_loader, onnx_libs, sizes)
     return path, p
+
+
+def export_onnx(run_dir: str, model: nn.Module, loader, libs: tuple, sizes: dict) -> tuple[str, dict, dict]:
+    """Write RUN_DIR/model.onnx (onnx_graph) and check it: onnxruntime on the CPU, graph optimisations off and
+    on, against the fake-quantized model in float32, readable form (sections 1-2, the same operators in the same
+    order), on the validation set; the codes on its first batch. An OnnxDisagrees (exit 1) if they disagree
+    beyond float rounding (onnx_agrees); the file stays. `sizes`: MiB of the files to print beside it.
+    Returns (path, compare_onnx's result, compare_onnx_codes')."""
+    onnx, ort = libs
+    mm.use_speed_path(model.eval(), False)
+    data = onnx_graph(model, onnx).SerializeToString()
+    path = os.path.join(run_dir, "model.onnx")
+    try:
+        mm.atomic_write(path, data)
+    except OSError as e:
+        raise mm.BadInput(f"cannot write {path} ({e.strerror or e})") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    sessions = {"optimisations off": onnx_session(ort, data, False), "on": onnx_session(ort, data, True)}
+    p = compare_onnx(model, sessions, loader)
+    with_codes = onnx_graph(model, onnx, codes=True).SerializeToString()
+    images = next(iter(loader))[0]
+    c = compare_onnx_codes(model, onnx_session(ort, with_codes, False), images)
+    mib = len(data) / 2**20
+    others = ", ".join(f"{v:.1f} MiB {k}" for k, v in sizes.items())
+    print(f"export: wrote {path} (opset {ONNX_OPSET}, QDQ): {mib:.1f} MiB vs {others}", flush=True)
+    tops = "; ".join(
+        f"{k}: top-1 {s['top1']:.2f}%, largest logit difference {s['max_logit_diff']:.3g}, argmax differs on "
+        f"{s['argmax_differs']}"
+        for k, s in p["sessions"].items()
+    )
+    print(
+        f"export: onnxruntime (CPU) vs fake-quantized top-1 {p['top1_fake_quant']:.2f}% (float32) on {p['n']} "
+        f"images (largest |logit| {p['max_abs_logit']:.3g}): {tops}; input codes on {len(images)} images: "
+        f"{c['same_input_differs']} differ on the same input, {c['differs']} of {c['codes']} end to end",
+        flush=True,
+    )
+    if not onnx_agrees(p, c):
+        raise OnnxDisagrees(
+            f"{path} disagrees with the fake-quantized model beyond float rounding: argmax differs on "
+            f"{max(s['argmax_differs'] for s in p['sessions'].values())} of {p['n']} images, codes on the same "
+            f"input on {c['same_input_differs']}, end to end on up to {c['worst_share']:.2%} of a layer's"
+        )
+    return path, p, c
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -514,11 +970,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="export this checkpoint file of the run instead (default: RUN_DIR/checkpoint.pth)",
     )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help=f"also write RUN_DIR/model.onnx (QDQ) and check it in onnxruntime; needs {ONNX_INSTALL}",
+    )
     return p
 
 
 def run_export(a: argparse.Namespace) -> int:
-    export_run(a.run_dir, a.checkpoint)
+    export_run(a.run_dir, a.checkpoint, a.onnx)
     return 0
 
 

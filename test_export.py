@@ -1,7 +1,8 @@
 """Tests for export.py. Run: python -m pytest -q test_export.py
 
 The packing and the integer layer against values computed by hand or by an independent formula; the export
-of the shared reference run (resnet18), of a MobileNet-v3-large run of (A, W) pairs, and bad input.
+of the shared reference run (resnet18), of a MobileNet-v3-large run of (A, W) pairs, and bad input; the ONNX
+export (--onnx) of ResNet-18, MobileNet-v3-large and a MobileNet-v2 run of pairs, checked in onnxruntime.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -540,3 +542,202 @@ def test_load_run_keeps_the_weights_of_an_act_only_checkpoint_in_full_precision(
         torch.save({**ck, "args": {**ck["args"], "act_only_epochs": act_only}}, tmp_path / "ck.pth")
         _, model, _ = runs.load_run(str(tmp_path / "ck.pth"))
         assert all(m.weight_quant.enabled == quantized for m in mm.quant_layers(model)), act_only
+
+
+# ---- ONNX ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_libs() -> tuple:
+    """(onnx, onnxruntime): optional for export.py, installed by CI for these tests."""
+    return pytest.importorskip("onnx"), pytest.importorskip("onnxruntime")
+
+
+def onnx_initializers(graph) -> dict:
+    """name -> initializer of an ONNX graph."""
+    return {t.name: t for t in graph.initializer}
+
+
+def check_onnx_graph(out: Path, onnx) -> None:
+    """model.onnx's quantized layers as bits.json says: a Clip to [Qn, Qp] per sub-8-bit input, none at 8 bits;
+    QuantizeLinear to int8 for a signed grid, uint8 for an unsigned one; integer weight codes, dequantized along
+    axis 0; the offset 3/8 as an Add and a Sub."""
+    model = onnx.load(str(out / "model.onnx"))
+    graph = model.graph
+    assert model.opset_import[0].version == ex.ONNX_OPSET
+    inits = onnx_initializers(graph)
+    nodes = {n.name: n for n in graph.node}
+    T = onnx.TensorProto
+    layers = json.loads((out / "bits.json").read_text())["layers"]
+    for r in layers:
+        name = r["name"]
+        qn, qp = mm.lsq_range(r["a_bits"], r["signed"])
+        zero = inits[f"{name}.act_zero_point"].data_type
+        assert zero == (T.INT8 if r["signed"] else T.UINT8)
+        clip = nodes.get(f"{name}.act_clip")
+        assert (clip is not None) == (r["a_bits"] < 8)
+        if clip:
+            bounds = [onnx.numpy_helper.to_array(inits[k]).item() for k in clip.input[1:]]
+            assert bounds == [qn, qp]
+        codes = inits[f"{name}.weight_codes"]
+        assert codes.data_type == (T.INT4 if r["w_bits"] <= 4 else T.INT8)
+        dq = nodes[f"{name}.weight"]
+        assert dq.op_type == "DequantizeLinear"
+        assert dq.input[0] == codes.name
+        assert onnx.helper.get_attribute_value(dq.attribute[0]) == 0
+        assert nodes[name].input[1] == dq.output[0]
+        assert (f"{name}.add_offset" in nodes) == (f"{name}.sub_offset" in nodes)
+    clips = [n for n in graph.node if n.op_type == "Clip" and n.name.endswith(".act_clip")]
+    assert len(clips) == sum(r["a_bits"] < 8 for r in layers)
+    assert layers[0]["a_bits"] == layers[-1]["a_bits"] == 8
+    # no float copy of a quantized weight
+    shapes = {tuple(t.dims) for t in graph.initializer if t.data_type == T.FLOAT}
+    weights = [inits[f"{r['name']}.weight_codes"] for r in layers]
+    assert not any(tuple(w.dims) in shapes for w in weights)
+
+
+def check_onnx_codes(out: Path, ck_path: Path, onnx, ort) -> dict:
+    """Every layer's input codes in onnxruntime (extra outputs) against PyTorch's on the validation images: equal
+    on the same input (LSQ's own fake quantization divided by its step); end to end from each one's own forward,
+    at most CODE_SHARE_TOL of a layer's codes differ, each by a tie of the rounding after a last-bit difference
+    of an earlier float sum (see export.compare_onnx_codes). Returns compare_onnx_codes' result."""
+    model, x = _fake_quant_from_checkpoint(ck_path)
+    graph = ex.onnx_graph(model, onnx, codes=True)
+    session = ex.onnx_session(ort, graph.SerializeToString(), False)
+    layers = mm.quant_layers(model)
+    names = [f"{m.name}.{k}" for m in layers for k in ("input", "codes")]
+    outs = dict(zip(names, ex.run_session(session, x, names)))
+    ref = ex.torch_codes(model, x)
+    for m in layers:
+        branch = ex.selected_quantizers(m)[0]
+        s_a = mm.positive(m.act.step.detach()[branch])
+        bits = m.act.bits[branch]
+        inp = outs[f"{m.name}.input"] + m.act.offset
+        lsq = mm.lsq_quantize(inp, s_a, bits, bool(m.act.signed)) / s_a
+        q = outs[f"{m.name}.codes"].float()
+        assert torch.equal(q, lsq.round()), m.name
+        assert q.shape == ref[m.name].shape
+        differs = (q != ref[m.name]).float().mean().item()
+        assert differs <= ex.CODE_SHARE_TOL, m.name
+    c = ex.compare_onnx_codes(model, session, x)
+    assert c["same_input_differs"] == 0
+    assert c["codes"] == sum(t.numel() for t in ref.values())
+    return c
+
+
+def check_onnx_export(out: Path, ck_path: Path, stdout: str, libs: tuple) -> dict:
+    """`export.py RUN --onnx`'s model.onnx: the graph (check_onnx_graph), its size printed beside
+    model_int.pth's and FP32's, onnxruntime's top-1 equal to the fake-quantized model's with optimisations off
+    and on, and the codes (check_onnx_codes)."""
+    onnx, ort = libs
+    lines = [line for line in stdout.splitlines() if line.startswith("export:")]
+    assert len(lines) == 4, stdout[-3000:]
+    assert f"wrote {out / 'model.onnx'} (opset 21, QDQ)" in lines[2]
+    sizes = [float(v) for v in re.findall(r"([\d.]+) MiB", lines[2])]
+    files = [out / "model.onnx", out / "model_int.pth"]
+    assert sizes[:2] == pytest.approx([f.stat().st_size / 2**20 for f in files], abs=0.051)
+    assert sizes[2] > 4 * sizes[0]
+    top1 = re.findall(r"top-1 ([\d.]+)%", lines[3])
+    assert len(top1) == 3
+    assert len(set(top1)) == 1, lines[3]
+    assert "argmax differs on 0;" in lines[3]
+    assert "0 differ on the same input" in lines[3]
+    check_onnx_graph(out, onnx)
+    return check_onnx_codes(out, ck_path, onnx, ort)
+
+
+def test_onnx_export_resnet18(ref_run, tmp_path, onnx_libs):
+    """export.py RUN --onnx on the reference ResNet-18 run: model.onnx beside model_int.pth, QDQ as bits.json
+    says, and onnxruntime agrees with the fake-quantized model."""
+    out = copy_run(ref_run, tmp_path / "out")
+    code, stdout, stderr = export_in_process(out, "--onnx")
+    assert code == 0, stderr
+    assert not stderr, stderr
+    check_onnx_export(out, out / "checkpoint.pth", stdout, onnx_libs)
+
+
+def test_onnx_export_mobilenet_v3_large_pairs(mobilenet_pair_run, onnx_libs):
+    """MobileNet-v3-large of (A, W) pairs: hardswish-fed inputs on the offset grid (an Add and a Sub around
+    QDQ), squeeze-excitation, depthwise convs."""
+    out, ck, _ = mobilenet_pair_run
+    code, stdout, stderr = export_in_process(out, "--checkpoint", ck, "--onnx")
+    assert code == 0, stderr
+    check_onnx_export(out, ck, stdout, onnx_libs)
+    graph = onnx_libs[0].load(str(out / "model.onnx")).graph
+    adds = [n for n in graph.node if n.name.endswith(".add_offset")]
+    subs = [n for n in graph.node if n.name.endswith(".sub_offset")]
+    assert len(adds) == len(subs) == 26
+    assert {n.op_type for n in graph.node} >= {"HardSwish", "HardSigmoid", "Mul", "GlobalAveragePool"}
+
+
+MOBILENET_V2_PAIRS = [
+    "--arch",
+    "mobilenet_v2",
+    "--image-size",
+    "32",
+    "--search-steps",
+    "0",
+    "--data",
+    "synthetic:32,16,10",
+    "--batch-size",
+    "16",
+    "--w-bits",
+    "2,4,8",
+    "--search-epochs",
+    "1",
+    "--epochs",
+    "2",
+]
+
+
+def test_onnx_export_mobilenet_v2_pairs_w248(tmp_path, onnx_libs):
+    """A MobileNet-v2 run of pairs.py with W in {2, 4, 8}: 2- and 4-bit weights as INT4, 8-bit as INT8, and
+    onnxruntime agrees with the fake-quantized model."""
+    out = tmp_path / "out"
+    run_cli(*MOBILENET_V2_PAIRS, "--output-dir", out, script="pairs.py")
+    code, stdout, stderr = export_in_process(out, "--onnx")
+    assert code == 0, stderr
+    check_onnx_export(out, out / "checkpoint.pth", stdout, onnx_libs)
+    export = torch.load(out / "model_int.pth", weights_only=True)
+    assert {e["w_bits"] for e in export["layers"]} == {2, 4, 8}
+
+
+def test_onnx_disagreement_ends_in_one_line(ref_run, tmp_path, monkeypatch, onnx_libs):
+    """A model.onnx whose first searched layer has a wrong activation step: exit 1, one line naming the
+    disagreement (the file stays, for a look)."""
+    out = copy_run(ref_run, tmp_path / "out")
+    right = ex.onnx_graph
+
+    def wrong(model, onnx, codes=False):
+        m = right(model, onnx, codes)
+        name = mm.quant_layers(model)[1].name
+        step = onnx_initializers(m.graph)[f"{name}.act_step"]
+        value = onnx.numpy_helper.to_array(step) * 1.5
+        step.CopyFrom(onnx.numpy_helper.from_array(value, step.name))
+        return m
+
+    monkeypatch.setattr(ex, "onnx_graph", wrong)
+    code, stdout, stderr = export_in_process(out, "--onnx")
+    error_line(_failed(code, stdout, stderr), "export: error: OnnxDisagrees", "beyond float rounding")
+    assert code == 1
+    assert (out / "model.onnx").exists()
+
+
+def test_onnx_bad_input(ref_run, tmp_path, monkeypatch, onnx_libs):
+    """--onnx on a run still in bit selection, and --onnx without onnx installed: one line, exit 2, nothing
+    written."""
+    selecting = tmp_path / "selecting"
+    selecting.mkdir()
+    os.symlink(ref_run / "meta_state.pth", selecting / "checkpoint.pth")
+    code, stdout, stderr = export_in_process(selecting, "--onnx")
+    error_line(_failed(code, stdout, stderr), "export: error:", "still in bit selection")
+    assert code == 2
+    out = copy_run(ref_run, tmp_path / "out")
+    before = fingerprint(out)
+    # an import of onnx fails, as where it is not installed
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    code, stdout, stderr = export_in_process(out, "--onnx")
+    error_line(_failed(code, stdout, stderr), "export: error: --onnx needs onnx", "pip install onnx onnxruntime")
+    assert code == 2
+    assert not stdout
+    assert fingerprint(out) == before
