@@ -1649,10 +1649,13 @@ def test_dry_run_prints_the_layers_macs_and_feasible_range(capsys):
     )
     assert expect in text
     assert 0 < lo < args.target_gbops < hi
-    line = error_in_process(capsys, "--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4", "--dry-run")
-    args = mm.resolve_args(mm.get_args_parser().parse_args(["--arch", "mobilenet_v2", "--bits", "4", "--w-bits", "4"]))
-    lo, _ = mm.gbops_range(mm.build_model(args, 1000))
-    assert f"outside the feasible range [{lo:.3f}, {lo:.3f}]" in line
+    # candidates 8 and 6 bits: the default target, 95% of uniform A4, lies below the cheapest configuration
+    line = error_in_process(capsys, "--arch", "mobilenet_v2", "--bits", "8,6", "--w-bits", "4", "--dry-run")
+    args = mm.resolve_args(
+        mm.get_args_parser().parse_args(["--arch", "mobilenet_v2", "--bits", "8,6", "--w-bits", "4"])
+    )
+    lo, hi = mm.gbops_range(mm.build_model(args, 1000))
+    assert f"outside the feasible range [{lo:.3f}, {hi:.3f}]" in line
     assert "set --target-gbops" in line
 
 
