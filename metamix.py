@@ -50,6 +50,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -72,11 +73,13 @@ from torchvision.datasets import ImageFolder
 def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     """[Qn, Qp] of b bits: unsigned [0, 2^b-1], signed [-2^(b-1), 2^(b-1)-1], narrow signed [1-2^(b-1), 2^(b-1)-1].
 
-    The narrow range is the authors' for weights: symmetric about 0, so -7..7 at 4 bits.
+    The narrow range is the authors' for weights: symmetric about 0, so -7..7 at 4 bits. Our choice: from 3 bits up
+    only; at 2 bits it would leave 3 levels ({-1, 0, 1}) where BOPs count 2 bits, so 2-bit weights keep LSQ's 4
+    levels, [-2, 1] (the authors' narrow range comes from their 4-bit code).
     """
     if not signed:
         return 0, 2**bits - 1
-    return -(2 ** (bits - 1)) + narrow, 2 ** (bits - 1) - 1
+    return -(2 ** (bits - 1)) + (narrow and bits > 2), 2 ** (bits - 1) - 1
 
 
 def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
@@ -183,12 +186,13 @@ class MultiBranchQuantizer(Stateful):
 
     Modes: "fp" (identity), "branch" (LSQ at bits[branch]: bit-meta, weight training) and "search", Eq. 2:
         x_hat = sum_b softmax(alpha)_b * Q_b(x; s_b)
-    The grid is decided from the first batch the layer sees (LSQ's init uses that batch anyway). An input whose
-    minimum lies in [-3/8, 0), as hardswish's outputs do, gets the authors' grid: unsigned, shifted by 3/8,
-    Q(x + 3/8) - 3/8, which spends no level on values below hardswish's minimum. Any other input with negatives
-    (the image, a residual stream) is signed; the rest (after ReLU) unsigned. `offset=0` given: no shifted grid
-    (LSQ's own). N in LSQ's gradient scale is the features per sample. Our choice: the grid is read from the first
-    batch, where the authors' code marks the hardswish-fed layers from the graph.
+    A hardswish-fed input gets the authors' grid, `offset` 3/8: unsigned, shifted by 3/8, Q(x + 3/8) - 3/8, which
+    spends no level on values below hardswish's minimum; patch_model sets it from the model's graph, as the
+    authors' code does (`offset` 0 elsewhere, and with LSQ's own quantizers). The sign is read from the first
+    batch the layer sees (LSQ's init uses that batch anyway): an input with negatives (the image, a residual
+    stream, SiLU's outputs) is signed, the rest (after ReLU) unsigned. `offset` None (a graph torch.fx cannot
+    read): the first batch decides it too, a minimum in [-3/8, 0) meaning a hardswish output. N in LSQ's gradient
+    scale is the features per sample.
     """
 
     saved = ("signed", "offset", "initialized")
@@ -337,23 +341,23 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
 # additions and pooling are not counted (the usual BOPs convention).
 
 
-def quant_layers(model: nn.Module) -> list[QuantLayer]:
+def quant_layers(model):
     """Quantized layers in forward order (the order patch_model recorded)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
     return sorted(layers, key=lambda m: m.order)
 
 
-def searched_layers(model: nn.Module) -> list[QuantLayer]:
+def searched_layers(model):
     """The quantized layers whose bits are searched: all but the fixed first and last."""
     return [m for m in quant_layers(model) if not m.fixed]
 
 
-def candidate_costs(model: nn.Module) -> list[int]:
+def candidate_costs(model):
     """a * w of each candidate of the searched layers (they share their candidates): the paper's b * w_bits."""
     return [a * w for a, w in searched_layers(model)[0].candidates]
 
 
-def c_fixed_of(model: nn.Module) -> float:
+def c_fixed_of(model):
     """C_fixed: BOPs of the first and last layers, in GBOPs."""
     fixed = [m for m in quant_layers(model) if m.fixed]
     return sum(m.macs * a * w for m in fixed for a, w in m.candidates) / 1e9
@@ -364,14 +368,14 @@ def config_gbops(macs: Sequence[int], costs: Sequence[int], c_fixed: float) -> f
     return sum(m * c for m, c in zip(macs, costs)) / 1e9 + c_fixed
 
 
-def branches_gbops(model: nn.Module, branches: Sequence[int]) -> float:
+def branches_gbops(model, branches):
     """Eq. 6 of a configuration given as one branch index per searched layer."""
     costs = candidate_costs(model)
     macs = [m.macs for m in searched_layers(model)]
     return config_gbops(macs, [costs[i] for i in branches], c_fixed_of(model))
 
 
-def gbops_range(model: nn.Module) -> tuple[float, float]:
+def gbops_range(model):
     """Feasible budgets: every searched layer at its cheapest candidate, and at its dearest."""
     macs = [m.macs for m in searched_layers(model)]
     costs = candidate_costs(model)
@@ -440,7 +444,7 @@ def repair_to_budget(
 # which it calls them, so nothing here depends on it.
 
 
-def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
+def trace_layers(model, image_size):
     """(name, module, MACs, input values per image) of every Conv2d/Linear in forward order, from one forward pass."""
     seen = []
     names = {m: n for n, m in model.named_modules()}
@@ -450,8 +454,8 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
             kh, kw = mod.kernel_size
             macs = out.shape[1] * (mod.in_channels // mod.groups) * kh * kw * out.shape[2] * out.shape[3]
         else:
-            positions = out.numel() // out.shape[-1] // out.shape[0]
-            macs = mod.in_features * mod.out_features * positions
+            # per image, at every position a linear layer is applied to
+            macs = mod.in_features * mod.out_features * (out.numel() // out.shape[-1] // out.shape[0])
         # Our choice: a layer called twice counts once (its first call).
         if all(m is not mod for _, m, *_ in seen):
             seen.append((names[mod], mod, int(macs), inp[0][0].numel()))
@@ -466,18 +470,57 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
     return seen
 
 
+# Modules and functions that pass their input's values on (a pooled or reshaped hardswish output is still one).
+PASSING = ("pool", "dropout", "flatten", "reshape", "view", "identity")
+
+
+def hardswish_fed(model):
+    """The Conv2d/Linear modules whose input is a hardswish output, read from the model's torch.fx graph: directly,
+    through pooling, dropout or a reshape, or times a [0, 1] gate (squeeze-excitation). None if fx cannot read it.
+
+    These inputs take the authors' offset grid (MultiBranchQuantizer). Their code marks them from the graph too;
+    the structure, unlike a batch's minimum, does not depend on the data.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return None
+    modules = dict(model.named_modules())
+    kinds = {}
+    fed = set()
+    for node in graph.nodes:
+        target = modules.get(node.target) if node.op == "call_module" else node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", type(target).__name__).lower()
+        args = [kinds.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args[:2]]
+        if not node.op.startswith("call"):
+            continue
+        if name == "hardswish":
+            kinds[node] = "hardswish"
+        elif name in ("hardsigmoid", "sigmoid"):
+            kinds[node] = "gate"
+        elif any(word in name for word in PASSING):
+            kinds[node] = args[0]
+        elif name == "mul" and set(args) == {"gate", "hardswish"}:
+            kinds[node] = "hardswish"
+        elif isinstance(target, (nn.Conv2d, nn.Linear)) and args[0] == "hardswish":
+            fed.add(node.target)
+    return fed
+
+
 def patch_model(
-    model: nn.Module,
-    bits: Sequence[int],
+    model,
+    bits,
     w_bits=4,
-    first_last_bits: int = 8,
-    bops_image_size: int = 224,
-    layer_type: type = QuantLayer,
-    plain: bool = False,
-) -> nn.Module:
+    first_last_bits=8,
+    bops_image_size=224,
+    layer_type=QuantLayer,
+    plain=False,
+):
     """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order are fixed
     at first_last_bits. `layer_type` builds the searched layers (pairs.py passes its own); `plain`: LSQ's
-    quantizers, not the authors'."""
+    quantizers, not the authors'. The offset grid goes to the hardswish-fed inputs of the model's graph; a model
+    that torch.fx cannot read leaves the grid to the first batch (init_quantizers)."""
+    fed = hardswish_fed(model)
     traced = trace_layers(model, bops_image_size)
     if len(traced) < 3:
         raise ValueError("need at least three Conv2d/Linear layers (a first, a searched one, a last)")
@@ -488,12 +531,14 @@ def patch_model(
             q = layer_type(mod, bits, w_bits, name, macs, plain=plain)
         q.order = i
         q.in_size = in_size
+        if fed is not None and not plain:
+            q.act.offset = 0.375 if name in fed else 0.0
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
     return model
 
 
-def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
+def set_mode(model, mode, branch=None, quant_weights=None):
     """Every layer in a phase's mode; `quant_weights` turns weight LSQ on or off (None: as it is).
 
     "fp": everything in full precision, weights too (the FP model's own evaluation); "meta": the searched layers at
@@ -514,23 +559,23 @@ def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weigh
             m.set_state("branch", m.selected_branch, quant_weights)
 
 
-def alphas_of(model: nn.Module) -> list[nn.Parameter]:
+def alphas_of(model):
     """The architecture logits alpha_l, one vector per searched layer."""
     return [m.act.alpha for m in searched_layers(model)]
 
 
-def meta_params(model: nn.Module) -> list[nn.Parameter]:
+def meta_params(model):
     """What bit-meta and weight training update: every parameter but the alphas (weights, BN, steps)."""
     alphas = {id(a) for a in alphas_of(model)}
     return [p for p in model.parameters() if id(p) not in alphas]
 
 
-def argmax_branches(model: nn.Module) -> list[int]:
+def argmax_branches(model):
     """The argmax configuration, a branch per searched layer (ties: the first)."""
     return torch.stack(alphas_of(model)).detach().argmax(1).tolist()
 
 
-def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
+def apply_selection(model, branches):
     """The selection, one branch per searched layer."""
     for m, i in zip(searched_layers(model), branches):
         m.selected_branch = int(i)
@@ -564,7 +609,7 @@ def no_sync(params, loss):
 
 
 @contextlib.contextmanager
-def batch_stats_bn(model: nn.Module):
+def batch_stats_bn(model):
     """BN normalises with the batch's statistics and leaves its running buffers alone; dropout off."""
     was_training = model.training
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -582,21 +627,25 @@ def batch_stats_bn(model: nn.Module):
         model.train(was_training)
 
 
-def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
+def init_quantizers(model, calib):
     """LSQ's data-dependent init on one batch: every branch's step, each layer's grid (sign, offset); then "fp".
 
     Each branch is initialised from the inputs it sees when the whole network runs at its bit-width, as in bit-meta.
     Our choice: BN uses the batch's statistics, since a model trained from scratch has running statistics 0 and 1,
     which would give steps of 0.
     """
+    undecided = [m for m in quant_layers(model) if m.act.offset is None]
     with torch.no_grad(), batch_stats_bn(model):
         for branch in range(len(searched_layers(model)[0].candidates)):
             set_mode(model, "meta", branch)
             model(calib)
     set_mode(model, "fp")
+    shifted = [m.name for m in undecided if m.act.offset]
+    if shifted:
+        warnings.warn(f"graph not read; offset grid from the first batch: {', '.join(shifted)}", stacklevel=2)
 
 
-def distillation_loss(teacher_logits: torch.Tensor):
+def distillation_loss(teacher_logits):
     """The authors' loss (their code; the paper names none), as a criterion(logits, targets).
 
     The batch mean of -sum_c softmax(teacher)_c * log_softmax(student)_c: a frozen teacher at temperature 1, and no
@@ -610,7 +659,7 @@ def distillation_loss(teacher_logits: torch.Tensor):
     return criterion
 
 
-def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
+def bit_meta_step(model, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached.
 
     One forward and backward per candidate, the gradients accumulating in .grad, so that one optimizer step follows
@@ -631,13 +680,13 @@ def bit_meta_step(model: nn.Module, images, targets, autocast=contextlib.nullcon
 
 
 def bit_search_step(
-    model: nn.Module,
+    model,
     images,
     targets,
-    lam: float,
-    target_gbops: float,
+    lam,
+    target_gbops,
     autocast=contextlib.nullcontext,
-    fixed: bool = True,
+    fixed=True,
     criterion=F.cross_entropy,
 ):
     """Eq. 3: L = L_task + lambda * L_reg (Eq. 4), on the frozen meta-state: only the alphas learn.
@@ -669,18 +718,18 @@ def bit_search_step(
 
 
 def bit_selection_step(
-    model: nn.Module,
+    model,
     images,
     targets,
     opt,
     opt_alpha=None,
     *,
-    search: bool = False,
-    lam: float = 0.0,
-    target_gbops: float | None = None,
+    search=False,
+    lam=0.0,
+    target_gbops=None,
     autocast=contextlib.nullcontext,
     sync=no_sync,
-    fixed: bool = True,
+    fixed=True,
     criterion=F.cross_entropy,
 ):
     """One iteration of bit selection (Table 1); returns (meta loss, search loss, GBOPs).
@@ -707,9 +756,7 @@ def bit_selection_step(
     return meta_loss, search_loss, gbops
 
 
-def start_weight_training(
-    model: nn.Module, target_gbops: float, repair: bool = True, branches: Sequence[int] | None = None
-):
+def start_weight_training(model, target_gbops, repair=True, branches=None):
     """Between the phases: the bits are fixed and the weights quantized. Returns (branches, GBOPs, changed), changed
     when the branches differ from the argmax.
 
@@ -733,7 +780,7 @@ def start_weight_training(
 
 
 def weight_training_step(
-    model: nn.Module,
+    model,
     images,
     targets,
     opt,
@@ -1121,11 +1168,10 @@ def synthetic_dataset(n, num_classes, image_size, seed, split):
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
     shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n, 2), generator=g)
     x = torch.stack([torch.roll(t, (int(s[0]), int(s[1])), (1, 2)) for t, s in zip(templates[labels], shifts)])
-    contrast = 0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)
-    brightness = 0.3 * torch.randn(n, 1, 1, 1, generator=g)
-    x = x * contrast + brightness
-    noisy = x + 0.7 * torch.randn(x.shape, generator=g)
-    return torch.utils.data.TensorDataset(noisy.contiguous(), labels)
+    # a random contrast and brightness per image, then noise
+    x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 1, 1, 1, generator=g)
+    x = x + 0.7 * torch.randn(x.shape, generator=g)
+    return torch.utils.data.TensorDataset(x.contiguous(), labels)
 
 
 def build_datasets(args):
@@ -1400,9 +1446,8 @@ class Run:
 
     @property
     def phase(self):
-        if self.selected is None:
-            return "bit_selection"
-        return "weight_training"
+        """Bit selection until the bits are selected, then weight training."""
+        return "bit_selection" if self.selected is None else "weight_training"
 
     def build_optimizers(self):
         """The training recipes, ours and the authors', each in one branch (the paper names neither).
@@ -1429,9 +1474,7 @@ class Run:
             # step, and the gradient norm clipped at 10 before each step: this optimizer's gradients only (their
             # code clips the alphas' stale gradients too).
             decay = [m.weight for m in quant_layers(self.model) if m.weight.dim() == 4]
-            lr = a.lr
-            if self.selected is None:
-                lr = a.lr / 5
+            lr = a.lr / 5 if self.selected is None else a.lr
             self.opt = torch.optim.Adam(groups(decay, 5e-6), lr=lr)
             clipped = [p for g in self.opt.param_groups for p in g["params"]]
 
@@ -1473,9 +1516,7 @@ class Run:
         a = self.args
         # At the phase boundary the optimizers are rebuilt before any step, so their flags may change.
         boundary = ck["selected"] is None and ck["epoch"] >= a.search_epochs
-        keys = SAME_RUN
-        if not boundary:
-            keys = SAME_RUN + SAME_SELECTION
+        keys = SAME_RUN if boundary else SAME_RUN + SAME_SELECTION
         for key in keys:
             mine = flag_text(getattr(a, key))
             theirs = flag_text(ck["args"][key])
@@ -1518,9 +1559,7 @@ class Run:
             torch.distributed.all_gather_object(rng, state)
         if not self.dist.main:
             return
-        sched = None
-        if self.sched is not None:
-            sched = self.sched.state_dict()
+        sched = self.sched.state_dict() if self.sched else None
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "args": vars(self.args),

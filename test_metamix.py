@@ -301,18 +301,20 @@ def test_lsq_per_channel_steps_lose_no_depthwise_channel():
 
 
 @pytest.mark.parametrize("arch, searched, fed", [("mobilenet_v3_large", 62, 25), ("mobilenet_v3_small", 52, 26)])
-def test_lsq_offset_grid_for_hardswish_fed_inputs(arch, searched, fed):
-    """MobileNet-v3: the inputs that the first batch finds in [-3/8, 0) are those the graph says a Hardswish feeds
-    (directly, through pooling or dropout, or times the SE gate): 25 of the large model's 62 searched layers, and
-    the last. They quantize on [0, 2^b - 1] as s round(clamp((x + 3/8)/s, 0, Qp)) - 3/8 (by hand). ReLU-fed
-    inputs stay unsigned, the residual stream and the image signed; --plain-lsq: no offset anywhere."""
+@pytest.mark.parametrize("scale", [1.0, 0.01, 100.0])
+def test_lsq_offset_grid_for_hardswish_fed_inputs(arch, searched, fed, scale):
+    """MobileNet-v3: the offset grid goes to the inputs the graph says a Hardswish feeds (directly, through pooling
+    or dropout, or times the SE gate), read by patch_model from the model's structure, whatever the calibration
+    batch's scale: 25 of the large model's 62 searched layers, and the last. They quantize on [0, 2^b - 1] as
+    s round(clamp((x + 3/8)/s, 0, Qp)) - 3/8 (by hand). ReLU-fed inputs stay unsigned, the residual stream and
+    the image signed; --plain-lsq: no offset anywhere."""
     torch.manual_seed(0)
     model = mm.patch_model(torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64)
     layers = {m.name: m for m in mm.quant_layers(model)}
-    # decided by the first batch
-    assert all(m.act.offset is None for m in layers.values())
-    mm.init_quantizers(model, torch.randn(8, 3, 64, 64))
+    # decided by the structure, before any data
     graph = hardswish_fed(torchvision.models.get_model(arch))
+    assert {n for n, m in layers.items() if m.act.offset == 0.375} == graph
+    mm.init_quantizers(model, torch.randn(8, 3, 64, 64) * scale)
     assert {n for n, m in layers.items() if m.act.offset == 0.375} == graph
     assert len(mm.searched_layers(model)) == searched
     assert sum(n in graph for n in list(layers)[1:-1]) == fed
@@ -321,6 +323,8 @@ def test_lsq_offset_grid_for_hardswish_fed_inputs(arch, searched, fed):
     assert not any(signed[n] for n in graph)
     # the image
     assert signed["features.0.0"]
+    if scale != 1.0:
+        return
     if arch == "mobilenet_v3_large":
         # after the stem; a depthwise; after SE; pooled; dropout
         examples = {
@@ -355,6 +359,65 @@ def test_lsq_offset_grid_for_hardswish_fed_inputs(arch, searched, fed):
     assert all(m.act.offset == 0.0 for m in mm.quant_layers(plain))
     assert all(m.weight_quant.step.shape == (1,) for m in mm.quant_layers(plain))
     assert [m.act.signed for m in mm.quant_layers(plain)] == [s or n in graph for n, s in signed.items()]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_lsq_no_offset_grid_without_hardswish(arch):
+    """ResNet-18 and MobileNet-v2 (ReLU, ReLU6) have no hardswish-fed input, whatever the calibration batch; on
+    EfficientNet-B0 the SiLU-fed inputs (SiLU's minimum is -0.278, inside hardswish's [-3/8, 0)) get the signed
+    grid, our stated choice, not the hardswish offset."""
+    model = mm.patch_model(torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64)
+    assert mm.hardswish_fed(torchvision.models.get_model(arch)) == set()
+    mm.init_quantizers(model, torch.randn(4, 3, 64, 64) * 0.01)
+    layers = mm.quant_layers(model)
+    assert all(m.act.offset == 0.0 for m in layers)
+    if arch == "efficientnet_b0":
+        # the depthwise convs' inputs: SiLU outputs, with negatives, so signed
+        silu_fed = [m for m in layers if m.name.endswith("block.1.0") and m.kind == "Conv2d"]
+        assert silu_fed
+        assert all(m.act.signed for m in silu_fed)
+
+
+class Untraceable(nn.Module):
+    """A model torch.fx cannot read (control flow on a tensor's value), with a hardswish-fed layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.hardswish(self.stem(x))
+        if x.sum() > -1e9:
+            x = self.mid(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_lsq_offset_grid_falls_back_to_the_data_with_a_warning_naming_the_layers():
+    """A model torch.fx cannot read: the grid comes from the first batch (a minimum in [-3/8, 0): the offset), and
+    a warning names the layers that got the offset that way: the hardswish-fed conv and the head fed by its mean."""
+    model = mm.patch_model(Untraceable(), [8, 4, 2], 4, bops_image_size=16)
+    assert mm.hardswish_fed(Untraceable()) is None
+    assert all(m.act.offset is None for m in mm.quant_layers(model))
+    with pytest.warns(UserWarning, match="offset grid from the first batch: mid, head$"):
+        mm.init_quantizers(model, torch.randn(4, 3, 16, 16))
+    offsets = {m.name: m.act.offset for m in mm.quant_layers(model)}
+    assert offsets == {"stem": 0.0, "mid": 0.375, "head": 0.375}
+
+
+def test_lsq_two_bit_weights_take_four_levels():
+    """The narrow range from 3 bits up: 2-bit weight codes take the 4 values [-2, 1], as BOPs count 2 bits; 3 and 4
+    bits are symmetric (-3..3, -7..7)."""
+    # every integer from -20 to 20 in each of 4 channels, at a step of 1: the clamp shows the range
+    w = torch.arange(-20.0, 21.0).repeat(4, 1)
+    for bits, levels in ((2, {-2, -1, 0, 1}), (3, set(range(-3, 4))), (4, set(range(-7, 8)))):
+        q = mm.LSQQuantizer(bits, 4, narrow=True)
+        q.init_step(w)
+        with torch.no_grad():
+            q.step.fill_(1.0)
+            codes = q(w)
+        assert set(codes.unique().int().tolist()) == levels
 
 
 # ---------------------------------------------------------------------------------------
