@@ -412,7 +412,7 @@ def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
 
 def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
     """(args, model, checkpoint) of a meta-state of a run of one W, loaded once; every problem a BadInput."""
-    ck = runs.read_checkpoint(path)
+    ck = mm.load_run_checkpoint(path, "checkpoint")
     run_dir = os.path.dirname(path) or "."
     w_bits = ck["args"].get("w_bits")
     if isinstance(w_bits, list):
@@ -490,13 +490,6 @@ NOT_REPEATED = ("output_dir", "resume", "bits_from", "target_gbops", "stop_after
 METAMIX_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metamix.py")
 
 
-def _flag_text(v) -> str:
-    """A flag's value as the command line gives it: a list comma-joined."""
-    if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
-    return str(v)
-
-
 def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, target: float) -> str:
     """`python metamix.py --resume RUN/meta_state.pth --bits-from FILE --output-dir RUN-METHOD` with every flag of
     the run whose value differs from metamix's default (lists comma-joined, store_true flags bare) and the
@@ -519,8 +512,8 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
         store_true = action.nargs == 0
         if store_true and v:
             cmd.append(flag)
-        elif not store_true and v is not None and _flag_text(v) != _flag_text(action.default):
-            cmd += [flag, _flag_text(v)]
+        elif not store_true and v is not None and str(mm.flag_text(v)) != str(mm.flag_text(action.default)):
+            cmd += [flag, str(mm.flag_text(v))]
     cmd += ["--target-gbops", repr(float(target))]
     return shlex.join(cmd)
 

@@ -835,7 +835,7 @@ def export_run(run_dir: str, checkpoint: str | None = None, onnx: bool = False) 
         source = runs.run_file(run_dir, "checkpoint.pth")
         flag = "checkpoint"
     # whole-sentence errors: no such file, not torch.save's, corrupt, not of this metamix
-    ck = runs.read_checkpoint(source, flag)
+    ck = mm.load_run_checkpoint(source, flag)
     if ck.get("selected") is None:
         raise mm.BadInput(
             f"{flag} {source}: the run is still in bit selection (checkpoint of epoch {ck['epoch']}, "

@@ -177,18 +177,24 @@ def figure9_report(bits: dict, traces: Sequence[float], batches: int, probes: in
 # ---- the plots (matplotlib, optional) -------------------------------------------------------
 
 
-def plot_figure9(report: dict, path: str) -> bool:
-    """figure9.png as the supplement's Figure 9: per searched layer, the selected bits (pairs: A and W),
-    the Hessian trace, OPs and trace / OPs (log scale; symmetric log where a trace is not positive).
-    Needs matplotlib (optional); False without it or without the figure9 fields."""
-    if "spearman" not in report.get("figure9", {}):
-        return False
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_figure9(report: dict, path: str) -> bool:
+    """figure9.png as the supplement's Figure 9: per searched layer, the selected bits (pairs: A and W),
+    the Hessian trace, OPs and trace / OPs (log scale; symmetric log where a trace is not positive).
+    Needs matplotlib (optional); False without it or without the figure9 fields."""
+    plt = pyplot()
+    if "spearman" not in report.get("figure9", {}) or plt is None:
         return False
     rows = [r for r in report["layers"] if not r["fixed"]]
     x = list(range(len(rows)))
@@ -225,12 +231,8 @@ def plot_figure9(report: dict, path: str) -> bool:
 def plot_bits(report: dict, path: str) -> bool:
     """bits.png, paper Fig. 7 as a plot: the bits (pairs: A and W) and MOPs of every layer of a bits.json.
     Needs matplotlib (optional); False without it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     layers = report["layers"]
     x = list(range(len(layers)))
@@ -271,7 +273,7 @@ def run_figure9(a: argparse.Namespace) -> int:
         meta = runs.run_file(run_dir, "meta_state.pth", NO_META_STATE)
         flag = "meta-state"
     # a run of one W or of (A, W) pairs
-    ck = runs.read_checkpoint(meta, flag)
+    ck = mm.load_run_checkpoint(meta, flag)
     runs.check_meta_state(ck, meta)
     args, model = runs.run_model(ck)
     bits = read_selection(bits_path, model)

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 import metamix as mm
 import runs
+from figure9 import pyplot
 
 # Figure 8's bit-widths (the supplement's (b)-(e)).
 FIG8_BITS = (8, 4, 3, 2)
@@ -83,7 +84,7 @@ def read_run(run_dir: str):
     """(args, meta-state model, the run's --pretrained) of a run folder; one-line BadInputs for a missing
     folder or file, a broken checkpoint, a checkpoint that is not a meta-state, a run of (A, W) pairs."""
     path = runs.run_file(run_dir, "meta_state.pth")
-    ck = runs.read_checkpoint(path, "meta-state")
+    ck = mm.load_run_checkpoint(path, "meta-state")
     runs.check_meta_state(ck, path)
     if isinstance(ck["args"]["w_bits"], list):
         raise mm.BadInput(f"{path} is a run of (A, W) pairs (pairs.py), which figures.py does not take")
@@ -365,18 +366,6 @@ def figure2(start: nn.Module, args, train_set, epochs: int, switch_every: int) -
 
 
 # ---- the tables and the plots (matplotlib, optional) --------------------------------------------------------------
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None: the plots are optional."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def plot_fig1_6(models: dict, keep: Sequence[str], title: str, path: str) -> bool:

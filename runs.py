@@ -40,11 +40,6 @@ def run_file(run_dir: str, name: str, why: str | None = None) -> str:
     return path
 
 
-def read_checkpoint(path: str, flag: str = "checkpoint") -> dict:
-    """A checkpoint file of this metamix, loaded once, its format checked (metamix.load_run_checkpoint)."""
-    return mm.load_run_checkpoint(path, flag)
-
-
 def run_model(ck: dict) -> tuple[argparse.Namespace, nn.Module]:
     """(args, model) of a loaded checkpoint, of one W or of (A, W) pairs: the model rebuilt without downloading
     anything (the checkpoint holds its weights), loaded, in the mode it was evaluated in."""
@@ -60,9 +55,9 @@ def run_model(ck: dict) -> tuple[argparse.Namespace, nn.Module]:
 
 
 def load_run(path: str, flag: str = "checkpoint") -> tuple[argparse.Namespace, nn.Module, dict]:
-    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth): read_checkpoint, then
-    run_model."""
-    ck = read_checkpoint(path, flag)
+    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth): metamix.load_run_checkpoint
+    (loaded once, its format checked), then run_model."""
+    ck = mm.load_run_checkpoint(path, flag)
     args, model = run_model(ck)
     return args, model, ck
 

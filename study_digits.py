@@ -46,6 +46,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import metamix as mm  # noqa: E402  (the study uses metamix's own data pipeline and transforms)
+from figure9 import pyplot  # noqa: E402  (matplotlib, optional)
 
 # The training settings (our choice, stated in the README).
 # the training crop from the 32 px files; 8x8 scans lose nothing at 16 px, and it is 4x cheaper
@@ -334,13 +335,17 @@ def run_one(job: dict, log) -> dict:
         "--epochs",
         str(job["epochs"]),
         *COMMON,
-        *["--plain-lsq"] * (job["part"] in PLAIN_PARTS),
     ]
+    # the parts run before the authors' quantizers became the default keep LSQ's own
+    if job["part"] in PLAIN_PARTS:
+        flags.append("--plain-lsq")
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     cmds = [[script, *flags, *method_flags(job["method"], job["epoch_steps"]), "--output-dir", str(out)]]
     # the source's bits, trained from the FP model
     if job["method"] in ("quant-authors", "quant-plain", *RECIPE):
         recipe = [f.format(teacher=f"{job['arch']}:{job['init']}") for f in RECIPE_FLAGS.get(job["method"], [])]
+        if job["method"] == "quant-plain":
+            recipe.append("--plain-lsq")
         cmds = [
             [
                 "metamix.py",
@@ -348,7 +353,6 @@ def run_one(job: dict, log) -> dict:
                 *method_flags(job["source_method"], job["epoch_steps"]),
                 "--bits-from",
                 str(Path(job["source"]) / "bits.json"),
-                *["--plain-lsq"] * (job["method"] == "quant-plain"),
                 *recipe,
                 "--output-dir",
                 str(out),
@@ -635,18 +639,6 @@ def table_recipe(results: list[dict], fp: dict, fp_hash: dict) -> str:
                 f"{statistics.mean(r['gbops'] for r in rs):.3f} |"
             )
     return "\n".join(rows) + "\n"
-
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None without matplotlib (the plots are optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def plot_convergence(results: list[dict], path: Path) -> bool:

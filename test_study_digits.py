@@ -216,3 +216,33 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
     # the last --lr wins: the authors' 5e-4
     assert cmd[len(cmd) - 1 - cmd[::-1].index("--lr") + 1] == "5e-4"
     assert "--plain-lsq" not in cmd
+
+
+@pytest.mark.parametrize(
+    "part, method, plain",
+    [("quantizers", "quant-plain", True), ("quantizers", "quant-authors", False), ("pairs", "metamix-sgd", True)],
+)
+def test_runs_take_lsqs_own_quantizers_where_their_part_asks(monkeypatch, tmp_path, part, method, plain):
+    """--plain-lsq: in the parts run before the authors' quantizers became the default, and in the quantizers
+    part's LSQ arm; nowhere else."""
+    calls = []
+    monkeypatch.setattr(sd.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or pytest.fail("stop"))
+    job = dict(
+        arch="mobilenet_v2",
+        target=7.0,
+        method=method,
+        seed=1,
+        data="D",
+        init="FP.pth",
+        epochs=8,
+        search_epochs=2,
+        threads=1,
+        part=part,
+        out=str(tmp_path / "run"),
+        source=str(tmp_path / "src"),
+        source_method="metamix-sgd-x4",
+        epoch_steps=46,
+    )
+    with pytest.raises(pytest.fail.Exception):
+        sd.run_one(job, print)
+    assert ("--plain-lsq" in calls[0]) == plain
