@@ -42,7 +42,8 @@ import runs
 #   uniform      the largest uniform candidate that fits the target
 #   random       a random configuration, seeded by --seed, filled toward the target
 #   hessian      HAWQ-v2-style: 1/2 Tr(H_l) * mean (x_l - Q_b(x_l))^2, H_l the loss Hessian with respect to
-#                layer l's input activation (Hutchinson's estimate, as PyHessian takes it), then the exact knapsack
+#                layer l's input activation, taken by its Gauss-Newton part (never negative; Hutchinson's
+#                estimate of the full trace, as PyHessian takes it, is reported beside), then the exact knapsack
 #   sensitivity  MQBench-style: loss(only layer l at b, the rest at the largest candidate) - loss(all at the
 #                largest), then the exact knapsack
 # The two proxies are training-free (EMQ's family): computed once on the meta-state, on a few training batches.
@@ -313,14 +314,54 @@ def hutchinson_traces(
     return torch.tensor(out, dtype=torch.float64)
 
 
-def meta_state_traces(model: nn.Module, images, targets, probes: int, seed: int) -> torch.Tensor:
-    """(L,) Tr(H_l) of one batch as the hessian proxy takes them: the meta-state in eval and "fp" mode, inputs
+def gauss_newton_traces(model: nn.Module, images, probes: int, generator=None, clamp: bool = False) -> torch.Tensor:
+    """The Gauss-Newton estimate of Tr(H_l) for each searched layer l: Tr(G_l), G_l = sum_i J_i^T (diag p_i -
+    p_i p_i^T) J_i / B, where J_i = dz_i / dx_l, z_i is image i's logits and p_i = softmax(z_i). G_l is H_l less
+    the terms of the network's own curvature (hardswish, a squeeze-excitation's product): positive
+    semi-definite, so its trace is never negative. On a piecewise-linear network (ReLU, BN in eval mode) the
+    two are equal.
+
+    For the cross-entropy G_l is the Fisher, E_{y ~ p_i}[g g^T] with g = d ce(z_i, y) / dx_l. In eval mode the
+    images do not interact, so image i's gradient lies in its own slice of x_l. Each probe draws one label per
+    image from the model's own softmax and takes B * ||dL_y / dx_l||^2, where L_y is the batch's mean
+    cross-entropy against the drawn labels: that is the mean of the images' squared gradient norms.
+    The model, `clamp` and the returned (L,) traces are as in hutchinson_traces, on the same scale; one backward
+    pass per probe.
+    """
+    layers = mm.searched_layers(model)
+    xs: dict = {}
+    handles = layer_inputs(model, layers, xs)
+    if clamp:
+        handles += clamp_to_top_branch(model)
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            inputs = [xs[m] for m in layers]
+            probs = F.softmax(logits.detach().float(), 1)
+            total = torch.zeros(len(layers), dtype=torch.float64)
+            for _ in range(probes):
+                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                grads = torch.autograd.grad(F.cross_entropy(logits, drawn), inputs, retain_graph=True)
+                total += torch.tensor([len(images) * g.double().pow(2).sum().item() for g in grads])
+    finally:
+        for h in handles:
+            h.remove()
+    return total / probes
+
+
+def meta_state_traces(
+    model: nn.Module, images, targets, probes: int, seed: int, gauss_newton: bool = False
+) -> torch.Tensor:
+    """(L,) traces of one batch as the hessian proxy takes them: the meta-state in eval and "fp" mode, inputs
     clamped to their largest candidate (clamp_to_top_branch), a generator seeded by `seed` for each batch.
-    figure9.py takes its traces here too. Leaves every mode and flag as it was."""
+    Hutchinson's estimate of Tr(H_l), or with `gauss_newton` the Gauss-Newton trace that the scores take.
+    figure9.py takes its traces here too (Hutchinson's). Leaves every mode and flag as it was."""
     with kept_modes(model):
         model.eval()
         mm.set_mode(model, "fp")
         g = torch.Generator(device=images.device).manual_seed(seed)
+        if gauss_newton:
+            return gauss_newton_traces(model, images, probes, g, clamp=True)
         return hutchinson_traces(model, images, targets, probes, g, clamp=True)
 
 
@@ -329,17 +370,20 @@ def proxy_scores(
 ) -> torch.Tensor:
     """(L, N) scores, an estimate of the rise in loss when layer l's input is at candidate bits[i].
 
-    hessian:     1/2 Tr(H_l) * mean((x_l - Q_i(x_l; s_{l,i}))^2), averaged over the batches: the
-                 second-order Taylor term with H_l taken as isotropic (HAWQ-v2's Tr(H)/n times
+    hessian:     1/2 Tr(G_l) * mean((x_l - Q_i(x_l; s_{l,i}))^2), averaged over the batches: the
+                 second-order Taylor term with the Hessian taken as isotropic (HAWQ-v2's Tr(H)/n times
                  the squared error, n the number of elements), at each branch's meta-state step.
-                 H_l is taken on the meta-state at its largest candidate with straight-through
+                 G_l is the Gauss-Newton part of H_l (gauss_newton_traces): never negative, so no
+                 layer's score says that quantization noise lowers the loss, as an indefinite H_l's
+                 can. It is taken on the meta-state at its largest candidate with straight-through
                  rounding (meta_state_traces): our choice, the network the search starts from.
     sensitivity: mean over the batches of loss(layer l at bits[i], every other searched layer at
                  the largest candidate) - loss(every searched layer at the largest candidate), MQBench's
                  "naive" sensitivity relative to the largest candidate rather than to full precision.
     Both run on the meta-state in eval mode (BN running statistics, no dropout, no update), weights in full
     precision as in bit-meta, and leave its parameters, buffers, modes and flags as they were.
-    `traces_out` (hessian): each batch's (L,) traces are appended to it.
+    `traces_out` (hessian): each batch's (L,) Hutchinson estimates of Tr(H_l) are appended to it (the raw
+    traces that the bits file counts and figure9.py plots; the scores do not use them).
     """
     layers = mm.searched_layers(model)
     bits = [a for a, _ in layers[0].candidates]
@@ -349,9 +393,9 @@ def proxy_scores(
         model.eval()
         for images, targets in batches:
             if method == "hessian":
-                traces = meta_state_traces(model, images, targets, probes, seed)
                 if traces_out is not None:
-                    traces_out.append(traces)
+                    traces_out.append(meta_state_traces(model, images, targets, probes, seed))
+                traces = meta_state_traces(model, images, targets, probes, seed, gauss_newton=True)
                 mm.set_mode(model, "fp")
                 xs: dict = {}
                 handles = layer_inputs(model, layers, xs)
@@ -451,32 +495,41 @@ def select(
     if method not in PROXIES:
         raise mm.BadInput(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     data = proxy_batches(args, batches, seed, device)
-    scores = proxy_scores(model, data, method, probes, seed)
+    raw: list = []
+    scores = proxy_scores(model, data, method, probes, seed, traces_out=raw)
     costs, fixed = bops_costs(model)
     branches = mckp_exact(scores.tolist(), costs, budget_bops(target, fixed))
     # check_target makes this impossible; kept as a clear failure
     if branches is None:
         raise mm.BadInput(f"--target-gbops {target:g}: no configuration fits")
-    proxy_probes = None
+    proxy = {"batches": len(data), "probes": None, "seed": seed}
+    extra = {"proxy": proxy, "scores": scores.tolist()}
     if method == "hessian":
-        proxy_probes = probes
-    proxy = {"batches": len(data), "probes": proxy_probes, "seed": seed}
-    return branches, {"proxy": proxy, "scores": scores.tolist()}
+        proxy["probes"] = probes
+        # the raw Hutchinson estimates, one per layer and batch: how many say the loss is concave there
+        raw = torch.stack(raw)
+        proxy["negative_hutchinson_traces"] = int((raw < 0).sum())
+        proxy["hutchinson_traces"] = raw.numel()
+        extra["hutchinson_trace"] = raw.mean(0).tolist()
+    return branches, extra
 
 
 def baseline_report(model: nn.Module, args, method: str, target: float, branches: Sequence[int], extra: dict) -> dict:
     """The bits file: metamix's bits.json layout (rows with name, a_bits, w_bits; GBOPs, averages) for this
-    selection, "selection" the method, its target, and for a proxy each row's scores in the order of "candidates"."""
+    selection, "selection" the method, its target, and for a proxy each row's scores in the order of "candidates"
+    (hessian: also each row's mean Hutchinson trace, and in "proxy" how many of the raw estimates were negative)."""
     mm.apply_selection(model, branches)
     report = mm.bits_report(model, argparse.Namespace(**{**vars(args), "target_gbops": target, "bits_from": None}))
-    settings = {k: v for k, v in extra.items() if k != "scores"}
+    per_layer = ("scores", "hutchinson_trace")
+    settings = {k: v for k, v in extra.items() if k not in per_layer}
     report.update(selection=method, **settings)
     searched = [r for r in report["layers"] if not r["fixed"]]
     for i, r in enumerate(searched):
         # the alphas are MetaMix's search, which this selection does not follow
         r["probs"] = None
-        if "scores" in extra:
-            r["scores"] = extra["scores"][i]
+        for k in per_layer:
+            if k in extra:
+                r[k] = extra[k][i]
     return report
 
 
@@ -518,6 +571,26 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
     return shlex.join(cmd)
 
 
+# a selection that leaves more of the target unused than this says so
+UNUSED = 0.03
+
+
+def selection_notes(report: dict, target: float) -> list[str]:
+    """One line each for what a user should know about a selection: the share of the target it leaves unused
+    (over UNUSED), and the hessian proxy's negative Hutchinson estimates (where the full Hessian is indefinite)."""
+    notes = []
+    unused = 1 - report["gbops"] / target
+    if unused > UNUSED:
+        notes.append(f"note: {report['selection']} leaves {unused:.1%} of the {target:g} GBOPs target unused")
+    negative = report.get("proxy", {}).get("negative_hutchinson_traces")
+    if negative:
+        notes.append(
+            f"note: {negative} of {report['proxy']['hutchinson_traces']} Hutchinson estimates of Tr(H_l) were "
+            "negative (an indefinite Hessian); the scores take the Gauss-Newton trace, which is never negative"
+        )
+    return notes
+
+
 # ---- the command line ---------------------------------------------------------------------
 
 
@@ -549,8 +622,10 @@ def run_baseline(a: argparse.Namespace) -> int:
         cost = f"; {a.method} proxy on {extra['proxy']['batches']} batch(es): {time.time() - t0:.1f}s"
     command = train_command(run_dir, ck["args"], out, a.method, target)
     print(
-        f"{mm.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote "
-        f"{out}\ntrain it from the meta-state:\n{command}",
+        f"{mm.layer_table(report)}\n{a.method}: {report['gbops']:.3f} GBOPs vs target {target:.3f}{cost}; wrote {out}",
+        *selection_notes(report, target),
+        f"train it from the meta-state:\n{command}",
+        sep="\n",
         flush=True,
     )
     return 0

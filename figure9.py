@@ -11,9 +11,10 @@ follows them better than either. For a run of one W or of (A, W) pairs (pairs.py
 
 It takes the selected bits from RUN/bits.json and the network the selection was made on from RUN/meta_state.pth
 (bit selection done, weights in full precision), and writes, per searched layer,
-    hessian_trace   Tr(H_l), H_l = d^2 L / d x_l^2, taken exactly as baselines.py's hessian proxy takes it
-                    (baselines.meta_state_traces on baselines.proxy_batches, seeded by the run's --seed),
-                    averaged over --batches batches with --probes probes each
+    hessian_trace   Tr(H_l), H_l = d^2 L / d x_l^2: Hutchinson's estimate, the raw trace that baselines.py's
+                    hessian proxy reports (baselines.meta_state_traces on baselines.proxy_batches, seeded by the
+                    run's --seed; the proxy's scores take the Gauss-Newton trace instead), averaged over
+                    --batches batches with --probes probes each; it can be negative where H_l is indefinite
     trace_per_op    Tr(H_l) / OPs_l (OPs_l = the row's "macs")
 and "figure9": Spearman's rank correlation of the selected A bits (pairs: also W, and a*w) with each of the two and
 with OPs. figure9.png and bits.png need matplotlib (optional). Nothing else in RUN changes.

@@ -236,6 +236,89 @@ def test_hutchinson_equals_exact_hessian_trace_in_float64():
     assert est.tolist() == pytest.approx(exact, rel=0.1)
 
 
+def _exact_traces(model, x, y) -> tuple[list[float], list[float]]:
+    """Per searched layer of a float64 model: the exact Tr(d^2 L / d x_l^2) (torch.autograd.functional.hessian)
+    and the exact Gauss-Newton trace Tr(J^T H_z J) from the full Jacobian J = dz / dx_l of the logits z and the
+    cross-entropy's Hessian in z, H_z = (diag p_i - p_i p_i^T) / B per image (block-diagonal)."""
+    hessian, gauss_newton = [], []
+    for m in mm.searched_layers(model):
+        rec = {}
+
+        def record(mod, inp, rec=rec):
+            rec["x"] = inp[0].detach().clone()
+
+        h = m.register_forward_pre_hook(record)
+        model(x)
+        h.remove()
+
+        def logits_of(z, m=m):
+            hook = m.register_forward_pre_hook(lambda mod, inp: (z,))
+            try:
+                return model(x)
+            finally:
+                hook.remove()
+
+        H = torch.autograd.functional.hessian(lambda z: F.cross_entropy(logits_of(z), y), rec["x"])
+        hessian.append(H.reshape(rec["x"].numel(), -1).diagonal().sum().item())
+        J = torch.autograd.functional.jacobian(logits_of, rec["x"]).reshape(len(x), -1, rec["x"].numel())
+        p = F.softmax(model(x), 1)
+        Hz = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / len(x)
+        gauss_newton.append(torch.einsum("bcn,bcd,bdn->", J, Hz, J).item())
+    return hessian, gauss_newton
+
+
+def _concave_mlp():
+    """The tiny MLP at inputs where the loss is locally concave along the first searched layer's input (its
+    Hessian trace is negative), on signed grids that span [-1, 1] at 8, 4 and 2 bits (tanh's range: the largest
+    candidate's clamp cuts nothing)."""
+    model = _tiny_mlp()
+    for m in mm.searched_layers(model):
+        m.act.signed = True
+        m.act.step.data = torch.tensor([1 / 127, 1 / 7, 1.0], dtype=torch.float64)
+    x = 3 * torch.randn(2, 3, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return model, x, torch.tensor([0, 1])
+
+
+def test_gauss_newton_trace_against_the_jacobian_formula():
+    """The label-sampling estimate converges to Tr(J^T H_z J) from the full Jacobian, and is never negative, also
+    where the full Hessian's trace is."""
+    model, x, y = _concave_mlp()
+    hessian, exact = _exact_traces(model, x, y)
+    # a test that can fail: the two traces differ, and the first layer's Hessian trace is negative
+    assert hessian[0] < 0 < exact[0] and exact[1] > 0
+    est = bl.gauss_newton_traces(model, x, probes=4000, generator=torch.Generator().manual_seed(0))
+    assert est.tolist() == pytest.approx(exact, rel=0.05)
+    few = torch.stack([bl.gauss_newton_traces(model, x, 1, torch.Generator().manual_seed(s)) for s in range(20)])
+    assert (few >= 0).all()
+
+
+def test_a_locally_concave_layer_gets_no_negative_hessian_score():
+    """Where the loss is concave along a layer's input, Hutchinson's estimate of its trace is negative and would
+    say that quantization noise lowers the loss; the proxy's scores stay positive, rising as bits fall."""
+    model, x, y = _concave_mlp()
+    raw: list = []
+    scores = bl.proxy_scores(model, [(x, y)], "hessian", probes=256, traces_out=raw)
+    assert raw[0][0] < 0 < raw[0][1]
+    assert (scores > 0).all()
+    assert (scores[:, 0] < scores[:, 1]).all() and (scores[:, 1] < scores[:, 2]).all()
+
+
+def test_the_bits_file_counts_negative_hutchinson_estimates(monkeypatch):
+    """select's proxy entry counts the negative raw estimates (layers x batches), the rows keep their mean, and
+    selection_notes names the count; a selection under its target by more than UNUSED says so."""
+    model, x, y = _concave_mlp()
+    monkeypatch.setattr(bl, "proxy_batches", lambda args, n, seed, device="cpu": [(x, y)] * n)
+    target = mm.gbops_range(model)[1]
+    branches, extra = bl.select(model, None, "hessian", target, batches=2, probes=256)
+    assert extra["proxy"]["negative_hutchinson_traces"] == 2 and extra["proxy"]["hutchinson_traces"] == 4
+    assert extra["hutchinson_trace"][0] < 0
+    report = {"selection": "hessian", "gbops": 0.95 * target, "proxy": extra["proxy"]}
+    notes = bl.selection_notes(report, target)
+    assert notes[0] == f"note: hessian leaves 5.0% of the {target:g} GBOPs target unused"
+    assert notes[1].startswith("note: 2 of 4 Hutchinson estimates of Tr(H_l) were negative")
+    assert bl.selection_notes({**report, "gbops": 0.98 * target, "proxy": {}}, target) == []
+
+
 def test_proxy_scores_by_hand(meta):
     """On the meta-state: sensitivity is the rise in loss with one layer lowered (by hand on a copy);
     hessian is 1/2 Tr(H_l) * MSE_l,i, so within a layer its ratios are those of the quantization errors."""
@@ -259,10 +342,13 @@ def test_proxy_scores_by_hand(meta):
 
     traces: list = []
     hess = bl.proxy_scores(model, [(x, y)], "hessian", probes=1, traces_out=traces)
-    assert len(traces) == 1 and traces[0].abs().sum() > 0
-    # 1/2 Tr(H) times a mean square: the trace's sign
-    assert (hess * traces[0][:, None] >= 0).all()
-    assert (hess[:, 0].abs() < hess[:, 1].abs()).all() and (hess[:, 1].abs() < hess[:, 2].abs()).all()  # A8, A4, A2
+    # traces_out: the raw Hutchinson estimates, those of meta_state_traces
+    assert len(traces) == 1 and torch.equal(traces[0], bl.meta_state_traces(model, x, y, 1, 0))
+    gn = bl.meta_state_traces(model, x, y, 1, 0, gauss_newton=True)
+    assert (gn > 0).all()
+    # 1/2 Tr(G) times a mean square: never negative
+    assert (hess > 0).all()
+    assert (hess[:, 0] < hess[:, 1]).all() and (hess[:, 1] < hess[:, 2]).all()  # A8, A4, A2
     m = layers[3]
     xs = {}
     hs = bl.layer_inputs(model, layers, xs)
@@ -279,7 +365,7 @@ def test_proxy_scores_by_hand(meta):
         mse.append((xs[m] - dequantized).pow(2).mean().item())
     assert mse[0] < mse[1] < mse[2]
     assert (hess[3, 2] / hess[3, 1]).item() == pytest.approx(mse[2] / mse[1], rel=1e-5)
-    assert hess[3, 1].item() == pytest.approx(0.5 * traces[0][3].item() * mse[1], rel=1e-5)
+    assert hess[3, 1].item() == pytest.approx(0.5 * gn[3].item() * mse[1], rel=1e-5)
 
 
 def test_twice_differentiable_hard_activations():
@@ -334,7 +420,14 @@ def test_each_method_on_the_meta_state(meta, tmp_path, method):
     # the alphas are not this selection's
     assert all(r["probs"] is None for r in report["layers"])
     if method in bl.PROXIES:
-        assert report["proxy"] == {"batches": 1, "probes": 1 if method == "hessian" else None, "seed": 3}
+        proxy = {"batches": 1, "probes": None, "seed": 3}
+        if method == "hessian":
+            # the raw Hutchinson estimates, one per layer and batch, counted where negative; their mean per row
+            raw = torch.stack([bl.meta_state_traces(model, *b, 1, 3) for b in bl.proxy_batches(args, 1, 3)])
+            proxy.update(probes=1, negative_hutchinson_traces=int((raw < 0).sum()), hutchinson_traces=19)
+            assert [r["hutchinson_trace"] for r in searched] == raw.mean(0).tolist()
+            assert all(min(r["scores"]) > 0 for r in searched)
+        assert report["proxy"] == proxy
         assert all(len(r["scores"]) == 3 and all(math.isfinite(v) for v in r["scores"]) for r in searched)
         # the selection is the knapsack's optimum of those scores, under the exact BOPs
         costs, fixed = bl.bops_costs(model)
@@ -431,7 +524,8 @@ def test_train_command_repeats_the_runs_own_flags():
 
 def test_meta_state_with_its_own_bits_reproduces_the_run(ref_run, tmp_path):
     """metamix.py --resume RUN/meta_state.pth --bits-from RUN/bits.json (the run's flags) retraces the run's weight
-    training bit for bit: the same model tensors and the same metrics in epochs 3 and 4."""
+    training bit for bit: the same model tensors and the same metrics in epochs 3 and 4; its bits.json names the file
+    its bits came from and reports no search."""
     out = tmp_path / "again"
     assert (
         main_in_process(
@@ -448,7 +542,9 @@ def test_meta_state_with_its_own_bits_reproduces_the_run(ref_run, tmp_path):
     assert [{k: r[k] for k in METRICS} for r in got[2:]] == [{k: r[k] for k in METRICS} for r in want[2:]]
     ref_bits, bits = json.loads((ref_run / "bits.json").read_text()), json.loads((out / "bits.json").read_text())
     assert [(r["name"], r["a_bits"]) for r in bits["layers"]] == [(r["name"], r["a_bits"]) for r in ref_bits["layers"]]
+    # its own provenance: the file its bits came from, and no search (the meta-state's run made one)
     assert bits["selection"] == f"bits-from {ref_run / 'bits.json'}"
+    assert ref_bits["search"]["steps"] > 0 and bits["search"] is None
 
 
 def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_path, call):
