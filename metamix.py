@@ -1867,14 +1867,17 @@ def select_bits(run):
     set_mode(model, "selected", quant_weights=not a.act_only_epochs)
     run.build_optimizers()
     report = bits_report(model, a)
-    report["search"] = next((h["search"] for h in run.history if "search" in h), None)
+    # A --bits-from run made no search (its "selection" names the file), even when it resumed one's meta-state.
+    report["search"] = next((h["search"] for h in run.history if "search" in h and not a.bits_from), None)
     if run.dist.main:
         note = ""
         if repaired and not a.bits_from:
             note = " (argmax lowered by budget repair)"
         print(layer_table(report), flush=True)
-        summary = f"{report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{note}; {avg_bits_text(report)}"
-        print(f"selected: {summary}", flush=True)
+        print(
+            f"selected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{note}; {avg_bits_text(report)}",
+            flush=True,
+        )
         atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(report, indent=1).encode())
 
 
