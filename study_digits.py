@@ -5,13 +5,15 @@ ImageFolder (upscaled to 32 px, 3 channels; 300 validation images, 30 per class;
 Following the paper's protocol, a full-precision model is trained first (plain PyTorch, below), and every
 run of `metamix.py` starts from it (`--pretrained PATH`). MetaMix's variants are runs of their own; every
 other selection (baselines.py: uniform, random, the Hessian and sensitivity proxies) is made from the
-meta-state of the same seed's MetaMix run (SGD 0.05) and trained from it with `metamix.py --resume
+meta-state of the same seed's MetaMix run (SGD 0.05; in the convergence part SGD 0.005, the default from
+pretrained weights) and trained from it with `metamix.py --resume
 RUN/meta_state.pth --bits-from`: the same FP model, the same meta-state, the same data order, only the
 selection different. The table reports each method's paired difference to `random`.
 
     python study_digits.py --out runs/digits --part baselines     # every selection against random, ~50 min
     python study_digits.py --out runs/digits --part pairs         # the supplement's Table 7 in miniature
-    python study_digits.py --out runs/digits --part convergence   # the search's variants, 8 seeds, ~2 h
+    python study_digits.py --out runs/digits --part convergence   # the defaults' alpha recipes, 8 seeds, ~2 h
+    python study_digits.py --out runs/digits --part convergence-lsq   # the search's variants, LSQ's quantizers, ~2 h
     python study_digits.py --out runs/digits --part quantizers    # the authors' quantizers against LSQ's own
     python study_digits.py --out runs/digits --part recipe        # the authors' training recipe against ours
     python study_digits.py --out runs/digits-quick --quick        # one seed, MetaMix against random, a few steps
@@ -20,7 +22,8 @@ Writes, in --out: data/ (the ImageFolder), fp_<arch>.pth, runs/<arch>_t<target>_
 output dir: bits.json, log.jsonl, selection.json for the selections, figure9.json for the pairs part;
 runs_<part>/ for the convergence, quantizers and recipe parts), results.json (with each FP model's SHA-256),
 table.md, alphas.md and top1_vs_gbops.png (--part baselines), table_pairs.md (--part pairs),
-table_convergence.md and convergence.png (--part convergence), table_quantizers.md (--part quantizers),
+table_convergence.md and convergence.png (--part convergence; table_convergence_lsq.md and convergence_lsq.png
+for --part convergence-lsq), table_quantizers.md (--part quantizers),
 table_recipe.md (--part recipe). scikit-learn is needed (a dependency of this study only); matplotlib is
 optional (the plots). Finished runs are kept: rerunning the command continues where it stopped.
 """
@@ -72,6 +75,8 @@ ALPHA = {
     # metamix.py's small-data defaults
     "adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],
     "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"],
+    # the authors' Adam recipe at its default from pretrained weights
+    "authors": ["--alpha-optimizer", "authors", "--alpha-lr", "1e-4"],
 }
 # baselines.py's, from SOURCE's meta-state
 SELECTIONS = ["uniform", "random", "hessian", "sensitivity"]
@@ -96,10 +101,11 @@ GRID = [
 # the default alpha optimizer and LR (SGD at 0.05 on small data)
 PAIR_METHOD = "metamix-sgd"
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
-# Does the search converge? MetaMix's variants against random and the Hessian proxy (from the default's meta-state)
-# on 8 seeds, at two budgets per arch: tight (the all-A3 floor + 5% of the feasible range) and mid-range (+25%):
+# Does the search converge? (--part convergence-lsq: LSQ's own quantizers, the part ran before the authors' became
+# the default.) MetaMix's variants against random and the Hessian proxy (from the SGD 0.05 run's meta-state) on 8
+# seeds, at two budgets per arch: tight (the all-A3 floor + 5% of the feasible range) and mid-range (+25%):
 # MobileNet-v2 4.45 and 5.6 GBOPs (range 4.16-9.93, uniform A4 5.31), MobileNet-v3-large 3.08 and 3.92 (range
-# 2.87-7.06, uniform A4 3.71). Variants: the default (SGD 0.05, one search epoch of 46 steps); the search 4x and 16x
+# 2.87-7.06, uniform A4 3.71). Variants: SGD 0.05, one search epoch of 46 steps; the search 4x and 16x
 # longer (--search-steps; 16x on MobileNet-v2's tight budget, seed 0, a probe: one such run costs six); SGD and Adam
 # with LR x steps matched to the authors' ImageNet search (1e-4 x 5005 = 0.5: LR 0.5/46); on seeds 0-3, SGD 0.5
 # (the margins left by SGD 0.05 are ~0.01: the alphas barely move). 2 bit-selection epochs + 3 of weight training (the
@@ -107,12 +113,14 @@ PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2,
 CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-matched", "metamix-adam-matched", "random", "hessian"]
 # how the table and the plot list them
 CONV_ORDER = [
+    "metamix-sgd-lr0.005-x4",
     "metamix-sgd",
     "metamix-sgd-x4",
     "metamix-sgd-x16",
     "metamix-sgd-lr0.5",
     "metamix-sgd-matched",
     "metamix-adam-matched",
+    "metamix-authors-x4",
     "hessian",
 ]
 SEEDS8 = list(range(8))
@@ -129,6 +137,13 @@ CONV_GRID = (
     + [(arch, t, [m], seeds) for m, seeds in PROBES for arch, t in CONV_BUDGETS]
     + [("mobilenet_v2", 4.45, ["metamix-sgd-x16"], [0])]
 )
+# The same question on the defaults a user gets (--part convergence): the authors' quantizers, at the default search
+# length (180 steps: 4 passes of 46, as -x4), with each alpha recipe a user can get from pretrained weights: SGD 0.005
+# (the default), SGD 0.05 and the authors' Adam (1e-4); random and the Hessian proxy from the 0.005 run's meta-state.
+# The same budgets, seeds and epochs.
+DEFAULT_SOURCE = "metamix-sgd-lr0.005-x4"
+DEFAULT_CONV = [DEFAULT_SOURCE, "metamix-sgd-x4", "metamix-authors-x4", "random", "hessian"]
+DEFAULT_GRID = [(arch, t, DEFAULT_CONV, SEEDS8) for arch, t in CONV_BUDGETS]
 # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
 MATCHED = 0.5
 # The quantizers: one selection (the default search's bits.json, same seed) trained from the FP model twice with
@@ -157,14 +172,16 @@ RECIPE_GRID = [
 ]
 # made from a source run's bits or meta-state
 FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain", *RECIPE]
-PART_EPOCHS = {"convergence": 5, "quantizers": 5}  # the other parts: EPOCHS
-PART_SOURCE = {"quantizers": "metamix-sgd-x4", "recipe": "metamix-sgd-x4"}  # the other parts: SOURCE
+PART_EPOCHS = {"convergence": 5, "convergence-lsq": 5, "quantizers": 5}  # the other parts: EPOCHS
+# the other parts: SOURCE
+PART_SOURCE = {"convergence": DEFAULT_SOURCE, "quantizers": "metamix-sgd-x4", "recipe": "metamix-sgd-x4"}
 # The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (--plain-lsq).
-PLAIN_PARTS = ("baselines", "pairs", "convergence")
+PLAIN_PARTS = ("baselines", "pairs", "convergence-lsq")
 PARTS = {
     "baselines": GRID,
     "pairs": PAIR_GRID,
-    "convergence": CONV_GRID,
+    "convergence": DEFAULT_GRID,
+    "convergence-lsq": CONV_GRID,
     "quantizers": QUANT_GRID,
     "recipe": RECIPE_GRID,
 }
@@ -180,8 +197,10 @@ def label(method: str) -> str:
         "metamix-sgd": "metamix SGD 0.05, one epoch",
         "metamix-sgd-lr0.5": "metamix SGD 0.5",
         "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
-        "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (default)",
+        "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (the default from scratch)",
         "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
+        "metamix-sgd-lr0.005-x4": "metamix SGD 0.005, 4x longer (default from pretrained)",
+        "metamix-authors-x4": "metamix the authors' Adam 1e-4, 4x longer",
         "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
         "metamix-adam-matched": "metamix Adam, LR x steps 0.5",
         "quant-authors": "the authors' quantizers (per-channel W, offset for hardswish)",
@@ -197,14 +216,15 @@ def label(method: str) -> str:
 
 
 def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
-    """metamix.py's flags of a MetaMix variant (the selections take SOURCE's): metamix[-sgd|-adam][-lrLR|-matched]
-    [-xK][-unfixed][-pairs]; without -sgd the alphas have Adam at 0.1; -xK searches K epochs' steps (--search-steps);
-    -matched: alpha LR = MATCHED / search steps. epoch_steps: the search steps of one epoch (46 on the digits)."""
+    """metamix.py's flags of a MetaMix variant (the selections take SOURCE's): metamix[-sgd|-authors][-lrLR|-matched]
+    [-xK][-unfixed][-pairs]; without -sgd or -authors the alphas have Adam at 0.1; -authors: the authors' Adam
+    at 1e-4; -xK searches K epochs' steps (--search-steps); -matched: alpha LR = MATCHED / search steps.
+    epoch_steps: the search steps of one epoch (46 on the digits)."""
     # the same method over the product set A x W (one softmax over 9 pairs)
     if method.endswith("-pairs"):
         return [*method_flags(method[: -len("-pairs")], epoch_steps), "--w-bits", "8,4,2"]
     words = method.split("-")[1:]
-    opt = "sgd" if "sgd" in words else "adam"
+    opt = next((w for w in words if w in ("sgd", "authors")), "adam")
     mult = next((int(w[1:]) for w in words if w[:1] == "x" and w[1:].isdigit()), 1)
     lr = next((w[2:] for w in words if w.startswith("lr")), ALPHA[opt][-1])
     if "matched" in words:
@@ -718,7 +738,8 @@ def main(argv=None) -> int:
         choices=["all", *PARTS],
         default="all",
         help="baselines: every selection against "
-        "random; pairs: the supplement's Table 7 in miniature; convergence: the search's variants, 8 seeds; "
+        "random; pairs: the supplement's Table 7 in miniature; convergence: the defaults' alpha recipes against "
+        "random and the Hessian proxy, 8 seeds; convergence-lsq: the search's variants under LSQ's quantizers; "
         "quantizers: the authors' against LSQ's own, the same bits; recipe: the authors' training recipe "
         "against ours, the same bits",
     )
@@ -764,7 +785,7 @@ def main(argv=None) -> int:
     epoch_steps = sum(1 for _ in (data / "train").rglob("*.png")) // 32
 
     def folder(part, arch, t, m, s):
-        runs = f"runs_{part}" if part in ("convergence", "quantizers", "recipe") else "runs"
+        runs = f"runs_{part}" if part in ("convergence", "convergence-lsq", "quantizers", "recipe") else "runs"
         return str(out / runs / f"{arch}_t{t:g}_{m}_s{s}")
 
     jobs = [
@@ -813,6 +834,7 @@ def main(argv=None) -> int:
         "baselines": "runs",
         "pairs": "pairs",
         "convergence": "convergence",
+        "convergence-lsq": "convergence_lsq",
         "quantizers": "quantizers",
         "recipe": "recipe",
     }
@@ -837,14 +859,17 @@ def main(argv=None) -> int:
         pairs = done["pairs"]
         (out / "table_pairs.md").write_text(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
         print(table_pairs(pairs, fp) + "\n" + figure9_summary(pairs))
-    if done.get("convergence"):
-        conv = done["convergence"]
-        (out / "table_convergence.md").write_text(
+    for part in ("convergence", "convergence-lsq"):
+        if not done.get(part):
+            continue
+        name = keys[part]
+        conv = done[part]
+        (out / f"table_{name}.md").write_text(
             table_convergence(conv, fp, saved["fp_sha256"]) + "\n" + alpha_summary(out, conv)
         )
         print(table_convergence(conv, fp, saved["fp_sha256"]))
-        if plot_convergence(conv, out / "convergence.png"):
-            log(f"wrote {out / 'convergence.png'}")
+        if plot_convergence(conv, out / f"{name}.png"):
+            log(f"wrote {out / f'{name}.png'}")
     if done.get("quantizers"):
         (out / "table_quantizers.md").write_text(table_quantizers(done["quantizers"], fp, saved["fp_sha256"]))
         print(table_quantizers(done["quantizers"], fp, saved["fp_sha256"]))

@@ -94,6 +94,31 @@ def test_method_flags_name_the_variants():
     assert sd.method_flags("metamix-adam-matched", 46)[:4] == ["--alpha-optimizer", "adam", "--alpha-lr", "0.0108696"]
     assert sd.method_flags("metamix-unfixed")[4] == "--unfixed"
     assert sd.method_flags("metamix-sgd-pairs")[-2:] == ["--w-bits", "8,4,2"]
+    # the convergence part's: metamix.py's alpha recipes from pretrained weights, at its default search length
+    assert sd.method_flags("metamix-sgd-lr0.005-x4", 46) == [
+        "--alpha-optimizer",
+        "sgd",
+        "--alpha-lr",
+        "0.005",
+        "--search-steps",
+        "184",
+    ]
+    assert sd.method_flags("metamix-authors-x4", 46)[:4] == ["--alpha-optimizer", "authors", "--alpha-lr", "1e-4"]
+
+
+def test_the_convergence_part_runs_the_defaults_a_user_gets():
+    """4 budgets x 8 seeds x (3 alpha recipes, random, hessian), the selections from the 0.005 run's meta-state;
+    metamix.py's own defaults from pretrained weights are that run's (SGD 0.005; 180 steps make 4 passes of 46, as
+    184 do); LSQ's own quantizers only in convergence-lsq."""
+    import metamix as mm
+
+    grid = sd.PARTS["convergence"]
+    assert [(arch, t) for arch, t, _, _ in grid] == sd.CONV_BUDGETS
+    assert all(methods == sd.DEFAULT_CONV and seeds == list(range(8)) for _, _, methods, seeds in grid)
+    assert sd.PART_SOURCE["convergence"] == sd.DEFAULT_CONV[0] == "metamix-sgd-lr0.005-x4"
+    assert {"random", "hessian"} < set(sd.DEFAULT_CONV)
+    assert mm.ALPHA_LR["sgd"][0] == 0.005 and mm.get_args_parser().get_default("search_steps") == 180
+    assert "convergence" not in sd.PLAIN_PARTS and "convergence-lsq" in sd.PLAIN_PARTS
 
 
 def test_table_convergence_pairs_each_variant_with_random_and_hessian():
@@ -162,7 +187,9 @@ def test_table_quantizers_pairs_the_same_bits_and_metamix_with_random():
         "4.500 | 3.50 / 3.70 |"
     )
     # MetaMix minus random: +2, -1 (mean 0.5, sd 2.12)
-    assert " | +0.50 ± 2.12 vs random | +2.00 -1.00 | " in rows["metamix SGD 0.05, 4x longer (default)"]
+    assert (
+        " | +0.50 ± 2.12 vs random | +2.00 -1.00 | " in rows["metamix SGD 0.05, 4x longer (the default from scratch)"]
+    )
     assert " | - | - | " in rows["random"] and " | - | - | " in rows["LSQ's own quantizers (per-tensor W, signed grid)"]
 
 
@@ -220,7 +247,13 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
 
 @pytest.mark.parametrize(
     "part, method, plain",
-    [("quantizers", "quant-plain", True), ("quantizers", "quant-authors", False), ("pairs", "metamix-sgd", True)],
+    [
+        ("quantizers", "quant-plain", True),
+        ("quantizers", "quant-authors", False),
+        ("pairs", "metamix-sgd", True),
+        ("convergence", "metamix-sgd-lr0.005-x4", False),
+        ("convergence-lsq", "metamix-sgd", True),
+    ],
 )
 def test_runs_take_lsqs_own_quantizers_where_their_part_asks(monkeypatch, tmp_path, part, method, plain):
     """--plain-lsq: in the parts run before the authors' quantizers became the default, and in the quantizers
