@@ -276,6 +276,22 @@ def twice_differentiable(model: nn.Module):
             del m.forward
 
 
+@contextlib.contextmanager
+def recorded_inputs(model: nn.Module, clamp: bool):
+    """While inside: layer_inputs' hooks on every searched layer, recording into the yielded dict, and with `clamp`
+    clamp_to_top_branch's. Yields (the searched layers, {layer: its input}), the dict filled by a forward pass."""
+    layers = mm.searched_layers(model)
+    xs: dict = {}
+    handles = layer_inputs(model, layers, xs)
+    if clamp:
+        handles += clamp_to_top_branch(model)
+    try:
+        yield layers, xs
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def hutchinson_traces(
     model: nn.Module, images, targets, probes: int, generator=None, probe_fn=None, clamp: bool = False
 ) -> torch.Tensor:
@@ -290,27 +306,18 @@ def hutchinson_traces(
     Returns (L,) traces, summed over the tensor's elements (not averaged).
     """
     probe_fn = probe_fn or rademacher
-    layers = mm.searched_layers(model)
-    xs: dict = {}
-    handles = layer_inputs(model, layers, xs)
-    if clamp:
-        handles += clamp_to_top_branch(model)
-    try:
-        with torch.enable_grad(), twice_differentiable(model):
-            loss = F.cross_entropy(model(images), targets)
-            inputs = [xs[m] for m in layers]
-            grads = torch.autograd.grad(loss, inputs, create_graph=True)
-            out = []
-            for x, g in zip(inputs, grads):
-                total = 0.0
-                for _ in range(probes):
-                    v = probe_fn(x.shape, x.dtype, x.device, generator)
-                    (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
-                    total += float(torch.dot(hv.reshape(-1), v.reshape(-1)))
-                out.append(total / probes)
-    finally:
-        for h in handles:
-            h.remove()
+    with recorded_inputs(model, clamp) as (layers, xs), torch.enable_grad(), twice_differentiable(model):
+        loss = F.cross_entropy(model(images), targets)
+        inputs = [xs[m] for m in layers]
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        out = []
+        for x, g in zip(inputs, grads):
+            total = 0.0
+            for _ in range(probes):
+                v = probe_fn(x.shape, x.dtype, x.device, generator)
+                (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
+                total += float(torch.dot(hv.reshape(-1), v.reshape(-1)))
+            out.append(total / probes)
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -328,24 +335,15 @@ def gauss_newton_traces(model: nn.Module, images, probes: int, generator=None, c
     The model, `clamp` and the returned (L,) traces are as in hutchinson_traces, on the same scale; one backward
     pass per probe.
     """
-    layers = mm.searched_layers(model)
-    xs: dict = {}
-    handles = layer_inputs(model, layers, xs)
-    if clamp:
-        handles += clamp_to_top_branch(model)
-    try:
-        with torch.enable_grad():
-            logits = model(images)
-            inputs = [xs[m] for m in layers]
-            probs = F.softmax(logits.detach().float(), 1)
-            total = torch.zeros(len(layers), dtype=torch.float64)
-            for _ in range(probes):
-                drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                grads = torch.autograd.grad(F.cross_entropy(logits, drawn), inputs, retain_graph=True)
-                total += torch.tensor([len(images) * g.double().pow(2).sum().item() for g in grads])
-    finally:
-        for h in handles:
-            h.remove()
+    with recorded_inputs(model, clamp) as (layers, xs), torch.enable_grad():
+        logits = model(images)
+        inputs = [xs[m] for m in layers]
+        probs = F.softmax(logits.detach().float(), 1)
+        total = torch.zeros(len(inputs), dtype=torch.float64)
+        for _ in range(probes):
+            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            grads = torch.autograd.grad(F.cross_entropy(logits, drawn), inputs, retain_graph=True)
+            total += torch.tensor([len(images) * g.double().pow(2).sum().item() for g in grads])
     return total / probes
 
 

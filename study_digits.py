@@ -114,6 +114,7 @@ CONV = ["metamix-sgd", "metamix-sgd-x4", "metamix-sgd-matched", "metamix-adam-ma
 # how the table and the plot list them
 CONV_ORDER = [
     "metamix-sgd-lr0.005-x4",
+    "metamix-sgd-lr0.005",
     "metamix-sgd",
     "metamix-sgd-x4",
     "metamix-sgd-x16",
@@ -139,10 +140,10 @@ CONV_GRID = (
 )
 # The same question on the defaults a user gets (--part convergence): the authors' quantizers, at the default search
 # length (180 steps: 4 passes of 46, as -x4), with each alpha recipe a user can get from pretrained weights: SGD 0.005
-# (the default), SGD 0.05 and the authors' Adam (1e-4); random and the Hessian proxy from the 0.005 run's meta-state.
-# The same budgets, seeds and epochs.
+# (the default), SGD 0.05 and the authors' Adam (1e-4); SGD 0.005 over one epoch (the paper's length, --search-steps
+# 0); random and the Hessian proxy from the 0.005 run's meta-state. The same budgets, seeds and epochs.
 DEFAULT_SOURCE = "metamix-sgd-lr0.005-x4"
-DEFAULT_CONV = [DEFAULT_SOURCE, "metamix-sgd-x4", "metamix-authors-x4", "random", "hessian"]
+DEFAULT_CONV = [DEFAULT_SOURCE, "metamix-sgd-x4", "metamix-authors-x4", "metamix-sgd-lr0.005", "random", "hessian"]
 DEFAULT_GRID = [(arch, t, DEFAULT_CONV, SEEDS8) for arch, t in CONV_BUDGETS]
 # the authors' alpha LR x search steps on ImageNet (Adam, 1e-4 x 5005)
 MATCHED = 0.5
@@ -200,6 +201,7 @@ def label(method: str) -> str:
         "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (the default from scratch)",
         "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
         "metamix-sgd-lr0.005-x4": "metamix SGD 0.005, 4x longer (default from pretrained)",
+        "metamix-sgd-lr0.005": "metamix SGD 0.005, one epoch",
         "metamix-authors-x4": "metamix the authors' Adam 1e-4, 4x longer",
         "metamix-sgd-matched": "metamix SGD, LR x steps 0.5",
         "metamix-adam-matched": "metamix Adam, LR x steps 0.5",

@@ -190,52 +190,6 @@ def _tiny_mlp():
     return model
 
 
-def test_hutchinson_equals_exact_hessian_trace_in_float64():
-    """Every Rademacher vector enumerated once (E[v v^T] = I exactly): the estimate must be the exact trace of
-    d^2 L / d x_l^2 (torch.autograd.functional.hessian), for each searched layer's input."""
-    model = _tiny_mlp()
-    x, y = torch.randn(2, 3, 1, 1, dtype=torch.float64), torch.tensor([0, 1])
-    layers = mm.searched_layers(model)
-    exact = []
-    for m in layers:
-        rec = {}
-
-        def record(mod, inp, rec=rec):
-            rec["x"] = inp[0].detach().clone()
-
-        h = m.register_forward_pre_hook(record)
-        model(x)
-        h.remove()
-
-        def loss_of(z, m=m):
-            hook = m.register_forward_pre_hook(lambda mod, inp: (z,))
-            try:
-                return F.cross_entropy(model(x), y)
-            finally:
-                hook.remove()
-
-        H = torch.autograd.functional.hessian(loss_of, rec["x"])
-        exact.append(H.reshape(rec["x"].numel(), -1).diagonal().sum().item())
-    # a test that can fail: the traces are not zero
-    assert all(abs(t) > 1e-4 for t in exact)
-
-    # all 2^n sign vectors of each input's shape, handed out in order, cycling (n = 8 and 6 elements)
-    counters = {}
-
-    def enumerate_signs(shape, dtype, device, generator):
-        n = math.prod(shape)
-        k = counters.get(n, 0)
-        counters[n] = k + 1
-        bits = [(k >> j) & 1 for j in range(n)]
-        return (torch.tensor(bits, dtype=dtype) * 2 - 1).reshape(shape)
-
-    got = bl.hutchinson_traces(model, x, y, probes=256, probe_fn=enumerate_signs)
-    assert got.tolist() == pytest.approx(exact, rel=1e-10, abs=1e-12)
-    # and the default Rademacher estimate converges to it
-    est = bl.hutchinson_traces(model, x, y, probes=3000, generator=torch.Generator().manual_seed(0))
-    assert est.tolist() == pytest.approx(exact, rel=0.1)
-
-
 def _exact_traces(model, x, y) -> tuple[list[float], list[float]]:
     """Per searched layer of a float64 model: the exact Tr(d^2 L / d x_l^2) (torch.autograd.functional.hessian)
     and the exact Gauss-Newton trace Tr(J^T H_z J) from the full Jacobian J = dz / dx_l of the logits z and the
@@ -265,6 +219,32 @@ def _exact_traces(model, x, y) -> tuple[list[float], list[float]]:
         Hz = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / len(x)
         gauss_newton.append(torch.einsum("bcn,bcd,bdn->", J, Hz, J).item())
     return hessian, gauss_newton
+
+
+def test_hutchinson_equals_exact_hessian_trace_in_float64():
+    """Every Rademacher vector enumerated once (E[v v^T] = I exactly): the estimate must be the exact trace of
+    d^2 L / d x_l^2 (torch.autograd.functional.hessian), for each searched layer's input."""
+    model = _tiny_mlp()
+    x, y = torch.randn(2, 3, 1, 1, dtype=torch.float64), torch.tensor([0, 1])
+    exact = _exact_traces(model, x, y)[0]
+    # a test that can fail: the traces are not zero
+    assert all(abs(t) > 1e-4 for t in exact)
+
+    # all 2^n sign vectors of each input's shape, handed out in order, cycling (n = 8 and 6 elements)
+    counters = {}
+
+    def enumerate_signs(shape, dtype, device, generator):
+        n = math.prod(shape)
+        k = counters.get(n, 0)
+        counters[n] = k + 1
+        bits = [(k >> j) & 1 for j in range(n)]
+        return (torch.tensor(bits, dtype=dtype) * 2 - 1).reshape(shape)
+
+    got = bl.hutchinson_traces(model, x, y, probes=256, probe_fn=enumerate_signs)
+    assert got.tolist() == pytest.approx(exact, rel=1e-10, abs=1e-12)
+    # and the default Rademacher estimate converges to it
+    est = bl.hutchinson_traces(model, x, y, probes=3000, generator=torch.Generator().manual_seed(0))
+    assert est.tolist() == pytest.approx(exact, rel=0.1)
 
 
 def _concave_mlp():

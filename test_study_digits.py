@@ -107,9 +107,9 @@ def test_method_flags_name_the_variants():
 
 
 def test_the_convergence_part_runs_the_defaults_a_user_gets():
-    """4 budgets x 8 seeds x (3 alpha recipes, random, hessian), the selections from the 0.005 run's meta-state;
-    metamix.py's own defaults from pretrained weights are that run's (SGD 0.005; 180 steps make 4 passes of 46, as
-    184 do); LSQ's own quantizers only in convergence-lsq."""
+    """4 budgets x 8 seeds x (3 alpha recipes, a one-epoch search, random, hessian), the selections from the 0.005
+    run's meta-state; metamix.py's own defaults from pretrained weights are that run's (SGD 0.005; 180 steps make 4
+    passes of 46, as 184 do); LSQ's own quantizers only in convergence-lsq."""
     import metamix as mm
 
     grid = sd.PARTS["convergence"]
@@ -117,6 +117,7 @@ def test_the_convergence_part_runs_the_defaults_a_user_gets():
     assert all(methods == sd.DEFAULT_CONV and seeds == list(range(8)) for _, _, methods, seeds in grid)
     assert sd.PART_SOURCE["convergence"] == sd.DEFAULT_CONV[0] == "metamix-sgd-lr0.005-x4"
     assert {"random", "hessian"} < set(sd.DEFAULT_CONV)
+    assert sd.method_flags("metamix-sgd-lr0.005")[-2:] == ["--search-steps", "0"]
     assert mm.ALPHA_LR["sgd"][0] == 0.005 and mm.get_args_parser().get_default("search_steps") == 180
     assert "convergence" not in sd.PLAIN_PARTS and "convergence-lsq" in sd.PLAIN_PARTS
 
