@@ -343,7 +343,7 @@ def gauss_newton_traces(model: nn.Module, images, probes: int, generator=None, c
         for _ in range(probes):
             drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             grads = torch.autograd.grad(F.cross_entropy(logits, drawn), inputs, retain_graph=True)
-            total += torch.tensor([len(images) * g.double().pow(2).sum().item() for g in grads])
+            total += len(images) * torch.stack([g.double().pow(2).sum() for g in grads]).cpu()
     return total / probes
 
 
@@ -657,7 +657,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="K",
         type=mm.number(int, 1),
         default=4,
-        help="Hutchinson probes per batch, hessian (default: 4)",
+        help="hessian: probes per batch, for the Gauss-Newton trace (labels drawn) and Hutchinson's (default: 4)",
     )
     add("--out", metavar="FILE", help="the bits file (default: RUN/bits_METHOD.json)")
     return p

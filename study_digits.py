@@ -72,7 +72,7 @@ COMMON = [
 # 2 bit selection (46 steps each) + 6 weight training
 EPOCHS = 8
 ALPHA = {
-    # metamix.py's small-data defaults
+    # metamix.py's defaults from scratch (the study passes them from pretrained weights too)
     "adam": ["--alpha-optimizer", "adam", "--alpha-lr", "0.1"],
     "sgd": ["--alpha-optimizer", "sgd", "--alpha-lr", "0.05"],
     # the authors' Adam recipe at its default from pretrained weights
@@ -98,7 +98,7 @@ GRID = [
 ]
 # Supplement, Table 7 in miniature: A = {8,4,2} at W4 against the 9 (A, W) pairs, at equal BOPs (30 GBOPs:
 # uniform A4/W4 is 34.68, all-A2 at W4 21.12). "<method>-pairs" is <method> run by pairs.py (--w-bits 8,4,2).
-# the default alpha optimizer and LR (SGD at 0.05 on small data)
+# SGD at 0.05 on the alphas (metamix.py's default from scratch)
 PAIR_METHOD = "metamix-sgd"
 PAIR_GRID = [("resnet18", 30.0, [PAIR_METHOD, PAIR_METHOD + "-pairs"], [0, 1, 2, 3, 4, 5])]
 # Does the search converge? (--part convergence-lsq: LSQ's own quantizers, the part ran before the authors' became
@@ -198,7 +198,7 @@ def label(method: str) -> str:
         "metamix-sgd": "metamix SGD 0.05, one epoch",
         "metamix-sgd-lr0.5": "metamix SGD 0.5",
         "metamix-unfixed": "metamix-unfixed (Adam 0.1)",
-        "metamix-sgd-x4": "metamix SGD 0.05, 4x longer (the default from scratch)",
+        "metamix-sgd-x4": "metamix SGD 0.05, 4x longer",
         "metamix-sgd-x16": "metamix SGD 0.05, 16x longer",
         "metamix-sgd-lr0.005-x4": "metamix SGD 0.005, 4x longer (default from pretrained)",
         "metamix-sgd-lr0.005": "metamix SGD 0.005, one epoch",

@@ -8,6 +8,7 @@ the run from its own bits, and trains a baseline's bits with the command baselin
 
 from __future__ import annotations
 
+import argparse
 import copy
 import inspect
 import itertools
@@ -292,6 +293,11 @@ def test_the_bits_file_counts_negative_hutchinson_estimates(monkeypatch):
     branches, extra = bl.select(model, None, "hessian", target, batches=2, probes=256)
     assert extra["proxy"]["negative_hutchinson_traces"] == 2 and extra["proxy"]["hutchinson_traces"] == 4
     assert extra["hutchinson_trace"][0] < 0
+    # the bits file: the count in "proxy", each row's mean raw trace
+    args = argparse.Namespace(arch="mlp", first_last_bits=8)
+    written = bl.baseline_report(model, args, "hessian", target, branches, extra)
+    assert written["proxy"]["negative_hutchinson_traces"] == 2 and written["proxy"]["hutchinson_traces"] == 4
+    assert [r["hutchinson_trace"] for r in written["layers"] if not r["fixed"]] == extra["hutchinson_trace"]
     report = {"selection": "hessian", "gbops": 0.95 * target, "proxy": extra["proxy"]}
     notes = bl.selection_notes(report, target)
     assert notes[0] == f"note: hessian leaves 5.0% of the {target:g} GBOPs target unused"
