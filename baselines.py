@@ -395,12 +395,8 @@ def proxy_scores(
                     traces_out.append(meta_state_traces(model, images, targets, probes, seed))
                 traces = meta_state_traces(model, images, targets, probes, seed, gauss_newton=True)
                 mm.set_mode(model, "fp")
-                xs: dict = {}
-                handles = layer_inputs(model, layers, xs)
-                with torch.no_grad():
+                with recorded_inputs(model, clamp=False) as (_, xs), torch.no_grad():
                     model(images)
-                for h in handles:
-                    h.remove()
                 for j, m in enumerate(layers):
                     x = xs[m].float()
                     for i, b in enumerate(bits):

@@ -212,22 +212,22 @@ def test_table_recipe_pairs_each_recipe_with_ours():
     assert " | - | - | - | " in rows["ours (labels, W4 from epoch 3, SGD)"]
 
 
-def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path):
-    """Each recipe run: metamix.py from the FP model with the source run's bits and its recipe's flags; the
-    teacher is the FP model of the same architecture."""
+def _first_command(monkeypatch, tmp_path, method: str, part: str) -> list[str]:
+    """The first command run_one would run for a MobileNet-v2 job of `method` in `part` (stopped there), its
+    source run at tmp_path/src (the SGD 0.05 search of the quantizers and recipe parts)."""
     calls = []
     monkeypatch.setattr(sd.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or pytest.fail("stop"))
     job = dict(
         arch="mobilenet_v2",
         target=7.0,
-        method="recipe-authors",
+        method=method,
         seed=1,
         data="D",
         init="FP.pth",
         epochs=8,
         search_epochs=2,
         threads=1,
-        part="recipe",
+        part=part,
         out=str(tmp_path / "run"),
         source=str(tmp_path / "src"),
         source_method="metamix-sgd-x4",
@@ -235,7 +235,13 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
     )
     with pytest.raises(pytest.fail.Exception):
         sd.run_one(job, print)
-    cmd = calls[0]
+    return calls[0]
+
+
+def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path):
+    """Each recipe run: metamix.py from the FP model with the source run's bits and its recipe's flags; the
+    teacher is the FP model of the same architecture."""
+    cmd = _first_command(monkeypatch, tmp_path, "recipe-authors", "recipe")
     assert cmd[cmd.index("--bits-from") + 1] == str(tmp_path / "src" / "bits.json")
     assert cmd[cmd.index("--teacher") + 1] == "mobilenet_v2:FP.pth" and cmd[cmd.index("--pretrained") + 1] == "FP.pth"
     assert cmd[cmd.index("--act-only-epochs") + 1] == "2" and cmd[cmd.index("--optimizer") + 1] == "adam"
@@ -257,24 +263,4 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
 def test_runs_take_lsqs_own_quantizers_where_their_part_asks(monkeypatch, tmp_path, part, method, plain):
     """--plain-lsq: in the parts run before the authors' quantizers became the default, and in the quantizers
     part's LSQ arm; nowhere else."""
-    calls = []
-    monkeypatch.setattr(sd.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or pytest.fail("stop"))
-    job = dict(
-        arch="mobilenet_v2",
-        target=7.0,
-        method=method,
-        seed=1,
-        data="D",
-        init="FP.pth",
-        epochs=8,
-        search_epochs=2,
-        threads=1,
-        part=part,
-        out=str(tmp_path / "run"),
-        source=str(tmp_path / "src"),
-        source_method="metamix-sgd-x4",
-        epoch_steps=46,
-    )
-    with pytest.raises(pytest.fail.Exception):
-        sd.run_one(job, print)
-    assert ("--plain-lsq" in calls[0]) == plain
+    assert ("--plain-lsq" in _first_command(monkeypatch, tmp_path, method, part)) == plain
