@@ -12,8 +12,9 @@ the selection differs. One bit-meta run serves every selection:
     python baselines.py runs/m --method hessian --target-gbops 28 --batches 4 --probes 4 --out /tmp/h.json
 
 The command baselines.py prints is the third above in full: the run's own flags, rebuilt from its checkpoint,
-and the selection's --target-gbops. Under torchrun, run it with torchrun in place of python. Runs of (A, W) pairs
-(pairs.py) are refused: these methods select activation bits at one W.
+and the selection's --target-gbops (ablations.py in place of metamix.py for a run with an ablation's setting).
+Under torchrun, run it with torchrun in place of python. Runs of (A, W) pairs (pairs.py) are refused: these
+methods select activation bits at one W.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ablations
 import metamix as mm
 import runs
 
@@ -47,8 +49,8 @@ import runs
 #   sensitivity  MQBench-style: loss(only layer l at b, the rest at the largest candidate) - loss(all at the
 #                largest), then the exact knapsack
 # The two proxies are training-free (EMQ's family): computed once on the meta-state, on a few training batches.
-# Not here: MetaMix itself and the paper's Figure 7(a) ablation (metamix.py, metamix.py --unfixed), and a
-# configuration of your own (metamix.py --bits-from takes it directly).
+# Not here: MetaMix itself and the paper's Figure 7(a) ablation (metamix.py, ablations.py --unfixed), and a
+# configuration of your own (metamix.py --bits-from takes its bits.json rows directly).
 METHODS = ("uniform", "random", "hessian", "sensitivity")
 PROXIES = ("hessian", "sensitivity")
 
@@ -450,7 +452,7 @@ def proxy_batches(args, n: int, seed: int, device="cpu") -> list:
 
 def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
     """(args, model, checkpoint) of a meta-state of a run of one W, loaded once; every problem a BadInput."""
-    ck = mm.load_run_checkpoint(path, "checkpoint")
+    ck = mm.load_checkpoint(path, "checkpoint", mm.CHECKPOINT_FORMAT)
     run_dir = os.path.dirname(path) or "."
     w_bits = ck["args"].get("w_bits")
     if isinstance(w_bits, list):
@@ -458,7 +460,7 @@ def load_meta_state(path: str) -> tuple[argparse.Namespace, nn.Module, dict]:
         raise mm.BadInput(
             f"{run_dir} is a run of (A, W) pairs (--w-bits {listed}); these methods "
             "select activation bits at one W and are not implemented for pairs: use its own selection, "
-            "or metamix.py --bits-from with [a_bits, w_bits] per layer"
+            "or pairs.py --bits-from with a bits.json's rows (name, a_bits, w_bits)"
         )
     runs.check_meta_state(ck, path)
     args, model = runs.run_model(ck)
@@ -528,39 +530,49 @@ def baseline_report(model: nn.Module, args, method: str, target: float, branches
 
 
 # Flags of the meta-state's run that the training command does not repeat: it has its own output dir, resume,
-# selection and target; --stop-after-epoch was where that run stopped; --pretrained only chose the weights it
-# started from, which the meta-state replaces (the --lr and --alpha-lr it implied are repeated as numbers).
-NOT_REPEATED = ("output_dir", "resume", "bits_from", "target_gbops", "stop_after_epoch", "dry_run", "pretrained")
+# selection and target; --pretrained only chose the weights it started from, which the meta-state replaces (the
+# --lr and --alpha-lr it implied are repeated as numbers).
+NOT_REPEATED = ("output_dir", "resume", "bits_from", "target_gbops", "pretrained")
 
 
-# metamix.py, as the printed command names it: relative to the current folder
+# metamix.py and ablations.py (metamix.py with the ablations' settings as flags), as the printed command names them:
+# relative to the current folder
 METAMIX_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metamix.py")
+ABLATIONS_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablations.py")
 
 
 def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, target: float) -> str:
     """`python metamix.py --resume RUN/meta_state.pth --bits-from FILE --output-dir RUN-METHOD` with every flag of
-    the run whose value differs from metamix's default (lists comma-joined, store_true flags bare) and the
-    selection's --target-gbops (exact: the shortest text that reads back as the same float)."""
-    cmd = [
-        "python",
-        os.path.relpath(METAMIX_PY),
-        "--resume",
-        os.path.join(run_dir, "meta_state.pth"),
-        "--bits-from",
-        bits_file,
-        "--output-dir",
-        f"{run_dir}-{method}",
-    ]
-    for action in mm.get_args_parser()._actions:
+    the run whose value differs from its default (lists comma-joined, store_true flags bare; --lam and --alpha-lr: the
+    ones resolve_args fills in) and
+    the selection's --target-gbops (exact: the shortest text that reads back as the same float). A run with an
+    ablation's setting that metamix.py has no flag for (ablations.py's: --unfixed, --plain-lsq, ...) gets
+    ablations.py in place of metamix.py."""
+    metamix_flags = {s for action in mm.get_args_parser()._actions for s in action.option_strings}
+    # the defaults resolve_args fills in (None on the command line): the arch's lambda, the alpha recipe's rate
+    arch = run_args.get("arch")
+    settings = mm.PAPER_SETTINGS.get(arch) or mm.OTHER_SETTINGS.get(arch, mm.OTHER_SETTINGS[None])
+    small = mm.synthetic_spec(run_args["data"]) is not None or not run_args.get("pretrained")
+    resolved = {"lam": settings["lam"], "alpha_lr": mm.ALPHA_LR[run_args["alpha_optimizer"]][small]}
+    flags = []
+    script = METAMIX_PY
+    for action in ablations.get_args_parser()._actions:
         if action.dest in NOT_REPEATED or action.dest not in run_args or not action.option_strings:
             continue
         v = run_args[action.dest]
         flag = action.option_strings[0]
+        default = resolved.get(action.dest, action.default)
         store_true = action.nargs == 0
         if store_true and v:
-            cmd.append(flag)
-        elif not store_true and v is not None and str(mm.flag_text(v)) != str(mm.flag_text(action.default)):
-            cmd += [flag, str(mm.flag_text(v))]
+            flags.append(flag)
+        elif not store_true and v is not None and str(runs.flag_text(v)) != str(runs.flag_text(default)):
+            flags += [flag, str(runs.flag_text(v))]
+        else:
+            continue
+        if flag not in metamix_flags:
+            script = ABLATIONS_PY
+    cmd = ["python", os.path.relpath(script), "--resume", os.path.join(run_dir, "meta_state.pth")]
+    cmd += ["--bits-from", bits_file, "--output-dir", f"{run_dir}-{method}", *flags]
     cmd += ["--target-gbops", repr(float(target))]
     return shlex.join(cmd)
 
@@ -661,7 +673,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    return mm.guarded("baselines", run_baseline, a)
+    return runs.guarded("baselines", run_baseline, a)
 
 
 if __name__ == "__main__":

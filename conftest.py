@@ -70,18 +70,47 @@ def metamix_main(argv: list[str]) -> int:
     return mm.main(mm.get_args_parser().parse_args(argv))
 
 
-def main_in_process(*argv, main=metamix_main) -> int:
-    """A script's main (metamix.py's unless given, e.g. pairs.main) on argv in this process (no interpreter
-    start-up): its exit status (argparse's too); the signal handlers it installs are put back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+class Stopped(BaseException):
+    """The end of a run that stop_after() cut short, right after an epoch's checkpoint (a BaseException: main
+    lets it through, as it would a kill)."""
+
+
+@contextlib.contextmanager
+def stop_after(epoch: int | None):
+    """Runs in this process end right after epoch `epoch`'s files are written (unless it is the last), as a kill
+    between two epochs ends them: what a resumed run has is what the checkpoint holds. None: no stop."""
+    save = mm.Run.save
+
+    def save_then_stop(run):
+        save(run)
+        if run.epoch == epoch and run.epoch < run.args.epochs:
+            raise Stopped(f"after epoch {epoch}")
+
+    mm.Run.save = save_then_stop
     try:
-        return main([str(a) for a in argv])
+        yield
+    except Stopped:
+        pass
+    finally:
+        mm.Run.save = save
+
+
+def main_in_process(*argv, main=metamix_main, stop_after_epoch: int | None = None) -> int:
+    """A script's main (metamix.py's unless given, e.g. pairs.main) on argv in this process (no interpreter
+    start-up): its exit status (argparse's too), 0 for a run cut short by `stop_after_epoch` (stop_after); the signal
+    handlers it installs are put back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    rc = 0
+    try:
+        with stop_after(stop_after_epoch):
+            rc = main([str(a) for a in argv])
     # argparse's own errors
     except SystemExit as e:
-        return e.code
+        rc = e.code
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    return rc
 
 
 @pytest.fixture

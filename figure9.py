@@ -274,7 +274,7 @@ def run_figure9(a: argparse.Namespace) -> int:
         meta = runs.run_file(run_dir, "meta_state.pth", NO_META_STATE)
         flag = "meta-state"
     # a run of one W or of (A, W) pairs
-    ck = mm.load_run_checkpoint(meta, flag)
+    ck = mm.load_checkpoint(meta, flag, mm.CHECKPOINT_FORMAT)
     runs.check_meta_state(ck, meta)
     args, model = runs.run_model(ck)
     bits = read_selection(bits_path, model)
@@ -319,7 +319,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    return mm.guarded("figure9", run_figure9, a)
+    return runs.guarded("figure9", run_figure9, a)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def read_run(run_dir: str):
     """(args, meta-state model, the run's --pretrained) of a run folder; one-line BadInputs for a missing
     folder or file, a broken checkpoint, a checkpoint that is not a meta-state, a run of (A, W) pairs."""
     path = runs.run_file(run_dir, "meta_state.pth")
-    ck = mm.load_run_checkpoint(path, "meta-state")
+    ck = mm.load_checkpoint(path, "meta-state", mm.CHECKPOINT_FORMAT)
     runs.check_meta_state(ck, path)
     if isinstance(ck["args"]["w_bits"], list):
         raise mm.BadInput(f"{path} is a run of (A, W) pairs (pairs.py), which figures.py does not take")
@@ -566,7 +566,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    return mm.guarded("figures", run_figures, a)
+    return runs.guarded("figures", run_figures, a)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ quantized, from the meta-state.
 
 Run it:
     python metamix.py                                        # built-in synthetic data, a few minutes on a CPU
-    python metamix.py --arch mobilenet_v2 --dry-run          # the feasible GBOPs range, nothing trained
+    python metamix.py --arch mobilenet_v2 --target-gbops 0.001   # refused in one line that names the feasible range
     torchrun --nproc_per_node=8 metamix.py --data /imagenet --pretrained --target-gbops 33
     torchrun --nnodes=2 --node_rank=R --master_addr=HOST --nproc_per_node=8 metamix.py --data /imagenet ...
 
@@ -22,14 +22,15 @@ Symbols (paper -> code):
     w_bits       the one weight bit-width                --w-bits
     OPs_l        MACs of layer l at 224x224 (deployment) QuantLayer.macs
     t_bops       target, in GBOPs (1e9 bit operations)   --target-gbops
-    lambda       weight of the BOPs regularizer          --lam
+    lambda       weight of the BOPs regularizer          args.lam (the paper's; ablations.py --lam)
     C_fixed      BOPs of the fixed first/last layers     c_fixed_of(model)            (GBOPs)
     b_l          the bits bit selection chose for l      QuantLayer.selected_branch   (a branch index)
 
 Sections 1-6: the paper, in its order; 7: the speed path the driver runs, held equal to 1-2 by tests; 8: the driver.
 "Our choice" marks what the paper leaves open; "the authors'" what their public code does where the paper is silent.
 Left out, beside this file (each imports it): other selections and proxies (baselines.py), the supplement's (A, W)
-pairs (pairs.py), its Figure 9 (figure9.py), integer export (export.py), the benchmark and the digits study.
+pairs (pairs.py), the ablations' settings as flags (ablations.py), its Figure 9 (figure9.py), integer export
+(export.py), the benchmark and the digits study.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import argparse
 import contextlib
 import copy
 import datetime
-import errno
 import fcntl
 import functools
 import io
@@ -51,7 +51,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -79,7 +79,10 @@ def lsq_range(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     """
     if not signed:
         return 0, 2**bits - 1
-    return -(2 ** (bits - 1)) + (narrow and bits > 2), 2 ** (bits - 1) - 1
+    qp = 2 ** (bits - 1) - 1
+    if narrow and bits > 2:
+        return -qp, qp
+    return -qp - 1, qp
 
 
 def lsq_grad_scale(n: int, bits: int, signed: bool) -> float:
@@ -133,10 +136,10 @@ class Stateful(nn.Module):
 
     saved: tuple[str, ...] = ()
 
-    def get_extra_state(self):
+    def get_extra_state(self) -> dict:
         return {k: copy.copy(getattr(self, k)) for k in self.saved}
 
-    def set_extra_state(self, state):
+    def set_extra_state(self, state: dict) -> None:
         self.__dict__.update((k, state[k]) for k in self.saved)
 
 
@@ -341,23 +344,23 @@ def straight_through_softmax(logits: torch.Tensor, dim: int = -1) -> torch.Tenso
 # additions and pooling are not counted (the usual BOPs convention).
 
 
-def quant_layers(model):
+def quant_layers(model: nn.Module) -> list[QuantLayer]:
     """Quantized layers in forward order (the order patch_model recorded)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
     return sorted(layers, key=lambda m: m.order)
 
 
-def searched_layers(model):
+def searched_layers(model: nn.Module) -> list[QuantLayer]:
     """The quantized layers whose bits are searched: all but the fixed first and last."""
     return [m for m in quant_layers(model) if not m.fixed]
 
 
-def candidate_costs(model):
+def candidate_costs(model: nn.Module) -> list[int]:
     """a * w of each candidate of the searched layers (they share their candidates): the paper's b * w_bits."""
     return [a * w for a, w in searched_layers(model)[0].candidates]
 
 
-def c_fixed_of(model):
+def c_fixed_of(model: nn.Module) -> float:
     """C_fixed: BOPs of the first and last layers, in GBOPs."""
     fixed = [m for m in quant_layers(model) if m.fixed]
     return sum(m.macs * a * w for m in fixed for a, w in m.candidates) / 1e9
@@ -368,14 +371,14 @@ def config_gbops(macs: Sequence[int], costs: Sequence[int], c_fixed: float) -> f
     return sum(m * c for m, c in zip(macs, costs)) / 1e9 + c_fixed
 
 
-def branches_gbops(model, branches):
+def branches_gbops(model: nn.Module, branches: Sequence[int]) -> float:
     """Eq. 6 of a configuration given as one branch index per searched layer."""
     costs = candidate_costs(model)
     macs = [m.macs for m in searched_layers(model)]
     return config_gbops(macs, [costs[i] for i in branches], c_fixed_of(model))
 
 
-def gbops_range(model):
+def gbops_range(model: nn.Module) -> tuple[float, float]:
     """Feasible budgets: every searched layer at its cheapest candidate, and at its dearest."""
     macs = [m.macs for m in searched_layers(model)]
     costs = candidate_costs(model)
@@ -444,7 +447,7 @@ def repair_to_budget(
 # which it calls them, so nothing here depends on it.
 
 
-def trace_layers(model, image_size):
+def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module, int, int]]:
     """(name, module, MACs, input values per image) of every Conv2d/Linear in forward order, from one forward pass."""
     seen = []
     names = {m: n for n, m in model.named_modules()}
@@ -474,7 +477,7 @@ def trace_layers(model, image_size):
 PASSING = ("pool", "dropout", "flatten", "reshape", "view", "identity")
 
 
-def hardswish_fed(model):
+def hardswish_fed(model: nn.Module) -> set[str] | None:
     """The Conv2d/Linear modules whose input is a hardswish output, read from the model's torch.fx graph: directly,
     through pooling, dropout or a reshape, or times a [0, 1] gate (squeeze-excitation). None if fx cannot read it.
 
@@ -508,14 +511,14 @@ def hardswish_fed(model):
 
 
 def patch_model(
-    model,
-    bits,
-    w_bits=4,
-    first_last_bits=8,
-    bops_image_size=224,
-    layer_type=QuantLayer,
-    plain=False,
-):
+    model: nn.Module,
+    bits: Sequence[int],
+    w_bits: int = 4,
+    first_last_bits: int = 8,
+    bops_image_size: int = 224,
+    layer_type: type[QuantLayer] = QuantLayer,
+    plain: bool = False,
+) -> nn.Module:
     """Every Conv2d and Linear replaced by a QuantLayer in "fp" mode; the first and last in forward order are fixed
     at first_last_bits. `layer_type` builds the searched layers (pairs.py passes its own); `plain`: LSQ's
     quantizers, not the authors'. The offset grid goes to the hardswish-fed inputs of the model's graph; a model
@@ -538,7 +541,7 @@ def patch_model(
     return model
 
 
-def set_mode(model, mode, branch=None, quant_weights=None):
+def set_mode(model: nn.Module, mode: str, branch: int | None = None, quant_weights: bool | None = None) -> None:
     """Every layer in a phase's mode; `quant_weights` turns weight LSQ on or off (None: as it is).
 
     "fp": everything in full precision, weights too (the FP model's own evaluation); "meta": the searched layers at
@@ -559,23 +562,23 @@ def set_mode(model, mode, branch=None, quant_weights=None):
             m.set_state("branch", m.selected_branch, quant_weights)
 
 
-def alphas_of(model):
+def alphas_of(model: nn.Module) -> list[nn.Parameter]:
     """The architecture logits alpha_l, one vector per searched layer."""
     return [m.act.alpha for m in searched_layers(model)]
 
 
-def meta_params(model):
+def meta_params(model: nn.Module) -> list[nn.Parameter]:
     """What bit-meta and weight training update: every parameter but the alphas (weights, BN, steps)."""
     alphas = {id(a) for a in alphas_of(model)}
     return [p for p in model.parameters() if id(p) not in alphas]
 
 
-def argmax_branches(model):
+def argmax_branches(model: nn.Module) -> list[int]:
     """The argmax configuration, a branch per searched layer (ties: the first)."""
     return torch.stack(alphas_of(model)).detach().argmax(1).tolist()
 
 
-def apply_selection(model, branches):
+def apply_selection(model: nn.Module, branches: Sequence[int]) -> None:
     """The selection, one branch per searched layer."""
     for m, i in zip(searched_layers(model), branches):
         m.selected_branch = int(i)
@@ -603,13 +606,18 @@ def apply_selection(model, branches):
 # logits)). Nothing here knows about processes, files or printing.
 
 
-def no_sync(params, loss):
+# A loss function criterion(logits, targets), and a step's sync(params, loss) -> loss (the driver all-reduces there).
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sync = Callable[[list[nn.Parameter], torch.Tensor], torch.Tensor]
+
+
+def no_sync(params: list[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
     """The default `sync` of the step functions: one process, nothing to reduce."""
     return loss
 
 
 @contextlib.contextmanager
-def batch_stats_bn(model):
+def batch_stats_bn(model: nn.Module) -> Iterator[None]:
     """BN normalises with the batch's statistics and leaves its running buffers alone; dropout off."""
     was_training = model.training
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -627,7 +635,7 @@ def batch_stats_bn(model):
         model.train(was_training)
 
 
-def init_quantizers(model, calib):
+def init_quantizers(model: nn.Module, calib: torch.Tensor) -> None:
     """LSQ's data-dependent init on one batch: every branch's step, each layer's grid (sign, offset); then "fp".
 
     Each branch is initialised from the inputs it sees when the whole network runs at its bit-width, as in bit-meta.
@@ -645,7 +653,7 @@ def init_quantizers(model, calib):
         warnings.warn(f"graph not read; offset grid from the first batch: {', '.join(shifted)}", stacklevel=2)
 
 
-def distillation_loss(teacher_logits):
+def distillation_loss(teacher_logits: torch.Tensor) -> Criterion:
     """The authors' loss (their code; the paper names none), as a criterion(logits, targets).
 
     The batch mean of -sum_c softmax(teacher)_c * log_softmax(student)_c: a frozen teacher at temperature 1, and no
@@ -653,13 +661,19 @@ def distillation_loss(teacher_logits):
     """
     probs = F.softmax(teacher_logits.detach().float(), 1)
 
-    def criterion(logits, targets):
+    def criterion(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), probs)
 
     return criterion
 
 
-def bit_meta_step(model, images, targets, autocast=contextlib.nullcontext, criterion=F.cross_entropy):
+def bit_meta_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    autocast: Callable = contextlib.nullcontext,
+    criterion: Criterion = F.cross_entropy,
+) -> torch.Tensor:
     """Eq. 1: L_meta = (1/N) sum_b L_task(net with every searched layer at b), returned detached.
 
     One forward and backward per candidate, the gradients accumulating in .grad, so that one optimizer step follows
@@ -680,15 +694,15 @@ def bit_meta_step(model, images, targets, autocast=contextlib.nullcontext, crite
 
 
 def bit_search_step(
-    model,
-    images,
-    targets,
-    lam,
-    target_gbops,
-    autocast=contextlib.nullcontext,
-    fixed=True,
-    criterion=F.cross_entropy,
-):
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float,
+    target_gbops: float,
+    autocast: Callable = contextlib.nullcontext,
+    fixed: bool = True,
+    criterion: Criterion = F.cross_entropy,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3: L = L_task + lambda * L_reg (Eq. 4), on the frozen meta-state: only the alphas learn.
 
     Returns (L, GBOPs of the argmax configuration), detached. Our choice: BN uses the batch's statistics and leaves
@@ -718,20 +732,20 @@ def bit_search_step(
 
 
 def bit_selection_step(
-    model,
-    images,
-    targets,
-    opt,
-    opt_alpha=None,
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    opt_alpha: torch.optim.Optimizer | None = None,
     *,
-    search=False,
-    lam=0.0,
-    target_gbops=None,
-    autocast=contextlib.nullcontext,
-    sync=no_sync,
-    fixed=True,
-    criterion=F.cross_entropy,
-):
+    search: bool = False,
+    lam: float = 0.0,
+    target_gbops: float | None = None,
+    autocast: Callable = contextlib.nullcontext,
+    sync: Sync = no_sync,
+    fixed: bool = True,
+    criterion: Criterion = F.cross_entropy,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One iteration of bit selection (Table 1); returns (meta loss, search loss, GBOPs).
 
     A bit-meta step (Eq. 1) and, in the search epoch, a bit-search step (Eq. 3-5) on the meta-state just updated,
@@ -756,7 +770,9 @@ def bit_selection_step(
     return meta_loss, search_loss, gbops
 
 
-def start_weight_training(model, target_gbops, repair=True, branches=None):
+def start_weight_training(
+    model: nn.Module, target_gbops: float, repair: bool = True, branches: Sequence[int] | None = None
+) -> tuple[list[int], float, bool]:
     """Between the phases: the bits are fixed and the weights quantized. Returns (branches, GBOPs, changed), changed
     when the branches differ from the argmax.
 
@@ -780,14 +796,14 @@ def start_weight_training(model, target_gbops, repair=True, branches=None):
 
 
 def weight_training_step(
-    model,
-    images,
-    targets,
-    opt,
-    autocast=contextlib.nullcontext,
-    sync=no_sync,
-    criterion=F.cross_entropy,
-):
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    autocast: Callable = contextlib.nullcontext,
+    sync: Sync = no_sync,
+    criterion: Criterion = F.cross_entropy,
+) -> torch.Tensor:
     """One step of weight training: ordinary training of weights and steps at the selected bits."""
     opt.zero_grad(set_to_none=True)
     with autocast():
@@ -807,13 +823,7 @@ def weight_training_step(
 # hold it equal to sections 1-2, value and every gradient; docs/speed.md has its time and memory.
 
 
-def fused_forward(
-    layer,
-    x,
-    probs=None,
-    wq=None,
-    bias=True,
-):
+def fused_forward(layer, x, probs=None, wq=None, bias=True):
     """layer(x) through FusedQuantOp (pairs.py's search passes its mixture `probs`, weight quantizer, bias)."""
     act = layer.act
     if wq is None:
@@ -1087,12 +1097,17 @@ def use_speed_path(model, on=True):
     return model
 
 
-# ==== 8. The driver: torchrun, data, model, checkpoints, the run, the command line ==================================
-# Not the paper: what it takes to run sections 1-6 on ImageNet with torchrun and on CPU. Its contract with the
-# user: bad input ends in one line naming the problem (BadInput, exit 2) before anything heavy happens; a resumed
-# run continues bit-exactly (the checkpoint holds every rank's RNG state and the data order follows the epoch);
-# a killed run loses at most the epoch in progress (files are written whole or not at all); one run at a time
-# per output folder (a lock).
+# ==== 8. The driver: what a run does ================================================================================
+# Not the paper: what it takes to run sections 1-6 on ImageNet with torchrun, or on a CPU. `run` does, in order:
+#   1. the flags, the data, the torchvision model (patched) and the budget are checked: a problem ends here, in one
+#      line naming it (exit 2), before the output folder exists;
+#   2. the output folder is locked (one run per folder), the processes join, a checkpoint is loaded (--resume);
+#   3. `train`: every quantizer is initialised from one batch and the FP model evaluated; bit selection trains the
+#      meta-state and searches; the bits are selected (bits.json); weight training follows. Each epoch ends with an
+#      evaluation and checkpoint.pth, log.jsonl (and meta_state.pth when bit selection ends).
+# Files are written whole or not at all, so a run killed at any moment loses at most the epoch in progress, and
+# `--resume auto` then computes bit for bit what the uninterrupted run computes: the checkpoint holds the state
+# dicts and every rank's RNG states, and the data order is a function of the seed and the epoch.
 
 
 class BadInput(Exception):
@@ -1100,12 +1115,13 @@ class BadInput(Exception):
 
 
 # The signal that asked this process to stop, 0 if none.
-_STOP = {"signum": 0}
+STOP = {"signum": 0}
 
 
-def _on_signal(signum, frame):
-    """The first SIGINT or SIGTERM stops at the next step boundary, on every rank; a second one at once."""
-    _STOP["signum"] = signum
+def on_signal(signum, frame):
+    """The first SIGINT or SIGTERM stops every rank at the same step (the step's all-reduce carries it); a second
+    one stops at once."""
+    STOP["signum"] = signum
     signal.signal(signum, signal.SIG_DFL)
 
 
@@ -1115,14 +1131,12 @@ class Dist:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.main = self.rank == 0
         self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cpu")
         if self.cuda:
-            self.device = torch.device(f"cuda:{local_rank}")
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         if self.world > 1:
             torch.distributed.init_process_group("nccl" if self.cuda else "gloo")
 
@@ -1131,20 +1145,18 @@ def sync_step(dist, params, loss):
     """ONE all-reduce per step: the gradients, the loss and the stop flag. Returns (mean loss, a rank signalled).
 
     Our choice instead of DistributedDataParallel: bit-meta leaves the other branches' steps without gradients in
-    each pass, which DDP handles only with find_unused_parameters and a second traversal. One flat all-reduce is
-    also where every rank learns that one of them was signalled, so that all stop at the same step.
+    each pass, which DDP handles only with find_unused_parameters and a second traversal.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    stop = torch.tensor(float(_STOP["signum"] > 0), device=loss.device)
-    flat = torch.stack([loss.float().reshape(()), stop])
+    flat = torch.stack([loss.float().reshape(()), torch.tensor(float(STOP["signum"] > 0), device=loss.device)])
     if dist.world > 1:
         flat = torch.cat([flat] + [g.reshape(-1).float() for g in grads])
         torch.distributed.all_reduce(flat)
         flat /= dist.world
         for g, mean in zip(grads, flat[2:].split([g.numel() for g in grads])):
             g.copy_(mean.view_as(g))
-    loss_v, stop_v = flat[:2].tolist()
-    return loss_v, stop_v > 0
+    loss_v, stop = flat[:2].tolist()
+    return loss_v, stop > 0
 
 
 def synthetic_spec(data):
@@ -1152,21 +1164,19 @@ def synthetic_spec(data):
     name, _, given = data.partition(":")
     if name != "synthetic":
         return None
-    spec = [2560, 1000, 10]
-    if given:
-        spec = [int(v) if v.isdigit() else -1 for v in given.split(",")]
-    if len(spec) != 3 or min(spec[:2]) < 1 or spec[2] < 2:
-        raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 validation image and 2 classes or more")
-    return tuple(spec)
+    spec = [int(v) for v in (given or "2560,1000,10").split(",") if v.isdigit()]
+    if len(spec) != 3 or min(spec) < 1 or spec[2] < 2:
+        raise BadInput(f"--data {data}: expected synthetic:TRAIN,VAL,CLASSES, 1 image each and 2 classes or more")
+    return spec
 
 
-def synthetic_dataset(n, num_classes, image_size, seed, split):
+def synthetic_dataset(n, classes, size, seed, split):
     """A learnable set from the seed: its class's smooth random colour pattern, shifted, scaled, plus noise."""
     g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode="bilinear")
+    templates = F.interpolate(torch.randn(classes, 3, 4, 4, generator=g), size=size, mode="bilinear")
     g.manual_seed(seed * 1000 + (1 if split == "train" else 2))
-    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
-    shifts = torch.randint(-image_size // 8, image_size // 8 + 1, (n, 2), generator=g)
+    labels = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]
+    shifts = torch.randint(-size // 8, size // 8 + 1, (n, 2), generator=g)
     x = torch.stack([torch.roll(t, (int(s[0]), int(s[1])), (1, 2)) for t, s in zip(templates[labels], shifts)])
     # a random contrast and brightness per image, then noise
     x = x * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=g)) + 0.3 * torch.randn(n, 1, 1, 1, generator=g)
@@ -1178,12 +1188,8 @@ def build_datasets(args):
     """(train set, val set, classes): synthetic, or ImageFolder with torchvision's reference transforms."""
     spec = synthetic_spec(args.data)
     if spec:
-        train_images, val_images, classes = spec
-        train = synthetic_dataset(train_images, classes, args.image_size, args.seed, "train")
-        val = synthetic_dataset(val_images, classes, args.image_size, args.seed, "val")
-        return train, val, classes
-    if not os.path.isdir(args.data):
-        raise BadInput(f"--data {args.data}: no such folder (expected train/ and val/ in it)")
+        train = synthetic_dataset(spec[0], spec[2], args.image_size, args.seed, "train")
+        return train, synthetic_dataset(spec[1], spec[2], args.image_size, args.seed, "val"), spec[2]
     # ImageNet's mean and standard deviation
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     size = args.image_size
@@ -1194,8 +1200,7 @@ def build_datasets(args):
         train = ImageFolder(os.path.join(args.data, "train"), train_tf)
         val = ImageFolder(os.path.join(args.data, "val"), val_tf)
     except OSError as e:
-        problem = f"{e.strerror}: {e.filename}" if e.filename else e
-        raise BadInput(f"--data {args.data}: {problem}") from None
+        raise BadInput(f"--data {args.data}: {one_line(e)}") from None
     if train.classes != val.classes:
         example = sorted(set(train.classes) ^ set(val.classes))[0]
         raise BadInput(f"--data {args.data}: train/ and val/ have different classes, e.g. {example}")
@@ -1206,29 +1211,29 @@ def build_loaders(args, dist, train_set, val_set):
     """Loaders (validation: each image once, rank r takes r, r+W, ...) and LSQ's calibration batch (from --seed)."""
     share = len(train_set) // dist.world
     if args.batch_size > share:
-        raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images; use {share} or less")
+        raise BadInput(f"--batch-size {args.batch_size}: over a process's {share} training images")
     sampler = DistributedSampler(train_set, dist.world, dist.rank, shuffle=True, seed=args.seed, drop_last=True)
     # Workers are re-created each epoch (not persistent) and seeded from the RNG state at its start: exact resume.
-    loading = {"num_workers": 0 if synthetic_spec(args.data) else args.workers, "pin_memory": dist.cuda}
+    loading = {"num_workers": args.workers, "pin_memory": dist.cuda}
+    if synthetic_spec(args.data):
+        loading["num_workers"] = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         picked = torch.randperm(len(train_set))[: args.batch_size]
         calib = torch.stack([train_set[int(i)][0] for i in picked])
     train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **loading)
     val_sampler = range(dist.rank, len(val_set), dist.world)
-    val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, **loading)
-    return train_loader, val_loader, calib
+    return train_loader, DataLoader(val_set, args.batch_size, sampler=val_sampler, **loading), calib
 
 
 # The paper's settings (Table 1, supplement Table 8); targets: its reported GBOPs (ResNet-18's 32.86 as 33, our
-# choice); the torchvision weights nearest its FP models.
+# choice); the torchvision weights nearest its FP models. Other archs: our choice, their target 95% of uniform A4.
 PAPER_SETTINGS = {
     "resnet18": dict(bits="8,4,2", lam=0.4, epochs=90, target_gbops=33.0, weights="IMAGENET1K_V1"),
     "mobilenet_v2": dict(bits="8,4,3", lam=1.0, epochs=140, target_gbops=5.12, weights="IMAGENET1K_V1"),
     "mobilenet_v3_large": dict(bits="8,4,3", lam=4.0, epochs=140, target_gbops=3.29, weights="IMAGENET1K_V2"),
 }
-# Our choice for the other archs (their target: 95% of uniform A4).
-OTHER_DEFAULTS = {
+OTHER_SETTINGS = {
     "mobilenet_v3_small": dict(bits="8,4,3", lam=4.0, epochs=140),
     None: dict(bits="8,4,2", lam=1.0, epochs=90),
 }
@@ -1244,8 +1249,8 @@ UNSUPPORTED = (
 )
 
 
-def resolve_weights(arch, name, flag="--pretrained"):
-    """torchvision's weights enum for --pretrained NAME ("paper": those closest to the paper's FP baseline)."""
+def torchvision_weights(arch, name, flag="--pretrained"):
+    """torchvision's weights by name ("paper": those nearest the paper's FP model)."""
     enum = torchvision.models.get_model_weights(arch)
     if name == "paper":
         name = PAPER_SETTINGS.get(arch, {}).get("weights", "DEFAULT")
@@ -1253,74 +1258,92 @@ def resolve_weights(arch, name, flag="--pretrained"):
         return enum.verify(name)
     except (KeyError, ValueError):
         names = ", ".join(w.name for w in enum)
-        raise BadInput(
-            f"{flag} {name!r}: no such file and no such weights for {arch}; give a state dict's path or one of: "
-            f"DEFAULT, {names}"
-        ) from None
+        raise BadInput(f"{flag} {name}: no such file, nor weights of {arch} (DEFAULT, {names})") from None
 
 
-def local_weights(name):
-    """A full-precision state dict on disk (a PATH), rather than torchvision's weights by name."""
-    return bool(name) and (os.sep in name or os.path.exists(name))
-
-
-def fp_model(arch, name, num_classes, flag="--pretrained"):
-    """A torchvision model: torchvision's weights by name, a local state dict, or (no name) a fresh init."""
-    weights = None
-    kw = {"num_classes": num_classes}
-    if name and not local_weights(name):
-        weights = resolve_weights(arch, name, flag)
-        if num_classes != 1000:
-            raise BadInput(f"{flag} {name} needs 1000 classes, the data has {num_classes}")
+def fp_model(arch, weights, classes, flag="--pretrained"):
+    """A torchvision model: torchvision's weights by name, a state dict from a file, or (None) a fresh init."""
+    kw = {"num_classes": classes}
+    enum = None
+    if weights and not os.path.exists(weights):
+        enum = torchvision_weights(arch, weights, flag)
         kw = {}
+        if classes != 1000:
+            raise BadInput(f"{flag} {weights} needs 1000 classes, the data has {classes}")
     if arch in ("googlenet", "inception_v3"):
         # Without their auxiliary heads, the training output is a tensor.
         kw["aux_logits"] = False
-        if weights is None:
+        if enum is None:
             kw["init_weights"] = True
     try:
-        model = torchvision.models.get_model(arch, weights=weights, **kw)
+        model = torchvision.models.get_model(arch, weights=enum, **kw)
     except Exception as e:
-        raise BadInput(f"cannot load {arch}'s weights ({type(e).__name__}: {e}); try {flag} PATH") from None
-    if local_weights(name):
-        sd = load_checkpoint(name, flag, "a state dict")
+        raise BadInput(f"cannot load {arch}'s weights ({one_line(e)}); try {flag} PATH") from None
+    if weights and not enum:
+        state = load_checkpoint(weights, flag)
         try:
-            model.load_state_dict(sd.get("model", sd))
+            model.load_state_dict(state.get("model", state))
         except (RuntimeError, TypeError, AttributeError) as e:
-            reason = str(e).splitlines()[0]
-            raise BadInput(
-                f"{flag} {name} is not a state dict of {arch} with {num_classes} classes ({reason})"
-            ) from None
+            raise BadInput(f"{flag} {weights}: not a state dict of {arch}, {classes} classes ({one_line(e)})") from None
     return model
 
 
-def build_model(args, num_classes, layer_type=QuantLayer):
+def build_model(args, classes, layer_type=QuantLayer):
     """The torchvision model with its FP weights, patched; refused, naming the layer, unless all is counted."""
-    model = fp_model(args.arch, args.pretrained, num_classes)
+    model = fp_model(args.arch, args.pretrained, classes)
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)]
     patch_model(model.train(), args.bits, args.w_bits, args.first_last_bits, 224, layer_type, args.plain_lsq)
     # A Conv2d or Linear still there was not called as a module in the forward pass (e.g. attention's projections).
-    for n, m in model.named_modules():
-        if type(m) in (nn.Conv2d, nn.Linear):
-            found.append(f"{n} (not called as a module)")
+    found += [f"{n} (not called as a module)" for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     if found:
         raise BadInput(
             f"--arch {args.arch}: {', '.join(found[:3])} would stay in full precision and outside the BOPs; "
             "metamix quantizes Conv2d and Linear modules (CNNs such as resnet18, mobilenet_v2)"
         )
-    # Is the crop too small for the model's pooling? The smallest size that runs, to name in the error.
-    for size in [args.image_size] + list(range(16, 225, 16)):
-        with contextlib.suppress(RuntimeError), torch.no_grad():
-            model.eval()(torch.zeros(1, 3, size, size))
-            break
-    if size != args.image_size:
-        raise BadInput(f"--image-size {args.image_size} is too small for {args.arch}; use --image-size {size} or more")
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, args.image_size, args.image_size))
+    except RuntimeError:
+        raise BadInput(f"--image-size {args.image_size} is too small for {args.arch}") from None
     return model.train()
 
 
+def check_budget(model, args):
+    """The feasible range; the default target: the paper's in its setting, else (our choice) 95% of uniform A4."""
+    lo, hi = gbops_range(model)
+    layers = searched_layers(model)
+    if len(layers[0].candidates) < 2:
+        raise BadInput(f"--bits {args.bits}: a search needs two candidates or more")
+    paper = PAPER_SETTINGS.get(args.arch, {})
+    papers_setting = (paper.get("bits"), 4, 8) == (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits)
+    default = ""
+    if args.target_gbops is None and papers_setting:
+        args.target_gbops = paper["target_gbops"]
+        default = " (the default; set --target-gbops)"
+    elif args.target_gbops is None:
+        # (A, W) pairs (pairs.py): uniform A4/W4
+        w = args.w_bits if isinstance(args.w_bits, int) else 4
+        args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
+        default = " (the default; set --target-gbops)"
+    if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
+        raise BadInput(
+            f"--target-gbops {args.target_gbops:.4g}{default} is outside the feasible range [{lo:.3f}, {hi:.3f}] "
+            f"GBOPs for {args.arch} with bits {args.bits}, W{args.w_bits}"
+        )
+    return lo, hi
+
+
+def one_line(e):
+    """An error as one line; from a DataLoader worker (which wraps it in a traceback), its last line."""
+    text = str(e).strip() or type(e).__name__
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0]
+
+
 def atomic_write(path, data):
-    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file whole."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    """Write a temporary file in the same folder, fsync, rename it: a kill or a full disk leaves the old file whole."""
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -1328,84 +1351,28 @@ def atomic_write(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise BadInput(f"no space left on device writing {path}; its previous version is intact") from None
-        raise
+        raise BadInput(f"cannot write {path} ({e.strerror}); its previous version is intact") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def saved_bytes(obj):
-    """torch.save into memory: a full disk then fails in atomic_write, which names the path, not in torch.save."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def file_kind(head):
-    """What a file that torch.save did not write looks like, from its first bytes."""
-    if not head:
-        return "empty"
-    if not all(32 <= c < 127 or c in b"\t\r\n" for c in head):
-        return "a file of another kind"
-    if head.lstrip()[:1] in b"{[":
-        return "a JSON file"
-    return "a text file"
-
-
-def load_checkpoint(path, flag, what="a metamix checkpoint"):
-    """torch.load(weights_only=True); every failure a whole sentence that says what the file is."""
-    if os.path.isdir(path):
-        hint = "give a file in it"
-        if flag == "--resume":
-            hint += ", or --resume auto"
-        raise BadInput(f"{flag} {path} is a folder, not {what}; {hint}")
-    if not os.path.isfile(path):
-        raise BadInput(f"{flag} {path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    # torch.save's zip format, or a legacy pickle
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise BadInput(f"{flag} {path} is {file_kind(head)}, not {what} (a file written by torch.save)")
+def load_checkpoint(path, flag, format=None):
+    """torch.load(weights_only=True); what it cannot read, one line naming the file. `format`: a run's checkpoint."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        problem = f"is truncated or corrupt (torch.load fails with {type(e).__name__})"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            problem = "holds pickled Python objects, which metamix does not load (weights_only)"
-        raise BadInput(f"{flag} {path} {problem}") from None
-    if not isinstance(ck, dict):
-        raise BadInput(f"{flag} {path} holds a {type(ck).__name__}, not {what}")
+        raise BadInput(f"{flag} {path}: torch.load cannot read it ({one_line(e)})") from None
+    if not isinstance(ck, dict) or (format and ck.get("format") != format):
+        raise BadInput(f"{flag} {path}: not a {format or 'state dict'} file")
     return ck
 
 
 CHECKPOINT_FORMAT = "metamix-checkpoint-4"
-
-
-def load_run_checkpoint(path, flag):
-    """A checkpoint of this metamix (checkpoint.pth, meta_state.pth): load_checkpoint, then its format checked."""
-    ck = load_checkpoint(path, flag)
-    if ck.get("format") != CHECKPOINT_FORMAT:
-        raise BadInput(f"{flag} {path} is not a checkpoint of this metamix (format {ck.get('format')!r})")
-    return ck
-
-
 # Flags a resumed checkpoint must share; the second group may change at the phase boundary (e.g. meta_state.pth).
 SAME_RUN = ("arch", "bits", "w_bits", "first_last_bits", "plain_lsq", "search_epochs", "unfixed")
-SAME_SELECTION = (
-    "epochs",
-    "target_gbops",
-    "lam",
-    "lr",
-    "optimizer",
-    "alpha_optimizer",
-    "alpha_lr",
-    "bits_from",
-    "no_budget_repair",
-    "teacher",
-    "act_only_epochs",
-)
+SAME_SELECTION = ("epochs", "target_gbops", "lam", "lr", "optimizer", "alpha_optimizer", "alpha_lr", "bits_from")
+SAME_SELECTION += ("no_budget_repair", "teacher", "act_only_epochs")
 # The recipes' default rates, (from pretrained weights, from scratch). Ours for the weights, SGD: the digits study's
 # (docs/digits.md); the authors', Adam: their code's. The alphas: ours SGD, Adam with the authors' betas and L2, and
 # the authors' whole recipe (their rate and their random init).
@@ -1419,80 +1386,56 @@ def weights_quantized(args, epoch, selected):
 
 
 class Run:
-    """Everything a run carries from epoch to epoch; save() writes it as the checkpoint.
+    """What a run carries from epoch to epoch; save() writes it as the checkpoint, resume() reads it back."""
 
-    Exact resume (our choice): the checkpoint holds the model, the optimizers and schedule, the history and every
-    rank's RNG states; the data order is a function of the seed and the epoch, and DataLoader workers are re-created
-    each epoch, so a run stopped after any epoch and resumed computes bit for bit what the uninterrupted run
-    computes.
-    """
-
-    def __init__(self, args, dist, model, steps=1, teacher=None):
+    def __init__(self, args, dist, model, steps, teacher=None):
         self.args = args
         self.dist = dist
         self.model = model
-        # Steps per epoch, for a schedule stepped per step.
+        # Steps per epoch (a schedule stepped per step), and the frozen teacher if any.
         self.steps = steps
         self.teacher = teacher
-        # The epochs finished.
+        # The epochs finished, and a branch per searched layer once the bits are selected.
         self.epoch = 0
-        # A branch per searched layer, once the bits are selected.
         self.selected = None
-        # The rows of log.jsonl, the FP model's top-1, how the search ended.
+        # The rows of log.jsonl, and the FP model's top-1.
         self.history = []
         self.fp_top1 = None
-        self.search = None
         self.build_optimizers()
 
     @property
     def phase(self):
-        """Bit selection until the bits are selected, then weight training."""
         return "bit_selection" if self.selected is None else "weight_training"
 
     def build_optimizers(self):
-        """The training recipes, ours and the authors', each in one branch (the paper names neither).
+        """The training recipes, ours and the authors', one branch each (the paper names neither).
 
         A fresh optimizer and schedule for each stage: bit selection, weight training with FP weights (the act-only
-        epochs, if any), weight training with quantized weights. `sched_per_step` says whether the schedule steps
-        after every step or after every epoch.
+        epochs, if any), weight training with quantized weights. `sched_per_step`: the schedule steps after every
+        step, not after every epoch.
         """
         a = self.args
         alphas = alphas_of(self.model)
-
-        def groups(decay, rate):
-            rest = [p for p in self.model.parameters() if all(p is not q for q in alphas + decay)]
-            return [{"params": decay, "weight_decay": rate}, {"params": rest, "weight_decay": 0.0}]
-
+        weights = [m.weight for m in quant_layers(self.model)]
+        self.sched_per_step = a.optimizer == "adam"
         if a.optimizer == "sgd":
             # Ours: SGD, momentum 0.9, decay 1e-4 on every conv and linear weight, a constant LR in bit selection,
             # then a cosine stepped per epoch.
-            decay = [m.weight for m in quant_layers(self.model)]
-            self.opt = torch.optim.SGD(groups(decay, 1e-4), lr=a.lr, momentum=0.9)
-            self.sched_per_step = False
-        elif a.optimizer == "adam":
-            # The authors': Adam, L2 5e-6 on the 4-D conv weights only, LR/5 in bit selection, a cosine stepped per
-            # step, and the gradient norm clipped at 10 before each step: this optimizer's gradients only (their
-            # code clips the alphas' stale gradients too).
-            decay = [m.weight for m in quant_layers(self.model) if m.weight.dim() == 4]
-            lr = a.lr / 5 if self.selected is None else a.lr
-            self.opt = torch.optim.Adam(groups(decay, 5e-6), lr=lr)
-            clipped = [p for g in self.opt.param_groups for p in g["params"]]
-
-            def clip(optimizer, args, kwargs):
-                nn.utils.clip_grad_norm_(clipped, 10)
-
-            self.opt.register_step_pre_hook(clip)
-            self.sched_per_step = True
+            self.opt = torch.optim.SGD(decay_groups(self.model, weights, 1e-4), lr=a.lr, momentum=0.9)
         else:
-            raise ValueError(f"--optimizer {a.optimizer}: unknown")
+            # The authors': Adam, L2 5e-6 on the 4-D conv weights only, LR/5 in bit selection, a cosine stepped per
+            # step, and its own parameters' gradient norm clipped at 10 before each step (their code clips the
+            # alphas' stale gradients too).
+            convs = [w for w in weights if w.dim() == 4]
+            lr = a.lr / 5 if self.selected is None else a.lr
+            self.opt = torch.optim.Adam(decay_groups(self.model, convs, 5e-6), lr=lr)
+            self.opt.register_step_pre_hook(clip_at_10)
         if a.alpha_optimizer == "sgd":
             # Ours: SGD with momentum, alphas from zero (every candidate equally likely).
             self.opt_alpha = torch.optim.SGD(alphas, lr=a.alpha_lr, momentum=0.9)
-        elif a.alpha_optimizer in ("adam", "authors"):
+        else:
             # The authors' Adam: betas (0.5, 0.999), L2 1e-3; "authors" also draws the alphas at random (train).
             self.opt_alpha = torch.optim.Adam(alphas, lr=a.alpha_lr, betas=(0.5, 0.999), weight_decay=1e-3)
-        else:
-            raise ValueError(f"--alpha-optimizer {a.alpha_optimizer}: unknown")
         self.sched = None
         if self.selected is not None:
             # A cosine over the stage the next epoch belongs to.
@@ -1503,29 +1446,26 @@ class Run:
                 epochs *= self.steps
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(epochs, 1))
 
-    def init_alphas(self):
-        """The alphas' start, part of the alpha recipe: ours zeros (every candidate equally likely); the authors' a
-        normal draw, std 1e-3, a random initial argmax per layer (rank 0's draw reaches every rank)."""
-        if self.args.alpha_optimizer == "authors":
-            for alpha in alphas_of(self.model):
-                nn.init.normal_(alpha, std=1e-3)
-
-    def load_state_dict(self, ck, path):
-        """Continue from a checkpoint (load_run_checkpoint's), refusing one of another run, or, with Adam's per-step
-        schedule, of another number of processes."""
+    def resume(self, path):
+        """Continue from a checkpoint, refusing one of another run, or (Adam's per-step schedule) of another number of
+        processes. Another world size is valid otherwise, but not bit-exact."""
         a = self.args
-        # At the phase boundary the optimizers are rebuilt before any step, so their flags may change.
+        ck = load_checkpoint(path, "--resume", CHECKPOINT_FORMAT)
+        # At the phase boundary the optimizers are rebuilt before any step, so the selection's flags may change.
         boundary = ck["selected"] is None and ck["epoch"] >= a.search_epochs
-        keys = SAME_RUN if boundary else SAME_RUN + SAME_SELECTION
-        for key in keys:
-            mine = flag_text(getattr(a, key))
-            theirs = flag_text(ck["args"][key])
-            if mine != theirs:
-                raise BadInput(f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, not {mine}")
+        same = SAME_RUN
+        if not boundary:
+            same += SAME_SELECTION
+        for key in same:
+            theirs = ck["args"].get(key)
+            if getattr(a, key) != theirs:
+                raise BadInput(
+                    f"--resume {path}: the checkpoint has --{key.replace('_', '-')} {theirs}, not {getattr(a, key)}"
+                )
         try:
             self.model.load_state_dict(ck["model"])
         except RuntimeError as e:
-            raise BadInput(f"--resume {path}: the model does not match ({str(e).splitlines()[0]})") from None
+            raise BadInput(f"--resume {path}: the model does not match ({one_line(e)})") from None
         self.epoch = ck["epoch"]
         self.selected = ck["selected"]
         self.history = ck["history"]
@@ -1539,9 +1479,9 @@ class Run:
         if not boundary:
             self.opt.load_state_dict(ck["opt"])
             self.opt_alpha.load_state_dict(ck["opt_alpha"])
-            if self.sched is not None:
-                self.sched.load_state_dict(ck["sched"])
-        # Another world size is valid, but not bit-exact: the ranks beyond the saved ones take the last one's.
+        if self.sched and not boundary:
+            self.sched.load_state_dict(ck["sched"])
+        # Rank r continues with its own RNG states (ranks beyond the saved ones with the last one's).
         rng = ck["rng"][min(self.dist.rank, processes - 1)]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -1549,17 +1489,15 @@ class Run:
             torch.cuda.set_rng_state(rng["cuda"])
 
     def save(self):
-        """checkpoint.pth and log.jsonl; at the phase boundary also meta_state.pth, kept (for --bits-from)."""
-        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        """checkpoint.pth and log.jsonl; at the end of bit selection also meta_state.pth, kept (for --bits-from)."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.dist.cuda:
-            state["cuda"] = torch.cuda.get_rng_state()
-        # Every rank's RNG state: rank r resumes with its own.
-        rng = [state] * self.dist.world
+            rng["cuda"] = torch.cuda.get_rng_state()
+        rngs = [rng] * self.dist.world
         if self.dist.world > 1:
-            torch.distributed.all_gather_object(rng, state)
+            torch.distributed.all_gather_object(rngs, rng)
         if not self.dist.main:
             return
-        sched = self.sched.state_dict() if self.sched else None
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "args": vars(self.args),
@@ -1569,108 +1507,87 @@ class Run:
             "num_classes": quant_layers(self.model)[-1].weight.shape[0],
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
-            "sched": sched,
+            "sched": self.sched and self.sched.state_dict(),
             "opt_alpha": self.opt_alpha.state_dict(),
             "history": self.history,
             "fp_top1": self.fp_top1,
-            "rng": rng,
+            "rng": rngs,
         }
-        data = saved_bytes(checkpoint)
+        # Serialised in memory first: a full disk then fails in atomic_write, which names the file.
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
         out = self.args.output_dir
         if self.selected is None and self.epoch == self.args.search_epochs:
-            # The end of bit selection: the meta-state, kept for other selections (baselines.py, --bits-from).
-            atomic_write(os.path.join(out, "meta_state.pth"), data)
-        atomic_write(os.path.join(out, "checkpoint.pth"), data)
-        log_lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        atomic_write(os.path.join(out, "log.jsonl"), log_lines.encode())
+            atomic_write(os.path.join(out, "meta_state.pth"), buf.getvalue())
+        atomic_write(os.path.join(out, "checkpoint.pth"), buf.getvalue())
+        atomic_write(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
 
-def flag_text(value):
-    """A flag's value as the command line writes it: a list as 8,4,2."""
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return value
+def clip_at_10(opt, args, kwargs):
+    """An optimizer's step pre-hook: its own parameters' gradient norm clipped at 10."""
+    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 10)
 
 
-def log(dist, *msg):
+def decay_groups(model, decay, rate):
+    """Two parameter groups: `decay` with weight decay `rate`, every other parameter but the alphas without."""
+    others = decay + alphas_of(model)
+    rest = [p for p in model.parameters() if all(p is not q for q in others)]
+    return [{"params": decay, "weight_decay": rate}, {"params": rest, "weight_decay": 0.0}]
+
+
+def log(dist, text):
     """Print on the main process only."""
     if dist.main:
-        print(*msg, flush=True)
+        print(text, flush=True)
 
 
 def search_report(model, last_change, steps, target_gbops):
     """How the search ended. Settled (our rule): the argmax configuration did not change in the last quarter of the
     steps, and the median top-2 margin of softmax(alpha) over the searched layers is 0.05 or more."""
-    probs = torch.stack([F.softmax(alpha.detach().float(), 0) for alpha in alphas_of(model)])
-    top2 = probs.topk(2, 1).values.cpu()
+    top2 = torch.stack([F.softmax(alpha.detach().float(), 0) for alpha in alphas_of(model)]).topk(2, 1).values.cpu()
     # per layer
     margin = top2[:, 0] - top2[:, 1]
     median = margin.quantile(0.5).item()
     gbops = branches_gbops(model, argmax_branches(model))
-    return {
-        "argmax_last_changed": last_change,
-        "settled": last_change <= 0.75 * steps and median >= 0.05,
-        "steps": steps,
-        "median_margin": median,
-        "min_margin": margin.min().item(),
-        "argmax_gbops": gbops,
-        "vs_target": gbops / target_gbops - 1,
-    }
+    settled = last_change <= 0.75 * steps and median >= 0.05
+    report = dict(argmax_last_changed=last_change, settled=settled, steps=steps, median_margin=median)
+    report.update(min_margin=margin.min().item(), argmax_gbops=gbops, vs_target=gbops / target_gbops - 1)
+    return report
 
 
 def train_one_epoch(run, loader, epoch, autocast):
-    """One epoch of the current phase (section 6's steps); returns the mean loss."""
+    """One epoch of the current phase (section 6's steps). Returns (mean loss, the search's report or None)."""
     a = run.args
     model = run.model
-    dist = run.dist
     selecting = run.phase == "bit_selection"
     # With --bits-from the selection is given: bit selection trains the meta-state only.
     searching = selecting and epoch == a.search_epochs and not a.bits_from
-    model.train()
-    # The search makes --search-steps steps or more: passes over the data, each in an order of its own (the first
-    # in the epoch's, as without passes). ImageNet's epoch is longer than the default, so it keeps one pass.
+    kind = "train"
+    if selecting:
+        kind = "meta+search" if searching else "meta"
+    # Our choice: the search makes at least --search-steps steps, in passes over the data, each in an order of its
+    # own (the first in the epoch's). An ImageNet epoch is longer than the default, so it keeps one pass.
     passes = 1
     if searching:
         passes = max(1, -(-a.search_steps // len(loader)))
-
-    def batches():
-        for p in range(passes):
-            loader.sampler.set_epoch(epoch + 1000 * p)
-            yield from loader
-
     steps = len(loader) * passes
-    t0 = time.time()
+    argmax = argmax_branches(model)
+    last_change = 0
     total = 0.0
-    argmax = None
-    run.search = None
-    if searching:
-        argmax = argmax_branches(model)
-        run.search = 0
-    for step, (images, targets) in enumerate(batches(), 1):
-        images = images.to(dist.device, non_blocking=True)
-        targets = targets.to(dist.device, non_blocking=True)
-
-        def sync(params, loss, step=step):
-            """One all-reduce, then the NaN and stop checks, before the update: nothing bad is ever saved."""
-            loss_v, stop = sync_step(dist, params, loss)
-            if not math.isfinite(loss_v):
-                last = f"epoch {run.epoch} in checkpoint.pth" if run.epoch else "none written yet"
-                raise BadInput(
-                    f"the loss is {loss_v} at epoch {epoch} step {step}/{steps}, stopped before this update "
-                    f"(last good checkpoint: {last}); try a lower --lr"
-                )
-            if stop:
-                # On every rank at this step.
-                raise KeyboardInterrupt(f"at epoch {epoch} step {step}/{steps}")
-            return loss_v
-
+    t0 = time.time()
+    model.train()
+    for step, (images, targets) in enumerate(batches(loader, epoch, passes), 1):
+        images = images.to(run.dist.device, non_blocking=True)
+        targets = targets.to(run.dist.device, non_blocking=True)
         # The teacher runs once per batch, for all of the step's passes.
         criterion = F.cross_entropy
         if run.teacher is not None:
             with torch.no_grad(), autocast():
                 criterion = distillation_loss(run.teacher(images))
+        sync = functools.partial(checked_sync, run, f"epoch {epoch} step {step}/{steps}")
+        shown = ""
         if selecting:
-            loss_v, _, gbops = bit_selection_step(
+            loss, _, gbops = bit_selection_step(
                 model,
                 images,
                 targets,
@@ -1684,54 +1601,66 @@ def train_one_epoch(run, loader, epoch, autocast):
                 fixed=not a.unfixed,
                 criterion=criterion,
             )
-            if searching and argmax_branches(model) != argmax:
-                # The last step at which the argmax configuration changed.
-                argmax = argmax_branches(model)
-                run.search = step
         else:
-            loss_v = weight_training_step(model, images, targets, run.opt, autocast, sync, criterion)
-            if run.sched_per_step:
-                run.sched.step()
-        total += loss_v
-        if dist.main and (step % min(100, max(1, steps // 2)) == 0 or step == steps):
+            loss = weight_training_step(model, images, targets, run.opt, autocast, sync, criterion)
+        if run.sched_per_step and not selecting:
+            run.sched.step()
+        if searching and argmax_branches(model) != argmax:
+            # The last step at which the argmax configuration changed.
+            argmax = argmax_branches(model)
+            last_change = step
+        if searching:
+            shown = f" search-gbops {float(gbops):.2f}"
+        total += loss
+        if step % min(100, max(1, steps // 2)) == 0 or step == steps:
             dt = time.time() - t0
-            kind = "train"
-            search_gbops = ""
-            if searching:
-                kind = "meta+search"
-                search_gbops = f" search-gbops {float(gbops):.2f}"
-            elif selecting:
-                kind = "meta"
-            lr = run.opt.param_groups[0]["lr"]
-            speed = step * len(images) * dist.world / max(dt, 1e-9)
+            speed = step * len(images) * run.dist.world / max(dt, 1e-9)
             eta = datetime.timedelta(seconds=int(dt / step * (steps - step)))
-            print(
-                f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss_v:.4f}{search_gbops} "
-                f"lr {lr:.4g} {speed:.0f} img/s eta {eta}",
-                flush=True,
+            lr = run.opt.param_groups[0]["lr"]
+            log(
+                run.dist,
+                f"{run.phase} epoch {epoch}/{a.epochs} [{kind}] step {step}/{steps} loss {loss:.4f}{shown} lr {lr:.4g} "
+                f"{speed:.0f} img/s eta {eta}",
             )
+    report = None
     if searching:
-        report = search_report(model, run.search, steps, a.target_gbops)
-        run.search = report
-        settled = "settled" if report["settled"] else "NOT settled"
+        report = search_report(model, last_change, steps, a.target_gbops)
         log(
-            dist,
-            f"search {settled}: argmax last changed at step {report['argmax_last_changed']}/{steps}; top-2 margins of "
-            f"softmax(alpha) median {report['median_margin']:.3f}, min {report['min_margin']:.3f}; argmax "
-            f"{report['argmax_gbops']:.3f} GBOPs ({report['vs_target']:+.1%})",
+            run.dist,
+            f"search {'settled' if report['settled'] else 'NOT settled'}: argmax last changed at step {last_change}/"
+            f"{steps}; top-2 margins of softmax(alpha) median {report['median_margin']:.3f}, min "
+            f"{report['min_margin']:.3f}; argmax {report['argmax_gbops']:.3f} GBOPs ({report['vs_target']:+.1%})",
         )
-    return total / max(steps, 1)
+    return total / max(steps, 1), report
+
+
+def batches(loader, epoch, passes):
+    """`passes` passes over the data, the first in the epoch's order, each next in an order of its own."""
+    for p in range(passes):
+        loader.sampler.set_epoch(epoch + 1000 * p)
+        yield from loader
+
+
+def checked_sync(run, where, params, loss):
+    """A step's `sync`: one all-reduce, then the NaN and stop checks, before the update: nothing bad is ever saved."""
+    loss_v, stop = sync_step(run.dist, params, loss)
+    if not math.isfinite(loss_v):
+        last = f"epoch {run.epoch} in checkpoint.pth" if run.epoch else "none written yet"
+        raise BadInput(f"the loss is {loss_v} at {where}, stopped before this update (last good checkpoint: {last})")
+    if stop:
+        # On every rank at this step.
+        raise KeyboardInterrupt(f"at {where}")
+    return loss_v
 
 
 @torch.no_grad()
 def evaluate(model, loader, dist, autocast):
     """Top-1/top-5 of the validation set, each image once; BN statistics averaged over ranks first (timm's choice)."""
-    if dist.world > 1:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                for t in (m.running_mean, m.running_var):
-                    torch.distributed.all_reduce(t)
-                    t.div_(dist.world)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    stats = [t for m in bns for t in (m.running_mean, m.running_var)]
+    for t in stats if dist.world > 1 else []:
+        torch.distributed.all_reduce(t)
+        t.div_(dist.world)
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images
     tot = torch.zeros(4, dtype=torch.float64, device=dist.device)
@@ -1742,8 +1671,9 @@ def evaluate(model, loader, dist, autocast):
             logits = model(images).float()
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         loss_sum = F.cross_entropy(logits, targets, reduction="sum").double()
-        count = torch.tensor(len(targets), device=dist.device).double()
-        tot += torch.stack([loss_sum, hit[:, 0].sum().double(), hit.any(1).sum().double(), count])
+        tot += torch.stack(
+            [loss_sum, hit[:, 0].sum().double(), hit.any(1).sum().double(), loss_sum.new_tensor(len(targets))]
+        )
     if dist.world > 1:
         torch.distributed.all_reduce(tot)
     loss, top1, top5, n = tot.tolist()
@@ -1755,19 +1685,14 @@ def bits_report(model, args):
     """The content of bits.json: the selected configuration, layer by layer (the data of Fig. 7)."""
     rows = []
     for m in quant_layers(model):
-        row = {"name": m.name, "type": m.kind, "macs": m.macs, "in_size": m.in_size, "fixed": m.fixed}
-        # the grid: signed or not, and its offset
-        row.update(signed=m.act.signed, offset=m.act.offset)
-        if m.fixed:
-            row["a_bits"], row["w_bits"] = m.candidates[0]
-            row["probs"] = None
-        else:
-            row["a_bits"], row["w_bits"] = m.candidates[m.selected_branch]
-            probs = F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()
-            row["probs"] = [round(p, 6) for p in probs]
-        rows.append(row)
+        a_bits, w_bits = m.candidates[m.selected_branch]
+        probs = None
+        if not m.fixed:
+            probs = [round(p, 6) for p in F.softmax(m.act.alpha.detach().float().cpu(), 0).tolist()]
+        # the layer, its grid (signed or not, its offset), its bits
+        rows.append(dict(name=m.name, type=m.kind, macs=m.macs, in_size=m.in_size, fixed=m.fixed, signed=m.act.signed))
+        rows[-1].update(offset=m.act.offset, a_bits=a_bits, w_bits=w_bits, probs=probs)
     searched = [r for r in rows if not r["fixed"]]
-    size = sum(r["in_size"] for r in searched)
     return {
         "arch": args.arch,
         "candidates": [list(c) for c in searched_layers(model)[0].candidates],
@@ -1778,23 +1703,19 @@ def bits_report(model, args):
         # The plain mean over the searched layers.
         "avg_a_bits": sum(r["a_bits"] for r in searched) / len(searched),
         # The authors' code (likely the paper's "3.85/4"): weighted by each input's values per image at 224 px.
-        "avg_a_bits_weighted": sum(r["a_bits"] * r["in_size"] for r in searched) / size,
+        "avg_a_bits_weighted": sum(r["a_bits"] * r["in_size"] for r in searched) / sum(r["in_size"] for r in searched),
         "avg_w_bits": sum(r["w_bits"] for r in searched) / len(searched),
         "layers": rows,
     }
 
 
-def mixed_weights(report):
-    """Whether a report is of (A, W) pairs (the supplement's, pairs.py): each layer has its own weight bits."""
-    return len({w for _, w in report["candidates"]}) > 1
-
-
 def layer_table(report):
-    """bits.json as text (Fig. 7): a row per layer, its MOPs and a bar of its activation bits."""
+    """bits.json as text (Fig. 7): a row per layer, its MOPs and a bar of its activation bits (and W with pairs)."""
+    pairs = len({w for _, w in report["candidates"]}) > 1
     lines = [f"{'layer':<34} {'type':<7} {'MOPs':>8}  bits"]
     for r in report["layers"]:
         line = f"{r['name']:<34} {r['type']:<7} {r['macs'] / 1e6:8.2f}  {'#' * r['a_bits']:<8} A{r['a_bits']}"
-        if mixed_weights(report):
+        if pairs:
             line += f"/W{r['w_bits']}"
         if r["fixed"]:
             line += " (fixed)"
@@ -1803,91 +1724,57 @@ def layer_table(report):
 
 
 def avg_bits_text(report):
-    """The average bits of a report, as one phrase."""
-    text = (
-        f"average activation bits {report['avg_a_bits']:.2f} (weighted by input size, as the authors' code: "
-        f"{report['avg_a_bits_weighted']:.2f})"
-    )
-    if mixed_weights(report):
+    """The average bits of a report, as one phrase (the weights' too, with pairs)."""
+    text = f"average activation bits {report['avg_a_bits']:.2f} (weighted by input size, as the authors' code: "
+    text += f"{report['avg_a_bits_weighted']:.2f})"
+    if len({w for _, w in report["candidates"]}) > 1:
         text += f"; weight bits {report['avg_w_bits']:.2f}"
     return text
 
 
-def read_bits_from(model, path, target_gbops):
-    """Branch indices from a bits.json or {layer name: a_bits} (pairs: [a_bits, w_bits]), set as the selection."""
-    flag = f"--bits-from {path}"
+def read_bits_from(model, args):
+    """--bits-from: the branch of each searched layer from a bits.json's rows (name, a_bits, w_bits), as selected."""
+    flag = f"--bits-from {args.bits_from}"
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise BadInput(f"{flag}: cannot read it ({e})") from None
-    except ValueError as e:
-        raise BadInput(f"{flag}: not JSON ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("layers"), list):
-        data = {r.get("name"): [r.get("a_bits"), r.get("w_bits")] for r in data["layers"] if isinstance(r, dict)}
-    if not isinstance(data, dict):
-        raise BadInput(f"{flag}: expected a bits.json or {{layer name: activation bits}}")
-    layers = {m.name: m for m in quant_layers(model)}
-    searched = searched_layers(model)
-    unknown = [n for n in data if n not in layers]
+        with open(args.bits_from) as f:
+            rows = {r["name"]: (r["a_bits"], r["w_bits"]) for r in json.load(f)["layers"]}
+        branches = [m.candidates.index(rows[m.name]) for m in searched_layers(model)]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{flag}: not a bits.json of this model's layers and candidates ({e!r})") from None
+    unknown = set(rows) - {m.name for m in quant_layers(model)}
     if unknown:
-        raise BadInput(f"{flag}: unknown layer {unknown[0]!r}")
-    missing = [m.name for m in searched if m.name not in data]
-    if missing:
-        raise BadInput(f"{flag}: no bits for layer {missing[0]} ({len(missing)} of {len(searched)} missing)")
-    for name, b in data.items():
-        m = layers[name]
-        widths = {w for _, w in m.candidates}
-        pair = b
-        if isinstance(b, list):
-            pair = tuple(b)
-        elif len(widths) == 1:
-            # activation bits alone: the layer's one weight bit-width
-            pair = (b, *widths)
-        if pair not in m.candidates or any(isinstance(v, bool) for v in pair):
-            candidates = ", ".join(f"[{a}, {w}]" for a, w in m.candidates)
-            raise BadInput(f"{flag}: layer {name} has {json.dumps(b)}, not one of its candidates: {candidates}")
-        m.selected_branch = m.candidates.index(pair)
-    branches = [m.selected_branch for m in searched]
+        raise BadInput(f"{flag}: {args.arch} has no layer {sorted(unknown)[0]}")
+    apply_selection(model, branches)
     gbops = branches_gbops(model, branches)
-    if gbops > target_gbops + 1e-9:
-        raise BadInput(f"{flag}: the configuration costs {gbops:.3f} GBOPs, over --target-gbops {target_gbops:.3f}")
+    if gbops > args.target_gbops + 1e-9:
+        raise BadInput(
+            f"{flag}: the configuration costs {gbops:.3f} GBOPs, over --target-gbops {args.target_gbops:.3f}"
+        )
     return branches
 
 
 def select_bits(run):
     """Between the phases (Table 1): start_weight_training (or --bits-from); prints Fig. 7 as text, writes bits.json."""
     a = run.args
-    model = run.model
     given = None
     if a.bits_from:
-        given = read_bits_from(model, a.bits_from, a.target_gbops)
-    run.selected, _, repaired = start_weight_training(model, a.target_gbops, not a.no_budget_repair, given)
+        given = read_bits_from(run.model, a)
+    run.selected, _, repaired = start_weight_training(run.model, a.target_gbops, not a.no_budget_repair, given)
     # With --act-only-epochs the weights stay in FP first.
-    set_mode(model, "selected", quant_weights=not a.act_only_epochs)
+    set_mode(run.model, "selected", quant_weights=not a.act_only_epochs)
     run.build_optimizers()
-    report = bits_report(model, a)
+    report = bits_report(run.model, a)
     # A --bits-from run made no search (its "selection" names the file), even when it resumed one's meta-state.
     report["search"] = next((h["search"] for h in run.history if "search" in h and not a.bits_from), None)
+    note = ""
+    if repaired and not a.bits_from:
+        note = " (argmax lowered by budget repair)"
+    log(run.dist, layer_table(report))
+    log(
+        run.dist, f"selected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{note}; {avg_bits_text(report)}"
+    )
     if run.dist.main:
-        note = ""
-        if repaired and not a.bits_from:
-            note = " (argmax lowered by budget repair)"
-        print(layer_table(report), flush=True)
-        print(
-            f"selected: {report['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}{note}; {avg_bits_text(report)}",
-            flush=True,
-        )
         atomic_write(os.path.join(a.output_dir, "bits.json"), json.dumps(report, indent=1).encode())
-
-
-def broadcast_quantizers(model):
-    """Rank 0's steps, grids and signs for all ranks (they computed them from the same batch, but for float noise)."""
-    for t in filter(torch.is_tensor, model.state_dict().values()):
-        torch.distributed.broadcast(t, 0)
-    extra = [{k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}]
-    torch.distributed.broadcast_object_list(extra, 0)
-    model.load_state_dict(extra[0], strict=False)
 
 
 def train(run, train_loader, val_loader, calib, autocast):
@@ -1897,9 +1784,15 @@ def train(run, train_loader, val_loader, calib, autocast):
     dist = run.dist
     if run.epoch == 0:
         init_quantizers(model, calib.to(dist.device))
-        run.init_alphas()
+        if a.alpha_optimizer == "authors":
+            # The authors' alphas start from a normal draw, std 1e-3: a random argmax per layer.
+            for alpha in alphas_of(model):
+                nn.init.normal_(alpha, std=1e-3)
         if dist.world > 1:
-            broadcast_quantizers(model)
+            # Rank 0's steps, grids and alphas for every rank (the same batch gave them, but for float noise).
+            state = [model.state_dict()]
+            torch.distributed.broadcast_object_list(state, 0)
+            model.load_state_dict(state[0])
         run.fp_top1 = evaluate(model, val_loader, dist, autocast)["top1"]
         log(dist, f"full-precision top-1 before quantization: {run.fp_top1:.2f}%")
     for epoch in range(run.epoch + 1, a.epochs + 1):
@@ -1913,7 +1806,7 @@ def train(run, train_loader, val_loader, calib, autocast):
         t0 = time.time()
         # The rate this epoch starts with.
         lr = run.opt.param_groups[0]["lr"]
-        loss = train_one_epoch(run, train_loader, epoch, autocast)
+        loss, search = train_one_epoch(run, train_loader, epoch, autocast)
         if phase == "bit_selection":
             # Evaluate the argmax configuration, weights in full precision.
             apply_selection(model, argmax_branches(model))
@@ -1923,10 +1816,9 @@ def train(run, train_loader, val_loader, calib, autocast):
         metrics = evaluate(model, val_loader, dist, autocast)
         gbops = branches_gbops(model, [m.selected_branch for m in searched_layers(model)])
         row = {"epoch": epoch, "phase": phase, "loss": loss, **metrics, "lr": lr, "gbops": gbops}
-        row["seconds"] = round(time.time() - t0, 3)
-        row["world_size"] = dist.world
-        if run.search:
-            row["search"] = run.search
+        row.update(seconds=round(time.time() - t0, 3), world_size=dist.world)
+        if search:
+            row["search"] = search
         run.history.append(row)
         run.epoch = epoch
         run.save()
@@ -1935,18 +1827,14 @@ def train(run, train_loader, val_loader, calib, autocast):
             f"epoch {epoch}/{a.epochs} {phase}: loss {loss:.4f} top-1 {metrics['top1']:.2f}% top-5 "
             f"{metrics['top5']:.2f}% {gbops:.3f} GBOPs ({time.time() - t0:.1f}s)",
         )
-        if a.stop_after_epoch and a.stop_after_epoch <= epoch < a.epochs:
-            log(dist, f"stopping after epoch {epoch} as asked (--stop-after-epoch); continue with --resume auto")
-            return
-    if dist.main and run.selected is not None and run.history:
-        last = run.history[-1]
-        took = datetime.timedelta(seconds=int(sum(h["seconds"] for h in run.history)))
-        print(
-            f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
-            f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
-            f"{avg_bits_text(bits_report(model, a))}; {took} in all",
-            flush=True,
-        )
+    last = run.history[-1]
+    took = datetime.timedelta(seconds=int(sum(h["seconds"] for h in run.history)))
+    log(
+        dist,
+        f"summary: full-precision top-1 {run.fp_top1:.2f}% -> final top-1 {last['top1']:.2f}% (top-5 "
+        f"{last['top5']:.2f}%); {last['gbops']:.3f} GBOPs vs target {a.target_gbops:.3f}; "
+        f"{avg_bits_text(bits_report(model, a))}; {took} in all",
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -1957,7 +1845,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def bit_list(text):
-    """argparse type of --bits and --w-bits: comma-separated distinct bit-widths in 2..16."""
+    """argparse type of --bits: comma-separated distinct bit-widths in 2..16."""
     bits = [int(t) if t.strip().isdigit() else 0 for t in text.split(",")]
     if not all(2 <= b <= 16 for b in bits) or len(set(bits)) != len(bits):
         raise argparse.ArgumentTypeError(f"{text!r}: expected distinct bit-widths between 2 and 16, such as 8,4,2")
@@ -1971,102 +1859,72 @@ def number(kind, lo, above=False):
         try:
             v = kind(text)
         except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        inside = lo < v if above else lo <= v
-        if not inside or not math.isfinite(v):
-            bound = "above" if above else "at least"
-            raise argparse.ArgumentTypeError(f"{text} must be {bound} {lo:g}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v < lo or (above and v == lo) or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} must be {'above' if above else 'at least'} {lo:g}")
         return v
 
     return parse
 
 
 def get_args_parser():
-    p = Parser(
-        description="MetaMix mixed-precision activation quantization (AAAI 2024)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    """metamix.py's flags; a default that depends on the arch or the data is filled in by resolve_args."""
+    p = Parser(description="MetaMix mixed-precision activation quantization (AAAI 2024)")
     add = p.add_argument
-    add(
-        "--arch",
-        default="resnet18",
-        metavar="ARCH",
-        choices=torchvision.models.list_models(module=torchvision.models),
-        help="torchvision classification model",
-    )
+    models = torchvision.models.list_models(module=torchvision.models)
+    add("--arch", default="resnet18", choices=models, metavar="ARCH", help="torchvision model (default: resnet18)")
     add("--data", default="synthetic", help="a folder with train/ and val/, or synthetic[:TRAIN,VAL,CLASSES]")
     add(
         "--pretrained",
         nargs="?",
         const="paper",
         metavar="WEIGHTS|PATH",
-        help="torchvision's weights (bare: nearest the paper's FP baseline), or a local state dict",
+        help="torchvision's weights (bare: the paper's)",
     )
     add("--target-gbops", type=number(float, 0, above=True), help="budget (default: the paper's, else 95%% of A4)")
     add("--bits", type=bit_list, help="candidate activation bits (default: resnet18 8,4,2; MobileNets 8,4,3)")
-    add("--w-bits", type=bit_list, default="4", help="weight bits (a list searches (A, W) pairs: pairs.py)")
-    add("--first-last-bits", type=int, choices=range(2, 17), default=8, metavar="B", help="first and last layers' bits")
-    add("--lam", type=number(float, 0), help="lambda of Eq. 3 (default: resnet18 0.4, mobilenet_v2 1, v3 4)")
+    add("--w-bits", type=int, choices=range(2, 17), default=4, metavar="B", help="weight bits (default: 4)")
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
-    add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches")
-    add("--act-only-epochs", type=number(int, 0), default=0, help="first weight-training epochs in FP (authors': 18)")
-    add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (0: one epoch)")
-    add("--unfixed", action="store_true", help="the paper's Figure 7(a) ablation: train the weights in bit-search")
-    add("--plain-lsq", action="store_true", help="LSQ's quantizers: a weight step per tensor, no offset grid")
-    add("--no-budget-repair", action="store_true", help="keep the argmax bits even if they are over the target")
-    add("--bits-from", metavar="FILE", help="take these bits instead of searching: a bits.json or {layer: a_bits}")
-    add("--batch-size", type=number(int, 1), default=64, help="images per process per step")
-    add(
-        "--teacher",
-        metavar="ARCH[:WEIGHTS|PATH]",
-        help="distil from this frozen torchvision model, in every phase "
-        "(the authors': resnet101:IMAGENET1K_V1; weights as --pretrained takes them, default DEFAULT)",
-    )
-    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="of the weights: ours, or the authors' Adam recipe")
-    add("--lr", type=number(float, 0, above=True), help="LR (SGD .01 pretrained, else .05; Adam 5e-4, /5 in selection)")
+    add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches (2)")
+    add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (180; 0: an epoch)")
+    add("--act-only-epochs", type=number(int, 0), default=0, help="FP weights first in weight training (authors': 18)")
+    add("--bits-from", metavar="FILE", help="take the bits of this bits.json instead of searching")
+    add("--teacher", metavar="ARCH[:WEIGHTS|PATH]", help="distil from this model (authors': resnet101:IMAGENET1K_V1)")
+    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="weights: ours (sgd), the authors' recipe (adam)")
+    add("--lr", type=number(float, 0, above=True), help="SGD .01 pretrained, else .05; Adam 5e-4, /5 in selection")
     add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="authors': Adam, a random init")
-    add("--alpha-lr", type=number(float, 0, above=True), help="SGD .005, Adam .01, authors 1e-4; x10 from scratch")
+    add("--batch-size", type=number(int, 1), default=64, help="images per process per step (64)")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
-    add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank (an image folder)")
-    add("--output-dir", default="runs/metamix", help="checkpoint.pth, meta_state.pth, bits.json, log.jsonl")
-    once = p.add_mutually_exclusive_group().add_argument
-    once("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the output dir's, if any)")
-    add("--stop-after-epoch", type=number(int, 0), default=0, help="end cleanly after this epoch (0: never)")
-    once("--dry-run", action="store_true", help="print the MACs, candidates and feasible GBOPs range; no training")
-    add("--seed", type=number(int, 0), default=0, help="seed of everything (data order, synthetic data, init)")
+    add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank, image folders (8)")
     add("--amp", action="store_true", help="bf16 autocast (the quantizer math stays in fp32)")
+    add("--seed", type=number(int, 0), default=0, help="seed of everything: data order, synthetic data, init (0)")
+    add("--output-dir", default="runs/metamix", help="the run's files (default: runs/metamix)")
+    add("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the output folder's, if any)")
+    # Settings of the paper's ablations and of our studies, no flags here (ablations.py has them): the first and
+    # last layers' bits, lambda and the alphas' LR (None: the paper's, the recipe's), Fig. 7(a), LSQ's own
+    # quantizers, budget repair.
+    p.set_defaults(first_last_bits=8, lam=None, alpha_lr=None, unfixed=False, plain_lsq=False, no_budget_repair=False)
     return p
 
 
-def resolve_args(args, layer_type=QuantLayer):
+def resolve_args(args):
     """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
-    if len(args.w_bits) > 1 and layer_type is QuantLayer:
-        raise BadInput(f"--w-bits {flag_text(args.w_bits)}: a list searches (A, W) pairs; run pairs.py")
-    d = PAPER_SETTINGS.get(args.arch) or OTHER_DEFAULTS.get(args.arch) or OTHER_DEFAULTS[None]
     synthetic = synthetic_spec(args.data) is not None
     # Our choice: small data (no pretrained weights) gets larger rates.
     small = synthetic or not args.pretrained
-    if args.bits is None:
-        args.bits = bit_list(d["bits"])
-    # Candidates: the activation bits, or with pairs.py each (A, W) pair.
-    if len(args.bits) * len(args.w_bits) < 2:
-        raise BadInput(f"--bits {flag_text(args.bits)}: a search needs two candidates or more")
-    if args.lam is None:
-        args.lam = d["lam"]
-    if len(args.w_bits) == 1:
-        args.w_bits = args.w_bits[0]
-    if args.epochs is None:
-        args.epochs = 8 if synthetic else d["epochs"]
-    if args.lr is None:
-        args.lr = LR[args.optimizer][small]
-    if args.alpha_lr is None:
-        args.alpha_lr = ALPHA_LR[args.alpha_optimizer][small]
-    if args.image_size is None:
-        args.image_size = 32 if synthetic else 224
-    if args.pretrained and not local_weights(args.pretrained):
+    settings = PAPER_SETTINGS.get(args.arch) or OTHER_SETTINGS.get(args.arch, OTHER_SETTINGS[None])
+    defaults = {**settings, "image_size": 224}
+    defaults.update(lr=LR[args.optimizer][small], alpha_lr=ALPHA_LR[args.alpha_optimizer][small])
+    if synthetic:
+        defaults.update(epochs=8, image_size=32)
+    for key in ("bits", "lam", "epochs", "lr", "alpha_lr", "image_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if isinstance(args.bits, str):
+        args.bits = bit_list(args.bits)
+    if args.pretrained and not os.path.exists(args.pretrained):
         # e.g. ResNet18_Weights.IMAGENET1K_V1, as args.json records it
-        args.pretrained = str(resolve_weights(args.arch, args.pretrained))
+        args.pretrained = str(torchvision_weights(args.arch, args.pretrained))
     if args.epochs < args.search_epochs:
         raise BadInput(f"--epochs {args.epochs} is fewer than --search-epochs {args.search_epochs}")
     if args.act_only_epochs and args.act_only_epochs >= args.epochs - args.search_epochs:
@@ -2079,201 +1937,134 @@ def resolve_args(args, layer_type=QuantLayer):
         arch, _, weights = args.teacher.partition(":")
         if arch not in torchvision.models.list_models(module=torchvision.models):
             raise BadInput(f"--teacher {args.teacher}: {arch!r} is not a torchvision classification model")
-        if not local_weights(weights):
-            weights = resolve_weights(arch, weights or "DEFAULT", "--teacher")
+        if not os.path.exists(weights):
+            weights = torchvision_weights(arch, weights or "DEFAULT", "--teacher")
         args.teacher = f"{arch}:{weights}"
     return args
-
-
-def check_budget(model, args):
-    """The feasible range; the default target: the paper's in its setting, else (our choice) 95% of uniform A4."""
-    lo, hi = gbops_range(model)
-    given = args.target_gbops is not None
-    paper = PAPER_SETTINGS.get(args.arch, {})
-    papers_setting = (paper.get("bits"), 4, 8) == (flag_text(args.bits), args.w_bits, args.first_last_bits)
-    if not given and papers_setting:
-        args.target_gbops = paper["target_gbops"]
-    elif not given:
-        layers = searched_layers(model)
-        w = args.w_bits if isinstance(args.w_bits, int) else 4
-        args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
-    if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
-        what = f"--target-gbops {args.target_gbops:.4g}"
-        if not given:
-            what += " (the default; set --target-gbops)"
-        raise BadInput(
-            f"{what} is outside the feasible range [{lo:.3f}, {hi:.3f}] GBOPs for {args.arch} with bits "
-            f"{flag_text(args.bits)}, w-bits {args.w_bits}, first/last at {args.first_last_bits}"
-        )
-    return lo, hi
-
-
-# This process's lock on its output folder, held until it exits (the kernel drops it even on kill -9).
-_LOCKS: list = []
 
 
 def lock_output_dir(out):
     """Create the output folder and lock it: a second run into the same folder is refused, naming the first.
 
-    Two runs writing one checkpoint would each overwrite the other's; an advisory lock (flock) is dropped by the
-    kernel when the process ends however it ends, so a killed run never leaves a stale lock behind.
+    An advisory lock (flock) is dropped by the kernel when the process ends however it ends, so a killed run never
+    leaves a stale lock behind. The lock is held until this process exits (LOCKS).
     """
     try:
         os.makedirs(out, exist_ok=True)
         lock = open(os.path.join(out, ".lock"), "a+")  # noqa: SIM115 (held open until the process ends)
     except OSError as e:
-        raise BadInput(f"--output-dir {out}: not writable ({e.strerror or e})") from None
+        raise BadInput(f"--output-dir {out}: not writable ({e.strerror})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        raise BadInput(f"--output-dir {out} is in use by {holder}") from None
+        raise BadInput(f"--output-dir {out} is in use by {lock.read().strip() or 'another process'}") from None
     lock.truncate(0)
     lock.write(f"process {os.getpid()} on {socket.gethostname()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
     lock.flush()
-    _LOCKS.append(lock)
+    LOCKS.append(lock)
 
 
-def checkpoint_to_resume(args):
-    """--resume's checkpoint ('auto': the output folder's, if any); a folder with a checkpoint needs --resume."""
-    ck = os.path.join(args.output_dir, "checkpoint.pth")
-    if args.resume == "auto":
-        return ck if os.path.exists(ck) else None
-    if not args.resume and os.path.exists(ck):
-        raise BadInput(f"--output-dir {args.output_dir} already holds checkpoint.pth; continue it with --resume auto")
-    return args.resume
+LOCKS = []
 
 
-def count_classes(args):
-    """The classes, before the data is read: the synthetic set's (--dry-run: 1000, ImageNet's), or train/'s folders
-    (1000 if none is there)."""
-    spec = synthetic_spec(args.data)
-    if spec and not args.dry_run:
-        return spec[2]
-    train_dir = os.path.join(args.data, "train")
-    if not spec and os.path.isdir(train_dir):
-        return sum(e.is_dir() for e in os.scandir(train_dir)) or 1000
-    return 1000
-
-
-def run_main(args, layer_type=QuantLayer):
-    """Flag, model and budget problems are refused before the output folder is made; data, batch-size and --resume
-    problems just after, before any training; then the run."""
-    args = resolve_args(args, layer_type)
+def run(args, layer_type=QuantLayer):
+    """What `python metamix.py` does: steps 1-3 of this section's head."""
+    # 1. Flags, data, model, budget: every problem refused before the output folder is made.
+    args = resolve_args(args)
+    train_set, val_set, classes = build_datasets(args)
     torch.manual_seed(args.seed)
-    classes = count_classes(args)
     model = build_model(args, classes, layer_type)
     lo, hi = check_budget(model, args)
     if args.bits_from:
-        read_bits_from(model, args.bits_from, args.target_gbops)
-    if args.dry_run:
-        layers = quant_layers(model)
-        mmacs = sum(m.macs for m in layers) / 1e6
-        candidates = " ".join(f"A{a}/W{w}" for a, w in layers[1].candidates)
-        print(
-            f"{len(layers)} quantized layers, {mmacs:.2f} MMACs at 224 px, candidates {candidates}; feasible range "
-            f"{lo:.3f} .. {hi:.3f} GBOPs; target {args.target_gbops:.3f}"
-        )
-        return 0
+        read_bits_from(model, args)
     if args.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise BadInput(f"--batch-size {args.batch_size}: BatchNorm needs 2 or more images per process")
     teacher = None
     if args.teacher:
-        teacher = fp_model(*args.teacher.split(":", 1), classes, "--teacher")
+        teacher = fp_model(*args.teacher.split(":", 1), classes, "--teacher").eval().requires_grad_(False)
+    # 2. The output folder (locked), the checkpoint to continue, the processes, the loaders.
     if int(os.environ.get("RANK", "0")) == 0:
         lock_output_dir(args.output_dir)
-    resume = checkpoint_to_resume(args)
+    checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = args.resume
+    if resume == "auto":
+        resume = checkpoint if os.path.exists(checkpoint) else None
+    elif not resume and os.path.exists(checkpoint):
+        raise BadInput(f"--output-dir {args.output_dir} already holds checkpoint.pth; continue it with --resume auto")
     dist = Dist()
-    try:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, _on_signal)
-        use_speed_path(model.to(dist.device))
-        # The model was built from the common seed; augmentation, workers and dropout get a rank's seed (the data
-        # order comes from --seed and the epoch, split by rank).
-        random.seed(args.seed + dist.rank)
-        torch.manual_seed(args.seed + dist.rank)
-        train_set, val_set, _ = build_datasets(args)
-        train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
-        if teacher is not None:
-            teacher = teacher.eval().requires_grad_(False).to(dist.device)
-        run = Run(args, dist, model, len(train_loader), teacher)
-        if resume:
-            run.load_state_dict(load_run_checkpoint(resume, "--resume"), resume)
-            log(dist, f"resumed {resume} after epoch {run.epoch} ({run.phase})")
-        if dist.main:
-            atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
-            print(
-                f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, target {args.target_gbops:.3f} GBOPs "
-                f"(feasible {lo:.3f} .. {hi:.3f}), world size {dist.world} on {dist.device.type}; all flags in "
-                f"{args.output_dir}/args.json",
-                flush=True,
-            )
-        autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16, enabled=args.amp)
-        train(run, train_loader, val_loader, calib, autocast)
-        return 0
-    finally:
-        if dist.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    use_speed_path(model.to(dist.device))
+    # The model was built from the common seed; augmentation, workers and dropout get a rank's seed (the data
+    # order comes from --seed and the epoch, split by rank).
+    random.seed(args.seed + dist.rank)
+    torch.manual_seed(args.seed + dist.rank)
+    train_loader, val_loader, calib = build_loaders(args, dist, train_set, val_set)
+    if teacher is not None:
+        teacher = teacher.to(dist.device)
+    state = Run(args, dist, model, len(train_loader), teacher)
+    if resume:
+        state.resume(resume)
+        log(dist, f"resumed {resume} after epoch {state.epoch} ({state.phase})")
+    if dist.main:
+        atomic_write(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=1).encode())
+    log(
+        dist,
+        f"metamix {args.arch}: candidates {args.bits}, W{args.w_bits}, target {args.target_gbops:.3f} GBOPs "
+        f"(feasible {lo:.3f} .. {hi:.3f}), world size {dist.world} on {dist.device.type}; all flags in "
+        f"{args.output_dir}/args.json",
+    )
+    # 3. Bit selection, then weight training.
+    autocast = functools.partial(torch.autocast, dist.device.type, torch.bfloat16, enabled=args.amp)
+    train(state, train_loader, val_loader, calib, autocast)
+    return 0
 
 
-def one_line(e):
-    """An error as one line; from a DataLoader worker (which wraps it in a traceback), its last line."""
-    text = str(e).strip() or type(e).__name__
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text.splitlines()[0]
+def failure(e):
+    """The error contract of metamix.py and of the tools beside it: an error's one line and exit status.
 
-
-def guarded(prog, body, *args, interrupted=lambda: ""):
-    """The error contract of metamix.py and of every tool beside it: body(*args), and any failure becomes one line on
-    stderr, `prog: ...`, with no traceback, and an exit status.
-
-    Bad input, which the user can fix (a BadInput, or an OSError: a file or folder named, a full disk), exits 2; a
-    signal (SIGINT, SIGTERM) exits 128 + its number, and `interrupted()` adds what survived it; anything else is a
-    bug of ours and exits 1 with its exception's name. METAMIX_DEBUG=1 shows the traceback instead.
+    Bad input, which the user can fix (a BadInput, or an OSError: a file or folder named), exits 2; a signal
+    (SIGINT, SIGTERM) 128 + its number; anything else is a bug of ours and exits 1 with its exception's name.
     """
+    # A signal that reached a DataLoader worker first arrives as some other exception: the record says.
+    signum = STOP["signum"]
+    if not signum and isinstance(e, KeyboardInterrupt):
+        signum = signal.SIGINT
+    if signum:
+        # A KeyboardInterrupt raised by the step's sync names the step at which every rank stopped.
+        where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""
+        return f"interrupted by {signal.Signals(signum).name}{where}", 128 + signum
+    if isinstance(e, (BadInput, OSError)):
+        return f"error: {one_line(e)}", 2
+    return f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)", 1
+
+
+def main(args=None, layer_type=QuantLayer):
+    """`run` under the error contract (`failure`): any failure one line on stderr and an exit status; after a
+    signal, where to continue. `layer_type` is the hook of extensions (pairs.py's (A, W)-pair layer).
+    METAMIX_DEBUG=1 shows the traceback instead."""
+    args = args or get_args_parser().parse_args()
     try:
-        return body(*args)
+        return run(args, layer_type)
     except (Exception, KeyboardInterrupt) as e:
-        # The signal handler records the signal; a signal that reached a DataLoader worker first arrives here
-        # as some other exception, so the record, not the exception's type, says whether we were interrupted.
-        signum = _STOP["signum"]
-        if not signum and isinstance(e, KeyboardInterrupt):
-            signum = signal.SIGINT
-        if os.environ.get("METAMIX_DEBUG") and not signum:
+        if os.environ.get("METAMIX_DEBUG") and not STOP["signum"]:
             raise
-        if signum:
-            # A KeyboardInterrupt raised by the step's sync names the step at which every rank stopped.
-            where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""
-            line = f"interrupted by {signal.Signals(signum).name}{where}{interrupted()}"
-            code = 128 + signum
-        elif isinstance(e, (BadInput, OSError)):
-            line = f"error: {one_line(e)}"
-            code = 2
-        else:
-            line = f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)"
-            code = 1
-        print(f"{prog}: {line}", file=sys.stderr)
+        line, code = failure(e)
+        checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+        if code > 128 and os.path.exists(checkpoint):
+            line += f"; the last checkpoint is {checkpoint}; continue with --resume auto"
+        elif code > 128:
+            line += "; no checkpoint was written yet; run the command again to start over"
+        print(f"metamix: {line}", file=sys.stderr)
         return code
-
-
-def main(args, layer_type=QuantLayer):
-    """Run, under the error contract (`guarded`); the output folder's lock is released whatever happens."""
-
-    def what_survived():
-        ck = os.path.join(args.output_dir, "checkpoint.pth")
-        if os.path.exists(ck):
-            return f"; the last checkpoint is {ck}; continue with --resume auto"
-        return "; no checkpoint was written yet; run the command again to start over"
-
-    try:
-        return guarded("metamix", run_main, args, layer_type, interrupted=what_survived)
     finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         # The output folder is free again (the kernel would free it at exit anyway).
-        while _LOCKS:
-            _LOCKS.pop().close()
+        while LOCKS:
+            LOCKS.pop().close()
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main())

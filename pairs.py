@@ -8,6 +8,8 @@ driver and its outputs serve pairs unchanged. Same flags as metamix.py:
     python pairs.py                                     # the 9 pairs {8,4,2} x {8,4,2}, synthetic data
     torchrun --nproc_per_node=8 pairs.py --arch resnet18 --data /imagenet --pretrained --target-gbops 30
     python pairs.py --resume auto --output-dir runs/metamix       # as metamix.py's --resume
+
+With ablations.py's settings as flags too (--plain-lsq, --unfixed, ...): pairs.main(argv, ablations.get_args_parser).
 """
 
 from __future__ import annotations
@@ -210,19 +212,28 @@ def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.
         return mm.lsq_codes(weight.detach(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
 
 
-def get_args_parser():
-    p = mm.get_args_parser()
+def get_args_parser(base=mm.get_args_parser):
+    """metamix.py's flags (`base`'s: ablations.get_args_parser adds the ablations' settings), with --w-bits a list:
+    each searched layer's candidates are the pairs --bits x --w-bits."""
+    p = base()
     p.description = "MetaMix over (A, W) bit pairs, the supplement's extension (its Table 7)"
+    w_bits = next(action for action in p._actions if action.dest == "w_bits")
+    w_bits.type = mm.bit_list
+    w_bits.choices = None
+    w_bits.metavar = "BITS"
+    w_bits.help = "weight bits of the pairs (default: 8,4,2)"
     p.set_defaults(w_bits=[8, 4, 2])
     return p
 
 
-def main(argv=None) -> int:
-    parser = get_args_parser()
+def main(argv=None, base=mm.get_args_parser) -> int:
+    """pairs.py on argv, with `base`'s flags (get_args_parser)."""
+    parser = get_args_parser(base)
     args = parser.parse_args(argv)
     # a pair's W is quantized in every phase: there is no full-precision stage to keep
     if args.act_only_epochs:
         parser.error("--act-only-epochs: (A, W) pairs quantize the weights in every phase; use metamix.py")
+    # metamix.main's hook for extensions: the layer patch_model puts in each searched layer's place.
     return mm.main(args, layer_type=PairQuantLayer)
 
 

@@ -9,8 +9,8 @@
 # Environment: DATA (folder with train/ and val/), GPUS (per node, default 8), NNODES (1),
 # NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), OUT (runs), EXTRA (more flags).
 #
-# Every recipe: the paper's candidates, lambda, target and epochs (Table 1, supplement Table 8), 2
-# bit-selection epochs, W4, global batch 256, bf16 autocast.
+# Every recipe: the paper's candidates, target and epochs (Table 1, supplement Table 8) and its lambda (metamix.py's
+# default for each of these models), 2 bit-selection epochs, W4, global batch 256, bf16 autocast.
 #   authors  (the default) what the authors' code (num9978/code) does for MobileNet-v3-large, where the
 #            paper is silent: distillation from a frozen ResNet-101 (IMAGENET1K_V1) in every phase; the
 #            first 18 weight-training epochs with full-precision weights (--act-only-epochs 18); Adam
@@ -41,12 +41,12 @@ case "$RECIPE" in
     *) echo "run_imagenet.sh: unknown recipe '$RECIPE' (authors, paper)" >&2; exit 2 ;;
 esac
 
-recipe() {  # arch, target GBOPs, candidates, lambda, epochs
-    local arch=$1 gbops=$2 bits=$3 lam=$4 epochs=$5
+recipe() {  # arch, target GBOPs, candidates, epochs
+    local arch=$1 gbops=$2 bits=$3 epochs=$4
     local cmd=(torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS"
                --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT"
                metamix.py --arch "$arch" --data "$DATA" --pretrained --target-gbops "$gbops"
-               --bits "$bits" --w-bits 4 --lam "$lam" --epochs "$epochs" --search-epochs 2
+               --bits "$bits" --w-bits 4 --epochs "$epochs" --search-epochs 2
                ${RECIPE_FLAGS[@]+"${RECIPE_FLAGS[@]}"} --batch-size "$BATCH" --amp --resume auto
                --output-dir "$OUT/$arch-${gbops}gbops-$RECIPE")
     # shellcheck disable=SC2206
@@ -57,9 +57,9 @@ recipe() {  # arch, target GBOPs, candidates, lambda, epochs
 
 which=${1:-all}
 case "$which" in
-    resnet18|all)          recipe resnet18 33 8,4,2 0.4 90 ;;&
-    mobilenet_v2|all)      recipe mobilenet_v2 5.12 8,4,3 1 140 ;;&
-    mobilenet_v3_large|all) recipe mobilenet_v3_large 3.29 8,4,3 4 140 ;;&
+    resnet18|all)          recipe resnet18 33 8,4,2 90 ;;&
+    mobilenet_v2|all)      recipe mobilenet_v2 5.12 8,4,3 140 ;;&
+    mobilenet_v3_large|all) recipe mobilenet_v3_large 3.29 8,4,3 140 ;;&
     resnet18|mobilenet_v2|mobilenet_v3_large|all) ;;
     *) echo "run_imagenet.sh: unknown model '$which' (resnet18, mobilenet_v2, mobilenet_v3_large, all)" >&2; exit 2 ;;
 esac

@@ -1,17 +1,50 @@
-"""A run's folder, for the tools beside metamix.py (baselines.py, figure9.py, export.py): its files found (one-line
-BadInput errors), a checkpoint loaded once with its format checked, its model rebuilt, and the meta-state check.
-
-The tools' error contract is metamix.guarded: one line on stderr, exit 2 for bad input."""
+"""The tools' plumbing beside metamix.py (baselines.py, figure9.py, figures.py, export.py): a run's folder and its
+files found (one-line BadInput errors), a checkpoint loaded once with its format checked, its model rebuilt, the
+meta-state check, and the error contract every tool runs under (`guarded`: metamix.failure's one line and status)."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import sys
 
+import torch
 import torch.nn as nn
 
 import metamix as mm
 import pairs
+
+
+def guarded(prog: str, body, *args, interrupted=lambda: "") -> int:
+    """body(*args) under metamix's error contract: any failure one line on stderr, `prog: ...`, with no traceback,
+    and its exit status (metamix.failure: 2 bad input, 128 + N a signal, 1 a bug); `interrupted()` adds what
+    survived a signal. METAMIX_DEBUG=1 shows the traceback instead."""
+    try:
+        return body(*args)
+    except (Exception, KeyboardInterrupt) as e:
+        if os.environ.get("METAMIX_DEBUG") and not mm.STOP["signum"]:
+            raise
+        line, code = mm.failure(e)
+        if code > 128:
+            line += interrupted()
+        print(f"{prog}: {line}", file=sys.stderr)
+        return code
+
+
+def flag_text(value):
+    """A flag's value as the command line writes it: a list as 8,4,2."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return value
+
+
+def saved_bytes(obj) -> bytes:
+    """torch.save into memory (then metamix.atomic_write): a full disk fails in the write, which names the file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
 
 # Why a run's folder may lack one of its files: the end of the tools' one-line error.
 WHY_MISSING = {
@@ -43,7 +76,7 @@ def run_file(run_dir: str, name: str, why: str | None = None) -> str:
 def run_model(ck: dict) -> tuple[argparse.Namespace, nn.Module]:
     """(args, model) of a loaded checkpoint, of one W or of (A, W) pairs: the model rebuilt without downloading
     anything (the checkpoint holds its weights), loaded, in the mode it was evaluated in."""
-    args = argparse.Namespace(**{**ck["args"], "pretrained": None, "dry_run": False})
+    args = argparse.Namespace(**{**mm.get_args_parser().parse_args([]).__dict__, **ck["args"], "pretrained": None})
     layer_type = mm.QuantLayer
     if isinstance(args.w_bits, list):
         layer_type = pairs.PairQuantLayer
@@ -55,9 +88,9 @@ def run_model(ck: dict) -> tuple[argparse.Namespace, nn.Module]:
 
 
 def load_run(path: str, flag: str = "checkpoint") -> tuple[argparse.Namespace, nn.Module, dict]:
-    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth): metamix.load_run_checkpoint
+    """(args, model, checkpoint) of a run's checkpoint file (e.g. its meta_state.pth): metamix.load_checkpoint
     (loaded once, its format checked), then run_model."""
-    ck = mm.load_run_checkpoint(path, flag)
+    ck = mm.load_checkpoint(path, flag, mm.CHECKPOINT_FORMAT)
     args, model = run_model(ck)
     return args, model, ck
 

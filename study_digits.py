@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import ablations  # noqa: E402
 import metamix as mm  # noqa: E402  (the study uses metamix's own data pipeline and transforms)
 from figure9 import pyplot  # noqa: E402  (matplotlib, optional)
 
@@ -176,7 +177,8 @@ FROM_SOURCE = [*SELECTIONS, "quant-authors", "quant-plain", *RECIPE]
 PART_EPOCHS = {"convergence": 5, "convergence-lsq": 5, "quantizers": 5}  # the other parts: EPOCHS
 # the other parts: SOURCE
 PART_SOURCE = {"convergence": DEFAULT_SOURCE, "quantizers": "metamix-sgd-x4", "recipe": "metamix-sgd-x4"}
-# The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (--plain-lsq).
+# The parts that ran before the authors' quantizers became metamix.py's default keep LSQ's own (ablations.py's
+# --plain-lsq).
 PLAIN_PARTS = ("baselines", "pairs", "convergence-lsq")
 PARTS = {
     "baselines": GRID,
@@ -218,10 +220,10 @@ def label(method: str) -> str:
 
 
 def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
-    """metamix.py's flags of a MetaMix variant (the selections take SOURCE's): metamix[-sgd|-authors][-lrLR|-matched]
-    [-xK][-unfixed][-pairs]; without -sgd or -authors the alphas have Adam at 0.1; -authors: the authors' Adam
-    at 1e-4; -xK searches K epochs' steps (--search-steps); -matched: alpha LR = MATCHED / search steps.
-    epoch_steps: the search steps of one epoch (46 on the digits)."""
+    """The flags (metamix.py's; --unfixed: ablations.py's) of a MetaMix variant (the selections take SOURCE's):
+    metamix[-sgd|-authors][-lrLR|-matched][-xK][-unfixed][-pairs]; without -sgd or -authors the alphas have Adam
+    at 0.1; -authors: the authors' Adam at 1e-4; -xK searches K epochs' steps (--search-steps); -matched: alpha
+    LR = MATCHED / search steps. epoch_steps: the search steps of one epoch (46 on the digits)."""
     # the same method over the product set A x W (one softmax over 9 pairs)
     if method.endswith("-pairs"):
         return [*method_flags(method[: -len("-pairs")], epoch_steps), "--w-bits", "8,4,2"]
@@ -236,6 +238,28 @@ def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
         + (["--unfixed"] if "unfixed" in words else [])
         + ["--search-steps", str(mult * epoch_steps if mult > 1 else 0)]
     )
+
+
+# The flags of ablations.py that metamix.py and pairs.py lack (--plain-lsq, --unfixed, ...), and pairs.py with them:
+# pairs.main on ablations.py's parser.
+ABLATION_FLAGS = {s for a in ablations.get_args_parser()._actions for s in a.option_strings} - {
+    s for a in mm.get_args_parser()._actions for s in a.option_strings
+}
+PAIRS_WITH_ABLATIONS = (
+    f"import sys; sys.path.insert(0, {str(HERE)!r}); sys.argv[0] = 'pairs.py'; import ablations, pairs; "
+    "sys.exit(pairs.main(sys.argv[1:], ablations.get_args_parser))"
+)
+
+
+def command_line(cmd: list[str]) -> list[str]:
+    """The command line of cmd ([script, *flags]) in this interpreter; with a flag of ABLATION_FLAGS, metamix.py's
+    run by ablations.py and pairs.py's by pairs.main on ablations.py's parser."""
+    script, flags = cmd[0], cmd[1:]
+    if ABLATION_FLAGS.intersection(flags) and script == "metamix.py":
+        return [sys.executable, str(HERE / "ablations.py"), *flags]
+    if ABLATION_FLAGS.intersection(flags) and script == "pairs.py":
+        return [sys.executable, "-c", PAIRS_WITH_ABLATIONS, *flags]
+    return [sys.executable, str(HERE / script), *flags]
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -336,8 +360,9 @@ def evaluate_fp(model, val_set) -> float:
 
 
 def run_one(job: dict, log) -> dict:
-    """One run: a MetaMix variant (metamix.py, or pairs.py for "-pairs"), or a selection of baselines.py made
-    from the meta-state of SOURCE's run and trained from it (metamix.py --resume meta_state.pth --bits-from)."""
+    """One run: a MetaMix variant (metamix.py, or pairs.py for "-pairs"; command_line: ablations.py for its
+    settings), or a selection of baselines.py made from the meta-state of SOURCE's run and trained from it
+    (metamix.py --resume meta_state.pth --bits-from)."""
     out = Path(job["out"])
     if (out / "result.json").exists():
         return json.loads((out / "result.json").read_text())
@@ -417,7 +442,7 @@ def run_one(job: dict, log) -> dict:
         cmds.append(["figure9.py", str(out), "--batches", "4", "--probes", "4"])
     t0 = time.time()
     for cmd in cmds:
-        p = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], capture_output=True, text=True, env=env)
+        p = subprocess.run(command_line(cmd), capture_output=True, text=True, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-2000:]}")
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import ablations
 import baselines as bl
 import metamix as mm
 import runs
@@ -432,14 +433,15 @@ def test_each_method_on_the_meta_state(meta, tmp_path, method):
     # the file metamix.py --bits-from reads back as the same selection
     f = tmp_path / "bits.json"
     f.write_text(json.dumps(report, indent=1))
-    assert mm.read_bits_from(copy.deepcopy(model), str(f), 28.0) == branches
+    assert mm.read_bits_from(copy.deepcopy(model), argparse.Namespace(bits_from=str(f), target_gbops=28.0)) == branches
 
 
 def test_train_command_repeats_the_runs_own_flags():
-    """Every flag that differs from metamix's default, lists comma-joined, store_true bare; not where that run
-    wrote, stopped or started from; the target exactly. Read back, it gives that run's values."""
+    """Every flag that differs from its default (--lam: the arch's), lists comma-joined, store_true bare; not where
+    that run wrote or started from; the target exactly; ablations.py for a run with an ablation's setting. Read
+    back, it gives that run's values."""
     a = mm.resolve_args(
-        mm.get_args_parser().parse_args(
+        ablations.get_args_parser().parse_args(
             [
                 "--arch",
                 "mobilenet_v2",
@@ -457,14 +459,10 @@ def test_train_command_repeats_the_runs_own_flags():
                 "0.02",
                 "--seed",
                 "3",
-                "--stop-after-epoch",
-                "2",
                 "--alpha-optimizer",
                 "adam",
                 "--output-dir",
                 "runs/m",
-                "--workers",
-                "8",
                 "--optimizer",
                 "sgd",
             ]
@@ -472,7 +470,8 @@ def test_train_command_repeats_the_runs_own_flags():
     )
     run_args = {**vars(a), "target_gbops": 5.12, "pretrained": "/weights/mbv2.pth"}
     cmd = shlex.split(bl.train_command("runs/m", run_args, "runs/m/bits_random.json", "random", 4.123456789012345))
-    assert cmd[:2] == ["python", os.path.relpath(inspect.getfile(mm))]
+    # --unfixed is an ablation's setting: ablations.py
+    assert cmd[:2] == ["python", os.path.relpath(inspect.getfile(ablations))]
     assert cmd[2:8] == [
         "--resume",
         "runs/m/meta_state.pth",
@@ -485,22 +484,29 @@ def test_train_command_repeats_the_runs_own_flags():
     text = " ".join(cmd)
     assert "--unfixed" in cmd and "--amp" in cmd and "--bits 8,4,3" in text and "--arch mobilenet_v2" in text
     for flag in (
-        "--stop-after-epoch",
         "--pretrained",
-        "--workers",
         "--optimizer",
         "--w-bits",
         "--no-budget-repair",
-        "--dry-run",
         "--search-epochs",
+        # mobilenet_v2's own lambda, 1
+        "--lam",
+        "--first-last-bits",
+        "--plain-lsq",
     ):
-        # not repeated, or at metamix's default
+        # not repeated, or at its default
         assert flag not in cmd, flag
-    back = vars(mm.resolve_args(mm.get_args_parser().parse_args(cmd[2:])))
+    back = vars(mm.resolve_args(ablations.get_args_parser().parse_args(cmd[2:])))
     for key, v in run_args.items():
         if key not in bl.NOT_REPEATED:
             assert json.dumps(back[key]) == json.dumps(v), key
     assert back["target_gbops"] == 4.123456789012345
+    # metamix.py for a run without an ablation's setting; a lambda not the arch's is one (resnet18's is 0.4)
+    plain = vars(mm.resolve_args(mm.get_args_parser().parse_args(["--lr", "0.02"])))
+    cmd = shlex.split(bl.train_command("runs/p", plain, "b.json", "random", 33.0))
+    assert cmd[1] == os.path.relpath(inspect.getfile(mm)) and "--lam" not in cmd and "--lr" in cmd
+    cmd = shlex.split(bl.train_command("runs/p", {**plain, "lam": 0.7}, "b.json", "random", 33.0))
+    assert cmd[1] == os.path.relpath(inspect.getfile(ablations)) and " --lam 0.7 " in shlex.join(cmd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -574,65 +580,69 @@ def test_random_baseline_end_to_end_through_the_printed_command(ref_run, tmp_pat
 SEARCHED = [n for n, m in torchvision.models.resnet18().named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:-1]
 
 
-def _layer_map(a_bits=4):
-    """{searched layer: a_bits} for every searched layer of resnet18."""
-    return {name: a_bits for name in SEARCHED}
-
-
-def _rows(**w_bits):
-    """A bits.json's "layers": every searched layer A4/W4, first and last A8/W8; `w_bits` {name (dots as __): W}."""
+def _rows(a_bits=4, **pairs_):
+    """A bits.json: every searched layer at A`a_bits`/W4, the first and last A8/W8; `pairs_` {name (dots as __):
+    [a_bits, w_bits]} or None (no row)."""
     rows = [{"name": "conv1", "a_bits": 8, "w_bits": 8}, {"name": "fc", "a_bits": 8, "w_bits": 8}]
-    return {
-        "layers": rows + [{"name": k, "a_bits": 4, "w_bits": w_bits.get(k.replace(".", "__"), 4)} for k in _layer_map()]
-    }
+    for name in SEARCHED:
+        a, w = pairs_.get(name.replace(".", "__"), (a_bits, 4)) or (None, None)
+        if a is not None:
+            rows.append({"name": name, "a_bits": a, "w_bits": w})
+    return {"layers": rows}
+
+
+# what every problem but the budget's is: the file is not a bits.json of this model
+NOT_OURS = "not a bits.json of this model's layers and candidates"
 
 
 @pytest.mark.parametrize(
     "content, needles",
     [
-        ({**_layer_map(), "layer9.conv": 4}, ["unknown layer 'layer9.conv'"]),
-        ({k: v for k, v in _layer_map().items() if k != "layer3.1.conv2"}, ["no bits for layer layer3.1.conv2"]),
-        ({**_layer_map(), "layer2.0.conv1": 3}, ["layer layer2.0.conv1 has 3", "candidates: [8, 4], [4, 4], [2, 4]"]),
-        ({**_layer_map(), "fc": 4}, ["layer fc has 4", "candidates: [8, 8]"]),
-        (_layer_map(8), ["61.811 GBOPs", "over --target-gbops 33.000"]),
-        ("not json", ["not JSON"]),
-        ([1, 2], ["expected a bits.json"]),
-        ({**_layer_map(), "layer3.0.conv2": [4, 8]}, ["layer layer3.0.conv2 has [4, 8]", "[8, 4], [4, 4], [2, 4]"]),
-        (_rows(layer4__1__conv1=2), ["layer layer4.1.conv1 has [4, 2]"]),
-        ({**_layer_map(), "fc": [8, 4]}, ["layer fc has [8, 4]", "candidates: [8, 8]"]),
-        ({**_layer_map(), "layer1.0.conv1": True}, ["layer layer1.0.conv1 has true"]),
+        (_rows(layer3__1__conv2=None), [NOT_OURS, "(KeyError('layer3.1.conv2'))"]),
+        (_rows(layer2__0__conv1=(3, 4)), [NOT_OURS, "(ValueError('(3, 4) is not in list'))"]),
+        (_rows(8), ["the configuration costs 61.811 GBOPs", "over --target-gbops 33.000"]),
+        ("not json", [NOT_OURS, "(JSONDecodeError("]),
+        ([1, 2], [NOT_OURS, "(TypeError("]),
+        ({name: 4 for name in SEARCHED}, [NOT_OURS, "(KeyError('layers'))"]),
+        (_rows(layer3__0__conv2=(4, 8)), [NOT_OURS, "(ValueError('(4, 8) is not in list'))"]),
+        (_rows(layer4__1__conv1=(4, 2)), [NOT_OURS, "(ValueError('(4, 2) is not in list'))"]),
+        ({"layers": [{"name": n, "a_bits": 4} for n in SEARCHED]}, [NOT_OURS, "(KeyError('w_bits'))"]),
+        (_rows(layer1__0__conv1=(True, 4)), [NOT_OURS, "(ValueError('(True, 4) is not in list'))"]),
     ],
     ids=[
-        "unknown-name",
         "missing-layer",
         "bits-not-candidate",
-        "fixed-layer",
         "over-target",
         "not-json",
         "list",
+        "layer-map",
         "w-not-the-runs",
         "bits-json-w",
-        "fixed-w",
+        "no-w-bits",
         "bool",
     ],
 )
 def test_bits_from_refuses_a_bad_bits_file(meta, tmp_path, content, needles):
-    """The files metamix.py --bits-from takes (read_bits_from): each problem named, at the run's target."""
+    """The files metamix.py --bits-from takes (read_bits_from): each problem refused in one line, at the run's
+    target."""
     f = tmp_path / "bits.json"
     f.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(mm.BadInput) as e:
-        mm.read_bits_from(copy.deepcopy(meta[1]), str(f), 33.0)
+        mm.read_bits_from(copy.deepcopy(meta[1]), argparse.Namespace(bits_from=str(f), target_gbops=33.0))
     assert str(e.value).startswith(f"--bits-from {f}: ") and all(n in str(e.value) for n in needles), str(e.value)
 
 
-def test_bits_from_takes_a_map_and_refuses_before_the_output_dir(meta, ref_run, tmp_path, capsys):
-    """{name: a_bits} or [a_bits, w_bits] at the run's W; a bad file is refused before anything is written."""
+def test_bits_from_takes_rows_and_refuses_before_the_output_dir(meta, ref_run, tmp_path, capsys):
+    """A bits.json's rows at the run's W, set as the selection; a bad file is refused before anything is written."""
     names = [m.name for m in mm.searched_layers(meta[1])]
     assert names == SEARCHED
-    f = tmp_path / "map.json"
-    f.write_text(json.dumps({**{k: 2 for k in names}, names[3]: [8, 4], "fc": [8, 8], "conv1": 8}))
-    assert mm.read_bits_from(copy.deepcopy(meta[1]), str(f), 33.0) == [2, 2, 2, 0] + [2] * 15
-    f.write_text(json.dumps(_layer_map(8)))
+    f = tmp_path / "bits.json"
+    f.write_text(json.dumps(_rows(2, **{names[3].replace(".", "__"): (8, 4)})))
+    model = copy.deepcopy(meta[1])
+    want = [2, 2, 2, 0] + [2] * 15
+    assert mm.read_bits_from(model, argparse.Namespace(bits_from=str(f), target_gbops=33.0)) == want
+    assert [m.selected_branch for m in mm.searched_layers(model)] == want
+    f.write_text(json.dumps(_rows(8)))
     out = tmp_path / "out"
     capsys.readouterr()
     assert main_in_process(*REF, "--resume", ref_run / "meta_state.pth", "--bits-from", f, "--output-dir", out) == 2

@@ -303,7 +303,10 @@ def test_bad_input(ref_run, tmp_path, call):
         ([tmp_path / "nowhere"], ["nowhere: no such folder"]),
         ([only_meta], [f"{only_meta} has no bits.json"]),
         ([only_bits], [f"{only_bits} has no meta_state.pth", "--meta-state"]),
-        ([only_bits, "--meta-state", tmp_path / "x.pth"], [f"{tmp_path / 'x.pth'}: no such file"]),
+        (
+            [only_bits, "--meta-state", tmp_path / "x.pth"],
+            [f"--meta-state {tmp_path / 'x.pth'}: torch.load cannot read it", "No such file"],
+        ),
         ([only_bits, "--probes", "0"], ["--probes", "0 must be at least 1"]),
         ([foreign], [f"{foreign / 'bits.json'} does not match the meta-state's model", "layer9.conv"]),
         ([later], ["is not a meta-state", "at epoch 4, bits selected"]),

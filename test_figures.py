@@ -229,7 +229,7 @@ def test_bad_input_in_one_line(run, tmp_path, call):
     cases = [
         (tmp_path / "nothing", "no such folder"),
         (tmp_path, "has no meta_state.pth"),
-        (broken, "truncated or corrupt"),
+        (broken, "torch.load cannot read it"),
         (late, "is not a meta-state"),
         (pair, "(A, W) pairs"),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -382,7 +383,7 @@ def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
     """--resume auto inside bit selection reproduces the uninterrupted run of pairs exactly."""
     ref, _ = pair_run
     out = tmp_path / "out"
-    assert main_in_process(*PAIR, "--output-dir", out, "--stop-after-epoch", "1", main=pairs.main) == 0
+    assert main_in_process(*PAIR, "--output-dir", out, main=pairs.main, stop_after_epoch=1) == 0
     assert load_ck(out / "checkpoint.pth")["epoch"] == 1
     assert main_in_process(*PAIR, "--output-dir", out, "--resume", "auto", main=pairs.main) == 0
     a = load_ck(ref / "checkpoint.pth")["model"]
@@ -392,7 +393,7 @@ def test_pair_resume_inside_bit_selection_is_exact(pair_run, tmp_path):
     assert json.loads((out / "bits.json").read_text()) == ref_bits
     # metamix.py cannot resume a checkpoint of pairs
     p = run_cli(*TINY, "--epochs", "3", "--output-dir", out, "--resume", "auto", check=False)
-    error_line(p, "the checkpoint has --w-bits 8,4,2, not 4")
+    error_line(p, "the checkpoint has --w-bits [8, 4, 2], not 4")
 
 
 @pytest.mark.parametrize(
@@ -414,15 +415,14 @@ def test_pair_bad_flags(call, tmp_path, flags, needles):
     assert not out.exists()
 
 
-def test_pair_dry_run(capsys):
-    """pairs.py --dry-run: the 9 candidates, and the feasible range and default target of Eq. 6 with pairs."""
-    dry_run = pairs.get_args_parser().parse_args(["--dry-run"])
-    assert mm.main(dry_run, layer_type=pairs.PairQuantLayer) == 0
-    assert "candidates A8/W8 A8/W4 A8/W2 A4/W8 A4/W4 A4/W2 A2/W8 A2/W4 A2/W2;" in capsys.readouterr().out
-    parsed = pairs.get_args_parser().parse_args(["--dry-run"])
-    args = mm.resolve_args(parsed, pairs.PairQuantLayer)
-    lo, hi = mm.check_budget(mm.build_model(args, 1000, pairs.PairQuantLayer), args)
+def test_pair_candidates_feasible_range_and_default_target():
+    """pairs.py's defaults: the 9 candidates, and the feasible range and default target of Eq. 6 with pairs."""
+    args = mm.resolve_args(pairs.get_args_parser().parse_args([]))
+    model = mm.build_model(args, 1000, pairs.PairQuantLayer)
+    lo, hi = mm.check_budget(model, args)
     assert args.w_bits == [8, 4, 2]
+    pairs_ = [(a, w) for a in (8, 4, 2) for w in (8, 4, 2)]
+    assert all(m.candidates == pairs_ for m in mm.searched_layers(model))
     traced = mm.trace_layers(torchvision.models.resnet18(), 224)
     macs = [m for _, _, m, _ in traced]
     c_fixed = (macs[0] + macs[-1]) * 64 / 1e9
@@ -433,19 +433,27 @@ def test_pair_dry_run(capsys):
 
 
 def test_bits_from_with_pairs_in_process(tmp_path):
-    """--bits-from with pairs: {layer: [a, w]} and bits.json rows map to the pair's index; an int, a pair that is
-    no candidate, or a configuration over the target is refused in a sentence."""
+    """--bits-from with pairs: bits.json rows map to the pair's index, set as the selection; a map of layers, a row
+    without its W, a pair that is no candidate, or a configuration over the target is refused in a sentence."""
     model = two_layer_model([4, 2], pairs.PairQuantLayer)
     names = [m.name for m in mm.searched_layers(model)]
     f = tmp_path / "b.json"
-    bits_map = {names[0]: [2, 4], names[1]: [4, 2]}
-    f.write_text(json.dumps(bits_map))
-    assert mm.read_bits_from(model, str(f), 1.0) == [2, 1]
+
+    def rows(*pairs_):
+        return {"layers": [{"name": n, "a_bits": a, "w_bits": w} for n, (a, w) in zip(names, pairs_)]}
+
+    f.write_text(json.dumps(rows((2, 4), (4, 2))))
+    assert mm.read_bits_from(model, argparse.Namespace(bits_from=str(f), target_gbops=1.0)) == [2, 1]
+    assert [m.selected_branch for m in mm.searched_layers(model)] == [2, 1]
+    no_w = {"layers": [{"name": names[0], "a_bits": 4}, *rows((2, 4), (4, 2))["layers"][1:]]}
+    not_ours = "not a bits.json of this model's layers and candidates"
     for content, needle in [
-        ({names[0]: 4, names[1]: [4, 2]}, "not one of its candidates"),
-        ({names[0]: [8, 4], names[1]: [4, 2]}, "[8, 4]"),
-        ({names[0]: [4, 4], names[1]: [4, 4]}, "over --target-gbops"),
+        # the {layer: [a_bits, w_bits]} map is no bits.json
+        ({names[0]: [2, 4], names[1]: [4, 2]}, f"{not_ours} (KeyError('layers'))"),
+        (no_w, f"{not_ours} (KeyError('w_bits'))"),
+        (rows((8, 4), (4, 2)), f"{not_ours} (ValueError('(8, 4) is not in list'))"),
+        (rows((4, 4), (4, 4)), "GBOPs, over --target-gbops"),
     ]:
         f.write_text(json.dumps(content))
-        with pytest.raises(mm.BadInput, match=re.escape(needle)):
-            mm.read_bits_from(model, str(f), 1e-4)
+        with pytest.raises(mm.BadInput, match=re.escape(f"--bits-from {f}: ") + ".*" + re.escape(needle)):
+            mm.read_bits_from(model, argparse.Namespace(bits_from=str(f), target_gbops=1e-4))

@@ -4,6 +4,9 @@ real runs of metamix.py and baselines.py)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -262,5 +265,24 @@ def test_recipe_runs_take_the_source_bits_and_their_flags(monkeypatch, tmp_path)
 )
 def test_runs_take_lsqs_own_quantizers_where_their_part_asks(monkeypatch, tmp_path, part, method, plain):
     """--plain-lsq: in the parts run before the authors' quantizers became the default, and in the quantizers
-    part's LSQ arm; nowhere else."""
-    assert ("--plain-lsq" in _first_command(monkeypatch, tmp_path, method, part)) == plain
+    part's LSQ arm; nowhere else. metamix.py has no such flag: ablations.py runs those (and every MetaMix run of the
+    study, which sets the alphas' rate, --alpha-lr, a setting of ablations.py too)."""
+    cmd = _first_command(monkeypatch, tmp_path, method, part)
+    assert ("--plain-lsq" in cmd) == plain
+    assert "--alpha-lr" in cmd
+    assert cmd[0] == sys.executable and Path(cmd[1]).name == "ablations.py"
+
+
+def test_ablation_flags_go_to_ablations_py_and_pairs_with_them(monkeypatch, tmp_path):
+    """command_line: metamix.py's runs with an ablation's flag (--unfixed, --plain-lsq) by ablations.py; a run of
+    pairs with one by pairs.main on ablations.py's parser, which takes both its --w-bits list and the flag."""
+    assert sd.command_line(["metamix.py", *sd.method_flags("metamix-unfixed")])[1] == str(sd.HERE / "ablations.py")
+    assert sd.command_line(["pairs.py", "--seed", "1"])[1:] == [str(sd.HERE / "pairs.py"), "--seed", "1"]
+    p = subprocess.run(
+        sd.command_line(["pairs.py", "--plain-lsq", "--w-bits", "8,4", "--help"]), capture_output=True, text=True
+    )
+    assert p.returncode == 0 and p.stdout.startswith("usage: pairs.py"), p.stderr
+    assert "--plain-lsq" in p.stdout and "--w-bits BITS" in p.stdout
+    # (_first_command replaces subprocess.run)
+    cmd = _first_command(monkeypatch, tmp_path, "metamix-sgd-pairs", "pairs")
+    assert cmd[1] == "-c" and "--plain-lsq" in cmd and cmd[-4:-2] == ["--w-bits", "8,4,2"]
