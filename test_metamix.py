@@ -314,7 +314,7 @@ def test_lsq_offset_grid_for_hardswish_fed_inputs(arch, searched, fed, scale):
     model = mm.patch_model(torchvision.models.get_model(arch, num_classes=10), [8, 4, 3], 4, bops_image_size=64)
     layers = {m.name: m for m in mm.quant_layers(model)}
     # decided by the structure, before any data
-    graph = hardswish_fed(torchvision.models.get_model(arch))
+    graph = hardswish_fed(arch)
     assert {n for n, m in layers.items() if m.act.offset == 0.375} == graph
     mm.init_quantizers(model, torch.randn(8, 3, 64, 64) * scale)
     assert {n for n, m in layers.items() if m.act.offset == 0.375} == graph
@@ -420,6 +420,97 @@ def test_lsq_two_bit_weights_take_four_levels():
             q.step.fill_(1.0)
             codes = q(w)
         assert set(codes.unique().int().tolist()) == levels
+
+
+# PyTorch's own LSQ kernels as an independent oracle: torch._fake_quantize_learnable_per_tensor_affine and
+# _per_channel_affine (what torch.ao.quantization's _LearnableFakeQuantize runs) compute LSQ's forward and both
+# gradients in C++, with LSQ's gradient scale as grad_factor (float32 only). One definition differs: PyTorch passes
+# the input's gradient where the *rounded* code round(v) lies in [Qn, Qp], LSQ's paper (and lsq_quantize) where
+# v = x/s itself does. They differ on a sliver of half a step beyond each end, v in (Qp, Qp + 1/2) or
+# [Qn - 1/2, Qn): there PyTorch passes the input's gradient and gives the step round(v) - v, LSQ gives the input
+# none and the step Qp (Qn). Everywhere else the two agree.
+
+
+def _codes_away_from_ties(n: int, qn: int, qp: int, seed: int) -> torch.Tensor:
+    """v = x/s spread over [Qn - 3, Qp + 3] (the slivers included), none within 1e-3 of a rounding tie, so that
+    x/s and PyTorch's x * (1/s) round alike."""
+    v = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * (qp - qn + 6) + qn - 3
+    frac = v - v.floor()
+    return torch.where((frac - 0.5).abs() < 1e-3, v + 2e-3, v)
+
+
+def _sliver(v: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
+    return ((v > qp) & (v < qp + 0.5)) | ((v >= qn - 0.5) & (v < qn))
+
+
+def _pytorch_minus_lsq_step_grad(v, up, qn, qp, grad_scale):
+    """What PyTorch's step gradient adds to LSQ's: on the sliver, round(v) - v in place of Qp (Qn), per channel."""
+    end = torch.where(v > qp, float(qp), float(qn))
+    share = torch.where(_sliver(v, qn, qp), (v.round() - v - end) * up, torch.zeros_like(v))
+    return share.reshape(len(share), -1).sum(1) * grad_scale
+
+
+@pytest.mark.parametrize("bits, signed", [(2, False), (4, False), (8, False), (2, True), (4, True), (8, True)])
+def test_lsq_quantize_against_pytorchs_learnable_fake_quantize_per_tensor(bits, signed):
+    """lsq_quantize (section 1) against PyTorch's per-tensor kernel: the same values, the same input gradient but
+    on the sliver, and a step gradient that differs by exactly the sliver's share."""
+    qn, qp = mm.lsq_range(bits, signed)
+    step = torch.tensor([0.37])
+    v = _codes_away_from_ties(4096, qn, qp, seed=bits)
+    x = v * step
+    g = mm.lsq_grad_scale(x.numel(), bits, signed)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    zero = torch.zeros(1)
+    results = []
+    for quantize in (
+        lambda x, s: mm.lsq_quantize(x, s, bits, signed, g),
+        lambda x, s: torch._fake_quantize_learnable_per_tensor_affine(x, s, zero, qn, qp, g),
+    ):
+        xi = x.clone().requires_grad_()
+        si = step.clone().requires_grad_()
+        y = quantize(xi, si)
+        results.append((y, *torch.autograd.grad(y, (xi, si), up)))
+    (y, gx, gs), (y_pt, gx_pt, gs_pt) = results
+    sliver = _sliver(v, qn, qp)
+    assert sliver.sum() > 10
+    assert torch.equal(y, y_pt)
+    assert torch.allclose(gx[~sliver], gx_pt[~sliver], rtol=1e-6)
+    assert not gx[sliver].any()
+    assert torch.equal(gx_pt[sliver], up[sliver])
+    share = _pytorch_minus_lsq_step_grad(v[None], up[None], qn, qp, g)
+    assert gs_pt.item() == pytest.approx((gs + share).item(), rel=1e-4)
+    assert gs_pt.item() != pytest.approx(gs.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lsq_weight_quantizer_against_pytorchs_learnable_fake_quantize_per_channel(bits):
+    """LSQQuantizer (a step per output channel, the narrow range from 3 bits up) against PyTorch's per-channel
+    kernel: the same values, input gradient but on the sliver, and step gradients that differ by the sliver's share
+    (grad_factor: LSQ's 1/sqrt(N Qp), N a channel's weights)."""
+    wq = mm.LSQQuantizer(bits, channels=6, narrow=True)
+    qn, qp = mm.lsq_range(bits, True, narrow=True)
+    steps = torch.tensor([0.1, 0.2, 0.3, 0.05, 0.4, 0.25])
+    v = _codes_away_from_ties(6 * 576, qn, qp, seed=bits).view(6, 64, 3, 3)
+    w = v * steps.view(-1, 1, 1, 1)
+    g = mm.lsq_grad_scale(576, bits, True)
+    up = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        wq.step.copy_(steps)
+    wq.initialized = True
+    wi = w.clone().requires_grad_()
+    y = wq(wi)
+    gw, gs = torch.autograd.grad(y, (wi, wq.step), up)
+    wi = w.clone().requires_grad_()
+    si = steps.clone().requires_grad_()
+    y_pt = torch._fake_quantize_learnable_per_channel_affine(wi, si, torch.zeros(6), 0, qn, qp, g)
+    gw_pt, gs_pt = torch.autograd.grad(y_pt, (wi, si), up)
+    sliver = _sliver(v, qn, qp)
+    assert sliver.sum() > 3
+    assert torch.equal(y, y_pt)
+    assert torch.allclose(gw[~sliver], gw_pt[~sliver], rtol=1e-6)
+    assert not gw[sliver].any()
+    assert torch.equal(gw_pt[sliver], up[sliver])
+    assert torch.allclose(gs_pt, gs + _pytorch_minus_lsq_step_grad(v, up, qn, qp, g), rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1123,8 +1214,8 @@ def test_the_authors_recipe_resumes_exactly_across_the_act_only_boundary(capsys,
     offsets = {
         k.removesuffix(".act._extra_state"): v["offset"] for k, v in model.items() if k.endswith("act._extra_state")
     }
-    # the offset grid on exactly the hardswish-fed inputs, as the fx graph reads them
-    fed = hardswish_fed(torchvision.models.mobilenet_v3_small())
+    # the offset grid on exactly the hardswish-fed inputs, listed by hand (conftest.hardswish_fed)
+    fed = hardswish_fed("mobilenet_v3_small")
     assert {name for name, o in offsets.items() if o == 0.375} == fed
     assert set(offsets.values()) == {0.0, 0.375}
     steps = {k: v for k, v in model.items() if k.endswith("weight_quant.step")}
@@ -1274,6 +1365,60 @@ def test_fused_op_equals_sections_1_2_in_value_and_every_gradient(kind, mode, x_
             assert all(t is None or not t.any() for t in (a, b))
         else:
             assert torch.allclose(a, b, atol=1e-9), (a, b)
+
+
+def _codes_off_the_slivers(shape, qn: int, qp: int, seed: int) -> torch.Tensor:
+    """_codes_away_from_ties with the slivers moved a step outward: where both definitions of LSQ agree."""
+    v = _codes_away_from_ties(math.prod(shape), qn, qp, seed).view(shape)
+    return torch.where(_sliver(v, qn, qp), torch.where(v > qp, v + 0.5, v - 0.5), v)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fused_op_against_pytorchs_learnable_fake_quantize_kernels(signed):
+    """The speed path (section 7) at a branch with quantized weights against PyTorch's kernels composed by hand,
+    conv(per-tensor fake quant of x, per-channel fake quant of W) + b, off the slivers: the same output and the same
+    gradients of the input, the branch's step, the weight, the weight's steps and the bias."""
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    q = mm.QuantLayer(conv, [8, 4, 2], 4, "l")
+    q.fused = True
+    q.act.offset = 0.0
+    q.act.signed = signed
+    q.act.initialized = [True] * 3
+    q.weight_quant.initialized = True
+    q.set_state("branch", 1, quant_weights=True)
+    qn, qp = mm.lsq_range(4, signed)
+    wn, wp = mm.lsq_range(4, True, narrow=True)
+    act_step = torch.tensor(0.37)
+    w_steps = torch.linspace(0.02, 0.07, 6)
+    x = _codes_off_the_slivers((2, 4, 8, 8), qn, qp, seed=3) * act_step
+    with torch.no_grad():
+        q.act.step.copy_(torch.tensor([0.1, 0.37, 0.9]))
+        q.weight_quant.step.copy_(w_steps)
+        q.weight.copy_(_codes_off_the_slivers((6, 4, 3, 3), wn, wp, seed=4) * w_steps.view(-1, 1, 1, 1))
+    up = torch.randn(2, 6, 8, 8, generator=torch.Generator().manual_seed(5))
+    xi = x.clone().requires_grad_()
+    y = q(xi)
+    ours = torch.autograd.grad(y, (xi, q.act.step, q.weight, q.weight_quant.step, q.bias), up)
+    g_act = mm.lsq_grad_scale(4 * 8 * 8, 4, signed)
+    g_w = mm.lsq_grad_scale(4 * 3 * 3, 4, True)
+    xi = x.clone().requires_grad_()
+    si = act_step.view(1).clone().requires_grad_()
+    wi = q.weight.detach().clone().requires_grad_()
+    wsi = w_steps.clone().requires_grad_()
+    bi = q.bias.detach().clone().requires_grad_()
+    xq = torch._fake_quantize_learnable_per_tensor_affine(xi, si, torch.zeros(1), qn, qp, g_act)
+    wq = torch._fake_quantize_learnable_per_channel_affine(wi, wsi, torch.zeros(6), 0, wn, wp, g_w)
+    y_pt = F.conv2d(xq, wq, bi, padding=1)
+    theirs = torch.autograd.grad(y_pt, (xi, si, wi, wsi, bi), up)
+    assert torch.allclose(y, y_pt, atol=1e-5)
+    gx, gs, gw, gws, gb = ours
+    assert torch.allclose(gx, theirs[0], atol=1e-5)
+    # the other branches' steps have no gradient in this mode
+    assert gs[1].item() == pytest.approx(theirs[1].item(), rel=1e-4)
+    assert gs[0] == 0 and gs[2] == 0
+    assert torch.allclose(gw, theirs[2], atol=1e-5)
+    assert torch.allclose(gws, theirs[3], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(gb, theirs[4], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["branch", "search"])
@@ -1671,8 +1816,8 @@ def test_torchrun_two_ranks_on_an_image_folder(tmp_path):
     models = [ck["model"], load_ck(single / "checkpoint.pth")["model"]]
     grids = [[(v["signed"], v["offset"]) for k, v in m.items() if k.endswith("act._extra_state")] for m in models]
     assert grids[0] == grids[1]
-    # the offset grid on exactly the hardswish-fed inputs, as the fx graph reads them
-    fed = hardswish_fed(torchvision.models.mobilenet_v3_small())
+    # the offset grid on exactly the hardswish-fed inputs, listed by hand (conftest.hardswish_fed)
+    fed = hardswish_fed("mobilenet_v3_small")
     assert sum(o == 0.375 for _, o in grids[0]) == len(fed)
     # another world size
     assert main_in_process(*flags, "--output-dir", out, "--resume", "auto") == 0
