@@ -1887,12 +1887,19 @@ def get_args_parser():
     add("--epochs", type=number(int, 1), help="all epochs (default: resnet18 90, MobileNets 140; synthetic 8)")
     add("--search-epochs", type=number(int, 1), default=2, help="bit-selection epochs; the last also searches (2)")
     add("--search-steps", type=number(int, 0), default=180, help="search at least this many steps (180; 0: an epoch)")
-    add("--act-only-epochs", type=number(int, 0), default=0, help="FP weights first in weight training (authors': 18)")
+    add(
+        "--act-only-epochs", type=number(int, 0), default=0, help="FP weights first in weight training (0; authors' 18)"
+    )
     add("--bits-from", metavar="FILE", help="take the bits of this bits.json instead of searching")
     add("--teacher", metavar="ARCH[:WEIGHTS|PATH]", help="distil from this model (authors': resnet101:IMAGENET1K_V1)")
-    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="weights: ours (sgd), the authors' recipe (adam)")
+    add("--optimizer", choices=("sgd", "adam"), default="sgd", help="weights: ours (sgd), the authors' (adam)")
     add("--lr", type=number(float, 0, above=True), help="SGD .01 pretrained, else .05; Adam 5e-4, /5 in selection")
-    add("--alpha-optimizer", choices=("sgd", "adam", "authors"), default="sgd", help="authors': Adam, a random init")
+    add(
+        "--alpha-optimizer",
+        choices=("sgd", "adam", "authors"),
+        default="sgd",
+        help="alphas: ours (sgd), Adam, the authors' (Adam, random init)",
+    )
     add("--batch-size", type=number(int, 1), default=64, help="images per process per step (64)")
     add("--image-size", type=number(int, 8), help="training crop in pixels (default: 224; synthetic 32)")
     add("--workers", type=number(int, 0), default=8, help="data-loading processes per rank, image folders (8)")
