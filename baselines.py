@@ -229,17 +229,26 @@ def rademacher(shape, dtype, device, generator) -> torch.Tensor:
 
 
 def clamp_to_top_branch(model: nn.Module) -> list:
-    """Forward pre-hooks that clamp each quantized layer's input to the range of its largest candidate,
-    [Qn * s, Qp * s]: the meta-state at its largest bits with rounding taken as the identity (LSQ's
-    straight-through estimator), a network that autograd can differentiate twice. Use in "fp" mode.
-    Registered after `layer_inputs`' hooks, they clamp the copy that those record."""
+    """Forward pre-hooks that clamp each quantized layer's input to the range its largest candidate reaches,
+    [Qn * s - o, Qp * s - o] (o the offset grid's 3/8, else 0): the meta-state at its largest bits with rounding
+    taken as the identity (LSQ's straight-through estimator), a network that autograd can differentiate twice.
+    Use in "fp" mode. Registered after `layer_inputs`' hooks, they clamp the copy that those record."""
     handles = []
     for m in mm.quant_layers(model):
         i = max(range(len(m.act.bits)), key=lambda j: m.act.bits[j])
-        qn, qp = mm.lsq_range(m.act.bits[i], m.act.signed)
-        s = float(mm.positive(m.act.step.detach()[i]))
-        handles.append(m.register_forward_pre_hook(clamp_hook(qn * s, qp * s)))
+        handles.append(m.register_forward_pre_hook(clamp_hook(*reachable_range(m.act, i))))
     return handles
+
+
+@torch.no_grad()
+def reachable_range(act: mm.MultiBranchQuantizer, i: int) -> tuple[float, float]:
+    """The lowest and highest values branch i of an activation quantizer outputs: the quantizer itself applied to
+    -inf and +inf (its step, sign, range and offset). Its step must be initialised (a meta-state's are)."""
+    if not act.initialized[i]:
+        raise ValueError(f"branch {i} of the activation quantizer has no step yet")
+    ends = torch.tensor([-math.inf, math.inf], device=act.step.device)
+    lo, hi = act.quantize(ends, i).tolist()
+    return lo, hi
 
 
 def clamp_hook(lo: float, hi: float):
@@ -335,8 +344,10 @@ def gauss_newton_traces(model: nn.Module, images, probes: int, generator=None, c
     image from the model's own softmax and takes B * ||dL_y / dx_l||^2, where L_y is the batch's mean
     cross-entropy against the drawn labels: that is the mean of the images' squared gradient norms.
     The model, `clamp` and the returned (L,) traces are as in hutchinson_traces, on the same scale; one backward
-    pass per probe.
+    pass per probe. Its BN layers must be in eval mode (a ValueError otherwise): in train mode they mix the images.
     """
+    if any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        raise ValueError("gauss_newton_traces needs every BN layer in eval mode")
     with recorded_inputs(model, clamp) as (layers, xs), torch.enable_grad():
         logits = model(images)
         inputs = [xs[m] for m in layers]
@@ -353,9 +364,10 @@ def meta_state_traces(
     model: nn.Module, images, targets, probes: int, seed: int, gauss_newton: bool = False
 ) -> torch.Tensor:
     """(L,) traces of one batch as the hessian proxy takes them: the meta-state in eval and "fp" mode, inputs
-    clamped to their largest candidate (clamp_to_top_branch), a generator seeded by `seed` for each batch.
-    Hutchinson's estimate of Tr(H_l), or with `gauss_newton` the Gauss-Newton trace that the scores take.
-    figure9.py takes its traces here too (Hutchinson's). Leaves every mode and flag as it was."""
+    clamped to their largest candidate's range (clamp_to_top_branch), a generator seeded by `seed` (the proxy
+    passes its seed plus the batch's index: each batch draws its own probes and labels). Hutchinson's estimate of
+    Tr(H_l), or with `gauss_newton` the Gauss-Newton trace that the scores take. figure9.py takes its traces here
+    too (Hutchinson's). Leaves every mode and flag as it was."""
     with kept_modes(model):
         model.eval()
         mm.set_mode(model, "fp")
@@ -363,6 +375,24 @@ def meta_state_traces(
         if gauss_newton:
             return gauss_newton_traces(model, images, probes, g, clamp=True)
         return hutchinson_traces(model, images, targets, probes, g, clamp=True)
+
+
+@torch.no_grad()
+def quantization_errors(model: nn.Module, images) -> torch.Tensor:
+    """(L, N) mean((x_l - Q_i(x_l))^2) per searched layer l and candidate i, where Q_i is the layer's own
+    quantizer at branch i (MultiBranchQuantizer.quantize: its step, sign, range and offset) and x_l is the layer's
+    input in the network meta_state_traces takes the traces on (eval and "fp" mode, every input clamped to its
+    largest candidate's range), before its own clamp, as the traces' x_l. Leaves every mode and flag as it was."""
+    with kept_modes(model):
+        model.eval()
+        mm.set_mode(model, "fp")
+        with recorded_inputs(model, clamp=True) as (layers, xs):
+            model(images)
+    errors = torch.zeros(len(layers), len(layers[0].act.bits), dtype=torch.float64)
+    for j, m in enumerate(layers):
+        for i in range(len(m.act.bits)):
+            errors[j, i] = (xs[m] - m.act.quantize(xs[m], i)).double().pow(2).mean()
+    return errors
 
 
 def proxy_scores(
@@ -376,7 +406,9 @@ def proxy_scores(
                  G_l is the Gauss-Newton part of H_l (gauss_newton_traces): never negative, so no
                  layer's score says that quantization noise lowers the loss, as an indefinite H_l's
                  can. It is taken on the meta-state at its largest candidate with straight-through
-                 rounding (meta_state_traces): our choice, the network the search starts from.
+                 rounding (meta_state_traces): our choice, the network the search starts from; the
+                 errors are taken on that network too, through each layer's own quantizer
+                 (quantization_errors). Batch k's traces draw from seed + k.
     sensitivity: mean over the batches of loss(layer l at bits[i], every other searched layer at
                  the largest candidate) - loss(every searched layer at the largest candidate), MQBench's
                  "naive" sensitivity relative to the largest candidate rather than to full precision.
@@ -391,22 +423,12 @@ def proxy_scores(
     scores = torch.zeros(len(layers), len(bits), dtype=torch.float64)
     with kept_modes(model):
         model.eval()
-        for images, targets in batches:
+        for k, (images, targets) in enumerate(batches):
             if method == "hessian":
                 if traces_out is not None:
-                    traces_out.append(meta_state_traces(model, images, targets, probes, seed))
-                traces = meta_state_traces(model, images, targets, probes, seed, gauss_newton=True)
-                mm.set_mode(model, "fp")
-                with recorded_inputs(model, clamp=False) as (_, xs), torch.no_grad():
-                    model(images)
-                for j, m in enumerate(layers):
-                    x = xs[m].float()
-                    for i, b in enumerate(bits):
-                        s = mm.positive(m.act.step.detach()[i])
-                        qrange = mm.lsq_range(b, m.act.signed)
-                        dequantized = mm.lsq_codes(x, s, *qrange).mul_(s)
-                        mse = (x - dequantized).pow(2).mean().item()
-                        scores[j, i] += 0.5 * traces[j] * mse
+                    traces_out.append(meta_state_traces(model, images, targets, probes, seed + k))
+                traces = meta_state_traces(model, images, targets, probes, seed + k, gauss_newton=True)
+                scores += 0.5 * traces[:, None] * quantization_errors(model, images)
             else:
                 mm.set_mode(model, "meta", top, quant_weights=False)
                 with torch.no_grad():

@@ -427,33 +427,24 @@ def independent_macs(model: nn.Module) -> dict[str, int]:
     return {name: sum(counts[f"{prefix}.{name}"].values()) // 2 for name in layers}
 
 
-def hardswish_fed(model: nn.Module) -> set[str]:
-    """An independent reading, from the torch.fx graph: the Conv2d/Linear modules whose input is a Hardswish output,
-    directly, through pooling, dropout or a reshape, or times a [0, 1] gate (squeeze-excitation)."""
-    graph = torch.fx.symbolic_trace(model).graph
-    mods = dict(model.named_modules())
-    passing = ("pool", "dropout", "flatten", "reshape", "view", "identity")
-
-    def kind(n):
-        if not isinstance(n, torch.fx.Node) or n.op not in ("call_module", "call_function", "call_method"):
-            return None
-        f = mods[n.target] if n.op == "call_module" else n.target
-        if isinstance(f, nn.Module):
-            name = type(f).__name__.lower()
-        else:
-            name = getattr(f, "__name__", f)
-        if name == "hardswish":
-            return "hs"
-        if name in ("hardsigmoid", "sigmoid"):
-            return "gate"
-        if any(w in name for w in passing):
-            return kind(n.args[0])
-        if name == "mul" and {kind(a) for a in n.args[:2]} == {"gate", "hs"}:
-            return "hs"
-        return None
-
-    layers = [n for n in graph.nodes if n.op == "call_module" and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))]
-    return {n.target for n in layers if kind(n.args[0]) == "hs"}
+def hardswish_fed(arch: str) -> set[str]:
+    """The Conv2d/Linear modules of torchvision's MobileNet-v3 (`arch`) whose input is a Hardswish output, written
+    out by hand from its module structure, not read from a graph. features.0 is the stem, conv-BN-Hardswish. Each
+    InvertedResidual features.k is `block`: [an expand conv-BN-act, if it expands,] the depthwise conv-BN-act,
+    [SqueezeExcitation: fc1 on the pooled depthwise output, ReLU, fc2, Hardsigmoid, times that output, if use_se,]
+    the project conv-BN; act is Hardswish where use_hs. Then the last conv-BN-Hardswish, pooling, classifier.0
+    (Linear), Hardswish, Dropout, classifier.3 (Linear). So Hardswish feeds: features.1's depthwise conv (no
+    expansion: the stem's output), in each use_hs block that expands its depthwise conv, its SE's fc1 and its
+    project conv (block.1.0, block.2.fc1, block.3.0; without SE block.1.0, block.2.0), and both Linear layers.
+    The use_hs blocks (MobileNetV3's Tables 1 and 2, "HS"): large features.7-10 without SE and 11-15 with SE,
+    small features.4-11, all with SE."""
+    se = ("1.0", "2.fc1", "3.0")
+    blocks = {
+        "mobilenet_v3_large": [(k, ("1.0", "2.0")) for k in range(7, 11)] + [(k, se) for k in range(11, 16)],
+        "mobilenet_v3_small": [(k, se) for k in range(4, 12)],
+    }[arch]
+    fed = {f"features.{k}.block.{part}" for k, parts in blocks for part in parts}
+    return fed | {"features.1.block.0.0", "classifier.0", "classifier.3"}
 
 
 # ---- the reference run ------------------------------------------------------------------------------------------

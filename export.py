@@ -7,7 +7,8 @@ computes what the fake-quantized network computes. Our choice, not the paper's (
 
 --onnx (needs onnx and onnxruntime, optional) writes the torchvision graph in opset 21 with each quantized
 layer as QuantizeLinear / Clip / DequantizeLinear and integer weight initializers, and checks it in
-onnxruntime against the fake-quantized model (one line, exit 1, if they disagree beyond float rounding).
+onnxruntime against the fake-quantized model (one line, exit 1, if they disagree beyond float rounding). It takes
+layers of at most 8 activation and weight bits; a run with a layer above is refused (one line, exit 2).
 
 The run must be in weight training (its bits chosen, its weights quantized); runs of (A, W) pairs (pairs.py)
 export each layer at its own selected pair. After writing, the file is loaded back and its integer model runs
@@ -60,7 +61,8 @@ PACKING = (
 # their scale, no layer differing by more than 1e-6; since it sums codes too, we measured 1e-7). So end to end
 # we only ask that the argmax agree on all but 1% of the images (and one more); a wrong scale, code, bias or BN
 # state changes most of them. In float64 (float64_logit_diff) the two agree to about 1e-15. onnxruntime's layer
-# inputs are held to the same tolerance layer by layer (own_input_rel_diff; we measured 6e-7 on ResNet-18).
+# inputs and logits are held to the same tolerance layer by layer (own_input_rel_diff; we measured 6e-7 on
+# ResNet-18).
 LAYER_REL_TOL = 1e-4
 FLOAT64_REL_TOL = 1e-9
 
@@ -422,17 +424,19 @@ def export_agrees(p: dict) -> bool:
 # ---- ONNX (optional: onnx and onnxruntime) --------------------------------------------
 
 
-# Opset 21: the first with INT4 initializers in DequantizeLinear and int16 QuantizeLinear; onnxruntime 1.32
-# runs both on CPU. The Clip on integer codes needs opset 12 or later.
+# Opset 21: the first with INT4 initializers in DequantizeLinear; onnxruntime 1.32 runs it on CPU. The Clip on
+# integer codes needs opset 12 or later.
 ONNX_OPSET = 21
 ONNX_INSTALL = "pip install onnx onnxruntime"
+# The most bits of a layer's codes, activation or weight, that --onnx exports: above 8 they would need 16-bit
+# tensors, and from 9 to 15 bits a Clip of 16-bit codes, which onnxruntime 1.32 does not implement. Refused before
+# anything is written (check_onnx_bits).
+ONNX_MAX_BITS = 8
 # (ONNX element type name, numpy dtype, [lo, hi]) of the integer tensor that holds b-bit codes
 INT_TYPES = {
     (4, True): ("INT4", "int8", (-8, 7)),
     (8, True): ("INT8", "int8", (-128, 127)),
     (8, False): ("UINT8", "uint8", (0, 255)),
-    (16, True): ("INT16", "int16", (-(2**15), 2**15 - 1)),
-    (16, False): ("UINT16", "uint16", (0, 2**16 - 1)),
 }
 
 
@@ -451,9 +455,25 @@ def onnx_modules() -> tuple:
     return onnx, onnxruntime
 
 
+def check_onnx_bits(model: nn.Module) -> None:
+    """A BadInput naming the first quantized layer whose selected activation or weight bits are above
+    ONNX_MAX_BITS, and how many more there are."""
+    over = []
+    for m in mm.quant_layers(model):
+        branch, w_quant = selected_quantizers(m)
+        if max(m.act.bits[branch], w_quant.bits) > ONNX_MAX_BITS:
+            over.append(f"{m.name} is at A{m.act.bits[branch]}/W{w_quant.bits}")
+    if over:
+        more = f" (and {len(over) - 1} more layers above {ONNX_MAX_BITS} bits)" if len(over) > 1 else ""
+        raise mm.BadInput(
+            f"--onnx exports layers of at most {ONNX_MAX_BITS} activation and weight bits (onnxruntime has no Clip "
+            f"of 16-bit codes): {over[0]}{more}"
+        )
+
+
 def code_type(bits: int, signed: bool, int4: bool = False) -> tuple:
     """INT_TYPES' entry of the smallest type that holds b-bit codes (INT4 only where `int4`: weights)."""
-    widths = [w for w in (4, 8, 16) if bits <= w and (w != 4 or int4)]
+    widths = [w for w in (4, 8) if bits <= w and (w != 4 or int4)]
     if not widths or bits < 1:
         raise mm.BadInput(f"no ONNX integer type holds {bits}-bit codes")
     return INT_TYPES[(widths[0], signed or widths[0] == 4)]
@@ -524,7 +544,7 @@ class OnnxBuilder:
 
     def int_weight(self, name: str, codes: torch.Tensor, bits: int) -> str:
         """An integer initializer of weight codes: INT4 (two per byte, first code in the low nibble) up to
-        4 bits, INT8 up to 8, INT16 above."""
+        4 bits, INT8 up to 8."""
         type_name, np_type, _ = code_type(bits, True, int4=True)
         name = self.fresh(name)
         c = codes.detach().cpu().to(torch.int64).reshape(-1)
@@ -569,11 +589,11 @@ class OnnxBuilder:
         w_quant = selected_quantizers(m)[1]
         codes, s_w = pairs.weight_codes(w_quant, m.weight)
         w = self.int_weight(f"{m.name}.weight_codes", codes, w_quant.bits)
-        scale = self.init(f"{m.name}.weight_step", s_w.reshape(-1))
-        axis = {}
         if s_w.numel() == 1:
             scale = self.init(f"{m.name}.weight_step", s_w.reshape(()))
+            axis = {}
         else:
+            scale = self.init(f"{m.name}.weight_step", s_w.reshape(-1))
             axis = {"axis": 0}
         w = self.node("DequantizeLinear", [w, scale], f"{m.name}.weight", **axis)
         inputs = [x, w]
@@ -669,7 +689,8 @@ class OnnxBuilder:
 def onnx_graph(model: nn.Module, onnx, codes: bool = False):
     """The ONNX model (opset ONNX_OPSET) of a fake-quantized model at its selected bits (OnnxBuilder), from its
     torch.fx trace. Input "input" (N, C, H, W) float32, output "logits"; with `codes`, each layer's input (float)
-    and codes (integers) too, in forward order."""
+    and codes (integers) too, in forward order. Layers above ONNX_MAX_BITS are refused (check_onnx_bits)."""
+    check_onnx_bits(model)
     model = model.eval()
     try:
         graph = LeafTracer().trace(model)
@@ -783,15 +804,15 @@ def compare_onnx_codes(model: nn.Module, session, images: torch.Tensor) -> dict:
     """Each layer's input codes in onnxruntime (a session of onnx_graph(..., codes=True)) against PyTorch's.
 
     On the same input (onnxruntime's own float input to the layer, rounded by the training formula) they must be
-    equal: that is QuantizeLinear + Clip against lsq_codes. The rest of the graph (weights, BN, wiring) layer by
-    layer: `layer_rel_diff` (own_input_rel_diff). End to end (each from its own forward) a code may differ, by any
-    share: a value x/s on a rounding boundary (k + 1/2) goes the other way after a last-bit difference in an
-    earlier float sum, and the step it moves by changes later layers' inputs; reported, not judged. Returns the
-    codes that differ on the same input, layer_rel_diff, and end to end: how many codes differ, of how many, the
-    largest share in one layer and the largest difference."""
+    equal: that is QuantizeLinear + Clip against lsq_codes. The rest of the graph (weights, BN, wiring, the last
+    layer's output) layer by layer: `layer_rel_diff` (own_input_rel_diff). End to end (each from its own forward)
+    a code may differ, by any share: a value x/s on a rounding boundary (k + 1/2) goes the other way after a
+    last-bit difference in an earlier float sum, and the step it moves by changes later layers' inputs; reported,
+    not judged. Returns the codes that differ on the same input, layer_rel_diff, and end to end: how many codes
+    differ, of how many, the largest share in one layer and the largest difference."""
     ref = torch_codes(model, images)
     layers = mm.quant_layers(model)
-    names = [f"{m.name}.{k}" for m in layers for k in ("input", "codes")]
+    names = [f"{m.name}.{k}" for m in layers for k in ("input", "codes")] + ["logits"]
     outs = dict(zip(names, run_session(session, images, names)))
     p = {"same_input_differs": 0, "differs": 0, "codes": 0, "worst_share": 0.0, "max_diff": 0.0}
     for m in layers:
@@ -811,34 +832,37 @@ def compare_onnx_codes(model: nn.Module, session, images: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def own_input_rel_diff(model: nn.Module, images: torch.Tensor, outs: dict) -> float:
-    """The largest max|x - x_ort| / max|x_ort| over the quantized layers' inputs, where x_ort is onnxruntime's
-    input of a layer (outs[name + ".input"]) and x is PyTorch's, computed with every quantized layer fed
-    onnxruntime's own input of that layer. So each layer's codes are onnxruntime's, and a code flipped on a
-    rounding tie does not travel: only float summation order is left (a path with no quantized layer, a
-    residual's identity, sums those of the layers before it), within LAYER_REL_TOL; a wrong weight, step, BN or
-    wire between two quantized layers is not."""
-    largest = 0.0
+    """The largest max|x - x_ort| / max|x_ort| over the quantized layers' inputs and the logits, where x_ort is
+    onnxruntime's input of a layer (outs[name + ".input"]) or its logits (outs["logits"]) and x is PyTorch's,
+    computed with every quantized layer fed onnxruntime's own input of that layer. So each layer's codes are
+    onnxruntime's, and a code flipped on a rounding tie does not travel: only float summation order is left (a
+    path with no quantized layer, a residual's identity, sums those of the layers before it), within
+    LAYER_REL_TOL; a wrong weight, step, BN or wire between two quantized layers, or in the last layer (the
+    logits are its output), is not."""
+    diffs = []
+
+    def rel_diff(ours, theirs):
+        diffs.append(((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30)).item())
 
     def own_input(m, args):
-        nonlocal largest
         theirs = outs[f"{m.name}.input"].to(args[0])
-        d = (args[0] - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30)
-        largest = max(largest, d.item())
+        rel_diff(args[0], theirs)
         return (theirs, *args[1:])
 
     handles = [m.register_forward_pre_hook(own_input) for m in mm.quant_layers(model)]
     try:
-        model.eval()(images)
+        logits = model.eval()(images)
     finally:
         for h in handles:
             h.remove()
-    return largest
+    rel_diff(logits, outs["logits"].to(logits))
+    return max(diffs)
 
 
 def onnx_agrees(p: dict, c: dict) -> bool:
     """Whether onnxruntime agrees with the fake-quantized model within float rounding: codes equal on the same
-    input, each layer's input within LAYER_REL_TOL when every quantized layer runs on onnxruntime's own input
-    (own_input_rel_diff), and each session's argmax agrees on all but 1% of the images (and one more), as
+    input, each layer's input and the logits within LAYER_REL_TOL when every quantized layer runs on onnxruntime's
+    own input (own_input_rel_diff), and each session's argmax agrees on all but 1% of the images (and one more), as
     export_agrees asks of the integer model. How many codes differ end to end is not judged (compare_onnx_codes)."""
     argmax_agrees = all(s["argmax_differs"] <= 0.01 * p["n"] + 1 for s in p["sessions"].values())
     return argmax_agrees and c["same_input_differs"] == 0 and c["layer_rel_diff"] <= LAYER_REL_TOL
@@ -876,6 +900,8 @@ def export_run(run_dir: str, checkpoint: str | None = None, onnx: bool = False) 
         )
     # either kind of run, in the mode it was evaluated in
     args, model = runs.run_model(ck)
+    if onnx:
+        check_onnx_bits(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # before writing: a run whose data is gone writes nothing
     try:

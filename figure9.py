@@ -13,8 +13,9 @@ It takes the selected bits from RUN/bits.json and the network the selection was 
 (bit selection done, weights in full precision), and writes, per searched layer,
     hessian_trace   Tr(H_l), H_l = d^2 L / d x_l^2: Hutchinson's estimate, the raw trace that baselines.py's
                     hessian proxy reports (baselines.meta_state_traces on baselines.proxy_batches, seeded by the
-                    run's --seed; the proxy's scores take the Gauss-Newton trace instead), averaged over
-                    --batches batches with --probes probes each; it can be negative where H_l is indefinite
+                    run's --seed plus each batch's index; the proxy's scores take the Gauss-Newton trace instead),
+                    averaged over --batches batches with --probes probes each; it can be negative where H_l is
+                    indefinite
     trace_per_op    Tr(H_l) / OPs_l (OPs_l = the row's "macs")
 and "figure9": Spearman's rank correlation of the selected A bits (pairs: also W, and a*w) with each of the two and
 with OPs. figure9.png and bits.png need matplotlib (optional). Nothing else in RUN changes.
@@ -81,9 +82,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 def mean_hessian_traces(model: nn.Module, batches, probes: int, seed: int) -> torch.Tensor:
     """(L,) Tr(H_l) per searched layer: the mean over `batches` of the hessian proxy's own traces
-    (baselines.meta_state_traces: eval and "fp" mode, clamped inputs, a generator seeded by `seed` per batch).
+    (baselines.meta_state_traces: eval and "fp" mode, clamped inputs, batch k's generator seeded by `seed` + k).
     Leaves the model's modes, flags, parameters and buffers as they were, and writes no .grad."""
-    return torch.stack([bl.meta_state_traces(model, x, y, probes, seed) for x, y in batches]).mean(0)
+    traces = [bl.meta_state_traces(model, x, y, probes, seed + k) for k, (x, y) in enumerate(batches)]
+    return torch.stack(traces).mean(0)
 
 
 FIGURE9_SERIES = (("hessian_trace", "Hessian trace"), ("macs", "OPs"), ("trace_per_op", "trace/OPs"))

@@ -474,6 +474,8 @@ def trace_layers(model: nn.Module, image_size: int) -> list[tuple[str, nn.Module
 
 
 # Modules and functions that pass their input's values on (a pooled or reshaped hardswish output is still one).
+# Train-mode dropout scales them by 1/(1-p), so MobileNet-v3's classifier.3 sees values down to -0.469 (p = 0.2)
+# in training, below the grid's -3/8: those are clamped there, as the authors' code clamps them.
 PASSING = ("pool", "dropout", "flatten", "reshape", "view", "identity")
 
 

@@ -254,9 +254,11 @@ def _concave_mlp():
     Hessian trace is negative), on signed grids that span [-1, 1] at 8, 4 and 2 bits (tanh's range: the largest
     candidate's clamp cuts nothing)."""
     model = _tiny_mlp()
-    for m in mm.searched_layers(model):
+    for m in mm.quant_layers(model):
         m.act.signed = True
-        m.act.step.data = torch.tensor([1 / 127, 1 / 7, 1.0], dtype=torch.float64)
+        m.act.initialized = [True] * len(m.act.bits)
+        # the first layer's input, 3 randn: a step of 0.1 spans [-12.8, 12.7]
+        m.act.step.data = torch.tensor([1 / 127, 1 / 7, 1.0] if not m.fixed else [0.1], dtype=torch.float64)
     x = 3 * torch.randn(2, 3, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     return model, x, torch.tensor([0, 1])
 
@@ -306,6 +308,158 @@ def test_the_bits_file_counts_negative_hutchinson_estimates(monkeypatch):
     assert bl.selection_notes({**report, "gbops": 0.98 * target, "proxy": {}}, target) == []
 
 
+def _trace_network(model: nn.Module, images) -> tuple[nn.Module, dict]:
+    """The network the hessian proxy takes its traces on, built here by hand on a copy of the model: eval and "fp"
+    mode, every quantized layer's input clamped to its largest candidate's grid, [Qn s - o, Qp s - o] (o: the
+    offset grid's 3/8). Returns (the copy, name -> each layer's input before its clamp) after one forward."""
+    model = copy.deepcopy(model).eval()
+    mm.set_mode(model, "fp")
+    xs = {}
+
+    def clamp(m, inp):
+        top = m.act.bits.index(max(m.act.bits))
+        qn, qp = mm.lsq_range(m.act.bits[top], m.act.signed)
+        s = mm.positive(m.act.step.detach()[top]).item()
+        xs[m.name] = inp[0]
+        return (inp[0].clamp(qn * s - m.act.offset, qp * s - m.act.offset),)
+
+    for m in mm.quant_layers(model):
+        m.register_forward_pre_hook(clamp)
+    with torch.no_grad():
+        model(images)
+    return model, xs
+
+
+def _errors_by_hand(model: nn.Module, images) -> torch.Tensor:
+    """(L, N) mean((x - act(x))^2) of each searched layer's own quantizer module in "branch" mode at each
+    candidate, x the layer's input in _trace_network."""
+    model, xs = _trace_network(model, images)
+    errors = []
+    for m in mm.searched_layers(model):
+        row = []
+        for i in range(len(m.act.bits)):
+            m.act.mode, m.act.branch = "branch", i
+            with torch.no_grad():
+                row.append((xs[m.name] - m.act(xs[m.name])).double().pow(2).mean().item())
+        errors.append(row)
+    return torch.tensor(errors, dtype=torch.float64)
+
+
+def _quantizer_inputs_under_the_clamp(model: nn.Module) -> dict:
+    """name -> (lowest, highest) value that each quantized layer's quantizer receives under clamp_to_top_branch's
+    hooks when the layer is fed a ramp from -1e4 to 1e4."""
+    seen = {}
+    handles = bl.clamp_to_top_branch(model)
+    mm.set_mode(model, "fp")
+    for m in mm.quant_layers(model):
+        channels = m.weight.shape[1] * m.op.groups
+        shape = (1, channels) if m.op.kind == "linear" else (1, channels, 5, 5)
+        ramp = torch.linspace(-1e4, 1e4, math.prod(shape)).reshape(shape)
+
+        def record(mod, inp, name=m.name):
+            seen[name] = (inp[0].min().item(), inp[0].max().item())
+
+        h = m.act.register_forward_pre_hook(record)
+        with torch.no_grad():
+            m(ramp)
+        h.remove()
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _grid_ends(m: mm.QuantLayer) -> tuple[float, float]:
+    """[Qn s - o, Qp s - o] of a layer's largest candidate, by formula."""
+    top = m.act.bits.index(max(m.act.bits))
+    qn, qp = mm.lsq_range(m.act.bits[top], m.act.signed)
+    s = mm.positive(m.act.step.detach()[top]).item()
+    return qn * s - m.act.offset, qp * s - m.act.offset
+
+
+def _hardswish_net():
+    """conv [fixed] -> hardswish -> conv -> hardswish -> conv -> ReLU -> pool -> linear [fixed], patched at
+    A8/4/3 and initialised: the two searched convs take hardswish's outputs, on the offset grid. Their A8 steps are
+    cut 20-fold, so that the largest candidate's clamp cuts the first one's input, and so the second one's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Hardswish(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Hardswish(),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    mm.patch_model(model, [8, 4, 3], 4, bops_image_size=8)
+    mm.init_quantizers(model, 2 * torch.randn(8, 3, 8, 8))
+    for m in mm.searched_layers(model):
+        m.act.step.data[0] /= 20
+    return model
+
+
+def test_hessian_errors_and_clamps_are_the_quantizers_own_on_the_offset_grid():
+    """On hardswish-fed layers (the offset grid, Q(x + 3/8) - 3/8): the proxy's error at each candidate equals the
+    error of the layer's own MultiBranchQuantizer module, on the layer's input in the network the traces are taken
+    on (by hand: every input clamped to its largest candidate's grid, [-3/8, Qp s - 3/8] here); the scores are
+    1/2 Tr(G_l) times those errors, batch k's traces drawn from seed + k; the trace network's clamp lets through
+    exactly that range."""
+    model = _hardswish_net()
+    layers = mm.searched_layers(model)
+    assert [m.act.offset for m in layers] == [0.375, 0.375] and not any(m.act.signed for m in layers)
+    x = 2 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3])
+    # a test that can fail: the clamp cuts the first searched layer's input, and hardswish's negatives reach it
+    _, xs = _trace_network(model, x)
+    lo, hi = _grid_ends(layers[0])
+    assert lo == -0.375 and (xs[layers[0].name] > hi).any() and (xs[layers[0].name] < 0).any()
+    want = _errors_by_hand(model, x)
+    torch.testing.assert_close(bl.quantization_errors(model, x), want, rtol=1e-5, atol=0)
+    gn = bl.meta_state_traces(model, x, y, 2, 0, gauss_newton=True)
+    assert (gn > 0).all()
+    scores = bl.proxy_scores(model, [(x, y)], "hessian", probes=2)
+    torch.testing.assert_close(scores, 0.5 * gn[:, None] * want, rtol=1e-5, atol=0)
+    # two batches: batch k draws its labels from seed + k, so the second's Gauss-Newton estimate is its own
+    gn2 = [bl.meta_state_traces(model, x, y, 2, seed, gauss_newton=True) for seed in (5, 6)]
+    assert not torch.equal(*gn2)
+    scores = bl.proxy_scores(model, [(x, y), (x, y)], "hessian", probes=2, seed=5)
+    torch.testing.assert_close(scores, 0.25 * (gn2[0] + gn2[1])[:, None] * want, rtol=1e-5, atol=0)
+    ranges = _quantizer_inputs_under_the_clamp(model)
+    for m in mm.quant_layers(model):
+        assert ranges[m.name] == pytest.approx(_grid_ends(m), rel=1e-6, abs=1e-7), m.name
+
+
+def test_hessian_errors_are_the_quantizers_own_on_mobilenet_v3_large():
+    """MobileNet-v3-large with the default (the authors') quantizers: on every one of the 25 searched layers on the
+    offset grid, and every other, the error baselines.py scores with is the quantizer module's own, on the
+    trace network's input; every layer's clamp there is its largest candidate's grid."""
+    torch.manual_seed(0)
+    model = mm.patch_model(torchvision.models.mobilenet_v3_large(num_classes=10), [8, 4, 3], 4, bops_image_size=64)
+    mm.init_quantizers(model, torch.randn(4, 3, 64, 64))
+    layers = mm.searched_layers(model)
+    offset = [j for j, m in enumerate(layers) if m.act.offset == 0.375]
+    assert len(offset) == 25
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    got = bl.quantization_errors(model, x)
+    want = _errors_by_hand(model, x)
+    assert (want[offset] > 0).all()
+    torch.testing.assert_close(got[offset], want[offset], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    ranges = _quantizer_inputs_under_the_clamp(model)
+    for m in mm.quant_layers(model):
+        assert ranges[m.name] == pytest.approx(_grid_ends(m), rel=1e-6, abs=1e-7), m.name
+
+
+def test_gauss_newton_traces_refuse_train_mode_bn():
+    """The Gauss-Newton estimate takes each image's gradient apart, which train-mode BN would mix: refused."""
+    model = two_layer_model(4, mm.QuantLayer)
+    model.insert(1, nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="BN layer in eval mode"):
+        bl.gauss_newton_traces(model.train(), torch.randn(2, 3, 8, 8), 1)
+    assert bl.gauss_newton_traces(model.eval(), torch.randn(2, 3, 8, 8), 1).shape == (2,)
+
+
 def test_proxy_scores_by_hand(meta):
     """On the meta-state: sensitivity is the rise in loss with one layer lowered (by hand on a copy);
     hessian is 1/2 Tr(H_l) * MSE_l,i, so within a layer its ratios are those of the quantization errors."""
@@ -336,23 +490,16 @@ def test_proxy_scores_by_hand(meta):
     # 1/2 Tr(G) times a mean square: never negative
     assert (hess > 0).all()
     assert (hess[:, 0] < hess[:, 1]).all() and (hess[:, 1] < hess[:, 2]).all()  # A8, A4, A2
-    m = layers[3]
-    xs = {}
-    hs = bl.layer_inputs(model, layers, xs)
-    model.eval()
-    mm.set_mode(model, "fp")
-    with torch.no_grad():
-        model(x)
-    for h in hs:
-        h.remove()
-    mse = []
-    for i, b in enumerate(m.act.bits):
-        s = mm.positive(m.act.step.detach()[i])
-        dequantized = mm.lsq_codes(xs[m], s, *mm.lsq_range(b, m.act.signed)).mul_(s)
-        mse.append((xs[m] - dequantized).pow(2).mean().item())
-    assert mse[0] < mse[1] < mse[2]
-    assert (hess[3, 2] / hess[3, 1]).item() == pytest.approx(mse[2] / mse[1], rel=1e-5)
-    assert hess[3, 1].item() == pytest.approx(0.5 * gn[3].item() * mse[1], rel=1e-5)
+    # the errors: each layer's own quantizer module on its input in the trace network, both built by hand
+    mse = _errors_by_hand(model, x)
+    assert (mse[:, 0] < mse[:, 1]).all() and (mse[:, 1] < mse[:, 2]).all()
+    torch.testing.assert_close(hess, 0.5 * gn[:, None] * mse, rtol=1e-5, atol=0)
+    # two batches: batch k draws its probes and labels from seed + k, so the second's estimates are its own
+    traces = []
+    hess2 = bl.proxy_scores(model, [(x, y), (x, y)], "hessian", probes=1, seed=5, traces_out=traces)
+    assert torch.equal(traces[1], bl.meta_state_traces(model, x, y, 1, 6)) and not torch.equal(*traces)
+    gn2 = [bl.meta_state_traces(model, x, y, 1, seed, gauss_newton=True) for seed in (5, 6)]
+    torch.testing.assert_close(hess2, 0.25 * (gn2[0] + gn2[1])[:, None] * mse, rtol=1e-5, atol=0)
 
 
 def test_twice_differentiable_hard_activations():

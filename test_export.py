@@ -601,6 +601,8 @@ def check_onnx_graph(out: Path, onnx) -> None:
     shapes = {tuple(t.dims) for t in graph.initializer if t.data_type == T.FLOAT}
     weights = [inits[f"{r['name']}.weight_codes"] for r in layers]
     assert not any(tuple(w.dims) in shapes for w in weights)
+    # every initializer is some node's input
+    assert set(inits) <= {i for n in graph.node for i in n.input}
 
 
 def check_onnx_codes(out: Path, ck_path: Path, onnx, ort) -> dict:
@@ -710,32 +712,87 @@ def test_onnx_export_mobilenet_v2_pairs_w248(tmp_path, onnx_libs):
     assert {e["w_bits"] for e in export["layers"]} == {2, 4, 8}
 
 
-@pytest.mark.parametrize("which", ["act_step", "weight_step"])
+@pytest.mark.parametrize("which", ["act_step", "weight_step", "last_weight_step"])
 def test_onnx_disagreement_ends_in_one_line(ref_run, tmp_path, monkeypatch, onnx_libs, which):
     """A model.onnx whose first searched layer has a wrong activation step (its codes differ on the same input) or
-    a wrong weight step on one output channel (the next layer's input differs on onnxruntime's own input): exit
-    1, one line naming the disagreement (the file stays, for a look)."""
+    a wrong weight step on one output channel (the next layer's input differs on onnxruntime's own input), or
+    whose last layer (fc) has every weight step 1.5 times too large (its output, the logits, differs on
+    onnxruntime's own input; their argmax barely moves): exit 1, one line naming the disagreement (the file
+    stays, for a look)."""
     out = copy_run(ref_run, tmp_path / "out")
     right = ex.onnx_graph
 
     def wrong(model, onnx, codes=False):
         m = right(model, onnx, codes)
-        name = mm.quant_layers(model)[1].name
-        step = onnx_initializers(m.graph)[f"{name}.{which}"]
+        layer = mm.quant_layers(model)[-1 if which == "last_weight_step" else 1]
+        step = onnx_initializers(m.graph)[f"{layer.name}.{which.removeprefix('last_')}"]
         value = onnx.numpy_helper.to_array(step).copy()
-        value.reshape(-1)[0] *= 1.5
+        if which == "last_weight_step":
+            value *= 1.5
+        else:
+            value.reshape(-1)[0] *= 1.5
         step.CopyFrom(onnx.numpy_helper.from_array(value, step.name))
         return m
 
     monkeypatch.setattr(ex, "onnx_graph", wrong)
     code, stdout, stderr = export_in_process(out, "--onnx")
     needles = ["export: error: OnnxDisagrees", "beyond float rounding"]
-    if which == "weight_step":
+    if which != "act_step":
         # caught by the layer-by-layer check alone
         needles.append("codes on the same input on 0, layer by layer")
     error_line(_failed(code, stdout, stderr), *needles)
     assert code == 1
     assert (out / "model.onnx").exists()
+
+
+def test_onnx_of_per_tensor_weight_steps(onnx_libs):
+    """LSQ's own quantizers (ablations.py --plain-lsq: one weight step per tensor): each weight dequantized by one
+    scalar step, no initializer that no node reads, and onnxruntime's logits those of the fake-quantized model."""
+    onnx, ort = onnx_libs
+    torch.manual_seed(0)
+    model = mm.patch_model(_tiny_net(), [8, 4, 2], 4, bops_image_size=16, plain=True)
+    x = torch.randn(16, 3, 16, 16)
+    mm.init_quantizers(model, x)
+    mm.start_weight_training(model, mm.gbops_range(model)[1])
+    model.eval()(x)
+    exported = ex.onnx_graph(model, onnx)
+    graph = exported.graph
+    inits = onnx_initializers(graph)
+    assert set(inits) <= {i for n in graph.node for i in n.input}
+    for m in mm.quant_layers(model):
+        steps = [k for k in inits if k.startswith(f"{m.name}.weight_step")]
+        assert steps == [f"{m.name}.weight_step"] and list(inits[steps[0]].dims) == [], m.name
+    session = ex.onnx_session(ort, exported.SerializeToString(), False)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(ex.run_session(session, x, ["logits"])[0], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("a_bits, w_bits", [(16, 4), (12, 4), (9, 4), (8, 12)])
+def test_onnx_refuses_layers_above_8_bits(tmp_path, onnx_libs, a_bits, w_bits):
+    """A run whose searched layers are at 16, 12 or 9 activation bits (16-bit codes, and from 9 to 15 bits a Clip
+    that onnxruntime 1.32 does not implement for 16-bit integers) or at 12 weight bits: --onnx refuses it in one
+    line naming the first such layer and its bits, exit 2, before anything is written; without --onnx it exports."""
+    model = mm.patch_model(torchvision.models.resnet18(num_classes=10), [a_bits, 2], w_bits)
+    rows = [{"name": m.name, "a_bits": a_bits, "w_bits": w_bits} for m in mm.searched_layers(model)]
+    (tmp_path / "bits.json").write_text(json.dumps({"layers": rows}))
+    out = tmp_path / "out"
+    flags = ["--arch", "resnet18", "--image-size", "32", "--search-steps", "0", "--data", "synthetic:32,16,10"]
+    flags += ["--batch-size", "16", "--search-epochs", "1", "--epochs", "2", "--bits", f"{a_bits},2"]
+    flags += ["--w-bits", w_bits, "--bits-from", tmp_path / "bits.json", "--target-gbops", mm.gbops_range(model)[1]]
+    assert main_in_process(*flags, "--output-dir", out) == 0
+    before = fingerprint(out)
+    code, stdout, stderr = export_in_process(out, "--onnx")
+    # 19 searched layers; the first and last at A8/W8
+    needles = ["export: error: --onnx exports layers of at most 8 activation and weight bits", "no Clip of 16-bit"]
+    needles.append(f": layer1.0.conv1 is at A{a_bits}/W{w_bits} (and 18 more layers above 8 bits)")
+    error_line(_failed(code, stdout, stderr), *needles)
+    assert code == 2
+    assert not stdout
+    assert fingerprint(out) == before
+    code, stdout, stderr = export_in_process(out)
+    assert code == 0, stderr
+    assert (out / "model_int.pth").exists()
 
 
 def test_onnx_bad_input(ref_run, tmp_path, monkeypatch, onnx_libs):
