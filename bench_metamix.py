@@ -9,6 +9,9 @@ above what was allocated before the step). Every metamix contender runs the spee
 (section 7), except `weight_train_readable`. Contenders:
     weight_train           W4, mixed activation bits (candidates cycled over layers), weight LSQ on
     weight_train_readable  the same step through the readable form of sections 1-2 (plain LSQ, composed ops)
+    weight_train_torch_kernels
+                           a peer: the same network, bits, steps, grids and gradient scales, each layer's input
+                           and weight through PyTorch's own LSQ kernels (TorchKernelLayer), then its op
     search_3               bit_search_step, 3 candidates;   search_6: 8,6,5,4,3,2 (also vs search_3)
     meta                   bit_meta_step, 3 candidates (also vs 3 x weight_train)
     meta_pairs             bit_meta_step over (A, W) pairs (pairs.py), A x W = 3 x {8,4,2}: 9 passes
@@ -148,6 +151,43 @@ def search_step(model, images, targets, autocast):
     return step
 
 
+class TorchKernelLayer(nn.Module):
+    """A peer of section 7's fused op: a QuantLayer at its current branch computed with PyTorch's own LSQ kernels,
+    torch._fake_quantize_learnable_per_tensor_affine on the input (+3/8 offset where metamix has it) and
+    _per_channel_affine on the weight (what torch.ao.quantization's _LearnableFakeQuantize runs), then the layer's op.
+    The same steps, bits, ranges and LSQ gradient scales as metamix; the tests hold the kernels equal to sections 1-2
+    but on the half-step sliver beyond each end of the range."""
+
+    def __init__(self, q: metamix.QuantLayer):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q
+        act = q.act
+        wq = q.weight_quant
+        bits = act.bits[act.branch]
+        qn, qp = metamix.lsq_range(bits, act.signed)
+        g = metamix.lsq_grad_scale(x.numel() // x.shape[0], bits, act.signed)
+        step = act.step[act.branch : act.branch + 1]
+        xf = x.float() + act.offset
+        xq = torch._fake_quantize_learnable_per_tensor_affine(xf, step, xf.new_zeros(1), qn, qp, g) - act.offset
+        wn, wp = metamix.lsq_range(wq.bits, True, wq.narrow)
+        gw = metamix.lsq_grad_scale(q.weight[0].numel(), wq.bits, True)
+        zeros = q.weight.new_zeros(len(wq.step))
+        w = torch._fake_quantize_learnable_per_channel_affine(q.weight, wq.step, zeros, 0, wn, wp, gw)
+        return q.op(xq, w, q.bias)
+
+
+def torch_kernels(model: nn.Module) -> nn.Module:
+    """A copy of a patched model (its steps initialised) whose quantized layers run TorchKernelLayer."""
+    peer = copy.deepcopy(model)
+    for q in metamix.quant_layers(peer):
+        parent, _, child = q.name.rpartition(".")
+        setattr(peer.get_submodule(parent), child, TorchKernelLayer(q))
+    return peer
+
+
 def init_steps(model, images, modes):
     """One no-grad forward per mode so that every LSQ step used later is initialised."""
     with torch.no_grad():
@@ -176,6 +216,8 @@ def build(arch, images, targets, autocast, device, teacher_arch=None):
 
     readable = metamix.use_speed_path(copy.deepcopy(wt), False)
     out["weight_train_readable"] = (readable, train_step(readable, images, targets, autocast))
+    peer = torch_kernels(wt)
+    out["weight_train_torch_kernels"] = (peer, train_step(peer, images, targets, autocast))
 
     for name, bits in (("search_3", bits3), ("search_6", BITS6)):
         m = patched(bits)

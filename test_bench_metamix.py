@@ -11,12 +11,14 @@ import torch.nn as nn
 import torchvision
 
 import bench_metamix as bench
+import metamix
 from conftest import run_cli
 
 CONTENDERS = {
     "fp",
     "weight_train",
     "weight_train_readable",
+    "weight_train_torch_kernels",
     "search_3",
     "search_6",
     "meta",
@@ -58,6 +60,38 @@ def test_quick_run_reports_every_contender_and_the_fused_memory():
         assert f"{name} / (" in p.stdout
     # no gradient: nothing saved for backward
     assert res["teacher"]["saved_bytes"] == 0
+    # the peer on PyTorch's kernels keeps its quantized copies of every input and weight for the op's backward
+    assert res["weight_train_torch_kernels"]["saved_bytes"] > 1.5 * res["weight_train"]["saved_bytes"]
+
+
+def test_the_torch_kernel_peer_computes_what_metamix_computes():
+    """The benchmark's peer (TorchKernelLayer) against the speed path it is timed against, on MobileNet-v3-small (the
+    +3/8 grid, signed and unsigned inputs, per-channel weight steps, mixed bits), BN on batch statistics: the same
+    logits, and a gradient for every parameter that has one in metamix. (The gradients themselves differ where
+    PyTorch's kernels pass the input's gradient on the half-step sliver beyond Qp, which many 3-bit inputs reach;
+    test_metamix holds the kernels against sections 1-2 layer by layer.)"""
+    torch.manual_seed(0)
+    model = metamix.patch_model(torchvision.models.mobilenet_v3_small(num_classes=10), [8, 4, 3], 4)
+    metamix.use_speed_path(model)
+    images = torch.randn(8, 3, 32, 32)
+    layers = metamix.searched_layers(model)
+    metamix.apply_selection(model, [i % 3 for i in range(len(layers))])
+    bench.init_steps(model, images, [("selected", {"quant_weights": True})])
+    peer = bench.torch_kernels(model)
+    assert sum(isinstance(m, bench.TorchKernelLayer) for m in peer.modules()) == len(metamix.quant_layers(model))
+    for m in [*model.modules(), *peer.modules()]:
+        m.train(not isinstance(m, nn.Dropout))
+    out, out_peer = model(images), peer(images)
+    assert out.abs().max() > 0.01
+    assert torch.allclose(out, out_peer, rtol=1e-4, atol=1e-6)
+    out.logsumexp(1).sum().backward()
+    out_peer.logsumexp(1).sum().backward()
+    with_grad = [
+        (a.grad is not None and bool(a.grad.any()), b.grad is not None)
+        for a, b in zip(model.parameters(), peer.parameters())
+    ]
+    assert sum(a for a, _ in with_grad) > 200
+    assert all(b for a, b in with_grad if a)
 
 
 def test_saved_bytes_counts_each_storage_once_and_leaves_parameters_out():
