@@ -571,11 +571,10 @@ def train_command(run_dir: str, run_args: dict, bits_file: str, method: str, tar
     ablation's setting that metamix.py has no flag for (ablations.py's: --unfixed, --plain-lsq, ...) gets
     ablations.py in place of metamix.py."""
     metamix_flags = {s for action in mm.get_args_parser()._actions for s in action.option_strings}
-    # the defaults resolve_args fills in (None on the command line): the arch's lambda, the alpha recipe's rate
-    arch = run_args.get("arch")
-    settings = mm.PAPER_SETTINGS.get(arch) or mm.OTHER_SETTINGS.get(arch, mm.OTHER_SETTINGS[None])
-    small = mm.synthetic_spec(run_args["data"]) is not None or not run_args.get("pretrained")
-    resolved = {"lam": settings["lam"], "alpha_lr": mm.ALPHA_LR[run_args["alpha_optimizer"]][small]}
+    # ablations.py's lambda and alphas' LR: repeated where they differ from what resolve_args fills in (they pick
+    # the script)
+    defaults = mm.arch_defaults(argparse.Namespace(**run_args))
+    resolved = {key: defaults[key] for key in ("lam", "alpha_lr")}
     flags = []
     script = METAMIX_PY
     for action in ablations.get_args_parser()._actions:
@@ -695,7 +694,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    return runs.guarded("baselines", run_baseline, a)
+    return mm.guarded("baselines", run_baseline, a)
 
 
 if __name__ == "__main__":

@@ -915,7 +915,7 @@ def export_run(run_dir: str, checkpoint: str | None = None, onnx: bool = False) 
     layers = mm.quant_layers(model)
     report = mm.bits_report(model, args)
     export = integer_export(model, args.arch, ck["num_classes"], report)
-    data = runs.saved_bytes(export)
+    data = mm.saved_bytes(export)
     path = os.path.join(run_dir, "model_int.pth")
     try:
         mm.atomic_write(path, data)
@@ -933,7 +933,7 @@ def export_run(run_dir: str, checkpoint: str | None = None, onnx: bool = False) 
             if t is not None:
                 fp32[f"{m.name}.{k}"] = t.detach().float().cpu()
     mib = len(data) / 2**20
-    fp32_mib = len(runs.saved_bytes(fp32)) / 2**20
+    fp32_mib = len(mm.saved_bytes(fp32)) / 2**20
     unfinished = ""
     if ck["epoch"] < args.epochs:
         unfinished = f" (checkpoint of epoch {ck['epoch']} of {args.epochs})"
@@ -1044,9 +1044,9 @@ def what_survived() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export, under metamix's error contract (runs.guarded): every failure one line on stderr and an exit status."""
+    """Export, under metamix's error contract (mm.guarded): every failure one line on stderr and an exit status."""
     a = get_args_parser().parse_args(argv)
-    return runs.guarded("export", run_export, a, interrupted=what_survived)
+    return mm.guarded("export", run_export, a, interrupted=what_survived)
 
 
 if __name__ == "__main__":

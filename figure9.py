@@ -321,7 +321,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    return runs.guarded("figure9", run_figure9, a)
+    return mm.guarded("figure9", run_figure9, a)
 
 
 if __name__ == "__main__":

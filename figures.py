@@ -566,7 +566,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = get_args_parser().parse_args(argv)
-    return runs.guarded("figures", run_figures, a)
+    return mm.guarded("figures", run_figures, a)
 
 
 if __name__ == "__main__":

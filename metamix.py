@@ -1319,14 +1319,14 @@ def check_budget(model, args):
     paper = PAPER_SETTINGS.get(args.arch, {})
     papers_setting = (paper.get("bits"), 4, 8) == (",".join(map(str, args.bits)), args.w_bits, args.first_last_bits)
     default = ""
-    if args.target_gbops is None and papers_setting:
-        args.target_gbops = paper["target_gbops"]
+    if args.target_gbops is None:
         default = " (the default; set --target-gbops)"
-    elif args.target_gbops is None:
+    if default and papers_setting:
+        args.target_gbops = paper["target_gbops"]
+    elif default:
         # (A, W) pairs (pairs.py): uniform A4/W4
         w = args.w_bits if isinstance(args.w_bits, int) else 4
         args.target_gbops = 0.95 * config_gbops([m.macs for m in layers], [4 * w] * len(layers), c_fixed_of(model))
-        default = " (the default; set --target-gbops)"
     if not lo - 1e-6 <= args.target_gbops <= hi + 1e-6:
         raise BadInput(
             f"--target-gbops {args.target_gbops:.4g}{default} is outside the feasible range [{lo:.3f}, {hi:.3f}] "
@@ -1359,14 +1359,21 @@ def atomic_write(path, data):
             os.remove(tmp)
 
 
-def load_checkpoint(path, flag, format=None):
-    """torch.load(weights_only=True); what it cannot read, one line naming the file. `format`: a run's checkpoint."""
+def saved_bytes(obj):
+    """torch.save into memory: a full disk then fails in atomic_write, which names the file, not in torch.save."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint(path, flag, expect=None):
+    """torch.load(weights_only=True); what it cannot read, one line naming the file. `expect`: a run's format."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BadInput(f"{flag} {path}: torch.load cannot read it ({one_line(e)})") from None
-    if not isinstance(ck, dict) or (format and ck.get("format") != format):
-        raise BadInput(f"{flag} {path}: not a {format or 'state dict'} file")
+    if not isinstance(ck, dict) or (expect and ck.get("format") != expect):
+        raise BadInput(f"{flag} {path}: not a {expect or 'state dict'} file")
     return ck
 
 
@@ -1515,13 +1522,11 @@ class Run:
             "fp_top1": self.fp_top1,
             "rng": rngs,
         }
-        # Serialised in memory first: a full disk then fails in atomic_write, which names the file.
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
+        data = saved_bytes(checkpoint)
         out = self.args.output_dir
         if self.selected is None and self.epoch == self.args.search_epochs:
-            atomic_write(os.path.join(out, "meta_state.pth"), buf.getvalue())
-        atomic_write(os.path.join(out, "checkpoint.pth"), buf.getvalue())
+            atomic_write(os.path.join(out, "meta_state.pth"), data)
+        atomic_write(os.path.join(out, "checkpoint.pth"), data)
         atomic_write(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
 
@@ -1659,10 +1664,10 @@ def checked_sync(run, where, params, loss):
 def evaluate(model, loader, dist, autocast):
     """Top-1/top-5 of the validation set, each image once; BN statistics averaged over ranks first (timm's choice)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    stats = [t for m in bns for t in (m.running_mean, m.running_var)]
-    for t in stats if dist.world > 1 else []:
-        torch.distributed.all_reduce(t)
-        t.div_(dist.world)
+    if dist.world > 1:
+        for t in [t for m in bns for t in (m.running_mean, m.running_var)]:
+            torch.distributed.all_reduce(t)
+            t.div_(dist.world)
     model.eval()
     # loss sum, top-1 hits, top-5 hits, images
     tot = torch.zeros(4, dtype=torch.float64, device=dist.device)
@@ -1916,8 +1921,8 @@ def get_args_parser():
     return p
 
 
-def resolve_args(args):
-    """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
+def arch_defaults(args):
+    """The values a flag left None takes: per arch (PAPER_SETTINGS, OTHER_SETTINGS), per recipe and per data."""
     synthetic = synthetic_spec(args.data) is not None
     # Our choice: small data (no pretrained weights) gets larger rates.
     small = synthetic or not args.pretrained
@@ -1926,6 +1931,12 @@ def resolve_args(args):
     defaults.update(lr=LR[args.optimizer][small], alpha_lr=ALPHA_LR[args.alpha_optimizer][small])
     if synthetic:
         defaults.update(epochs=8, image_size=32)
+    return defaults
+
+
+def resolve_args(args):
+    """Fill the per-arch and per-data defaults and refuse what cannot work, before anything heavy happens."""
+    defaults = arch_defaults(args)
     for key in ("bits", "lam", "epochs", "lr", "alpha_lr", "image_size"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -2030,43 +2041,47 @@ def run(args, layer_type=QuantLayer):
     return 0
 
 
-def failure(e):
-    """The error contract of metamix.py and of the tools beside it: an error's one line and exit status.
-
-    Bad input, which the user can fix (a BadInput, or an OSError: a file or folder named), exits 2; a signal
-    (SIGINT, SIGTERM) 128 + its number; anything else is a bug of ours and exits 1 with its exception's name.
-    """
-    # A signal that reached a DataLoader worker first arrives as some other exception: the record says.
-    signum = STOP["signum"]
-    if not signum and isinstance(e, KeyboardInterrupt):
-        signum = signal.SIGINT
-    if signum:
-        # A KeyboardInterrupt raised by the step's sync names the step at which every rank stopped.
-        where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""
-        return f"interrupted by {signal.Signals(signum).name}{where}", 128 + signum
-    if isinstance(e, (BadInput, OSError)):
-        return f"error: {one_line(e)}", 2
-    return f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)", 1
+def guarded(prog, body, *args, interrupted=lambda: ""):
+    """The error contract of metamix.py and of every tool beside it: body(*args), and any failure one line on stderr,
+    `prog: ...`, no traceback, and an exit status: 2 for bad input (a BadInput, or an OSError: a file or folder
+    named); 128 + N for a signal (SIGINT, SIGTERM), `interrupted()` adding what survived it; 1 for anything else, a
+    bug of ours, with its exception's name. METAMIX_DEBUG=1 shows the traceback instead."""
+    try:
+        return body(*args)
+    except (Exception, KeyboardInterrupt) as e:
+        # A signal that reached a DataLoader worker first arrives as some other exception: the record says.
+        signum = STOP["signum"]
+        if not signum and isinstance(e, KeyboardInterrupt):
+            signum = signal.SIGINT
+        if os.environ.get("METAMIX_DEBUG") and not signum:
+            raise
+        line = f"error: {type(e).__name__}: {one_line(e)} (METAMIX_DEBUG=1: the traceback)"
+        code = 1
+        if signum:
+            # A KeyboardInterrupt raised by the step's sync names the step at which every rank stopped.
+            where = f" {e}" if isinstance(e, KeyboardInterrupt) and str(e) else ""
+            line = f"interrupted by {signal.Signals(signum).name}{where}{interrupted()}"
+            code = 128 + signum
+        elif isinstance(e, (BadInput, OSError)):
+            line = f"error: {one_line(e)}"
+            code = 2
+        print(f"{prog}: {line}", file=sys.stderr)
+        return code
 
 
 def main(args=None, layer_type=QuantLayer):
-    """`run` under the error contract (`failure`): any failure one line on stderr and an exit status; after a
-    signal, where to continue. `layer_type` is the hook of extensions (pairs.py's (A, W)-pair layer).
-    METAMIX_DEBUG=1 shows the traceback instead."""
+    """`run` under the error contract (`guarded`); after a signal, where to continue. `layer_type` is the hook of
+    extensions (pairs.py's (A, W)-pair layer)."""
     args = args or get_args_parser().parse_args()
+    checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+
+    def what_survived():
+        if os.path.exists(checkpoint):
+            return f"; the last checkpoint is {checkpoint}; continue with --resume auto"
+        return "; no checkpoint was written yet; run the command again to start over"
+
     try:
-        return run(args, layer_type)
-    except (Exception, KeyboardInterrupt) as e:
-        if os.environ.get("METAMIX_DEBUG") and not STOP["signum"]:
-            raise
-        line, code = failure(e)
-        checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
-        if code > 128 and os.path.exists(checkpoint):
-            line += f"; the last checkpoint is {checkpoint}; continue with --resume auto"
-        elif code > 128:
-            line += "; no checkpoint was written yet; run the command again to start over"
-        print(f"metamix: {line}", file=sys.stderr)
-        return code
+        return guarded("metamix", run, args, layer_type, interrupted=what_survived)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

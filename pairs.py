@@ -9,7 +9,7 @@ driver and its outputs serve pairs unchanged. Same flags as metamix.py:
     torchrun --nproc_per_node=8 pairs.py --arch resnet18 --data /imagenet --pretrained --target-gbops 30
     python pairs.py --resume auto --output-dir runs/metamix       # as metamix.py's --resume
 
-With ablations.py's settings as flags too (--plain-lsq, --unfixed, ...): pairs.main(argv, ablations.get_args_parser).
+It takes ablations.py's settings as flags too (--plain-lsq, --unfixed, ...): pairs are beyond the paper's driver.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import ablations
 import metamix as mm
 
 
@@ -212,10 +213,10 @@ def weight_codes(w_quant: mm.LSQQuantizer, weight: torch.Tensor) -> tuple[torch.
         return mm.lsq_codes(weight.detach(), s_w, *mm.lsq_range(w_quant.bits, True, w_quant.narrow)), s_w
 
 
-def get_args_parser(base=mm.get_args_parser):
-    """metamix.py's flags (`base`'s: ablations.get_args_parser adds the ablations' settings), with --w-bits a list:
-    each searched layer's candidates are the pairs --bits x --w-bits."""
-    p = base()
+def get_args_parser():
+    """ablations.py's flags (metamix.py's and the ablations' settings), with --w-bits a list: each searched layer's
+    candidates are the pairs --bits x --w-bits."""
+    p = ablations.get_args_parser()
     p.description = "MetaMix over (A, W) bit pairs, the supplement's extension (its Table 7)"
     w_bits = next(action for action in p._actions if action.dest == "w_bits")
     w_bits.type = mm.bit_list
@@ -226,9 +227,8 @@ def get_args_parser(base=mm.get_args_parser):
     return p
 
 
-def main(argv=None, base=mm.get_args_parser) -> int:
-    """pairs.py on argv, with `base`'s flags (get_args_parser)."""
-    parser = get_args_parser(base)
+def main(argv=None) -> int:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     # a pair's W is quantized in every phase: there is no full-precision stage to keep
     if args.act_only_epochs:

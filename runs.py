@@ -1,35 +1,17 @@
 """The tools' plumbing beside metamix.py (baselines.py, figure9.py, figures.py, export.py): a run's folder and its
 files found (one-line BadInput errors), a checkpoint loaded once with its format checked, its model rebuilt, the
-meta-state check, and the error contract every tool runs under (`guarded`: metamix.failure's one line and status)."""
+meta-state check, and a flag's value as the command line writes it. Every tool runs under metamix.guarded, the
+driver's own error contract."""
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import sys
 
-import torch
 import torch.nn as nn
 
 import metamix as mm
 import pairs
-
-
-def guarded(prog: str, body, *args, interrupted=lambda: "") -> int:
-    """body(*args) under metamix's error contract: any failure one line on stderr, `prog: ...`, with no traceback,
-    and its exit status (metamix.failure: 2 bad input, 128 + N a signal, 1 a bug); `interrupted()` adds what
-    survived a signal. METAMIX_DEBUG=1 shows the traceback instead."""
-    try:
-        return body(*args)
-    except (Exception, KeyboardInterrupt) as e:
-        if os.environ.get("METAMIX_DEBUG") and not mm.STOP["signum"]:
-            raise
-        line, code = mm.failure(e)
-        if code > 128:
-            line += interrupted()
-        print(f"{prog}: {line}", file=sys.stderr)
-        return code
 
 
 def flag_text(value):
@@ -37,13 +19,6 @@ def flag_text(value):
     if isinstance(value, list):
         return ",".join(map(str, value))
     return value
-
-
-def saved_bytes(obj) -> bytes:
-    """torch.save into memory (then metamix.atomic_write): a full disk fails in the write, which names the file."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 # Why a run's folder may lack one of its files: the end of the tools' one-line error.

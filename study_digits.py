@@ -240,25 +240,18 @@ def method_flags(method: str, epoch_steps: int = 46) -> list[str]:
     )
 
 
-# The flags of ablations.py that metamix.py and pairs.py lack (--plain-lsq, --unfixed, ...), and pairs.py with them:
-# pairs.main on ablations.py's parser.
+# The flags of ablations.py that metamix.py lacks (--plain-lsq, --unfixed, ...).
 ABLATION_FLAGS = {s for a in ablations.get_args_parser()._actions for s in a.option_strings} - {
     s for a in mm.get_args_parser()._actions for s in a.option_strings
 }
-PAIRS_WITH_ABLATIONS = (
-    f"import sys; sys.path.insert(0, {str(HERE)!r}); sys.argv[0] = 'pairs.py'; import ablations, pairs; "
-    "sys.exit(pairs.main(sys.argv[1:], ablations.get_args_parser))"
-)
 
 
 def command_line(cmd: list[str]) -> list[str]:
     """The command line of cmd ([script, *flags]) in this interpreter; with a flag of ABLATION_FLAGS, metamix.py's
-    run by ablations.py and pairs.py's by pairs.main on ablations.py's parser."""
+    run by ablations.py (pairs.py takes them itself)."""
     script, flags = cmd[0], cmd[1:]
     if ABLATION_FLAGS.intersection(flags) and script == "metamix.py":
         return [sys.executable, str(HERE / "ablations.py"), *flags]
-    if ABLATION_FLAGS.intersection(flags) and script == "pairs.py":
-        return [sys.executable, "-c", PAIRS_WITH_ABLATIONS, *flags]
     return [sys.executable, str(HERE / script), *flags]
 
 

@@ -523,7 +523,7 @@ def test_export_bad_input(ref_run, tmp_path):
     ],
 )
 def test_export_data_errors(ref_run, tmp_path, monkeypatch, error, code, needles):
-    """runs.guarded's contract when the run's data cannot be read: one line (exit 2 for the user's problem, a BadInput
+    """mm.guarded's contract when the run's data cannot be read: one line (exit 2 for the user's problem, a BadInput
     or an OSError; 1 for any other; 130 for SIGINT, saying what survived) and nothing written, since the data is
     read before the file is written."""
     out = tmp_path / "out"

@@ -275,7 +275,7 @@ def test_runs_take_lsqs_own_quantizers_where_their_part_asks(monkeypatch, tmp_pa
 
 def test_ablation_flags_go_to_ablations_py_and_pairs_with_them(monkeypatch, tmp_path):
     """command_line: metamix.py's runs with an ablation's flag (--unfixed, --plain-lsq) by ablations.py; a run of
-    pairs with one by pairs.main on ablations.py's parser, which takes both its --w-bits list and the flag."""
+    pairs by pairs.py, whose parser is ablations.py's with its --w-bits list."""
     assert sd.command_line(["metamix.py", *sd.method_flags("metamix-unfixed")])[1] == str(sd.HERE / "ablations.py")
     assert sd.command_line(["pairs.py", "--seed", "1"])[1:] == [str(sd.HERE / "pairs.py"), "--seed", "1"]
     p = subprocess.run(
@@ -285,4 +285,4 @@ def test_ablation_flags_go_to_ablations_py_and_pairs_with_them(monkeypatch, tmp_
     assert "--plain-lsq" in p.stdout and "--w-bits BITS" in p.stdout
     # (_first_command replaces subprocess.run)
     cmd = _first_command(monkeypatch, tmp_path, "metamix-sgd-pairs", "pairs")
-    assert cmd[1] == "-c" and "--plain-lsq" in cmd and cmd[-4:-2] == ["--w-bits", "8,4,2"]
+    assert Path(cmd[1]).name == "pairs.py" and "--plain-lsq" in cmd and cmd[-4:-2] == ["--w-bits", "8,4,2"]
