@@ -19,14 +19,23 @@ or --pretrained PATH here), and writes
                     (set_mode "meta"), with FP and with W weights, for the FP start and for the meta-state;
                     spread_var  = (max_b var_b - min_b var_b) / mean_b var_b
                     spread_mean = (max_b mean_b - min_b mean_b) / std of the input with the network in FP
-    Figure 8        a standard Gaussian quantized by signed LSQ with LSQ's init step at 8, 4, 3, 2 bits:
-                    the variance of the result and of the error
-    Figure 2        from the FP start, --fig2-epochs of training in three cases: every searched layer at the middle
-                    candidate but one depthwise conv whose bits are drawn at random every --switch-every steps,
-                    (a) with FP weights, (b) with W weights; (c) MetaMix's bit-meta steps. The trace: the running
-                    variance (mean over channels) of the BN after that conv, after every step; over its last
-                    half, rel_std (std / mean), rel_jump (mean step-to-step change / mean) and the mean per bits.
-matplotlib (optional) draws fig1_6.png, fig2.png and fig8.png. Nothing in RUN but RUN/figures (or --out) changes.
+                    In eval mode this compares two kinds of running statistics (the FP start's are FP's, the
+                    meta-state's a mixture of the candidates'), so the next two are the direct measurement:
+    BN statistics   per BN, its input's per-channel mean and variance at each candidate with batch statistics (no
+                    buffer update), FP and W weights, both networks; their mismatch: the KL divergence from N(0, 1)
+                    of BN's output when one candidate's input is normalised with another's statistics
+    Mismatch cost   top-1 at each uniform candidate with the network's shared running statistics against the same
+                    network with BN recalibrated at that candidate on --recal-batches training batches
+    Figure 8        a standard Gaussian quantized by signed LSQ at 8, 4, 3, 2 bits, with LSQ's init step and with
+                    the step of least squared error: the variance of the result and of the error
+    Figure 2        --fig2-epochs of training: every searched layer at the middle candidate but one depthwise conv
+                    whose bits are drawn at random every --switch-every steps, from the FP start (a) with FP
+                    weights, (b) with W weights, and from the meta-state likewise (the paper's bottom panel, like
+                    for like); (c) MetaMix's bit-meta steps from the FP start. The trace: the running variance
+                    (mean over channels) of the BN after that conv, after every step; over its last half, rel_std
+                    (std / mean), rel_jump (mean step-to-step change / mean) and the mean per bits.
+matplotlib (optional) draws fig1_6.png, fig2.png, fig8.png and bn_stats.png. Nothing in RUN but RUN/figures (or
+--out) changes.
 A run from scratch has no FP model: the meta-state's rows only, no Figure 2. Runs of (A, W) pairs are refused.
 docs/thesis.md has the answer on the digits.
 """
@@ -36,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -231,21 +241,180 @@ def plotted_layers(layers: Sequence[mm.QuantLayer], n: int) -> list[str]:
     return [pool[i].name for i in picks]
 
 
+# ---- BN statistics per candidate, and what a mismatch costs (the thesis, measured directly) -----------------------
+
+
+def batch_norms(model: nn.Module) -> dict:
+    """{module: name} of every BN that keeps running statistics."""
+    return {
+        m: n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
+
+
+@torch.no_grad()
+def bn_input_stats(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict:
+    """{BN name: (mean, var)}, per channel, of every BN's input over `batches`, the network in train mode with each
+    batch's statistics (metamix.batch_stats_bn: no buffer update, dropout off): pooled over images and positions,
+    the population statistics a running estimate converges to. The quantizers' modes are the caller's."""
+    names = batch_norms(model)
+    sums = {}
+
+    def hook(mod, inp):
+        # (channels, values)
+        x = inp[0].detach().double().transpose(0, 1).flatten(1)
+        s = sums.setdefault(names[mod], torch.zeros(3, x.shape[0], dtype=torch.float64))
+        s[0] += x.sum(1)
+        s[1] += (x * x).sum(1)
+        s[2] += x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    try:
+        with mm.batch_stats_bn(model):
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, (total, squares, n) in sums.items():
+        mean = total / n
+        out[name] = (mean, squares / n - mean * mean)
+    return out
+
+
+def bn_mismatch(per_bits: Sequence[tuple[torch.Tensor, torch.Tensor]], eps: float) -> float:
+    """How far one BN's per-channel input statistics at the candidates are from each other, as BN sees it: the input
+    at candidate b normalised with candidate c's statistics, (x - m_c) / sqrt(v_c + eps), should be a unit normal;
+    it is N((m_b - m_c) / sqrt(v_c + eps), (v_b + eps) / (v_c + eps)). Its KL divergence from N(0, 1),
+    0.5 (r + d^2 - 1 - ln r), r the variance ratio and d the mean offset in units of c's std (0 when the statistics
+    agree; d^2 / 2 for a pure offset of d standard deviations), averaged over the channels and over every ordered
+    pair b != c: what using one candidate's running statistics for another costs this BN."""
+    kls = []
+    for b, (mean_b, var_b) in enumerate(per_bits):
+        for c, (mean_c, var_c) in enumerate(per_bits):
+            if b == c:
+                continue
+            ratio = (var_b + eps) / (var_c + eps)
+            offset_sq = (mean_b - mean_c) ** 2 / (var_c + eps)
+            kls.append((0.5 * (ratio + offset_sq - 1 - ratio.log())).mean())
+    return float(torch.stack(kls).mean())
+
+
+def bn_cases(model: nn.Module, batches, w_bits: int) -> dict:
+    """{"W-FP" and "W<w_bits>": {BN name: its mismatch across the candidates}}: bn_input_stats with the whole
+    network's searched layers at each candidate (set_mode "meta"), weights in FP or quantized."""
+    branches = range(len(mm.searched_layers(model)[0].candidates))
+    eps = {n: m.eps for m, n in batch_norms(model).items()}
+    out = {}
+    for weights, quantized in (("W-FP", False), (f"W{w_bits}", True)):
+        per_bits = []
+        for branch in branches:
+            mm.set_mode(model, "meta", branch, quant_weights=quantized)
+            per_bits.append(bn_input_stats(model, batches))
+        out[weights] = {name: bn_mismatch([stats[name] for stats in per_bits], eps[name]) for name in per_bits[0]}
+    mm.set_mode(model, "fp")
+    return out
+
+
+def bn_summary(cases: dict) -> dict:
+    """Per model and weights: the mean and median over the BNs of their mismatch, and (two models) in how many BNs
+    the meta-state's is the smaller."""
+    out = {}
+    for model_name, by_w in cases.items():
+        out[model_name] = {}
+        for weights, per_bn in by_w.items():
+            vals = sorted(per_bn.values())
+            out[model_name][weights] = {"mean": sum(vals) / len(vals), "median": vals[len(vals) // 2], "bns": len(vals)}
+    if set(out) == {"fp_start", "meta_state"}:
+        for weights, per_bn in cases["meta_state"].items():
+            fp = cases["fp_start"][weights]
+            out["meta_state"][weights]["bns_smaller_than_fp_start"] = sum(v < fp[n] for n, v in per_bn.items())
+    return out
+
+
+@torch.no_grad()
+def top1(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 (%) of `model` in eval mode, BN on its running statistics, over (images, labels) batches."""
+    model.eval()
+    hits = sum(int((model(x).argmax(1) == y).sum()) for x, y in batches)
+    return 100 * hits / sum(len(y) for _, y in batches)
+
+
+@torch.no_grad()
+def recalibrated(model: nn.Module, images: Sequence[torch.Tensor]) -> nn.Module:
+    """A copy of `model`, in its quantizers' current mode, whose BN running statistics are estimated afresh on
+    `images` (reset, then the cumulative average over the batches: momentum None; train mode, dropout off): no
+    weight, step or other parameter changes."""
+    model = copy.deepcopy(model)
+    bns = list(batch_norms(model))
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    for x in images:
+        model(x)
+    return model.eval()
+
+
+def mismatch_costs(model: nn.Module, val: Sequence, calib_images: Sequence[torch.Tensor], w_bits: int) -> dict:
+    """{"W-FP", "W<w_bits>": [per candidate: {"bits", "shared", "recalibrated", "gain"}]}: top-1 at each uniform
+    candidate with the network's own running statistics (shared by every candidate) and with its BN statistics
+    recalibrated at that candidate on `calib_images`. The thesis predicts a large gain at low bits for the FP start
+    (its statistics are FP's) and a small one at every candidate for the meta-state."""
+    bits = [a for a, _ in mm.searched_layers(model)[0].candidates]
+    out = {}
+    for weights, quantized in (("W-FP", False), (f"W{w_bits}", True)):
+        rows = []
+        for branch, b in enumerate(bits):
+            mm.set_mode(model, "meta", branch, quant_weights=quantized)
+            shared = top1(model, val)
+            recal = top1(recalibrated(model, calib_images), val)
+            rows.append({"bits": b, "shared": shared, "recalibrated": recal, "gain": recal - shared})
+        out[weights] = rows
+    mm.set_mode(model, "fp")
+    return out
+
+
 # ---- Figure 8: a Gaussian quantized at 8, 4, 3, 2 bits ------------------------------------------------------------
 
 
 def figure8(samples: int, seed: int) -> dict:
     """The supplement's Figure 8: a standard Gaussian (`samples` values from `seed`) quantized by signed LSQ at each
-    of FIG8_BITS with LSQ's init step, s = 2 mean|x| / sqrt(Qp); the variance of the result and of the error."""
+    of FIG8_BITS, with two steps, since the direction depends on it: LSQ's init step, s = 2 mean|x| / sqrt(Qp)
+    ("step", "var", "error_var"), and the step of least mean squared error ("mse_step", "mse_var", "mse_error_var")."""
     x = torch.randn(samples, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     rows = []
     for b in FIG8_BITS:
         qp = mm.lsq_range(b, True)[1]
         step = 2 * x.abs().mean() / math.sqrt(qp)
+        best = mse_step(x, b, float(step))
         with torch.no_grad():
             q = mm.lsq_quantize(x, step.reshape(()), b, True)
-        rows.append({"bits": b, "step": float(step), "var": float(q.var()), "error_var": float((q - x).var())})
+            q_mse = mm.lsq_quantize(x, torch.tensor(best, dtype=torch.float64), b, True)
+        row = {"bits": b, "step": float(step), "var": float(q.var()), "error_var": float((q - x).var())}
+        row.update(mse_step=best, mse_var=float(q_mse.var()), mse_error_var=float((q_mse - x).var()))
+        rows.append(row)
     return {"samples": samples, "seed": seed, "input_var": float(x.var()), "rows": rows}
+
+
+@torch.no_grad()
+def mse_step(x: torch.Tensor, bits: int, init: float, points: int = 41, rounds: int = 4) -> float:
+    """The step of least mean squared error of signed LSQ at `bits` on `x`: a grid of `points` steps over
+    (0, 3 init], then `rounds - 1` finer grids around the best so far."""
+    lo, hi = 0.0, 3 * init
+    best = init
+    for _ in range(rounds):
+        grid = torch.linspace(lo, hi, points, dtype=torch.float64)[1:]
+        errors = torch.stack([(mm.lsq_quantize(x, s, bits, True) - x).square().mean() for s in grid])
+        best = float(grid[int(errors.argmin())])
+        width = float(grid[1] - grid[0])
+        lo, hi = max(best - width, 0.0), best + width
+    return best
 
 
 # ---- Figure 2: the running variance of one BN while one layer's bits change ---------------------------------------
@@ -339,21 +508,33 @@ def variability(trace: Sequence[float]) -> dict:
     return {"rel_std": sd / mean, "rel_jump": sum(jumps) / len(jumps) / mean, "steps": len(tail)}
 
 
-def figure2(start: nn.Module, args, train_set, epochs: int, switch_every: int) -> dict:
-    """Figure 2's three cases, each from a copy of the FP start, on the run's training data (metamix's own
-    pipeline and data order, the run's batch size; SGD at the run's LR, momentum 0.9: our choice)."""
-    layer = figure2_layer(start)
-    bn_name, _ = following_bn(start, layer, args.image_size)
+# Figure 2's cases: (its name, the network it starts from, what figure2_case runs). The paper's bottom panel,
+# like for like: the meta-state under the same random switching as the FP start's top and middle panels.
+FIG2_CASES = (
+    ("random-FP", "fp_start", "random-FP"),
+    ("random-W", "fp_start", "random-W"),
+    ("metamix", "fp_start", "metamix"),
+    ("meta-random-FP", "meta_state", "random-FP"),
+    ("meta-random-W", "meta_state", "random-W"),
+)
+
+
+def figure2(starts: dict, args, train_set, epochs: int, switch_every: int) -> dict:
+    """Figure 2's cases (FIG2_CASES), each from a copy of its network ({"fp_start", "meta_state"}), on the run's
+    training data (metamix's own pipeline and data order, the run's batch size; SGD at the run's LR, momentum 0.9:
+    our choice); the same layer, BN, draws of bits and dropout masks in every case."""
+    layer = figure2_layer(starts["fp_start"])
+    bn_name, _ = following_bn(starts["fp_start"], layer, args.image_size)
     cases = {}
-    for case in ("random-FP", "random-W", "metamix"):
+    for case, source, kind in FIG2_CASES:
         # the same dropout masks in every case, and the same on every rerun
         torch.manual_seed(args.seed)
-        model = copy.deepcopy(start)
+        model = copy.deepcopy(starts[source])
         mm.use_speed_path(model)
         loader, _, _ = mm.build_loaders(args, one_process(), train_set, train_set)
         case_layer = model.get_submodule(layer.name)
         bn = model.get_submodule(bn_name)
-        cases[case] = figure2_case(model, case_layer, bn, loader, args, case, epochs, switch_every)
+        cases[case] = figure2_case(model, case_layer, bn, loader, args, kind, epochs, switch_every)
     return {
         "layer": layer.name,
         "bn": bn_name,
@@ -401,7 +582,8 @@ def plot_fig2(fig2: dict, title: str, path: str) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    fig, axes = plt.subplots(3, 1, sharex=True, figsize=(7, 5.5))
+    cases = fig2["cases"]
+    fig, axes = plt.subplots(len(cases), 1, sharex=True, figsize=(7, 1.8 * len(cases)))
     for ax, (case, c) in zip(axes, fig2["cases"].items()):
         ax.plot(c["trace"], color="tab:blue", lw=1)
         ax.set_ylabel("running var", fontsize=7)
@@ -410,6 +592,35 @@ def plot_fig2(fig2: dict, title: str, path: str) -> bool:
         if c["bits"][0] is not None:
             ax.twinx().step(range(len(c["bits"])), c["bits"], color="tab:orange", lw=0.8, where="post")
     axes[-1].set_xlabel("training step")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def plot_bn(report: dict, title: str, path: str) -> bool:
+    """bn_stats.png: left, each BN's mismatch across the candidates in forward order (log scale), per network and
+    weights; right, the top-1 gained by recalibrating BN at each candidate. False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2))
+    for m, by_w in report["bn_stats"]["per_bn"].items():
+        for w, per_bn in by_w.items():
+            left.plot([max(v, 1e-8) for v in per_bn.values()], lw=1, label=f"{m} {w}")
+    left.set_yscale("log")
+    left.set_xlabel("BN (forward order)")
+    left.set_ylabel("KL mismatch across candidates")
+    left.legend(fontsize=6)
+    labels = []
+    for m, by_w in report["mismatch_cost"]["models"].items():
+        for w, rows in by_w.items():
+            labels = [f"A{r['bits']}" for r in rows]
+            right.plot(labels, [r["gain"] for r in rows], marker="o", label=f"{m} {w}")
+    right.axhline(0, color="grey", lw=0.5)
+    right.set_ylabel("top-1 gain of recalibration (points)")
+    right.legend(fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -430,7 +641,7 @@ def plot_fig8(fig8: dict, path: str) -> bool:
     for ax, r in zip(axes[1:], fig8["rows"]):
         q = mm.lsq_quantize(x, torch.tensor(r["step"], dtype=torch.float64), r["bits"], True).detach()
         ax.hist(q.numpy(), bins=100)
-        ax.set_title(f"{r['bits']}-bit: var {r['var']:.3f}", fontsize=8)
+        ax.set_title(f"{r['bits']}-bit (init step): var {r['var']:.3f}; MSE step: {r['mse_var']:.3f}", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -443,6 +654,10 @@ def tables(report: dict) -> str:
     lines = [f"# Figures 1, 2, 6 and 8 of {report['run']} ({report['arch']})", "", report["fp_note"], ""]
     lines += ["## Figures 1 / 6: spread of each searched layer's input across bit-widths", ""]
     lines += [f"BN with its {f16['bn']} statistics, {f16['images']} validation images.", ""]
+    if f16["bn"] == "running":
+        lines += ["Eval mode compares two kinds of running statistics: the FP start's are FP's, the meta-state's a"]
+        lines += ["mixture of its candidates' passes; these spreads measure the buffers as much as the inputs (the BN"]
+        lines += ["statistics below are the direct measurement).", ""]
     cols = [(m, w) for m, cases in f16["layers"][0]["models"].items() for w in cases if w != "fp"]
     head = " | ".join(f"{m} {w} var / mean" for m, w in cols)
     lines += [f"| layer | kind | {head} |", "|---|---|" + "---|" * len(cols)]
@@ -460,6 +675,7 @@ def tables(report: dict) -> str:
             below = s.get("layers_smaller_than_fp_start", "-")
             mean_median = f"{sv['mean']:.3f} / {sv['median']:.3f} | {sm['mean']:.3f} / {sm['median']:.3f}"
             lines.append(f"| {m} | {w} | {mean_median} | {below} |")
+    lines += bn_tables(report)
     fig2 = report.get("figure2")
     if fig2:
         lines += ["", f"## Figure 2: running variance of {fig2['bn']} (after {fig2['layer']})", ""]
@@ -474,12 +690,45 @@ def tables(report: dict) -> str:
                 gap_text = f"{gap:.4f}"
             cells = f"{len(c['trace'])} | {v['rel_std']:.4f} | {v['rel_jump']:.5f} | {means} | {gap_text}"
             lines.append(f"| {case} | {cells} |")
-    lines += ["", "## Figure 8: a Gaussian quantized by LSQ (init step)", ""]
-    lines += ["| bits | step | variance | error variance |", "|---|---|---|---|"]
-    lines.append(f"| FP | - | {report['figure8']['input_var']:.4f} | 0 |")
+    lines += ["", "## Figure 8: a Gaussian quantized by LSQ, with LSQ's init step and with the MSE-optimal step", ""]
+    lines += ["| bits | init step | variance | error variance | MSE step | variance | error variance |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    lines.append(
+        f"| FP | - | {report['figure8']['input_var']:.4f} | 0 | - | {report['figure8']['input_var']:.4f} | 0 |"
+    )
     for r in report["figure8"]["rows"]:
-        lines.append(f"| {r['bits']} | {r['step']:.4f} | {r['var']:.4f} | {r['error_var']:.4f} |")
+        init = f"{r['step']:.4f} | {r['var']:.4f} | {r['error_var']:.4f}"
+        mse = f"{r['mse_step']:.4f} | {r['mse_var']:.4f} | {r['mse_error_var']:.4f}"
+        lines.append(f"| {r['bits']} | {init} | {mse} |")
     return "\n".join(lines) + "\n"
+
+
+def bn_tables(report: dict) -> list[str]:
+    """figures.md's part on the BN statistics: each BN's mismatch across the candidates (batch statistics), their
+    summary, and top-1 with shared against recalibrated statistics."""
+    bn = report["bn_stats"]
+    lines = ["", "## BN statistics per candidate (batch statistics, no buffer update)", ""]
+    lines += [f"{bn['images']} validation images. Per BN: the KL divergence of its output from N(0, 1) when one"]
+    lines += ["candidate's input is normalised with another's statistics, mean over channels and ordered pairs.", ""]
+    cols = [(m, w) for m, by_w in bn["per_bn"].items() for w in by_w]
+    lines += ["| BN | " + " | ".join(f"{m} {w}" for m, w in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in bn["per_bn"]["meta_state"]["W-FP"]:
+        lines.append(f"| {name} | " + " | ".join(f"{bn['per_bn'][m][w][name]:.5f}" for m, w in cols) + " |")
+    lines += ["", "| model | weights | mismatch mean / median | BNs below FP start |", "|---|---|---|---|"]
+    for m, by_w in bn["summary"].items():
+        for w, s in by_w.items():
+            below = s.get("bns_smaller_than_fp_start", "-")
+            lines.append(f"| {m} | {w} | {s['mean']:.5f} / {s['median']:.5f} | {below} of {s['bns']} |")
+    cost = report["mismatch_cost"]
+    lines += ["", "## What a mismatch costs: top-1 (%) with shared against recalibrated BN statistics", ""]
+    lines += [f"Each uniform candidate; BN recalibrated on {cost['calibration_images']} training images.", ""]
+    lines += ["| model | weights | bits | shared | recalibrated | gain |", "|---|---|---|---|---|---|"]
+    for m, by_w in cost["models"].items():
+        for w, rows in by_w.items():
+            for r in rows:
+                cells = f"A{r['bits']} | {r['shared']:.2f} | {r['recalibrated']:.2f} | {r['gain']:+.2f}"
+                lines.append(f"| {m} | {w} | {cells} |")
+    return lines
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------
@@ -495,15 +744,21 @@ def run_figures(a: argparse.Namespace) -> int:
     t0 = time.time()
     train_set, val_set, classes = mm.build_datasets(args)
     train_loader, val_loader, calib = mm.build_loaders(args, one_process(), train_set, val_set)
-    batches = [x for x, _ in val_loader][: a.batches]
+    val = [(x, y) for x, y in val_loader][: a.batches]
+    batches = [x for x, _ in val]
+    # the training images BN is recalibrated on, the same on every rerun
+    torch.manual_seed(args.seed)
+    recal_images = [x for x, _ in itertools.islice(train_loader, a.recal_batches)]
     start, fp_note = fp_start(args, pretrained, classes, calib)
-    fig2_start = copy.deepcopy(start)
+    networks = {"fp_start": start, "meta_state": meta}
+    if start is None:
+        networks.pop("fp_start")
+    fig2_starts = copy.deepcopy(networks)
     keep = plotted_layers(mm.searched_layers(meta), a.layers)
-    models = {}
-    if start is not None:
-        models["fp_start"] = model_cases(start, batches, keep, args.w_bits, a.bn)
-    models["meta_state"] = model_cases(meta, batches, keep, args.w_bits, a.bn)
+    models = {name: model_cases(net, batches, keep, args.w_bits, a.bn) for name, net in networks.items()}
     rows = layer_rows(models, mm.searched_layers(meta))
+    bn = {name: bn_cases(net, batches, args.w_bits) for name, net in networks.items()}
+    costs = {name: mismatch_costs(net, val, recal_images, args.w_bits) for name, net in networks.items()}
     report = {
         "run": run_dir,
         "arch": args.arch,
@@ -516,8 +771,10 @@ def run_figures(a: argparse.Namespace) -> int:
     }
     report["figure1_6"]["layers"] = rows
     report["figure1_6"]["summary"] = summary(rows)
-    if fig2_start is not None and a.fig2_epochs:
-        report["figure2"] = figure2(fig2_start, args, train_set, a.fig2_epochs, a.switch_every)
+    report["bn_stats"] = {"images": report["figure1_6"]["images"], "per_bn": bn, "summary": bn_summary(bn)}
+    report["mismatch_cost"] = {"calibration_images": sum(len(x) for x in recal_images), "models": costs}
+    if "fp_start" in fig2_starts and a.fig2_epochs:
+        report["figure2"] = figure2(fig2_starts, args, train_set, a.fig2_epochs, a.switch_every)
     report["seconds"] = round(time.time() - t0, 1)
     os.makedirs(out, exist_ok=True)
     mm.atomic_write(os.path.join(out, "figures.json"), json.dumps(report, indent=1).encode())
@@ -525,6 +782,7 @@ def run_figures(a: argparse.Namespace) -> int:
     title = f"{args.arch}: {run_dir}"
     plotted = plot_fig1_6(models, keep, title, os.path.join(out, "fig1_6.png"))
     plotted = plot_fig8(report["figure8"], os.path.join(out, "fig8.png")) and plotted
+    plotted = plot_bn(report, title, os.path.join(out, "bn_stats.png")) and plotted
     if "figure2" in report:
         plotted = plot_fig2(report["figure2"], title, os.path.join(out, "fig2.png")) and plotted
     pictures = ", fig*.png"
@@ -539,6 +797,8 @@ def summary_line(report: dict) -> str:
     s = report["figure1_6"]["summary"]
     parts = [f"{m} {by_w['W-FP']['spread_var']['mean']:.3f}" for m, by_w in s.items()]
     line = f"Figures 1/6: mean spread of the input variance across bit-widths (FP weights): {', '.join(parts)}"
+    bn = [f"{m} {by_w['W-FP']['mean']:.5f}" for m, by_w in report["bn_stats"]["summary"].items()]
+    line += f"; BN mismatch across candidates (FP weights): {', '.join(bn)}"
     if "figure2" in report:
         cases = report["figure2"]["cases"].items()
         line += "; Figure 2 rel_std: " + ", ".join(f"{k} {c['variability']['rel_std']:.4f}" for k, c in cases)
@@ -560,6 +820,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--switch-every", metavar="K", type=mm.number(int, 1), default=10, help="Figure 2: steps per draw (10)")
     add("--fig8-samples", metavar="N", type=mm.number(int, 2), default=1_000_000, help="Figure 8's Gaussian")
     add("--bn", choices=("running", "batch"), default="running", help="Figures 1/6: BN's statistics (running)")
+    add(
+        "--recal-batches",
+        metavar="N",
+        type=mm.number(int, 1),
+        default=10,
+        help="training batches BN is recalibrated on",
+    )
     add("--pretrained", metavar="PATH", help="the FP model the run started from (default: the run's --pretrained)")
     return p
 

@@ -8,6 +8,7 @@ test's own, the spreads against their definition; a run from scratch without mat
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -38,8 +39,10 @@ TINY_MBV2 = [
     "--search-steps",
     "0",
 ]
-# figures.py's tiny settings: one validation batch, Figure 2 over 2 epochs (4 steps), a draw every step.
+# figures.py's tiny settings: one validation batch, Figure 2 over 2 epochs (4 steps), a draw every step, BN
+# recalibrated on one training batch.
 TINY_FIGS = ["--batches", "1", "--fig2-epochs", "2", "--switch-every", "1", "--fig8-samples", "20000"]
+TINY_FIGS += ["--recal-batches", "1"]
 
 
 def tiny_fp(path: Path) -> Path:
@@ -129,9 +132,120 @@ def test_figure8_against_direct_lsq(report):
         assert r["step"] == pytest.approx(step, rel=1e-12)
         assert r["var"] == pytest.approx(float(q.var()), rel=1e-9)
         assert r["error_var"] == pytest.approx(float((q - x).var()), rel=1e-9)
-    # the supplement's claim, on a Gaussian: fewer bits, more variance
+    # the supplement's claim, on a Gaussian, with LSQ's init step: fewer bits, more variance
     variances = [r["var"] for r in report["figure8"]["rows"]]
     assert variances == sorted(variances)
+
+
+def test_figure8_mse_step_is_the_least_squared_error(report):
+    """Figure 8's second step: no step of a fine grid around it, nor LSQ's init step, quantizes the Gaussian with a
+    smaller mean squared error; its variances are those of a direct LSQ computation."""
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def quantized(step, bits):
+        return mm.lsq_quantize(x, torch.tensor(step, dtype=torch.float64), bits, True).detach()
+
+    for r in report["figure8"]["rows"]:
+        best = (quantized(r["mse_step"], r["bits"]) - x).square().mean()
+        for step in [r["step"]] + [r["mse_step"] * (1 + k / 100) for k in (-5, -2, -1, 1, 2, 5)]:
+            assert (quantized(step, r["bits"]) - x).square().mean() >= best * (1 - 1e-9)
+        q = quantized(r["mse_step"], r["bits"])
+        assert r["mse_var"] == pytest.approx(float(q.var()), rel=1e-9)
+        assert r["mse_error_var"] == pytest.approx(float((q - x).var()), rel=1e-9)
+    # at 2 bits the MSE step shrinks the clipped Gaussian: its variance falls below the input's
+    assert report["figure8"]["rows"][-1]["mse_var"] < report["figure8"]["input_var"]
+
+
+def _meta_and_batch(run):
+    args, meta, _ = runs.load_run(str(run / "meta_state.pth"))
+    _, val_set, _ = mm.build_datasets(args)
+    x = torch.stack([val_set[i][0] for i in range(16)])
+    y = torch.tensor([val_set[i][1] for i in range(16)])
+    return meta, x, y
+
+
+def test_bn_statistics_per_candidate_by_hand(run, report):
+    """One BN's per-channel input statistics at each candidate (W4, batch statistics) from a hook of the test's
+    own, and its mismatch from torch.distributions' KL divergence between Normals: the report's number."""
+    meta, x, _ = _meta_and_batch(run)
+    name = list(report["bn_stats"]["per_bn"]["meta_state"]["W4"])[5]
+    bn = meta.get_submodule(name)
+    seen = []
+    bn.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().double()))
+    stats = []
+    for branch in range(3):
+        mm.set_mode(meta, "meta", branch, quant_weights=True)
+        with torch.no_grad(), mm.batch_stats_bn(meta):
+            meta(x)
+        v = seen[-1].transpose(0, 1).flatten(1)
+        stats.append((v.mean(1), v.var(1, correction=0)))
+    mm.set_mode(meta, "meta", 2, quant_weights=True)
+    mean, var = figures.bn_input_stats(meta, [x])[name]
+    assert torch.allclose(mean, stats[2][0], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(var, stats[2][1], rtol=1e-9, atol=1e-12)
+    normal = torch.distributions.Normal
+    kls = []
+    for b in range(3):
+        for c in range(3):
+            if b != c:
+                sd_c = (stats[c][1] + bn.eps).sqrt()
+                output = normal((stats[b][0] - stats[c][0]) / sd_c, (stats[b][1] + bn.eps).sqrt() / sd_c)
+                kls.append(torch.distributions.kl_divergence(output, normal(0.0, 1.0)).mean())
+    assert report["bn_stats"]["per_bn"]["meta_state"]["W4"][name] == pytest.approx(float(torch.stack(kls).mean()))
+    # the same statistics at every candidate: no mismatch
+    assert figures.bn_mismatch([stats[0]] * 3, bn.eps) == pytest.approx(0, abs=1e-12)
+
+
+def test_recalibration_changes_only_the_bn_statistics(run):
+    """recalibrated(): weights, steps and every other parameter and buffer as they were; BN's running statistics
+    re-estimated (and the original network untouched)."""
+    meta, x, _ = _meta_and_batch(run)
+    mm.set_mode(meta, "meta", 2, quant_weights=True)
+    figures.top1(meta, [(x, torch.zeros(16, dtype=torch.long))])
+    before = copy.deepcopy(meta.state_dict())
+
+    def same(a, b):
+        # the quantizers' extra state is a dict of plain values
+        return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+    recal = figures.recalibrated(meta, [x])
+    running = ("running_mean", "running_var", "num_batches_tracked")
+    changed = {k for k, v in recal.state_dict().items() if not same(v, before[k])}
+    assert changed and all(k.endswith(running) for k in changed)
+    assert all(same(v, before[k]) for k, v in meta.state_dict().items())
+
+
+def test_no_recalibration_gain_where_the_statistics_are_that_candidates(run):
+    """A network whose running statistics were estimated at A4 (recalibrated there): recalibrating it at A4 again
+    gains exactly nothing, while at A3 its statistics are another candidate's and the measurement can move."""
+    meta, x, y = _meta_and_batch(run)
+    mm.set_mode(meta, "meta", 1, quant_weights=False)
+    at_a4 = figures.recalibrated(meta, [x])
+    costs = figures.mismatch_costs(at_a4, [(x, y)], [x], 4)
+    a4 = costs["W-FP"][1]
+    assert a4["bits"] == 4
+    assert a4["gain"] == 0
+    assert a4["shared"] == a4["recalibrated"]
+    mm.set_mode(at_a4, "meta", 2, quant_weights=False)
+    at_a3 = figures.recalibrated(at_a4, [x])
+    # the last BN (the first one's input comes from the fixed 8-bit first layer: the same at every candidate)
+    bn, name = list(figures.batch_norms(at_a3).items())[-1]
+    assert not torch.equal(bn.running_var, at_a4.get_submodule(name).running_var)
+
+
+def test_bn_and_cost_report(report):
+    """Every BN of both networks has a finite, non-negative mismatch with FP and W4 weights; the cost table has
+    each candidate's top-1, shared and recalibrated, and their difference."""
+    per_bn = report["bn_stats"]["per_bn"]
+    assert set(per_bn) == {"fp_start", "meta_state"}
+    for by_w in per_bn.values():
+        assert set(by_w) == {"W-FP", "W4"}
+        assert all(v >= 0 and math.isfinite(v) for per in by_w.values() for v in per.values())
+    assert report["mismatch_cost"]["calibration_images"] == 16
+    for by_w in report["mismatch_cost"]["models"].values():
+        for rows in by_w.values():
+            assert [r["bits"] for r in rows] == [8, 4, 3]
+            assert all(r["gain"] == pytest.approx(r["recalibrated"] - r["shared"]) for r in rows)
 
 
 def test_layer_input_against_own_hook(run, report):
