@@ -12,8 +12,12 @@ above what was allocated before the step). Every metamix contender runs the spee
     weight_train_torch_kernels
                            a peer: the same network, bits, steps, grids and gradient scales, each layer's input
                            and weight through PyTorch's own LSQ kernels (TorchKernelLayer), then its op
+    weight_train_brevitas  a peer if brevitas is installed: the same network and bits in brevitas' QuantConv2d /
+                           QuantLinear, learned per-tensor input and per-channel weight scales (brevitas_layers)
     search_3               bit_search_step, 3 candidates;   search_6: 8,6,5,4,3,2 (also vs search_3)
     meta                   bit_meta_step, 3 candidates (also vs 3 x weight_train)
+    meta_torch_kernels     the same bit-meta step on the PyTorch-kernel peer (brevitas fixes a layer's bits when
+                           it is built: it has no bit-meta step)
     meta_pairs             bit_meta_step over (A, W) pairs (pairs.py), A x W = 3 x {8,4,2}: 9 passes
                            (also vs 9 x weight_train, and vs meta)
     search_pairs           bit_search_step over the 9 pairs: one convolution per W (also vs search_3)
@@ -59,9 +63,9 @@ BITS6 = (8, 6, 5, 4, 3, 2)
 W_BITS = 4
 # pair mode: the supplement's "9 cases" with 3 activation candidates
 W_PAIRS = (8, 4, 2)
-# Targets (CPU): (resnet18, MobileNets).
+# Targets (CPU): (resnet18, MobileNets). Weight training: also at or below the fastest peer (docs/speed.md).
 TARGETS = {
-    "weight_train": (1.15, 1.5),
+    "weight_train": (1.10, 1.25),
     "search_3": (1.3, 1.7),
     "search_6/search_3": (1.15, 1.2),
     "search_pairs/search_3": (1.6, 1.6),
@@ -172,10 +176,13 @@ class TorchKernelLayer(nn.Module):
         step = act.step[act.branch : act.branch + 1]
         xf = x.float() + act.offset
         xq = torch._fake_quantize_learnable_per_tensor_affine(xf, step, xf.new_zeros(1), qn, qp, g) - act.offset
-        wn, wp = metamix.lsq_range(wq.bits, True, wq.narrow)
-        gw = metamix.lsq_grad_scale(q.weight[0].numel(), wq.bits, True)
-        zeros = q.weight.new_zeros(len(wq.step))
-        w = torch._fake_quantize_learnable_per_channel_affine(q.weight, wq.step, zeros, 0, wn, wp, gw)
+        # weights in full precision where metamix has them so (bit-meta)
+        w = q.weight
+        if wq.enabled:
+            wn, wp = metamix.lsq_range(wq.bits, True, wq.narrow)
+            gw = metamix.lsq_grad_scale(q.weight[0].numel(), wq.bits, True)
+            zeros = q.weight.new_zeros(len(wq.step))
+            w = torch._fake_quantize_learnable_per_channel_affine(q.weight, wq.step, zeros, 0, wn, wp, gw)
         return q.op(xq, w, q.bias)
 
 
@@ -185,6 +192,46 @@ def torch_kernels(model: nn.Module) -> nn.Module:
     for q in metamix.quant_layers(peer):
         parent, _, child = q.name.rpartition(".")
         setattr(peer.get_submodule(parent), child, TorchKernelLayer(q))
+    return peer
+
+
+def brevitas_layers(model: nn.Module) -> nn.Module | None:
+    """A second peer: a copy of a patched model (its steps initialised) whose quantized layers are brevitas'
+    QuantConv2d / QuantLinear at the same bits: the input through a learned per-tensor scale (Int8 / Uint8
+    ActPerTensorFloat at the layer's current activation bits, signed as metamix's grid, the scale a Parameter
+    initialised at metamix's step x Qp, brevitas' own threshold), the weight through a learned per-channel scale
+    (Int8WeightPerChannelFloat at W bits, narrow range, initialised from the weights' max). No offset grid (brevitas
+    has no +3/8 shift). None without brevitas (an optional dependency of this benchmark only)."""
+    try:
+        import brevitas.nn as qnn
+        from brevitas.inject.enum import ScalingImplType
+        from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat, Uint8ActPerTensorFloat
+    except ImportError:
+        return None
+    weight_quant = Int8WeightPerChannelFloat.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
+    peer = copy.deepcopy(model)
+    for q in metamix.quant_layers(peer):
+        act = q.act
+        bits = act.bits[act.branch]
+        threshold = float(metamix.positive(act.step[act.branch].detach())) * metamix.lsq_range(bits, act.signed)[1]
+        act_quant = (Int8ActPerTensorFloat if act.signed else Uint8ActPerTensorFloat).let(
+            scaling_impl_type=ScalingImplType.PARAMETER, scaling_init=threshold
+        )
+        kw = dict(bias=q.bias is not None, weight_quant=weight_quant, weight_bit_width=q.weight_quant.bits)
+        kw.update(input_quant=act_quant, input_bit_width=bits, return_quant_tensor=False)
+        w = q.weight
+        if q.op.kind == "linear":
+            layer = qnn.QuantLinear(w.shape[1], w.shape[0], **kw)
+        else:
+            op = q.op
+            groups = dict(stride=op.stride, padding=op.padding, dilation=op.dilation, groups=op.groups)
+            layer = qnn.QuantConv2d(w.shape[1] * op.groups, w.shape[0], w.shape[2:], **groups, **kw)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if q.bias is not None:
+                layer.bias.copy_(q.bias)
+        parent, _, child = q.name.rpartition(".")
+        setattr(peer.get_submodule(parent), child, layer.to(w.device))
     return peer
 
 
@@ -218,6 +265,9 @@ def build(arch, images, targets, autocast, device, teacher_arch=None):
     out["weight_train_readable"] = (readable, train_step(readable, images, targets, autocast))
     peer = torch_kernels(wt)
     out["weight_train_torch_kernels"] = (peer, train_step(peer, images, targets, autocast))
+    brevitas = brevitas_layers(wt)
+    if brevitas is not None:
+        out["weight_train_brevitas"] = (brevitas, train_step(brevitas, images, targets, autocast))
 
     for name, bits in (("search_3", bits3), ("search_6", BITS6)):
         m = patched(bits)
@@ -227,6 +277,9 @@ def build(arch, images, targets, autocast, device, teacher_arch=None):
     meta = patched(bits3)
     init_steps(meta, images, [("meta", {"branch": b, "quant_weights": False}) for b in range(len(bits3))])
     out["meta"] = (meta, meta_step(meta, images, targets, autocast))
+    # the peer switches its branch as metamix's layers do (set_mode reaches the QuantLayer inside each peer layer)
+    meta_peer = torch_kernels(meta)
+    out["meta_torch_kernels"] = (meta_peer, meta_step(meta_peer, images, targets, autocast))
 
     meta_pairs = patched(bits3, W_PAIRS, pairs.PairQuantLayer)
     n_pairs = len(bits3) * len(W_PAIRS)

