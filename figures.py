@@ -825,7 +825,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=mm.number(int, 1),
         default=10,
-        help="training batches BN is recalibrated on",
+        help="training batches BN is recalibrated on (default: 10)",
     )
     add("--pretrained", metavar="PATH", help="the FP model the run started from (default: the run's --pretrained)")
     return p
