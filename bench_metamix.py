@@ -186,13 +186,18 @@ class TorchKernelLayer(nn.Module):
         return q.op(xq, w, q.bias)
 
 
-def torch_kernels(model: nn.Module) -> nn.Module:
-    """A copy of a patched model (its steps initialised) whose quantized layers run TorchKernelLayer."""
+def with_layers(model: nn.Module, make) -> nn.Module:
+    """A copy of a patched model (its steps initialised) with each quantized layer q replaced by make(q)."""
     peer = copy.deepcopy(model)
     for q in metamix.quant_layers(peer):
         parent, _, child = q.name.rpartition(".")
-        setattr(peer.get_submodule(parent), child, TorchKernelLayer(q))
+        setattr(peer.get_submodule(parent), child, make(q))
     return peer
+
+
+def torch_kernels(model: nn.Module) -> nn.Module:
+    """A copy of a patched model (its steps initialised) whose quantized layers run TorchKernelLayer."""
+    return with_layers(model, TorchKernelLayer)
 
 
 def brevitas_layers(model: nn.Module) -> nn.Module | None:
@@ -209,8 +214,8 @@ def brevitas_layers(model: nn.Module) -> nn.Module | None:
     except ImportError:
         return None
     weight_quant = Int8WeightPerChannelFloat.let(scaling_impl_type=ScalingImplType.PARAMETER_FROM_STATS)
-    peer = copy.deepcopy(model)
-    for q in metamix.quant_layers(peer):
+
+    def brevitas_layer(q: metamix.QuantLayer) -> nn.Module:
         act = q.act
         bits = act.bits[act.branch]
         threshold = float(metamix.positive(act.step[act.branch].detach())) * metamix.lsq_range(bits, act.signed)[1]
@@ -230,9 +235,9 @@ def brevitas_layers(model: nn.Module) -> nn.Module | None:
             layer.weight.copy_(w)
             if q.bias is not None:
                 layer.bias.copy_(q.bias)
-        parent, _, child = q.name.rpartition(".")
-        setattr(peer.get_submodule(parent), child, layer.to(w.device))
-    return peer
+        return layer.to(w.device)
+
+    return with_layers(model, brevitas_layer)
 
 
 def init_steps(model, images, modes):

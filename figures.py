@@ -613,11 +613,9 @@ def plot_bn(report: dict, title: str, path: str) -> bool:
     left.set_xlabel("BN (forward order)")
     left.set_ylabel("KL mismatch across candidates")
     left.legend(fontsize=6)
-    labels = []
     for m, by_w in report["mismatch_cost"]["models"].items():
         for w, rows in by_w.items():
-            labels = [f"A{r['bits']}" for r in rows]
-            right.plot(labels, [r["gain"] for r in rows], marker="o", label=f"{m} {w}")
+            right.plot([f"A{r['bits']}" for r in rows], [r["gain"] for r in rows], marker="o", label=f"{m} {w}")
     right.axhline(0, color="grey", lw=0.5)
     right.set_ylabel("top-1 gain of recalibration (points)")
     right.legend(fontsize=6)
@@ -744,7 +742,7 @@ def run_figures(a: argparse.Namespace) -> int:
     t0 = time.time()
     train_set, val_set, classes = mm.build_datasets(args)
     train_loader, val_loader, calib = mm.build_loaders(args, one_process(), train_set, val_set)
-    val = [(x, y) for x, y in val_loader][: a.batches]
+    val = list(itertools.islice(val_loader, a.batches))
     batches = [x for x, _ in val]
     # the training images BN is recalibrated on, the same on every rerun
     torch.manual_seed(args.seed)
